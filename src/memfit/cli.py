@@ -1,0 +1,129 @@
+"""memfit's command line: parse, call the library, render. No torch is imported here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+from .errors import MemfitError
+
+# Job fields settable from flags: flag name -> (type, help)
+_JOB_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "task": (str, "train or infer"),
+    "method": (str, "full, lora or qlora"),
+    "lora_rank": (int, "LoRA rank"),
+    "lora_alpha": (int, "LoRA alpha"),
+    "lora_targets": (str, "all-linear or a comma-separated list of module names (q_proj,v_proj)"),
+    "precision": (str, "32-true, 16-mixed, bf16-mixed, bf16-true, 16-true"),
+    "optimizer": (str, "adamw, adam, sgd, sgd-momentum, adafactor, lion, adamw-8bit, paged-adamw-8bit, paged-adamw"),
+    "batch_size": (int, "micro-batch per GPU"),
+    "seq_len": (int, "training sequence length"),
+    "attention": (str, "sdpa, eager or flash"),
+    "prompt_len": (int, "inference prompt length"),
+    "new_tokens": (int, "inference tokens to generate (0: one forward over the prompt)"),
+    "kv_cache_dtype": (str, "auto, fp32, fp16, bf16, fp8"),
+    "quantization": (str, "none, int8, nf4, fp4, fp8, gptq, awq"),
+    "quant_group_size": (int, "quantization block/group size"),
+    "gpus": (int, "total GPUs"),
+    "gpus_per_node": (int, "GPUs per node"),
+    "strategy": (str, "single, ddp, fsdp, fsdp2, zero1, zero2, zero3"),
+    "offload": (str, "none, optimizer, optimizer+params"),
+}
+_JOB_BOOLS = ("gradient_checkpointing", "double_quant")
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The model positional, ``--job FILE`` and one flag per job field."""
+    p.add_argument("model", nargs="?", help="registry name (memfit models), config.json path, or Hub id")
+    p.add_argument("--job", metavar="FILE", help="YAML/JSON job file (flags override its fields)")
+    for name, (typ, help_) in _JOB_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_)
+    for name in _JOB_BOOLS:
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+
+
+def job_from_args(args: argparse.Namespace):
+    """Build a :class:`~memfit.job.Job` from ``--job`` and flags."""
+    from .job import Job, load_job
+
+    data: dict[str, Any] = {}
+    if args.job:
+        data = load_job(args.job).to_dict()
+    if args.model:
+        data["model"] = args.model
+    for name in list(_JOB_FLAGS) + list(_JOB_BOOLS):
+        v = getattr(args, name, None)
+        if v is not None:
+            data[name] = v
+    if "model" not in data:
+        raise MemfitError("name a model (memfit models lists the built-in ones) or pass --job FILE")
+    return Job.from_dict(data)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} built-in models", box=None)
+    for col in ("name", "family", "parameters", "hf id"):
+        t.add_column(col, justify="right" if col == "parameters" else "left")
+    for r in rows:
+        t.add_row(r["name"], r["model_type"], f"{r['parameters'] / 1e9:.3f} B", r.get("hf_id", ""))
+    Console().print(t)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="memfit",
+        description="How much GPU memory will this LLM job take, where does it go, and what would make it fit.")
+    parser.add_argument("--version", action="version", version=f"memfit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from .commands import estimate as c_estimate
+
+    c_estimate.add_parser(sub)
+
+    p = sub.add_parser("models", help="list the built-in model registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+    for mod in ("measure", "trace", "compare", "validate"):
+        try:
+            module = __import__(f"memfit.commands.{mod}", fromlist=["add_parser"])
+        except ImportError:  # a command not built yet
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MemfitError as exc:
+        print(f"memfit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover
+        print("memfit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`memfit trace`: the job's real model code on fake tensors (no GPU), as a table, JSON and a chart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import add_job_arguments, job_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "trace", help="trace the job's real model code on fake tensors (no GPU, no weights)",
+        description="Run the job's model code under PyTorch fake tensors on the CPU, record every allocation "
+                    "and free of one steady-state step as CUDA's caching allocator would, and report the "
+                    "peak by component with a timeline. Needs: pip install 'memfit[trace]'.")
+    add_job_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the Breakdown as JSON (timeline in extras)")
+    p.add_argument("--plot", metavar="FILE", help="draw the timeline to FILE (.png or .svg; needs matplotlib)")
+    p.add_argument("--no-chart", action="store_true", help="leave out the terminal chart of the timeline")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="fail instead of showing the estimate when the job cannot be traced")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tracer import trace
+
+    job = job_from_args(args)
+    bd = trace(job, fallback=not args.no_fallback)
+    if bd.engine != "trace":
+        print(f"memfit: {bd.notes[0] if bd.notes else 'trace could not run; showing the estimate'}",
+              file=sys.stderr)
+    if args.plot:
+        from ..tracer.plot import plot_timeline
+
+        if bd.extras.get("timeline"):
+            try:
+                path = plot_timeline(bd, args.plot)
+            except ValueError as exc:
+                print(f"memfit: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"timeline drawn to {path}", file=sys.stderr)
+        else:
+            print("memfit: no timeline to draw (the job was estimated, not traced)", file=sys.stderr)
+    if args.json:
+        print(bd.to_json(indent=1))
+        return 0
+    from ..render import print_breakdown
+
+    print_breakdown(bd)
+    timeline = bd.extras.get("timeline")
+    if timeline and not args.no_chart:
+        from ..tracer.plot import ascii_timeline
+
+        print()
+        print(ascii_timeline(timeline))
+    return 0

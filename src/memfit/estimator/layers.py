@@ -1,0 +1,352 @@
+"""Saved activations of one transformer layer, from a small symbolic replay of its forward.
+
+Each family's layer is written as a short list of ops (norm, linear, rope, attention, activation, add,
+mul, dropout, MoE). :func:`saved_bytes_per_token` replays the list with autograd's saving rules
+(what each op keeps for backward, in which dtype) and returns the bytes one token leaves behind in
+one layer. The rules come from PyTorch's derivatives (``tools/autograd/derivatives.yaml``: ``mm``
+saves the input only when the weight needs a gradient, ``mul`` saves the other operand, ``pow``/
+``rsqrt`` save their input, ``softmax``/``tanh`` their output), autocast's cast lists (linear and
+attention run in 16-bit, ``softmax``/``layer_norm`` in fp32, casts of non-leaf tensors are not cached),
+and the modeling code of ``transformers`` 5.x (RMSNorm upcasts to fp32, RoPE multiplies by fp32
+cos/sin, ``repeat_kv`` in eager attention, PEFT LoRA casts its input to the adapter dtype).
+Checked against GPU probes in ``validation/probes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..models.spec import Block, ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    """What the precision and method mean for the tensors of one layer."""
+
+    precision: str  # "true" (bf16/16-true), "32" (32-true), "mixed" (autocast over fp32 weights)
+    trainable_base: bool  # full fine-tuning: base weights need gradients
+    lora_targets: frozenset[str]  # leaf names of LoRA-wrapped linears
+    lora_rank: int
+    attention: str  # sdpa, eager, flash
+    seq_len: int
+    dropout: float  # training dropout probability of the residual/attention dropouts
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.precision == "32" else 2
+
+
+def _promote(a: int, b: int) -> int:
+    return max(a, b)
+
+
+class _Replay:
+    """Replays ops over named tensors (sizes in elements per token) and collects what is saved."""
+
+    def __init__(self, mode: Mode):
+        self.m = mode
+        self.size: dict[str, float] = {}
+        self.dtype: dict[str, int] = {}
+        self.base: dict[str, str] = {}  # view -> storage owner
+        self.saved: dict[str, float] = {}  # storage -> bytes per token
+        self._n = 0
+        self.softmax_fp32 = True
+
+    # -- helpers --------------------------------------------------------------
+    def new(self, name: str, size: float, dtype: int) -> str:
+        self.size[name] = size
+        self.dtype[name] = dtype
+        self.base[name] = name
+        return name
+
+    def tmp(self, size: float, dtype: int) -> str:
+        self._n += 1
+        return self.new(f"_t{self._n}", size, dtype)
+
+    def save(self, name: str) -> None:
+        owner = self.base[name]
+        self.saved[owner] = self.size[owner] * self.dtype[owner]
+
+    def save_bytes(self, key: str, nbytes: float) -> None:
+        self.saved[key] = nbytes
+
+    def cast(self, name: str, dtype: int) -> str:
+        """A dtype cast: the same tensor if it already has the dtype, else a new one."""
+        if self.dtype[name] == dtype:
+            return name
+        return self.tmp(self.size[name], dtype)
+
+    @property
+    def mixed(self) -> bool:
+        return self.m.precision == "mixed"
+
+    # -- ops ------------------------------------------------------------------
+    def norm(self, x: str, y: str, kind: str, trainable: bool | None = None) -> None:
+        trainable = self.m.trainable_base if trainable is None else trainable
+        n, dt = self.size[x], self.dtype[x]
+        if kind == "layer":
+            xin = self.cast(x, 4) if self.mixed else x  # layer_norm runs in fp32 under autocast
+            self.save(xin)
+            self.save_bytes(y + ".stats", 8)  # mean and rstd, fp32, per token
+            self.new(y, n, 4 if self.mixed else dt)
+            return
+        x32 = x if dt == 4 else self.tmp(n, 4)
+        self.save(x32)  # pow / mul(x, rsqrt) keep the fp32 input
+        if kind == "gemma_rms":
+            if trainable:
+                self.save(self.tmp(n, 4))  # normed fp32, kept for the (1 + w) gradient
+        elif trainable:
+            self.save(self.tmp(n, dt))  # normed, cast back, kept for the weight gradient
+        self.new(y, n, dt)
+
+    def linear(self, x: str, y: str, name: str, out: float, trainable: bool | None = None) -> None:
+        trainable = self.m.trainable_base if trainable is None else trainable
+        if trainable:
+            self.save(self.cast(x, 2) if self.mixed else x)
+        if name in self.m.lora_targets:
+            adapter_dtype = 2 if self.mixed else 4  # PEFT keeps adapters in fp32; autocast runs them in 16-bit
+            self.save(self.cast(x, adapter_dtype))  # lora_A input (a fresh cast per adapter)
+            self.save(self.tmp(self.m.lora_rank, adapter_dtype))  # lora_A output, lora_B input
+        self.new(y, out, 2 if self.mixed else self.dtype[x])
+
+    def rope(self, x: str, y: str) -> None:
+        # x * cos + rotate_half(x) * sin: cos/sin carry the dtype of the hidden states (fp32 under autocast)
+        self.new(y, self.size[x], 4 if self.mixed else self.dtype[x])
+
+    def add(self, a: str, b: str, y: str) -> None:
+        self.new(y, max(self.size[a], self.size[b]), _promote(self.dtype[a], self.dtype[b]))
+
+    def copy(self, x: str, y: str) -> None:
+        self.new(y, self.size[x], self.dtype[x])
+
+    def view(self, x: str, y: str, size: float) -> None:
+        self.size[y] = size
+        self.dtype[y] = self.dtype[x]
+        self.base[y] = self.base[x]
+
+    def act(self, x: str, y: str, kind: str) -> None:
+        n, dt = self.size[x], self.dtype[x]
+        if kind == "gelu_new":  # 0.5*x*(1+tanh(c*(x+0.044715*x**3))) in Python: four tensors kept
+            self.save(x)
+            for _ in range(3):
+                self.save(self.tmp(n, dt))
+        else:  # silu, gelu, gelu_pytorch_tanh, relu: one tensor (input or output)
+            self.save(x)
+        self.new(y, n, dt)
+
+    def mul(self, a: str, b: str, y: str) -> None:
+        self.save(a)
+        self.save(b)
+        self.new(y, max(self.size[a], self.size[b]), _promote(self.dtype[a], self.dtype[b]))
+
+    def dropout(self, x: str, y: str, p: float) -> str:
+        if p <= 0:
+            return x
+        self.save_bytes(y + ".mask", self.size[x])  # bool mask, one byte per element
+        self.new(y, self.size[x], self.dtype[x])
+        return y
+
+    def attention(self, q: str, k: str, v: str, o: str, *, nh: int, kvh: int, dqk: int, dv: int,
+                  softcap: bool = False, p_drop: float = 0.0) -> None:
+        S = self.m.seq_len
+        e = 2 if self.mixed else self.m.act_bytes
+        kernel = self.m.attention
+        if kernel == "sdpa" and e == 4 and kvh < nh:
+            kernel = "math"  # fp32 + GQA: flash needs 16-bit, memory-efficient has no GQA
+        if kernel == "sdpa" and softcap:
+            kernel = "eager"  # transformers runs softcapped attention eagerly
+        if kernel in ("sdpa", "flash"):
+            for t in (q, k, v):
+                self.save(self.cast(t, e) if self.mixed else t)
+            self.new(o, nh * dv, e)
+            self.save(o)
+            self.save_bytes(o + ".lse", 4 * nh)
+            return
+        if kernel == "math":  # scaled q and k, repeated k and v, softmax output, all in e bytes
+            self.save(self.tmp(nh * dqk, e))
+            self.save(self.tmp(nh * dqk, e))
+            self.save(self.tmp(nh * dv, e))
+            self.save(self.tmp(nh * S / 2 if False else nh * S, e))
+            self.new(o, nh * dv, e)
+            return
+        # eager: repeat_kv, q @ k^T, softmax in fp32, cast back, (dropout), @ v
+        krep = k if kvh == nh else self.tmp(nh * dqk, self.dtype[k])
+        vrep = v if kvh == nh else self.tmp(nh * dv, self.dtype[v])
+        self.save(self.cast(q, e) if self.mixed else q)
+        self.save(self.cast(krep, e) if self.mixed else krep)
+        if softcap:
+            self.save(self.tmp(nh * S, e))  # tanh output
+        if self.softmax_fp32:
+            self.save(self.tmp(nh * S, 4))  # softmax(dtype=float32) output
+            probs_dtype = self.dtype[q]
+            if probs_dtype != 4:
+                self.save(self.tmp(nh * S, probs_dtype))  # .to(query.dtype)
+            elif self.mixed:
+                self.save(self.tmp(nh * S, 2))  # autocast casts the fp32 probabilities for the matmul
+        else:  # GPT-2 style: softmax in the scores' dtype (fp32 under autocast: softmax is an fp32 op)
+            self.save(self.tmp(nh * S, 4 if self.mixed else e))
+            if self.mixed:
+                self.save(self.tmp(nh * S, 2))
+        if p_drop > 0:
+            self.save_bytes(o + ".attn_mask", nh * S)
+            self.save(self.tmp(nh * S, e))
+        self.save(self.cast(vrep, e) if self.mixed else vrep)
+        self.new(o, nh * dv, e)
+
+    def moe(self, x: str, y: str, block: Block) -> None:
+        moe = block.moe
+        H = self.size[x]
+        e = 2 if self.mixed else self.dtype[x]
+        train = self.m.trainable_base
+        # router: linear -> softmax (fp32) -> top-k
+        self.linear(x, y + ".router", "gate", moe.num_experts)
+        self.save(self.tmp(moe.num_experts, 4))
+        k = moe.top_k
+        Ie = moe.expert_intermediate_size
+        # each routed copy of a token: gathered input, gate_up, activation, product, down output
+        per_copy = (H if train else 0) + 2 * Ie + Ie + Ie + H
+        self.save_bytes(y + ".experts", k * per_copy * e)
+        if moe.shared_intermediate_size:
+            self.mlp(x, y + ".shared", moe.shared_intermediate_size, gated=True, act="silu",
+                     names=("gate_proj", "up_proj", "down_proj"))
+            if moe.shared_expert_gate:
+                self.save(self.tmp(H, e))
+        self.new(y, H, self.dtype[x])
+
+    def mlp(self, x: str, y: str, inter: int, *, gated: bool, act: str, names: tuple[str, ...],
+            fused_gate_up: bool = False) -> None:
+        if gated:
+            if fused_gate_up:
+                self.linear(x, y + ".gu", names[0], 2 * inter)
+                self.view(y + ".gu", y + ".g", inter)
+                self.view(y + ".gu", y + ".u", inter)
+            else:
+                self.linear(x, y + ".g", names[0], inter)
+                self.linear(x, y + ".u", names[1], inter)
+            self.act(y + ".g", y + ".a", act)
+            self.mul(y + ".a", y + ".u", y + ".p")
+            self.linear(y + ".p", y, names[-1], self.size[x])
+        else:
+            self.linear(x, y + ".h", names[0], inter)
+            self.act(y + ".h", y + ".a", act)
+            self.linear(y + ".a", y, names[-1], self.size[x])
+
+
+def _names(block: Block) -> dict[str, str]:
+    """Map roles to the block's real module names."""
+    out: dict[str, str] = {}
+    for lin in block.linears:
+        out.setdefault(lin.role, lin.name)
+    return out
+
+
+def _replay_layer(spec: ModelSpec, block: Block, mode: Mode) -> float:
+    r = _Replay(mode)
+    r.softmax_fp32 = spec.model_type not in ("gpt2", "bert", "roberta", "distilbert")
+    H = spec.hidden_size
+    at = block.attention
+    nh, kvh, d, dv = at.num_heads, at.num_kv_heads, at.head_dim, at.v_head_dim
+    names = _names(block)
+    res_dtype = 4 if mode.precision in ("32", "mixed") else 2
+    x = r.new("x", H, res_dtype)
+    p = mode.dropout
+
+    def attention_part(inp: str) -> str:
+        if at.kind == "mla":
+            if at.q_lora_rank:
+                r.linear(inp, "qa", names.get("q_a", "q_a_proj"), at.q_lora_rank)
+                r.norm("qa", "qan", "rms")
+                r.linear("qan", "q", names.get("q_b", "q_b_proj"), nh * d)
+            else:
+                r.linear(inp, "q", names.get("q", "q_proj"), nh * d)
+            r.linear(inp, "kva", names.get("kv_a", "kv_a_proj_with_mqa"), at.kv_lora_rank + at.qk_rope_head_dim)
+            r.view("kva", "kvc", at.kv_lora_rank)
+            r.norm("kvc", "kvn", "rms")
+            r.linear("kvn", "kvb", names.get("kv_b", "kv_b_proj"), nh * (d - at.qk_rope_head_dim + dv))
+            r.view("kvb", "v", nh * dv)
+            r.rope("q", "qr")
+            r.new("k", nh * d, r.dtype["q"])  # cat(k_nope, k_rope expanded)
+            r.attention("qr", "k", "v", "o", nh=nh, kvh=nh, dqk=d, dv=dv)
+        else:
+            if "qkv" in names:
+                r.linear(inp, "qkv", names["qkv"], (nh + 2 * kvh) * d)
+                r.view("qkv", "q", nh * d)
+                r.view("qkv", "k", kvh * d)
+                r.view("qkv", "v", kvh * dv)
+            else:
+                r.linear(inp, "q", names.get("q", "q_proj"), nh * d)
+                r.linear(inp, "k", names.get("k", "k_proj"), kvh * d)
+                r.linear(inp, "v", names.get("v", "v_proj"), kvh * dv)
+            q, k = "q", "k"
+            if at.qk_norm:
+                r.norm("q", "qn", "gemma_rms" if block.norm == "gemma_rms" else "rms")
+                r.norm("k", "kn", "gemma_rms" if block.norm == "gemma_rms" else "rms")
+                q, k = "qn", "kn"
+            if spec.model_type not in ("gpt2", "opt", "bert", "roberta", "distilbert"):
+                r.rope(q, "qr")
+                r.rope(k, "kr")
+                q, k = "qr", "kr"
+            r.attention(q, k, "v", "o", nh=nh, kvh=kvh, dqk=d, dv=dv, softcap=at.softcap is not None,
+                        p_drop=p)
+        r.copy("o", "oc")
+        r.linear("oc", "ao", names.get("o", "o_proj"), H)
+        return r.dropout("ao", "aod", p)
+
+    def mlp_part(inp: str) -> str:
+        if block.moe is not None:
+            r.moe(inp, "mo", block)
+            return "mo"
+        mlp = block.mlp
+        if "gate_up" in names:
+            r.mlp(inp, "mo", mlp.intermediate_size, gated=True, act=mlp.activation,
+                  names=(names["gate_up"], names.get("down", "down_proj")), fused_gate_up=True)
+        elif mlp.gated:
+            r.mlp(inp, "mo", mlp.intermediate_size, gated=True, act=mlp.activation,
+                  names=(names.get("gate", "gate_proj"), names.get("up", "up_proj"), names.get("down", "down_proj")))
+        else:
+            r.mlp(inp, "mo", mlp.intermediate_size, gated=False, act=mlp.activation,
+                  names=(names.get("up", "fc1"), names.get("down", "fc2")))
+        return r.dropout("mo", "mod", p)
+
+    norm = block.norm
+    if block.parallel:
+        r.norm(x, "y1", norm)
+        a = attention_part("y1")
+        if block.norms_per_layer >= 2:
+            r.norm(x, "y2", norm)
+            m = mlp_part("y2")
+        else:
+            m = mlp_part("y1")
+        r.add(a, m, "am")
+        r.add(x, "am", "out")
+    elif spec.model_type in ("bert", "roberta", "distilbert"):  # post-norm encoder
+        a = attention_part(x)
+        r.add(x, a, "h")
+        r.norm("h", "y1", "layer")
+        m = mlp_part("y1")
+        r.add("y1", m, "h2")
+        r.norm("h2", "out", "layer")
+    elif block.norms_per_layer >= 4:  # Gemma 2/3: pre and post norms around both sublayers
+        r.norm(x, "y1", norm)
+        a = attention_part("y1")
+        r.norm(a, "ap", norm)
+        r.add(x, "ap", "h")
+        r.norm("h", "y2", norm)
+        m = mlp_part("y2")
+        r.norm(m, "mp", norm)
+        r.add("h", "mp", "out")
+    else:
+        r.norm(x, "y1", norm)
+        a = attention_part("y1")
+        r.add(x, a, "h")
+        r.norm("h", "y2", norm)
+        m = mlp_part("y2")
+        r.add("h", m, "out")
+    return sum(r.saved.values())
+
+
+@lru_cache(maxsize=4096)
+def saved_bytes_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> float:
+    """Bytes one token leaves saved for backward in one layer of ``spec.blocks[block_index]``."""
+    return _replay_layer(spec, spec.blocks[block_index], mode)

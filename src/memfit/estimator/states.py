@@ -1,0 +1,219 @@
+"""Model states: weights, gradients, optimizer states, autocast copies and optimizer-step scratch.
+
+Each function counts one thing for the reference run of DESIGN.md (a ``transformers`` model in a
+plain PyTorch loop) and says where its rule comes from.
+"""
+
+from __future__ import annotations
+
+from ..job import Job
+from ..models.spec import ModelSpec
+
+#: bytes per element of each storage dtype
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
+
+#: cuBLAS + cuBLASLt workspaces handed out by PyTorch's caching allocator at the first matmul and kept
+#: for the process (PyTorch sizes each from CUBLAS_WORKSPACE_CONFIG; 2 x 32 MiB on Hopper). Measured:
+#: 64.0 MiB of ``memory_allocated`` appear after the first matmul on an H100 with torch 2.11
+#: (validation/probes/layer_probe.json, every run after the first).
+CUBLAS_WORKSPACE_BYTES = 64 << 20
+
+
+def param_bytes(precision: str) -> int:
+    """Bytes per parameter as stored: Lightning's ``*-true`` casts the model (2 bytes for bf16/fp16);
+    ``32-true`` and the ``*-mixed`` precisions keep fp32 parameters and cast inside autocast."""
+    return 2 if precision in ("bf16-true", "16-true") else 4
+
+
+def compute_bytes(precision: str) -> int:
+    """Bytes per element of matmul outputs: 4 for 32-true, 2 for every 16-bit or mixed precision."""
+    return 4 if precision == "32-true" else 2
+
+
+def lora_targets(spec: ModelSpec, job: Job) -> frozenset[str]:
+    """Leaf names of the linears PEFT wraps. ``all-linear`` is PEFT's shorthand: every ``nn.Linear``
+    except the output layer (fused MoE expert tensors are parameters, not modules, so they are skipped)."""
+    if not job.is_lora:
+        return frozenset()
+    names = {lin.name for b in spec.blocks for lin in b.linears if lin.is_module}
+    if job.lora_targets == "all-linear":
+        return frozenset(names)
+    return frozenset(t for t in job.lora_targets if t in names)
+
+
+def lora_adapter_params(spec: ModelSpec, job: Job) -> int:
+    """Parameters of the LoRA adapters: A (r x in) and B (out x r) for each wrapped linear, in every
+    layer (Hu et al. 2021; PEFT ``LoraLayer.update_layer``)."""
+    targets = lora_targets(spec, job)
+    if not targets:
+        return 0
+    r = job.lora_rank
+    total = 0
+    for b in spec.blocks:
+        for lin in b.linears:
+            if lin.is_module and lin.name in targets:
+                total += r * (lin.in_features + lin.out_features) * lin.count * b.count
+    return total
+
+
+def trainable_params(spec: ModelSpec, job: Job) -> int:
+    """Parameters that get gradients: all for full fine-tuning; the adapters (plus PEFT's
+    ``modules_to_save`` classifier copy for sequence classification) for LoRA; none for inference."""
+    if job.task != "train":
+        return 0
+    if not job.is_lora:
+        return spec.parameters
+    extra = spec.head_params if spec.head == "seq_cls" else 0
+    return lora_adapter_params(spec, job) + extra
+
+
+def weight_bytes(spec: ModelSpec, job: Job) -> int:
+    """Weights in their storage dtype. LoRA adapters are fp32 whatever the base dtype: PEFT's
+    ``get_peft_model(autocast_adapter_dtype=True)`` upcasts 16-bit adapter weights."""
+    base = spec.parameters * param_bytes(job.precision)
+    if job.is_lora and job.task == "train":
+        base += lora_adapter_params(spec, job) * 4
+        if spec.head == "seq_cls":
+            base += spec.head_params * param_bytes(job.precision)  # modules_to_save copy
+    return base
+
+
+def trainable_bytes(spec: ModelSpec, job: Job) -> int:
+    """Bytes of the trainable parameters (and so of their gradients: ``.grad`` has the param dtype)."""
+    if job.task != "train":
+        return 0
+    if job.is_lora:
+        extra = spec.head_params * param_bytes(job.precision) if spec.head == "seq_cls" else 0
+        return lora_adapter_params(spec, job) * 4 + extra
+    return spec.parameters * param_bytes(job.precision)
+
+
+def master_weight_bytes(spec: ModelSpec, job: Job) -> int:
+    """fp32 master weights. None in the reference run: with ``*-mixed`` the fp32 parameters *are* the
+    master copy (autocast makes 16-bit copies on the fly); with ``*-true`` PyTorch updates the 16-bit
+    weights in place. (DeepSpeed's bf16/fp16 engines do keep an fp32 master partition: issue 4.)"""
+    return 0
+
+
+def gradient_bytes(spec: ModelSpec, job: Job) -> int:
+    """Gradients: one per trainable parameter, in the parameter's dtype (fp32 under ``*-mixed``)."""
+    return trainable_bytes(spec, job)
+
+
+def _largest_trainable_numel(spec: ModelSpec, job: Job) -> int:
+    if job.is_lora:
+        return max((lin.out_features * job.lora_rank for b in spec.blocks for lin in b.linears), default=0)
+    biggest = spec.vocab_size * spec.hidden_size
+    for b in spec.blocks:
+        for lin in b.linears:
+            biggest = max(biggest, lin.in_features * lin.out_features * (lin.count if not lin.is_module else 1))
+    return biggest
+
+
+def _matrix_shapes(spec: ModelSpec, job: Job):
+    """(rows, cols, how many) of the trainable 2-D weights, for factored optimizer states."""
+    if job.is_lora:
+        for b in spec.blocks:
+            for lin in b.linears:
+                if lin.is_module and lin.name in lora_targets(spec, job):
+                    yield job.lora_rank, lin.in_features, lin.count * b.count
+                    yield lin.out_features, job.lora_rank, lin.count * b.count
+        return
+    yield spec.vocab_size, spec.hidden_size, 1 if spec.tie_word_embeddings or spec.head != "causal_lm" else 2
+    for b in spec.blocks:
+        for lin in b.linears:
+            yield lin.out_features, lin.in_features, lin.count * b.count
+
+
+def optimizer_state_bytes(spec: ModelSpec, job: Job) -> int:
+    """Optimizer state tensors, in the dtype of the parameters they track (``torch.optim`` allocates
+    them with ``torch.zeros_like(p)``):
+
+    - adamw / adam: exp_avg and exp_avg_sq, 2 per parameter (Loshchilov & Hutter; ``torch.optim.AdamW``);
+    - sgd: none; sgd-momentum: one momentum buffer;
+    - lion: one exp_avg (Chen et al. 2023);
+    - adafactor: factored second moment, rows + cols per matrix, full for vectors, no first moment
+      (Shazeer & Stern 2018; ``torch.optim.Adafactor`` with beta1 None);
+    - adamw-8bit / paged-adamw-8bit: 2 bytes per parameter plus an fp32 absmax per 256-value block
+      (Dettmers et al. 2022, bitsandbytes blockwise quantization); tensors under 4096 elements keep
+      32-bit states (bitsandbytes ``min_8bit_size``). Paged states live in CUDA unified memory that
+      PyTorch's allocator does not see (counted as host memory that can spill instead).
+    """
+    n = trainable_params(spec, job)
+    if n == 0:
+        return 0
+    pb = 4 if job.is_lora else param_bytes(job.precision)
+    opt = job.optimizer
+    if opt in ("adamw", "adam"):
+        return 2 * n * pb
+    if opt == "sgd":
+        return 0
+    if opt in ("sgd-momentum", "lion"):
+        return n * pb
+    if opt == "adafactor":
+        matrix_params = 0
+        factored = 0
+        for rows, cols, k in _matrix_shapes(spec, job):
+            matrix_params += rows * cols * k
+            factored += (rows + cols) * k
+        vectors = max(0, n - matrix_params)
+        return (factored + vectors) * pb
+    if opt == "adamw-8bit":
+        return 2 * n + (2 * n // 256) * 4
+    if opt in ("paged-adamw-8bit", "paged-adamw"):
+        return 0
+    raise AssertionError(opt)
+
+
+def paged_optimizer_host_bytes(spec: ModelSpec, job: Job) -> int:
+    """State of bitsandbytes paged optimizers: CUDA unified memory, resident on the GPU while there is
+    room and paged to the host under pressure; ``torch.cuda.memory_allocated`` never counts it."""
+    n = trainable_params(spec, job)
+    if job.optimizer == "paged-adamw-8bit":
+        return 2 * n + (2 * n // 256) * 4
+    if job.optimizer == "paged-adamw":
+        return 2 * n * 4
+    return 0
+
+
+def optimizer_step_temp_bytes(spec: ModelSpec, job: Job) -> int:
+    """Scratch alive during ``optimizer.step()`` on CUDA.
+
+    ``torch.optim.Adam(W)`` defaults to the foreach implementation on CUDA, whose
+    ``torch._foreach_sqrt(exp_avg_sqs)`` materializes a denominator for every parameter at once: one more
+    copy of the trainable parameters in the state dtype (``torch/optim/adamw.py``, ``_multi_tensor_adam``).
+    SGD's foreach update is in place. Adafactor's single-tensor loop builds the row x column variance
+    estimate of one matrix at a time in fp32: the largest trainable matrix. memfit's Lion updates one
+    parameter at a time (two temporaries of the largest parameter). bitsandbytes' 8-bit optimizers update
+    in fused kernels, blockwise, without parameter-sized scratch."""
+    n = trainable_params(spec, job)
+    if n == 0:
+        return 0
+    pb = 4 if job.is_lora else param_bytes(job.precision)
+    opt = job.optimizer
+    if opt in ("adamw", "adam"):
+        return n * pb
+    if opt == "adafactor":
+        return _largest_trainable_numel(spec, job) * 4
+    if opt == "lion":
+        return 2 * _largest_trainable_numel(spec, job) * pb
+    return 0
+
+
+def linear_weight_params(spec: ModelSpec) -> int:
+    """Parameters that pass through ``F.linear`` / matmul (all block linears and the LM head)."""
+    total = sum(lin.in_features * lin.out_features * lin.count * b.count for b in spec.blocks for lin in b.linears)
+    return total + spec.lm_head_params
+
+
+def autocast_cache_bytes(spec: ModelSpec, job: Job) -> int:
+    """16-bit copies of fp32 weights made by autocast (``*-mixed`` only).
+
+    Autocast casts each weight once per forward and caches the copy while the autocast region lasts
+    (``at::autocast::cached_cast`` caches leaf tensors that require grad); the linear layers also save
+    the copy for backward, so every linear weight (and the LM head) exists twice, fp32 and 16-bit,
+    from its use in forward until its layer's backward. Frozen LoRA bases are not cached but the saved
+    copies are the same size. Embedding lookups are not autocast (no copy)."""
+    if job.precision not in ("16-mixed", "bf16-mixed"):
+        return 0
+    return 2 * linear_weight_params(spec)

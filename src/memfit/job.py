@@ -1,0 +1,211 @@
+"""The Job: everything that decides how much memory a run takes.
+
+A job is plain data. It reads from and writes to YAML/JSON (:meth:`Job.from_dict`, :meth:`Job.to_dict`,
+:func:`load_job`), CLI flags are only another way to fill it in, and an invalid job raises
+:class:`~memfit.errors.JobError` in ``__post_init__`` so that it never reaches an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import JobError
+
+__all__ = ["Job", "load_job", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "STRATEGIES"]
+
+TASKS = ("train", "infer")
+METHODS = ("full", "lora", "qlora")
+#: Lightning's precision names (what they mean for the weights, grads and compute is in README).
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adafactor", "lion",
+              "adamw-8bit", "paged-adamw-8bit", "paged-adamw")
+ATTENTIONS = ("sdpa", "eager", "flash")
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8")
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4", "fp8", "gptq", "awq")
+STRATEGIES = ("single", "ddp", "fsdp", "fsdp2", "zero1", "zero2", "zero3")
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise JobError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise JobError(f"{name} must be a whole number >= {minimum}; got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    """One training, fine-tuning or inference run, as far as memory is concerned."""
+
+    model: str
+    """Registry name, path to a config.json (or a folder holding one), or a Hugging Face Hub id."""
+    task: str = "train"
+    """``train`` (forward, backward, optimizer step) or ``infer`` (``generate()`` or one forward)."""
+    method: str = "full"
+    """``full`` fine-tuning, ``lora`` adapters on a frozen base, or ``qlora`` (lora + nf4 + double quant)."""
+    lora_rank: int = 16
+    """LoRA rank r (adapter A is r x in, B is out x r)."""
+    lora_alpha: int | None = None
+    """LoRA alpha; does not change memory, kept so the job reproduces a PEFT config."""
+    lora_targets: str | list[str] = "all-linear"
+    """``all-linear`` (every linear in the blocks, not the head) or a list of module names (``q_proj``...)."""
+    precision: str = "bf16-mixed"
+    """Lightning's names: 32-true, 16-mixed, bf16-mixed, bf16-true, 16-true."""
+    optimizer: str = "adamw"
+    """adamw, adam, sgd, sgd-momentum, adafactor, lion; bitsandbytes adamw-8bit, paged-adamw-8bit, paged-adamw."""
+    batch_size: int = 1
+    """Micro-batch per GPU (sequences per forward)."""
+    seq_len: int = 2048
+    """Tokens per training sequence."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward; keep only the layer inputs."""
+    attention: str = "sdpa"
+    """sdpa (PyTorch scaled_dot_product_attention), eager (keeps the score matrix), flash (flash-attn 2)."""
+    prompt_len: int = 512
+    """Inference: prompt tokens per sequence."""
+    new_tokens: int = 0
+    """Inference: tokens generated per sequence; 0 means one forward over the prompt (prefill), no cache."""
+    kv_cache_dtype: str = "auto"
+    """Inference: dtype of the KV cache; auto follows the compute dtype."""
+    quantization: str = "none"
+    """Weight format of the frozen base: none, int8, nf4, fp4, fp8, gptq, awq."""
+    double_quant: bool = False
+    """bitsandbytes 4-bit: quantize the absmax constants too (QLoRA's double quantization)."""
+    quant_group_size: int = 64
+    """Block/group size of the quantization scales (bitsandbytes 4-bit blocksize 64; GPTQ/AWQ groups 128)."""
+    gpus: int = 1
+    """Total number of GPUs."""
+    gpus_per_node: int | None = None
+    """GPUs in one node (defaults to ``gpus``)."""
+    strategy: str = "single"
+    """single, ddp, fsdp, fsdp2, zero1, zero2, zero3."""
+    offload: str = "none"
+    """none, optimizer, optimizer+params."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise JobError("model must be a registry name, a config.json path or a Hub id (see `memfit models`)")
+        _choice("task", self.task, TASKS)
+        _choice("method", self.method, METHODS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("attention", self.attention, ATTENTIONS)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _choice("quantization", self.quantization, QUANTIZATIONS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("offload", self.offload, OFFLOADS)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("seq_len", self.seq_len)
+        _positive_int("prompt_len", self.prompt_len)
+        _positive_int("new_tokens", self.new_tokens, minimum=0)
+        _positive_int("quant_group_size", self.quant_group_size)
+        _positive_int("gpus", self.gpus)
+        if self.method in ("lora", "qlora"):
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise JobError(f"lora_rank must be a whole number >= 1 for method {self.method}; got {self.lora_rank!r}")
+        if isinstance(self.lora_targets, str):
+            if self.lora_targets != "all-linear":
+                self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if isinstance(self.lora_targets, (list, tuple)):
+            targets = list(self.lora_targets)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise JobError("lora_targets must be 'all-linear' or a non-empty list of module names like [q_proj, v_proj]")
+            self.lora_targets = targets
+        for flag in ("gradient_checkpointing", "double_quant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise JobError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
+        if self.method == "qlora":
+            if self.quantization == "none":
+                self.quantization = "nf4"
+                self.double_quant = True
+            elif self.quantization not in ("nf4", "fp4"):
+                raise JobError(f"method qlora quantizes the base to nf4 or fp4, not {self.quantization}")
+        if self.gpus_per_node is None:
+            self.gpus_per_node = self.gpus
+        _positive_int("gpus_per_node", self.gpus_per_node)
+        if self.gpus_per_node > self.gpus:
+            raise JobError(
+                f"gpus_per_node ({self.gpus_per_node}) is more than gpus ({self.gpus}); "
+                "gpus is the total over all nodes")
+        if self.gpus % self.gpus_per_node:
+            raise JobError(f"gpus ({self.gpus}) must be a multiple of gpus_per_node ({self.gpus_per_node})")
+        if self.strategy == "single" and self.gpus > 1:
+            self.strategy = "ddp"
+        if self.strategy != "single" and self.task == "infer":
+            raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
+        if self.task == "train" and self.quantization in ("gptq", "awq", "fp8") and self.method == "full":
+            raise JobError(f"{self.quantization} weights cannot be fully fine-tuned; use method: lora or task: infer")
+        if self.task == "train" and self.quantization != "none" and self.method == "full":
+            raise JobError(f"a {self.quantization} base is frozen; fine-tune it with method: lora (QLoRA) instead of full")
+
+    # ----------------------------------------------------------------- io
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per forward: batch x seq_len for training, batch x prompt_len for inference."""
+        return self.batch_size * (self.seq_len if self.task == "train" else self.prompt_len)
+
+    def replace(self, **changes: Any) -> "Job":
+        """A copy with some fields changed (validated again)."""
+        data = self.to_dict()
+        data.update(changes)
+        return Job.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, list) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Job":
+        if not isinstance(data, dict):
+            raise JobError("a job must be a mapping of field: value (see README, 'Jobs')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobError(f"unknown job field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        if "model" not in data:
+            raise JobError("a job needs a model: a registry name (see `memfit models`), a config.json path or a Hub id")
+        data = dict(data)
+        for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "lora_rank", "gpus", "gpus_per_node",
+                    "quant_group_size"):
+            v = data.get(key)
+            if isinstance(v, str) and v.strip().isdigit():
+                data[key] = int(v)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # pragma: no cover - guarded by the unknown-field check above
+            raise JobError(str(exc)) from None
+
+
+def load_job(path: str | Path) -> Job:
+    """Read a job from a YAML or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise JobError(f"job file {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise JobError(f"cannot parse job file {str(p)!r}: {first}") from None
+    if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
+        data = data["job"]  # a measurement record holds its job under "job"
+    return Job.from_dict(data)

@@ -1,0 +1,53 @@
+"""Measurement records: one JSON object per run, with the job, the Breakdown and where it ran.
+
+Keys: ``job`` (:meth:`Job.to_dict`), ``breakdown`` (:meth:`Breakdown.to_dict`), ``env`` (GPU, driver,
+CUDA and library versions; no hostname), ``created`` (UTC, ISO 8601), ``memfit_version``. Batch scripts may
+add ``name``, ``status`` and ``wall_s``; an error record has ``error`` instead of ``breakdown``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..breakdown import Breakdown
+from ..job import Job
+
+__all__ = ["make_record", "write_json", "write_record", "read_record", "utc_now"]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def make_record(job: Job, breakdown: Breakdown, env: dict[str, Any]) -> dict[str, Any]:
+    from .. import __version__
+
+    return {"job": job.to_dict(), "breakdown": breakdown.to_dict(), "env": env, "created": utc_now(),
+            "memfit_version": __version__}
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as JSON atomically (a half-written file never replaces a good one)."""
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def write_record(path: str | Path, job: Job, breakdown: Breakdown, env: dict[str, Any]) -> dict[str, Any]:
+    record = make_record(job, breakdown, env)
+    write_json(path, record)
+    return record
+
+
+def read_record(path: str | Path) -> tuple[Job, Breakdown, dict[str, Any]]:
+    """(job, breakdown, the whole record) from a record file written by :func:`write_record`."""
+    data = json.loads(Path(path).read_text())
+    return Job.from_dict(data["job"]), Breakdown.from_dict(data["breakdown"]), data

@@ -1,0 +1,133 @@
+"""Models: what memfit knows of a model's shape, built from its Hugging Face ``config.json``.
+
+- :func:`load_model` resolves a registry name, a local ``config.json`` (or a folder holding one) or a
+  Hub id to a :class:`ModelSpec`;
+- :func:`list_models` lists the built-in registry;
+- :func:`spec_from_config` parses a config dict directly.
+
+The registry is data: ``registry/<name>.json`` are public ``config.json`` files, ``registry/index.json``
+says where each came from. Nothing is read until asked for, and no torch is imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelNotFoundError
+from .families import SUPPORTED_MODEL_TYPES, spec_from_config
+from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
+
+__all__ = [
+    "ModelSpec", "Block", "Attention", "MLP", "MoE", "Linear",
+    "load_model", "list_models", "spec_from_config", "registry_names", "SUPPORTED_MODEL_TYPES",
+]
+
+_REGISTRY_DIR = Path(__file__).parent / "registry"
+_HUB_URL = "https://huggingface.co/{}"
+
+
+@lru_cache(maxsize=1)
+def _index() -> dict[str, dict[str, str]]:
+    """``registry/index.json``: {name: {hf_id, source, note, aliases (optional)}}."""
+    with open(_REGISTRY_DIR / "index.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=1)
+def _aliases() -> dict[str, str]:
+    """Lower-cased registry names, Hub ids and listed aliases, each mapped to its registry name."""
+    aliases = {name.lower(): name for name in _index()}
+    for name, entry in _index().items():
+        for alias in (entry.get("hf_id", ""), *entry.get("aliases", ())):
+            if alias:
+                aliases.setdefault(alias.lower(), name)
+    return aliases
+
+
+def registry_names() -> list[str]:
+    """Names of the built-in models, in index order."""
+    return list(_index())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); is it a config.json?"
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; point memfit at a model's config.json") from None
+
+
+def _from_hub(ref: str) -> Path | None:
+    """Download (or reuse from the hub cache) ``config.json`` of a Hub repo; None when that fails."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    try:
+        return Path(hf_hub_download(repo_id=ref, filename="config.json"))
+    except Exception:  # offline, gated, no such repo, malformed id: all mean "not reachable"
+        return None
+
+
+def _not_found(ref: str) -> ModelNotFoundError:
+    close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5)
+    names = list(dict.fromkeys(_aliases()[c] for c in close))
+    hint = f"; close built-in names: {', '.join(names)}" if names else "; run `memfit models` to list built-in names"
+    return ModelNotFoundError(
+        f"unknown model {ref!r}: not a built-in name, a local config.json, or a reachable Hub id{hint}"
+    )
+
+
+@lru_cache(maxsize=256)
+def load_model(ref: str) -> ModelSpec:
+    """The :class:`ModelSpec` of ``ref``: a registry name (case-insensitive; a registry entry's Hub id
+    and listed aliases also resolve to it), a path to a ``config.json`` or to a folder holding one,
+    else a Hugging Face Hub id whose ``config.json`` is fetched with ``huggingface_hub`` (and cached by it).
+
+    Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
+    :class:`~memfit.errors.ConfigError` when the config cannot be counted.
+    """
+    key = ref.strip()
+    name = _aliases().get(key.lower())
+    if name is not None:
+        config = _read_json(_REGISTRY_DIR / f"{name}.json")
+        return spec_from_config(config, name=name, source=_index()[name].get("source", ""))
+
+    path = Path(key).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"folder {key!r} has no config.json; point memfit at a model folder or file")
+        path = path / "config.json"
+    if path.is_file():
+        return spec_from_config(_read_json(path), name=key, source=str(path.resolve()))
+
+    downloaded = _from_hub(key) if key else None
+    if downloaded is None:
+        raise _not_found(key)
+    return spec_from_config(_read_json(downloaded), name=key, source=_HUB_URL.format(key))
+
+
+def list_models() -> list[dict[str, Any]]:
+    """The built-in models: name, model_type, architecture, parameters, hf_id and source, one dict each,
+    sorted by family then size."""
+    rows = []
+    for name, entry in _index().items():
+        spec = load_model(name)
+        rows.append({
+            "name": name,
+            "model_type": spec.model_type,
+            "architecture": spec.architecture,
+            "parameters": spec.parameters,
+            "hf_id": entry.get("hf_id", ""),
+            "source": entry.get("source", ""),
+        })
+    rows.sort(key=lambda r: (r["model_type"], r["parameters"], r["name"]))
+    return rows

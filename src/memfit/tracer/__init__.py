@@ -1,0 +1,38 @@
+"""The trace engine: the job's real model code on fake tensors, every allocation counted as CUDA would.
+
+``memfit.trace(job, model=None)`` returns the same :class:`~memfit.breakdown.Breakdown` as ``estimate`` and
+``measure`` (``engine="trace"``, ``measurement="fake-tensors"``), with the allocation timeline of the
+measured step in ``extras["timeline"]``. It needs ``pip install 'memfit[trace]'`` (torch, transformers,
+peft) and no GPU. Importing this package imports no torch.
+
+- :mod:`.engine` runs :mod:`memfit.reference` under ``FakeTensorMode``;
+- :mod:`.cuda_emulation` makes the fake CPU run take CUDA's code paths (autocast, sdpa kernels, foreach);
+- :mod:`.tracker` records every storage's birth and death and what it is;
+- :mod:`.allocator` models the CUDA caching allocator (rounding, pools, segments, splitting);
+- :mod:`.plot` draws the timeline (terminal, PNG, SVG).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "plot_timeline", "ascii_timeline"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES"):
+        from . import engine
+
+        return getattr(engine, name)
+    if name in ("plot_timeline", "ascii_timeline"):
+        from . import plot
+
+        return getattr(plot, name)
+    raise AttributeError(f"module 'memfit.tracer' has no attribute {name!r}")
+
+
+def trace(job: Any, model: Any = None, **kwargs: Any):
+    """Trace ``job`` on fake tensors; see :func:`memfit.tracer.engine.trace`."""
+    from .engine import trace as _trace
+
+    return _trace(job, model, **kwargs)

@@ -1,0 +1,566 @@
+"""trace(): the reference run (:mod:`memfit.reference`) on fake tensors, with a model of the CUDA allocator.
+
+The model is built, the batch made and the steps run by the very functions ``measure`` runs on a GPU, under
+``FakeTensorMode`` (tensors with shapes, dtypes and storages of the right size but no data; nothing is
+computed and no memory is taken). The device is the fake ``cpu`` made to behave as CUDA where that changes
+memory (:mod:`memfit.tracer.cuda_emulation`). :mod:`memfit.tracer.tracker` records every allocation and free
+and feeds them to the allocator model.
+
+As ``measure`` does, step 1 is a warm-up (it creates the optimizer state, the cuBLAS workspaces, the
+allocator's segments) and the answer is the peak of step 2: forward with labels, backward, ``optimizer.step()``
+and ``zero_grad(set_to_none=True)`` - or, for inference, the second ``generate()`` (or prefill forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+import warnings
+from typing import Any, Iterator
+
+from ..breakdown import Breakdown
+from ..errors import JobError, MemfitError, MissingDependencyError, ModelNotFoundError
+from ..job import Job
+
+__all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "TRACE_INSTALL"]
+
+CUDA_CONTEXT_BYTES = 530 << 20
+"""What ``nvidia-smi`` shows for the process beyond PyTorch's reserve: the CUDA context, the loaded
+kernels of cuBLAS, cuDNN and PyTorch (H100, CUDA 12). A first value; calibrated from measurements."""
+
+TRACE_INSTALL = "pip install 'memfit[trace]'"
+
+_TORCH_MISSING = f"memfit trace needs torch and transformers; install them with: {TRACE_INSTALL}"
+
+
+class TraceUnsupportedError(MemfitError):
+    """The job cannot be traced (a CUDA-only kernel, data-dependent control flow, a multi-GPU layout)."""
+
+
+# --------------------------------------------------------------------------------------------- public
+def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fallback: bool = True,
+          sdpa: str = "flash", cuda: bool = True, steps: int = 2) -> Breakdown:
+    """Trace ``job`` on fake tensors and return its :class:`~memfit.breakdown.Breakdown` (``engine="trace"``).
+
+    ``model``: your own ``nn.Module`` (real, meta or fake weights; it is not modified) instead of the job's
+    model; it is called as :func:`memfit.reference.forward_loss` says. ``spec``: a ModelSpec instead of
+    resolving ``job.model``.
+
+    Where the trace cannot run (bitsandbytes kernels, multi-GPU layouts, data-dependent control flow fake
+    tensors cannot follow), it returns :func:`memfit.estimate`'s answer with a note saying why, or raises
+    :class:`TraceUnsupportedError` when ``fallback`` is False.
+
+    Expert knobs: ``sdpa`` is the backend order of ``scaled_dot_product_attention`` on the H100 (``flash``,
+    or ``cudnn`` first as torch does with cuDNN >= 9.15); ``cuda=False`` traces the plain CPU run (no CUDA
+    emulation, no allocator rounding: what ``measure`` counts on the CPU); ``steps`` is the number of
+    steps, the last one measured.
+    """
+    if isinstance(job, dict):
+        job = Job.from_dict(job)
+    if not isinstance(job, Job):
+        raise JobError(f"trace needs a Job (or a dict of job fields), not {type(job).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise JobError(f"steps must be a whole number >= 1; got {steps!r}")
+    if sdpa not in ("flash", "cudnn"):
+        raise JobError(f"sdpa must be 'flash' or 'cudnn'; got {sdpa!r}")
+    try:
+        reason = _unsupported(job, model)
+        if reason:
+            raise TraceUnsupportedError(reason)
+        torch = _require_torch()
+        if spec is None:
+            spec = _resolve_spec(job, model)
+        return _TraceRun(torch, job, spec, model, cuda=cuda, sdpa=sdpa, steps=steps).execute()
+    except TraceUnsupportedError as exc:
+        if not fallback:
+            raise
+        return _fallback(job, str(exc), spec)
+
+
+def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
+    """The estimate, with one line saying why it is not a trace."""
+    try:
+        from ..estimator import estimate
+    except ImportError:
+        raise TraceUnsupportedError(f"{reason}; and the estimate is not available to fall back to") from None
+    model_spec = spec
+    if spec is not None and _is_config_spec(spec):
+        try:
+            from ..models import spec_from_config
+
+            model_spec = spec_from_config(spec.config, name=spec.name)
+        except (ImportError, MemfitError):
+            model_spec = None
+    try:
+        bd = estimate(job, model_spec) if model_spec is not None else estimate(job)
+    except MemfitError as exc:
+        raise TraceUnsupportedError(f"{reason}; and the estimate cannot run either: {exc}") from None
+    bd.notes.insert(0, f"trace could not run: {reason}; showing the estimate instead")
+    bd.extras["trace_error"] = reason
+    return bd
+
+
+def _is_config_spec(spec: Any) -> bool:
+    return type(spec).__name__ == "ConfigSpec" or not hasattr(spec, "blocks")
+
+
+def _require_torch():
+    try:
+        import torch
+        import transformers  # noqa: F401 - the reference run builds transformers models
+    except ImportError as exc:
+        raise MissingDependencyError(_TORCH_MISSING) from exc
+    return torch
+
+
+def _unsupported(job: Job, model: Any) -> str:
+    """Why ``job`` cannot be traced, or ''."""
+    if job.gpus > 1 or job.strategy != "single":
+        return f"the trace covers one GPU; {job.gpus} GPUs with {job.strategy} are not traced yet"
+    if job.offload != "none":
+        return f"offload {job.offload!r} moves state to the host; the trace covers offload: none"
+    if job.quantization in ("int8", "nf4", "fp4"):
+        return f"{job.quantization} weights run bitsandbytes' CUDA kernels, which fake tensors cannot execute"
+    if job.quantization in ("fp8", "gptq", "awq"):
+        return f"{job.quantization} weights need a pre-quantized checkpoint and its CUDA kernels"
+    if job.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
+        return f"the {job.optimizer} optimizer runs bitsandbytes' CUDA kernels, which fake tensors cannot execute"
+    if job.task == "infer" and job.kv_cache_dtype not in ("auto", {"32-true": "fp32", "16-mixed": "fp16",
+                                                                   "16-true": "fp16"}.get(job.precision, "bf16")):
+        return f"the reference run keeps the dynamic cache in the compute dtype, not {job.kv_cache_dtype}"
+    return ""
+
+
+def _resolve_spec(job: Job, model: Any) -> Any:
+    from .. import reference as ref
+
+    try:
+        from ..models import load_model
+    except ImportError:  # the registry is not importable in this checkout
+        load_model = None
+    if model is not None:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(inner, "config", None)
+        if load_model is not None:
+            try:
+                return load_model(job.model)
+            except MemfitError:
+                pass
+        if config is not None and hasattr(config, "to_dict"):
+            head = "seq_cls" if type(inner).__name__.endswith("ForSequenceClassification") else "causal_lm"
+            return ref.spec_from_config(config.to_dict(), name=job.model, head=head)
+        return None
+    if load_model is not None:
+        return load_model(job.model)
+    import json
+    from pathlib import Path
+
+    path = Path(job.model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return ref.spec_from_config(json.loads(path.read_text()), name=job.model)
+    raise ModelNotFoundError(f"cannot resolve model {job.model!r}: memfit.models is not importable and it is not "
+                             "a path to a config.json")
+
+
+# --------------------------------------------------------------------------------------------- the run
+class _Hooks:
+    """The reference run's phase hooks: they move the tracker from phase to phase and name what is alive."""
+
+    def __init__(self, run: "_TraceRun") -> None:
+        self.run = run
+        self.tracker = run.tracker
+        self.forward_start = 0
+
+    def on_phase(self, name: str) -> None:
+        tr, run = self.tracker, self.run
+        if name == "forward":
+            self.forward_start = tr.event
+            tr.default_category = "temporaries"
+        elif name == "backward":
+            # What forward made and is still alive is what backward needs: the saved activations.
+            tr.retag_live(self.forward_start, "temporaries", "activations")
+            tr.default_category = "temporaries"
+        elif name == "optimizer_step":
+            tr.tag((p.grad for p in run.model.parameters() if p.grad is not None), "gradients")
+            tr.default_category = "temporaries"
+        elif name in ("prefill", "decode"):
+            tr.inference = True
+            tr.default_category = "activations"
+        elif name == "end":
+            if run.optimizer is not None:
+                tr.tag(_state_tensors(run.torch, run.optimizer), "optimizer_states")
+            tr.default_category = "other"
+        tr.set_phase(name)
+
+    def on_decode_step(self, cache: Any) -> None:
+        from .. import reference as ref
+
+        self.tracker.tag(ref.cache_tensors(cache), "kv_cache")
+
+
+def _state_tensors(torch: Any, optimizer: Any) -> Iterator[Any]:
+    for state in getattr(optimizer, "state", {}).values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                yield v
+
+
+class _TraceRun:
+    def __init__(self, torch: Any, job: Job, spec: Any, user_model: Any, *, cuda: bool, sdpa: str,
+                 steps: int) -> None:
+        from .tracker import Tracker
+
+        self.torch, self.job, self.spec, self.user_model = torch, job, spec, user_model
+        self.cuda, self.sdpa_prefer, self.steps = cuda, sdpa, steps
+        self.training = job.task == "train"
+        vocab = int(getattr(spec, "vocab_size", 0) or 0) if spec is not None else 0
+        self.tracker = Tracker(torch, cuda=cuda, vocab_size=vocab)
+        self.model = self.optimizer = self.batch = self.scaler = None
+        self.sdpa = None
+        self.warnings: list[str] = []
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------------------------------
+    def execute(self) -> Breakdown:
+        torch = self.torch
+        t0 = time.perf_counter()
+        try:
+            with self._context():
+                self._load()
+                self._steps()
+            bd = self._breakdown(time.perf_counter() - t0)
+        except (MemfitError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything the fake run cannot do becomes one line
+            if os.environ.get("MEMFIT_TRACE_DEBUG"):
+                raise  # developers: the full traceback instead of the one line
+            raise TraceUnsupportedError(_one_line(torch, exc)) from None
+        finally:
+            self.tracker.close()
+            self.model = self.optimizer = self.batch = self.scaler = self.user_model = None
+        return bd
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        torch = self.torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from .cuda_emulation import (SdpaEmulation, cuda_autocast_policy, cuda_foreach_default,
+                                     fake_safe_grad_scaler)
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_quiet(self.warnings))
+            stack.enter_context(_quiet_logger("torch._subclasses.fake_tensor"))
+            stack.enter_context(_generation_stop(self.job))
+            stack.enter_context(_unpadded_masks())
+            stack.enter_context(fake_safe_grad_scaler(torch))
+            if self.cuda:
+                stack.enter_context(cuda_autocast_policy(torch))
+                stack.enter_context(cuda_foreach_default(torch))
+                force = "flash" if self.job.attention == "flash" else None
+                self.sdpa = SdpaEmulation(torch, prefer=self.sdpa_prefer, force=force,
+                                          workspace=self.tracker.workspace)
+                stack.enter_context(self.sdpa.mode())
+            self.fake = FakeTensorMode(allow_non_fake_inputs=True)
+            stack.enter_context(self.fake)
+            stack.enter_context(self.tracker.mode())
+            yield
+
+    def _load(self) -> None:
+        from .. import reference as ref
+
+        job, tr = self.job, self.tracker
+        tr.phase, tr.default_category = "load", "weights"
+        user = _fake_copy(self.torch, self.user_model) if self.user_model is not None else None
+        self.user_model = None
+        build_job = job.replace(attention="sdpa") if job.attention == "flash" else job
+        if job.attention == "flash":
+            self.notes.append("flash-attn 2 is traced as its memory: PyTorch's flash kernel (output and fp32 "
+                              "log-sum-exp saved, no score matrix)")
+        self.model = ref.build_model(build_job, self.spec, "cpu", user_model=user)
+        del user
+        params = dict(self.model.named_parameters(remove_duplicate=True))
+        tr.tag((p for n, p in params.items() if "lora_" in n), "lora_adapters")
+        tr.tag((p for n, p in params.items() if "lora_" not in n), "weights")
+        tr.tag(self.model.buffers(), "weights")
+        known = {id(r) for r in _records_of(tr, list(params.values()) + list(self.model.buffers()))}
+        for rec in tr.live_records():
+            if id(rec) not in known and rec.category == "weights":
+                rec.category = "other"
+        if self.training:
+            self.optimizer = ref.make_optimizer(job, self.model)
+            self.scaler = ref.make_grad_scaler(job, "cpu")
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        config = getattr(inner, "config", None)
+        vocab = getattr(config, "vocab_size", None) or getattr(self.spec, "vocab_size", None)
+        if vocab:
+            tr.vocab_size = int(vocab)
+        num_labels = getattr(config, "num_labels", None) if getattr(self.spec, "head", "") == "seq_cls" else None
+        if job.task == "infer" and job.new_tokens > 0 and getattr(self.spec, "head", "causal_lm") != "causal_lm":
+            raise JobError("new_tokens > 0 generates text and needs a causal_lm head")
+        self.batch = ref.make_batch(job, self.spec, "cpu", vocab_size=vocab, num_labels=num_labels)
+        tr.tag(self.batch.values(), "inputs")
+
+    def _steps(self) -> None:
+        from .. import reference as ref
+
+        hooks = _Hooks(self)
+        tr = self.tracker
+        for i in range(self.steps):
+            if i == self.steps - 1:
+                tr.start_window()
+            if self.training:
+                ref.train_step(self.job, self.model, self.optimizer, self.batch, self.scaler, hooks=hooks)
+            else:
+                ref.infer(self.job, self.model, self.batch, hooks=hooks)
+        tr.stop_window()
+
+    # ------------------------------------------------------------------------------------------
+    def _breakdown(self, seconds: float) -> Breakdown:
+        from .tracker import CUBLAS_WORKSPACE_BYTES
+
+        job, tr, torch = self.job, self.tracker, self.torch
+        peak_event = tr.peak_event
+        comps = {k: v for k, v in sorted(tr.components_at(peak_event).items()) if v}
+        requested = tr.requested_at(peak_event)
+        peak = tr.peak
+        if self.cuda:
+            reserved = max(tr.sim.peak_reserved, peak)
+            total = reserved + CUDA_CONTEXT_BYTES
+        else:
+            # The plain CPU run: no caching allocator, tensor bytes as a CPU count sees them.
+            comps = _requested_components(tr, peak_event)
+            reserved = total = peak
+        phase_names = ("forward", "backward", "optimizer_step") if self.training else ("prefill", "decode")
+        phases = {"load": tr.load_peak}
+        phases.update({p: tr.phase_peaks[p] for p in phase_names if p in tr.phase_peaks})
+        peak_phase = tr.peak_phase if tr.peak_phase in phases else max(phases, key=phases.get)
+        base, trainable = _count_parameters(self.model)
+        notes = list(self.notes)
+        if self.cuda:
+            notes.insert(0, "fake tensors on the CPU with CUDA's behaviour emulated (autocast lists, sdpa kernels "
+                            "as on an H100, foreach optimizer, caching allocator); nothing was computed")
+        else:
+            notes.insert(0, "fake tensors on the CPU, counted as a CPU run counts tensors (no CUDA emulation, no "
+                            "allocator rounding)")
+        if comps.get("logits_and_loss", 0) > 0.2 * peak:
+            notes.append("the vocab-sized logits and their loss are a large part of the peak")
+        sdpa_calls = dict(self.sdpa.calls) if self.sdpa is not None else {}
+        window_events = (tr.window_end_event or tr.event) - tr.window_start_event
+        extras: dict[str, Any] = {
+            "timeline": tr.timeline(tr.window_start_event, tr.window_end_event),
+            "timeline_format": ["event", "phase", "allocated_bytes"],
+            "timeline_events": window_events,
+            "peak_event": peak_event - tr.window_start_event,
+            "peak_op": tr.peak_op,
+            "peak_requested_bytes": requested,
+            "load_peak_bytes": tr.load_peak,
+            "steps": self.steps,
+            "warmup_steps": self.steps - 1,
+            "trace_seconds": round(seconds, 3),
+            "allocator": {"segments": tr.sim.num_segments, "reserved_at_end_bytes": tr.sim.reserved,
+                          "allocations": len(tr.records)},
+            "device": "H100 (emulated on fake CPU tensors)" if self.cuda else "cpu (fake tensors)",
+            "torch": torch.__version__,
+        }
+        if self.cuda:
+            extras["cuda_context_bytes"] = CUDA_CONTEXT_BYTES
+            extras["cublas_workspace_bytes"] = CUBLAS_WORKSPACE_BYTES
+        if sdpa_calls:
+            extras["sdpa_backends"] = sdpa_calls
+        try:
+            import transformers
+
+            extras["transformers"] = transformers.__version__
+        except ImportError:  # pragma: no cover
+            pass
+        if self.warnings:
+            extras["warnings"] = list(self.warnings)
+        return Breakdown(engine="trace", model=job.model, job=job.to_dict(), parameters=base,
+                         trainable_parameters=trainable, components=comps, peak_allocated_bytes=int(peak),
+                         peak_reserved_bytes=int(reserved), device_total_bytes=int(total), peak_phase=peak_phase,
+                         phases={k: int(v) for k, v in phases.items()}, measurement="fake-tensors", notes=notes,
+                         extras=extras)
+
+
+def _requested_components(tr: Any, event: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rec in tr.records:
+        if rec.born <= event and (rec.died is None or rec.died > event):
+            out[rec.category] = out.get(rec.category, 0) + rec.nbytes
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def _records_of(tr: Any, tensors: list[Any]) -> list[Any]:
+    out = []
+    for t in tensors:
+        rec = tr._record_of(t)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def _count_parameters(model: Any) -> tuple[int, int]:
+    """(base parameters, trainable parameters): LoRA adapters and PEFT's ``modules_to_save`` copies are not
+    base parameters (as :func:`memfit.measurer.accounting.count_parameters` counts them)."""
+    base = trainable = 0
+    if model is None:
+        return 0, 0
+    for name, p in model.named_parameters(remove_duplicate=True):
+        n = p.numel()
+        if p.requires_grad:
+            trainable += n
+        if "lora_" not in name and "modules_to_save." not in name:
+            base += n
+    return int(base), int(trainable)
+
+
+def _fake_copy(torch: Any, model: Any) -> Any:
+    """A copy of the user's module whose parameters and buffers are fresh fake tensors (made inside the
+    fake mode, so they are counted as the weights being loaded). The user's module is left as it is."""
+    if not isinstance(model, torch.nn.Module):
+        raise JobError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+        if isinstance(t, torch.nn.Parameter):
+            fake = torch.nn.Parameter(fake, requires_grad=t.requires_grad)
+        memo[id(t)] = fake
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def _generation_stop(job: Job) -> Iterator[None]:
+    """``generate()`` asks each step whether every sequence has finished (``bool`` of a device tensor), which
+    fake tensors cannot answer; the reference run always generates exactly ``new_tokens``, so stop there."""
+    try:
+        from transformers.generation import utils as gen
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    stop_cls = getattr(gen, "StopCheck", None)
+    if stop_cls is None or job.task != "infer" or job.new_tokens == 0:
+        yield
+        return
+    original = stop_cls.__call__
+    target = job.prompt_len + job.new_tokens
+
+    def __call__(self, unfinished_sequences, tokens, length):
+        return length >= target
+
+    stop_cls.__call__ = __call__
+    try:
+        yield
+    finally:
+        stop_cls.__call__ = original
+
+
+@contextlib.contextmanager
+def _unpadded_masks() -> Iterator[None]:
+    """transformers skips building the attention mask (and so lets sdpa take its flash kernel with
+    ``is_causal``) only after reading the mask's values - which it refuses to do on fake tensors, taking the
+    masked path a real run never takes. The reference batch has no padding and no packed sequences, so the
+    trace answers those reads as a real run would: no packing, and a padding mask that masks nothing."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved: dict[str, Any] = {}
+    for name, arg in (("_ignore_causal_mask_sdpa", "padding_mask"), ("_ignore_bidirectional_mask_sdpa", "padding_mask"),
+                      ("create_recurrent_attention_mask", "attention_mask")):
+        original = getattr(mu, name, None)
+        if original is not None:
+            saved[name] = original
+            setattr(mu, name, _with_none(original, arg))
+    if hasattr(mu, "find_packed_sequence_indices"):
+        saved["find_packed_sequence_indices"] = mu.find_packed_sequence_indices
+        mu.find_packed_sequence_indices = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(mu, name, original)
+
+
+def _with_none(fn: Any, arg: str) -> Any:
+    """``fn`` called with its argument ``arg`` set to None."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = sig.bind(*args, **kwargs)
+        bound.arguments[arg] = None
+        return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a logger (fake tensors log a traceback before the error the trace turns into one line)."""
+    import logging
+
+    log = logging.getLogger(name)
+    old = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+@contextlib.contextmanager
+def _quiet(caught: list[str]) -> Iterator[None]:
+    """Keep transformers' log and Python warnings off the terminal; keep their first lines."""
+    verbosity = None
+    try:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        hf_logging = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in seen:
+                text = str(w.message).strip()
+                line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
+                if line not in caught and len(caught) < 20:
+                    caught.append(line)
+            if hf_logging is not None and verbosity is not None:
+                hf_logging.set_verbosity(verbosity)
+
+
+def _one_line(torch: Any, exc: BaseException) -> str:
+    """Why the fake run stopped, in one line."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    try:
+        from torch._subclasses import fake_tensor as ft
+
+        if isinstance(exc, (ft.DataDependentOutputException, ft.DynamicOutputShapeException)):
+            op = getattr(exc, "func", None)
+            return (f"data-dependent control flow or output shape ({op or text}) that fake tensors cannot follow")
+        if isinstance(exc, ft.UnsupportedOperatorException):
+            return f"operator {getattr(exc, 'func', text)} has no fake-tensor implementation (a custom kernel?)"
+    except ImportError:  # pragma: no cover
+        pass
+    low = text.lower()
+    if "data-dependent" in low or "data dependent" in low or "item()" in low:
+        return f"data-dependent control flow that fake tensors cannot follow ({text[:160]})"
+    if "cuda" in low and ("not compiled" in low or "not available" in low or "no cuda" in low):
+        return f"the model calls CUDA directly ({text[:160]})"
+    return f"{name}: {text[:200]}"

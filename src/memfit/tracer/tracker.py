@@ -1,0 +1,337 @@
+"""The allocation tracker: every storage an ATen op creates, when it dies, what it is.
+
+A ``TorchDispatchMode`` sees the output of every ATen op (under ``FakeTensorMode`` these are fake tensors: the
+shapes and dtypes a real run has, no data). Each new storage is one request to the caching-allocator model
+(:mod:`memfit.tracer.allocator`), counted once however many views share it; a ``weakref`` on the storage
+object (PyTorch keeps one Python object per live storage) frees the block the moment the last tensor using
+it dies - a saved activation when autograd releases it in backward, a temporary when its Python name goes.
+
+Every allocation is a :class:`Record` with the event at which it was born and died, so the bytes alive at
+any event, by what they are, can be summed afterwards. What a storage *is* is set when it is created
+(``weights`` while loading, ``temporaries`` in forward and backward, vocab-sized tensors ``logits_and_loss``,
+autocast's 16-bit copies of fp32 weights ``autocast_cache``) and refined at phase boundaries by the engine
+(forward temporaries still alive when backward starts were saved for it: ``activations``; ``.grad`` tensors:
+``gradients``; the optimizer's state: ``optimizer_states``; the batch: ``inputs``; the KV cache: ``kv_cache``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable
+
+from .allocator import CachingAllocatorModel
+
+__all__ = ["Record", "Tracker", "CUBLAS_WORKSPACE_BYTES", "TIMELINE_POINTS"]
+
+CUBLAS_WORKSPACE_BYTES = 32 << 20
+"""cuBLAS workspace PyTorch allocates through the caching allocator for each (handle, stream) on first use
+and keeps: ``CublasHandlePool.cpp`` ``getChosenWorkspaceSize`` defaults to 4096 x 8 KiB = 32 MiB on sm90
+(H100). The forward runs on the caller's thread and the backward on autograd's device thread, each with
+its own handle, so a training step holds two; inference holds one. Calibrated against measurements."""
+
+TIMELINE_POINTS = 2000
+"""Most points kept in ``extras["timeline"]``."""
+
+_GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation",
+             "_grouped_mm", "_scaled_mm", "addr")
+
+
+class Record:
+    """One allocation: its block, when it lived (events), what it is."""
+
+    __slots__ = ("block_bytes", "nbytes", "category", "born", "died", "block", "phase")
+
+    def __init__(self, block: Any, nbytes: int, category: str, born: int, phase: str) -> None:
+        self.block = block
+        self.block_bytes = block.size
+        self.nbytes = nbytes
+        self.category = category
+        self.born = born
+        self.died: int | None = None
+        self.phase = phase
+
+
+class Tracker:
+    """Allocation bookkeeping plus the dispatch mode that feeds it (see :meth:`mode`)."""
+
+    def __init__(self, torch: Any, *, cuda: bool = True, vocab_size: int = 0,
+                 capacity_bytes: int | None = None) -> None:
+        self.torch = torch
+        self.cuda = cuda
+        # What the peaks and the timeline count: the allocator's blocks (CUDA) or the tensors' own bytes (a CPU
+        # run has no caching allocator; this is what a tensor-level count on the CPU sees).
+        self.metric = "allocated" if cuda else "requested"
+        self.vocab_size = int(vocab_size or 0)
+        self.sim = CachingAllocatorModel(capacity_bytes)
+        self.records: list[Record] = []
+        self._live: dict[int, tuple[Record, Any]] = {}  # id(storage) -> (record, weakref)
+        self.event = 0
+        self.phase = "load"
+        self.default_category = "weights"
+        self.inference = False
+        self.enabled = True
+        # timeline: parallel lists (event, phase, allocated)
+        self.tl_event: list[int] = []
+        self.tl_phase: list[str] = []
+        self.tl_alloc: list[int] = []
+        # the measured window
+        self.recording = False
+        self.window_start_event = 0
+        self.window_end_event: int | None = None
+        self.peak = -1
+        self.peak_event = 0
+        self.peak_phase = ""
+        self.peak_op = ""
+        self.phase_peaks: dict[str, int] = {}
+        self.load_peak = 0
+        self.current_op = ""
+        self._cublas_handles: set[str] = set()
+        ops = torch.ops.aten
+        self._to_copy = ops._to_copy.default
+        self._cat = ops.cat.default
+        self._lift = {ops.lift_fresh.default, ops.lift_fresh_copy.default}
+        self._gemm = set()
+        for name in _GEMM_OPS:
+            packet = getattr(ops, name, None)
+            if packet is not None:
+                for ov in packet.overloads():
+                    self._gemm.add(getattr(packet, ov))
+        self.workspace_hooks: dict[Any, Callable[..., Iterable[int]]] = {}
+
+    # ------------------------------------------------------------------------------ dispatch mode
+    def mode(self):
+        """A fresh ``TorchDispatchMode`` that reports to this tracker (enter it inside ``FakeTensorMode``)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        Tensor = self.torch.Tensor
+
+        class _TrackAllocations(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if tracker.enabled:
+                    tracker.current_op = func
+                    flat = out if isinstance(out, Tensor) else None
+                    if flat is not None:
+                        tracker._see(flat, func, args)
+                    else:
+                        for t in tree_flatten(out)[0]:
+                            if isinstance(t, Tensor):
+                                tracker._see(t, func, args)
+                    if tracker.cuda and func in tracker._gemm:
+                        tracker._cublas()
+                    hook = tracker.workspace_hooks.get(func)
+                    if hook is not None:
+                        tracker.workspace(hook(args, kwargs or {}, out))
+                return out
+
+        return _TrackAllocations()
+
+    # ------------------------------------------------------------------------------ allocation
+    def _see(self, t: Any, func: Any, args: tuple) -> None:
+        if t.device.type == "meta":
+            return  # the flash/efficient kernels' philox seed and offset: host-side, or nothing
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return  # no storage: sparse, nested
+        key = id(st)
+        entry = self._live.get(key)
+        if entry is not None:
+            rec, ref = entry
+            if ref() is st:
+                n = st.nbytes()
+                if n != rec.nbytes:  # resized in place: the allocator frees and mallocs
+                    self._release(key, ref)
+                    self._alloc(st, key, n, rec.category)
+                return
+            self._release(key, ref)  # a dead storage whose id was reused before its callback ran
+        n = st.nbytes()
+        if n == 0:
+            return
+        if func in self._lift and self.phase == "optimizer_step":
+            return  # torch.tensor(...) in the optimizer: AdamW's step counters live on the host
+        self._alloc(st, key, n, self._category(t, func, args))
+
+    def _category(self, t: Any, func: Any, args: tuple) -> str:
+        cat = self.default_category
+        phase = self.phase
+        if phase in ("load", "optimizer_step", "end"):
+            return cat
+        shape = t.shape
+        if self.vocab_size and len(shape) >= 2 and shape[-1] == self.vocab_size:
+            return "logits_and_loss"
+        if func is self._to_copy and args and isinstance(args[0], self.torch.Tensor):
+            src = self._record_of(args[0])
+            if src is not None and src.category in ("weights", "lora_adapters"):
+                return "autocast_cache"
+        if self.inference and func is self._cat and args:
+            parts = args[0]
+            for p in parts:
+                if not isinstance(p, self.torch.Tensor):
+                    continue
+                if p.numel() == 0:
+                    return "kv_cache"  # DynamicLayer's first update: cat onto an empty tensor
+                src = self._record_of(p)
+                if src is not None and src.category == "kv_cache":
+                    return "kv_cache"
+        return cat
+
+    def _alloc(self, st: Any, key: int, nbytes: int, category: str) -> Record:
+        block = self.sim.malloc(nbytes)
+        self.event += 1
+        rec = Record(block, nbytes, category, self.event, self.phase)
+        self.records.append(rec)
+        ref = weakref.ref(st, lambda r, key=key: self._on_free(key, r)) if st is not None else None
+        if st is not None:
+            self._live[key] = (rec, ref)
+        self._note()
+        return rec
+
+    def _on_free(self, key: int, ref: Any) -> None:
+        entry = self._live.get(key)
+        if entry is not None and entry[1] is ref:
+            self._release(key, ref)
+
+    def _release(self, key: int, ref: Any) -> None:
+        rec, _ = self._live.pop(key)
+        self._free_record(rec)
+
+    def _free_record(self, rec: Record) -> None:
+        if rec.died is not None:
+            return
+        self.sim.free(rec.block)
+        self.event += 1
+        rec.died = self.event
+        rec.block = None
+        self._note()
+
+    def set_phase(self, name: str) -> None:
+        """Enter phase ``name``; what is allocated now counts toward its peak."""
+        self.phase = name
+        if self.recording:
+            now = self.current()
+            if now > self.phase_peaks.get(name, -1):
+                self.phase_peaks[name] = now
+
+    def current(self) -> int:
+        return self.sim.allocated if self.metric == "allocated" else self.sim.requested
+
+    def _note(self) -> None:
+        alloc = self.sim.allocated if self.metric == "allocated" else self.sim.requested
+        self.tl_event.append(self.event)
+        self.tl_phase.append(self.phase)
+        self.tl_alloc.append(alloc)
+        if self.recording:
+            if alloc > self.peak:
+                self.peak = alloc
+                self.peak_event = self.event
+                self.peak_phase = self.phase
+                self.peak_op = str(self.current_op)
+            if alloc > self.phase_peaks.get(self.phase, -1):
+                self.phase_peaks[self.phase] = alloc
+        elif self.phase == "load" and alloc > self.load_peak:
+            self.load_peak = alloc
+
+    def _record_of(self, t: Any) -> Record | None:
+        try:
+            entry = self._live.get(id(t.untyped_storage()))
+        except (RuntimeError, NotImplementedError):
+            return None
+        return entry[0] if entry is not None else None
+
+    def workspace(self, sizes: Iterable[int]) -> None:
+        """Scratch a kernel takes and gives back before it returns (cuBLAS-free kernels' workspaces)."""
+        recs = [self._alloc(None, 0, int(n), "temporaries") for n in sizes if n > 0]
+        for rec in reversed(recs):
+            self._free_record(rec)
+
+    def _cublas(self) -> None:
+        handle = "backward" if self.phase == "backward" else "main"
+        if handle in self._cublas_handles:
+            return
+        self._cublas_handles.add(handle)
+        self._alloc(None, 0, CUBLAS_WORKSPACE_BYTES, "other")
+
+    # ------------------------------------------------------------------------------ tagging
+    def tag(self, tensors: Iterable[Any], category: str, only: tuple[str, ...] | None = None) -> int:
+        """Set what the storages of ``tensors`` are; return their bytes. ``only``: retag only those
+        currently in one of these categories."""
+        total = 0
+        seen: set[int] = set()
+        for t in tensors:
+            if t is None or not isinstance(t, self.torch.Tensor):
+                continue
+            rec = self._record_of(t)
+            if rec is None or id(rec) in seen:
+                continue
+            seen.add(id(rec))
+            if only is None or rec.category in only:
+                rec.category = category
+            total += rec.block_bytes
+        return total
+
+    def retag_live(self, born_after: int, old: str, new: str) -> None:
+        """Every live storage born after event ``born_after`` that is ``old`` becomes ``new``."""
+        for rec, _ in list(self._live.values()):
+            if rec.born > born_after and rec.category == old:
+                rec.category = new
+
+    def live_records(self) -> list[Record]:
+        return [rec for rec, _ in list(self._live.values())]
+
+    # ------------------------------------------------------------------------------ window
+    def start_window(self) -> None:
+        """``reset_peak_memory_stats``: peaks from here on are the answer."""
+        self.sim.reset_peaks()
+        self.recording = True
+        self.window_start_event = self.event
+        self.peak = self.current()
+        self.peak_event = self.event
+        self.peak_phase = self.phase
+        self.phase_peaks = {}
+
+    def stop_window(self) -> None:
+        self.recording = False
+        self.window_end_event = self.event
+
+    def components_at(self, event: int) -> dict[str, int]:
+        """Bytes alive at ``event`` by category (their sum is ``memory_allocated`` then)."""
+        out: dict[str, int] = {}
+        for rec in self.records:
+            if rec.born <= event and (rec.died is None or rec.died > event):
+                out[rec.category] = out.get(rec.category, 0) + rec.block_bytes
+        return out
+
+    def requested_at(self, event: int) -> int:
+        """Bytes requested (unrounded) alive at ``event``: what a tensor-level count on the CPU sees."""
+        return sum(rec.nbytes for rec in self.records
+                   if rec.born <= event and (rec.died is None or rec.died > event))
+
+    def timeline(self, start: int, end: int | None, points: int = TIMELINE_POINTS) -> list[list[Any]]:
+        """``[event, phase, allocated_bytes]`` from ``start`` to ``end``, at most ``points`` of them: each
+        bucket keeps its highest point, so the peak is always there."""
+        ev, ph, al = self.tl_event, self.tl_phase, self.tl_alloc
+        from bisect import bisect_left, bisect_right
+
+        i0 = bisect_left(ev, start)
+        i1 = len(ev) if end is None else bisect_right(ev, end)
+        n = i1 - i0
+        if n <= 0:
+            return []
+        if n <= points:
+            return [[ev[i] - start, ph[i], al[i]] for i in range(i0, i1)]
+        out = []
+        step = n / points
+        for b in range(points):
+            lo = i0 + int(b * step)
+            hi = min(i1, i0 + int((b + 1) * step)) or lo + 1
+            best = max(range(lo, max(hi, lo + 1)), key=al.__getitem__)
+            out.append([ev[best] - start, ph[best], al[best]])
+        return out
+
+    def close(self) -> None:
+        """Stop counting (storages dying after the trace must not touch the model)."""
+        self.enabled = False
+        self._live.clear()

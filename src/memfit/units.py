@@ -1,0 +1,42 @@
+"""Byte units. memfit computes in bytes; GiB (2**30) and GB (10**9) appear only at the edges."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import JobError
+
+GiB = 1 << 30
+MiB = 1 << 20
+KiB = 1 << 10
+GB = 10**9
+
+_UNITS = {
+    "b": 1, "": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse ``"80GiB"``, ``"80 GB"``, ``"24g"`` (GiB) or a plain number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise JobError(f"cannot read the size {text!r}; write it like 80GiB, 24GB or 1000000 (bytes)")
+    unit = m.group(2).lower()
+    if unit in ("g", "m", "k", "t"):  # bare letters are binary, as nvidia-smi and most users mean
+        unit += "ib"
+    if unit not in _UNITS:
+        raise JobError(f"unknown size unit {m.group(2)!r} in {text!r}; use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def gib(n_bytes: float) -> float:
+    return n_bytes / GiB
+
+
+def fmt_gib(n_bytes: float, digits: int = 2) -> str:
+    return f"{n_bytes / GiB:.{digits}f} GiB"

@@ -1,0 +1,137 @@
+"""Golden numbers for the analytical estimator: exact bytes where the answer is exact, measured
+probes within a stated tolerance where it is not."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from memfit import Job
+from memfit.estimator import estimate, max_batch_size, model_states
+from memfit.estimator import states as st
+from memfit.models.families import spec_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ROOT / "validation" / "probes" / "layer_probe.json"
+
+LLAMA_PROBE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 1024,
+               "intermediate_size": 2816, "num_attention_heads": 16, "num_key_value_heads": 4,
+               "num_hidden_layers": 2, "vocab_size": 128256, "max_position_embeddings": 2048,
+               "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+@pytest.fixture(scope="module")
+def probe_spec():
+    return spec_from_config(dict(LLAMA_PROBE), name="probe-llama")
+
+
+def test_mlp_example_of_the_source_article():
+    """Article 004's SimpleMLP: 51,008,010 parameters. After loading: 204.03 MB (the article agrees).
+    After one Adam step current PyTorch holds weights + grads + 2 Adam moments = 4x (816.13 MB); the
+    article printed 629.54 MB (see README: its 'after training' figures do not match PyTorch)."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    with torch.device("meta"):
+        mlp = nn.Sequential(nn.Linear(784, 8192), nn.ReLU(), nn.Linear(8192, 4096), nn.ReLU(),
+                            nn.Linear(4096, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(),
+                            nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 10))
+    n = sum(p.numel() for p in mlp.parameters())
+    assert n == 51_008_010
+    adam = model_states(n, precision="32-true", optimizer="adam")
+    assert adam["weights"] / 1e6 == pytest.approx(204.03, abs=0.01)
+    assert sum(adam.values()) / 1e6 == pytest.approx(816.13, abs=0.01)
+    sgd = model_states(n, precision="32-true", optimizer="sgd")
+    assert sum(sgd.values()) / 1e6 == pytest.approx(408.06, abs=0.01)
+
+
+def test_mixed_precision_7b_table():
+    """Article 000's LLaMA-2-7B table totals 112 GB of model states (14 + 28 + 14 + 28 + 28). The total is
+    right but the split is not: under AMP the fp32 parameters are the master copy and gradients are fp32."""
+    s = model_states(7_000_000_000, precision="bf16-mixed", optimizer="adamw")
+    assert s["weights"] == 28_000_000_000
+    assert s["gradients"] == 28_000_000_000
+    assert s["optimizer_states"] == 56_000_000_000
+    assert sum(s.values()) == 112_000_000_000
+
+
+def test_states_follow_precision(probe_spec):
+    n = probe_spec.parameters
+    for precision, pb in (("32-true", 4), ("bf16-mixed", 4), ("bf16-true", 2), ("16-true", 2)):
+        job = Job(model="x", precision=precision)
+        assert st.weight_bytes(probe_spec, job) == n * pb
+        assert st.gradient_bytes(probe_spec, job) == n * pb
+        assert st.optimizer_state_bytes(probe_spec, job) == 2 * n * pb
+    job = Job(model="x", precision="bf16-mixed")
+    assert st.autocast_cache_bytes(probe_spec, job) == 2 * st.linear_weight_params(probe_spec)
+    assert st.optimizer_state_bytes(probe_spec, Job(model="x", optimizer="sgd")) == 0
+    assert st.optimizer_state_bytes(probe_spec, Job(model="x", optimizer="sgd-momentum")) == n * 4
+
+
+def test_lora_counts_match_peft():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(LLAMA_PROBE, hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=256)
+    spec = spec_from_config(dict(cfg), name="tiny")
+    for targets in ("all-linear", ["q_proj", "v_proj"]):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        job = Job(model="tiny", method="lora", lora_rank=8, lora_targets=targets)
+        assert st.trainable_params(spec, job) == trainable
+        assert all(p.dtype == torch.float32 for p in lora.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed", "32-true"])
+def test_matches_h100_probe_within_2_percent(probe_spec, precision):
+    """The 2-layer, 128k-vocabulary probe measured on an H100 (validation/probes/layer_probe.json):
+    the estimated peak of each phase is within 2% of the measured one (the estimate's per-op rules are
+    not fitted to it; 2% leaves room for the few MiB of small tensors the estimate does not list)."""
+    runs = [r for r in json.loads(PROBE.read_text())["runs"]
+            if r.get("vocab") == 128256 and r["precision"] == precision]
+    assert runs
+    r = runs[0]
+    bd = estimate(Job(model="probe", precision=precision, batch_size=r["B"], seq_len=r["S"]), probe_spec)
+    assert bd.phases["forward"] == pytest.approx(r["fwd_peak"], rel=0.02)
+    assert bd.phases["backward"] == pytest.approx(r["bwd_peak"], rel=0.02)
+    assert bd.phases["optimizer_step"] == pytest.approx(r["step_peak"], rel=0.02)
+    assert bd.peak_allocated_bytes == pytest.approx(max(r["fwd_peak"], r["bwd_peak"], r["step_peak"]), rel=0.02)
+
+
+def test_components_sum_to_peak_and_phase(probe_spec):
+    bd = estimate(Job(model="probe", precision="bf16-true", batch_size=2, seq_len=512), probe_spec)
+    assert sum(bd.components.values()) == bd.peak_allocated_bytes
+    assert bd.peak_phase == "backward"
+    assert bd.peak_reserved_bytes > bd.peak_allocated_bytes
+    assert bd.device_total_bytes > bd.peak_reserved_bytes
+
+
+def test_checkpointing_and_eager(probe_spec):
+    job = Job(model="probe", precision="bf16-true", batch_size=4, seq_len=2048)
+    base = estimate(job, probe_spec).phases["forward"]
+    assert estimate(job.replace(gradient_checkpointing=True), probe_spec).phases["forward"] < base
+    assert estimate(job.replace(attention="eager"), probe_spec).phases["forward"] > base
+
+
+def test_inference_kv_cache_grows_with_new_tokens(probe_spec):
+    from memfit.estimator import _kv_bytes_per_token
+
+    job = Job(model="probe", task="infer", precision="bf16-true", batch_size=4, prompt_len=512, new_tokens=4096)
+    # per token: 2 layers x 2 (k, v) x 4 kv heads x 64 dims x 2 bytes
+    assert _kv_bytes_per_token(probe_spec, job, 1000) == 1000 * 2 * 2 * 4 * 64 * 2
+    bd = estimate(job, probe_spec)
+    assert bd.peak_phase == "decode"
+    assert bd.components["kv_cache"] >= 4 * _kv_bytes_per_token(probe_spec, job, 512 + 4096 - 1)
+
+
+def test_max_batch_size_is_largest_that_fits(probe_spec):
+    job = Job(model="probe", precision="bf16-true", seq_len=2048)
+    cap = 20 << 30
+    n = max_batch_size(job, cap, spec=probe_spec)
+    assert n >= 1
+    assert estimate(job.replace(batch_size=n), probe_spec).device_total_bytes <= cap
+    assert estimate(job.replace(batch_size=n + 1), probe_spec).device_total_bytes > cap
