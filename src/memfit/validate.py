@@ -135,19 +135,21 @@ def check_bars(summary: dict[str, dict[str, float]], engine: str) -> list[str]:
 
 
 def calibrate(rows: list[Scored]) -> dict[str, float]:
-    """Least-squares fits of the runtime constants on records that are not held out:
-    reserve = a * peak_allocated + b (measured reserve over measured allocated) and the CUDA context
-    (device total minus reserved, median)."""
-    fit = [r for r in rows if not r.holdout]
-    xs = [r.measured.peak_allocated_bytes for r in fit]
-    ys = [r.measured.peak_reserved_bytes - r.measured.peak_allocated_bytes for r in fit]
-    ctx = [r.measured.device_total_bytes - r.measured.peak_reserved_bytes for r in fit]
-    n = len(xs)
-    if n < 2:
-        return {}
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
-    b = my - a * mx
-    return {"runs": n, "reserve_fraction": a, "reserve_fixed_mib": b / 2**20,
-            "cuda_context_mib": statistics.median(ctx) / 2**20}
+    """The runtime constants of ``memfit.estimator.runtime``, refitted on records that are not held out:
+    the median reserved/allocated ratio per kind of run and the median CUDA context (device total minus
+    reserved) for training and inference."""
+    from .estimator.runtime import reserve_kind
+
+    fit = [r for r in rows if not r.holdout and r.group == "single"]
+    out: dict[str, float] = {}
+    for kind in ("infer", "train", "train+checkpointing"):
+        ratios = [r.measured.peak_reserved_bytes / r.measured.peak_allocated_bytes for r in fit
+                  if reserve_kind(r.job) == kind]
+        if ratios:
+            out[f"reserve_ratio[{kind}]"] = round(statistics.median(ratios), 3)
+    for task in ("train", "infer"):
+        ctx = [r.measured.device_total_bytes - r.measured.peak_reserved_bytes for r in fit if r.job.task == task]
+        if ctx:
+            out[f"cuda_context_mib[{task}]"] = round(statistics.median(ctx) / 2**20)
+    out["runs"] = len(fit)
+    return out

@@ -129,6 +129,12 @@ class _Replay:
         n, dt = self.size[x], self.dtype[x]
         if kind == "gelu_new":  # 0.5*x*(1+tanh(c*(x+0.044715*x**3))) in Python: four tensors kept
             self.save(x)
+            if self.mixed:  # pow is an fp32 op under autocast: tanh, 1+tanh and the product are fp32
+                self.save(self.tmp(n, 4))  # tanh output
+                self.save(self.tmp(n, dt))  # 0.5 * x
+                self.save(self.tmp(n, 4))  # 1 + tanh
+                self.new(y, n, 4)
+                return
             for _ in range(3):
                 self.save(self.tmp(n, dt))
         else:  # silu, gelu, gelu_pytorch_tanh, relu: one tensor (input or output)

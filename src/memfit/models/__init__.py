@@ -65,11 +65,34 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a UTF-8 text file; point memfit at a model's config.json") from None
 
 
+def _hub_reachable() -> bool:
+    """Whether the Hub's host resolves at all (offline machines fail fast instead of retrying)."""
+    import os
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _from_hub(ref: str) -> Path | None:
     """Download (or reuse from the hub cache) ``config.json`` of a Hub repo; None when that fails."""
     try:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError:
+        return None
+    hub_logging.set_verbosity_error()
+    try:  # the cache answers offline too
+        return Path(hf_hub_download(repo_id=ref, filename="config.json", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached
+        pass
+    if "/" not in ref or not _hub_reachable():
         return None
     try:
         return Path(hf_hub_download(repo_id=ref, filename="config.json"))

@@ -1,0 +1,34 @@
+"""The accuracy bars, checked on the committed H100 records (no GPU needed): a change that breaks the
+estimate's accuracy fails here."""
+
+from pathlib import Path
+
+from memfit.validate import BARS, check_bars, load_records, score, summarize
+
+RECORDS = Path(__file__).resolve().parents[1] / "validation" / "records"
+
+
+def test_records_cover_the_issue():
+    recs = load_records(RECORDS)
+    assert len(recs) >= 25
+    jobs = [r["job"] for r in recs]
+    assert {j["precision"] for j in jobs} >= {"32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true"}
+    assert {j["optimizer"] for j in jobs if j["task"] == "train"} >= {"adamw", "sgd", "adafactor"}
+    assert any(j["method"] == "lora" and j["lora_targets"] == "all-linear" for j in jobs)
+    assert any(j["method"] == "lora" and isinstance(j["lora_targets"], list) for j in jobs)
+    assert {j["gradient_checkpointing"] for j in jobs} == {True, False}
+    assert {j["attention"] for j in jobs} >= {"eager", "sdpa"}
+    assert any(j["task"] == "infer" and j["new_tokens"] > 0 for j in jobs)
+    assert any(j["task"] == "infer" and j["new_tokens"] == 0 for j in jobs)
+    assert len({j["model"] for j in jobs}) >= 10
+    for r in recs:
+        env = r["env"]
+        assert env.get("gpu") or env.get("gpu_name"), r["name"]
+        assert "torch" in str(env)
+
+
+def test_estimate_meets_the_accuracy_bars():
+    rows = score(load_records(RECORDS), "estimate")
+    summary = summarize(rows)
+    assert summary["single"]["median"] <= BARS["estimate"]["single"][0]
+    assert check_bars(summary, "estimate") == []
