@@ -15,7 +15,8 @@ fake CUDA backend is possible only through private C++ state, and process-wide. 
    ``AT_FORALL_FP32_SET_OPT_DTYPE``, ``AT_FORALL_PROMOTE``); ops whose policy is the same on both devices
    (``linear``, ``matmul``, ``mm``, ``bmm``, the losses...) keep their C++ kernel and its weight-cast cache.
 2. **scaled_dot_product_attention** (:class:`SdpaEmulation`): the CPU build would run the math backend
-   (which keeps the S x S score matrix). The emulation picks the backend CUDA picks on an H100
+   (which keeps the S x S score matrix). The emulation replaces the op's composite kernel (so recomputed,
+   checkpointed layers use it too), picks the backend CUDA picks on an H100
    (``sdp_utils.cpp``: flash for fp16/bf16 without a mask and head_dim <= 256, else memory-efficient, else
    math) and replaces the call with an autograd function that allocates and saves what that kernel does:
    the output in (B, S, H, D) layout and the fp32 log-sum-exp, and in backward the gradients plus the
@@ -250,41 +251,34 @@ class SdpaEmulation:
         self.calls: dict[str, int] = {}
         self.workspace = workspace  # callable(nbytes) -> None: a transient allocation inside a kernel
         self._fn = self._autograd_function()
+        self.__name__ = "scaled_dot_product_attention_as_on_cuda"
 
-    def mode(self):
-        """A ``TorchFunctionMode`` that routes ``scaled_dot_product_attention`` (and non-bf16 grouped matmuls,
-        see :func:`grouped_mm`) through the emulation."""
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """While active, ``aten::scaled_dot_product_attention`` runs this emulation (its
+        ``CompositeImplicitAutograd`` kernel is replaced, so every caller and every recomputation of a
+        checkpointed layer goes through it) and ``aten::_grouped_mm`` accepts every dtype on fake tensors
+        (:func:`_grouped_mm_meta`)."""
         torch = self.torch
-        from torch.overrides import TorchFunctionMode
+        import warnings
 
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        grouped = {f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None))
-                   if f is not None}
-        emu = self
-        gmm = _GroupedMM(torch)
-
-        class _CudaFunctions(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func is sdpa:
-                    return emu(*args, **kwargs)
-                if func in grouped:
-                    return gmm(func, *args, **kwargs)
-                return func(*args, **kwargs)
-
-        return _CudaFunctions()
+        lib = torch.library.Library("aten", "IMPL")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
+                lib.impl("scaled_dot_product_attention", self, "CompositeImplicitAutograd")
+                if hasattr(torch.ops.aten, "_grouped_mm"):
+                    lib.impl("_grouped_mm", _grouped_mm_meta, "Meta")
+            yield
+        finally:
+            lib._destroy()
 
     # -------------------------------------------------------------------------------------------
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                  enable_gqa=False):
+        # Autocast (sdpa is lower_precision_fp on both devices) has already cast q, k, v: the autocast kernel
+        # sits above this composite one.
         torch = self.torch
-        if torch.is_autocast_enabled("cpu"):
-            # sdpa is on both autocast lists as lower_precision_fp: q, k, v (and a float mask) go 16-bit.
-            dtype = torch.get_autocast_dtype("cpu")
-            query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-                                 for t in (query, key, value))
-            if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != dtype:
-                attn_mask = attn_mask.to(dtype)
         backend = self.force or choose_sdpa_backend(torch, query, key, value, attn_mask, is_causal, self.prefer)
         if backend == "flash" and attn_mask is not None:
             backend = "efficient"
@@ -292,10 +286,9 @@ class SdpaEmulation:
         if backend == "math":
             return torch.ops.aten._scaled_dot_product_attention_math(
                 query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
-        with torch._C._DisableAutocast():
-            if attn_mask is not None:
-                attn_mask = self._efficient_mask(attn_mask, query, key)
-            return self._fn.apply(query, key, value, attn_mask, backend)
+        if attn_mask is not None:
+            attn_mask = self._efficient_mask(attn_mask, query, key)
+        return self._fn.apply(query, key, value, attn_mask, backend)
 
     def _efficient_mask(self, mask, query, key):
         """``convert_boolean_attn_mask`` + ``preprocess_mask`` (attention.cpp): an additive mask of q's dtype,
@@ -372,48 +365,25 @@ class SdpaEmulation:
         return _Apply
 
 
-class _GroupedMM:
-    """``grouped_mm`` for dtypes other than bf16.
+def _grouped_mm_meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """Fake-tensor kernel of ``aten::_grouped_mm`` for every dtype.
 
-    PyTorch's fake/meta kernel accepts only bf16, as the fast CUDA kernel does; on CUDA other dtypes (the fp32
-    expert weights of a ``*-mixed`` MoE) take ``_grouped_mm_fallback``, one matmul per group into the same
-    output. Its memory is the output (and, in backward, gradients shaped like the operands), which this
-    autograd function allocates.
+    PyTorch's meta kernel accepts only bf16 with the fast kernel's strides; on CUDA other dtypes (the fp32
+    expert weights of a ``*-mixed`` MoE) and other layouts take ``_grouped_mm_fallback``, one matmul per group
+    into one output. Its memory is that output, shaped by ``_meta_grouped_mm_common``'s rules.
     """
+    import torch
 
-    def __init__(self, torch: Any) -> None:
-        self.torch = torch
-        t = torch
-
-        class _Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, a, b, offs, shape):
-                ctx.save_for_backward(a, b, offs)
-                return t.empty(shape, dtype=a.dtype, device=a.device)
-
-            @staticmethod
-            def backward(ctx, grad):
-                a, b, _ = ctx.saved_tensors
-                ga = t.empty_like(a) if ctx.needs_input_grad[0] else None
-                gb = t.empty_like(b) if ctx.needs_input_grad[1] else None
-                return ga, gb, None, None
-
-        self._fn = _Fn
-
-    def __call__(self, func, mat_a, mat_b, *args, offs=None, bias=None, out_dtype=None, **kwargs):
-        torch = self.torch
-        if args:
-            offs = args[0] if offs is None else offs
-        bf16 = mat_a.dtype == torch.bfloat16 and mat_b.dtype == torch.bfloat16
-        if bf16 or mat_a.dtype != mat_b.dtype or bias is not None or out_dtype not in (None, mat_a.dtype):
-            return func(mat_a, mat_b, *args, **({"offs": offs} if offs is not None and not args else {}),
-                        **({"bias": bias} if bias is not None else {}),
-                        **({"out_dtype": out_dtype} if out_dtype is not None else {}), **kwargs)
-        # The output shape from PyTorch's own shape rules, on bf16 meta stand-ins (the tracker skips meta).
-        meta = [torch.empty_strided(t.shape, t.stride(), dtype=torch.bfloat16, device="meta") for t in (mat_a, mat_b)]
-        meta_offs = torch.empty(offs.shape, dtype=offs.dtype, device="meta") if offs is not None else None
-        shape = tuple(torch.ops.aten._grouped_mm(meta[0], meta[1], meta_offs).shape)
-        return self._fn.apply(mat_a, mat_b, offs, shape)
+    a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+    if a2 and b2:
+        shape = (offs.shape[0], mat_a.shape[0], mat_b.shape[1])
+    elif a2:
+        shape = (mat_a.shape[0], mat_b.shape[-1])
+    elif b2:
+        shape = (mat_a.shape[1], mat_b.shape[1])
+    else:
+        shape = (mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1])
+    return torch.empty(shape, dtype=out_dtype or mat_a.dtype, device=mat_a.device)
 
 
 # ------------------------------------------------------------------------------------ optimizer

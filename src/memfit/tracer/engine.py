@@ -264,7 +264,7 @@ class _TraceRun:
                 force = "flash" if self.job.attention == "flash" else None
                 self.sdpa = SdpaEmulation(torch, prefer=self.sdpa_prefer, force=force,
                                           workspace=self.tracker.workspace)
-                stack.enter_context(self.sdpa.mode())
+                stack.enter_context(self.sdpa.installed())
             self.fake = FakeTensorMode(allow_non_fake_inputs=True)
             stack.enter_context(self.fake)
             stack.enter_context(self.tracker.mode())
