@@ -80,7 +80,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     final_saved = T * H * (4 + res + (2 if _MIXED[job.precision] == "mixed" else 0))
 
     # logits: the head's output, ForCausalLMLoss's .float() copy, log_softmax's saved output
-    if spec.head == "causal_lm":
+    if spec.head in ("causal_lm", "masked_lm"):  # ForMaskedLMLoss upcasts and cross-entropies the same way
         TV = T * V
         logit_fwd_peak = TV * e + (TV * 4 if e != 4 else 0) + TV * 4
         logit_saved = TV * 4
@@ -101,7 +101,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     else:
         per_layer_grad = [p * pb for p in layer_params]
         head_grad = (spec.head_params + spec.final_params) * pb
-        if spec.tie_word_embeddings and spec.head == "causal_lm":
+        if spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm"):
             head_grad += spec.vocab_size * spec.hidden_size * pb
         embed_grad_late = grads_total - head_grad - sum(per_layer_grad)
     cache_layers = [2 * sum(lin.in_features * lin.out_features * lin.count for lin in b.linears)
@@ -211,7 +211,7 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     moments: dict[str, dict[str, float]] = {}
     if N == 0:
         T = B * P
-        logits = T * V * e if spec.head == "causal_lm" else B * spec.num_labels * 4
+        logits = T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4
         in_layer = layer_transient(T)
         if job.attention == "eager":
             nh = max(b.attention.num_heads for b in spec.blocks)
