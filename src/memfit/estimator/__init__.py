@@ -15,6 +15,7 @@ from ..breakdown import Breakdown
 from ..errors import JobError
 from ..job import Job
 from ..models.spec import ModelSpec
+from . import quant
 from . import states as st
 from .layers import Mode, saved_bytes_per_token
 from .runtime import allocator_reserve_bytes, cuda_context_bytes
@@ -41,10 +42,20 @@ def _dropout(spec: ModelSpec) -> float:
     return 0.0
 
 
+def _act_mode(job: Job) -> str:
+    """How activations are typed: a quantized base trained with the QLoRA recipe runs its residual stream
+    in fp32 (``prepare_model_for_kbit_training`` upcast the embeddings and norms; bitsandbytes layers cast
+    their output back to the input dtype), so it behaves like ``32-true`` around frozen linears."""
+    mode = _MIXED[job.precision]
+    if job.quantization != "none" and job.task == "train" and mode != "mixed":
+        return "32"
+    return mode
+
+
 @lru_cache(maxsize=8192)
 def _layer_saved(spec: ModelSpec, job_key: tuple) -> tuple[float, ...]:
     precision, is_lora, targets, rank, attention, seq = job_key
-    mode = Mode(precision=_MIXED[precision], trainable_base=not is_lora, lora_targets=targets, lora_rank=rank,
+    mode = Mode(precision=precision, trainable_base=not is_lora, lora_targets=targets, lora_rank=rank,
                 attention=attention, seq_len=seq, dropout=_dropout(spec))
     return tuple(saved_bytes_per_token(spec, i, mode) for i in range(len(spec.blocks)))
 
@@ -56,20 +67,27 @@ def _logit_bytes(spec: ModelSpec, job: Job) -> int:
 def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
-    e = st.compute_bytes(job.precision)
+    amode = _act_mode(job)
+    e = 4 if amode == "32" else 2
     pb = st.param_bytes(job.precision)
-    res = 4 if job.precision in ("32-true", "16-mixed", "bf16-mixed") else 2
+    res = 4 if amode in ("32", "mixed") else 2
     notes: list[str] = []
 
     weights = st.weight_bytes(spec, job)
+    qstate = quant.quant_state_bytes(spec, job) if job.quantization != "none" else 0
+    qtemp = quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0
+    if job.quantization != "none" and amode == "32" and job.precision != "32-true":
+        notes.append("the QLoRA recipe (prepare_model_for_kbit_training) upcasts embeddings, norms and the "
+                     f"LM head to fp32: {(spec.parameters - quant.quantized_weight_params(spec)) * 2 / 2**30:.2f} GiB "
+                     "more weights than 16-bit, and fp32 activations and logits")
     grads_total = st.gradient_bytes(spec, job)
     opt_states = st.optimizer_state_bytes(spec, job)
     cache = st.autocast_cache_bytes(spec, job)
     ws = st.CUBLAS_WORKSPACE_BYTES
     inputs = T * 8 * 3  # input_ids, the padded labels and the shifted labels (int64)
-    base = weights + opt_states + ws + inputs
+    base = weights + qstate + opt_states + ws + inputs
 
-    key = (job.precision, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
+    key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     per_block = _layer_saved(spec, key)
     layer_full = [per_block[i] * T for i, b in enumerate(spec.blocks) for _ in range(b.count)]
     layer_input = T * H * res
@@ -77,7 +95,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
     acts = sum(layer_kept)
     # final norm output kept for the head, and its fp32 input
-    final_saved = T * H * (4 + res + (2 if _MIXED[job.precision] == "mixed" else 0))
+    final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0))
 
     # logits: the head's output, ForCausalLMLoss's .float() copy, log_softmax's saved output
     if spec.head in ("causal_lm", "masked_lm"):  # ForMaskedLMLoss upcasts and cross-entropies the same way
@@ -151,6 +169,11 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     moments["optimizer_step"] = {"weights": weights, "optimizer_states": opt_states, "gradients": grads_total,
                                  "temporaries": ws + st.optimizer_step_temp_bytes(spec, job)}
     del cache_head, embed_grad_late
+    if qstate:
+        for name, m in moments.items():
+            m["quantization_state"] = qstate
+            if name in ("forward", "backward"):
+                m["temporaries"] = m.get("temporaries", 0) + qtemp
     if job.is_lora:
         for m in moments.values():
             m["lora_adapters"] = st.lora_adapter_params(spec, job) * 4
@@ -185,6 +208,8 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     e = st.compute_bytes(job.precision)
     res = 4 if job.precision in ("32-true", "16-mixed", "bf16-mixed") else 2
     weights = st.weight_bytes(spec, job)
+    if job.quantization != "none":
+        weights += quant.quant_state_bytes(spec, job)
     # Under inference_mode autocast does not keep its cast cache (measured: llama-3.2-1b bf16-mixed prefill
     # holds no 16-bit weight copies); one linear's 16-bit copy exists at a time.
     cache = 2 * max([lin.in_features * lin.out_features for b in spec.blocks for lin in b.linears]
@@ -212,7 +237,7 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     if N == 0:
         T = B * P
         logits = T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4
-        in_layer = layer_transient(T)
+        in_layer = layer_transient(T) + (quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0)
         if job.attention == "eager":
             nh = max(b.attention.num_heads for b in spec.blocks)
             in_layer += B * nh * P * P * (4 + e)
@@ -226,8 +251,9 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
         kv_full = _kv_bytes_per_token(spec, job, P + N - 1) * B
         one_layer = kv_full / max(1, spec.num_layers)
         step_logits = B * V * (e + 4)  # last position's logits and generate()'s fp32 copy
+        qtemp = quant.dequant_temp_bytes(spec, job, B * P) if job.quantization != "none" else 0
         pre = {"weights": weights, "autocast_cache": cache, "kv_cache": kv_prompt,
-               "activations": layer_transient(B * P), "logits_and_loss": step_logits, "temporaries": ws}
+               "activations": layer_transient(B * P), "logits_and_loss": step_logits, "temporaries": ws + qtemp}
         if job.attention == "eager":
             nh = max(b.attention.num_heads for b in spec.blocks)
             pre["activations"] += B * nh * P * P * (4 + e)
@@ -257,7 +283,9 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
         comps, phase, phases, notes = _infer(spec, job)
     peak = sum(comps.values())
     reserved = peak + allocator_reserve_bytes(peak, job)
-    total = reserved + cuda_context_bytes(job)
+    # paged optimizer state is CUDA unified memory: resident on the GPU while there is room, so nvidia-smi
+    # counts it even though PyTorch's allocator does not
+    total = reserved + cuda_context_bytes(job) + st.paged_optimizer_host_bytes(spec, job)
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job), components=comps, peak_allocated_bytes=peak,

@@ -6,6 +6,8 @@ plain PyTorch loop) and says where its rule comes from.
 
 from __future__ import annotations
 
+import math
+
 from ..job import Job
 from ..models.spec import ModelSpec
 
@@ -67,10 +69,26 @@ def trainable_params(spec: ModelSpec, job: Job) -> int:
     return lora_adapter_params(spec, job) + extra
 
 
+def unquantized_param_bytes(job: Job) -> int:
+    """Bytes per parameter of what bitsandbytes leaves unquantized (embeddings, norms, LM head): the
+    precision's storage dtype, except that the QLoRA recipe's ``peft.prepare_model_for_kbit_training``
+    upcasts every 16-bit parameter of the base to fp32 before training."""
+    if job.task == "train":
+        return 4
+    return param_bytes(job.precision)
+
+
 def weight_bytes(spec: ModelSpec, job: Job) -> int:
-    """Weights in their storage dtype. LoRA adapters are fp32 whatever the base dtype: PEFT's
-    ``get_peft_model(autocast_adapter_dtype=True)`` upcasts 16-bit adapter weights."""
-    base = spec.parameters * param_bytes(job.precision)
+    """Weights in their storage dtype (packed, for a quantized base; its scales are
+    :func:`memfit.estimator.quant.quant_state_bytes`). LoRA adapters are fp32 whatever the base dtype:
+    PEFT's ``get_peft_model(autocast_adapter_dtype=True)`` upcasts 16-bit adapter weights."""
+    if job.quantization != "none":
+        from . import quant
+
+        base = quant.packed_weight_bytes(spec, job)
+        base += (spec.parameters - quant.quantized_weight_params(spec)) * unquantized_param_bytes(job)
+    else:
+        base = spec.parameters * param_bytes(job.precision)
     if job.is_lora and job.task == "train":
         base += lora_adapter_params(spec, job) * 4
         if spec.head == "seq_cls":
@@ -159,10 +177,25 @@ def optimizer_state_bytes(spec: ModelSpec, job: Job) -> int:
         vectors = max(0, n - matrix_params)
         return (factored + vectors) * pb
     if opt == "adamw-8bit":
-        return 2 * n + (2 * n // 256) * 4
+        return _adam8bit_bytes(spec, job)
     if opt in ("paged-adamw-8bit", "paged-adamw"):
         return 0
     raise AssertionError(opt)
+
+
+def _adam8bit_bytes(spec: ModelSpec, job: Job) -> int:
+    """bitsandbytes 8-bit Adam: two uint8 states plus one fp32 absmax per 256-value block for each tensor
+    of at least 4096 elements (``min_8bit_size``); smaller tensors (norms, biases) keep two fp32 states."""
+    n = trainable_params(spec, job)
+    big = 0
+    for rows, cols, k in _matrix_shapes(spec, job):
+        if rows * cols >= 4096:
+            big += rows * cols * k
+    big = min(big, n)
+    small = n - big
+    if spec.hidden_size >= 4096 and not job.is_lora:
+        big, small = n, 0  # norm vectors are large enough for 8-bit state too
+    return 2 * big + 2 * math.ceil(big / 256) * 4 + small * 8
 
 
 def paged_optimizer_host_bytes(spec: ModelSpec, job: Job) -> int:
@@ -170,7 +203,7 @@ def paged_optimizer_host_bytes(spec: ModelSpec, job: Job) -> int:
     room and paged to the host under pressure; ``torch.cuda.memory_allocated`` never counts it."""
     n = trainable_params(spec, job)
     if job.optimizer == "paged-adamw-8bit":
-        return 2 * n + (2 * n // 256) * 4
+        return _adam8bit_bytes(spec, job)
     if job.optimizer == "paged-adamw":
         return 2 * n * 4
     return 0
@@ -216,4 +249,6 @@ def autocast_cache_bytes(spec: ModelSpec, job: Job) -> int:
     copies are the same size. Embedding lookups are not autocast (no copy)."""
     if job.precision not in ("16-mixed", "bf16-mixed"):
         return 0
+    if job.quantization != "none":  # bitsandbytes layers are not autocast: only the LM head is cast
+        return 2 * spec.lm_head_params
     return 2 * linear_weight_params(spec)

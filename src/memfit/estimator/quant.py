@@ -1,0 +1,82 @@
+"""Quantized weights: the real layouts of bitsandbytes int8 / 4-bit, fp8 and GPTQ/AWQ packed weights.
+
+Which layers are quantized follows ``transformers``' ``replace_with_bnb_linear``: every ``nn.Linear`` in
+the blocks, not the LM head (``modules_to_not_convert``); fused MoE expert tensors are parameters, not
+``nn.Linear`` modules, so they stay in 16 bits. Embeddings, norms and biases stay unquantized.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..job import Job
+from ..models.spec import ModelSpec
+
+
+def quantized_linears(spec: ModelSpec):
+    """(in_features, out_features, instances in the model) of every linear bitsandbytes replaces."""
+    for b in spec.blocks:
+        for lin in b.linears:
+            if lin.is_module:
+                yield lin.in_features, lin.out_features, lin.count * b.count
+
+
+def quantized_weight_params(spec: ModelSpec) -> int:
+    return sum(i * o * n for i, o, n in quantized_linears(spec))
+
+
+def packed_weight_bytes(spec: ModelSpec, job: Job) -> int:
+    """The quantized weights themselves.
+
+    - nf4 / fp4 (bitsandbytes ``Params4bit``): two 4-bit values per byte (``quantize_4bit`` packs a
+      uint8 tensor of numel/2), Dettmers et al. 2023 (QLoRA);
+    - int8 (``Int8Params``, LLM.int8): one byte per weight, Dettmers et al. 2022;
+    - fp8 (e4m3): one byte per weight;
+    - gptq / awq: 4-bit values packed eight to an int32 (``qweight``), Frantar et al. 2022, Lin et al. 2023.
+    """
+    n = quantized_weight_params(spec)
+    if job.quantization in ("nf4", "fp4", "gptq", "awq"):
+        return math.ceil(n / 2)
+    return n  # int8, fp8
+
+
+def quant_state_bytes(spec: ModelSpec, job: Job) -> int:
+    """Scales and statistics that come with the packed weights.
+
+    - 4-bit: one absmax per block of ``quant_group_size`` (64) weights, fp32; with double quantization
+      the absmax are themselves 8-bit with one fp32 constant per 256 of them (QLoRA, section 3);
+    - int8: one fp32 row scale (``SCB``) per output row;
+    - fp8: one fp32 scale per output row;
+    - gptq / awq: per group of ``quant_group_size`` (128 usual) input rows, fp16 scales and 4-bit
+      zero points packed in int32 for every output column; GPTQ adds an int32 ``g_idx`` per input row.
+    """
+    q = job.quantization
+    g = job.quant_group_size
+    total = 0
+    for i, o, n in quantized_linears(spec):
+        numel = i * o
+        if q in ("nf4", "fp4"):
+            blocks = math.ceil(numel / g)
+            per = blocks + math.ceil(blocks / 256) * 4 + 4 if job.double_quant else blocks * 4
+        elif q in ("int8", "fp8"):
+            per = o * 4
+        elif q in ("gptq", "awq"):
+            groups = math.ceil(i / g)
+            per = groups * o * 2 + math.ceil(groups * o / 2) + (i * 4 if q == "gptq" else 0)
+        else:
+            per = 0
+        total += per * n
+    return total
+
+
+def dequant_temp_bytes(spec: ModelSpec, job: Job, tokens: int) -> int:
+    """Scratch of one quantized matmul, the largest: 4-bit kernels dequantize the whole weight to the
+    compute dtype (``bnb.functional.dequantize_4bit``) for prefill/training shapes; LLM.int8 quantizes
+    the input row-wise to int8, multiplies into an int32 result and dequantizes it to fp16
+    (``int8_vectorwise_quant``, ``int8_linear_matmul``, ``int8_mm_dequant``)."""
+    shapes = list(quantized_linears(spec))
+    if not shapes:
+        return 0
+    if job.quantization == "int8":
+        return max(tokens * (i + 4 + 6 * o) for i, o, _ in shapes)
+    return max(2 * i * o for i, o, _ in shapes)

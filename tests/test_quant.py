@@ -1,0 +1,64 @@
+"""Quantized layouts, exact to the byte (issue 5)."""
+
+import pytest
+
+from memfit import Job
+from memfit.estimator import estimate, quant
+from memfit.estimator import states as st
+from memfit.models import load_model
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    return load_model("llama-3.1-8b")
+
+
+def test_nf4_packs_two_weights_a_byte(llama8b):
+    job = Job(model="llama-3.1-8b", method="qlora")
+    n = quant.quantized_weight_params(llama8b)
+    # every linear in the 32 blocks: q, k, v, o, gate, up, down
+    assert n == 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336)
+    assert quant.packed_weight_bytes(llama8b, job) == n // 2
+
+
+def test_double_quant_shrinks_absmax(llama8b):
+    dq = Job(model="llama-3.1-8b", method="lora", quantization="nf4", double_quant=True)
+    plain = dq.replace(double_quant=False)
+    n = quant.quantized_weight_params(llama8b)
+    assert quant.quant_state_bytes(llama8b, plain) == n // 64 * 4  # one fp32 absmax per 64 weights
+    # 8-bit absmax + one fp32 per 256 blocks (+ an offset) per layer: ~0.127 bits per weight (QLoRA 3.1)
+    bits_per_weight = quant.quant_state_bytes(llama8b, dq) * 8 / n
+    assert bits_per_weight == pytest.approx(8 / 64 + 32 / (64 * 256), rel=0.01)
+
+
+def test_int8_and_gptq_layouts(llama8b):
+    n = quant.quantized_weight_params(llama8b)
+    int8 = Job(model="llama-3.1-8b", task="infer", quantization="int8")
+    assert quant.packed_weight_bytes(llama8b, int8) == n
+    rows = 32 * (4096 * 2 + 1024 * 2 + 14336 * 2 + 4096)  # output rows of every quantized linear
+    assert quant.quant_state_bytes(llama8b, int8) == rows * 4
+    gptq = Job(model="llama-3.1-8b", task="infer", quantization="gptq", quant_group_size=128)
+    assert quant.packed_weight_bytes(llama8b, gptq) == n // 2
+
+
+def test_qlora_recipe_upcasts_unquantized_to_fp32(llama8b):
+    train = Job(model="llama-3.1-8b", method="qlora", precision="bf16-true")
+    infer = Job(model="llama-3.1-8b", task="infer", quantization="nf4", precision="bf16-true")
+    unq = llama8b.parameters - quant.quantized_weight_params(llama8b)
+    adapters = st.lora_adapter_params(llama8b, train)
+    assert st.weight_bytes(llama8b, train) == unq * 4 + quant.quantized_weight_params(llama8b) // 2 + adapters * 4
+    assert st.weight_bytes(llama8b, infer) == unq * 2 + quant.quantized_weight_params(llama8b) // 2
+    assert any("prepare_model_for_kbit_training" in n for n in estimate(train).notes)
+
+
+def test_adam_8bit_states():
+    spec = load_model("llama-3.2-1b")
+    job = Job(model="llama-3.2-1b", precision="bf16-true", optimizer="adamw-8bit")
+    states = st.optimizer_state_bytes(spec, job)
+    # ~2 bytes per parameter (+ fp32 absmax per 256); the 2048-wide norm vectors keep fp32 states
+    assert 2.0 < states / spec.parameters < 2.1
+    paged = job.replace(optimizer="paged-adamw-8bit")
+    assert st.optimizer_state_bytes(spec, paged) == 0  # not in PyTorch's allocator ...
+    assert st.paged_optimizer_host_bytes(spec, paged) == states  # ... but in unified memory
+    bd = estimate(paged)
+    assert bd.device_total_bytes - bd.peak_reserved_bytes > states  # resident on the GPU while it fits
