@@ -135,3 +135,24 @@ def test_max_batch_size_is_largest_that_fits(probe_spec):
     assert n >= 1
     assert estimate(job.replace(batch_size=n), probe_spec).device_total_bytes <= cap
     assert estimate(job.replace(batch_size=n + 1), probe_spec).device_total_bytes > cap
+
+
+@pytest.mark.parametrize("model_type, kw", [
+    ("mixtral", dict(hidden_size=64, intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
+                     num_attention_heads=4, num_key_value_heads=2)),
+    ("olmoe", dict(hidden_size=64, intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+                   num_attention_heads=4, num_key_value_heads=4)),
+])
+def test_lora_all_linear_on_fused_experts_matches_peft(model_type, kw):
+    """PEFT's all-linear wraps transformers 5's fused expert tensors (ParamWrapper): the adapter count
+    rule in states.fused_lora_params must match PEFT on shapes it was not read off."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, vocab_size=128, **kw)
+    spec = spec_from_config(cfg.to_dict() | {"architectures": None}, name="tiny-moe")
+    model = AutoModelForCausalLM.from_config(cfg)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert st.trainable_params(spec, Job(model="tiny-moe", method="lora", lora_rank=4)) == trainable

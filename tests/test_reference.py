@@ -233,3 +233,29 @@ def test_missing_torch_raises_the_install_line():
             "try:\n    reference.require_torch()\nexcept MissingDependencyError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.stdout.strip() == "torch is not installed; install it with: pip install 'memfit[measure]'"
+
+
+def test_masked_lm_head_trains_with_labels_equal_to_ids():
+    cfg = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 64}
+    s = spec(cfg, head="masked_lm")
+    for method in ("full", "lora"):
+        j = job(method=method)
+        m = R.build_model(j, s, "cpu")
+        assert "MaskedLM" in type(m.get_base_model() if method == "lora" else m).__name__
+        hooks = Phases()
+        loss = R.train_step(j, m, R.make_optimizer(j, m), R.make_batch(j, s, "cpu"), hooks=hooks)
+        assert torch.isfinite(loss) and hooks.seen[-1] == "end"
+
+
+def test_seq_cls_lora_all_linear_leaves_the_head_to_modules_to_save():
+    """DistilBERT's head (pre_classifier, classifier) would get adapters and a full copy; PEFT refuses both."""
+    cfg = {"model_type": "distilbert", "architectures": ["DistilBertForSequenceClassification"], "dim": 64,
+           "hidden_dim": 128, "n_layers": 2, "n_heads": 4, "vocab_size": 256, "max_position_embeddings": 64}
+    s = spec(cfg)
+    j = job(method="lora")
+    m = R.build_model(j, s, "cpu")
+    lora = {n for n, p in m.named_parameters() if "lora_" in n}
+    assert lora and not any("classifier" in n for n in lora)
+    assert any("classifier" in n and p.requires_grad for n, p in m.named_parameters())
+    R.train_step(j, m, R.make_optimizer(j, m), R.make_batch(j, s, "cpu"))

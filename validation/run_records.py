@@ -11,6 +11,10 @@ record with the end of stderr) goes into ONE file, ``DIR/records-<yaml stem>.jso
 after each job so that partial results survive a kill; a record whose name is already there is replaced.
 ``DIR/log.txt`` gets one line per job and the stderr of failures. One line per job is printed too.
 
+Timeouts: a job with an int8/nf4/fp4 base builds its random weights on the CPU, writes them to a temporary
+folder and loads them back quantized: about a minute per billion parameters on an H100 host; give such
+lists a larger ``--timeout``.
+
 It works from a plain checkout: memfit is taken from ``<repo>/src`` (put on ``sys.path`` here and on
 ``PYTHONPATH`` for the workers). This process imports no torch and touches no GPU, so it takes no device
 memory from the runs it starts.

@@ -28,6 +28,13 @@ KV_CACHE_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8")
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4", "fp8", "gptq", "awq")
 STRATEGIES = ("single", "ddp", "fsdp", "fsdp2", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
+OFFLOAD_DEVICES = ("cpu", "nvme")
+#: FSDP1's ``ShardingStrategy`` names (torch.distributed.fsdp.ShardingStrategy).
+FSDP_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+#: DeepSpeed ZeRO options a job may set, by their ds_config names (None = DeepSpeed's default).
+ZERO_OPTIONS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients",
+                "sub_group_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -88,6 +95,48 @@ class Job:
     """single, ddp, fsdp, fsdp2, zero1, zero2, zero3."""
     offload: str = "none"
     """none, optimizer, optimizer+params."""
+    offload_device: str = "cpu"
+    """Where offloaded state goes: cpu (pinned host memory) or nvme (ZeRO-Infinity, stage 3 only)."""
+    fsdp_sharding: str = "FULL_SHARD"
+    """strategy fsdp (FSDP1): FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD (shard in a node, replicate across)
+    or NO_SHARD (torch.distributed.fsdp.ShardingStrategy)."""
+    reshard_after_forward: bool = True
+    """strategy fsdp2: ``fully_shard(reshard_after_forward=...)``; false keeps every layer's gathered
+    parameters from its forward to its backward (the root module never reshards after forward)."""
+    gradient_as_bucket_view: bool = False
+    """strategy ddp: ``DistributedDataParallel(gradient_as_bucket_view=...)``; true makes ``.grad`` views
+    into the reducer's buckets instead of separate tensors."""
+    bucket_cap_mb: int = 25
+    """strategy ddp: ``DistributedDataParallel(bucket_cap_mb=...)``, the reducer's bucket size."""
+    reduce_bucket_size: int | None = None
+    """DeepSpeed ZeRO ``reduce_bucket_size`` in elements (default 5e8)."""
+    allgather_bucket_size: int | None = None
+    """DeepSpeed ZeRO-1/2 ``allgather_bucket_size`` in elements (default 5e8)."""
+    overlap_comm: bool | None = None
+    """DeepSpeed ZeRO ``overlap_comm`` (default: true for stage 3, false for 1 and 2)."""
+    contiguous_gradients: bool | None = None
+    """DeepSpeed ZeRO ``contiguous_gradients`` (default true)."""
+    sub_group_size: int | None = None
+    """DeepSpeed ZeRO-3 ``sub_group_size``: elements the optimizer steps at a time (default 1e9)."""
+    stage3_prefetch_bucket_size: int | None = None
+    """DeepSpeed ZeRO-3 parameters fetched ahead, in elements (default 5e7)."""
+    stage3_param_persistence_threshold: int | None = None
+    """DeepSpeed ZeRO-3: parameters with at most this many elements stay gathered (default 1e5)."""
+    stage3_max_live_parameters: int | None = None
+    """DeepSpeed ZeRO-3: most gathered parameters alive at once, in elements (default 1e9)."""
+    stage3_max_reuse_distance: int | None = None
+    """DeepSpeed ZeRO-3: a parameter used again within this many elements is not released (default 1e9)."""
+    tensor_parallel: int = 1
+    """Megatron-style tensor parallel degree (attention heads and MLP columns split across GPUs)."""
+    pipeline_parallel: int = 1
+    """Pipeline stages (layers split across GPUs)."""
+    pipeline_microbatches: int | None = None
+    """Micro-batches in flight on the first pipeline stage (1F1B keeps ``pipeline_parallel`` of them: default)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (Korthikanti et al. 2022): norms and dropout shard the sequence over
+    the tensor-parallel group; needs tensor_parallel > 1."""
+    expert_parallel: int = 1
+    """Experts of MoE layers split across this many GPUs (each holds num_experts / expert_parallel)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -136,6 +185,7 @@ class Job:
                 "gpus is the total over all nodes")
         if self.gpus % self.gpus_per_node:
             raise JobError(f"gpus ({self.gpus}) must be a multiple of gpus_per_node ({self.gpus_per_node})")
+        self._check_parallel()
         if self.strategy == "single" and self.gpus > 1:
             self.strategy = "ddp"
         if self.strategy != "single" and self.task == "infer":
@@ -144,6 +194,53 @@ class Job:
             raise JobError(f"{self.quantization} weights cannot be fully fine-tuned; use method: lora or task: infer")
         if self.task == "train" and self.quantization != "none" and self.method == "full":
             raise JobError(f"a {self.quantization} base is frozen; fine-tune it with method: lora (QLoRA) instead of full")
+
+    def _check_parallel(self) -> None:
+        """Validate the multi-GPU fields (engines, offload, model parallelism)."""
+        _choice("offload_device", self.offload_device, OFFLOAD_DEVICES)
+        if isinstance(self.fsdp_sharding, str):
+            self.fsdp_sharding = self.fsdp_sharding.strip().upper().replace("-", "_")
+        _choice("fsdp_sharding", self.fsdp_sharding, FSDP_SHARDINGS)
+        for flag in ("reshard_after_forward", "gradient_as_bucket_view", "sequence_parallel"):
+            if not isinstance(getattr(self, flag), bool):
+                raise JobError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
+        for flag in ("overlap_comm", "contiguous_gradients"):
+            v = getattr(self, flag)
+            if v is not None and not isinstance(v, bool):
+                raise JobError(f"{flag} must be true, false or left out (DeepSpeed's default); got {v!r}")
+        _positive_int("bucket_cap_mb", self.bucket_cap_mb)
+        for name in ZERO_OPTIONS:
+            v = getattr(self, name)
+            if name in ("overlap_comm", "contiguous_gradients") or v is None:
+                continue
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+                setattr(self, name, v)
+            _positive_int(name, v, minimum=0 if name.startswith("stage3_") else 1)
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
+            _positive_int(name, getattr(self, name))
+        if self.pipeline_microbatches is not None:
+            _positive_int("pipeline_microbatches", self.pipeline_microbatches)
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if self.gpus % model_parallel:
+            raise JobError(f"gpus ({self.gpus}) must be a multiple of tensor_parallel x pipeline_parallel "
+                           f"({self.tensor_parallel} x {self.pipeline_parallel})")
+        dp = self.gpus // model_parallel
+        if self.expert_parallel > 1 and (dp * self.tensor_parallel) % self.expert_parallel:
+            raise JobError(f"expert_parallel ({self.expert_parallel}) must divide the data x tensor parallel "
+                           f"GPUs ({dp * self.tensor_parallel})")
+        if self.sequence_parallel and self.tensor_parallel < 2:
+            raise JobError("sequence_parallel splits the sequence over the tensor-parallel group; "
+                           "it needs tensor_parallel >= 2")
+        if self.offload != "none":
+            if self.strategy in ("single", "ddp"):
+                raise JobError(f"offload {self.offload} needs a sharding engine (fsdp, fsdp2, zero1, zero2, zero3), "
+                               f"not {self.strategy}")
+            if self.offload == "optimizer+params" and self.strategy in ("zero1", "zero2"):
+                raise JobError("offload optimizer+params (parameter offload) needs zero3, fsdp or fsdp2; "
+                               f"{self.strategy} offloads the optimizer only")
+        if self.offload_device == "nvme" and self.strategy != "zero3":
+            raise JobError("offload_device nvme is ZeRO-Infinity: strategy zero3 only")
 
     # ----------------------------------------------------------------- io
     @property
@@ -180,7 +277,8 @@ class Job:
             raise JobError("a job needs a model: a registry name (see `memfit models`), a config.json path or a Hub id")
         data = dict(data)
         for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "lora_rank", "gpus", "gpus_per_node",
-                    "quant_group_size"):
+                    "quant_group_size", "bucket_cap_mb", "tensor_parallel", "pipeline_parallel",
+                    "pipeline_microbatches", "expert_parallel", *ZERO_OPTIONS):
             v = data.get(key)
             if isinstance(v, str) and v.strip().isdigit():
                 data[key] = int(v)

@@ -10,7 +10,7 @@ GPU, is the one exception and is kept in :func:`_build_quantized_base`).
 torch, transformers and peft are imported inside the functions; importing this module is cheap.
 
 The ``spec`` argument is a :class:`memfit.models.ModelSpec` or anything with the same few attributes:
-``config`` (the raw config.json dict), ``head`` (``causal_lm`` or ``seq_cls``), ``vocab_size``,
+``config`` (the raw config.json dict), ``head`` (``causal_lm``, ``seq_cls`` or ``masked_lm``), ``vocab_size``,
 ``num_labels`` and ``name``.
 
 Phase hooks: :func:`train_step` and :func:`infer` accept ``hooks``, any object with an ``on_phase(name)``
@@ -225,7 +225,9 @@ def _head_class(spec: Any):
         return transformers.AutoModelForCausalLM
     if spec.head == "seq_cls":
         return transformers.AutoModelForSequenceClassification
-    raise JobError(f"{spec.name}: the reference run needs a causal_lm or seq_cls head, not {spec.head!r}")
+    if spec.head == "masked_lm":
+        return transformers.AutoModelForMaskedLM
+    raise JobError(f"{spec.name}: the reference run needs a causal_lm, seq_cls or masked_lm head, not {spec.head!r}")
 
 
 def _attn_implementation(job: Job) -> str:
@@ -242,7 +244,8 @@ def _attn_implementation(job: Job) -> str:
 def build_model(job: Job, spec: Any, device: Any, *, user_model: Any = None):
     """The reference model on ``device``, with random weights (nothing is downloaded).
 
-    - the class follows ``spec.head`` (``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification``),
+    - the class follows ``spec.head`` (``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` /
+      ``AutoModelForMaskedLM``),
       built ``from_config`` directly on ``device`` in the storage dtype of ``job.precision``
       (fp32 for ``32-true`` and ``*-mixed``, bf16 for ``bf16-true``, fp16 for ``16-true``);
     - the config is used as configured (dropout kept); ``attn_implementation`` follows ``job.attention``;
@@ -322,10 +325,17 @@ def _apply_lora(job: Job, spec: Any, model: Any, device: Any):
     torch = require_torch()
     peft = _peft()
     head = getattr(spec, "head", "causal_lm") if spec is not None else "causal_lm"
-    task_type = peft.TaskType.SEQ_CLS if head == "seq_cls" else peft.TaskType.CAUSAL_LM
+    # PEFT has no masked-LM task type: a plain LoRA model (task_type None) wraps it.
+    task_type = {"seq_cls": peft.TaskType.SEQ_CLS, "masked_lm": None}.get(head, peft.TaskType.CAUSAL_LM)
     targets = job.lora_targets if job.lora_targets == "all-linear" else list(job.lora_targets)
+    extra: dict[str, Any] = {}
+    if head == "seq_cls" and targets == "all-linear":
+        # PEFT trains the classification head in full (modules_to_save = classifier / score); all-linear would
+        # also put adapters on it, which PEFT refuses (DistilBERT, RoBERTa). PEFT matches modules_to_save by
+        # suffix, so DistilBERT's pre_classifier is trained in full too. The head keeps no adapters.
+        extra["exclude_modules"] = r"(.*\.)?\w*(classifier|score)(\..*)?"
     config = peft.LoraConfig(r=job.lora_rank, lora_alpha=job.lora_alpha or 2 * job.lora_rank, lora_dropout=0.0,
-                             target_modules=targets, task_type=task_type)
+                             target_modules=targets, task_type=task_type, **extra)
     try:
         with torch.device(device):
             return peft.get_peft_model(model, config)
@@ -366,12 +376,18 @@ def _build_quantized_base(job: Job, spec: Any, device: Any):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards", "Loading weights"
     try:
-        with tempfile.TemporaryDirectory(prefix="memfit-base-") as tmp:
-            with torch.device("cpu"):
+        import os
+
+        # Random init is fast on the GPU and slow on the CPU; the folder lives in RAM where there is one.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(prefix="memfit-base-", dir=shm) as tmp:
+            with torch.device(device):
                 fp_model = cls.from_config(config, dtype=compute if dtype == torch.float32 else dtype,
                                            attn_implementation=attn)
             fp_model.save_pretrained(tmp)
             del fp_model
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
             model = cls.from_pretrained(tmp, quantization_config=qconfig, dtype=dtype,
                                         device_map={"": str(device)}, attn_implementation=attn)
     finally:
@@ -480,7 +496,8 @@ def make_batch(job: Job, spec: Any, device: Any, *, vocab_size: int | None = Non
     """Random token ids (fixed seed), no attention mask.
 
     Training: ``input_ids`` of shape (batch_size, seq_len) and ``labels``: the same tensor for a causal LM
-    (the model shifts them), one class per sequence for sequence classification. Inference: ``input_ids``
+    (the model shifts them) and a masked LM (every position is a target; no tokens are masked, which
+    changes no memory), one class per sequence for sequence classification. Inference: ``input_ids``
     of shape (batch_size, prompt_len). ``vocab_size``/``num_labels`` override the spec's (for user models).
     """
     torch = require_torch()

@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-chart", action="store_true", help="leave out the terminal chart of the timeline")
     p.add_argument("--no-fallback", action="store_true",
                    help="fail instead of showing the estimate when the job cannot be traced")
+    p.add_argument("--sdpa", choices=("cudnn", "flash"), default=None,
+                   help="fused attention kernel torch tries first on the GPU (default cudnn, as torch >= 2.10 with "
+                        "cuDNN > 9.15 on an H100)")
     p.set_defaults(func=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..tracer import trace
 
     job = job_from_args(args)
-    bd = trace(job, fallback=not args.no_fallback)
+    bd = trace(job, fallback=not args.no_fallback, sdpa=args.sdpa)
     if bd.engine != "trace":
         print(f"memfit: {bd.notes[0] if bd.notes else 'trace could not run; showing the estimate'}",
               file=sys.stderr)

@@ -89,10 +89,22 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     per_block = _layer_saved(spec, key)
-    layer_full = [per_block[i] * T for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    layer_full = [per_block[i] * T + st.fused_lora_merged_bytes(spec, job, b)
+                  for i, b in enumerate(spec.blocks) for _ in range(b.count)]
     layer_input = T * H * res
     ckpt = job.gradient_checkpointing
     layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
+    if ckpt and job.quantization == "int8":
+        # bitsandbytes' MatMul8bitLt stashes its input on ctx (not save_for_backward), outside the saved-tensor
+        # hooks that non-reentrant checkpointing uses to drop activations: the distinct inputs of each layer's
+        # int8 linears (attention input, attention output, MLP input, MLP hidden) stay alive through backward.
+        stash = []
+        for b in spec.blocks:
+            at = b.attention
+            width = (b.moe.top_k * b.moe.expert_intermediate_size if b.moe is not None
+                     else (b.mlp.intermediate_size if b.mlp is not None else 0))
+            stash += [T * res * (2 * H + at.num_heads * at.v_head_dim + width)] * b.count
+        layer_kept = [k + x for k, x in zip(layer_kept, stash)]
     acts = sum(layer_kept)
     # final norm output kept for the head, and its fp32 input
     final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0))
@@ -274,7 +286,9 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
     """
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
-        raise JobError(f"strategy {job.strategy} on {job.gpus} GPUs is not estimated yet; use gpus: 1")
+        from .parallel import estimate_parallel  # DDP, FSDP, ZeRO, offload, TP/PP/SP/EP: per rank
+
+        return estimate_parallel(job, spec)
     if spec.model_type == "gemma2" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
     if job.task == "train":

@@ -43,6 +43,20 @@ def lora_targets(spec: ModelSpec, job: Job) -> frozenset[str]:
     return frozenset(t for t in job.lora_targets if t in names)
 
 
+def lora_wraps_fused(job: Job) -> bool:
+    """PEFT's ``all-linear`` also wraps fused MoE expert and router parameters (``ParamWrapper``, PEFT >= 0.18);
+    explicit ``target_modules`` lists match modules only."""
+    return job.is_lora and job.lora_targets == "all-linear"
+
+
+def fused_lora_params(lin, r: int) -> int:
+    """Adapter size of a ``ParamWrapper`` around a fused (experts, out, in) tensor: A is (r*E, in) and B is
+    (out, r*E); PEFT gives the fused gate+up tensor twice the rank (A (2rE, in), B (out, 2rE)), as counted on
+    PEFT 0.21 (tests/test_estimate.py checks it against PEFT on a tiny Mixtral and OLMoE)."""
+    mult = 2 if lin.role == "expert_gate_up" else 1
+    return mult * r * lin.count * (lin.in_features + lin.out_features)
+
+
 def lora_adapter_params(spec: ModelSpec, job: Job) -> int:
     """Parameters of the LoRA adapters: A (r x in) and B (out x r) for each wrapped linear, in every
     layer (Hu et al. 2021; PEFT ``LoraLayer.update_layer``)."""
@@ -50,12 +64,24 @@ def lora_adapter_params(spec: ModelSpec, job: Job) -> int:
     if not targets:
         return 0
     r = job.lora_rank
+    fused = lora_wraps_fused(job)
     total = 0
     for b in spec.blocks:
         for lin in b.linears:
             if lin.is_module and lin.name in targets:
                 total += r * (lin.in_features + lin.out_features) * lin.count * b.count
+            elif not lin.is_module and fused:
+                total += fused_lora_params(lin, r) * b.count
     return total
+
+
+def fused_lora_merged_bytes(spec: ModelSpec, job: Job, block) -> int:
+    """Per layer: the merged weight (base + B @ A) that PEFT's ``ParamWrapper`` parametrization builds for each
+    wrapped fused expert tensor in forward, in the base dtype, kept by the expert matmuls for backward."""
+    if not lora_wraps_fused(job):
+        return 0
+    return sum(lin.in_features * lin.out_features * lin.count for lin in block.linears
+               if not lin.is_module and lin.role.startswith("expert")) * param_bytes(job.precision)
 
 
 def trainable_params(spec: ModelSpec, job: Job) -> int:

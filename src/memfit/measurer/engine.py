@@ -7,8 +7,9 @@ reads it at the next boundary, so each phase gets its own peak; the largest is t
 
 Components at the peak are what can be named exactly - weights, LoRA adapters, quantization state,
 optimizer states, gradients (those present at the end of backward, when the peak is in backward or in the
-optimizer step), inputs, the KV cache - and the rest of the peak: ``activations`` in forward, backward,
-prefill and decode, ``temporaries`` in the optimizer step.
+optimizer step), inputs, the KV cache, ``other`` (what stays allocated between steady steps beyond all
+these: cuBLAS workspaces, the GradScaler's state, step counters) - and the rest of the peak:
+``activations`` in forward, backward, prefill and decode, ``temporaries`` in the optimizer step.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def measure_sweep(job: Job | dict[str, Any], precisions: tuple[str, ...] = SWEEP
                   out: str | Path | None = None, **kwargs: Any) -> list[tuple[str, Breakdown]]:
     """Measure ``job`` once per precision; ``tf32`` is ``32-true`` with TF32 allowed (restored after).
 
-    The runs share one process: each frees everything and empties the allocator's cache before the next.
+    The runs share one process: each frees everything and empties the allocator's cache before the next,
+    but what CUDA keeps for the process (the CUDA context, cuBLAS workspaces made by the first run) stays;
+    for runs that start from nothing, use one process per job (``validation/run_records.py``).
     ``out`` writes one JSON list of records, each with its ``label``.
     """
     torch = require_torch()
@@ -298,6 +301,7 @@ class _Recorder:
         self.nvml_device = 0
         self.grads_after_backward = 0
         self.kv: dict[str, int] = {}
+        self.window_start = 0
         self._decode_calls = 0
 
     # load -------------------------------------------------------------------------------------
@@ -314,6 +318,9 @@ class _Recorder:
         self.meter.synchronize()
         self.recording = True
         self.meter.reset_peak()
+        # What stays allocated between steps: weights, states, inputs, and what the warm-up left for good
+        # (cuBLAS workspaces, the GradScaler's scale, step counters).
+        self.window_start = self.meter.current()
 
     # hooks ------------------------------------------------------------------------------------
     def on_phase(self, name: str) -> None:
@@ -494,6 +501,12 @@ class _Run:
         else:
             comps["kv_cache"] = rec.kv.get(peak_phase, 0)
         comps["inputs"] = tensor_bytes(self.batch.values(), self.device, exclude=mb.storages)
+        # Bytes that stay allocated between steps but are none of the above (cuBLAS workspaces, GradScaler
+        # state, step counters): "other". Only when the window started after a warm-up step.
+        persistent = comps.get("weights", 0) + comps.get("lora_adapters", 0) + comps.get("quantization_state", 0) \
+            + comps.get("optimizer_states", 0) + comps["inputs"]
+        if self.first_measured and rec.window_start > persistent:
+            comps["other"] = rec.window_start - persistent
         rest = peak - sum(comps.values())
         rest_name = "temporaries" if peak_phase == "optimizer_step" else "activations"
         comps[rest_name] = max(rest, 0)
@@ -521,6 +534,7 @@ class _Run:
         tokens = self._tokens_per_step()
         extras: dict[str, Any] = {
             "fits": True,
+            "allocated_between_steps_bytes": rec.window_start,
             "steps": self.steps,
             "warmup_steps": self.first_measured,
             "step_time_s": step_time,
@@ -572,7 +586,9 @@ class _Run:
             if mb.quantization_state:
                 comps["quantization_state"] = mb.quantization_state
             if self.optimizer is not None:
-                comps["optimizer_states"] = optimizer_state_bytes(self.optimizer, self.device, mb.storages)[0]
+                states = optimizer_state_bytes(self.optimizer, self.device, mb.storages)[0]
+                if states:
+                    comps["optimizer_states"] = states
             grads = gradient_bytes(self.model, self.device)
             if grads:
                 comps["gradients"] = grads

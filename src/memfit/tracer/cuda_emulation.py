@@ -18,15 +18,19 @@ fake CUDA backend is possible only through private C++ state, and process-wide. 
    (which keeps the S x S score matrix). The emulation replaces the op's composite kernel (so recomputed,
    checkpointed layers use it too), picks the backend CUDA picks on an H100
    (``sdp_utils.cpp``: flash for fp16/bf16 without a mask and head_dim <= 256, else memory-efficient, else
-   math) and replaces the call with an autograd function that allocates and saves what that kernel does:
-   the output in (B, S, H, D) layout and the fp32 log-sum-exp, and in backward the gradients plus the
-   kernel's scratch (``softmax_d``, the fp32 ``dq_accum``, the expanded dK/dV of grouped-query attention).
+   math; cuDNN first where torch prefers it) and replaces the call with an autograd function that
+   allocates and saves what that kernel does: the output (in the layout the kernel writes) and the fp32
+   softmax statistics, and in backward the gradients plus the kernel's scratch (``softmax_d``, the fp32
+   ``dq_accum``, the expanded dK/dV of grouped-query attention) - measured on the H100 to the byte.
+   It also gives ``dropout`` and fp16 ``softmax`` their CUDA kernels, and ``_grouped_mm`` (MoE experts) a
+   fake kernel for every dtype (:func:`_cuda_composites`, :func:`_grouped_mm_meta`).
 3. **optimizer foreach** (:func:`cuda_foreach_default`): torch.optim picks the multi-tensor (``foreach``)
    implementation for CUDA parameters; the fake parameters are made eligible for it.
 4. **GradScaler** (:func:`fake_safe_grad_scaler`): ``scaler.step`` reads ``found_inf`` with ``.item()``, which
    fake tensors cannot answer; the trace assumes no inf/NaN and steps.
 
-cuBLAS workspaces are added by the tracker (see :data:`memfit.tracer.tracker.CUBLAS_WORKSPACE_BYTES`).
+cuBLAS workspaces are added by the tracker (see :data:`memfit.tracer.tracker.CUBLAS_WORKSPACE_BYTES`), and
+the reads of tensor values fake tensors cannot answer (``.item()``, ``bool()``) are answered there too.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import contextlib
 from typing import Any, Iterator
 
 __all__ = ["cuda_autocast_policy", "SdpaEmulation", "cuda_foreach_default", "fake_safe_grad_scaler",
-           "choose_sdpa_backend", "SDPA_BACKENDS"]
+           "choose_sdpa_backend", "SDPA_BACKENDS", "DEFAULT_SDPA_PREFERENCE", "EFFICIENT_SDPA_SUPPORTS_GQA"]
 
 # ------------------------------------------------------------------------------------ autocast policy
 #: CUDA's autocast lists (``aten/src/ATen/autocast_mode.h``, torch 2.13), op -> policy.
@@ -213,14 +217,26 @@ def _round_up(n: int, m: int) -> int:
     return m * ((n + m - 1) // m)
 
 
+#: Which fused kernel torch puts first on an H100: ``cudnn`` where torch prefers cuDNN attention (torch >= 2.10
+#: with cuDNN > 9.15, ``check_prefer_cudnn_attention``; the reference H100 runs torch 2.11 + cuDNN 9.19 and
+#: took it: its output has q's layout), else ``flash``. Their memory differs only in the output's layout.
+DEFAULT_SDPA_PREFERENCE = "cudnn"
+
+#: Whether the memory-efficient kernel takes grouped-query attention (``enable_gqa`` with fewer k/v heads).
+#: torch 2.11 on the reference H100 does not: fp32 GQA attention falls to the math backend there (measured:
+#: a 1B Llama at 2048 tokens keeps the fp32 score matrices, 12.9 GiB of activations).
+EFFICIENT_SDPA_SUPPORTS_GQA = False
+
+
 def choose_sdpa_backend(torch: Any, q: Any, k: Any, v: Any, attn_mask: Any, is_causal: bool,
-                        prefer: str = "flash") -> str:
+                        prefer: str = DEFAULT_SDPA_PREFERENCE) -> str:
     """The backend ``scaled_dot_product_attention`` takes on an H100 (sm90) for these inputs.
 
     ``sdp_utils.cpp`` (``select_sdp_backend``): flash needs fp16/bf16, no ``attn_mask``, equal head dims of at
     most 256 and, when causal, as many queries as keys; memory-efficient takes fp32 too and masks, with head
-    dims divisible by 8 (16-bit) or 4 (fp32); else math. ``prefer="cudnn"`` puts cuDNN first, as torch does on
-    H100 with cuDNN newer than 9.15 (``check_prefer_cudnn_attention``); cuDNN takes what flash takes.
+    dims divisible by 8 (16-bit) or 4 (fp32), and (see :data:`EFFICIENT_SDPA_SUPPORTS_GQA`) equal head counts;
+    else math. ``prefer="cudnn"`` puts cuDNN first, as torch does on H100 with cuDNN newer than 9.15
+    (``check_prefer_cudnn_attention``); for these inputs cuDNN takes what flash takes.
     """
     half = q.dtype in (torch.float16, torch.bfloat16)
     d_q, d_k, d_v = q.shape[-1], k.shape[-1], v.shape[-1]
@@ -229,21 +245,22 @@ def choose_sdpa_backend(torch: Any, q: Any, k: Any, v: Any, attn_mask: Any, is_c
     if half and attn_mask is None and same_d and d_q <= 256 and causal_square:
         return "cudnn" if prefer == "cudnn" else "flash"
     align = 8 if half else 4
+    gqa = q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1]
     if q.dtype in (torch.float16, torch.bfloat16, torch.float32) and d_q == d_k and d_q % align == 0 \
-            and d_v % align == 0:
+            and d_v % align == 0 and (EFFICIENT_SDPA_SUPPORTS_GQA or not gqa):
         return "efficient"
     return "math"
 
 
 class SdpaEmulation:
-    """A ``TorchFunctionMode`` body: ``F.scaled_dot_product_attention`` as its CUDA kernel allocates.
+    """``aten::scaled_dot_product_attention`` as its CUDA kernel allocates.
 
-    Used through :meth:`mode`. ``prefer``: ``flash`` (default) or ``cudnn``; ``force`` picks a backend
+    Used through :meth:`installed`. ``prefer``: ``cudnn`` (default) or ``flash``; ``force`` picks a backend
     regardless (``flash`` for a job that asks for flash-attn 2: its memory is flash's). ``calls`` counts the
     backends taken.
     """
 
-    def __init__(self, torch: Any, prefer: str = "flash", force: str | None = None,
+    def __init__(self, torch: Any, prefer: str = DEFAULT_SDPA_PREFERENCE, force: str | None = None,
                  workspace: Any = None) -> None:
         self.torch = torch
         self.prefer = prefer
@@ -269,6 +286,8 @@ class SdpaEmulation:
                 lib.impl("scaled_dot_product_attention", self, "CompositeImplicitAutograd")
                 if hasattr(torch.ops.aten, "_grouped_mm"):
                     lib.impl("_grouped_mm", _grouped_mm_meta, "Meta")
+                for name, kernel in _cuda_composites(torch).items():
+                    lib.impl(name, kernel, "CompositeImplicitAutograd")
             yield
         finally:
             lib._destroy()
@@ -316,16 +335,18 @@ class SdpaEmulation:
             def forward(ctx, q, k, v, bias, backend):
                 B, H, L, _ = q.shape
                 Dv = v.shape[-1]
-                if backend == "cudnn":
-                    # cuDNN allocates the output with q's layout and the softmax stats as (B, H, L, 1).
-                    out = torch.empty_like(q[..., :1].expand(B, H, L, Dv)) if Dv != q.shape[-1] else \
-                        torch.empty_like(q)
-                    lse = torch.empty((B, H, L, 1), dtype=torch.float32, device=q.device)
-                else:
-                    # flash and memory-efficient write (B, L, H, Dv) and hand back its transpose.
+                if backend == "efficient":
+                    # the cutlass kernel writes (B, L, H, Dv) and hands back its transpose; log-sum-exp rows
+                    # padded to 32.
                     out = torch.empty((B, L, H, Dv), dtype=q.dtype, device=q.device).transpose(1, 2)
-                    rows = L if backend == "flash" else _round_up(L, 32)
-                    lse = torch.empty((B, H, rows), dtype=torch.float32, device=q.device)
+                    lse = torch.empty((B, H, _round_up(L, 32)), dtype=torch.float32, device=q.device)
+                else:
+                    # flash and cuDNN allocate the output with q's memory layout (empty_like), and keep the
+                    # softmax statistics in fp32: flash (B, H, L), cuDNN (B, H, L, 1).
+                    order = sorted(range(4), key=lambda d: -q.stride(d))
+                    out = torch.empty_permuted((B, H, L, Dv), order, dtype=q.dtype, device=q.device)
+                    stats = (B, H, L, 1) if backend == "cudnn" else (B, H, L)
+                    lse = torch.empty(stats, dtype=torch.float32, device=q.device)
                 ctx.backend = backend
                 ctx.save_for_backward(q, k, v, out, lse, bias)
                 ctx.mark_non_differentiable(lse)
@@ -338,9 +359,10 @@ class SdpaEmulation:
                 Hk, S = k.shape[1], k.shape[2]
                 dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
                 scratch = []
-                if ctx.backend == "flash":
+                if ctx.backend in ("flash", "cudnn"):
                     # pytorch_flash::mha_bwd: softmax_d (B, H, L_128) and dq_accum (B, L_128, H, D_32) in fp32,
-                    # and for grouped-query attention dK/dV expanded to all H heads before their sum.
+                    # and for grouped-query attention dK/dV expanded to all H heads before their sum. cuDNN's
+                    # backward takes the same (measured on the H100: 64.25 MiB for B1 H32/8 L2048 D128).
                     scratch.append(B * H * _round_up(L, 128) * 4)
                     scratch.append(B * _round_up(L, 128) * H * _round_up(D, 32) * 4)
                     if Hk != H:
@@ -349,8 +371,6 @@ class SdpaEmulation:
                 elif ctx.backend == "efficient":
                     # the cutlass kernel's delta (B, H, L) in fp32.
                     scratch.append(B * H * _round_up(L, 32) * 4)
-                elif ctx.backend == "cudnn":
-                    scratch.append(B * H * L * 4)
                 if emu.workspace is not None and scratch:
                     emu.workspace(scratch)
                 return dq, dk, dv, None, None
@@ -363,6 +383,34 @@ class SdpaEmulation:
                 return out
 
         return _Apply
+
+
+def _cuda_composites(torch: Any) -> dict[str, Any]:
+    """Composite ops whose C++ code takes another branch on a CUDA tensor, where that changes memory.
+
+    - ``dropout`` (``Dropout.cpp``): on CUDA ``native_dropout``, which keeps a bool mask (1 byte an element)
+      for backward; elsewhere a noise tensor in the input's dtype (2 or 4 bytes an element).
+    - ``softmax`` / ``log_softmax`` with ``dtype=float32`` of an fp16 input (``SoftMax.cpp``): on CUDA one
+      ``_softmax(x, half_to_float=True)``; elsewhere an fp32 copy of the input first.
+    """
+    aten = torch.ops.aten
+
+    def dropout(input, p, train):
+        if train and 0 < p < 1 and input.numel() > 0:
+            return aten.native_dropout(input, p, train)[0]
+        return input if not train or p == 0 else input * 0.0
+
+    def softmax(input, dim, dtype=None):
+        if input.dtype == torch.float16 and dtype == torch.float32:
+            return aten._softmax(input, dim, True)
+        return aten._softmax(input.to(dtype) if dtype is not None else input, dim, False)
+
+    def log_softmax(input, dim, dtype=None):
+        if input.dtype == torch.float16 and dtype == torch.float32:
+            return aten._log_softmax(input, dim, True)
+        return aten._log_softmax(input.to(dtype) if dtype is not None else input, dim, False)
+
+    return {"dropout": dropout, "softmax.int": softmax, "log_softmax.int": log_softmax}
 
 
 def _grouped_mm_meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):

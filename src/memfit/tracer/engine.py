@@ -26,11 +26,21 @@ from ..job import Job
 
 __all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "TRACE_INSTALL"]
 
-CUDA_CONTEXT_BYTES = 530 << 20
-"""What ``nvidia-smi`` shows for the process beyond PyTorch's reserve: the CUDA context, the loaded
-kernels of cuBLAS, cuDNN and PyTorch (H100, CUDA 12). A first value; calibrated from measurements."""
+CUDA_CONTEXT_BYTES = 767 << 20  # measured on the H100 records (training; inference: 695 MiB), see memfit.estimator.runtime
+"""What ``nvidia-smi`` shows for the process beyond PyTorch's reserve (``device_total - peak_reserved``): the
+CUDA context and the loaded kernels of cuBLAS, cuDNN and PyTorch. A first value, to be calibrated from
+measurements: the reference H100 (torch 2.11 + CUDA 13, cuDNN 9.19, lazy module loading) showed 767 MiB for
+training steps (backward loads more kernels) and 695 MiB for inference."""
+
+DEVICE_MEMORY_BYTES = 85_017_493_504
+"""Memory of the device the trace models: an H100 80GB HBM3 as ``torch.cuda.mem_get_info`` reports it. The
+allocator model gives cached segments back when a new one would not fit (as the caching allocator does
+before it reports out of memory), and a job that still does not fit is noted."""
 
 TRACE_INSTALL = "pip install 'memfit[trace]'"
+
+WARMUP_NEW_TOKENS = 2
+"""Tokens the warm-up ``generate()`` of an inference trace makes (the measured call makes ``new_tokens``)."""
 
 _TORCH_MISSING = f"memfit trace needs torch and transformers; install them with: {TRACE_INSTALL}"
 
@@ -41,7 +51,7 @@ class TraceUnsupportedError(MemfitError):
 
 # --------------------------------------------------------------------------------------------- public
 def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fallback: bool = True,
-          sdpa: str = "flash", cuda: bool = True, steps: int = 2) -> Breakdown:
+          sdpa: str | None = None, cuda: bool = True, steps: int = 2) -> Breakdown:
     """Trace ``job`` on fake tensors and return its :class:`~memfit.breakdown.Breakdown` (``engine="trace"``).
 
     ``model``: your own ``nn.Module`` (real, meta or fake weights; it is not modified) instead of the job's
@@ -52,8 +62,11 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
     tensors cannot follow), it returns :func:`memfit.estimate`'s answer with a note saying why, or raises
     :class:`TraceUnsupportedError` when ``fallback`` is False.
 
-    Expert knobs: ``sdpa`` is the backend order of ``scaled_dot_product_attention`` on the H100 (``flash``,
-    or ``cudnn`` first as torch does with cuDNN >= 9.15); ``cuda=False`` traces the plain CPU run (no CUDA
+    Not thread-safe: while it runs, it swaps kernels and functions of torch and transformers process-wide.
+
+    Expert knobs: ``sdpa`` is the fused kernel ``scaled_dot_product_attention`` tries first on the H100
+    (``cudnn``, as torch >= 2.10 does with cuDNN > 9.15, or ``flash``; default
+    :data:`memfit.tracer.cuda_emulation.DEFAULT_SDPA_PREFERENCE`); ``cuda=False`` traces the plain CPU run (no CUDA
     emulation, no allocator rounding: what ``measure`` counts on the CPU); ``steps`` is the number of
     steps, the last one measured.
     """
@@ -63,6 +76,8 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         raise JobError(f"trace needs a Job (or a dict of job fields), not {type(job).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise JobError(f"steps must be a whole number >= 1; got {steps!r}")
+    if sdpa is None:
+        from .cuda_emulation import DEFAULT_SDPA_PREFERENCE as sdpa
     if sdpa not in ("flash", "cudnn"):
         raise JobError(f"sdpa must be 'flash' or 'cudnn'; got {sdpa!r}")
     try:
@@ -95,8 +110,9 @@ def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
             model_spec = None
     try:
         bd = estimate(job, model_spec) if model_spec is not None else estimate(job)
-    except MemfitError as exc:
-        raise TraceUnsupportedError(f"{reason}; and the estimate cannot run either: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a fallback that fails says so in one line, never a traceback
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceUnsupportedError(f"{reason}; and the estimate cannot run either: {text}") from None
     bd.notes.insert(0, f"trace could not run: {reason}; showing the estimate instead")
     bd.extras["trace_error"] = reason
     return bd
@@ -218,8 +234,10 @@ class _TraceRun:
         self.cuda, self.sdpa_prefer, self.steps = cuda, sdpa, steps
         self.training = job.task == "train"
         vocab = int(getattr(spec, "vocab_size", 0) or 0) if spec is not None else 0
-        self.tracker = Tracker(torch, cuda=cuda, vocab_size=vocab)
+        capacity = DEVICE_MEMORY_BYTES - CUDA_CONTEXT_BYTES if cuda else None
+        self.tracker = Tracker(torch, cuda=cuda, vocab_size=vocab, capacity_bytes=capacity)
         self.model = self.optimizer = self.batch = self.scaler = None
+        self.call_job = job
         self.sdpa = None
         self.warnings: list[str] = []
         self.notes: list[str] = []
@@ -255,7 +273,7 @@ class _TraceRun:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_quiet(self.warnings))
             stack.enter_context(_quiet_logger("torch._subclasses.fake_tensor"))
-            stack.enter_context(_generation_stop(self.job))
+            stack.enter_context(_generation_stop(self))
             stack.enter_context(_unpadded_masks())
             stack.enter_context(fake_safe_grad_scaler(torch))
             if self.cuda:
@@ -266,6 +284,7 @@ class _TraceRun:
                                           workspace=self.tracker.workspace)
                 stack.enter_context(self.sdpa.installed())
             self.fake = FakeTensorMode(allow_non_fake_inputs=True)
+            stack.enter_context(_swappable_fakes(torch, self.fake))
             stack.enter_context(self.fake)
             stack.enter_context(self.tracker.mode())
             yield
@@ -274,6 +293,8 @@ class _TraceRun:
         from .. import reference as ref
 
         job, tr = self.job, self.tracker
+        if job.task == "infer" and job.new_tokens > 0 and getattr(self.spec, "head", "causal_lm") != "causal_lm":
+            raise JobError("new_tokens > 0 generates text and needs a causal_lm head; use new_tokens: 0")
         tr.phase, tr.default_category = "load", "weights"
         user = _fake_copy(self.torch, self.user_model) if self.user_model is not None else None
         self.user_model = None
@@ -300,8 +321,6 @@ class _TraceRun:
         if vocab:
             tr.vocab_size = int(vocab)
         num_labels = getattr(config, "num_labels", None) if getattr(self.spec, "head", "") == "seq_cls" else None
-        if job.task == "infer" and job.new_tokens > 0 and getattr(self.spec, "head", "causal_lm") != "causal_lm":
-            raise JobError("new_tokens > 0 generates text and needs a causal_lm head")
         self.batch = ref.make_batch(job, self.spec, "cpu", vocab_size=vocab, num_labels=num_labels)
         tr.tag(self.batch.values(), "inputs")
 
@@ -311,12 +330,18 @@ class _TraceRun:
         hooks = _Hooks(self)
         tr = self.tracker
         for i in range(self.steps):
-            if i == self.steps - 1:
+            last = i == self.steps - 1
+            if last:
                 tr.start_window()
             if self.training:
                 ref.train_step(self.job, self.model, self.optimizer, self.batch, self.scaler, hooks=hooks)
             else:
-                ref.infer(self.job, self.model, self.batch, hooks=hooks)
+                # Decoding costs the trace ~0.1 s a token for a 1B model; a warm-up call only has to leave the
+                # cuBLAS workspace and the prefill's cached segments behind, so it generates at most 2 tokens.
+                self.call_job = self.job if last else self.job.replace(
+                    new_tokens=min(self.job.new_tokens, WARMUP_NEW_TOKENS))
+                ref.infer(self.call_job, self.model, self.batch, hooks=hooks)
+        self.call_job = self.job
         tr.stop_window()
 
     # ------------------------------------------------------------------------------------------
@@ -347,6 +372,9 @@ class _TraceRun:
         else:
             notes.insert(0, "fake tensors on the CPU, counted as a CPU run counts tensors (no CUDA emulation, no "
                             "allocator rounding)")
+        if self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES):
+            notes.insert(0, f"does not fit: needs {total / 2**30:.2f} GiB on the device, an 80 GB H100 has "
+                            f"{DEVICE_MEMORY_BYTES / 2**30:.2f} GiB")
         if comps.get("logits_and_loss", 0) > 0.2 * peak:
             notes.append("the vocab-sized logits and their loss are a large part of the peak")
         sdpa_calls = dict(self.sdpa.calls) if self.sdpa is not None else {}
@@ -357,14 +385,18 @@ class _TraceRun:
             "timeline_events": window_events,
             "peak_event": peak_event - tr.window_start_event,
             "peak_op": tr.peak_op,
+            "largest_at_peak": tr.largest_at(peak_event),
             "peak_requested_bytes": requested,
             "load_peak_bytes": tr.load_peak,
             "steps": self.steps,
             "warmup_steps": self.steps - 1,
+            **({"warmup_new_tokens": min(job.new_tokens, WARMUP_NEW_TOKENS)}
+               if job.task == "infer" and job.new_tokens and self.steps > 1 else {}),
             "trace_seconds": round(seconds, 3),
             "allocator": {"segments": tr.sim.num_segments, "reserved_at_end_bytes": tr.sim.reserved,
                           "allocations": len(tr.records)},
             "device": "H100 (emulated on fake CPU tensors)" if self.cuda else "cpu (fake tensors)",
+            "fits": not (self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES)),
             "torch": torch.__version__,
         }
         if self.cuda:
@@ -380,6 +412,10 @@ class _TraceRun:
             pass
         if self.warnings:
             extras["warnings"] = list(self.warnings)
+        if tr.assumed_values:
+            extras["assumed_values"] = tr.assumed_values
+            notes.append(f"{tr.assumed_values} value(s) read from tensors (which fake tensors do not hold) were "
+                         "answered as the reference batch has them: no padding, finite values")
         return Breakdown(engine="trace", model=job.model, job=job.to_dict(), parameters=base,
                          trainable_parameters=trainable, components=comps, peak_allocated_bytes=int(peak),
                          peak_reserved_bytes=int(reserved), device_total_bytes=int(total), peak_phase=peak_phase,
@@ -436,9 +472,11 @@ def _fake_copy(torch: Any, model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _generation_stop(job: Job) -> Iterator[None]:
+def _generation_stop(run: "_TraceRun") -> Iterator[None]:
     """``generate()`` asks each step whether every sequence has finished (``bool`` of a device tensor), which
-    fake tensors cannot answer; the reference run always generates exactly ``new_tokens``, so stop there."""
+    fake tensors cannot answer; the reference run always generates exactly ``new_tokens`` (``run.call_job``'s),
+    so stop there."""
+    job = run.job
     try:
         from transformers.generation import utils as gen
     except ImportError:  # pragma: no cover
@@ -449,10 +487,9 @@ def _generation_stop(job: Job) -> Iterator[None]:
         yield
         return
     original = stop_cls.__call__
-    target = job.prompt_len + job.new_tokens
 
     def __call__(self, unfinished_sequences, tokens, length):
-        return length >= target
+        return length >= run.call_job.prompt_len + run.call_job.new_tokens
 
     stop_cls.__call__ = __call__
     try:
@@ -487,6 +524,31 @@ def _unpadded_masks() -> Iterator[None]:
     finally:
         for name, original in saved.items():
             setattr(mu, name, original)
+
+
+@contextlib.contextmanager
+def _swappable_fakes(torch: Any, fake_mode: Any) -> Iterator[None]:
+    """``module.to(dtype)`` swaps fake parameters (``torch.utils.swap_tensors``), which refuses tensors with a
+    weak reference - and the fake mode's converter keeps one to each fake ``Parameter`` it has seen. PEFT
+    casts its adapters that way. Drop those memo entries before the swap (the trace never converts the same
+    real tensor twice, which is all they are for)."""
+    import torch.utils as tu
+
+    original = tu.swap_tensors
+
+    def swap_tensors(t1: Any, t2: Any) -> None:
+        memo = getattr(getattr(fake_mode.fake_tensor_converter, "meta_converter", None), "tensor_memo", None)
+        if memo is not None:
+            for key, value in list(memo.items()):
+                if value is t1 or value is t2:
+                    del memo[key]
+        return original(t1, t2)
+
+    tu.swap_tensors = swap_tensors
+    try:
+        yield
+    finally:
+        tu.swap_tensors = original
 
 
 def _with_none(fn: Any, arg: str) -> Any:

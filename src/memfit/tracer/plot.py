@@ -70,7 +70,14 @@ def ascii_timeline(timeline: Sequence[Sequence[Any]], *, width: int = 72, height
         for v in cols:
             level = (v - floor) / span * height - (r - 1)
             line.append(_LEVELS[max(0, min(8, int(round(level * 8))))] if level < 1 else "█")
-        label = f"{(floor + span * r / height) / unit:7.2f} " if r in (height, 1) or r == (height + 1) // 2 else " " * 8
+        if r == height:
+            label = f"{top / unit:7.2f} "
+        elif r == 1:
+            label = f"{floor / unit:7.2f} "
+        elif r == (height + 1) // 2:
+            label = f"{(floor + span * (r - 0.5) / height) / unit:7.2f} "
+        else:
+            label = " " * 8
         rows.append(label + "│" + "".join(line))
     axis = " " * 8 + "└" + "─" * w
     text = f"peak {top / unit:.2f} {unit_name} ({col_phase[peak_col]})"

@@ -34,14 +34,16 @@ TIMELINE_POINTS = 2000
 
 _GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "_addmm_activation",
              "_grouped_mm", "_scaled_mm", "addr")
+"""Ops that run cuBLAS (composites such as ``linear`` and ``matmul`` reach the tracker decomposed into these)."""
 
 
 class Record:
     """One allocation: its block, when it lived (events), what it is."""
 
-    __slots__ = ("block_bytes", "nbytes", "category", "born", "died", "block", "phase")
+    __slots__ = ("block_bytes", "nbytes", "category", "born", "died", "block", "phase", "shape", "dtype", "op")
 
-    def __init__(self, block: Any, nbytes: int, category: str, born: int, phase: str) -> None:
+    def __init__(self, block: Any, nbytes: int, category: str, born: int, phase: str, shape: tuple = (),
+                 dtype: str = "", op: str = "") -> None:
         self.block = block
         self.block_bytes = block.size
         self.nbytes = nbytes
@@ -49,6 +51,13 @@ class Record:
         self.born = born
         self.died: int | None = None
         self.phase = phase
+        self.shape = shape
+        self.dtype = dtype
+        self.op = op
+
+    def describe(self) -> dict[str, Any]:
+        return {"bytes": self.block_bytes, "category": self.category, "shape": list(self.shape),
+                "dtype": self.dtype, "op": self.op, "phase": self.phase}
 
 
 class Tracker:
@@ -97,6 +106,22 @@ class Tracker:
                 for ov in packet.overloads():
                     self._gemm.add(getattr(packet, ov))
         self.workspace_hooks: dict[Any, Callable[..., Iterable[int]]] = {}
+        # .item() and bool(): _local_scalar_dense, or (under inference_mode, where the composites are not
+        # decomposed before reaching the mode) item / is_nonzero.
+        self._is_nonzero = ops.is_nonzero.default
+        self.assumed_values = 0
+        from torch._subclasses.fake_tensor import DataDependentOutputException
+
+        self._data_dependent = DataDependentOutputException
+        self._composite: dict[Any, bool] = {}
+        self._item = {ops._local_scalar_dense.default, ops.item.default, ops.is_nonzero.default}
+        # ``.all()`` / ``.any()`` of a batch-wide condition: the reference batch has no padding, no
+        # finished sequence and no inf, so "all" of such a test is True and "any" is False.
+        self._reductions: dict[Any, bool] = {}
+        for name, value in (("all", True), ("any", False)):
+            packet = getattr(ops, name)
+            for ov in packet.overloads():
+                self._reductions[getattr(packet, ov)] = value
 
     # ------------------------------------------------------------------------------ dispatch mode
     def mode(self):
@@ -109,7 +134,26 @@ class Tracker:
 
         class _TrackAllocations(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in tracker._item:
+                    known = getattr(args[0], "_memfit_value", None)
+                    if known is None:
+                        try:
+                            return func(*args, **(kwargs or {}))  # a constant the fake mode still knows
+                        except tracker._data_dependent:
+                            known = tracker.fake_scalar(args[0])
+                            if known is None:
+                                raise
+                    return bool(known) if func is tracker._is_nonzero else known
+                if tracker._is_composite(func):
+                    # Under inference_mode composite ops reach the mode whole; decompose them here, with this
+                    # mode active, so the tensors they make inside are seen too (as on a real device).
+                    with self:
+                        out = func.decompose(*args, **(kwargs or {}))
+                    if out is not NotImplemented:
+                        return out
                 out = func(*args, **(kwargs or {}))
+                if func in tracker._reductions and isinstance(out, Tensor) and out.dim() == 0:
+                    out._memfit_value = tracker._reductions[func]
                 if tracker.enabled:
                     tracker.current_op = func
                     flat = out if isinstance(out, Tensor) else None
@@ -128,6 +172,36 @@ class Tracker:
 
         return _TrackAllocations()
 
+    def _is_composite(self, func: Any) -> bool:
+        known = self._composite.get(func)
+        if known is None:
+            try:
+                known = self.torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+            except (RuntimeError, AttributeError):
+                known = False
+            self._composite[func] = known
+        return known
+
+    def fake_scalar(self, t: Any) -> Any:
+        """What ``.item()`` / ``bool()`` of fake tensor ``t`` answers, or None to let fake tensors refuse.
+
+        Fake tensors hold no values. Where a value is read the trace answers as the reference run would:
+        ``all``/``any`` of a condition over the batch as above; in the optimizer step, scalars (step counts,
+        norms that scale the update) only change the numbers, not the memory, so they read as 1.
+        """
+        value = getattr(t, "_memfit_value", None)
+        if value is not None:
+            return value
+        if t.dtype.is_complex:
+            return None
+        if self.phase == "optimizer_step" and t.dtype != self.torch.bool:
+            return 1.0 if t.dtype.is_floating_point else 1
+        if t.dtype == self.torch.bool and self.phase in ("load", "prefill", "decode", "end"):
+            # generate()'s checks of the batch (right padding, pad tokens): the reference batch has none.
+            self.assumed_values += 1
+            return False
+        return None
+
     # ------------------------------------------------------------------------------ allocation
     def _see(self, t: Any, func: Any, args: tuple) -> None:
         if t.device.type == "meta":
@@ -144,7 +218,7 @@ class Tracker:
                 n = st.nbytes()
                 if n != rec.nbytes:  # resized in place: the allocator frees and mallocs
                     self._release(key, ref)
-                    self._alloc(st, key, n, rec.category)
+                    self._alloc(st, key, n, rec.category, tuple(t.shape), str(t.dtype), str(func))
                 return
             self._release(key, ref)  # a dead storage whose id was reused before its callback ran
         n = st.nbytes()
@@ -152,7 +226,7 @@ class Tracker:
             return
         if func in self._lift and self.phase == "optimizer_step":
             return  # torch.tensor(...) in the optimizer: AdamW's step counters live on the host
-        self._alloc(st, key, n, self._category(t, func, args))
+        self._alloc(st, key, n, self._category(t, func, args), tuple(t.shape), str(t.dtype), str(func))
 
     def _category(self, t: Any, func: Any, args: tuple) -> str:
         cat = self.default_category
@@ -178,10 +252,11 @@ class Tracker:
                     return "kv_cache"
         return cat
 
-    def _alloc(self, st: Any, key: int, nbytes: int, category: str) -> Record:
+    def _alloc(self, st: Any, key: int, nbytes: int, category: str, shape: tuple = (), dtype: str = "",
+               op: str = "") -> Record:
         block = self.sim.malloc(nbytes)
         self.event += 1
-        rec = Record(block, nbytes, category, self.event, self.phase)
+        rec = Record(block, nbytes, category, self.event, self.phase, shape, dtype, op)
         self.records.append(rec)
         ref = weakref.ref(st, lambda r, key=key: self._on_free(key, r)) if st is not None else None
         if st is not None:
@@ -243,7 +318,8 @@ class Tracker:
 
     def workspace(self, sizes: Iterable[int]) -> None:
         """Scratch a kernel takes and gives back before it returns (cuBLAS-free kernels' workspaces)."""
-        recs = [self._alloc(None, 0, int(n), "temporaries") for n in sizes if n > 0]
+        recs = [self._alloc(None, 0, int(n), "temporaries", op=f"kernel scratch ({self.current_op})")
+                for n in sizes if n > 0]
         for rec in reversed(recs):
             self._free_record(rec)
 
@@ -252,7 +328,7 @@ class Tracker:
         if handle in self._cublas_handles:
             return
         self._cublas_handles.add(handle)
-        self._alloc(None, 0, CUBLAS_WORKSPACE_BYTES, "other")
+        self._alloc(None, 0, CUBLAS_WORKSPACE_BYTES, "other", op=f"cuBLAS workspace ({handle} thread)")
 
     # ------------------------------------------------------------------------------ tagging
     def tag(self, tensors: Iterable[Any], category: str, only: tuple[str, ...] | None = None) -> int:
@@ -303,6 +379,12 @@ class Tracker:
             if rec.born <= event and (rec.died is None or rec.died > event):
                 out[rec.category] = out.get(rec.category, 0) + rec.block_bytes
         return out
+
+    def largest_at(self, event: int, n: int = 10) -> list[dict[str, Any]]:
+        """The ``n`` largest allocations alive at ``event``."""
+        alive = [rec for rec in self.records if rec.born <= event and (rec.died is None or rec.died > event)]
+        alive.sort(key=lambda r: -r.block_bytes)
+        return [rec.describe() for rec in alive[:n]]
 
     def requested_at(self, event: int) -> int:
         """Bytes requested (unrounded) alive at ``event``: what a tensor-level count on the CPU sees."""

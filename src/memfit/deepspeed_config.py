@@ -1,0 +1,284 @@
+"""Engine configs in and out: a DeepSpeed ``ds_config.json`` or an Accelerate config as job fields, and the
+DeepSpeed config that reproduces a job.
+
+``memfit estimate --deepspeed ds_config.json`` and ``--accelerate-config accelerate.yaml`` read the fields that
+move memory (ZeRO stage, bf16/fp16, offload, bucket sizes, stage-3 limits, micro-batch, optimizer, GPUs); the
+measure engine writes :func:`ds_config_for_job` for ``deepspeed.initialize``. Values the Hugging Face Trainer
+fills in at run time (``"auto"``) are left to the job (or DeepSpeed's default). No torch, no deepspeed import.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import JobError
+from .job import Job
+
+__all__ = ["read_deepspeed_config", "read_accelerate_config", "ds_config_for_job", "DEEPSPEED_DEFAULTS",
+           "zero_option"]
+
+#: DeepSpeed's defaults for the ZeRO options a job can set (deepspeed/runtime/zero/config.py,
+#: ``DeepSpeedZeroConfig``): reduce/allgather buckets 5e8 elements, stage-3 prefetch 5e7, persistence
+#: threshold 1e5, live parameters 1e9, reuse distance 1e9, sub_group_size 1e9, contiguous gradients on,
+#: overlap_comm on for stage 3 only (``overlap_comm_valid``).
+DEEPSPEED_DEFAULTS: dict[str, Any] = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "contiguous_gradients": True,
+    "sub_group_size": 1_000_000_000,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_max_reuse_distance": 1_000_000_000,
+}
+
+_OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "sgd", "lion": "lion", "adagrad": None,
+               "onebitadam": None, "lamb": None, "muon": None}
+
+
+def zero_option(job: Job, name: str) -> Any:
+    """A ZeRO option of ``job``: its own value, else DeepSpeed's default (overlap_comm: stage 3 only)."""
+    v = getattr(job, name)
+    if v is not None:
+        return v
+    if name == "overlap_comm":
+        return job.strategy == "zero3"
+    return DEEPSPEED_DEFAULTS[name]
+
+
+def _load(path: str | Path, kind: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise JobError(f"{kind} config {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise JobError(f"cannot parse {kind} config {str(p)!r}: {first}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{kind} config {str(p)!r} must be a mapping")
+    return data
+
+
+def _given(v: Any) -> bool:
+    return v is not None and v != "auto"
+
+
+def _int(v: Any, what: str) -> int:
+    if isinstance(v, bool):
+        raise JobError(f"{what} must be a number, not {v!r}")
+    if isinstance(v, (int, float)) and float(v).is_integer() and v >= 0:
+        return int(v)
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            pass
+        else:
+            if f.is_integer() and f >= 0:
+                return int(f)
+    raise JobError(f"{what} must be a whole number; got {v!r}")
+
+
+def _enabled(section: Any) -> bool:
+    if not isinstance(section, dict):
+        return False
+    v = section.get("enabled", False)
+    return v is True or (isinstance(v, str) and v.lower() == "true")
+
+
+def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Job fields from a DeepSpeed config (a path to ds_config.json or the dict itself).
+
+    Reads ``zero_optimization`` (stage, offload_optimizer / offload_param with their device, bucket sizes,
+    overlap_comm, contiguous_gradients, sub_group_size, the stage-3 limits), ``bf16`` / ``fp16`` (DeepSpeed's
+    16-bit parameters with an fp32 master partition: memfit's ``bf16-mixed`` / ``16-mixed``; bf16 with
+    ``bf16_master_weights_and_grads`` and ``bf16_optimizer_states`` is ``bf16-true``), neither is ``32-true``,
+    ``train_micro_batch_size_per_gpu`` and the optimizer type. Stage 0 is plain data parallelism (ddp).
+    """
+    cfg = source if isinstance(source, dict) else _load(source, "DeepSpeed")
+    out: dict[str, Any] = {}
+    zero = cfg.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise JobError("zero_optimization must be a mapping in a DeepSpeed config")
+    stage = zero.get("stage", 0)
+    stage = 0 if not _given(stage) else _int(stage, "zero_optimization.stage")
+    if stage not in (0, 1, 2, 3):
+        raise JobError(f"zero_optimization.stage must be 0, 1, 2 or 3; got {stage}")
+    out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
+    bf16 = cfg.get("bf16") or cfg.get("bfloat16") or {}
+    fp16 = cfg.get("fp16") or {}
+    if _enabled(bf16):
+        pure = bool(bf16.get("bf16_master_weights_and_grads")) and bool(bf16.get("bf16_optimizer_states"))
+        out["precision"] = "bf16-true" if pure else "bf16-mixed"
+    elif _enabled(fp16):
+        out["precision"] = "16-mixed"
+    elif isinstance(bf16, dict) and bf16.get("enabled") == "auto":
+        out["precision"] = "bf16-mixed"
+    else:
+        out["precision"] = "32-true"
+    off_opt = zero.get("offload_optimizer") or {}
+    off_par = zero.get("offload_param") or {}
+    if zero.get("cpu_offload") is True:  # the deprecated spelling
+        off_opt = {"device": "cpu"}
+    opt_dev = str(off_opt.get("device", "none")).lower() if isinstance(off_opt, dict) else "none"
+    par_dev = str(off_par.get("device", "none")).lower() if isinstance(off_par, dict) else "none"
+    for dev in (opt_dev, par_dev):
+        if dev not in ("none", "cpu", "nvme"):
+            raise JobError(f"offload device must be none, cpu or nvme; got {dev!r}")
+    if par_dev != "none":
+        out["offload"] = "optimizer+params"
+        out["offload_device"] = par_dev if par_dev == "nvme" or opt_dev == "none" else opt_dev
+    elif opt_dev != "none":
+        out["offload"] = "optimizer"
+        out["offload_device"] = opt_dev
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "sub_group_size", "stage3_prefetch_bucket_size",
+                 "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+        alias = name.replace("stage3_", "") if name.startswith("stage3_") else None
+        v = zero.get(name, zero.get(alias) if alias else None)
+        if _given(v):
+            out[name] = _int(v, f"zero_optimization.{name}")
+    for name in ("overlap_comm", "contiguous_gradients"):
+        v = zero.get(name)
+        if isinstance(v, bool):
+            out[name] = v
+    mb = cfg.get("train_micro_batch_size_per_gpu")
+    if _given(mb):
+        out["batch_size"] = max(1, _int(mb, "train_micro_batch_size_per_gpu"))
+    opt = cfg.get("optimizer")
+    if isinstance(opt, dict) and _given(opt.get("type")):
+        name = str(opt["type"]).lower().replace("_", "")
+        mapped = {"fusedadam": "adamw", "cpuadam": "adamw", "deepspeedcpuadam": "adamw"}.get(name, name)
+        if mapped not in _OPTIMIZERS or _OPTIMIZERS[mapped] is None:
+            raise JobError(f"optimizer type {opt['type']!r} is not one memfit estimates "
+                           "(AdamW, Adam, SGD, Lion)")
+        if mapped == "adam":
+            params = opt.get("params") or {}
+            mapped = "adamw" if params.get("adam_w_mode", True) else "adam"
+        out["optimizer"] = _OPTIMIZERS[mapped]
+    return out
+
+
+def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Job fields from an Accelerate config (``accelerate config`` writes it as YAML).
+
+    ``distributed_type: FSDP`` with ``fsdp_config`` (``fsdp_version`` 1 or 2, ``fsdp_sharding_strategy``,
+    ``fsdp_reshard_after_forward``, ``fsdp_offload_params``, ``fsdp_activation_checkpointing``),
+    ``distributed_type: DEEPSPEED`` with ``deepspeed_config`` (``zero_stage``, ``offload_optimizer_device``,
+    ``offload_param_device``, or a ``deepspeed_config_file``), ``distributed_type: MULTI_GPU`` (DDP);
+    ``mixed_precision`` (no / fp16 / bf16), ``num_processes`` and ``num_machines``.
+    """
+    cfg = source if isinstance(source, dict) else _load(source, "Accelerate")
+    out: dict[str, Any] = {}
+    kind = str(cfg.get("distributed_type", "NO")).upper()
+    mp = str(cfg.get("mixed_precision", "no")).lower()
+    out["precision"] = {"bf16": "bf16-mixed", "fp16": "16-mixed", "no": "32-true", "fp8": "bf16-mixed"}.get(mp)
+    if out["precision"] is None:
+        raise JobError(f"mixed_precision must be no, fp16 or bf16; got {mp!r}")
+    procs = cfg.get("num_processes")
+    machines = cfg.get("num_machines", 1)
+    if _given(procs):
+        out["gpus"] = max(1, _int(procs, "num_processes"))
+        m = max(1, _int(machines, "num_machines")) if _given(machines) else 1
+        if out["gpus"] % m:
+            raise JobError(f"num_processes ({out['gpus']}) must be a multiple of num_machines ({m})")
+        out["gpus_per_node"] = out["gpus"] // m
+    if kind == "FSDP":
+        fc = cfg.get("fsdp_config") or {}
+        version = _int(fc.get("fsdp_version", 1), "fsdp_version")
+        out["strategy"] = "fsdp2" if version == 2 else "fsdp"
+        names = {1: "FULL_SHARD", 2: "SHARD_GRAD_OP", 3: "NO_SHARD", 4: "HYBRID_SHARD", 5: "HYBRID_SHARD"}
+        strat = fc.get("fsdp_sharding_strategy")
+        reshard = fc.get("fsdp_reshard_after_forward")
+        if version == 1:
+            if isinstance(strat, int):
+                strat = names.get(strat)
+            if isinstance(reshard, str) and strat is None:  # accelerate >= 1.6 spells v1 strategies here
+                strat = reshard
+            if strat:
+                out["fsdp_sharding"] = str(strat).upper()
+        else:
+            if isinstance(reshard, bool):
+                out["reshard_after_forward"] = reshard
+            elif isinstance(reshard, str):
+                out["reshard_after_forward"] = reshard.lower() in ("true", "full_shard")
+        if fc.get("fsdp_offload_params") in (True, "true", "True"):
+            out["offload"] = "optimizer+params"
+        if fc.get("fsdp_activation_checkpointing") in (True, "true", "True"):
+            out["gradient_checkpointing"] = True
+    elif kind == "DEEPSPEED":
+        dc = cfg.get("deepspeed_config") or {}
+        if dc.get("deepspeed_config_file"):
+            ds = read_deepspeed_config(dc["deepspeed_config_file"])
+            out.update({k: v for k, v in ds.items() if k != "precision" or out["precision"] == "32-true"})
+        else:
+            stage = _int(dc.get("zero_stage", 0), "zero_stage")
+            if stage not in (0, 1, 2, 3):
+                raise JobError(f"zero_stage must be 0-3; got {stage}")
+            out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
+            od = str(dc.get("offload_optimizer_device", "none")).lower()
+            pd = str(dc.get("offload_param_device", "none")).lower()
+            if pd not in ("none", ""):
+                out["offload"], out["offload_device"] = "optimizer+params", pd
+            elif od not in ("none", ""):
+                out["offload"], out["offload_device"] = "optimizer", od
+            if dc.get("gradient_accumulation_steps") is not None:
+                pass  # accumulation does not move the per-step peak of one micro-batch
+    elif kind in ("MULTI_GPU", "NO"):
+        out["strategy"] = "ddp" if out.get("gpus", 1) > 1 else "single"
+    else:
+        raise JobError(f"distributed_type {kind} is not estimated (FSDP, DEEPSPEED, MULTI_GPU or NO)")
+    return out
+
+
+def ds_config_for_job(job: Job) -> dict[str, Any]:
+    """The DeepSpeed config that runs ``job`` (strategy zero1/zero2/zero3) as memfit describes it.
+
+    Precision: ``bf16-mixed`` -> ``bf16.enabled`` (16-bit parameters and gradients, fp32 master partition
+    and optimizer states), ``16-mixed`` -> ``fp16.enabled``, ``bf16-true`` -> bf16 with
+    ``bf16_master_weights_and_grads`` and ``bf16_optimizer_states``, ``32-true`` -> neither. The optimizer is
+    the job's torch optimizer passed to ``deepspeed.initialize`` (``zero_allow_untested_optimizer``); with
+    optimizer offload it runs on the host (``zero_force_ds_cpu_optimizer: false``).
+    """
+    if job.strategy not in ("zero1", "zero2", "zero3"):
+        raise JobError(f"a DeepSpeed config is made for strategy zero1, zero2 or zero3, not {job.strategy}")
+    stage = int(job.strategy[-1])
+    zero: dict[str, Any] = {"stage": stage}
+    for name in ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "contiguous_gradients"):
+        v = getattr(job, name)
+        if v is not None:
+            zero[name] = v
+    if stage == 3:
+        for name in ("sub_group_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                     "stage3_max_live_parameters", "stage3_max_reuse_distance"):
+            v = getattr(job, name)
+            if v is not None:
+                zero[name] = v
+    if job.offload != "none":
+        zero["offload_optimizer"] = {"device": job.offload_device, "pin_memory": True}
+        if job.offload == "optimizer+params":
+            zero["offload_param"] = {"device": job.offload_device, "pin_memory": True}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": job.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if job.precision == "bf16-mixed":
+        cfg["bf16"] = {"enabled": True}
+    elif job.precision == "bf16-true":
+        cfg["bf16"] = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    elif job.precision in ("16-mixed", "16-true"):
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return cfg

@@ -1,0 +1,746 @@
+"""Per-GPU memory of multi-GPU training: DDP, FSDP (FSDP1), FSDP2, DeepSpeed ZeRO 1-3, offload, and
+Megatron-style tensor / pipeline / sequence / expert parallelism. No torch.
+
+One rank's peak is built like the single-GPU estimate (``memfit.estimator._train``): the largest of the
+moments of a step - the loss at the end of forward, the loss's backward, each layer's backward, the end of
+backward, the optimizer step - each the sum of what is alive then. The activations, logits and temporaries
+of each moment come from the same per-layer replay (:mod:`memfit.estimator.layers`), scaled for tensor and
+sequence parallelism and multiplied by the micro-batches a pipeline stage holds; the model states and the
+engine's own buffers at each moment follow the engine's real layout, one small function per term below,
+each citing the source it was read from:
+
+- torch DDP (``torch/nn/parallel/distributed.py``, ``torch/csrc/distributed/c10d/reducer.cpp``),
+- FSDP2 ``fully_shard`` (``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py``, ``_fsdp_collectives.py``),
+- FSDP1 (``torch/distributed/fsdp/_runtime_utils.py``, ``_flat_param.py``),
+- DeepSpeed 0.19 ZeRO (``deepspeed/runtime/zero/stage_1_and_2.py``, ``stage3.py``,
+  ``partitioned_param_coordinator.py``, ``config.py``),
+- Megatron-LM (Shoeybi et al. 2019; Narayanan et al. 2021, 1F1B; Korthikanti et al. 2022, activations with
+  tensor and sequence parallelism).
+
+The rank reported is the most loaded one: with pipeline parallelism each stage is estimated (the first holds
+the embedding and the most micro-batches in flight, the last the head and the logits) and the largest wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..breakdown import Breakdown
+from ..errors import JobError
+from ..job import Job
+from ..models.spec import ModelSpec
+from . import states as st
+from .runtime import allocator_reserve_bytes, cuda_context_bytes
+
+__all__ = ["estimate_parallel", "zero_model_states", "megatron_activation_bytes", "Layout", "layout"]
+
+#: NCCL communicator buffers and the collectives' kernels, outside PyTorch's allocator (device total only):
+#: NCCL_BUFFSIZE (4 MiB) per channel and peer; a rough figure for one data-parallel communicator.
+NCCL_CONTEXT_BYTES = 384 << 20
+
+#: torch DDP's ``bucket_cap_mb`` default and the first bucket's cap (``dist._DEFAULT_FIRST_BUCKET_BYTES``).
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+
+_ENGINE_COMPUTES_16 = ("fsdp", "fsdp2", "zero1", "zero2", "zero3")
+
+#: Megatron's column-parallel linears (output split over the TP group); the row-parallel ones (o, down)
+#: are split on their input. Both hold 1/t of the weight. Routers stay replicated.
+_REPLICATED_ROLES = ("router", "shared_router")
+
+
+# --------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """How the GPUs of a job are divided: data parallel x tensor parallel x pipeline stages."""
+
+    gpus: int
+    dp: int
+    tp: int
+    pp: int
+    ep: int
+    shard: int
+    """GPUs the model states are sharded over (FSDP/ZeRO: the data-parallel group; HYBRID_SHARD: a node)."""
+    sp: bool
+    microbatches: int
+
+
+def layout(job: Job) -> Layout:
+    tp, pp, ep = job.tensor_parallel, job.pipeline_parallel, job.expert_parallel
+    dp = job.gpus // (tp * pp)
+    shard = dp
+    if job.strategy == "fsdp" and job.fsdp_sharding == "HYBRID_SHARD":
+        shard = max(1, min(dp, job.gpus_per_node // math.gcd(job.gpus_per_node, tp * pp)))
+    if job.strategy in ("ddp", "single") or (job.strategy == "fsdp" and job.fsdp_sharding == "NO_SHARD"):
+        shard = 1
+    mb = job.pipeline_microbatches if job.pipeline_microbatches is not None else pp
+    return Layout(gpus=job.gpus, dp=dp, tp=tp, pp=pp, ep=ep, shard=shard, sp=job.sequence_parallel, microbatches=mb)
+
+
+@dataclass
+class _Stage:
+    """The parameters one rank holds before any sharding (after TP, PP and EP splits), as element counts."""
+
+    index: int
+    layers: list[int]
+    """Model-order layer indices on this stage."""
+    layer_params: list[float]
+    layer_trainable: list[float]
+    embed: float
+    head: float
+    """lm_head (or its tied copy on the last stage) and the final norm."""
+    head_trainable: float
+    embed_trainable: float
+    layer_max: list[float]
+    """The largest parameter of each layer (elements)."""
+    first: bool
+    last: bool
+    in_flight: int
+    """Micro-batches whose activations this stage holds at its peak (1F1B: pp - stage)."""
+
+    @property
+    def params(self) -> float:
+        return sum(self.layer_params) + self.embed + self.head
+
+    @property
+    def trainable(self) -> float:
+        return sum(self.layer_trainable) + self.head_trainable + self.embed_trainable
+
+
+def _layer_order(spec: ModelSpec) -> list[int]:
+    if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers:
+        return list(spec.layer_blocks)
+    return [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+
+
+def _block_params_on_rank(spec: ModelSpec, bi: int, lay: Layout) -> float:
+    """A layer's parameters on one rank: Megatron splits every linear over the TP group (column-parallel
+    q/k/v/gate/up, row-parallel o/down), experts over the EP group; norms and routers are replicated
+    (Shoeybi et al. 2019, section 3)."""
+    b = spec.blocks[bi]
+    total = float(b.other_params)
+    for lin in b.linears:
+        n = float(lin.params)
+        if lin.role.startswith("expert"):
+            n /= lay.ep
+        if lin.role not in _REPLICATED_ROLES:
+            n /= lay.tp
+        total += n
+    return total
+
+
+def _stages(spec: ModelSpec, job: Job, lay: Layout) -> list[_Stage]:
+    """Split the layers over the pipeline stages (the first ``L % pp`` stages take one more), the embedding
+    on the first stage, the head on the last (a tied embedding is kept there too: Megatron's shared word
+    embeddings). Vocabulary-parallel embedding and head hold 1/t of the table."""
+    order = _layer_order(spec)
+    L = len(order)
+    if lay.pp > L:
+        raise JobError(f"pipeline_parallel ({lay.pp}) is more than the model's {L} layers")
+    per, extra = divmod(L, lay.pp)
+    lora_per_layer = st.lora_adapter_params(spec, job) / max(1, L) if job.is_lora else 0.0
+    tied_head = spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm")
+    vocab_table = spec.vocab_size * spec.hidden_size
+    stages = []
+    start = 0
+    for s in range(lay.pp):
+        n = per + (1 if s < extra else 0)
+        idx = list(range(start, start + n))
+        start += n
+        layer_p = [_block_params_on_rank(spec, order[i], lay) for i in idx]
+        layer_t = [lora_per_layer / lay.tp] * n if job.is_lora else list(layer_p)
+        first, last = s == 0, s == lay.pp - 1
+        embed = 0.0
+        if first:
+            embed = (spec.embedding_params - vocab_table) + vocab_table / lay.tp if spec.embedding_params >= vocab_table \
+                else spec.embedding_params / lay.tp
+        head = 0.0
+        if last:
+            head = spec.final_params + spec.head_params / lay.tp
+            if tied_head and not first:
+                head += vocab_table / lay.tp
+        trainable = not job.is_lora
+        # a tied head's gradient is the embedding's: it arrives with the head's backward, at the start
+        head_t = head + (vocab_table / lay.tp if tied_head and first and last else 0.0)
+        embed_t = embed - (vocab_table / lay.tp if tied_head and first and last else 0.0)
+        layer_max = [max([lin.params / (lay.tp if lin.role not in _REPLICATED_ROLES else 1)
+                          for lin in spec.blocks[order[i]].linears] or [0]) for i in idx]
+        stages.append(_Stage(index=s, layers=idx, layer_params=layer_p, layer_trainable=layer_t, embed=embed,
+                             layer_max=layer_max,
+                             head=head, head_trainable=head_t if trainable else 0.0,
+                             embed_trainable=embed_t if trainable else 0.0, first=first, last=last,
+                             in_flight=max(1, min(lay.pp - s, lay.microbatches))))
+    return stages
+
+
+# --------------------------------------------------------------------------------------------- activations
+@dataclass
+class _Moment:
+    phase: str
+    kind: str  # loss | loss_backward | layer_backward | end_backward | step
+    layer: int | None  # position in the stage's layer list
+    activations: float = 0.0
+    logits: float = 0.0
+    temporaries: float = 0.0
+    autocast_cache: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _tp_activation_factor(lay: Layout) -> float:
+    """Share of a layer's saved activations one TP rank keeps (Korthikanti et al. 2022, eq. 2-4: per layer
+    sbh(34 + 5as/h) bytes without parallelism; with tensor parallelism the 24 sbh inside attention and MLP are
+    split and the 10 sbh of norms, dropout masks and residual inputs are replicated; with sequence
+    parallelism everything is split): (10 + 24/t)/34, or 1/t with sequence parallelism."""
+    if lay.tp == 1:
+        return 1.0
+    if lay.sp:
+        return 1.0 / lay.tp
+    return (10 + 24 / lay.tp) / 34
+
+
+def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) -> list[_Moment]:
+    """The activation side of each moment of one step on one pipeline stage, for the single-GPU rules of
+    ``memfit.estimator._train`` (same terms, same replay), scaled for TP/SP and the micro-batches in flight."""
+    from . import _dropout, _layer_saved  # noqa: F401 - helpers of the single-GPU estimate
+
+    T = job.batch_size * job.seq_len
+    V, H = spec.vocab_size, spec.hidden_size
+    e = 4 if amode == "32" else 2
+    res = 4 if amode in ("32", "mixed") else 2
+    ws = st.CUBLAS_WORKSPACE_BYTES
+    inputs = T * 8 * 3
+    f = _tp_activation_factor(lay)
+    seq_split = 1.0 / lay.tp if lay.sp else 1.0
+    key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
+    per_block = _layer_saved(spec, key)
+    order = _layer_order(spec)
+    blocks = [order[i] for i in stage.layers]
+    layer_full = [per_block[b] * T * f for b in blocks]
+    layer_input = T * H * res * seq_split
+    ckpt = job.gradient_checkpointing
+    layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
+    acts_one = sum(layer_kept)
+    others = (stage.in_flight - 1) * acts_one  # earlier micro-batches waiting for their backward (1F1B)
+    final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0)) * seq_split if stage.last else 0.0
+    if stage.last and spec.head in ("causal_lm", "masked_lm"):
+        TV = T * V / lay.tp  # Megatron's vocab-parallel cross entropy keeps 1/t of the logits
+        logit_fwd_peak = TV * e + (TV * 4 if e != 4 else 0) + TV * 4
+        logit_saved = TV * 4
+        if spec.final_logit_softcapping:
+            logit_fwd_peak += TV * e
+            logit_saved += TV * e
+        logit_bwd_extra = 2 * TV * 4
+    elif stage.last:
+        logit_fwd_peak = logit_saved = logit_bwd_extra = T * spec.num_labels * 4
+    else:
+        logit_fwd_peak = logit_saved = logit_bwd_extra = 0.0
+        inputs += T * H * res * seq_split  # the activation received from the previous stage / sent on
+    cache_layers = [0.0] * len(blocks)
+    if amode == "mixed" and st.autocast_cache_bytes(spec, job):
+        cache_layers = [2 * sum(lin.in_features * lin.out_features * lin.count for lin in spec.blocks[b].linears)
+                        / lay.tp for b in blocks]
+    cache_head = 2 * spec.lm_head_params / lay.tp if (amode == "mixed" and stage.last and
+                                                      st.autocast_cache_bytes(spec, job)) else 0.0
+    cache = sum(cache_layers) + cache_head
+    I_eff = 0
+    for b in spec.blocks:
+        if b.moe is not None:
+            I_eff = max(I_eff, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
+        elif b.mlp is not None:
+            I_eff = max(I_eff, b.mlp.intermediate_size)
+    transient = T * e * (2 * I_eff / lay.tp + 2 * H * seq_split)
+
+    out: list[_Moment] = []
+    out.append(_Moment("forward", "loss", None, activations=acts_one + others + final_saved, logits=logit_fwd_peak,
+                       temporaries=ws + inputs, autocast_cache=cache))
+    cache_bwd = cache if not ckpt else 0.0
+    out.append(_Moment("backward", "loss_backward", None, activations=acts_one + others + final_saved,
+                       logits=logit_saved + logit_bwd_extra, temporaries=ws + inputs, autocast_cache=cache_bwd))
+    kept_below = acts_one
+    cache_below = sum(cache_layers) if not ckpt else 0.0
+    for k in range(len(layer_full) - 1, -1, -1):
+        live = kept_below - layer_kept[k] + layer_full[k] + others
+        out.append(_Moment("backward", "layer_backward", k, activations=live, temporaries=transient + ws + inputs,
+                           autocast_cache=cache_below))
+        kept_below -= layer_kept[k]
+        cache_below -= cache_layers[k] if not ckpt else 0.0
+    out.append(_Moment("backward", "end_backward", None, activations=others,
+                       temporaries=ws + inputs + T * H * e * seq_split))
+    out.append(_Moment("optimizer_step", "step", None, temporaries=ws))
+    return out
+
+
+def _grads_done(m: _Moment, stage: _Stage) -> tuple[float, float]:
+    """(trainable elements whose gradients exist at moment ``m``, elements of the layer being differentiated)."""
+    if m.kind == "loss":
+        return 0.0, 0.0
+    if m.kind == "loss_backward":
+        return 0.0, 0.0  # the loss's backward (log_softmax) runs before the head's
+    if m.kind == "layer_backward":
+        done = stage.head_trainable + sum(stage.layer_trainable[m.layer:])
+        return done, stage.layer_trainable[m.layer]
+    return stage.trainable, 0.0
+
+
+# --------------------------------------------------------------------------------------------- dtypes
+def _compute_bytes(job: Job) -> int:
+    return 4 if job.precision == "32-true" else 2
+
+
+def _storage_bytes(job: Job) -> int:
+    """Bytes per stored weight: DeepSpeed's bf16/fp16 engines keep 16-bit parameters (the fp32 copy is the
+    master partition); torch DDP and FSDP keep the precision's storage dtype (fp32 for ``*-mixed``)."""
+    if job.strategy.startswith("zero"):
+        return _compute_bytes(job)
+    return st.param_bytes(job.precision)
+
+
+def _master_bytes(job: Job) -> int:
+    """DeepSpeed's master partition: fp32 (``single_partition_of_fp32_groups`` / ``fp32_partitioned_groups_flat``,
+    cloned from the 16-bit partition), bf16 with ``bf16_master_weights_and_grads`` (memfit's bf16-true)."""
+    return 2 if job.precision in ("bf16-true", "16-true") else 4
+
+
+def _opt_bytes_per_elem(spec: ModelSpec, job: Job, dtype_precision: str) -> tuple[float, float]:
+    """(optimizer-state bytes, optimizer-step scratch bytes) per trainable element, with the states in the dtype
+    of ``dtype_precision`` (torch.optim allocates them like the parameter they track)."""
+    j = job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", precision=dtype_precision,
+                    tensor_parallel=1, pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
+    n = st.trainable_params(spec, j)
+    if n == 0:
+        return 0.0, 0.0
+    if job.is_lora:  # adapters are fp32 in the reference run; the engines below keep that
+        pass
+    return st.optimizer_state_bytes(spec, j) / n, st.optimizer_step_temp_bytes(spec, j) / n
+
+
+# --------------------------------------------------------------------------------------------- engine terms
+def ddp_bucket_bytes(grad_bytes: float, lay: Layout) -> float:
+    """DDP's reducer buckets: flat tensors of every trainable parameter's gradient (in its dtype), made at
+    construction and kept for the process (``Reducer::initialize_buckets``; ``bucket_cap_mb`` decides how many,
+    not how much: together they hold one full copy of the gradients). With ``gradient_as_bucket_view`` the
+    ``.grad`` tensors are views into them instead of separate tensors. None without data parallelism."""
+    return grad_bytes if lay.dp > 1 else 0.0
+
+
+def fsdp2_root_params(stage: _Stage) -> float:
+    """Elements in FSDP2's root group (``fully_shard(model)`` after the decoder layers): what no layer owns -
+    embeddings, final norm, head. The root never reshards after forward (``FSDPState._lazy_init`` sets its
+    ``post_forward_mesh_info`` to None), so its gathered parameters live from forward to the end of backward."""
+    return stage.embed + stage.head
+
+
+def zero_ipg_bucket_bytes(job: Job, cb: int) -> float:
+    """DeepSpeed's independent-partition-gradient bucket: ``reduce_bucket_size`` elements of the gradient dtype
+    (``setup_buckets`` in stage_1_and_2.py allocates it at the first gradient hook of a backward and frees it in
+    ``_release_ipg_buffers``; a second one with ``overlap_comm``; stage3.py allocates one at init and keeps it)."""
+    from ..deepspeed_config import zero_option
+
+    rbs = zero_option(job, "reduce_bucket_size")
+    if not zero_option(job, "contiguous_gradients"):
+        return 0.0
+    n = 2 if (zero_option(job, "overlap_comm") and job.strategy != "zero3") else 1
+    return float(rbs) * cb * n
+
+
+def zero3_persistent_params(spec: ModelSpec, job: Job, stage: _Stage, lay: Layout) -> float:
+    """Parameters ZeRO-3 never partitions: those of at most ``stage3_param_persistence_threshold`` elements
+    (default 1e5; norms and biases), kept whole on every rank (``ds_persist`` in parameter_offload.py)."""
+    from ..deepspeed_config import zero_option
+
+    thr = zero_option(job, "stage3_param_persistence_threshold")
+    order = _layer_order(spec)
+    total = 0.0
+    for i in stage.layers:
+        b = spec.blocks[order[i]]
+        if b.other_params and thr >= spec.hidden_size:
+            total += b.other_params
+        for lin in b.linears:
+            if lin.params <= thr:
+                total += lin.params
+    if stage.last and spec.final_params <= thr:
+        total += spec.final_params
+    return total
+
+
+def zero3_gathered_at_loss(spec: ModelSpec, job: Job, stage: _Stage) -> tuple[float, list[float]]:
+    """Gathered (16-bit, full) parameters ZeRO-3 still holds when the loss is computed, and how much of each
+    layer: ``partitioned_param_coordinator.__params_to_release`` keeps a module's parameters when the trace
+    shows them used again within ``stage3_max_reuse_distance`` elements (default 1e9). A module at the end of
+    forward is next used in backward after about twice the parameters that follow it; the lm_head (used
+    again first) and the last layers are kept, at most ``stage3_max_live_parameters``."""
+    from ..deepspeed_config import zero_option
+
+    dist = zero_option(job, "stage3_max_reuse_distance")
+    live = zero_option(job, "stage3_max_live_parameters")
+    kept_layers = [0.0] * len(stage.layers)
+    head = stage.head if stage.last else 0.0
+    kept = head if head <= live else 0.0
+    suffix = head
+    for k in range(len(stage.layers) - 1, -1, -1):
+        p = stage.layer_params[k]
+        if 2 * suffix >= dist or kept + p > live:
+            break
+        kept_layers[k] = p
+        kept += p
+        suffix += p
+    return head if head <= live else 0.0, kept_layers
+
+
+# --------------------------------------------------------------------------------------------- per strategy
+def _rank_moments(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str) -> list[tuple[_Moment, dict]]:
+    """Every moment of one rank with its {component: bytes}."""
+    S = lay.shard
+    cb = _compute_bytes(job)
+    wb = _storage_bytes(job)
+    strat = job.strategy
+    lora = job.is_lora
+    lora_params = st.lora_adapter_params(spec, job) / lay.tp / lay.pp if lora else 0.0
+    base_params = stage.params
+    adapter_b = 4 if strat in ("ddp", "fsdp", "fsdp2") else cb  # DeepSpeed casts the whole module
+    trainable = stage.trainable
+    tb = adapter_b if lora else wb  # bytes per gradient element
+    opt_prec = job.precision if strat in ("ddp", "fsdp", "fsdp2") else ("bf16-true" if _master_bytes(job) == 2 else "32-true")
+    if lora and strat in ("ddp", "fsdp", "fsdp2"):
+        opt_prec = "32-true"
+    opt_per, opt_tmp_per = _opt_bytes_per_elem(spec, job, opt_prec)
+    offload = job.offload
+    moments = _moments(spec, job, amode, stage, lay)
+    largest_layer = max(stage.layer_params) if stage.layer_params else 0.0
+    out = []
+    for m in moments:
+        done, current = _grads_done(m, stage)
+        c: dict[str, float] = {"activations": m.activations, "logits_and_loss": m.logits,
+                               "temporaries": m.temporaries, "autocast_cache": m.autocast_cache}
+        weights_full = base_params * wb + lora_params * adapter_b
+        if strat == "ddp" or (strat == "fsdp" and job.fsdp_sharding == "NO_SHARD"):
+            c["weights"] = weights_full
+            c["optimizer_states"] = trainable * opt_per
+            grads_all = trainable * tb
+            if strat == "ddp" and job.gradient_as_bucket_view and lay.dp > 1:
+                c["gradients"] = grads_all  # .grad are views into the buckets, alive for the process
+            else:
+                c["gradients"] = grads_all if m.kind in ("end_backward", "step") else done * tb
+                if strat == "ddp":
+                    c["communication_buffers"] = ddp_bucket_bytes(grads_all, lay)
+            if m.kind == "step":
+                c["temporaries"] += trainable * opt_tmp_per
+        elif strat in ("fsdp", "fsdp2"):
+            reshard = job.reshard_after_forward if strat == "fsdp2" else job.fsdp_sharding in ("FULL_SHARD", "HYBRID_SHARD")
+            on_gpu = offload == "none"
+            c.update(_fsdp_terms(m, stage, S, cb, wb, tb, trainable, opt_per, opt_tmp_per, done, current,
+                                 reshard, on_gpu, job))
+            c["weights"] += lora_params * adapter_b / S if on_gpu else 0.0
+        else:  # DeepSpeed ZeRO
+            c.update(_zero_terms(spec, m, job, stage, lay, S, cb, trainable, opt_per, opt_tmp_per, done, current,
+                                 largest_layer, lora_params * cb))
+        out.append((m, {k: v for k, v in c.items() if v}))
+    return out
+
+
+def _fsdp_terms(m: _Moment, stage: _Stage, S: int, cb: int, wb: int, tb: int, trainable: float, opt_per: float,
+                opt_tmp_per: float, done: float, current: float, reshard: bool, on_gpu: bool, job: Job) -> dict:
+    """FSDP2 (and FSDP1) on one rank at moment ``m``.
+
+    - sharded parameters, gradients and optimizer states: 1/S each, in the storage dtype (fp32 shards under
+      ``MixedPrecisionPolicy``; ``FSDPParam._init_sharded_param`` chunks dim 0);
+    - gathered 16-bit parameters (``gathered_weights``): the root group from forward to the end of backward; in
+      backward the layer being differentiated and the one prefetched before it (``_backward_prefetch``); with
+      ``reshard_after_forward=False`` (or FSDP1 SHARD_GRAD_OP) every layer from its forward to its backward;
+    - ``communication_buffers``: the layer's unsharded gradients in the compute dtype until its
+      post-backward, and the reduce-scatter input of the previous layer in ``reduce_dtype`` (fp32 for
+      ``*-mixed``: ``foreach_reduce`` copies and casts the gradients into one flat buffer, held until the next
+      reduce-scatter waits on it); the root's unsharded gradients (head, tied embedding) from the start of
+      backward, and its reduce-scatter input at the end;
+    - CPU offload (``CPUOffloadPolicy`` / ``CPUOffload(offload_params=True)``): shards, gradients and the
+      optimizer live on the host; only gathered layers and the collectives' buffers stay on the GPU.
+    """
+    rb = 4 if job.precision in ("16-mixed", "bf16-mixed") else cb
+    root = fsdp2_root_params(stage)
+    lp = stage.layer_params
+    c: dict[str, float] = {}
+    c["weights"] = stage.params * wb / S if on_gpu else 0.0
+    c["optimizer_states"] = trainable * opt_per / S if on_gpu else 0.0
+    c["gradients"] = (done if m.kind not in ("end_backward", "step") else trainable) * tb / S if on_gpu else 0.0
+    gathered = 0.0
+    comm = 0.0
+    if m.kind != "step":
+        gathered += root * cb
+    if m.kind in ("loss", "loss_backward"):
+        if not reshard:
+            gathered += sum(lp) * cb
+    elif m.kind == "layer_backward":
+        k = m.layer
+        if reshard:
+            gathered += lp[k] * cb + (lp[k - 1] * cb if k > 0 else 0.0)
+        else:
+            gathered += sum(lp[:k + 1]) * cb
+        comm += current * cb  # this layer's unsharded gradients
+        if k + 1 < len(lp):
+            comm += stage.layer_trainable[k + 1] * rb  # reduce-scatter input of the layer before (in backward)
+        comm += stage.head_trainable * cb  # the root's gradients wait for the embedding's
+    elif m.kind == "end_backward":
+        root_t = stage.head_trainable + stage.embed_trainable
+        comm += root_t * cb + root_t * rb  # root post-backward: unsharded grads and their reduce-scatter input
+    if m.kind == "step":
+        c["temporaries"] = m.temporaries + (trainable * opt_tmp_per / S if on_gpu else 0.0)
+    c["gathered_weights"] = gathered
+    c["communication_buffers"] = comm
+    c["autocast_cache"] = 0.0  # the engine casts the gathered layers; no autocast
+    return c
+
+
+def _zero_terms(spec: ModelSpec, m: _Moment, job: Job, stage: _Stage, lay: Layout, S: int, cb: int,
+                trainable: float, opt_per: float, opt_tmp_per: float, done: float, current: float,
+                largest_layer: float, adapters_16: float) -> dict:
+    """DeepSpeed ZeRO on one rank at moment ``m``.
+
+    Stage 1 and 2 (``DeepSpeedZeroOptimizer``): 16-bit parameters whole on every rank, flattened into
+    ``bit16_groups_flat``; the fp32 master partition (1/S) and the optimizer's states on it.
+
+    - stage 1 keeps every 16-bit ``.grad`` until the end of backward, then moves them through the IPG bucket
+      into ``grads_in_partition`` (1/S, 16-bit) and frees the rest;
+    - stage 2 reduces as the IPG bucket fills during backward: the bucket and ``grads_in_partition`` (1/S);
+    - the step flattens the partition's gradients (1/S, 16-bit), casts them to fp32 (1/S) for the optimizer,
+      whose own scratch (foreach AdamW's denominator) is fp32 too, then all-gathers the 16-bit weights in place.
+
+    Stage 3 (``DeepSpeedZeroOptimizer_Stage3``): 16-bit partitions (1/S) plus the small persistent parameters;
+    gradient partitions in one flat 16-bit buffer and the IPG bucket, both made at init and kept; gathered
+    parameters: the modules kept for reuse at the loss (see :func:`zero3_gathered_at_loss`), the layer being
+    computed and the ``stage3_prefetch_bucket_size`` fetched ahead; the step walks ``sub_group_size`` elements
+    at a time (flattened 16-bit gradients, their fp32 copy, the optimizer's scratch).
+
+    Offload (ZeRO-Offload / ZeRO-Infinity): the master partition, optimizer states and fp32 gradient
+    partition move to pinned host memory (``offload_optimizer``); stage 3 also moves the 16-bit partitions
+    (``offload_param``) and its gradient partitions.
+    """
+    from ..deepspeed_config import zero_option
+
+    md = _master_bytes(job)
+    off_opt = job.offload != "none"
+    off_par = job.offload == "optimizer+params"
+    bucket = zero_ipg_bucket_bytes(job, cb)
+    c: dict[str, float] = {}
+    c["master_weights"] = 0.0 if off_opt else trainable * md / S
+    c["optimizer_states"] = 0.0 if off_opt else trainable * opt_per / S
+    c["gradients"] = 0.0
+    c["communication_buffers"] = 0.0
+    c["gathered_weights"] = 0.0
+    if job.strategy in ("zero1", "zero2"):
+        c["weights"] = stage.params * cb + adapters_16
+        part = trainable * cb / S
+        if job.strategy == "zero1":
+            if m.kind in ("loss_backward", "layer_backward"):
+                c["gradients"] = done * cb
+                c["communication_buffers"] = bucket
+            elif m.kind == "end_backward":
+                c["gradients"] = trainable * cb + part - min(bucket, trainable * cb)
+                c["communication_buffers"] = bucket
+        else:
+            if m.kind in ("loss_backward", "layer_backward"):
+                # the fresh 16-bit gradient of one parameter before the hook copies it into the bucket
+                c["gradients"] = part + (stage.layer_max[m.layer] * cb if m.kind == "layer_backward" else 0.0)
+                c["communication_buffers"] = bucket
+            elif m.kind == "end_backward":
+                c["gradients"] = part
+                c["communication_buffers"] = bucket
+        if off_opt and m.kind in ("loss_backward", "layer_backward", "end_backward"):
+            # temp_grad_buffer_for_gpu_offload: the largest parameter, 16-bit, made at init
+            c["communication_buffers"] += _largest_param(spec, lay) * cb
+        elif off_opt:
+            c["communication_buffers"] += _largest_param(spec, lay) * cb
+        if m.kind == "step":
+            if off_opt:
+                c["temporaries"] = m.temporaries
+            else:
+                # flatten (16-bit) + fp32 cast, then the optimizer's scratch on the fp32 gradient
+                c["gradients"] = trainable * 4 / S
+                c["temporaries"] = m.temporaries + max(trainable * cb / S * 2, trainable * opt_tmp_per / S)
+    else:  # zero3
+        persist = zero3_persistent_params(spec, job, stage, lay)
+        c["weights"] = 0.0 if off_par else (stage.params - persist) * cb / S
+        c["weights"] += persist * cb + adapters_16 / S
+        c["gradients"] = 0.0 if off_opt else trainable * cb / S  # grad_partitions_flat_buffer
+        c["communication_buffers"] = bucket
+        prefetch = float(zero_option(job, "stage3_prefetch_bucket_size")) * cb
+        head, kept_layers = zero3_gathered_at_loss(spec, job, stage)
+        if m.kind in ("loss", "loss_backward"):
+            c["gathered_weights"] = head * cb + sum(kept_layers) * cb
+        elif m.kind == "layer_backward":
+            k = m.layer
+            below = sum(kept_layers[:k])
+            c["gathered_weights"] = below * cb + max(stage.layer_params[k] * cb, 0.0) + prefetch
+            c["communication_buffers"] += stage.layer_max[k] * cb  # a fresh 16-bit grad before the bucket copy
+        if m.kind == "step" and not off_opt and trainable:
+            sg = min(float(zero_option(job, "sub_group_size")), trainable / S)
+            # a sub-group's flattened 16-bit gradients and their fp32 copy, then the fp32 copy and the
+            # optimizer's scratch
+            c["temporaries"] = m.temporaries + max(sg * (cb + 4), sg * (4 + opt_tmp_per))
+    c["autocast_cache"] = 0.0
+    return c
+
+
+def _largest_param(spec: ModelSpec, lay: Layout) -> float:
+    biggest = spec.vocab_size * spec.hidden_size / lay.tp
+    for b in spec.blocks:
+        for lin in b.linears:
+            biggest = max(biggest, lin.in_features * lin.out_features / lay.tp)
+    return biggest
+
+
+# --------------------------------------------------------------------------------------------- host memory
+def host_bytes_per_rank(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage) -> float:
+    """Pinned host memory one rank takes for offloaded state.
+
+    - ZeRO-1/2 ``offload_optimizer``: fp32 master partition, optimizer states, the fp32 gradient partition
+      (``single_partition_of_fp32_groups[i].grad``, pinned), the 16-bit partition buffer
+      (``param_buffer_of_bit16_for_cpu_offload_groups``) and ``temp_grad_buffer_for_cpu_offload`` (largest
+      parameter);
+    - ZeRO-3: master, states, the fp32 gradient of each sub-group and the 16-bit gradient partitions
+      (``grad_partitions_flat_buffer`` is made on the offload device); ``offload_param`` adds the 16-bit
+      parameter partitions;
+    - ZeRO-Infinity (nvme): the state lives on NVMe; the host keeps DeepSpeed's aio swap buffers
+      (``offload_optimizer.buffer_count`` 4 sub-groups of fp32, ``offload_param.buffer_count`` 5 x
+      ``buffer_size`` 1e8 16-bit elements);
+    - FSDP/FSDP2 CPU offload: the sharded parameters, gradients and the optimizer states.
+    """
+    if job.offload == "none":
+        return 0.0
+    S = lay.shard
+    t = stage.trainable
+    cb = _compute_bytes(job)
+    if job.strategy in ("fsdp", "fsdp2"):
+        wb = _storage_bytes(job)
+        opt_per, _ = _opt_bytes_per_elem(spec, job, job.precision)
+        return stage.params * wb / S + t * wb / S + t * opt_per / S
+    from ..deepspeed_config import zero_option
+
+    md = _master_bytes(job)
+    opt_per, _ = _opt_bytes_per_elem(spec, job, "bf16-true" if md == 2 else "32-true")
+    if job.offload_device == "nvme":
+        sg = min(float(zero_option(job, "sub_group_size")), t / S)
+        host = 4 * sg * 4.0
+        if job.offload == "optimizer+params":
+            host += 5 * 1e8 * cb
+        return host + t * cb / S
+    host = t * md / S + t * opt_per / S + t * 4 / S
+    if job.strategy in ("zero1", "zero2"):
+        host += t * cb / S + _largest_param(spec, lay) * cb
+    else:
+        host += t * cb / S
+        if job.offload == "optimizer+params":
+            host += stage.params * cb / S
+    return host
+
+
+# --------------------------------------------------------------------------------------------- public
+def _activation_mode(job: Job) -> str:
+    from . import _act_mode
+
+    if job.strategy in _ENGINE_COMPUTES_16 and job.precision in ("16-mixed", "bf16-mixed"):
+        return "true"  # MixedPrecisionPolicy / DeepSpeed bf16: 16-bit weights in compute, no autocast
+    return _act_mode(job)
+
+
+def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
+    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`."""
+    if job.task != "train":
+        raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
+    if job.quantization != "none" and job.strategy != "ddp":
+        raise JobError(f"a quantized base with {job.strategy} is not estimated yet; use strategy ddp (QLoRA per GPU)")
+    if spec.model_type == "gemma2" and job.attention == "sdpa":
+        job = job.replace(attention="eager")
+    if job.strategy.startswith("zero") and job.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
+        raise JobError(f"{job.optimizer} keeps its own state layout; DeepSpeed ZeRO partitions torch optimizers "
+                       "(adamw, adam, sgd, lion, adafactor)")
+    if job.strategy == "single":
+        job = job.replace(strategy="ddp")
+    lay = layout(job)
+    amode = _activation_mode(job)
+    best: tuple[float, dict[str, float], str, dict[str, int], _Stage] | None = None
+    per_stage = []
+    for stage in _stages(spec, job, lay):
+        ms = _rank_moments(spec, job, lay, stage, amode)
+        phases: dict[str, int] = {}
+        top: dict[str, float] | None = None
+        top_phase = ""
+        for m, comps in ms:
+            phase = m.phase
+            total = sum(comps.values())
+            phases[phase] = max(phases.get(phase, 0), int(total))
+            if top is None or total > sum(top.values()):
+                top, top_phase = comps, phase
+        per_stage.append({"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": int(sum(top.values())),
+                          "peak_phase": top_phase})
+        if best is None or sum(top.values()) > best[0]:
+            best = (sum(top.values()), top, top_phase, phases, stage)
+    assert best is not None
+    _, top, phase, phases, stage = best
+    comps = {k: int(v) for k, v in top.items() if int(v)}
+    peak = sum(comps.values())
+    reserved = peak + allocator_reserve_bytes(peak, job)
+    nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
+    total = reserved + cuda_context_bytes(job) + nccl
+    host_rank = host_bytes_per_rank(spec, job, lay, stage)
+    ranks_per_node = job.gpus_per_node
+    notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
+             f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
+             + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
+    if job.offload != "none":
+        notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
+    if job.strategy in ("fsdp2", "fsdp") and job.precision in ("16-mixed", "bf16-mixed"):
+        notes.append("mixed precision by the engine: fp32 shards, 16-bit gathered layers, no autocast")
+    if job.strategy.startswith("zero") and job.precision in ("16-mixed", "bf16-mixed"):
+        notes.append("DeepSpeed bf16/fp16: 16-bit parameters and gradients, fp32 master partition and optimizer states")
+    extras = {"layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "shard": lay.shard,
+                         "sequence_parallel": lay.sp, "microbatches_in_flight": stage.in_flight},
+              "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl}
+    return Breakdown(
+        engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
+        trainable_parameters=st.trainable_params(spec, job.replace(strategy="single", gpus=1, gpus_per_node=1,
+                                                                   offload="none", tensor_parallel=1,
+                                                                   pipeline_parallel=1, expert_parallel=1,
+                                                                   sequence_parallel=False)),
+        components=comps, peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=total,
+        peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node), notes=notes, extras=extras)
+
+
+# --------------------------------------------------------------------------------------------- closed forms
+def zero_model_states(parameters: float, gpus: int, stage: int, *, param_bytes: int = 2, grad_bytes: int = 2,
+                      optimizer_bytes: int = 12) -> dict[str, float]:
+    """Model states per GPU in the ZeRO paper's notation (Rajbhandari et al. 2020, section 5 and Figure 1):
+    mixed-precision Adam keeps 2 bytes of parameters, 2 of gradients and K = 12 of optimizer states (fp32
+    master, momentum, variance) per parameter; stage 1 partitions the K, stage 2 the gradients too, stage 3
+    the parameters too, over Nd GPUs. Stage 0 is the data-parallel baseline. Pure arithmetic (bytes)."""
+    nd = float(gpus)
+    psi = float(parameters)
+    p = psi * param_bytes
+    g = psi * grad_bytes
+    k = psi * optimizer_bytes
+    if stage == 0:
+        parts = (p, g, k)
+    elif stage == 1:
+        parts = (p, g, k / nd)
+    elif stage == 2:
+        parts = (p, g / nd, k / nd)
+    elif stage == 3:
+        parts = (p / nd, g / nd, k / nd)
+    else:
+        raise JobError(f"ZeRO stage must be 0-3; got {stage}")
+    return {"parameters": parts[0], "gradients": parts[1], "optimizer_states": parts[2], "total": sum(parts)}
+
+
+def megatron_activation_bytes(*, seq_len: int, batch_size: int, hidden_size: int, num_heads: int,
+                              tensor_parallel: int = 1, sequence_parallel: bool = False,
+                              selective_recompute: bool = False) -> float:
+    """Activation bytes of one transformer layer in 16-bit training (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", Table 2): sbh(34 + 5as/h) without parallelism;
+    sbh(10 + 24/t + 5as/(ht)) with tensor parallelism; sbh/t (34 + 5as/h) with sequence parallelism too;
+    selective recomputation drops the 5as/h attention term."""
+    s, b, h, a, t = seq_len, batch_size, hidden_size, num_heads, tensor_parallel
+    attn = 0.0 if selective_recompute else 5 * a * s / h
+    if t == 1:
+        return s * b * h * (34 + attn)
+    if sequence_parallel:
+        return s * b * h * (34 + attn) / t
+    return s * b * h * (10 + 24 / t + attn / t)

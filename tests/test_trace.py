@@ -1,0 +1,268 @@
+"""The trace engine: exact bytes where the answer is exact, the CUDA behaviours it emulates, its fallbacks.
+
+Everything runs on tiny models (a 2-layer Llama and GPT-2 with a 1000-token vocabulary): a trace of one
+takes well under a second. The real-GPU comparison (median |error| of the peak) lives in validation/.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from memfit import Job
+from memfit.tracer.allocator import (LARGE_SEGMENT_BYTES, SMALL_SEGMENT_BYTES, CachingAllocatorModel, round_size,
+                                     segment_size)
+
+MiB = 1 << 20
+
+TINY_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
+    "max_position_embeddings": 512, "tie_word_embeddings": False,
+}
+TINY_GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 4,
+             "vocab_size": 1000, "n_positions": 512}
+
+
+# --------------------------------------------------------------------------------------------- allocator
+def test_round_size_is_a_multiple_of_512_and_at_least_512():
+    assert round_size(1) == 512
+    assert round_size(512) == 512
+    assert round_size(513) == 1024
+    assert round_size(4 * MiB + 1) == 4 * MiB + 512
+
+
+def test_segment_sizes_follow_the_pools():
+    assert segment_size(512) == SMALL_SEGMENT_BYTES          # small requests share 2 MiB segments
+    assert segment_size(1 * MiB) == SMALL_SEGMENT_BYTES
+    assert segment_size(1 * MiB + 512) == LARGE_SEGMENT_BYTES  # 1..10 MiB share 20 MiB segments
+    assert segment_size(10 * MiB) == 10 * MiB               # from 10 MiB: own segment, rounded to 2 MiB
+    assert segment_size(11 * MiB) == 12 * MiB
+
+
+def test_small_requests_pack_into_one_segment_and_blocks_are_reused():
+    sim = CachingAllocatorModel()
+    blocks = [sim.malloc(100) for _ in range(4)]
+    assert sim.allocated == 4 * 512 and sim.reserved == SMALL_SEGMENT_BYTES
+    sim.free(blocks[1])
+    again = sim.malloc(300)  # best fit: the freed 512-byte hole, not the segment's tail
+    assert again.addr == blocks[1].addr
+    assert sim.reserved == SMALL_SEGMENT_BYTES
+
+
+def test_an_unsplit_large_block_counts_whole():
+    # A 2 MiB request carves a 20 MiB segment; after it is freed, a 19.5 MiB request takes the merged
+    # 20 MiB block whole (the 0.5 MiB left is not worth splitting off in the large pool): allocated counts it all.
+    sim = CachingAllocatorModel()
+    b = sim.malloc(2 * MiB)
+    assert sim.allocated == 2 * MiB and sim.reserved == 20 * MiB
+    sim.free(b)
+    assert sim.allocated == 0
+    big = sim.malloc(19 * MiB + MiB // 2)
+    assert big.size == 20 * MiB and sim.allocated == 20 * MiB and sim.reserved == 20 * MiB
+
+
+def test_freed_neighbours_merge():
+    sim = CachingAllocatorModel()
+    a, b, c = sim.malloc(2 * MiB), sim.malloc(2 * MiB), sim.malloc(2 * MiB)
+    sim.free(a)
+    sim.free(b)
+    d = sim.malloc(4 * MiB)  # fits only in a + b merged
+    assert d.addr == a.addr and sim.reserved == 20 * MiB
+    sim.free(c)
+    sim.free(d)
+    assert sim.allocated == 0 and sim.peak_allocated == 6 * MiB
+
+
+# --------------------------------------------------------------------------------------------- traces
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from memfit.reference import spec_from_config  # noqa: E402
+from memfit.tracer import trace  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama") / "config.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    return str(path)
+
+
+def _job(path, **kw):
+    kw.setdefault("seq_len", 64)
+    return Job(model=path, **kw)
+
+
+def _spec(config=TINY_LLAMA):
+    return spec_from_config(config, name="tiny")
+
+
+def _param_bytes(config, dtype, predicate=lambda name: True):
+    """Every parameter's own block (512-byte multiple), counted as the allocator rounds it."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**config), dtype=dtype)
+    return sum(round_size(p.numel() * p.element_size()) for n, p in model.named_parameters() if predicate(n))
+
+
+def test_weights_are_the_parameters_to_the_byte(llama_path):
+    bd = trace(_job(llama_path, precision="bf16-true"), spec=_spec(), fallback=False)
+    buffers = 2 * 512  # the rotary embedding's inv_freq and original_inv_freq (32 fp32 each)
+    assert bd.engine == "trace" and bd.measurement == "fake-tensors"
+    assert bd.components["weights"] == _param_bytes(TINY_LLAMA, torch.bfloat16) + buffers
+    assert bd.parameters == _count(TINY_LLAMA)
+
+
+def _count(config):
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_adamw_states_are_exactly_two_fp32_copies_of_the_parameters(llama_path):
+    bd = trace(_job(llama_path, precision="bf16-mixed", optimizer="adamw"), spec=_spec(), fallback=False)
+    assert bd.components["optimizer_states"] == 2 * _param_bytes(TINY_LLAMA, torch.float32)
+
+
+def test_every_component_is_in_whole_blocks_and_they_add_up(llama_path):
+    bd = trace(_job(llama_path), spec=_spec(), fallback=False)
+    assert all(v % 512 == 0 for v in bd.components.values())
+    assert sum(bd.components.values()) == bd.peak_allocated_bytes
+    assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes
+    assert bd.device_total_bytes > bd.peak_reserved_bytes
+
+
+def test_foreach_adamw_step_holds_one_temporary_as_large_as_all_parameters(llama_path):
+    # On CUDA torch.optim picks the multi-tensor AdamW, whose _foreach_sqrt makes a copy of every exp_avg_sq
+    # at once; the trace takes that path on its fake CPU parameters too.
+    bd = trace(_job(llama_path, precision="32-true"), spec=_spec(), fallback=False)
+    params = _param_bytes(TINY_LLAMA, torch.float32)
+    assert bd.peak_phase == "optimizer_step"
+    assert bd.components["temporaries"] >= params
+
+
+def _shapes_saved(path, attention):
+    from memfit.tracer.engine import _TraceRun
+
+    run = _TraceRun(torch, _job(path, seq_len=96, attention=attention), _spec(), None, cuda=True, sdpa="cudnn",
+                    steps=1)
+    run.execute()
+    return [r.shape for r in run.tracker.records if r.phase == "forward"]
+
+
+def test_sdpa_keeps_no_score_matrix_but_eager_does(llama_path):
+    S, H = 96, TINY_LLAMA["num_attention_heads"]
+    scores = (1, H, S, S)  # (batch, heads, queries, keys)
+    assert scores not in _shapes_saved(llama_path, "sdpa")
+    assert _shapes_saved(llama_path, "eager").count(scores) >= TINY_LLAMA["num_hidden_layers"]
+
+
+def test_sdpa_takes_the_kernel_cuda_takes(llama_path):
+    bf16 = trace(_job(llama_path, precision="bf16-mixed"), spec=_spec(), fallback=False)
+    assert set(bf16.extras["sdpa_backends"]) == {"cudnn"}
+    flash = trace(_job(llama_path, precision="bf16-mixed"), spec=_spec(), fallback=False, sdpa="flash")
+    assert set(flash.extras["sdpa_backends"]) == {"flash"}
+    # fp32 with grouped-query attention: no fused kernel takes it on the H100, the math backend runs.
+    fp32 = trace(_job(llama_path, precision="32-true"), spec=_spec(), fallback=False)
+    assert set(fp32.extras["sdpa_backends"]) == {"math"}
+
+
+def test_cuda_autocast_policy_on_the_cpu():
+    from memfit.tracer.cuda_emulation import cuda_autocast_policy
+
+    x = torch.randn(4, 8)
+    w = torch.randn(8, 8, requires_grad=True)
+    with cuda_autocast_policy(torch), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = x @ w
+        assert y.dtype == torch.bfloat16
+        assert torch.softmax(y, -1).dtype == torch.float32       # fp32_set_opt_dtype on CUDA
+        assert torch.nn.functional.layer_norm(y, (8,)).dtype == torch.float32  # fp32 list on CUDA
+        assert torch.einsum("ij,jk->ik", x, w).dtype == torch.bfloat16  # lower precision on CUDA only
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # restored afterwards: the CPU's own lists
+        assert torch.softmax(x @ w, -1).dtype == torch.bfloat16
+
+
+def test_trace_of_the_cpu_run_matches_a_real_cpu_run(llama_path):
+    """Without the CUDA emulation the trace counts what a real CPU run's tensors take: exactly."""
+    pytest.importorskip("memfit.measurer.engine")
+    from memfit.measurer.engine import measure
+
+    job = _job(llama_path, precision="32-true", attention="eager")
+    real = measure(job, device="cpu", spec=_spec(), progress=False, steps=2)
+    fake = trace(job, spec=_spec(), fallback=False, cuda=False)
+    assert fake.peak_allocated_bytes == real.peak_allocated_bytes
+    assert fake.phases == real.phases
+
+
+def test_timeline_is_compact_and_holds_the_peak(llama_path):
+    bd = trace(_job(llama_path), spec=_spec(), fallback=False)
+    tl = bd.extras["timeline"]
+    assert 0 < len(tl) <= 2000
+    assert max(p[2] for p in tl) == bd.peak_allocated_bytes
+    assert {p[1] for p in tl} >= {"forward", "backward", "optimizer_step"}
+
+
+def test_checkpointing_lora_and_gpt2_trace(llama_path, tmp_path):
+    ckpt = trace(_job(llama_path, gradient_checkpointing=True), spec=_spec(), fallback=False)
+    plain = trace(_job(llama_path), spec=_spec(), fallback=False)
+    assert ckpt.phases["forward"] < plain.phases["forward"]
+    lora = trace(_job(llama_path, method="lora", precision="bf16-true"), spec=_spec(), fallback=False)
+    assert lora.components["lora_adapters"] > 0 and lora.trainable_parameters < lora.parameters
+    gpt2 = trace(Job(model="tiny-gpt2", seq_len=64), spec=_spec(TINY_GPT2), fallback=False)
+    assert gpt2.engine == "trace" and gpt2.components["logits_and_loss"] > 0
+
+
+def test_generate_keeps_a_kv_cache(llama_path):
+    bd = trace(_job(llama_path, task="infer", prompt_len=32, new_tokens=4, batch_size=2), spec=_spec(),
+               fallback=False)
+    assert bd.components.get("kv_cache", 0) > 0
+    assert set(bd.phases) == {"load", "prefill", "decode"}
+
+
+def test_a_users_module_is_traced_and_left_alone(llama_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**TINY_LLAMA))
+    before = next(model.parameters()).detach().clone()
+    bd = trace(_job(llama_path), model=model, fallback=False)
+    assert bd.engine == "trace" and bd.parameters == sum(p.numel() for p in model.parameters())
+    first = next(model.parameters())
+    assert type(first) is torch.nn.Parameter and torch.equal(first.detach(), before)
+
+
+def test_bitsandbytes_jobs_fall_back_to_the_estimate(llama_path):
+    bd = trace(_job(llama_path, method="qlora", precision="bf16-true"), spec=_spec())
+    assert bd.engine == "estimate"
+    assert bd.notes[0].startswith("trace could not run:") and "bitsandbytes" in bd.notes[0]
+    from memfit.tracer import TraceUnsupportedError
+
+    with pytest.raises(TraceUnsupportedError):
+        trace(_job(llama_path, method="qlora", precision="bf16-true"), spec=_spec(), fallback=False)
+
+
+def test_without_torch_it_says_how_to_install(llama_path, monkeypatch):
+    from memfit.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingDependencyError, match=r"memfit\[trace\]"):
+        trace(_job(llama_path), spec=_spec())
+
+
+def test_cli_json_and_plot(llama_path, tmp_path, capsys):
+    from memfit.cli import main
+
+    assert main(["trace", llama_path, "--seq-len", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "trace" and out["peak_allocated_bytes"] == sum(out["components"].values())
+    pytest.importorskip("matplotlib")
+    svg = tmp_path / "timeline.svg"
+    assert main(["trace", llama_path, "--seq-len", "64", "--plot", str(svg)]) == 0
+    printed = capsys.readouterr().out
+    assert svg.read_text().lstrip().startswith("<?xml") and "peak" in printed
