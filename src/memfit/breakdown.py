@@ -28,6 +28,8 @@ COMPONENT_NOTES: dict[str, str] = {
     "lora_adapters": "LoRA A/B matrices (trainable)",
     "quantization_state": "scales, absmax and statistics of quantized weights",
     "inputs": "token ids, labels, masks, position ids",
+    "gathered_weights": "unsharded 16-bit parameters gathered by FSDP / ZeRO-3 (layers in flight, root, prefetch)",
+    "communication_buffers": "gradient buckets and reduce-scatter buffers of DDP / FSDP / DeepSpeed",
     "other": "everything else allocated at the peak",
 }
 

@@ -29,8 +29,23 @@ _JOB_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "gpus_per_node": (int, "GPUs per node"),
     "strategy": (str, "single, ddp, fsdp, fsdp2, zero1, zero2, zero3"),
     "offload": (str, "none, optimizer, optimizer+params"),
+    "offload_device": (str, "cpu or nvme (ZeRO-Infinity)"),
+    "fsdp_sharding": (str, "fsdp: FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD, NO_SHARD"),
+    "bucket_cap_mb": (int, "ddp: DistributedDataParallel bucket_cap_mb (default 25)"),
+    "reduce_bucket_size": (int, "ZeRO reduce_bucket_size, elements (default 5e8)"),
+    "allgather_bucket_size": (int, "ZeRO-1/2 allgather_bucket_size, elements (default 5e8)"),
+    "sub_group_size": (int, "ZeRO-3 sub_group_size, elements (default 1e9)"),
+    "stage3_prefetch_bucket_size": (int, "ZeRO-3 prefetch, elements (default 5e7)"),
+    "stage3_param_persistence_threshold": (int, "ZeRO-3 persistence threshold, elements (default 1e5)"),
+    "stage3_max_live_parameters": (int, "ZeRO-3 live parameters, elements (default 1e9)"),
+    "stage3_max_reuse_distance": (int, "ZeRO-3 reuse distance, elements (default 1e9)"),
+    "tensor_parallel": (int, "Megatron tensor-parallel degree"),
+    "pipeline_parallel": (int, "pipeline stages"),
+    "pipeline_microbatches": (int, "micro-batches in flight on the first stage (default: pipeline_parallel)"),
+    "expert_parallel": (int, "MoE expert-parallel degree"),
 }
-_JOB_BOOLS = ("gradient_checkpointing", "double_quant")
+_JOB_BOOLS = ("gradient_checkpointing", "double_quant", "reshard_after_forward", "gradient_as_bucket_view",
+              "sequence_parallel", "overlap_comm", "contiguous_gradients")
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +66,13 @@ def job_from_args(args: argparse.Namespace):
     data: dict[str, Any] = {}
     if args.job:
         data = load_job(args.job).to_dict()
+    # engine configs (estimate --deepspeed / --accelerate-config): their fields, then the flags on top
+    from .deepspeed_config import read_accelerate_config, read_deepspeed_config
+
+    for attr, reader in (("accelerate_config", read_accelerate_config), ("deepspeed", read_deepspeed_config)):
+        path = getattr(args, attr, None)
+        if path:
+            data.update(reader(path))
     if args.model:
         data["model"] = args.model
     for name in list(_JOB_FLAGS) + list(_JOB_BOOLS):

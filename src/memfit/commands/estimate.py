@@ -11,6 +11,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="estimate GPU memory of a job (no GPU, no torch)",
                        description="Estimate the per-GPU memory of a training or inference job.")
     add_job_arguments(p)
+    p.add_argument("--deepspeed", metavar="FILE", help="read ZeRO stage, bf16/fp16, offload, bucket sizes and "
+                   "micro-batch from a DeepSpeed ds_config.json (flags override it)")
+    p.add_argument("--accelerate-config", metavar="FILE", dest="accelerate_config",
+                   help="read the engine, precision and GPUs from an Accelerate config (FSDP, DeepSpeed, DDP)")
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON")
     p.add_argument("--max-batch-size", action="store_true", help="find the largest micro-batch that fits")
     p.add_argument("--gpu-memory", default="80GiB", help="device memory for --max-batch-size (default 80GiB)")

@@ -528,7 +528,9 @@ def _zero_terms(spec: ModelSpec, m: _Moment, job: Job, stage: _Stage, lay: Layou
     c["gathered_weights"] = 0.0
     if job.strategy in ("zero1", "zero2"):
         c["weights"] = stage.params * cb + adapters_16
-        part = trainable * cb / S
+        # with offload the reduced gradients go straight to the pinned fp32 partition on the host
+        # (copy_grads_in_partition's cpu_offload branch): no grads_in_partition on the GPU
+        part = 0.0 if off_opt else trainable * cb / S
         if job.strategy == "zero1":
             if m.kind in ("loss_backward", "layer_backward"):
                 c["gradients"] = done * cb

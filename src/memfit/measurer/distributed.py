@@ -61,9 +61,7 @@ class _Meter:
         self.cuda = device.type == "cuda"
         self.cpu = None
         if not self.cuda:
-            from .meters import CpuMeter
-
-            self.cpu = CpuMeter()
+            self.cpu = _cpu_meter()
 
     def start(self) -> None:
         if self.cpu is not None:
@@ -97,6 +95,22 @@ class _Meter:
             return 0
         free, total = self.torch.cuda.mem_get_info(self.device)
         return int(total - free)
+
+
+def _cpu_meter():
+    """memfit's CpuMeter counting the local shards of DTensors too (FSDP2's parameters, gradients and optimizer
+    states are DTensors: a dispatch mode sees them, not the local tensors their ops allocate)."""
+    from .meters import CpuMeter
+
+    meter = CpuMeter()
+    see = meter.tracker.see
+
+    def see_local(t: Any) -> None:
+        local = getattr(t, "_local_tensor", None)
+        see(local if local is not None else t)
+
+    meter.tracker.see = see_local  # type: ignore[method-assign]
+    return meter
 
 
 class _Recorder:
