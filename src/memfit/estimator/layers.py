@@ -52,6 +52,7 @@ class _Replay:
         self.saved: dict[str, float] = {}  # storage -> bytes per token
         self._n = 0
         self.softmax_fp32 = True
+        self.materialized_mask = False  # the model passes an explicit attention mask to sdpa (Falcon)
 
     # -- helpers --------------------------------------------------------------
     def new(self, name: str, size: float, dtype: int) -> str:
@@ -137,7 +138,11 @@ class _Replay:
                 return
             for _ in range(3):
                 self.save(self.tmp(n, dt))
-        else:  # silu, gelu, gelu_pytorch_tanh, relu: one tensor (input or output)
+        elif kind == "relu":  # relu keeps its output, the same tensor the next linear keeps
+            self.new(y, n, dt)
+            self.save(y)
+            return
+        else:  # silu, gelu, gelu_pytorch_tanh: the input
             self.save(x)
         self.new(y, n, dt)
 
@@ -158,8 +163,13 @@ class _Replay:
         S = self.m.seq_len
         e = 2 if self.mixed else self.m.act_bytes
         kernel = self.m.attention
+        broadcast_kv = False
         if kernel == "sdpa" and e == 4 and kvh < nh:
             kernel = "math"  # fp32 + GQA: flash needs 16-bit, memory-efficient has no GQA
+        if kernel == "sdpa" and self.materialized_mask and kvh < nh:
+            # an explicit mask rules out flash, and memory-efficient cannot broadcast one k/v head over many:
+            # PyTorch falls back to the math kernel, which broadcasts k and v without copying them
+            kernel, broadcast_kv = "math", True
         if kernel == "sdpa" and softcap:
             kernel = "eager"  # transformers runs softcapped attention eagerly
         if kernel in ("sdpa", "flash"):
@@ -169,11 +179,15 @@ class _Replay:
             self.save(o)
             self.save_bytes(o + ".lse", 4 * nh)
             return
-        if kernel == "math":  # scaled q and k, repeated k and v, softmax output, all in e bytes
-            self.save(self.tmp(nh * dqk, e))
-            self.save(self.tmp(nh * dqk, e))
-            self.save(self.tmp(nh * dv, e))
-            self.save(self.tmp(nh * S / 2 if False else nh * S, e))
+        if kernel == "math":
+            # PyTorch's math kernel computes in fp32 (16-bit inputs are upcast unless
+            # allow_fp16_bf16_reduction_math_sdp is set) and keeps scaled q and k, repeated (or broadcast)
+            # k and v, and the softmax output
+            kv_heads = kvh if broadcast_kv else nh
+            self.save(self.tmp(nh * dqk, 4))
+            self.save(self.tmp(kv_heads * dqk, 4))
+            self.save(self.tmp(kv_heads * dv, 4))
+            self.save(self.tmp(nh * S, 4))
             self.new(o, nh * dv, e)
             return
         # eager: repeat_kv, q @ k^T, softmax in fp32, cast back, (dropout), @ v
@@ -249,7 +263,8 @@ def _names(block: Block) -> dict[str, str]:
 
 def _replay_layer(spec: ModelSpec, block: Block, mode: Mode) -> float:
     r = _Replay(mode)
-    r.softmax_fp32 = spec.model_type not in ("gpt2", "bert", "roberta", "distilbert")
+    r.softmax_fp32 = spec.model_type not in ("gpt2", "bert", "roberta", "distilbert", "falcon")
+    r.materialized_mask = spec.model_type == "falcon"  # create_causal_mask(allow_is_causal_skip=False)
     H = spec.hidden_size
     at = block.attention
     nh, kvh, d, dv = at.num_heads, at.num_kv_heads, at.head_dim, at.v_head_dim

@@ -201,7 +201,7 @@ def _tp_activation_factor(lay: Layout) -> float:
 def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) -> list[_Moment]:
     """The activation side of each moment of one step on one pipeline stage, for the single-GPU rules of
     ``memfit.estimator._train`` (same terms, same replay), scaled for TP/SP and the micro-batches in flight."""
-    from . import _dropout, _layer_saved  # noqa: F401 - helpers of the single-GPU estimate
+    from . import _layer_saved  # the single-GPU estimate's per-layer replay (cached)
 
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
@@ -309,8 +309,6 @@ def _opt_bytes_per_elem(spec: ModelSpec, job: Job, dtype_precision: str) -> tupl
     n = st.trainable_params(spec, j)
     if n == 0:
         return 0.0, 0.0
-    if job.is_lora:  # adapters are fp32 in the reference run; the engines below keep that
-        pass
     return st.optimizer_state_bytes(spec, j) / n, st.optimizer_step_temp_bytes(spec, j) / n
 
 

@@ -22,6 +22,13 @@ What runs on each rank (the reference run of :mod:`memfit.reference`, wrapped by
   and the job's torch optimizer; the step is ``engine(**batch).loss``, ``engine.backward(loss)``,
   ``engine.step()``.
 
+``--simulate-rank R`` (no torchrun) runs rank R of the job alone on one device under PyTorch's fake process
+group (``torch.testing._internal.distributed.fake_pg``): every allocation of that rank happens as in the real job,
+the collectives move no data and allocate nothing of their own, and they complete at once (no stream waits). The
+record says so (``measurement: cuda-allocator-simulated``) and the scorer leaves it out: it is a check of an
+engine's layout where no multi-GPU machine is at hand, not evidence. DDP (with an in-place comm hook), FSDP2 and
+ZeRO-1/2 run this way; ZeRO-3 does not (DeepSpeed compares lists across ranks while it partitions).
+
 The first ``--warmup`` steps (default 2: the optimizer state is created in step 1, DDP rebuilds its buckets
 and ZeRO-3 records its parameter trace in step 2) are not measured; peaks are the max over the rest, per
 phase (forward, backward, optimizer_step), each rank on its own device.
@@ -189,6 +196,14 @@ def _build_ddp(torch: Any, job: Job, spec: Any, device: Any):
     ids = [device.index] if device.type == "cuda" else None
     wrapped = DDP(model, device_ids=ids, bucket_cap_mb=job.bucket_cap_mb,
                   gradient_as_bucket_view=job.gradient_as_bucket_view)
+    if os.environ.get("MEMFIT_SIMULATED") == "1":
+        # the fake process group's all-reduce returns no result: reduce in place (nothing) and hand the bucket back
+        def _in_place(state, bucket):  # noqa: ANN001 - DDP checks the annotations: none given
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        wrapped.register_comm_hook(None, _in_place)
     return wrapped, make_optimizer(single, wrapped), single
 
 
@@ -347,7 +362,6 @@ def run_rank(job: Job, *, steps: int = 4, warmup: int = 2) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from ..reference import make_batch, make_grad_scaler, train_step
     from .engine import resolve_spec
 
     rank = dist.get_rank()
@@ -459,7 +473,6 @@ def _run(job: Job, spec: Any, builders: dict, meter: _Meter, device: Any, rank: 
 
 def _breakdown(job: Job, ranks: list[dict[str, Any]], env: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     from ..breakdown import Breakdown
-    from .accounting import count_parameters  # noqa: F401 - kept for parity with the single engine
 
     top = max(ranks, key=lambda r: r["peak_allocated_bytes"])
     extras = {
@@ -488,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("outdir", help="rank 0 writes OUTDIR/record.json")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--simulate-rank", type=int, default=None, metavar="R",
+                    help="run rank R alone under a fake process group (one device, collectives skipped)")
     args = ap.parse_args(argv)
 
     try:
@@ -510,9 +525,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     cuda = torch.cuda.is_available()
+    simulated = args.simulate_rank is not None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+        torch.cuda.set_device(0 if simulated else int(os.environ.get("LOCAL_RANK", "0")))
+    if simulated:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        if job.strategy == "zero3":
+            print("memfit: error: ZeRO-3 cannot be simulated (DeepSpeed checks lists across ranks); use torchrun",
+                  file=sys.stderr)
+            return 2
+        if not 0 <= args.simulate_rank < job.gpus:
+            print(f"memfit: error: --simulate-rank must be 0..{job.gpus - 1}", file=sys.stderr)
+            return 2
+        os.environ["LOCAL_RANK"] = "0"
+        os.environ["MEMFIT_SIMULATED"] = "1"
+        os.environ.setdefault("RANK", str(args.simulate_rank))
+        os.environ.setdefault("WORLD_SIZE", str(job.gpus))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29555")
+        dist.init_process_group("fake", store=FakeStore(), rank=args.simulate_rank, world_size=job.gpus)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo")
     world = dist.get_world_size()
     status = 0
     try:
@@ -531,9 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             traceback.print_exc()
             status = 1
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, result)
-        if dist.get_rank() == 0:
+        if simulated:
+            gathered: list[Any] = [result]
+        else:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, result)
+        if dist.get_rank() == 0 or simulated:
             from .env import environment
             from .record import utc_now, write_json
             from .. import __version__
@@ -565,14 +602,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except Exception:  # noqa: BLE001
                     env_extra = {}
                 record["breakdown"] = _breakdown(job, gathered, {**env, **env_extra}, args.steps, args.warmup)
+                if simulated:
+                    bd = record["breakdown"]
+                    bd["measurement"] = "cuda-allocator-simulated" if cuda else "cpu-simulated"
+                    bd["notes"].append(f"simulated: rank {args.simulate_rank} of {job.gpus} alone under a fake process "
+                                       "group (collectives skipped); not scored")
+                    bd["extras"]["simulated_rank"] = args.simulate_rank
             write_json(Path(args.outdir) / "record.json", record)
             print(json.dumps({"ranks": [{k: r.get(k) for k in ("rank", "peak_allocated_bytes", "peak_phase", "error")}
                                         for r in gathered]}))
     finally:
-        try:
-            dist.barrier()
-        except Exception:  # noqa: BLE001
-            pass
+        if not simulated:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001
+                pass
         dist.destroy_process_group()
     return status
 
