@@ -322,3 +322,12 @@ def test_multi_yaml_jobs_estimate():
         bd = estimate(job)
         assert 0 < bd.peak_allocated_bytes < 80 * 2**30  # each fits the lent 80 GB GPUs
     assert {"ddp", "fsdp2", "zero1", "zero2", "zero3"} <= strategies
+
+
+def test_distributed_measurer_rejects_bad_input_before_starting(capsys):
+    from memfit.measurer.distributed import main as dist_main
+
+    assert dist_main(['{"model": "gpt2", "gpus": 0}', "/tmp/unused"]) == 2
+    assert "gpus must be" in capsys.readouterr().err
+    assert dist_main(['{"model": "gpt2", "gpus": 2, "strategy": "zero3"}', "/tmp/unused", "--simulate-rank", "0"]) == 2
+    assert "cannot be simulated" in capsys.readouterr().err
