@@ -83,6 +83,13 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     grads_total = st.gradient_bytes(spec, job)
     opt_states = st.optimizer_state_bytes(spec, job)
     cache = st.autocast_cache_bytes(spec, job)
+    ckpt_frozen_casts = 0
+    if cache and job.is_lora and job.gradient_checkpointing:
+        # autocast caches casts of leaves that require grad only: a frozen base's 16-bit copies are made per
+        # use, and under checkpointing nothing keeps them, so one layer's copies exist at a time
+        ckpt_frozen_casts = max(2 * sum(lin.in_features * lin.out_features * lin.count for lin in b.linears)
+                                for b in spec.blocks)
+        cache = 2 * spec.lm_head_params if spec.head in ("causal_lm", "masked_lm") else 0
     ws = st.CUBLAS_WORKSPACE_BYTES
     inputs = T * 8 * 3  # input_ids, the padded labels and the shifted labels (int64)
     base = weights + qstate + opt_states + ws + inputs
@@ -135,7 +142,8 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
             head_grad += spec.vocab_size * spec.hidden_size * pb
         embed_grad_late = grads_total - head_grad - sum(per_layer_grad)
     cache_layers = [2 * sum(lin.in_features * lin.out_features * lin.count for lin in b.linears)
-                    for b in spec.blocks for _ in range(b.count)] if cache else [0] * len(layer_full)
+                    for b in spec.blocks for _ in range(b.count)] if cache and not ckpt_frozen_casts \
+        else [0] * len(layer_full)
     cache_head = cache - sum(cache_layers)
 
     moments: dict[str, dict[str, float]] = {}
@@ -155,7 +163,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
             I_eff = max(I_eff, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
         elif b.mlp is not None:
             I_eff = max(I_eff, b.mlp.intermediate_size)
-    transient = T * e * (2 * I_eff + 2 * H)
+    transient = T * e * (2 * I_eff + 2 * H) + ckpt_frozen_casts
     grads_so_far = head_grad
     kept_below = acts
     cache_below = sum(cache_layers) if not ckpt else 0
