@@ -36,9 +36,8 @@ for path in (SRC, REPO / "validation"):
         sys.path.insert(0, str(path))
 
 from memfit import __version__  # noqa: E402
-from memfit.errors import JobError  # noqa: E402
 from memfit.measurer.record import utc_now, write_json  # noqa: E402
-from run_records import _tail, load_entries, parent_env, summary_line  # noqa: E402
+from run_records import _tail, parent_env, select_entries, summary_line  # noqa: E402
 
 
 def run_one(entry: dict[str, Any], *, steps: int, warmup: int, timeout: float,
@@ -112,18 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured first steps (default 2)")
     ap.add_argument("--budget", type=float, default=0.0, help="start no job after this many seconds (0: no limit)")
     args = ap.parse_args(argv)
-    try:
-        entries = load_entries(args.jobs)
-    except (JobError, OSError) as exc:
-        print(f"run_multi: {exc}", file=sys.stderr)
+    entries = select_entries(args.jobs, args.only, "run_multi")
+    if entries is None:
         return 2
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        missing = sorted(set(wanted) - {e["name"] for e in entries})
-        if missing:
-            print(f"run_multi: no entry named {', '.join(missing)} in {args.jobs}", file=sys.stderr)
-            return 2
-        entries = [e for e in entries if e["name"] in wanted]
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / f"records-{args.jobs.stem}.json"
     records: list[dict[str, Any]] = []

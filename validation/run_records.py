@@ -48,6 +48,24 @@ GiB = 1 << 30
 STDERR_TAIL = 4000
 
 
+def select_entries(jobs: Path, only: str | None, prog: str) -> list[dict[str, Any]] | None:
+    """The entries of ``jobs`` (all, or those ``only`` names, comma-separated); None after printing a
+    one-line error when the file is bad or a name is missing."""
+    try:
+        entries = load_entries(jobs)
+    except (JobError, OSError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    if only:
+        wanted = [n.strip() for n in only.split(",") if n.strip()]
+        missing = sorted(set(wanted) - {e["name"] for e in entries})
+        if missing:
+            print(f"{prog}: no entry named {', '.join(missing)} in {jobs}", file=sys.stderr)
+            return None
+        entries = [e for e in entries if e["name"] in wanted]
+    return entries
+
+
 def load_entries(path: Path) -> list[dict[str, Any]]:
     """The YAML's entries, each checked (a unique name, a valid job) before anything runs."""
     import yaml
@@ -167,18 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run the workers on the CPU (tiny models only)")
     args = ap.parse_args(argv)
 
-    try:
-        entries = load_entries(args.jobs)
-    except (JobError, OSError) as exc:
-        print(f"run_records: {exc}", file=sys.stderr)
+    entries = select_entries(args.jobs, args.only, "run_records")
+    if entries is None:
         return 2
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        missing = sorted(set(wanted) - {e["name"] for e in entries})
-        if missing:
-            print(f"run_records: no entry named {', '.join(missing)} in {args.jobs}", file=sys.stderr)
-            return 2
-        entries = [e for e in entries if e["name"] in wanted]
 
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / f"records-{args.jobs.stem}.json"

@@ -8,11 +8,9 @@ sum of what is alive then; the breakdown reports the winning moment, component b
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 from ..breakdown import Breakdown
-from ..errors import JobError
 from ..job import Job
 from ..models.spec import ModelSpec
 from . import quant
@@ -58,6 +56,18 @@ def _layer_saved(spec: ModelSpec, job_key: tuple) -> tuple[float, ...]:
     mode = Mode(precision=precision, trainable_base=not is_lora, lora_targets=targets, lora_rank=rank,
                 attention=attention, seq_len=seq, dropout=_dropout(spec))
     return tuple(saved_bytes_per_token(spec, i, mode) for i in range(len(spec.blocks)))
+
+
+def mlp_width(spec: ModelSpec) -> int:
+    """Widest per-token MLP hidden size of any layer (routed experts count top_k times, plus shared experts):
+    what sizes a layer's backward scratch."""
+    width = 0
+    for b in spec.blocks:
+        if b.moe is not None:
+            width = max(width, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
+        elif b.mlp is not None:
+            width = max(width, b.mlp.intermediate_size)
+    return width
 
 
 def _logit_bytes(spec: ModelSpec, job: Job) -> int:
@@ -157,13 +167,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
                            "activations": acts + final_saved, "logits_and_loss": logit_saved + logit_bwd_extra,
                            "temporaries": ws + inputs}
     # 3. each layer's backward, last to first
-    I_eff = 0
-    for b in spec.blocks:
-        if b.moe is not None:
-            I_eff = max(I_eff, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
-        elif b.mlp is not None:
-            I_eff = max(I_eff, b.mlp.intermediate_size)
-    transient = T * e * (2 * I_eff + 2 * H) + ckpt_frozen_casts
+    transient = T * e * (2 * mlp_width(spec) + 2 * H) + ckpt_frozen_casts
     grads_so_far = head_grad
     kept_below = acts
     cache_below = sum(cache_layers) if not ckpt else 0

@@ -201,7 +201,7 @@ def _tp_activation_factor(lay: Layout) -> float:
 def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) -> list[_Moment]:
     """The activation side of each moment of one step on one pipeline stage, for the single-GPU rules of
     ``memfit.estimator._train`` (same terms, same replay), scaled for TP/SP and the micro-batches in flight."""
-    from . import _layer_saved  # the single-GPU estimate's per-layer replay (cached)
+    from . import _layer_saved, mlp_width  # the single-GPU estimate's per-layer replay (cached)
 
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
@@ -242,13 +242,7 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
     cache_head = 2 * spec.lm_head_params / lay.tp if (amode == "mixed" and stage.last and
                                                       st.autocast_cache_bytes(spec, job)) else 0.0
     cache = sum(cache_layers) + cache_head
-    I_eff = 0
-    for b in spec.blocks:
-        if b.moe is not None:
-            I_eff = max(I_eff, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
-        elif b.mlp is not None:
-            I_eff = max(I_eff, b.mlp.intermediate_size)
-    transient = T * e * (2 * I_eff / lay.tp + 2 * H * seq_split)
+    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split)
 
     out: list[_Moment] = []
     out.append(_Moment("forward", "loss", None, activations=acts_one + others + final_saved, logits=logit_fwd_peak,
