@@ -59,6 +59,17 @@ class Breakdown:
     """For measure: ``cuda-allocator`` or ``cpu-tensors``; for trace: ``fake-tensors``."""
     notes: list[str] = field(default_factory=list)
     """Remarks a user should read (e.g. 'the fp32 loss upcast is the peak')."""
+    gpu_memory_bytes: int | None = None
+    """The card the job was judged against (what the driver reports as its total), or None."""
+    fits: bool | None = None
+    """Whether the reference run completes on that card (the allocator limited to the card less the CUDA
+    context); None when no card was given."""
+    headroom_bytes: int | None = None
+    """Card memory left at the peak (``gpu_memory_bytes - device_total_bytes``); negative when it does not fit."""
+    step_time_seconds: float | None = None
+    """Estimated (or measured) time of one optimizer step, when a card is known."""
+    tokens_per_second: float | None = None
+    """Tokens processed per second per GPU at that step time."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Engine-specific facts: step time, tokens/s, device name, versions, timeline."""
 

@@ -137,6 +137,9 @@ class Job:
     the tensor-parallel group; needs tensor_parallel > 1."""
     expert_parallel: int = 1
     """Experts of MoE layers split across this many GPUs (each holds num_experts / expert_parallel)."""
+    expandable_segments: bool = False
+    """PyTorch's allocator setting ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``: segments grow by
+    mapping pages instead of one ``cudaMalloc`` per segment, which removes most fragmentation."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -167,7 +170,7 @@ class Job:
             if not targets or not all(isinstance(t, str) and t for t in targets):
                 raise JobError("lora_targets must be 'all-linear' or a non-empty list of module names like [q_proj, v_proj]")
             self.lora_targets = targets
-        for flag in ("gradient_checkpointing", "double_quant"):
+        for flag in ("gradient_checkpointing", "double_quant", "expandable_segments"):
             if not isinstance(getattr(self, flag), bool):
                 raise JobError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
         if self.method == "qlora":
