@@ -74,7 +74,7 @@ def load_boundary_entries(path: Path) -> list[dict[str, Any]]:
             job = Job.from_dict(item["job"])
             if "gpu_memory" not in item:
                 raise JobError("needs gpu_memory (e.g. 24GiB)")
-            card = parse_card_memory(item["gpu_memory"], "gpu_memory")
+            card = parse_card_memory(str(item["gpu_memory"]), "gpu_memory")  # a YAML number is bare too
         except JobError as exc:
             raise JobError(f"{path}: entry {name!r}: {exc}") from None
         start = item.get("start")

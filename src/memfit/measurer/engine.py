@@ -115,6 +115,11 @@ def _card_bytes(gpu_memory_bytes: Any) -> int:
     return gpu_memory_bytes
 
 
+def _require_cuda(dev: Any) -> None:
+    if dev.type != "cuda":
+        raise MemfitError("find_max_batch rehearses a card and needs a CUDA GPU")
+
+
 def _judge(bd: Breakdown, card: dict[str, Any]) -> None:
     """Fill the card fields of a rehearsed Breakdown: fits, headroom (card - context - peak reserved)."""
     fits = bool(bd.extras.get("fits", True))
@@ -158,8 +163,7 @@ def find_max_batch(job: Job | dict[str, Any], gpu_memory_bytes: int, *, start: i
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise JobError(f"steps must be a whole number >= 1; got {steps!r}")
     dev = _resolve_device(torch, device)
-    if dev.type != "cuda":
-        raise MemfitError("find_max_batch rehearses a card and needs a CUDA GPU")
+    _require_cuda(dev)
     if spec is None:
         spec = resolve_spec(job.model)
     from .card import apply_allocator_setting, rehearse_card, release_card

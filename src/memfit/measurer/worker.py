@@ -31,9 +31,9 @@ from typing import Any, Sequence
 
 def _card(args: argparse.Namespace, data: dict[str, Any]) -> int | None:
     from ..errors import JobError
-    from ..units import parse_bytes
+    from ..units import parse_bytes, parse_card_memory
 
-    if args.gpu_memory is not None:
+    if args.gpu_memory is not None:  # the runner passes bytes here; a person may type 24GiB
         return parse_bytes(args.gpu_memory)
     if data.get("gpu_memory_bytes") is not None:
         v = data["gpu_memory_bytes"]
@@ -41,7 +41,7 @@ def _card(args: argparse.Namespace, data: dict[str, Any]) -> int | None:
             raise JobError(f"gpu_memory_bytes must be a whole number of bytes > 0; got {v!r}")
         return v
     if data.get("gpu_memory") is not None:
-        return parse_bytes(data["gpu_memory"])
+        return parse_card_memory(str(data["gpu_memory"]), "gpu_memory")
     return None
 
 
