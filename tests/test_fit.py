@@ -200,6 +200,7 @@ def test_launch_keeps_the_sum_of_cards_within_the_budget():
     assert rb.launchable([e("huge", 140)], 0, 0, **kw)["name"] == "huge"  # alone on an idle GPU
     assert rb.launchable([e("huge", 140)], 16 * GiB, 1, **kw) is None
     assert rb.launchable(pending, 0, 5, **kw) is None
+    assert rb.launchable(pending, 60 * GiB, 1, head_only=True, **kw) is None  # the big one waited long enough
 
 
 def test_runner_writes_error_records_and_skips_missing_needs(tmp_path):

@@ -2,7 +2,7 @@
 """Find the real largest micro-batch of each card/job pair of a YAML list, several at once on one GPU.
 
     python validation/run_boundaries.py validation/jobs/boundaries.yaml --out DIR [--parallel-gib 128]
-        [--parallel 5] [--budget 420] [--timeout 240] [--only NAME,...]
+        [--parallel 5] [--budget 330] [--timeout 180] [--max-wait 45] [--only NAME,...]
 
 The YAML is a list of ``{name, job: {...}, gpu_memory: "24GiB", holdout: bool, start: N, needs: bitsandbytes,
 timeout: S}`` (start, holdout, needs, timeout optional). Each entry runs as a fresh
@@ -10,7 +10,8 @@ timeout: S}`` (start, holdout, needs, timeout optional). Each entry runs as a fr
 allocator is capped at the card less that process's CUDA context (a per-process fraction of the GPU), with
 ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True|False`` set in its environment as the job says. Several
 run at once while the sum of their cards stays within ``--parallel-gib`` (an entry larger than that runs
-alone), each under a timeout; no new entry starts after ``--budget`` seconds (those left are listed in the
+alone; smaller later entries may start before a waiting big one for ``--max-wait`` seconds, then it
+goes first), each under a timeout; no new entry starts after ``--budget`` seconds (those left are listed in the
 log). An entry that ``needs: bitsandbytes`` is skipped when bitsandbytes is not installed.
 
 Output: ``DIR/boundaries-<yaml stem>.json``, ONE JSON list of records (the worker's ``kind: "boundary"``
@@ -100,12 +101,13 @@ def missing_needs(entry: dict[str, Any]) -> list[str]:
 
 
 def launchable(pending: list[dict[str, Any]], running_bytes: int, running_count: int, *,
-               parallel_bytes: int, parallel: int) -> dict[str, Any] | None:
+               parallel_bytes: int, parallel: int, head_only: bool = False) -> dict[str, Any] | None:
     """The first pending entry that can start now: fewer than ``parallel`` runs and the sum of their cards
-    within ``parallel_bytes`` (an entry larger than that alone starts only on an idle GPU)."""
+    within ``parallel_bytes`` (an entry larger than that alone starts only on an idle GPU). ``head_only``:
+    consider only the first pending entry (it has waited long enough; smaller ones must not pass it)."""
     if running_count >= parallel:
         return None
-    for e in pending:
+    for e in pending[:1] if head_only else pending:
         if running_bytes + e["gpu_memory_bytes"] <= parallel_bytes or running_count == 0:
             return e
     return None
@@ -212,9 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--parallel-gib", type=float, default=128.0,
                     help="the sum of the running entries' cards stays within this many GiB (default 128)")
     ap.add_argument("--parallel", type=int, default=5, help="at most this many entries at once (default 5)")
-    ap.add_argument("--budget", type=float, default=420.0,
-                    help="seconds after which no new entry starts (default 420)")
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per entry (default 240)")
+    ap.add_argument("--budget", type=float, default=330.0,
+                    help="seconds after which no new entry starts (default 330)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per entry (default 180)")
+    ap.add_argument("--max-wait", type=float, default=45.0,
+                    help="seconds the first waiting entry lets smaller later ones pass it (default 45)")
     args = ap.parse_args(argv)
 
     entries = select_entries(args.jobs, args.only, "run_boundaries", loader=load_boundary_entries)
@@ -251,11 +255,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 pending.append(e)
         running: list[_Worker] = []
+        head, head_since = None, 0.0  # the first pending entry and since when smaller ones pass it
         while pending or running:
-            if time.monotonic() - t_start < args.budget:
+            now = time.monotonic()
+            if now - t_start < args.budget:
                 while True:
+                    if pending and pending[0] is not head:
+                        head, head_since = pending[0], now
                     e = launchable(pending, sum(w.entry["gpu_memory_bytes"] for w in running), len(running),
-                                   parallel_bytes=parallel_bytes, parallel=args.parallel)
+                                   parallel_bytes=parallel_bytes, parallel=args.parallel,
+                                   head_only=now - head_since > args.max_wait)
                     if e is None:
                         break
                     pending.remove(e)
