@@ -283,3 +283,84 @@ def test_find_max_batch_trials_on_the_cpu_with_a_faked_cuda_layer(monkeypatch):
     assert b["device_total_bytes"] == fake_card["cuda_context_bytes"] + b["peak_reserved_bytes"]
     assert b["headroom_bytes"] == 16 * GiB - b["device_total_bytes"]
     assert res["steps"] == 2 and released == [True]
+
+
+# ------------------------------------------------------------------------------------------- estimate CLI
+def _est_json(argv, capsys):
+    rc = main(argv + ["--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_estimate_verdict_json_agrees_with_the_device_total(capsys):
+    from memfit.estimator import estimate
+    from memfit.job import Job
+
+    base = ["estimate", "llama-3.2-1b", "--precision", "bf16-true", "--seq-len", "1024"]
+    total = estimate(Job(model="llama-3.2-1b", precision="bf16-true", seq_len=1024)).device_total_bytes
+    rc, d = _est_json(base + ["--gpu-memory", "80GiB"], capsys)
+    assert rc == 0 and d["fits"] is True and d["gpu_memory_bytes"] == 80 * GiB
+    assert d["headroom_bytes"] == 80 * GiB - d["device_total_bytes"]
+    assert d["device_total_bytes"] == total
+    small = f"{(total - 2**20) / 10**9:.6f}GB"  # a card a little smaller than the device total
+    rc, d = _est_json(base + ["--gpu-memory", small], capsys)
+    assert rc == 1 and d["fits"] is False and d["headroom_bytes"] < 0
+
+
+def test_estimate_verdict_line_names_the_card_and_component(capsys):
+    assert main(["estimate", "gemma-3-1b", "--task", "infer", "--prompt-len", "2048", "--new-tokens", "128",
+                 "--precision", "bf16-true", "--gpu", "rtx-4090"]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith(("FITS", "DOES NOT FIT"))]
+    assert line and "23.65 GiB card" in line[0] and "headroom" in line[0] and "largest component" in line[0]
+
+
+def test_verdict_prefers_the_engines_answer():
+    from memfit.breakdown import Breakdown
+    from memfit.verdict import verdict
+
+    b = Breakdown(engine="estimate", model="m", job={}, parameters=0, trainable_parameters=0,
+                  components={"weights": 10, "activations": 30}, peak_allocated_bytes=40, peak_reserved_bytes=50, peak_phase="backward",
+                  device_total_bytes=60)
+    v = verdict(b, 100)
+    assert (v["fits"], v["headroom_bytes"], v["basis"], v["deciding_component"]) == (True, 40, "device_total", "activations")
+    assert verdict(b, 59)["fits"] is False
+    b.fits, b.gpu_memory_bytes, b.headroom_bytes = False, 100, -5  # the allocator replay says no
+    assert (verdict(b, 100)["fits"], verdict(b, 100)["headroom_bytes"], verdict(b, 100)["basis"]) == (False, -5, "engine")
+    assert verdict(b, 200)["basis"] == "device_total"  # judged for another card: not the engine's answer
+
+
+def test_estimate_max_batch_size_takes_the_card(capsys):
+    from memfit.estimator import max_batch_size
+    from memfit.gpus import get_gpu
+    from memfit.job import Job
+
+    rc, d = _est_json(["estimate", "llama-3.2-1b", "--precision", "bf16-true", "--max-batch-size", "--gpu", "rtx-4090"],
+                      capsys)
+    card = get_gpu("rtx-4090").memory_bytes
+    assert d["gpu_memory_bytes"] == card
+    assert d["max_batch_size"] == max_batch_size(Job(model="llama-3.2-1b", precision="bf16-true"), card)
+
+
+def test_estimate_expandable_segments_flag_sets_the_job_field(capsys):
+    rc, d = _est_json(["estimate", "gpt2", "--expandable-segments"], capsys)
+    assert d["job"]["expandable_segments"] is True
+    rc, d = _est_json(["estimate", "gpt2"], capsys)
+    assert d["job"]["expandable_segments"] is False
+
+
+def test_estimate_unit_error_is_one_line(capsys):
+    assert main(["estimate", "gpt2", "--gpu-memory", "24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "24GiB" in err and "24GB" in err
+
+
+def test_gpus_lists_the_catalog(capsys):
+    from memfit.gpus import all_gpus
+
+    assert main(["gpus", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in data] == [g.name for g in all_gpus()]
+    h100 = next(r for r in data if r["name"] == "h100-80gb")
+    assert h100["memory_bytes"] == 85029158912 and h100["bf16_tflops"] == 989
+    assert main(["gpus"]) == 0
+    assert "rtx-4090" in capsys.readouterr().out
