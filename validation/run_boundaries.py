@@ -45,6 +45,7 @@ from run_records import REPO, SRC, _tail, parent_env, select_entries  # noqa: E4
 from memfit import __version__  # noqa: E402
 from memfit.errors import JobError  # noqa: E402
 from memfit.job import Job  # noqa: E402
+from memfit.measurer.card import CONTEXT_ENV  # noqa: E402
 from memfit.measurer.record import utc_now, write_json  # noqa: E402
 from memfit.units import parse_card_memory  # noqa: E402
 
@@ -188,6 +189,23 @@ def _trials_from(stderr: str) -> list[dict[str, Any]]:
     return out
 
 
+def probe_context(timeout: float = 120.0) -> dict[str, Any] | None:
+    """This machine's CUDA context, measured by one worker alone on the (still idle) GPU; None if it fails."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        res = subprocess.run([sys.executable, "-m", "memfit.measurer.worker", "--probe-context"], capture_output=True,
+                             text=True, timeout=timeout, env=env, cwd=str(REPO))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
 def summary_line(rec: dict[str, Any]) -> str:
     name, status, wall = rec["name"], rec["status"], rec.get("wall_s", 0.0)
     fm = rec.get("find_max_batch")
@@ -217,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=330.0,
                     help="seconds after which no new entry starts (default 330)")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per entry (default 180)")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="do not probe the CUDA context alone before the runs start")
     ap.add_argument("--max-wait", type=float, default=45.0,
                     help="seconds the first waiting entry lets smaller later ones pass it (default 45)")
     args = ap.parse_args(argv)
@@ -254,6 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"{e['name']:<44} skipped   needs {', '.join(miss)} (not installed)")
             else:
                 pending.append(e)
+        if pending and not args.no_probe:
+            ctx = probe_context()
+            if ctx is not None:
+                os.environ[CONTEXT_ENV] = str(ctx["cuda_context_bytes"])  # the workers inherit it
+                say(f"# CUDA context probed alone on the idle GPU: {ctx['cuda_context_bytes'] / GiB:.3f} GiB "
+                    f"({ctx['context_method']}); workers use it where NVML cannot see their process")
+            else:
+                say("# context probe failed (no GPU?); workers measure their own context")
         running: list[_Worker] = []
         head, head_since = None, 0.0  # the first pending entry and since when smaller ones pass it
         while pending or running:

@@ -7,10 +7,12 @@ initialised and a cuBLAS handle exists) and limits the allocator with
 :mod:`memfit.measurer.fit`. The cap is per process, so several rehearsals can share one GPU.
 
 The context is read from NVML's per-process used memory (``nvmlDeviceGetComputeRunningProcesses``, the
-number ``nvidia-smi`` shows per process) minus ``torch.cuda.memory_reserved()``; where NVML cannot see this
-process, from ``mem_get_info`` (the device's used memory, which is right only when nothing else runs on the
-GPU). With lazy module loading (CUDA's default) the context grows a little as new kernels load; the
-record keeps NVML's per-process figure at the peak too, so that growth can be seen.
+number ``nvidia-smi`` shows per process) minus ``torch.cuda.memory_reserved()``. Where NVML cannot see this
+process (a container's own PID namespace), it is ``MEMFIT_CUDA_CONTEXT_BYTES`` when a lone probe measured
+it on the idle GPU (validation/run_boundaries.py does that before it starts runs side by side), else
+``mem_get_info``'s used memory (device-wide: right only when nothing else runs on the GPU). With lazy
+module loading (CUDA's default) the context grows a little as new kernels load; the record keeps NVML's
+per-process figure at the end too, so that growth can be seen.
 
 ``expandable_segments`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) must be chosen before the
 allocator is first used: :func:`apply_allocator_setting` sets it when CUDA is not initialised yet and raises
@@ -28,6 +30,10 @@ from .fit import allocator_limit_bytes, cap_fraction
 __all__ = ["apply_allocator_setting", "allocator_conf_for", "measure_context", "rehearse_card", "release_card"]
 
 _ENV = "PYTORCH_CUDA_ALLOC_CONF"
+#: A context size (bytes) measured by a lone probe process (``python -m memfit.measurer.worker
+#: --probe-context``) on the idle GPU; used where NVML cannot see this process, because the device-wide
+#: used memory includes the other rehearsals that share the GPU.
+CONTEXT_ENV = "MEMFIT_CUDA_CONTEXT_BYTES"
 
 
 def allocator_conf_for(expandable_segments: bool, current: str | None = None) -> str:
@@ -106,13 +112,16 @@ def measure_context(torch: Any, device: Any) -> dict[str, Any]:
     from .meters import Nvml
 
     used = Nvml(device).process_used()
+    probed = os.environ.get(CONTEXT_ENV)
     if used is not None:
-        method = "nvml process used - memory_reserved"
+        context, method = int(used) - reserved, "nvml process used - memory_reserved"
+    elif probed:
+        context, method = int(probed), f"{CONTEXT_ENV} (probed alone on the idle GPU by the runner)"
     else:
         free, total = torch.cuda.mem_get_info(device)
-        used = int(total - free)
+        context = int(total - free) - reserved
         method = "mem_get_info used - memory_reserved (device-wide: assumes nothing else runs on the GPU)"
-    return {"cuda_context_bytes": max(int(used) - reserved, 0), "context_method": method,
+    return {"cuda_context_bytes": max(context, 0), "context_method": method,
             "reserved_at_context_bytes": reserved, "expandable_segments_seen": seen}
 
 

@@ -1,7 +1,8 @@
 """Measure one job in this (fresh) process and write its record: the unit of validation/run_records.py.
 
 Usage: ``python -m memfit.measurer.worker JOB RECORD [--steps N] [--cpu] [--gpu-memory SIZE]
-[--find-max-batch [--start N] [--limit N]]`` where JOB is a JSON file or inline JSON text - a job, or a
+[--find-max-batch [--start N] [--limit N]]`` (or ``--probe-context`` alone: print this process's CUDA
+context as JSON) where JOB is a JSON file or inline JSON text - a job, or a
 mapping holding one under ``job`` (a record, or ``{"job": {...}, "gpu_memory_bytes": N}``) - and RECORD
 the path of the record to write.
 
@@ -47,6 +48,10 @@ def _card(args: argparse.Namespace, data: dict[str, Any]) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m memfit.measurer.worker", description=__doc__.splitlines()[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if list(argv) == ["--probe-context"]:
+        return _probe()
     ap.add_argument("job", help="job JSON file, or inline JSON text")
     ap.add_argument("record", help="where to write the record JSON")
     ap.add_argument("--steps", type=int, default=None, help="steps (default 3; with --find-max-batch 2 to train, "
@@ -93,6 +98,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps({"fits": fits, "peak_allocated_bytes": bd.peak_allocated_bytes,
                       "peak_reserved_bytes": bd.peak_reserved_bytes, "device_total_bytes": bd.device_total_bytes,
                       "step_time_s": bd.extras.get("step_time_s")}))
+    return 0
+
+
+def _probe() -> int:
+    """``--probe-context``: print this process's CUDA context (JSON) as :func:`memfit.measurer.card.measure_context`
+    measures it, for a runner to pass to workers that share the GPU (``MEMFIT_CUDA_CONTEXT_BYTES``)."""
+    from ..reference import require_torch
+    from .card import measure_context
+
+    torch = require_torch()
+    if not torch.cuda.is_available():
+        print("memfit: error: no CUDA device to probe", file=sys.stderr)
+        return 2
+    ctx = measure_context(torch, torch.device("cuda", torch.cuda.current_device()))
+    print(json.dumps(ctx))
     return 0
 
 
