@@ -189,13 +189,13 @@ def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[
 
 def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batch: int | None = None,
          vary: Iterable[str] | None = None, keep: Iterable[str] | None = None, top: int = 10,
-         spec=None) -> PlanResult:
+         spec=None, timing_gpu=None) -> PlanResult:
     """Jobs like ``job`` that fit ``gpu`` (a catalog name or :class:`memfit.gpus.GPU`; or give
     ``gpu_memory_bytes`` alone, timed as an H100), best (highest estimated tokens/s) first.
 
     ``global_batch``: sequences per optimizer step to keep (default: the job's micro-batch x its
     data-parallel ranks). ``vary`` / ``keep``: which :data:`LEVERS` may move (default all that do not
-    change what is trained)."""
+    change what is trained). ``timing_gpu``: time on this card instead (rehearsing a small card on a big one)."""
     from ..gpus import GPU, get_gpu
     from ..models import load_model
 
@@ -206,6 +206,8 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     if not mem or mem <= 0:
         raise JobError("plan needs a card: gpu='h100-80gb' (see `memfit gpus`) or gpu_memory_bytes")
     timing_card = card or get_gpu("h100-80gb")
+    if timing_gpu is not None:
+        timing_card = timing_gpu if isinstance(timing_gpu, GPU) else get_gpu(timing_gpu)
     spec = spec or load_model(job.model)
     levers, explicit = _levers(vary, keep)
     train = job.task == "train"
