@@ -84,7 +84,9 @@ class PlanResult:
     gpu: str | None
     global_batch: int
     evaluated: int
-    """(setting, micro-batch) pairs judged (by the estimator or by monotonicity) and timed."""
+    """(setting, micro-batch) pairs that fit and were timed."""
+    judged: int = 0
+    """(setting, micro-batch) pairs given a verdict, by the estimator or by monotonicity."""
 
     @property
     def any_fits(self) -> bool:
@@ -92,7 +94,7 @@ class PlanResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "gpu_memory_bytes": self.gpu_memory_bytes, "global_batch": self.global_batch,
-                "fits": self.any_fits, "evaluated": self.evaluated,
+                "fits": self.any_fits, "evaluated": self.evaluated, "judged": self.judged,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 
@@ -214,7 +216,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     settings = _settings(job, levers, explicit)
     found: list[Candidate] = []
     closest: list[tuple[int, Job, int]] = []
-    evaluated = 0
+    evaluated = judged = 0
     for ch in settings:
         try:
             base = job.replace(**ch)
@@ -246,6 +248,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
                         hi = mid - 1
         except JobError:
             continue
+        judged += len(sizes)
         if best < 0:
             b0 = cache[0]
             closest.append((b0.device_total_bytes, base.replace(batch_size=sizes[0]), per_rank // sizes[0]))
@@ -288,7 +291,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
                                  reason=f"too big by {(dev - mem) / 2**30:.2f} GiB"))
     return PlanResult(candidates=out, gpu_memory_bytes=mem, gpu=card.name if card else None,
                       global_batch=global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel)),
-                      evaluated=evaluated)
+                      evaluated=evaluated, judged=judged)
 
 
 def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:
