@@ -1,6 +1,7 @@
 """Fit the step-time model's factors (one per kind of work) on the fitted runs; writes
-src/memfit/plan/steptime_fit.json. Relative least squares (each run weighted by 1/measured), factors >= 0,
-solved by projected coordinate descent. Usage: PYTHONPATH=src python validation/fit_steptime.py"""
+src/memfit/plan/steptime_fit.json. Start: relative least squares with factors >= 0 (projected coordinate
+descent); then minimise the squared log error (over- and under-estimates by the same ratio cost the
+same) by a multiplicative coordinate search. Usage: PYTHONPATH=src python validation/fit_steptime.py"""
 
 from __future__ import annotations
 
@@ -53,11 +54,32 @@ def nnls(X, y, iters=20000):
     return w
 
 
+def log_refine(X, w, rounds=80):
+    """Coordinate search on sum(log(X w)^2) (X rows are features / measured seconds), factors kept > 0."""
+    import math
+
+    def loss(v):
+        return sum(math.log(max(sum(a * b for a, b in zip(row, v)), 1e-12)) ** 2 for row in X)
+
+    w = [max(x, 1e-12) for x in w]
+    for _ in range(rounds):
+        for j in range(len(w)):
+            best, bv = loss(w), w[j]
+            for m in (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.5, 2.0):
+                trial = list(w)
+                trial[j] = bv * m
+                lv = loss(trial)
+                if lv < best:
+                    best, w[j] = lv, bv * m
+    return w
+
+
 def main() -> int:
     runs = [r for r in timed_runs() if not r["held_out"]]
     X, y = rows(runs)
     w = nnls(X, y)
-    factors = {k: (w[i] if w[i] > 0 else 0.0) for i, k in enumerate(KINDS)}
+    w = log_refine(X, [x if x > 0 else 1e-6 for x in w])
+    factors = {k: (w[i] if w[i] > 1e-9 else 0.0) for i, k in enumerate(KINDS)}
     # a kind no fitted run exercises keeps its default factor
     for i, k in enumerate(KINDS):
         if all(row[i] == 0 for row in X):
