@@ -51,3 +51,19 @@ def test_monotone_and_fast():
     for _ in range(200):
         step_time(j, spec, "h100-80gb")
     assert (time.perf_counter() - t0) / 200 < 1e-3  # pure Python, well under a millisecond
+
+
+def test_batch_timer_is_step_time():
+    # BatchTimer derives all micro-batches from batch 1 and 2 (the features are affine in the batch);
+    # it must agree with step_time to rounding (1e-9 relative)
+    from memfit.models import load_model
+    from memfit.plan.steptime import BatchTimer
+
+    for model, kw in (("llama-3.2-1b", {}), ("qwen3-4b", {"method": "qlora", "quantization": "nf4",
+                                                           "precision": "bf16-true", "gradient_checkpointing": True})):
+        spec = load_model(model)
+        j = Job(model=model, seq_len=1024, **kw)
+        t = BatchTimer(j, spec, "rtx-4090")
+        for b, a in ((1, 1), (3, 2), (8, 4)):
+            want = step_time(j.replace(batch_size=b), spec, "rtx-4090", accumulation=a).seconds
+            assert abs(t(b, a).seconds / want - 1) < 1e-9

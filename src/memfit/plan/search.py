@@ -11,13 +11,14 @@ smaller one fits too (the top candidates are checked again with :func:`fits` bef
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..errors import JobError
 from ..job import Job
-from .steptime import step_time
+from .steptime import BatchTimer, step_time
 
 __all__ = ["Candidate", "PlanResult", "fits", "plan", "LEVERS", "max_seq_len"]
 
@@ -96,6 +97,32 @@ class PlanResult:
         return {"gpu": self.gpu, "gpu_memory_bytes": self.gpu_memory_bytes, "global_batch": self.global_batch,
                 "fits": self.any_fits, "evaluated": self.evaluated, "judged": self.judged,
                 "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _largest_fitting(judge, n: int, hint: int | None) -> int:
+    """Largest index in ``range(n)`` for which ``judge`` is true (-1 if none), ``judge`` being true up to
+    some index and false after it (memory never falls as the micro-batch grows). ``hint``: a guess,
+    checked with its neighbour first (two calls when it is right), else a binary search."""
+    if hint is not None and 0 <= hint < n:
+        if judge(hint):
+            if hint + 1 >= n or not judge(hint + 1):
+                return hint
+            lo, hi = hint + 1, n - 1
+        else:
+            lo, hi = 0, hint - 1
+            if hi < 0 or not judge(0):
+                return -1
+    else:
+        if not judge(0):
+            return -1
+        lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if judge(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _divisors(n: int) -> list[int]:
@@ -217,6 +244,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     found: list[Candidate] = []
     closest: list[tuple[int, Job, int]] = []
     evaluated = judged = 0
+    hint: dict[int, int] = {}  # the last setting's answer: neighbours in the search usually agree
     for ch in settings:
         try:
             base = job.replace(**ch)
@@ -228,37 +256,39 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             continue
         per_rank = gb // dp
         sizes = _divisors(per_rank) if ("batch" in levers and train) else [base.batch_size]
-        lo, hi = 0, len(sizes) - 1
-        best = -1
         cache: dict[int, Any] = {}
+        jobs: dict[int, Job] = {}
+
+        def at(i: int) -> Job:
+            if i not in jobs:
+                j = copy.copy(base)  # only the micro-batch changes: a divisor of a validated batch, >= 1
+                j.batch_size = sizes[i]
+                jobs[i] = j
+            return jobs[i]
 
         def judge(i: int) -> bool:
-            ok, b = fits(base.replace(batch_size=sizes[i]), mem, spec)
+            ok, b = fits(at(i), mem, spec)
             cache[i] = b
             return ok
 
         try:
-            if judge(0):
-                best = 0
-                while lo < hi:  # largest index that fits: memory grows with the micro-batch
-                    mid = (lo + hi + 1) // 2
-                    if judge(mid):
-                        lo, best = mid, mid
-                    else:
-                        hi = mid - 1
+            best = _largest_fitting(judge, len(sizes), hint.get(len(sizes)))
         except JobError:
             continue
+        if best >= 0:
+            hint[len(sizes)] = best
         judged += len(sizes)
         if best < 0:
             b0 = cache[0]
-            closest.append((b0.device_total_bytes, base.replace(batch_size=sizes[0]), per_rank // sizes[0]))
+            closest.append((b0.device_total_bytes, at(0), per_rank // sizes[0]))
             continue
+        timer = BatchTimer(base, spec, timing_card)
         for i in range(best + 1):
             evaluated += 1
             mb = sizes[i]
             acc = per_rank // mb
-            cj = base.replace(batch_size=mb) if mb != base.batch_size else base
-            st = step_time(cj, spec, timing_card, accumulation=acc)
+            cj = at(i)
+            st = timer(mb, acc)
             dev = cache[i].device_total_bytes if i in cache else None
             found.append(Candidate(job=cj, fits=True, device_total_bytes=dev if dev is not None else -1,
                                    headroom_bytes=mem - dev if dev is not None else -1, accumulation=acc,
@@ -275,10 +305,11 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         if any(o.job.batch_size == c.job.batch_size and abs(o.tokens_per_second - c.tokens_per_second)
                <= 1e-9 * c.tokens_per_second and set(o.changes) < set(c.changes) for o in out):
             continue
-        ok, b = fits(c.job, mem, spec)  # never recommend what the fit answer would not run
-        if not ok:
-            continue
-        c.device_total_bytes, c.headroom_bytes = b.device_total_bytes, mem - b.device_total_bytes
+        if c.device_total_bytes < 0:  # fit inferred by monotonicity: ask the estimator before recommending it
+            ok, b = fits(c.job, mem, spec)
+            if not ok:
+                continue
+            c.device_total_bytes, c.headroom_bytes = b.device_total_bytes, mem - b.device_total_bytes
         out.append(c)
     if not out:
         closest.sort(key=lambda t: t[0])

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors"]
+__all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer"]
 
 KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch", "module_launch", "step")
 _FIT = Path(__file__).with_name("steptime_fit.json")
@@ -245,3 +245,35 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
     total = sum(parts.values())
     tokens = job.batch_size * (job.seq_len if job.task == "train" else (job.prompt_len + job.new_tokens)) * a
     return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
+
+
+class BatchTimer:
+    """:func:`step_time` of one job at many micro-batches, cheaply: every feature is affine in the
+    micro-batch (tokens scale with it; launches, optimizer and dequantization do not), so the features at
+    batch 1 and 2 give all others exactly. Collectives and offload are added as in :func:`step_time`."""
+
+    def __init__(self, job, spec, gpu, factors: dict[str, float] | None = None):
+        from ..gpus import GPU, get_gpu
+
+        self.gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
+        self.job, self.spec = job, spec
+        self.k = factors or load_factors()
+        f1 = features(job.replace(batch_size=1), spec, self.gpu)
+        f2 = features(job.replace(batch_size=2), spec, self.gpu)
+        self.per = {n: f2[n] - f1[n] for n in KINDS}
+        self.fixed = {n: f1[n] - self.per[n] for n in KINDS}
+        self.multi = job.gpus > 1 or job.offload != "none"
+
+    def __call__(self, batch: int, accumulation: int = 1) -> StepTime:
+        if self.multi:
+            return step_time(self.job.replace(batch_size=batch), self.spec, self.gpu, factors=self.k,
+                             accumulation=accumulation)
+        a = max(1, int(accumulation))
+        parts = {}
+        for n in KINDS:
+            v = (self.fixed[n] + self.per[n] * batch) * self.k[n]
+            parts[n] = v if n in ("optimizer", "step") else v * a
+        total = sum(parts.values())
+        j = self.job
+        tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a
+        return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
