@@ -70,3 +70,16 @@ def test_cli_json():
                           "qwen2.5-0.5b", "--gpu", "h1000"], capture_output=True, text=True,
                          env={"PYTHONPATH": str(ROOT / "src")})
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_min_gpus_and_max_batch_are_boundaries():
+    from memfit.plan import max_batch, min_gpus
+
+    job = Job(model="llama-3.2-1b", seq_len=1024, precision="bf16-true")
+    n = max_batch(job, 24 * GiB)
+    assert n > 0 and fits(job.replace(batch_size=n), 24 * GiB)[0]
+    assert not fits(job.replace(batch_size=n + 1), 24 * GiB)[0]
+    r = min_gpus(Job(model="llama-3.1-8b", seq_len=1024, precision="bf16-true"), 24 * GiB)
+    assert r is not None
+    count, layout = r
+    assert count > 1 and fits(layout, 24 * GiB)[0] and layout.gpus == count

@@ -23,6 +23,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--keep", default=None, help="levers that must not move, comma-separated")
     p.add_argument("--top", type=int, default=10, help="candidates to show")
     p.add_argument("--max-seq-len", action="store_true", help="longest sequence that fits at this micro-batch")
+    p.add_argument("--max-batch", action="store_true", help="largest micro-batch that fits, for this layout")
+    p.add_argument("--min-gpus", action="store_true", help="fewest GPUs of this card that fit, and the layout")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -41,7 +43,7 @@ def _tokens(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..cli import card_from_args, job_from_args
     from ..errors import JobError
-    from ..plan import max_seq_len, plan
+    from ..plan import max_batch, max_seq_len, min_gpus, plan
 
     job = job_from_args(args)
     mem = card_from_args(args)
@@ -51,6 +53,19 @@ def run(args: argparse.Namespace) -> int:
         n = max_seq_len(job, mem)
         print(json.dumps({"max_seq_len": n}) if args.json else f"longest sequence that fits: {n}")
         return 0
+    if args.max_batch:
+        n = max_batch(job, mem)
+        print(json.dumps({"max_batch_size": n}) if args.json else f"largest micro-batch that fits: {n}")
+        return 0
+    if args.min_gpus:
+        r = min_gpus(job, mem)
+        if args.json:
+            print(json.dumps({"min_gpus": r[0] if r else None, "job": r[1].to_dict() if r else None}))
+        elif r:
+            print(f"fewest GPUs: {r[0]} ({r[1].strategy}, {r[1].gpus_per_node} per node)")
+        else:
+            print("does not fit on up to 64 of these GPUs")
+        return 0 if r else 1
     gb = args.global_batch
     if args.global_batch_tokens:
         gb = max(1, _tokens(args.global_batch_tokens) // job.seq_len)

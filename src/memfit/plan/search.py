@@ -20,7 +20,7 @@ from ..errors import JobError
 from ..job import Job
 from .steptime import BatchTimer, step_time
 
-__all__ = ["Candidate", "PlanResult", "fits", "plan", "LEVERS", "max_seq_len"]
+__all__ = ["Candidate", "PlanResult", "fits", "plan", "LEVERS", "max_seq_len", "min_gpus", "max_batch"]
 
 LEVERS = ("method", "precision", "optimizer", "checkpointing", "batch", "strategy", "offload", "tp",
           "expandable", "attention")
@@ -343,3 +343,44 @@ def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 <<
         else:
             hi = mid
     return lo * 128
+
+
+def min_gpus(job: Job, gpu_memory_bytes: int, *, spec=None, max_gpus: int = 64,
+             gpus_per_node: int = 8) -> tuple[int, Job] | None:
+    """Fewest GPUs (powers of two up to ``max_gpus``) on which ``job`` fits at its micro-batch, and the
+    layout: the first of single / DDP / ZeRO-2 / FSDP2 / ZeRO-3 that fits at that count (None if none)."""
+    from ..models import load_model
+
+    spec = spec or load_model(job.model)
+    n = 1
+    while n <= max_gpus:
+        strategies = ["single"] if n == 1 else (["ddp", "zero2", "fsdp2", "zero3"] if job.task == "train" else [])
+        for s in strategies:
+            try:
+                cj = job.replace(gpus=n, gpus_per_node=min(n, gpus_per_node), strategy=s)
+                if fits(cj, gpu_memory_bytes, spec)[0]:
+                    return n, cj
+            except JobError:
+                continue
+        n *= 2
+    return None
+
+
+def max_batch(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 4096) -> int:
+    """Largest micro-batch of ``job``'s layout that fits (0 if none), by the same fit answer."""
+    from ..models import load_model
+
+    spec = spec or load_model(job.model)
+    if not fits(job.replace(batch_size=1), gpu_memory_bytes, spec)[0]:
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(job.replace(batch_size=hi), gpu_memory_bytes, spec)[0]:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(job.replace(batch_size=mid), gpu_memory_bytes, spec)[0]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
