@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--only", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="plan only: list the candidates, measure nothing")
     args = ap.parse_args(argv)
     scenarios = yaml.safe_load(Path(args.scenarios).read_text())
     if args.only:
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
             row = {"rank": rank, **c.to_dict()}
             if not c.fits:
                 row["measured"] = {"status": "not-run (planner: does not fit)"}
+            elif args.dry_run:
+                row["measured"] = {"status": "dry-run"}
             elif time.time() - t_start > args.budget_s:
                 row["measured"] = {"status": "skipped (time budget)"}
             else:

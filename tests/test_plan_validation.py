@@ -1,0 +1,43 @@
+"""The planning-scenario runner plans every scenario (dry run, no GPU) and score_plan.py judges records."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "validation"))
+
+from score_plan import score  # noqa: E402
+
+
+def test_scenarios_plan_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "validation/run_plan_scenarios.py"),
+                          str(ROOT / "validation/jobs/plan_scenarios.yaml"), "--out", str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((tmp_path / "plan-scenarios.json").read_text())
+    scs = data["scenarios"]
+    assert len(scs) >= 8
+    cards = {s["gpu_memory_bytes"] // 2**30 for s in scs}
+    assert {24, 48, 80} <= cards
+    assert {"full", "lora", "qlora"} <= {c["job"]["method"] for s in scs for c in s["candidates"]}
+    for s in scs:
+        assert s["planner_fits"] and 1 <= len(s["candidates"]) <= 5
+
+
+def _sc(name, rows):
+    return {"name": name, "candidates": [{"rank": i + 1, "measured": m} for i, m in enumerate(rows)]}
+
+
+def test_score_plan_judges():
+    ok = {"status": "ok", "fits": True}
+    data = {"scenarios": [
+        _sc("a", [{**ok, "tokens_per_s": 95.0}, {**ok, "tokens_per_s": 100.0}]),   # within 10%: pass
+        _sc("b", [{**ok, "tokens_per_s": 80.0}, {**ok, "tokens_per_s": 100.0}]),   # 20% slower: fail
+        _sc("c", [{"status": "ok", "fits": False}, {**ok, "tokens_per_s": 100.0}]),  # top OOMs: fail
+        _sc("d", [{"status": "skipped (time budget)"}]),                            # incomplete
+    ]}
+    rows = {r["name"]: r for r in score(data)}
+    assert rows["a"]["pass"] and not rows["b"]["pass"] and not rows["c"]["pass"]
+    assert rows["c"]["ooms"] == [1] and not rows["d"]["complete"]
