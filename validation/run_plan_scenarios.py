@@ -3,6 +3,11 @@ measured once (fresh worker process, allocator capped at the card) one at a time
 
 Usage (on the GPU machine, from the repo root):
     python validation/run_plan_scenarios.py validation/jobs/plan_scenarios.yaml --out $OUT [--budget-s 450]
+Runs share this process by default (``--isolate``: a fresh ``python -m memfit.measurer.worker`` per run,
+~17 s of start-up each, too slow for 40 runs in 8 minutes): each run frees everything and empties the
+allocator's cache before the next (as ``memfit.measurer.measure_sweep`` does); what CUDA keeps for the
+process (context, cuBLAS workspaces) stays. A candidate with ``expandable_segments`` other than this
+process's setting runs in a fresh worker (the allocator setting cannot change once CUDA is up).
 Writes ``OUT/plan-scenarios.json`` after every run: per scenario the candidates in the planner's order with
 the planner's estimate and the measured fits / OOM, tokens/s and peak. The measured step is one
 micro-batch (the worker does not accumulate); tokens/s compare candidates at their own micro-batch.
@@ -72,6 +77,33 @@ def measure(job_dict: dict, mem: int, steps: int, timeout: int) -> dict:
             "device_total_bytes": b.get("device_total_bytes"), "gpu_name": ex.get("gpu_name"), "wall_s": wall}
 
 
+def measure_here(job_dict: dict, mem: int, steps: int) -> dict:
+    """One run in this process (see the module note), the same fields as :func:`measure`."""
+    import gc
+
+    import torch
+
+    from memfit.measurer import measure as run
+
+    t0 = time.time()
+    try:
+        b = run(job_dict, steps=steps, progress=False, gpu_memory_bytes=mem)
+    except Exception as exc:  # a run that breaks is a result too; the next run starts clean
+        out = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:1500], "wall_s": round(time.time() - t0, 1)}
+    else:
+        ex = b.extras or {}
+        fitsv = b.fits if b.fits is not None else ex.get("fits")
+        out = {"status": "ok", "fits": fitsv, "oom": fitsv is False, "tokens_per_s": ex.get("tokens_per_s"),
+               "step_time_s": ex.get("step_time_s"), "peak_allocated_bytes": b.peak_allocated_bytes,
+               "peak_reserved_bytes": b.peak_reserved_bytes, "device_total_bytes": b.device_total_bytes,
+               "gpu_name": ex.get("gpu_name"), "wall_s": round(time.time() - t0, 1), "in_process": True}
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
 def main(argv=None) -> int:
     import yaml
 
@@ -83,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--only", default=None)
     ap.add_argument("--dry-run", action="store_true", help="plan only: list the candidates, measure nothing")
+    ap.add_argument("--isolate", action="store_true", help="a fresh worker process per run (slow start-up)")
     args = ap.parse_args(argv)
     scenarios = yaml.safe_load(Path(args.scenarios).read_text())
     if args.only:
@@ -90,6 +123,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bnb = has_bitsandbytes()
+    here_expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
     t_start = time.time()
     results = []
     for sc in scenarios:
@@ -105,8 +139,10 @@ def main(argv=None) -> int:
                 row["measured"] = {"status": "dry-run"}
             elif time.time() - t_start > args.budget_s:
                 row["measured"] = {"status": "skipped (time budget)"}
-            else:
+            elif args.isolate or c.job.expandable_segments != here_expandable:
                 row["measured"] = measure(c.job.to_dict(), mem, args.steps, args.timeout)
+            else:
+                row["measured"] = measure_here(c.job.to_dict(), mem, args.steps)
             entry["candidates"].append(row)
             m = row["measured"]
             print(f"{sc['name']:32s} #{rank} b={c.job.batch_size} acc={c.accumulation} est {c.tokens_per_second:8.0f} tok/s"
