@@ -185,8 +185,8 @@ def _settings(job: Job, levers: set[str], explicit: bool) -> list[dict[str, Any]
                                               "expandable_segments": e, "attention": a, "strategy": s, "offload": off,
                                               "tensor_parallel": t}
                                         if m == "qlora":
-                                            ch.update(quantization="nf4", double_quant=True, precision="bf16-true"
-                                                      if p.endswith("true") else p)
+                                            # the QLoRA recipe: NF4 base, double quantization, bf16 compute
+                                            ch.update(quantization="nf4", double_quant=True, precision="bf16-true")
                                         elif job.method == "qlora" and m != "qlora":
                                             ch.update(quantization="none")
                                         out.append(ch)
