@@ -67,3 +67,12 @@ def test_batch_timer_is_step_time():
         for b, a in ((1, 1), (3, 2), (8, 4)):
             want = step_time(j.replace(batch_size=b), spec, "rtx-4090", accumulation=a).seconds
             assert abs(t(b, a).seconds / want - 1) < 1e-9
+
+
+def test_annotate_fills_the_breakdown():
+    from memfit.estimator import estimate
+    from memfit.plan.steptime import annotate
+
+    j = Job(model="gpt2", batch_size=2, seq_len=512)
+    b = annotate(estimate(j), j, "a100-80gb")
+    assert b.step_time_seconds > 0 and abs(b.tokens_per_second * b.step_time_seconds - 1024) < 1e-6

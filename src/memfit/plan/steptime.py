@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer"]
+__all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
 KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch", "module_launch", "step")
 _FIT = Path(__file__).with_name("steptime_fit.json")
@@ -277,3 +277,12 @@ class BatchTimer:
         j = self.job
         tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a
         return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
+
+
+def annotate(breakdown, job, gpu, spec=None):
+    """Fill ``breakdown.step_time_seconds`` and ``tokens_per_second`` for ``job`` on ``gpu`` (catalog name or
+    GPU) and return it; what ``memfit estimate --gpu NAME`` calls so every Breakdown carries them."""
+    st = step_time(job, spec, gpu)
+    breakdown.step_time_seconds = st.seconds
+    breakdown.tokens_per_second = st.tokens_per_second
+    return breakdown
