@@ -1,0 +1,225 @@
+"""Score `memfit serve` against published vLLM / SGLang start-up logs (validation/serving/logs/*.json).
+
+For each log: memfit's KV cache tokens (and blocks, concurrency, weights, KV memory) next to the printed
+ones, from the log's model, GPU, version and flags only. Logs are skipped, with the reason, when memfit
+cannot resolve the model offline, the card's memory is neither printed nor in the GPU catalog, or the
+engine version is outside what memfit follows. Logs whose figures set one of memfit's constants
+(``FITTING``) are scored and listed separately, outside the bars.
+
+Run: PYTHONPATH=src python validation/score_serving.py [--json OUT] [--logs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+LOGS = ROOT / "validation" / "serving" / "logs"
+GiB = 1 << 30
+
+#: Logs whose printed figures set a constant of memfit.serve (see the constants' docstrings).
+FITTING = {
+    "vllm-gh10517-a": "CUDA_CONTEXT_V063_BYTES (vLLM 0.6.3-0.6.4 non-torch memory at TP 1)",
+    "vllm-gh10517-b": "CUDA_CONTEXT_V063_BYTES (same run, other max_model_len)",
+    "sglang-llmsinclouds-qwq32b-l4": "sglang PRELOAD_TP_BYTES (memory used before weights load at TP > 1)",
+}
+
+#: How a log's flag names map to memfit.serve's keywords.
+_FLAG_MAP = {
+    "tensor_parallel_size": "tensor_parallel", "pipeline_parallel_size": "pipeline_parallel",
+    "gpu_memory_utilization": "gpu_memory_utilization", "mem_fraction_static": "mem_fraction_static",
+    "max_model_len": "max_model_len", "context_length": "max_model_len", "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens", "chunked_prefill_size": "max_num_batched_tokens",
+    "kv_cache_dtype": "kv_cache_dtype", "quantization": "quantization", "dtype": "dtype",
+    "enforce_eager": "enforce_eager", "block_size": "block_size", "page_size": "block_size",
+    "cuda_graph_max_bs": "cuda_graph_max_bs",
+}
+_QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
+                "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "none": "none"}
+
+
+def infer_version(log: dict[str, Any]) -> tuple[str | None, str]:
+    """The engine version to apply: the log's own, else one read from the log lines' format (vLLM only):
+    "Memory profiling results: total_gpu_memory=" is the V0 worker of v0.6.3-v0.6.4 (PR #9352); "the
+    current vLLM instance can use" is v0.6.5-v0.8 (PR #10511); "Available KV cache memory" is V1 (v0.8+)."""
+    if log.get("engine_version"):
+        return str(log["engine_version"]), "stated"
+    text = log.get("log_excerpt") or ""
+    if log.get("engine") != "vllm":
+        if (log.get("flags") or {}).get("mem_fraction_static"):
+            return "0.4", "assumed 0.4 (mem_fraction_static stated, so the version's default does not matter)"
+        return None, "unknown"
+    if "Memory profiling results: total_gpu_memory=" in text:
+        return "0.6.3", "inferred from the log format (v0.6.3-v0.6.4)"
+    if "the current vLLM instance can use" in text:
+        return "0.7", "inferred from the log format (v0.6.5-v0.8)"
+    if "Available KV cache memory" in text:
+        return "0.9", "inferred from the log format (V1, v0.8+)"
+    return None, "unknown"
+
+
+def resolve_gpu(name: str):
+    """The catalog card of a log's GPU name ("NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3",
+    "NVIDIA GeForce RTX 4090 (inferred)"): the name as written, then without the vendor words and any
+    parenthesis, then its first words. None when the catalog has no such card."""
+    import re
+
+    from memfit.errors import MemfitError
+    from memfit.gpus import get_gpu
+
+    base = re.sub(r"\(.*?\)", " ", name or "")
+    base = re.sub(r"\b(NVIDIA|GeForce|Tesla)\b", " ", base, flags=re.I).strip()
+    words = base.replace("-", " ").split()
+    candidates = [name, base, " ".join(words)] + [" ".join(words[:n]) for n in range(len(words) - 1, 0, -1)]
+    for cand in candidates:
+        if not cand.strip():
+            continue
+        try:
+            return get_gpu(cand)
+        except MemfitError:
+            continue
+    return None
+
+
+def _kwargs(log: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    kw: dict[str, Any] = {}
+    for name, value in (log.get("flags") or {}).items():
+        if value is None or name not in _FLAG_MAP:
+            continue
+        key = _FLAG_MAP[name]
+        if key == "quantization":
+            q = _QUANT_NAMES.get(str(value).lower(), "unknown")
+            if q == "unknown":
+                return kw, f"quantization {value!r} is not counted"
+            if q is None:
+                continue  # read from the model's quantization_config
+            value = q
+        if key == "dtype" and str(value) in ("half", "float16", "bfloat16", "auto", "bf16", "fp16", "float32"):
+            value = str(value)
+        kw[key] = value
+    return kw, None
+
+
+def score_log(log: dict[str, Any]) -> dict[str, Any]:
+    """One log's row: memfit vs printed, or ``skipped`` with the reason."""
+    from memfit.errors import MemfitError
+    from memfit.serve import serve
+
+    row: dict[str, Any] = {"id": log.get("id"), "engine": log.get("engine"), "model": log.get("model"),
+                           "gpu": log.get("gpu"), "fitting": log.get("id") in FITTING}
+    printed = log.get("printed") or {}
+    want = printed.get("kv_cache_tokens") or printed.get("max_total_num_tokens")
+    if not want:
+        return {**row, "skipped": "the log prints no KV cache token count"}
+    version, how = infer_version(log)
+    if version is None:
+        return {**row, "skipped": "engine version neither stated nor recognizable from the log lines"}
+    row["engine_version"], row["version_source"] = version, how
+    kw, why = _kwargs(log)
+    if why:
+        return {**row, "skipped": why}
+    if log.get("engine_mode"):
+        kw["engine_mode"] = log["engine_mode"] if log.get("engine") == "vllm" else None
+        if kw["engine_mode"] is None:
+            kw.pop("engine_mode")
+    gpu_kw: dict[str, Any] = {}
+    if printed.get("total_gpu_memory_gib"):
+        gpu_kw["gpu_memory"] = int(printed["total_gpu_memory_gib"] * GiB)
+        gpu_kw["gpu_name"] = log.get("gpu") or ""
+    else:
+        card = resolve_gpu(log.get("gpu") or "")
+        if card is None:
+            return {**row, "skipped": f"GPU {log.get('gpu')!r}: memory not printed and not in the GPU catalog"}
+        gpu_kw["gpu_memory"] = card.memory_bytes
+        gpu_kw["gpu_name"] = card.title
+    try:
+        est = serve(log["model"], engine=log["engine"], engine_version=version, **gpu_kw, **kw)
+    except MemfitError as exc:
+        return {**row, "skipped": str(exc)}
+    row["memfit"] = {"kv_cache_tokens": est.kv_cache_tokens, "num_gpu_blocks": est.num_gpu_blocks,
+                     "max_concurrency": est.max_concurrency, "weights_gib": round(est.weights_bytes / GiB, 3),
+                     "kv_cache_memory_gib": round(est.kv_cache_bytes / GiB, 3),
+                     "activation_peak_gib": round(est.activation_peak_bytes / GiB, 3), "rule": est.rule}
+    row["printed"] = {k: printed.get(k) for k in ("kv_cache_tokens", "num_gpu_blocks", "max_concurrency",
+                                                  "weights_gib", "kv_cache_memory_gib", "activation_peak_gib")}
+    row["printed"]["kv_cache_tokens"] = want
+    row["error"] = {}
+    for k, v in row["memfit"].items():
+        p = row["printed"].get(k)
+        if isinstance(p, (int, float)) and p and isinstance(v, (int, float)):
+            row["error"][k] = round((v - p) / p, 4)
+    return row
+
+
+def load_logs(folder: Path = LOGS) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        with open(path, encoding="utf-8") as f:
+            log = json.load(f)
+        log.setdefault("id", path.stem)
+        out.append(log)
+    return out
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median |error| and share within 10% of KV tokens over the scored logs outside ``FITTING``."""
+    def stats(sel):
+        errs = [abs(r["error"]["kv_cache_tokens"]) for r in sel]
+        if not errs:
+            return {"count": 0}
+        return {"count": len(errs), "median_abs_error": round(statistics.median(errs), 4),
+                "within_10pct": round(sum(e <= 0.10 for e in errs) / len(errs), 4), "max_abs_error": round(max(errs), 4)}
+
+    scored = [r for r in rows if "error" in r and "kv_cache_tokens" in r["error"]]
+    return {"logs": len(rows), "skipped": sum(1 for r in rows if "skipped" in r),
+            "held_out": stats([r for r in scored if not r["fitting"]]),
+            "fitting": stats([r for r in scored if r["fitting"]])}
+
+
+def score(folder: Path = LOGS) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # resolve models offline: registry, local configs, hub cache
+    rows = [score_log(log) for log in load_logs(folder)]
+    return {"rows": rows, "summary": summarize(rows)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--logs", type=Path, default=LOGS)
+    ap.add_argument("--json", type=Path, help="also write the rows and summary here")
+    args = ap.parse_args(argv)
+    result = score(args.logs)
+    print(f"{'log':40s} {'engine':14s} {'printed':>9s} {'memfit':>9s} {'error':>8s}  blocks / concurrency / weights")
+    for r in result["rows"]:
+        label = f"{r['engine']} {r.get('engine_version') or '?'}"
+        if "skipped" in r:
+            print(f"{r['id']:40s} {label:14s} skipped: {r['skipped']}")
+            continue
+        p, m, err = r["printed"], r["memfit"], r["error"]
+        extra = "  ".join(f"{k} {m[k]} vs {p[k]}" for k in ("num_gpu_blocks", "max_concurrency", "weights_gib")
+                          if p.get(k) is not None)
+        tag = " (fitting)" if r["fitting"] else ""
+        print(f"{r['id']:40s} {label:14s} {p['kv_cache_tokens']:>9} {m['kv_cache_tokens']:>9} "
+              f"{err['kv_cache_tokens']:>+8.2%}  {extra}{tag}")
+    s = result["summary"]
+    for name in ("held_out", "fitting"):
+        st = s[name]
+        if st["count"]:
+            print(f"{name}: {st['count']} logs, KV tokens median |error| {st['median_abs_error']:.2%}, "
+                  f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
+        else:
+            print(f"{name}: no scored logs")
+    print(f"{s['logs']} logs, {s['skipped']} skipped")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
