@@ -88,9 +88,20 @@ def resolve_gpu(name: str):
     return None
 
 
+#: Flags that change the memory split in ways memfit.serve does not model: such logs are skipped.
+UNMODELLED = ("enable_lora", "speculative_model", "speculative_config", "speculative_algorithm",
+              "kv_transfer_config", "cpu_offload_gb", "kv_cache_memory_bytes", "num_gpu_blocks_override",
+              "data_parallel_size", "enable_dp_attention", "max_total_tokens")
+
+
 def _kwargs(log: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     kw: dict[str, Any] = {}
-    for name, value in (log.get("flags") or {}).items():
+    flags = log.get("flags") or {}
+    for name in UNMODELLED:
+        v = flags.get(name)
+        if v not in (None, False, 0, 1, "") or (name in ("enable_lora",) and v):
+            return kw, f"{name}={v!r} is not modelled by memfit serve"
+    for name, value in flags.items():
         if value is None or name not in _FLAG_MAP:
             continue
         key = _FLAG_MAP[name]
