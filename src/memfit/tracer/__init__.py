@@ -9,7 +9,7 @@ peft) and no GPU. Importing this package imports no torch.
 - :mod:`.cuda_emulation` makes the fake CPU run take CUDA's code paths (autocast lists, the sdpa kernel an
   H100 picks and what it saves, dropout and fp16 softmax kernels, grouped MoE matmuls, foreach optimizers);
 - :mod:`.tracker` records every storage's birth and death and what it is, plus cuBLAS workspaces;
-- :mod:`.allocator` models the CUDA caching allocator (rounding, pools, segments, splitting);
+- :mod:`memfit.allocator` models the CUDA caching allocator (rounding, pools, segments, splitting);
 - :mod:`.plot` draws the timeline (terminal, PNG, SVG).
 
 Against the reference H100 (torch 2.11, 13 jobs: Llama 1B/8B, Qwen2.5, GPT-2, OLMoE; all precisions, eager,

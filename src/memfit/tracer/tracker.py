@@ -2,7 +2,7 @@
 
 A ``TorchDispatchMode`` sees the output of every ATen op (under ``FakeTensorMode`` these are fake tensors: the
 shapes and dtypes a real run has, no data). Each new storage is one request to the caching-allocator model
-(:mod:`memfit.tracer.allocator`), counted once however many views share it; a ``weakref`` on the storage
+(:mod:`memfit.allocator`), counted once however many views share it; a ``weakref`` on the storage
 object (PyTorch keeps one Python object per live storage) frees the block the moment the last tensor using
 it dies - a saved activation when autograd releases it in backward, a temporary when its Python name goes.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Iterable
 
-from .allocator import CachingAllocatorModel
+from ..allocator import CachingAllocatorModel
 
 __all__ = ["Record", "Tracker", "CUBLAS_WORKSPACE_BYTES", "TIMELINE_POINTS"]
 

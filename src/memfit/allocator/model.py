@@ -1,0 +1,639 @@
+"""A model of PyTorch's CUDA caching allocator: blocks, pools, segments, a card's limit, expandable segments.
+
+Pure Python, no torch. It follows ``DeviceCachingAllocator`` in ``c10/cuda/CUDACachingAllocator.cpp``
+(pytorch/pytorch snapshot 001074d2, 2.x main branch; see :mod:`memfit.allocator.config` for the sources and
+for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses:
+
+``malloc`` (the order of ``DeviceCachingAllocator::malloc``)
+    1. ``round_size`` the request; ``get_pool``: <= 1 MiB small pool, else large pool;
+    2. ``get_free_block``: the smallest cached block of the pool that is large enough, the lowest address
+       among equals (``lower_bound`` on (size, address)), with the ``max_split_size`` rules: a request below
+       max_split may not take an oversize block; a request at or over it may take one only when it wastes
+       less than ``max_non_split_rounding`` (20 MiB by default). Expandable blocks compare by the size they
+       could grow to (a free block before unmapped pages is passed over when a tighter one follows);
+    3. free-memory callbacks (``trigger_free_memory_callbacks``): none are registered in a plain run
+       (PyTorch's only one collects CUDA IPC handles): not modelled;
+    4. with a memory fraction and ``garbage_collection_threshold``: ``garbage_collect_cached_blocks``;
+    5. ``alloc_block``: fails when ``reserved + get_allocation_size(size) > allowed`` (the fraction's cap,
+       ``capacity_bytes`` here); else ``cudaMalloc`` a segment (or map pages of the expandable segment);
+    6. if that failed and max_split_size is set: ``release_available_cached_blocks`` (free the smallest
+       oversize cached block big enough, or the largest ones until the request is covered) and retry;
+    7. if that failed: ``release_cached_blocks`` (cudaFree every cached block that is a whole segment;
+       unmap every fully free page of expandable segments) and retry (``num_alloc_retries`` += 1);
+    8. if that failed: out of memory (``num_ooms`` += 1): raise :class:`AllocatorOutOfMemory`
+       (``on_oom="raise"``) or count it in ``oom_requests`` and make the segment anyway (``on_oom="record"``,
+       for the tracer, which goes on to report how far over the card the run went);
+    9. ``should_split`` / ``alloc_found_block``: split the block when the rest is worth keeping (>= 512 B in
+       the small pool or with expandable segments; > 1 MiB in the large pool, and only for requests below
+       max_split). ``memory_allocated`` counts the whole block handed out.
+
+``free`` (``free_block`` / ``try_merge_blocks``): the block merges with free neighbours of its segment (same
+mapping state) and goes back to its pool; segments stay reserved until ``release_cached`` (``empty_cache``).
+
+Expandable segments (``ExpandableSegment``, Note [Expandable Segments]): one virtual segment per pool, whose
+address space is 1 1/8 of the device's memory, mapped in pages of 2 MiB (small pool, ``kSmallBuffer``) or
+20 MiB (large pool, ``large_segment_size``); ``find_expandable_block`` picks the lowest unmapped range (with
+the free block just before it) with room, ``map_block`` maps the pages needed and merges them with free
+neighbours; ``memory_reserved`` counts mapped pages; ``release_cached_blocks`` unmaps whole free pages
+(``unmap_block``) and drops a segment left entirely unmapped. The segment count
+(``segment.all.current``) does not change with expandable segments (``alloc_block`` returns before it
+counts one), and ``inactive_split`` leaves them out, both as in the source.
+
+Not modelled: several streams and ``record_stream`` events, CUDA graph private pools, ``cudaMallocAsync``,
+the driver's own physical limit on a card shared with other processes (``physical_bytes`` is a simple
+stand-in), and driver address placement: real segment addresses come from ``cudaMalloc``; here they grow
+monotonically, which only matters for ties between equal-size free blocks of different segments.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+
+from ..errors import MemfitError
+from .config import (MIN_BLOCK_BYTES, MIN_LARGE_ALLOC_BYTES, ROUND_LARGE_BYTES, SMALL_REQUEST_BYTES,
+                     SMALL_SEGMENT_BYTES, AllocatorConfig, format_size, round_size)
+
+__all__ = ["CachingAllocatorModel", "Block", "AllocatorOutOfMemory", "ExpandableSegment"]
+
+_DEFAULT_DEVICE_BYTES = 1 << 40
+"""Device memory assumed for an expandable segment's address space (1 1/8 of it) when none is given: only
+its size relative to the blocks matters (it is never filled in a run that fits)."""
+
+
+class AllocatorOutOfMemory(MemfitError, MemoryError):
+    """The allocator model ran out of memory under its limit (``torch.OutOfMemoryError`` in a real run).
+
+    Attributes (bytes): ``requested`` (the request), ``alloc_size`` (the segment it needed, what PyTorch's
+    message calls "Tried to allocate"), ``allocated``, ``reserved`` and ``limit`` at the failure.
+    """
+
+    def __init__(self, requested: int, alloc_size: int, allocated: int, reserved: int, limit: int | None) -> None:
+        self.requested = requested
+        self.alloc_size = alloc_size
+        self.allocated = allocated
+        self.reserved = reserved
+        self.limit = limit
+        allowed = f"{format_size(limit)} allowed; " if limit is not None else ""
+        super().__init__(
+            f"CUDA out of memory (allocator model). Tried to allocate {format_size(alloc_size)} "
+            f"(a request of {requested} bytes). {allowed}{format_size(allocated)} is allocated by PyTorch, and "
+            f"{format_size(reserved - allocated)} is reserved by PyTorch but unallocated; lower the batch or "
+            "sequence length, or use a larger card")
+
+
+class ExpandableSegment:
+    """``ExpandableSegment``: a virtual address range of ``page_bytes`` pages, mapped page by page."""
+
+    __slots__ = ("base", "page", "size")
+
+    def __init__(self, base: int, page_bytes: int, address_space_bytes: int) -> None:
+        self.base = base
+        self.page = page_bytes
+        self.size = page_bytes * -(-address_space_bytes // page_bytes)  # numSegments(...) * segment_size_
+
+
+class Block:
+    """A piece of a segment: allocated, cached free, or (expandable segments) unmapped address space."""
+
+    __slots__ = ("size", "addr", "small", "allocated", "prev", "next", "requested", "mapped", "seg", "gc_base")
+
+    def __init__(self, size: int, addr: int, small: bool, seg: ExpandableSegment | None = None,
+                 mapped: bool = True) -> None:
+        self.size = size
+        self.addr = addr
+        self.small = small
+        self.allocated = False
+        self.prev: Block | None = None
+        self.next: Block | None = None
+        self.requested = 0
+        self.mapped = mapped
+        self.seg = seg
+        self.gc_base = 0
+
+    def key(self) -> tuple[int, int]:
+        return (self.size, self.addr)
+
+    @property
+    def is_split(self) -> bool:
+        """``Block::is_split``: part of a segment with other blocks."""
+        return self.prev is not None or self.next is not None
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        state = "allocated" if self.allocated else ("free" if self.mapped else "unmapped")
+        return f"Block({self.size}, addr={self.addr}, {'small' if self.small else 'large'}, {state})"
+
+
+class _Pool:
+    """``BlockPool``: free blocks ordered by (size, address), and unmapped blocks ordered by address."""
+
+    __slots__ = ("small", "keys", "by_key", "unmapped", "gc_calls")
+
+    def __init__(self, small: bool) -> None:
+        self.small = small
+        self.keys: list[tuple[int, int]] = []
+        self.by_key: dict[tuple[int, int], Block] = {}
+        self.unmapped: dict[int, Block] = {}  # addr -> block (few: one per expandable segment, plus holes)
+        self.gc_calls = 0  # get_free_blocks_call_count
+
+    def insert(self, b: Block) -> None:
+        k = (b.size, b.addr)
+        insort(self.keys, k)
+        self.by_key[k] = b
+        b.gc_base = self.gc_calls  # insert_into_blocks
+
+    def remove(self, b: Block) -> None:
+        k = (b.size, b.addr)
+        del self.keys[bisect_left(self.keys, k)]
+        del self.by_key[k]
+
+
+class CachingAllocatorModel:
+    """``memory_allocated`` / ``memory_reserved`` of a sequence of mallocs and frees, with their peaks.
+
+    ``capacity_bytes``: the bytes the allocator may reserve, as ``torch.cuda.set_per_process_memory_fraction``
+    sets them (``allowed_memory_maximum`` = fraction x device total; pass the card's memory less the CUDA
+    context to rehearse a card); None: unlimited. ``config``: the ``PYTORCH_CUDA_ALLOC_CONF`` setting.
+    ``on_oom``: ``"raise"`` raises :class:`AllocatorOutOfMemory` when a request cannot be served under the
+    limit even after the cache is freed (the model's state is then what PyTorch's is after its OOM: cached
+    segments released); ``"record"`` counts it in ``oom_requests`` and makes the segment anyway, over the limit.
+    ``physical_bytes``: optionally, what ``cudaMalloc``/``cuMemCreate`` can get at most (the device's free
+    memory); unlike the fraction cap it is checked against the pages really mapped.
+    ``device_total_bytes``: sets an expandable segment's address space (1 1/8 of it), as the source does.
+    """
+
+    def __init__(self, capacity_bytes: int | None = None, *, config: AllocatorConfig | None = None,
+                 on_oom: str = "record", physical_bytes: int | None = None,
+                 device_total_bytes: int | None = None) -> None:
+        if on_oom not in ("record", "raise"):
+            raise ValueError(f"on_oom must be 'record' or 'raise', got {on_oom!r}")
+        if capacity_bytes is not None and (isinstance(capacity_bytes, bool) or int(capacity_bytes) < 0):
+            raise ValueError(f"capacity_bytes must be a number of bytes >= 0 or None, got {capacity_bytes!r}")
+        self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
+        self.config = config if config is not None else AllocatorConfig()
+        self.on_oom = on_oom
+        self.physical_bytes = physical_bytes
+        self.device_total_bytes = device_total_bytes or _DEFAULT_DEVICE_BYTES
+        cfg = self.config
+        self._expandable = cfg.expandable_segments
+        self._max_split = cfg.max_split_size
+        self._split_limited = cfg.max_split_size_bytes is not None
+        self._non_split_rounding = cfg.max_non_split_rounding_bytes
+        self._large_segment = cfg.large_segment_bytes
+        self._power2 = cfg.rounds_power2
+        self._gc = cfg.garbage_collection_threshold if capacity_bytes is not None else 0.0
+        # memory_stats() figures
+        self.allocated = 0
+        self.reserved = 0
+        self.requested = 0
+        self.peak_allocated = 0
+        self.peak_reserved = 0
+        self.peak_requested = 0
+        self.num_segments = 0  # segment.all.current
+        self.peak_segments = 0
+        self.num_allocations = 0  # allocation.all.current
+        self.inactive_split = 0
+        self.inactive_split_bytes = 0
+        self.num_alloc_retries = 0
+        self.num_ooms = 0
+        self.num_device_alloc = 0  # cudaMalloc calls + page mappings
+        self.num_device_free = 0  # cudaFree calls + page unmappings
+        self.oom_requests = 0
+        self._next_addr = 1 << 20
+        self._small = _Pool(True)
+        self._large = _Pool(False)
+        self._segments: dict[int, Block] = {}  # non-expandable: id(first block) -> first block (for snapshots)
+
+    @property
+    def num_releases(self) -> int:
+        """Segments given back (cudaFree) and page ranges unmapped: ``num_device_free``."""
+        return self.num_device_free
+
+    # ------------------------------------------------------------------------------------------- public
+    def malloc(self, nbytes: int) -> Block:
+        """Serve a request of ``nbytes`` (``DeviceCachingAllocator::malloc``); return the block for :meth:`free`."""
+        if self._power2:
+            size = round_size(nbytes, self.config)
+        elif nbytes < MIN_BLOCK_BYTES:
+            size = MIN_BLOCK_BYTES
+        else:
+            size = (nbytes + 511) & ~511
+        small = size <= SMALL_REQUEST_BYTES
+        pool = self._small if small else self._large
+        block = self._get_free_block(pool, size)
+        if block is None:
+            if small:
+                alloc_size = SMALL_SEGMENT_BYTES
+            elif size < MIN_LARGE_ALLOC_BYTES:
+                alloc_size = self._large_segment
+            else:
+                alloc_size = (size + ROUND_LARGE_BYTES - 1) // ROUND_LARGE_BYTES * ROUND_LARGE_BYTES
+            if self._gc:
+                self._garbage_collect()
+            block = self._alloc_block(pool, size, alloc_size, False)
+            if block is None and self._split_limited and self._release_available_cached_blocks(pool, size):
+                block = self._alloc_block(pool, size, alloc_size, False)
+            if block is None:
+                self.release_cached()
+                block = self._alloc_block(pool, size, alloc_size, True)
+            if block is None:
+                self.num_ooms += 1
+                if self.on_oom == "raise":
+                    raise AllocatorOutOfMemory(nbytes, alloc_size, self.allocated, self.reserved,
+                                               self.capacity_bytes)
+                self.oom_requests += 1
+                block = self._alloc_block(pool, size, alloc_size, False, force=True)
+        return self._alloc_found_block(pool, block, size, nbytes)
+
+    def free(self, block: Block) -> None:
+        """Return ``block`` to its pool, merged with free neighbours (``free`` / ``free_block``)."""
+        if not block.allocated:
+            raise ValueError("block freed twice")
+        block.allocated = False
+        self.allocated -= block.size
+        self.requested -= block.requested
+        self.num_allocations -= 1
+        block.requested = 0
+        pool = self._small if block.small else self._large
+        d_blocks = 0
+        d_bytes = 0
+        prev = block.prev
+        if prev is not None and not prev.allocated and prev.mapped:
+            d_blocks -= 1
+            d_bytes -= self._merge(block, prev, pool)
+        nxt = block.next
+        if nxt is not None and not nxt.allocated and nxt.mapped:
+            d_blocks -= 1
+            d_bytes -= self._merge(block, nxt, pool)
+        pool.insert(block)
+        if block.seg is None:
+            if block.prev is not None or block.next is not None:
+                d_blocks += 1
+                d_bytes += block.size
+            self.inactive_split += d_blocks
+            self.inactive_split_bytes += d_bytes
+
+    def reset_peaks(self) -> None:
+        """``torch.cuda.reset_peak_memory_stats``: the peaks restart from the current values."""
+        self.peak_allocated = self.allocated
+        self.peak_reserved = self.reserved
+        self.peak_requested = self.requested
+        self.peak_segments = self.num_segments
+
+    def release_cached(self) -> int:
+        """``empty_cache`` (``release_cached_blocks``): cudaFree every cached block that is a whole segment,
+        unmap every fully free page of the expandable segments; return the bytes given back."""
+        before = self.reserved
+        for pool in (self._large, self._small):
+            to_unmap = []
+            for k in list(pool.keys):
+                b = pool.by_key[k]
+                if b.seg is not None:
+                    to_unmap.append(b)
+                elif b.prev is None and b.next is None:
+                    self._release_block(b, pool)
+            for b in to_unmap:
+                self._unmap_block(b, pool)
+                if b.prev is None and b.next is None and not b.mapped:
+                    del pool.unmapped[b.addr]  # release_expandable_segment
+        return before - self.reserved
+
+    def memory_stats(self) -> dict[str, int]:
+        """The keys of ``torch.cuda.memory_stats()`` this model counts (aggregate pool, ``.all.``)."""
+        return {
+            "allocated_bytes.all.current": self.allocated, "allocated_bytes.all.peak": self.peak_allocated,
+            "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.peak_reserved,
+            "requested_bytes.all.current": self.requested, "requested_bytes.all.peak": self.peak_requested,
+            "segment.all.current": self.num_segments, "segment.all.peak": self.peak_segments,
+            "allocation.all.current": self.num_allocations,
+            "inactive_split.all.current": self.inactive_split,
+            "inactive_split_bytes.all.current": self.inactive_split_bytes,
+            "num_alloc_retries": self.num_alloc_retries, "num_ooms": self.num_ooms,
+            "num_device_alloc": self.num_device_alloc, "num_device_free": self.num_device_free,
+        }
+
+    def segments(self) -> list[dict]:
+        """Like ``torch.cuda.memory_snapshot()``: one entry per segment (per mapped range when expandable),
+        with its total size, allocated bytes and (size, allocated) of its blocks, in address order."""
+        anchors = list(self._segments.values())
+        for pool in (self._small, self._large):
+            anchors.extend(pool.by_key.values())
+            anchors.extend(pool.unmapped.values())
+        firsts: dict[int, Block] = {}
+        for b in anchors:
+            while b.prev is not None:
+                b = b.prev
+            firsts[id(b)] = b
+        out = []
+        for first in firsts.values():
+            run: list[Block] = []
+            c: Block | None = first
+            while True:
+                if c is not None and c.mapped:
+                    run.append(c)
+                elif run:
+                    out.append({"address": run[0].addr, "is_large": not run[0].small,
+                                "is_expandable": run[0].seg is not None,
+                                "total_size": sum(x.size for x in run),
+                                "allocated_size": sum(x.size for x in run if x.allocated),
+                                "blocks": [(x.size, x.allocated) for x in run]})
+                    run = []
+                if c is None:
+                    break
+                c = c.next
+        out.sort(key=lambda s: s["address"])
+        return out
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _get_free_block(self, pool: _Pool, size: int) -> Block | None:
+        """``get_free_block``: best fit in the pool, with the expandable and max_split_size rules."""
+        if self._gc:
+            pool.gc_calls += 1
+        keys = pool.keys
+        i = bisect_left(keys, (size, 0))
+        n = len(keys)
+        if i == n:
+            return None
+        by_key = pool.by_key
+        b = by_key[keys[i]]
+        if b.seg is not None:
+            # compare by the size the block could grow to (itself plus unmapped pages right after it)
+            nb = b.next
+            grow = b.size + (nb.size if nb is not None and not nb.mapped else 0)
+            while b.seg is not None and i + 1 < n:
+                c = by_key[keys[i + 1]]
+                cn = c.next
+                cgrow = c.size + (cn.size if cn is not None and not cn.mapped else 0)
+                if cgrow >= grow:
+                    break
+                i += 1
+                b, grow = c, cgrow
+        if size < self._max_split:
+            if b.size >= self._max_split:
+                return None  # an oversize block is not cut up for a smaller request
+        elif b.size >= size + self._non_split_rounding:
+            return None  # an oversize request may round up into a cached block, but not by too much
+        del keys[i]
+        del by_key[(b.size, b.addr)]
+        return b
+
+    def _alloc_block(self, pool: _Pool, size: int, alloc_size: int, retry: bool, force: bool = False) -> Block | None:
+        """``alloc_block``: a new segment of ``alloc_size`` (or mapped pages), unless it would pass the limit."""
+        if retry:
+            self.num_alloc_retries += 1
+        cap = self.capacity_bytes
+        if not force and cap is not None and self.reserved + alloc_size > cap:
+            return None
+        if self._expandable:
+            return self._try_allocate_expandable_block(pool, size, force)
+        if not force and self.physical_bytes is not None and self.reserved + alloc_size > self.physical_bytes:
+            return None  # cudaMalloc fails
+        block = Block(alloc_size, self._next_addr, pool.small)
+        self._next_addr += alloc_size
+        self._segments[id(block)] = block
+        self.reserved += alloc_size
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
+        self.num_segments += 1
+        if self.num_segments > self.peak_segments:
+            self.peak_segments = self.num_segments
+        self.num_device_alloc += 1
+        return block
+
+    def _alloc_found_block(self, pool: _Pool, block: Block, size: int, nbytes: int) -> Block:
+        """``should_split`` + ``alloc_found_block``: split off the rest when worth keeping; count the block."""
+        remaining = block.size - size
+        if pool.small or self._expandable:
+            split = remaining >= MIN_BLOCK_BYTES
+        else:
+            split = size < self._max_split and remaining > SMALL_REQUEST_BYTES
+        was_split = block.prev is not None or block.next is not None
+        if split:
+            rest = Block(remaining, block.addr + size, block.small, block.seg)
+            rest.prev, rest.next = block, block.next
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            pool.insert(rest)
+            if block.seg is None:
+                if was_split:
+                    self.inactive_split_bytes -= size
+                else:
+                    self.inactive_split_bytes += remaining
+                    self.inactive_split += 1
+        elif was_split and block.seg is None:
+            self.inactive_split_bytes -= block.size
+            self.inactive_split -= 1
+        block.allocated = True
+        block.requested = nbytes
+        self.allocated += block.size
+        self.requested += nbytes
+        self.num_allocations += 1
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
+        if self.requested > self.peak_requested:
+            self.peak_requested = self.requested
+        return block
+
+    def _merge(self, dst: Block, src: Block, pool: _Pool) -> int:
+        """``try_merge_blocks`` (caller checked ``src`` is free and mapped like ``dst``): ``dst`` absorbs it."""
+        if src.mapped:
+            pool.remove(src)
+        else:
+            del pool.unmapped[src.addr]
+        if dst.prev is src:
+            dst.addr = src.addr
+            dst.prev = src.prev
+            if src.prev is not None:
+                src.prev.next = dst
+        else:
+            dst.next = src.next
+            if src.next is not None:
+                src.next.prev = dst
+        if src.seg is None and src.prev is None and dst.prev is None:
+            self._segments.pop(id(src), None)
+            self._segments[id(dst)] = dst
+        dst.size += src.size
+        return src.size
+
+    def _try_merge(self, dst: Block, src: Block | None, pool: _Pool) -> int:
+        if src is None or src.allocated or src.mapped != dst.mapped:
+            return 0
+        return self._merge(dst, src, pool)
+
+    def _release_block(self, b: Block, pool: _Pool) -> None:
+        """``release_block``: cudaFree a cached block that is a whole segment."""
+        pool.remove(b)
+        self._segments.pop(id(b), None)
+        self.reserved -= b.size
+        self.num_segments -= 1
+        self.num_device_free += 1
+
+    def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
+        """``release_available_cached_blocks`` (only with max_split_size set): cudaFree the smallest oversize
+        cached block at least as large as the request, or else the largest oversize ones until they cover it."""
+        keys = pool.keys
+        target = max(size, self._max_split)
+        i = bisect_left(keys, (target, 0))
+        if i < len(keys):
+            b = pool.by_key[keys[i]]
+            # release_block cudaFrees the block as a segment: oversize blocks are whole segments (they are
+            # never split); an expandable block is left alone (the source asserts it is not one)
+            if b.prev is None and b.next is None and b.seg is None:
+                self._release_block(b, pool)
+            return True
+        if i == 0:
+            return False
+        released = 0
+        i -= 1
+        while released < target:
+            b = pool.by_key[keys[i]]
+            if b.size < self._max_split or b.seg is not None or b.prev is not None or b.next is not None:
+                break
+            released += b.size
+            self._release_block(b, pool)
+            if i == 0:
+                break
+            i -= 1
+        return released >= target
+
+    def _garbage_collect(self) -> None:
+        """``garbage_collect_cached_blocks``: past ``threshold x allowed`` reserved, cudaFree unsplit cached
+        large blocks whose age (``get_free_block`` calls since they were cached) is at least the average,
+        repeating until the excess is reclaimed or nothing more can go."""
+        limit = int(self._gc * self.capacity_bytes)
+        if self.reserved <= limit:
+            return
+        target = self.reserved - limit
+        pool = self._large
+        calls = pool.gc_calls
+        candidates = [b for b in pool.by_key.values() if b.prev is None and b.next is None and b.seg is None]
+        if not candidates:
+            return
+        total_age = sum(calls - b.gc_base for b in candidates)
+        count = len(candidates)
+        reclaimed = 0
+        freed = True
+        while reclaimed < target and freed and count > 0:
+            threshold = total_age / count
+            freed = False
+            for k in list(pool.keys):
+                b = pool.by_key.get(k)
+                if b is None or b.prev is not None or b.next is not None or b.seg is not None:
+                    continue
+                age = calls - b.gc_base
+                if age >= threshold:
+                    freed = True
+                    reclaimed += b.size
+                    total_age -= age
+                    count -= 1
+                    self._release_block(b, pool)
+
+    # --------------------------------------------------------------------------- expandable segments
+    def _try_allocate_expandable_block(self, pool: _Pool, size: int, force: bool) -> Block | None:
+        """``try_allocate_expandable_block``: map pages at the lowest address with room for ``size``."""
+        c = self._find_expandable_block(pool, size)
+        if not c.mapped and not self._map_block(c, min(c.size, size), pool, force):
+            return None
+        while c.size < size:
+            nxt = c.next  # free -> unmapped -> ...: map some of it, it absorbs the free block
+            if not self._map_block(nxt, min(size - c.size, nxt.size), pool, force):
+                return None
+            c = nxt
+        pool.remove(c)
+        return c
+
+    def _find_expandable_block(self, pool: _Pool, size: int) -> Block:
+        """``find_expandable_block``: the lowest unmapped range (with the free block before it) that has
+        ``size`` bytes of free or unmapped address space; else a new expandable segment."""
+        for addr in sorted(pool.unmapped):
+            c = pool.unmapped[addr]
+            p = c.prev
+            if p is not None and not p.allocated:
+                c = p
+            room = 0
+            b = c
+            while room < size and b is not None and not b.allocated:
+                room += b.size
+                b = b.next
+            if room >= size:
+                return c
+        page = SMALL_SEGMENT_BYTES if pool.small else self._large_segment
+        seg = ExpandableSegment(self._next_addr, page, self.device_total_bytes + self.device_total_bytes // 8)
+        self._next_addr += seg.size + page
+        c = Block(seg.size, seg.base, pool.small, seg, mapped=False)
+        pool.unmapped[c.addr] = c
+        return c
+
+    def _map_block(self, b: Block, size: int, pool: _Pool, force: bool) -> bool:
+        """``map_block``: map the pages covering the first ``size`` bytes of unmapped ``b``; merge with free
+        neighbours; ``memory_reserved`` grows by the pages mapped."""
+        seg = b.seg
+        page = seg.page
+        off = b.addr - seg.base
+        begin = off // page
+        end = -(-(off + size) // page)
+        nbytes = (end - begin) * page
+        if nbytes == 0:
+            return False
+        if not force and self.physical_bytes is not None and self.reserved + nbytes > self.physical_bytes:
+            return False  # cuMemCreate fails: the pages created for this call are released again
+        del pool.unmapped[b.addr]
+        b.mapped = True
+        if nbytes < b.size:
+            rest = Block(b.size - nbytes, b.addr + nbytes, b.small, seg, mapped=False)
+            rest.prev, rest.next = b, b.next
+            if b.next is not None:
+                b.next.prev = rest
+            b.next = rest
+            pool.unmapped[rest.addr] = rest
+            b.size = nbytes
+        p = b.prev
+        if p is not None and not p.allocated and p.mapped:
+            self._merge(b, p, pool)
+        n = b.next
+        if n is not None and not n.allocated and n.mapped:
+            self._merge(b, n, pool)
+        pool.insert(b)
+        self.reserved += nbytes
+        if self.reserved > self.peak_reserved:
+            self.peak_reserved = self.reserved
+        self.num_device_alloc += 1
+        return True
+
+    def _unmap_block(self, b: Block, pool: _Pool) -> None:
+        """``unmap_block``: unmap the whole pages inside free block ``b``; what is left either side stays free."""
+        seg = b.seg
+        page = seg.page
+        off = b.addr - seg.base
+        begin = -(-off // page)
+        end = (off + b.size) // page
+        if begin >= end:
+            return
+        pool.remove(b)
+        start = seg.base + begin * page
+        length = (end - begin) * page
+        before = start - b.addr
+        if before > 0:
+            bf = Block(before, b.addr, b.small, seg)
+            bf.prev, bf.next = b.prev, b
+            if b.prev is not None:
+                b.prev.next = bf
+            b.prev = bf
+            pool.insert(bf)
+        after = b.size - before - length
+        if after > 0:
+            af = Block(after, start + length, b.small, seg)
+            af.prev, af.next = b, b.next
+            if b.next is not None:
+                b.next.prev = af
+            b.next = af
+            pool.insert(af)
+        b.addr = start
+        b.size = length
+        b.mapped = False
+        self._try_merge(b, b.prev, pool)
+        self._try_merge(b, b.next, pool)
+        pool.unmapped[b.addr] = b
+        self.reserved -= length
+        self.num_device_free += 1
