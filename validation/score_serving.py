@@ -118,6 +118,18 @@ def _kwargs(log: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     return kw, None
 
 
+def quantization_from_id(model_id: str) -> str | None:
+    """The checkpoint format a Hub id names (``...-FP8``, ``...-AWQ``, ``...-GPTQ-Int4``, ``...-bnb-4bit``,
+    ``...-w8a8``, ``...-w4a16``): vLLM and SGLang read it from the checkpoint's ``quantization_config``, which
+    a registry entry shared with the base model lacks."""
+    low = model_id.lower()
+    for key, name in (("fp8", "fp8"), ("awq", "awq"), ("gptq", "gptq"), ("bnb-4bit", "bitsandbytes"),
+                      ("w8a8", "w8a8"), ("w4a16", "w4a16")):
+        if key in low:
+            return name
+    return None
+
+
 def score_log(log: dict[str, Any]) -> dict[str, Any]:
     """One log's row: memfit vs printed, or ``skipped`` with the reason."""
     from memfit.errors import MemfitError
@@ -133,6 +145,16 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
     if version is None:
         return {**row, "skipped": "engine version neither stated nor recognizable from the log lines"}
     row["engine_version"], row["version_source"] = version, how
+    from memfit.serve import SUPPORTED_VERSIONS, claims_version
+
+    try:
+        claimed = claims_version(log["engine"], version)
+    except MemfitError:
+        return {**row, "skipped": f"engine version {version!r} names no release"}
+    if not claimed:
+        lo, hi = SUPPORTED_VERSIONS[log["engine"]]
+        return {**row, "skipped": f"{log['engine']} {version} is outside the versions memfit claims "
+                                  f"({lo[0]}.{lo[1]}-{hi[0]}.{hi[1]})"}
     kw, why = _kwargs(log)
     if why:
         return {**row, "skipped": why}
@@ -150,6 +172,17 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
             return {**row, "skipped": f"GPU {log.get('gpu')!r}: memory not printed and not in the GPU catalog"}
         gpu_kw["gpu_memory"] = card.memory_bytes
         gpu_kw["gpu_name"] = card.title
+    if "quantization" not in kw:
+        from memfit.models import load_model
+
+        try:
+            has_qc = bool((load_model(log["model"]).config or {}).get("quantization_config"))
+        except MemfitError as exc:
+            return {**row, "skipped": str(exc)}
+        named = quantization_from_id(log["model"])
+        if named and not has_qc:
+            kw["quantization"] = named
+            row["quantization_source"] = f"{named}, from the model id"
     try:
         est = serve(log["model"], engine=log["engine"], engine_version=version, **gpu_kw, **kw)
     except MemfitError as exc:

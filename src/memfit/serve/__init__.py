@@ -20,10 +20,19 @@ from ..models.spec import ModelSpec
 from .result import ServeConfig, ServeEstimate, parse_version
 
 __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_gpus", "resolve_quantization",
-           "SUPPORTED_VERSIONS"]
+           "SUPPORTED_VERSIONS", "claims_version"]
 
-#: Versions whose accounting memfit follows (inclusive ranges of (major, minor)).
-SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 99)), "sglang": ((0, 3), (0, 5))}
+#: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19+
+#: is accepted (its CUDA-graph deduction is applied) but not claimed: the CUDA-graph estimate is unchecked.
+SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 18)), "sglang": ((0, 3), (0, 5))}
+ACCEPTED_VERSIONS = {"vllm": ((0, 5), (99, 99)), "sglang": ((0, 3), (99, 99))}
+
+
+def claims_version(engine: str, version: str | None) -> bool:
+    """Whether memfit claims ``engine`` at ``version`` (what the published-log score is judged on)."""
+    lo, hi = SUPPORTED_VERSIONS[engine]
+    v = parse_version(version, "0.11" if engine == "vllm" else "0.5")[:2]
+    return lo <= v <= hi
 
 #: memfit's quantized layouts for each serving format (:func:`memfit.estimator.quant.linear_bytes`):
 #: compressed-tensors w8a8 is int8 with per-channel scales; w4a16 is packed 4-bit with group scales (AWQ's
@@ -70,12 +79,11 @@ def _element_bytes(spec: ModelSpec, dtype: str) -> int:
 
 
 def _check_version(cfg: ServeConfig) -> None:
-    lo, hi = SUPPORTED_VERSIONS[cfg.engine]
+    lo, hi = ACCEPTED_VERSIONS[cfg.engine]
     v = parse_version(cfg.engine_version, "0.11" if cfg.engine == "vllm" else "0.5")[:2]
     if not (lo <= v <= hi):
-        upto = f"{hi[0]}.{hi[1]}" if hi < (0, 99) else "later"
-        raise JobError(f"memfit serve follows {cfg.engine} {lo[0]}.{lo[1]} to {upto}; "
-                       f"engine_version {cfg.engine_version} is outside that")
+        raise JobError(f"memfit serve follows {cfg.engine} {lo[0]}.{lo[1]} and later; engine_version "
+                       f"{cfg.engine_version} is outside that")
 
 
 def serve(model: str | ModelSpec, *, engine: str = "vllm", gpu: str | None = None,
