@@ -29,6 +29,10 @@ FITTING = {
     "vllm-gh10517-a": "CUDA_CONTEXT_V063_BYTES (vLLM 0.6.3-0.6.4 non-torch memory at TP 1)",
     "vllm-gh10517-b": "CUDA_CONTEXT_V063_BYTES (same run, other max_model_len)",
     "sglang-llmsinclouds-qwq32b-l4": "sglang PRELOAD_TP_BYTES (memory used before weights load at TP > 1)",
+    "vllm-llmd-llama31-8b-h100": "SAMPLER_V1_BYTES_PER_LOGIT (V1 profile-run sampler peak)",
+    "vllm-llmd-qwen3-0.6b-h100": "SAMPLER_V1_BYTES_PER_LOGIT (V1 profile-run sampler peak)",
+    "vllm-rldecision-qwen25-05b-bnb-3090": "NON_TORCH_TP1_CONSUMER_BYTES (V0/V1 non-torch memory at TP 1, consumer cards)",
+    "vllm-llmd-qwen3-32b-2xh100-tp2": "NON_TORCH_TP_BYTES (V1 non-torch memory at TP > 1, data-centre cards)",
 }
 
 #: How a log's flag names map to memfit.serve's keywords.
@@ -139,8 +143,8 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
                            "gpu": log.get("gpu"), "fitting": log.get("id") in FITTING}
     printed = log.get("printed") or {}
     want = printed.get("kv_cache_tokens") or printed.get("max_total_num_tokens")
-    if not want:
-        return {**row, "skipped": "the log prints no KV cache token count"}
+    if not want and not printed.get("kv_cache_memory_gib"):
+        return {**row, "skipped": "the log prints neither KV cache tokens nor KV cache memory"}
     version, how = infer_version(log)
     if version is None:
         return {**row, "skipped": "engine version neither stated nor recognizable from the log lines"}
@@ -193,7 +197,7 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
                      "activation_peak_gib": round(est.activation_peak_bytes / GiB, 3), "rule": est.rule}
     row["printed"] = {k: printed.get(k) for k in ("kv_cache_tokens", "num_gpu_blocks", "max_concurrency",
                                                   "weights_gib", "kv_cache_memory_gib", "activation_peak_gib")}
-    row["printed"]["kv_cache_tokens"] = want
+    row["printed"]["kv_cache_tokens"] = want or None
     row["error"] = {}
     for k, v in row["memfit"].items():
         p = row["printed"].get(k)
@@ -222,9 +226,15 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "within_10pct": round(sum(e <= 0.10 for e in errs) / len(errs), 4), "max_abs_error": round(max(errs), 4)}
 
     scored = [r for r in rows if "error" in r and "kv_cache_tokens" in r["error"]]
+    mem = [r for r in rows if "error" in r and "kv_cache_memory_gib" in r["error"] and not r["fitting"]]
+    mem_errs = [abs(r["error"]["kv_cache_memory_gib"]) for r in mem]
     return {"logs": len(rows), "skipped": sum(1 for r in rows if "skipped" in r),
             "held_out": stats([r for r in scored if not r["fitting"]]),
-            "fitting": stats([r for r in scored if r["fitting"]])}
+            "fitting": stats([r for r in scored if r["fitting"]]),
+            "kv_memory_held_out": {"count": len(mem_errs),
+                                   "median_abs_error": round(statistics.median(mem_errs), 4) if mem_errs else None,
+                                   "within_10pct": round(sum(e <= 0.1 for e in mem_errs) / len(mem_errs), 4)
+                                   if mem_errs else None}}
 
 
 def score(folder: Path = LOGS) -> dict[str, Any]:
@@ -246,6 +256,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['id']:40s} {label:14s} skipped: {r['skipped']}")
             continue
         p, m, err = r["printed"], r["memfit"], r["error"]
+        if p["kv_cache_tokens"] is None:
+            print(f"{r['id']:40s} {label:14s} {'-':>9} {m['kv_cache_tokens']:>9} {'-':>8}  KV memory "
+                  f"{m['kv_cache_memory_gib']} vs {p['kv_cache_memory_gib']} GiB "
+                  f"({err.get('kv_cache_memory_gib', 0):+.2%}){' (fitting)' if r['fitting'] else ''}")
+            continue
         extra = "  ".join(f"{k} {m[k]} vs {p[k]}" for k in ("num_gpu_blocks", "max_concurrency", "weights_gib")
                           if p.get(k) is not None)
         tag = " (fitting)" if r["fitting"] else ""
@@ -259,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
         else:
             print(f"{name}: no scored logs")
+    km = s["kv_memory_held_out"]
+    if km["count"]:
+        print(f"KV cache memory (GiB), held out: {km['count']} logs, median |error| {km['median_abs_error']:.2%}, "
+              f"within 10%: {km['within_10pct']:.0%}")
     print(f"{s['logs']} logs, {s['skipped']} skipped")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

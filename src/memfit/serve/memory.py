@@ -152,17 +152,25 @@ def layer_peak_per_token(b: Block, tp: int, e: int, H: int) -> float:
     return max(attn, mlp) * e
 
 
-def sampler_bytes_per_logit(version: str, e: int) -> int:
+#: V1's sampler peak per (sequence, vocab) element of the profile run, fitted on two logs of the llm-d
+#: benchmarks (vllm-llmd-llama31-8b-h100: 4.76 GiB for 1024 x 128256 logits; vllm-llmd-qwen3-0.6b-h100:
+#: 5.56 GiB for 1024 x 151936): 38.4 bytes each, "used for fitting". Held out: Qwen3-32B at TP 1 and 2
+#: (5.64 GiB printed, 5.64 modelled) and Llama-3.3-70B FP8 at TP 2 (4.84 printed, 4.83 modelled).
+SAMPLER_V1_BYTES_PER_LOGIT = 38.4
+
+
+def sampler_bytes_per_logit(version: str, e: int) -> float:
     """Bytes per (sequence, vocab) element at the sampler's peak in the profile run.
 
     - ``v0`` (vLLM v0.5-v0.6 ``layers/sampler.py``; the profile run samples with ``top_p=0.99,
       top_k=vocab-1``): the model-dtype logits, their fp32 copy, ``_apply_top_k_top_p``'s sort (fp32 values,
       int64 indices), softmax and cumsum (fp32), two bool masks, the int64 inverse index and the gathered
-      fp32 logits: e + 4 + 12 + 8 + 2 + 8 + 4;
-    - ``v1`` (vLLM V1 ``v1/sample/sampler.py``, FlashInfer top-k/top-p): model-dtype logits, the fp32
-      copy, the probabilities and the exponential noise: e + 12.
+      fp32 logits: e + 4 + 12 + 8 + 2 + 8 + 4 (checked: 1.26 GiB printed in PR #10511 for 256 x 128256 logits,
+      1.28 modelled);
+    - ``v1`` (vLLM V1 ``v1/sample/sampler.py`` with its top-k/top-p path, v0.9-v0.11): the fitted
+      :data:`SAMPLER_V1_BYTES_PER_LOGIT` (the logits are fp32 by then whatever the model dtype).
     """
-    return e + 38 if version == "v0" else e + 12
+    return e + 38 if version == "v0" else SAMPLER_V1_BYTES_PER_LOGIT
 
 
 def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,

@@ -27,12 +27,18 @@ from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
 
-#: Non-torch memory a worker adds after its first snapshot with TP = 1 (cuBLAS/cuDNN handles, the
-#: sampler's and attention backends' non-PyTorch buffers). Not in vLLM's source; assumed, not fitted.
-NON_TORCH_TP1_BYTES = int(0.10 * GiB)
-#: ... with TP > 1: NCCL communicators and vLLM's custom all-reduce buffers. Taken from the log of
-#: vllm-project/vllm PR #14447 (0.20 GiB per rank, TP on RTX 3090s, v0.8): "used for fitting".
-NON_TORCH_TP_BYTES = int(0.20 * GiB)
+#: Non-torch memory a worker adds after its first snapshot with TP = 1 (cuBLAS/cuDNN handles, attention
+#: backends' and samplers' buffers outside PyTorch's allocator). Data-centre cards (>= 40 GiB): 0.13 GiB from
+#: vllm-llmd-llama31-8b-h100 and vllm-llmd-qwen3-0.6b-h100 (H100, V1); consumer cards: 0.06 GiB from
+#: vllm-rldecision-qwen25-05b-bnb-3090 (RTX 3090, v0.10). "Used for fitting".
+NON_TORCH_TP1_BYTES = int(0.13 * GiB)
+NON_TORCH_TP1_CONSUMER_BYTES = int(0.06 * GiB)
+#: ... with TP > 1: NCCL communicators and vLLM's custom all-reduce buffers (the latter only between
+#: NVLink-connected data-centre cards). Data-centre cards (>= 40 GiB): 0.55 GiB per rank from
+#: vllm-llmd-qwen3-32b-2xh100-tp2 (H100, TP 2, v0.9+); consumer cards: 0.20 GiB from the log of PR #14447
+#: (RTX 3090s, v0.8). Both "used for fitting".
+NON_TORCH_TP_BYTES = int(0.55 * GiB)
+NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: vLLM v0.6.3-v0.6.4 charge everything not allocated by torch, the CUDA context included: 0.35 GiB in the
 #: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b).
 CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
@@ -116,9 +122,11 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
     cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
     cg_deducted = mode == "v1" and version >= (0, 19, 0) and cg > 0
-    non_torch = NON_TORCH_TP1_BYTES if tp * pp == 1 else NON_TORCH_TP_BYTES
+    multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
+    single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
+    non_torch = single if tp * pp == 1 else multi
     if rule == "v0-torch-peak":
-        non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else NON_TORCH_TP_BYTES)
+        non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
     profile_seqs = min(seqs, tokens)
 
     ranks = []
