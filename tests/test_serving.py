@@ -153,6 +153,22 @@ def test_v063_blocks_against_issue_10517():
                      max_model_len=29000).fits  # vLLM refused to start: 29000 > 23648 tokens
 
 
+def test_v1_against_held_out_llmd_logs():
+    """llm-d's capacity-planner table (vLLM 0.11 V1, H100 reported as 79.18 GiB, utilization 0.9,
+    max_model_len 16000, block size 128): Qwen3-32B at TP 1 prints weights 61.03, activation 5.64 and
+    available KV 4.45 GiB; at TP 2 weights 30.59, activation 5.64 (the sampler is not split). The TP 1 row sets
+    no constant; the TP 2 row set the non-torch constant, so only its weights and activation are checked. Tolerance: 1% on weights and
+    activation, 2% on the KV memory (a small difference of large terms, printed to 0.01 GiB)."""
+    one = serve("qwen3-32b", gpu_memory=int(79.18 * GiB), engine_version="0.11", max_model_len=16000, block_size=128)
+    assert one.weights_bytes / GiB == pytest.approx(61.03, rel=0.01)
+    assert one.activation_peak_bytes / GiB == pytest.approx(5.64, rel=0.01)
+    assert one.kv_cache_bytes / GiB == pytest.approx(4.45, rel=0.02)
+    two = serve("qwen3-32b", gpu_memory=int(79.18 * GiB), engine_version="0.11", max_model_len=16000,
+                block_size=128, tensor_parallel=2)
+    assert two.weights_bytes / GiB == pytest.approx(30.59, rel=0.01)
+    assert two.activation_peak_bytes / GiB == pytest.approx(5.64, rel=0.01)
+
+
 # ------------------------------------------------------------------ engines end to end
 def test_v1_kv_is_total_times_util_minus_the_rest():
     est = serve("llama-3.1-8b", engine="vllm", gpu="h100-80gb", max_model_len=8192)
