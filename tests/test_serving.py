@@ -295,3 +295,25 @@ def test_published_logs_meet_the_bars():
                     f"{result['summary']['skipped']} of {result['summary']['logs']} skipped")
     assert held["median_abs_error"] <= 0.03
     assert held["within_10pct"] >= 0.90
+
+
+def test_mxfp4_and_modules_to_not_convert():
+    """MX FP4: two values a byte plus a one-byte scale per 32 (4.25 bits); gpt-oss checkpoints quantize the
+    experts only (``modules_to_not_convert``: self_attn, router, embeddings, head)."""
+    import dataclasses
+
+    from memfit.serve import resolve_quantization, skipped_roles
+    from memfit.serve.memory import mxfp4_bytes
+
+    assert mxfp4_bytes(2880, 5760) == 2880 * 5760 // 2 + 5760 * 90
+    spec = load_model("qwen3-30b-a3b")
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                               "model.embed_tokens", "lm_head"]}
+    q = dataclasses.replace(spec, config={**spec.config, "quantization_config": qc})
+    assert resolve_quantization(q, None)[0] == "mxfp4"
+    assert {"q", "k", "v", "o"} <= skipped_roles(q)
+    full = weights_on_rank(spec)
+    packed = weights_on_rank(q, quantization="mxfp4", skip_roles=skipped_roles(q))
+    experts = sum(lin.in_features * lin.out_features * lin.count for b in spec.blocks for lin in b.linears
+                  if lin.role.startswith("expert")) * spec.num_layers
+    assert full - packed == pytest.approx(experts * 2 - experts * (0.5 + 1 / 32), rel=1e-3)

@@ -46,7 +46,7 @@ _FLAG_MAP = {
     "cuda_graph_max_bs": "cuda_graph_max_bs",
 }
 _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
-                "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "none": "none"}
+                "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "mxfp4": "mxfp4", "none": "none"}
 
 
 def infer_version(log: dict[str, Any]) -> tuple[str | None, str]:

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-num-seqs", "--max-running-requests", dest="max_num_seqs", type=int)
     p.add_argument("--max-num-batched-tokens", "--chunked-prefill-size", dest="max_num_batched_tokens", type=int)
     p.add_argument("--kv-cache-dtype", dest="kv_cache_dtype", default="auto")
-    p.add_argument("--quantization", choices=("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16"))
+    p.add_argument("--quantization", choices=("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "mxfp4"))
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", dest="enforce_eager", action="store_true")
     p.add_argument("--block-size", "--page-size", dest="block_size", type=int)

@@ -37,7 +37,7 @@ def claims_version(engine: str, version: str | None) -> bool:
 #: memfit's quantized layouts for each serving format (:func:`memfit.estimator.quant.linear_bytes`):
 #: compressed-tensors w8a8 is int8 with per-channel scales; w4a16 is packed 4-bit with group scales (AWQ's
 #: layout); bitsandbytes is nf4.
-_LAYOUT = {"fp8": "fp8", "awq": "awq", "gptq": "gptq", "bitsandbytes": "nf4", "nf4": "nf4", "w8a8": "int8",
+_LAYOUT = {"mxfp4": "mxfp4", "fp8": "fp8", "awq": "awq", "gptq": "gptq", "bitsandbytes": "nf4", "nf4": "nf4", "w8a8": "int8",
            "int8": "int8", "w4a16": "awq", "none": "none"}
 
 
@@ -49,7 +49,7 @@ def resolve_quantization(spec: ModelSpec, flag: str | None) -> tuple[str, int, s
     name = flag
     if name is None and isinstance(qc, dict) and qc:
         method = str(qc.get("quant_method", "")).lower()
-        if method in ("awq", "gptq", "fp8", "bitsandbytes"):
+        if method in ("awq", "gptq", "fp8", "bitsandbytes", "mxfp4"):
             name = method
         elif method == "compressed-tensors":
             groups = qc.get("config_groups") or {}
@@ -70,6 +70,27 @@ def resolve_quantization(spec: ModelSpec, flag: str | None) -> tuple[str, int, s
             raise ConfigError(f"{name} with {qc.get('bits')} bits is not counted by memfit serve (4-bit only)")
     name = name or "none"
     return _LAYOUT[name], group if name in ("awq", "gptq", "w4a16") else 64, name
+
+
+_ATTN_ROLES = frozenset({"q", "k", "v", "qkv", "o", "q_a", "q_b", "kv_a", "kv_b"})
+_MLP_ROLES = frozenset({"gate", "up", "gate_up", "down", "shared_gate", "shared_up", "shared_down"})
+
+
+def skipped_roles(spec: ModelSpec) -> frozenset[str]:
+    """Linear roles a quantized checkpoint keeps in 16 bits: its ``quantization_config``'s
+    ``modules_to_not_convert`` / ``ignore`` patterns (``model.layers.*.self_attn``: attention projections;
+    ``mlp.router`` / ``mlp.gate``: routers, which are never quantized anyway)."""
+    qc = (spec.config or {}).get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        return frozenset()
+    pats = [str(p) for p in (qc.get("modules_to_not_convert") or qc.get("ignore") or ())]
+    roles: set[str] = set()
+    for p in pats:
+        if "self_attn" in p or "attn" in p.split(".")[-1]:
+            roles |= _ATTN_ROLES
+        if p.endswith("shared_expert") or "shared_experts" in p:
+            roles |= {"shared_gate", "shared_up", "shared_down"}
+    return frozenset(roles)
 
 
 def _element_bytes(spec: ModelSpec, dtype: str) -> int:
@@ -135,7 +156,9 @@ def serve_config(model: str | ModelSpec, cfg: ServeConfig) -> ServeEstimate:
         from . import vllm as engine_mod
     else:
         from . import sglang as engine_mod
-    est = engine_mod.estimate(spec, cfg, quantization=layout, element_bytes=e, group_size=group, notes=notes)
+    skip = skipped_roles(spec) if cfg.quantization in (None, qname) else frozenset()
+    est = engine_mod.estimate(spec, cfg, quantization=layout, element_bytes=e, group_size=group, notes=notes,
+                              skip_roles=skip)
     est.quantization = qname
     return est
 

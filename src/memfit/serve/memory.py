@@ -59,13 +59,24 @@ def _in_on_rank(lin, tp: int) -> int:
     return lin.in_features
 
 
-def linear_bytes_on_rank(lin, block: Block, tp: int, quantization: str, e: int, group_size: int) -> int:
+def mxfp4_bytes(in_features: int, out_features: int) -> int:
+    """OCP MX FP4 (gpt-oss checkpoints, vLLM ``quantization/mxfp4.py``): 4-bit E2M1 values two to a byte and
+    one E8M0 (one-byte) scale per 32 values along the input."""
+    return math.ceil(in_features * out_features / 2) + out_features * math.ceil(in_features / 32)
+
+
+def linear_bytes_on_rank(lin, block: Block, tp: int, quantization: str, e: int, group_size: int,
+                         skip_roles: frozenset[str] = frozenset()) -> int:
     """One linear's bytes on one rank (all ``lin.count`` instances: the routed experts), weight and bias.
     Experts split their intermediate size over TP (vLLM ``FusedMoE``; with expert parallelism each rank
-    holds 1/tp of the experts instead, the same bytes)."""
-    q = "none" if lin.role in _NOT_QUANTIZED else quantization
+    holds 1/tp of the experts instead, the same bytes). ``skip_roles`` stay unquantized (the checkpoint's
+    ``modules_to_not_convert``)."""
+    q = "none" if lin.role in _NOT_QUANTIZED or lin.role in skip_roles else quantization
     i, o = _in_on_rank(lin, tp), _out_on_rank(lin, block, tp)
-    w = quant.linear_bytes(i, o, q, group_size=group_size, element_bytes=e)
+    if q == "mxfp4":
+        w = mxfp4_bytes(i, o) if lin.role.startswith("expert") else i * o * e
+    else:
+        w = quant.linear_bytes(i, o, q, group_size=group_size, element_bytes=e)
     bias = o * e if lin.bias and lin.role not in ("o", "down") else (lin.out_features * e if lin.bias else 0)
     return (w + bias) * lin.count
 
@@ -88,7 +99,7 @@ def rope_cache_bytes(spec: ModelSpec, e: int) -> int:
 
 
 def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
-                    element_bytes: int = 2, group_size: int = 128) -> int:
+                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset()) -> int:
     """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
     end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
     vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
@@ -106,7 +117,7 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
             b = spec.blocks[bi]
             n = b.other_params * e
             for lin in b.linears:
-                n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size)
+                n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles)
                 if lin.role == "kv_b" and b.attention.kind == "mla":
                     n += math.ceil(lin.in_features * lin.out_features / tp) * e
             per_block[bi] = n

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import JobError
 
 ENGINES = ("vllm", "sglang")
-QUANTIZATIONS = ("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "int8", "nf4")
+QUANTIZATIONS = ("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "int8", "nf4", "mxfp4")
 
 
 def parse_version(text: str | None, default: str) -> tuple[int, int, int]:

@@ -57,7 +57,7 @@ def default_mem_fraction(version, gpu_mem_mib: float, tp: int, pp: int, chunked:
 
 
 def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_bytes: int, group_size: int,
-             notes: list[str]) -> ServeEstimate:
+             notes: list[str], skip_roles: frozenset[str] = frozenset()) -> ServeEstimate:
     version = parse_version(cfg.engine_version, DEFAULT_VERSION)
     e = element_bytes
     tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
@@ -81,7 +81,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size)
+                            group_size=group_size, skip_roles=skip_roles)
         kv_bytes = int(free_before * frac - w)
         cell = K.sglang_cell_bytes(layers)
         tokens = max(0, kv_bytes) // cell if cell else 0

@@ -100,7 +100,7 @@ def cuda_graph_estimate(spec: ModelSpec, cfg: ServeConfig, max_num_seqs: int, e:
 
 
 def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_bytes: int, group_size: int,
-             notes: list[str]) -> ServeEstimate:
+             notes: list[str], skip_roles: frozenset[str] = frozenset()) -> ServeEstimate:
     """vLLM's KV cache on every rank; the result is the most constrained rank (V1 and V0 both give every
     rank the smallest rank's block count: ``get_kv_cache_configs`` / the executor's ``min`` over workers)."""
     version = parse_version(cfg.engine_version, DEFAULT_VERSION)
@@ -133,7 +133,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size)
+                            group_size=group_size, skip_roles=skip_roles)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1")
         per_tok = sum(x.per_token_bytes for x in layers)
