@@ -141,6 +141,8 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
 
     row: dict[str, Any] = {"id": log.get("id"), "engine": log.get("engine"), "model": log.get("model"),
                            "gpu": log.get("gpu"), "fitting": log.get("id") in FITTING}
+    if log.get("usable") is False:
+        return {**row, "skipped": "marked not usable by its collector (see its notes)"}
     printed = log.get("printed") or {}
     want = printed.get("kv_cache_tokens") or printed.get("max_total_num_tokens")
     if not want and not printed.get("kv_cache_memory_gib"):
