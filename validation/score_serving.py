@@ -182,7 +182,8 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
         from memfit.models import load_model
 
         try:
-            has_qc = bool((load_model(log["model"]).config or {}).get("quantization_config"))
+            spec = load_model(log["model"])
+            has_qc = bool((spec.config or {}).get("quantization_config") or getattr(spec, "checkpoint_quantization", ""))
         except MemfitError as exc:
             return {**row, "skipped": str(exc)}
         named = quantization_from_id(log["model"])

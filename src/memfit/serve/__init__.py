@@ -68,6 +68,15 @@ def resolve_quantization(spec: ModelSpec, flag: str | None) -> tuple[str, int, s
                               "count; pass --quantization fp8|awq|gptq|bitsandbytes|w8a8|w4a16")
         if name in ("awq", "gptq") and int(qc.get("bits", 4)) != 4:
             raise ConfigError(f"{name} with {qc.get('bits')} bits is not counted by memfit serve (4-bit only)")
+    if name is None:
+        # the registry's note of how a published checkpoint stores its weights (a Hub alias of a base entry)
+        ckpt = str(getattr(spec, "checkpoint_quantization", "") or "").lower()
+        name = {"awq": "awq", "gptq": "gptq", "gptq-int4": "gptq", "gptq-int8": "w8a8", "fp8": "fp8", "nf4": "bitsandbytes",
+                "bnb-4bit": "bitsandbytes", "bitsandbytes": "bitsandbytes", "mxfp4": "mxfp4", "w8a8": "w8a8",
+                "w4a16": "w4a16", "int8": "w8a8"}.get(ckpt)
+        if ckpt and name is None:
+            raise ConfigError(f"the checkpoint's quantization {ckpt!r} is not counted by memfit serve; pass "
+                              "--quantization fp8|awq|gptq|bitsandbytes|w8a8|w4a16|mxfp4")
     name = name or "none"
     return _LAYOUT[name], group if name in ("awq", "gptq", "w4a16") else 64, name
 
