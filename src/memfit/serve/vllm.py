@@ -67,7 +67,7 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
 
     - V0 (``vllm/engine/arg_utils.py`` / ``config.py::SchedulerConfig``, v0.5-v0.6): 256 sequences;
       chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
-      takes ``max(max_model_len, 2048)`` tokens;
+      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models;
     - V1 before v0.9: 256 sequences, 2048 tokens for the API server;
     - V1 v0.9+ (``EngineArgs._set_default_args``): on cards of >= 70 GiB other than A100, 1024 sequences
       and 8192 tokens; else 256 and 2048.
@@ -76,6 +76,10 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         seqs = cfg.max_num_seqs or 256
         if cfg.max_num_batched_tokens:
             return seqs, cfg.max_num_batched_tokens, "flag"
+        mla = any(b.attention.kind == "mla" for b in spec.blocks)
+        if mla and (0, 7, 0) <= version < (0, 8, 0):
+            # config.py v0.7.x: "MLA is enabled; forcing chunked prefill and prefix caching to be disabled."
+            return seqs, max(max_model_len, 2048), "V0 0.7 with MLA: chunked prefill forced off, max(max_model_len, 2048)"
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
