@@ -22,8 +22,10 @@ from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.5"
 
-#: Memory taken before the weights load with TP = 1: the CUDA context and SGLang's own buffers.
-#: Assumed (a CUDA context of a recent driver/torch), not fitted.
+#: Memory taken before the weights load with TP = 1: the CUDA context and SGLang's own buffers. 0.60 GiB, the
+#: mean of two logs' "Load weight begin. avail mem" against the card's total: sglang-docs-llama31-8b-send-request
+#: (78.81 of an 80 GB card taken as 79.19: 0.38) and sglang-myr1-r1-distill-qwen7b-3090 (22.76 of 23.58: 0.82);
+#: "used for fitting" (the spread, 0.4-0.8 GiB, is the constant's uncertainty).
 PRELOAD_TP1_BYTES = int(0.60 * GiB)
 #: ... with TP > 1 (NCCL, custom all-reduce): 0.86 GiB from sglang-llmsinclouds-qwq32b-l4 (L4 total 22.49 GiB
 #: less the printed 21.63 GiB free before load, TP 4): "used for fitting".
