@@ -180,7 +180,7 @@ class CachingAllocatorModel:
         self._non_split_rounding = cfg.max_non_split_rounding_bytes
         self._large_segment = cfg.large_segment_bytes
         self._power2 = cfg.rounds_power2
-        self._gc = cfg.garbage_collection_threshold if capacity_bytes is not None else 0.0
+        self._gc = cfg.garbage_collection_threshold  # acts only while a capacity is set (set_fraction)
         # memory_stats() figures
         self.allocated = 0
         self.reserved = 0
@@ -227,7 +227,7 @@ class CachingAllocatorModel:
                 alloc_size = self._large_segment
             else:
                 alloc_size = (size + ROUND_LARGE_BYTES - 1) // ROUND_LARGE_BYTES * ROUND_LARGE_BYTES
-            if self._gc:
+            if self._gc and self.capacity_bytes is not None:
                 self._garbage_collect()
             block = self._alloc_block(pool, size, alloc_size, False)
             if block is None and self._split_limited and self._release_available_cached_blocks(pool, size):
@@ -346,7 +346,7 @@ class CachingAllocatorModel:
     # ------------------------------------------------------------------------------------------- internals
     def _get_free_block(self, pool: _Pool, size: int) -> Block | None:
         """``get_free_block``: best fit in the pool, with the expandable and max_split_size rules."""
-        if self._gc:
+        if self._gc and self.capacity_bytes is not None:
             pool.gc_calls += 1
         keys = pool.keys
         i = bisect_left(keys, (size, 0))
