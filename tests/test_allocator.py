@@ -285,3 +285,58 @@ def test_recorded_cases_replay_exactly(run_id):
             gv = [g[i] for i in mine]
             assert gv == wv, (f"{run_id} {result['name']} step {step} {cases[result['name']]['steps'][step]}: "
                               f"model {dict(zip(checked, gv))} != real {dict(zip(checked, wv))}")
+
+
+# --------------------------------------------------------------------------------------------- invariants
+def _check_invariants(sim: CachingAllocatorModel, live: dict) -> None:
+    """What must hold after any sequence: the counters equal what the blocks add up to, no two free mapped
+    neighbours are left unmerged, every live block is allocated and inside a segment."""
+    segs = sim.segments()
+    assert sum(s["total_size"] for s in segs) == sim.reserved
+    assert sum(s["allocated_size"] for s in segs) == sim.allocated == sum(b.size for b in live.values())
+    assert sim.num_segments == sum(1 for s in segs if not s["is_expandable"])
+    for s in segs:
+        states = [a for _, a in s["blocks"]]
+        assert all(a or b for a, b in zip(states, states[1:])), "two free neighbours were not merged"
+    pools = (sim._small, sim._large)
+    assert sum(len(p.keys) for p in pools) == sum(len(p.by_key) for p in pools)
+    split_free = [(sz, a) for s in segs if not s["is_expandable"] and len(s["blocks"]) > 1 for sz, a in s["blocks"]
+                  if not a]
+    assert sim.inactive_split == len(split_free) and sim.inactive_split_bytes == sum(sz for sz, _ in split_free)
+    assert sim.peak_reserved >= sim.reserved and sim.peak_allocated >= sim.allocated
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SIZES = st.one_of(st.integers(1, 2 * MiB), st.integers(MiB, 12 * MiB), st.integers(10 * MiB, 200 * MiB))
+_OPS = st.lists(st.tuples(st.sampled_from("aaaffe"), _SIZES, st.integers(0, 10**6)), min_size=1, max_size=120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS, conf=st.sampled_from(["", "expandable_segments:True", "max_split_size_mb:64",
+                                       "roundup_power2_divisions:4", "garbage_collection_threshold:0.5"]),
+       cap=st.sampled_from([None, 64 * MiB, 400 * MiB]))
+def test_any_sequence_keeps_the_books(ops, conf, cap):
+    sim = CachingAllocatorModel(cap, config=AllocatorConfig.from_env_string(conf), on_oom="raise")
+    live: dict[int, object] = {}
+    n = 0
+    for op, size, pick in ops:
+        if op == "a":
+            try:
+                live[n] = sim.malloc(size)
+            except AllocatorOutOfMemory:
+                pass
+            n += 1
+        elif op == "f" and live:
+            sim.free(live.pop(sorted(live)[pick % len(live)]))
+        elif op == "e":
+            sim.release_cached()
+        _check_invariants(sim, live)
+        if cap is not None and not sim.config.expandable_segments:
+            assert sim.reserved <= cap  # without expandable segments the cap holds exactly
+    for b in list(live.values()):
+        sim.free(b)
+    sim.release_cached()
+    assert sim.reserved == 0 and sim.allocated == 0 and sim.segments() == []
