@@ -48,11 +48,12 @@ GiB = 1 << 30
 STDERR_TAIL = 4000
 
 
-def select_entries(jobs: Path, only: str | None, prog: str) -> list[dict[str, Any]] | None:
+def select_entries(jobs: Path, only: str | None, prog: str, loader: Any = None) -> list[dict[str, Any]] | None:
     """The entries of ``jobs`` (all, or those ``only`` names, comma-separated); None after printing a
-    one-line error when the file is bad or a name is missing."""
+    one-line error when the file is bad or a name is missing. ``loader`` reads the file (default
+    :func:`load_entries`)."""
     try:
-        entries = load_entries(jobs)
+        entries = (loader or load_entries)(jobs)
     except (JobError, OSError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return None

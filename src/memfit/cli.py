@@ -45,7 +45,7 @@ _JOB_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "expert_parallel": (int, "MoE expert-parallel degree"),
 }
 _JOB_BOOLS = ("gradient_checkpointing", "double_quant", "reshard_after_forward", "gradient_as_bucket_view",
-              "sequence_parallel", "overlap_comm", "contiguous_gradients")
+              "sequence_parallel", "overlap_comm", "contiguous_gradients", "expandable_segments")
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,26 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     for name in _JOB_BOOLS:
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+
+
+def add_card_arguments(p: argparse.ArgumentParser, gpu_memory_help: str) -> None:
+    """``--gpu NAME`` (a card from ``memfit gpus``) or ``--gpu-memory SIZE`` (24GiB, 16GB)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", metavar="NAME", default=None, help="a card from `memfit gpus` (e.g. rtx-4090, a100-80gb)")
+    g.add_argument("--gpu-memory", metavar="SIZE", dest="gpu_memory", default=None, help=gpu_memory_help)
+
+
+def card_from_args(args: argparse.Namespace) -> int | None:
+    """The card's memory in bytes from ``--gpu`` / ``--gpu-memory`` (None when neither is given)."""
+    if getattr(args, "gpu", None):
+        from .gpus import get_gpu
+
+        return get_gpu(args.gpu).memory_bytes
+    if getattr(args, "gpu_memory", None) is not None:
+        from .units import parse_card_memory
+
+        return parse_card_memory(args.gpu_memory)
+    return None
 
 
 def job_from_args(args: argparse.Namespace):
@@ -122,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    for mod in ("measure", "trace", "compare", "validate"):
+    for mod in ("measure", "trace", "compare", "validate", "gpus"):
         try:
             module = __import__(f"memfit.commands.{mod}", fromlist=["add_parser"])
         except ImportError:  # a command not built yet

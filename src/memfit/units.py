@@ -40,3 +40,21 @@ def gib(n_bytes: float) -> float:
 
 def fmt_gib(n_bytes: float, digits: int = 2) -> str:
     return f"{n_bytes / GiB:.{digits}f} GiB"
+
+
+_BARE = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*$")
+
+
+def parse_card_memory(text: str | int, flag: str = "--gpu-memory") -> int:
+    """A card's memory as a user types it: the unit is required (``24GiB`` or ``24GB``), because a bare
+    ``24`` could mean GiB, GB or bytes. Ints from code are bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        if _BARE.match(str(text)):
+            raise JobError(f"{flag} {str(text).strip()} has no unit; write {str(text).strip()}GiB (2**30 bytes) or "
+                           f"{str(text).strip()}GB (10**9 bytes)")
+        n = parse_bytes(text)
+    if n <= 0:
+        raise JobError(f"{flag} must be more than 0 bytes; got {text!r}")
+    return n

@@ -33,6 +33,8 @@ class Scored:
     measured: Breakdown
     predicted: Breakdown | None
     error: str = ""
+    concurrent: bool = False
+    """The run shared its GPU with another process: NVML's device total is not its own (not scored)."""
 
     @property
     def err_alloc(self) -> float:
@@ -84,7 +86,7 @@ def score(records: list[dict[str, Any]], engine: str = "estimate",
         measured = Breakdown.from_dict(rec["breakdown"])
         name = rec.get("name") or Path(rec.get("_file", "?")).stem
         row = Scored(name=name, group=_group(job), holdout=bool(rec.get("holdout")), job=job, measured=measured,
-                     predicted=None)
+                     predicted=None, concurrent=bool(rec.get("concurrent_runs", 1) > 1))
         try:
             row.predicted = predict(job)
         except Exception as exc:  # noqa: BLE001 - a failing prediction is a row, not a crash
@@ -109,7 +111,7 @@ def summarize(rows: list[Scored]) -> dict[str, dict[str, float]]:
             if not sel:
                 continue
             a = [abs(r.err_alloc) for r in sel]
-            t = [abs(r.err_total) for r in sel]
+            t = [abs(r.err_total) for r in sel if not r.concurrent] or [0.0]
             out[label] = {"runs": len(sel), "failed": sum(1 for r in rows if r.group == group and subset(r) and not r.predicted),
                           "median": statistics.median(a), "p90": _pct(a, 0.9), "worst": max(a),
                           "total_median": statistics.median(t), "total_worst": max(t)}

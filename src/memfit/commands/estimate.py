@@ -1,50 +1,82 @@
-"""`memfit estimate`: the analytical estimate as a table, JSON, or the largest batch that fits."""
+"""`memfit estimate`: the analytical estimate as a table, JSON, the fit verdict on a card, or the largest
+batch that fits."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 
-from ..cli import add_job_arguments, job_from_args
+from ..cli import add_card_arguments, add_job_arguments, card_from_args, job_from_args
+
+GiB = 1 << 30
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("estimate", help="estimate GPU memory of a job (no GPU, no torch)",
-                       description="Estimate the per-GPU memory of a training or inference job.")
+                       description="Estimate the per-GPU memory of a training or inference job. With --gpu or "
+                                   "--gpu-memory it says whether the job FITS that card.")
     add_job_arguments(p)
     p.add_argument("--deepspeed", metavar="FILE", help="read ZeRO stage, bf16/fp16, offload, bucket sizes and "
                    "micro-batch from a DeepSpeed ds_config.json (flags override it)")
     p.add_argument("--accelerate-config", metavar="FILE", dest="accelerate_config",
                    help="read the engine, precision and GPUs from an Accelerate config (FSDP, DeepSpeed, DDP)")
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON")
-    p.add_argument("--max-batch-size", action="store_true", help="find the largest micro-batch that fits")
-    p.add_argument("--gpu-memory", default="80GiB", help="device memory for --max-batch-size (default 80GiB)")
+    p.add_argument("--max-batch-size", action="store_true",
+                   help="find the largest micro-batch that fits the card (default card: 80GiB)")
+    add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): say whether the job fits it")
     p.set_defaults(func=run)
 
 
+def _estimate(job, card):
+    """The estimate, judged on ``card`` by the engine itself where it takes the card."""
+    from ..estimator import estimate
+
+    if card is not None and "gpu_memory_bytes" in inspect.signature(estimate).parameters:
+        return estimate(job, gpu_memory_bytes=card)
+    return estimate(job)
+
+
+def fit_line(v: dict) -> str:
+    """One line: FITS / DOES NOT FIT, the headroom and the largest component."""
+    word = "FITS" if v["fits"] else "DOES NOT FIT"
+    room = v["headroom_bytes"]
+    room_txt = f"headroom {room / GiB:.2f} GiB" if room >= 0 else f"{-room / GiB:.2f} GiB too big"
+    comp = (f"; largest component {v['deciding_component']} {v['deciding_bytes'] / GiB:.2f} GiB"
+            if v["deciding_component"] else "")
+    return f"{word} on a {v['gpu_memory_bytes'] / GiB:.2f} GiB card: {room_txt}{comp}"
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..estimator import estimate, max_batch_size
-    from ..units import parse_bytes
+    from ..estimator import max_batch_size
+    from ..verdict import verdict
 
     job = job_from_args(args)
+    card = card_from_args(args)
     if args.max_batch_size:
-        cap = parse_bytes(args.gpu_memory)
+        cap = card if card is not None else 80 * GiB
         n = max_batch_size(job, cap)
         if args.json:
-            import json
-
             print(json.dumps({"max_batch_size": n, "gpu_memory_bytes": cap, "job": job.to_dict()}))
         elif n == 0:
-            print(f"does not fit: even batch 1 needs more than {cap / 2**30:.1f} GiB")
+            print(f"does not fit: even batch 1 needs more than {cap / GiB:.2f} GiB")
         else:
-            bd = estimate(job.replace(batch_size=n))
-            print(f"largest micro-batch that fits in {cap / 2**30:.1f} GiB: {n} "
-                  f"(device total {bd.device_total_bytes / 2**30:.2f} GiB)")
+            bd = _estimate(job.replace(batch_size=n), cap)
+            print(f"largest micro-batch that fits in {cap / GiB:.2f} GiB: {n} "
+                  f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
         return 0 if n else 1
-    bd = estimate(job)
+    bd = _estimate(job, card)
+    v = None
+    if card is not None:
+        v = verdict(bd, card)
+        bd.fits, bd.gpu_memory_bytes, bd.headroom_bytes = v["fits"], v["gpu_memory_bytes"], v["headroom_bytes"]
     if args.json:
         print(bd.to_json(indent=1))
-        return 0
+        return 0 if v is None or v["fits"] else 1
     from ..render import print_breakdown
 
     print_breakdown(bd)
+    if v is not None:
+        print(fit_line(v))
+        return 0 if v["fits"] else 1
     return 0

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..breakdown import COMPONENT_NOTES, Breakdown
-from ..cli import add_job_arguments, job_from_args
+from ..cli import add_card_arguments, add_job_arguments, card_from_args, job_from_args
 from ..units import GiB
 
 __all__ = ["add_parser", "run", "render", "render_sweep"]
@@ -33,6 +33,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="measure once per precision: 32-true, tf32, 16-mixed, bf16-mixed, bf16-true")
     p.add_argument("--cpu", action="store_true",
                    help="run on the CPU (tiny models only; counts live tensors, no allocator or CUDA context)")
+    add_card_arguments(p, "rehearse a card of this size on this GPU (24GiB or 24GB): the allocator is capped at "
+                          "the card less this process's CUDA context")
+    p.add_argument("--find-max-batch", action="store_true", dest="find_max_batch",
+                   help="with --gpu/--gpu-memory: find the largest micro-batch that really runs (double, then bisect)")
+    p.add_argument("--start", type=int, default=None,
+                   help="--find-max-batch: batch size to begin the search at (a hint; the answer is still proven)")
+    p.add_argument("--limit", type=int, default=4096, help="--find-max-batch: largest batch to try (default 4096)")
     p.set_defaults(func=run)
     return p
 
@@ -41,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from ..measurer import measure, measure_sweep
 
     job = job_from_args(args)
+    card = check_card_arguments(args)
     device = "cpu" if args.cpu else None
     progress = not args.json
+    if args.find_max_batch:
+        return run_find(job, card, args)
     if args.sweep:
         results = measure_sweep(job, steps=args.steps, out=args.out, device=device, progress=progress)
         if args.json:
@@ -50,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             render_sweep(results)
         return 1 if any(not bd.extras.get("fits", True) for _, bd in results) else 0
-    bd = measure(job, steps=args.steps, out=args.out, device=device, progress=progress)
+    bd = measure(job, steps=args.steps, out=args.out, device=device, progress=progress, gpu_memory_bytes=card)
     if args.json:
         print(bd.to_json(indent=1))
     else:
@@ -59,6 +69,53 @@ def run(args: argparse.Namespace) -> int:
         print(bd.notes[0] if bd.notes else "does not fit", file=sys.stderr if args.json else sys.stdout)
         return 1
     return 0
+
+
+def check_card_arguments(args: argparse.Namespace) -> int | None:
+    """The card's bytes, after checking the flags that go with it (no torch, no GPU needed)."""
+    from ..errors import MemfitError
+
+    card = card_from_args(args)
+    if card is not None and args.cpu:
+        raise MemfitError("--gpu/--gpu-memory rehearse a card on a CUDA GPU; drop --cpu (or drop the card)")
+    if card is not None and args.sweep:
+        raise MemfitError("--sweep does not rehearse a card; drop --gpu/--gpu-memory or --sweep")
+    if args.find_max_batch and card is None:
+        raise MemfitError("--find-max-batch needs a card: add --gpu NAME or --gpu-memory 24GiB")
+    if args.start is not None and not args.find_max_batch:
+        raise MemfitError("--start is the batch size --find-max-batch begins at; add --find-max-batch")
+    if args.start is not None and args.start < 1:
+        raise MemfitError(f"--start must be a batch size >= 1; got {args.start}")
+    if args.limit < 1:
+        raise MemfitError(f"--limit must be a batch size >= 1; got {args.limit}")
+    return card
+
+
+def run_find(job: Any, card: int, args: argparse.Namespace) -> int:
+    """``--find-max-batch``: search, then print the trials and the answer (or the JSON result)."""
+    from ..measurer import find_max_batch
+
+    def progress(t: dict[str, Any]) -> None:
+        if not args.json:
+            print(f"  batch {t['batch_size']:>5}: {'runs' if t['ok'] else 'out of memory'} "
+                  f"(peak reserved {t['peak_reserved_bytes'] / GiB:.2f} GiB, {t['seconds']:.1f} s)", flush=True)
+
+    steps = args.steps if args.steps != 3 else None  # 3 is measure's default; the search's own is 2 / 1
+    res = find_max_batch(job, card, start=args.start, steps=steps, limit=args.limit, on_trial=progress)
+    if args.out:
+        from ..measurer.env import environment
+        from ..measurer.record import make_boundary_record, write_json
+
+        write_json(args.out, make_boundary_record(job, card, res, environment("cuda")))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        ctx = res["card"]
+        print(f"card {card / GiB:.2f} GiB: CUDA context {ctx['cuda_context_bytes'] / GiB:.2f} GiB, allocator capped "
+              f"at {ctx['allocator_limit_bytes'] / GiB:.2f} GiB (expandable_segments "
+              f"{res['allocator_setting']['expandable_segments']})")
+        print(res.get("note", ""))
+    return 0 if res.get("max_batch_size") else 1
 
 
 def _gib(n: float | None, digits: int = 3) -> str:
@@ -119,6 +176,13 @@ def render(bd: Breakdown, console: Any = None) -> None:
         facts.append(f"{ex['tokens_per_s']:,.0f} tokens/s")
     facts.append(f"parameters {bd.parameters:,} (trainable {bd.trainable_parameters:,})")
     console.print("; ".join(facts))
+    card = ex.get("card")
+    if card and bd.gpu_memory_bytes:
+        verdict = "FITS" if fits else "DOES NOT FIT"
+        room = f", headroom {bd.headroom_bytes / GiB:.2f} GiB" if bd.headroom_bytes is not None else ""
+        console.print(f"rehearsed card {bd.gpu_memory_bytes / GiB:.2f} GiB: {verdict}{room} (CUDA context "
+                      f"{card['cuda_context_bytes'] / GiB:.2f} GiB, allocator capped at "
+                      f"{card['allocator_limit_bytes'] / GiB:.2f} GiB)")
     for note in bd.notes:
         console.print(f"note: {note}")
 

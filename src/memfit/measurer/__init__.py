@@ -5,6 +5,8 @@ measurement starts (``pip install 'memfit[measure]'``).
 
 - :func:`measure` - one job, one :class:`~memfit.breakdown.Breakdown` (on a CUDA GPU: the allocator's
   peaks per phase over the steady-state steps; on the CPU: exact live tensor bytes).
+- :func:`find_max_batch` - the largest micro-batch that really runs on a card rehearsed on this GPU
+  (``measure(..., gpu_memory_bytes=N)`` rehearses one run; :mod:`memfit.measurer.fit` has the search).
 - :func:`measure_sweep` - the same job over several precisions.
 - :func:`write_record` / :func:`read_record` - the JSON record of a run (job, breakdown, env).
 - ``python -m memfit.measurer.worker JOB RECORD`` - one job in a fresh process (used by
@@ -13,11 +15,11 @@ measurement starts (``pip install 'memfit[measure]'``).
 
 from __future__ import annotations
 
-__all__ = ["measure", "measure_sweep", "write_record", "read_record", "SWEEP_PRECISIONS"]
+__all__ = ["measure", "find_max_batch", "measure_sweep", "write_record", "read_record", "SWEEP_PRECISIONS"]
 
 
 def __getattr__(name: str):
-    if name in ("measure", "measure_sweep", "SWEEP_PRECISIONS"):
+    if name in ("measure", "find_max_batch", "measure_sweep", "SWEEP_PRECISIONS"):
         from . import engine
 
         return getattr(engine, name)

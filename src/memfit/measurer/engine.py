@@ -34,7 +34,7 @@ from ..reference import (build_model, cache_tensors, check_supported, make_batch
 from ..units import GiB, fmt_gib
 from .accounting import count_parameters, gradient_bytes, model_bytes, optimizer_state_bytes, tensor_bytes
 
-__all__ = ["measure", "measure_sweep", "SWEEP_PRECISIONS", "CPU_NOTE"]
+__all__ = ["measure", "find_max_batch", "measure_sweep", "SWEEP_PRECISIONS", "CPU_NOTE"]
 
 #: ``tf32`` is ``32-true`` with TF32 matmuls and convolutions allowed.
 SWEEP_PRECISIONS = ("32-true", "tf32", "16-mixed", "bf16-mixed", "bf16-true")
@@ -48,7 +48,8 @@ _INFER_PHASES = ("prefill", "decode")
 
 # --------------------------------------------------------------------------------------------- public
 def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out: str | Path | None = None,
-            progress: bool = True, device: Any = None, spec: Any = None) -> Breakdown:
+            progress: bool = True, device: Any = None, spec: Any = None,
+            gpu_memory_bytes: int | None = None) -> Breakdown:
     """Run ``job`` for real and return its measured :class:`Breakdown`.
 
     ``model``: an ``nn.Module`` to measure instead of building the job's model (see
@@ -57,6 +58,14 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
     ``device``: ``cuda``, ``cuda:N`` or ``cpu``; by default the current CUDA device, else the CPU (a tiny
     model then: the CPU run counts tensors, see :data:`CPU_NOTE`). ``spec``: a ModelSpec (or
     :class:`memfit.reference.ConfigSpec`) to use instead of resolving ``job.model``.
+
+    ``gpu_memory_bytes``: rehearse a card of that size (what its driver reports as total) on this bigger
+    GPU: the allocator is capped at the card less this process's CUDA context, measured at start (see
+    :mod:`memfit.measurer.card`); the Breakdown then has ``gpu_memory_bytes``, ``fits`` and
+    ``headroom_bytes`` set, its device total is context + peak reserved, and ``extras["card"]`` holds the
+    context, the fraction and the limit applied. The job's ``expandable_segments`` is applied to this
+    process's allocator while CUDA is not initialised yet; once it is, another setting raises a
+    :class:`MemfitError` (use a fresh process: the CLI or ``python -m memfit.measurer.worker``).
 
     Running out of memory is an answer: the Breakdown then has ``extras["fits"] = False``, the phase it
     failed in and a note that starts with "does not fit".
@@ -73,14 +82,175 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
     from .meters import CpuMeter, CudaMeter
 
     meter = CudaMeter(dev) if dev.type == "cuda" else CpuMeter()
-    run = _Run(job, spec, model, meter, steps, progress)
-    bd = run.execute()
+    card = allocator = None
+    if gpu_memory_bytes is not None and dev.type != "cuda":
+        raise MemfitError("rehearsing a card (--gpu-memory / gpu_memory_bytes) needs a CUDA GPU; on the CPU "
+                          "measure without it")
+    if dev.type == "cuda":
+        from .card import apply_allocator_setting, rehearse_card, release_card
+
+        allocator = apply_allocator_setting(torch, job.expandable_segments)
+        if gpu_memory_bytes is not None:
+            card = rehearse_card(torch, meter, _card_bytes(gpu_memory_bytes))
+    try:
+        bd = _Run(job, spec, model, meter, steps, progress).execute()
+    finally:
+        if card is not None:
+            release_card(torch, meter)
+    if allocator is not None:
+        bd.extras["allocator_setting"] = allocator
+    if card is not None:
+        _judge(bd, card)
     if out is not None:
         from .env import environment
         from .record import write_record
 
         write_record(out, job, bd, environment(meter.device))
     return bd
+
+
+def _card_bytes(gpu_memory_bytes: Any) -> int:
+    if isinstance(gpu_memory_bytes, bool) or not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0:
+        raise JobError(f"gpu_memory_bytes must be a whole number of bytes > 0 (e.g. 24 * 2**30); got {gpu_memory_bytes!r}")
+    return gpu_memory_bytes
+
+
+def _require_cuda(dev: Any) -> None:
+    if dev.type != "cuda":
+        raise MemfitError("find_max_batch rehearses a card and needs a CUDA GPU")
+
+
+def _judge(bd: Breakdown, card: dict[str, Any]) -> None:
+    """Fill the card fields of a rehearsed Breakdown: fits, headroom (card - context - peak reserved)."""
+    fits = bool(bd.extras.get("fits", True))
+    bd.gpu_memory_bytes = card["gpu_memory_bytes"]
+    bd.fits = fits
+    if fits:
+        bd.device_total_bytes = card["cuda_context_bytes"] + bd.peak_reserved_bytes
+        bd.headroom_bytes = card["gpu_memory_bytes"] - bd.device_total_bytes
+    else:
+        bd.device_total_bytes = card["gpu_memory_bytes"]
+        bd.headroom_bytes = None  # how much more it needed is not known from an out-of-memory error
+    bd.extras["card"] = dict(card)
+
+
+def find_max_batch(job: Job | dict[str, Any], gpu_memory_bytes: int, *, start: int | None = None,
+                   steps: int | None = None, limit: int = 4096, device: Any = None, spec: Any = None,
+                   on_trial: Any = None) -> dict[str, Any]:
+    """The largest micro-batch of ``job`` that really runs on a card of ``gpu_memory_bytes``, rehearsed on
+    this GPU (see :func:`measure`'s ``gpu_memory_bytes``).
+
+    The model is built once (at batch 1 - the build does not depend on the batch); each trial then makes
+    a fresh optimizer and fresh inputs for its batch and runs ``steps`` reference steps (default: 2 for
+    training - step 1 creates the optimizer state, step 2 is steady - and 1 ``generate()``/prefill call for
+    inference). A trial passes when its steps complete; an out-of-memory error fails it, and everything
+    it made is freed (``gc.collect()``, ``empty_cache()``, peak stats reset) before the next. The search is
+    :func:`memfit.measurer.fit.search_max_batch` (``start`` is a hint where to begin; it never changes the
+    answer). ``on_trial(entry)`` is called after each trial.
+
+    Returns ``{"max_batch_size", "model_fits", "trials": [{batch_size, ok, peak_allocated_bytes,
+    peak_reserved_bytes, device_total_bytes, seconds, ...}], "boundary": Breakdown dict at the answer (or
+    None), "card", "allocator_setting", "steps", "start", "build_seconds", "note"}``.
+    """
+    torch = require_torch()
+    if isinstance(job, dict):
+        job = Job.from_dict(job)
+    check_supported(job)
+    cap = _card_bytes(gpu_memory_bytes)
+    training = job.task == "train"
+    if steps is None:
+        steps = 2 if training else 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise JobError(f"steps must be a whole number >= 1; got {steps!r}")
+    dev = _resolve_device(torch, device)
+    _require_cuda(dev)
+    if spec is None:
+        spec = resolve_spec(job.model)
+    from .card import apply_allocator_setting, rehearse_card, release_card
+    from .fit import search_max_batch
+    from .meters import CudaMeter, Nvml
+
+    meter = CudaMeter(dev)
+    allocator = apply_allocator_setting(torch, job.expandable_segments)
+    card = rehearse_card(torch, meter, cap)
+    nvml = Nvml(dev)
+    result: dict[str, Any] = {"gpu_memory_bytes": cap, "card": card, "allocator_setting": allocator,
+                              "steps": steps, "start": start, "limit": limit, "trials": [], "boundary": None}
+    model = None
+    breakdowns: dict[int, Breakdown] = {}
+    caught: list[str] = []
+    try:
+        meter.start()
+        t0 = time.perf_counter()
+        oom = None
+        with _quiet(caught):
+            try:
+                model = build_model(job.replace(batch_size=1), spec, dev)
+            except BaseException as exc:  # noqa: BLE001 - only out-of-memory is caught
+                if not _is_oom(exc):
+                    raise
+                oom = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        torch.cuda.synchronize(dev)
+        result["build_seconds"] = round(time.perf_counter() - t0, 3)
+        result["load_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+        if model is None:
+            gc.collect()
+            torch.cuda.empty_cache()
+            result.update(max_batch_size=0, model_fits=False, oom_message=oom,
+                          note=f"does not fit: building the model needs more than the "
+                               f"{card['allocator_limit_bytes'] / GiB:.2f} GiB the card leaves after the CUDA context")
+            return result
+        result["model_fits"] = True
+        result["weights_allocated_bytes"] = int(torch.cuda.memory_allocated(dev))
+
+        def trial(b: int) -> bool:
+            t = time.perf_counter()
+            bd = _Run(job.replace(batch_size=b), spec, None, meter, steps, False, prebuilt=model).execute()
+            for p in model.parameters():
+                p.grad = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            ok = bool(bd.extras.get("fits", True))
+            _judge(bd, card)
+            entry = {"batch_size": b, "ok": ok, "peak_allocated_bytes": bd.peak_allocated_bytes,
+                     "peak_reserved_bytes": bd.peak_reserved_bytes, "device_total_bytes": bd.device_total_bytes,
+                     "seconds": round(time.perf_counter() - t, 3),
+                     "num_alloc_retries": bd.extras.get("allocator", {}).get("num_alloc_retries")}
+            if ok:
+                entry["peak_phase"] = bd.peak_phase
+                if bd.extras.get("nvml_process_used_bytes"):
+                    entry["nvml_process_used_bytes"] = bd.extras["nvml_process_used_bytes"]
+            else:
+                entry["oom_phase"] = bd.extras.get("oom_phase")
+                entry["oom_request_bytes"] = bd.extras.get("oom_request_bytes")
+            breakdowns[b] = bd
+            result["trials"].append(entry)
+            if on_trial is not None:
+                on_trial(entry)
+            return ok
+
+        best, _ = search_max_batch(trial, start=start, limit=limit)
+        result["max_batch_size"] = best
+        # a self-check of the cap: the allocator never held more than its limit
+        result["cap_respected"] = all(t["peak_reserved_bytes"] <= card["allocator_limit_bytes"]
+                                      for t in result["trials"])
+        if best:
+            result["boundary"] = breakdowns[best].to_dict()
+        result["note"] = (f"largest micro-batch that runs: {best}" if best else
+                          "does not fit: the model loads, but batch 1 runs out of memory")
+        used = nvml.process_used()
+        if used is not None:
+            result["nvml_process_used_at_end_bytes"] = used
+        return result
+    finally:
+        model = None
+        breakdowns.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        release_card(torch, meter)
+        if caught:
+            result["warnings"] = caught
 
 
 def measure_sweep(job: Job | dict[str, Any], precisions: tuple[str, ...] = SWEEP_PRECISIONS, *,
@@ -366,8 +536,10 @@ class _Recorder:
 
 # --------------------------------------------------------------------------------------------- run
 class _Run:
-    def __init__(self, job: Job, spec: Any, user_model: Any, meter: Any, steps: int, progress: bool) -> None:
+    def __init__(self, job: Job, spec: Any, user_model: Any, meter: Any, steps: int, progress: bool,
+                 prebuilt: Any = None) -> None:
         self.job, self.spec, self.user_model, self.meter = job, spec, user_model, meter
+        self.prebuilt = prebuilt  # a model built by build_model earlier (find_max_batch builds it once)
         self.steps, self.progress = steps, progress
         self.device = meter.device
         self.training = job.task == "train"
@@ -412,7 +584,10 @@ class _Run:
     def _load(self, bar: _Progress) -> None:
         job, rec = self.job, self.recorder
         rec.phase = "load"
-        self.model = build_model(job, self.spec, self.device, user_model=self.user_model)
+        if self.prebuilt is not None:
+            self.model = self.prebuilt
+        else:
+            self.model = build_model(job, self.spec, self.device, user_model=self.user_model)
         self.user_model = None  # measure holds the model through self.model only (so it can be freed)
         self.meter.adopt(_model_tensors(self.model))
         if self.training:

@@ -33,6 +33,12 @@ class CudaMeter:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
+        #: Set when a card is rehearsed (:func:`memfit.measurer.engine.rehearse_card`): this process's CUDA
+        #: context, measured at start, and the allocator's limit. The GPU may then be shared with other
+        #: capped runs, so the device's used memory (``mem_get_info``) says nothing about this process:
+        #: ``device_used`` becomes context + the allocator's peak reserve, and ``capacity`` the limit.
+        self.context_bytes: int | None = None
+        self.limit_bytes: int | None = None
 
     def start(self) -> None:
         cuda = self.torch.cuda
@@ -62,10 +68,14 @@ class CudaMeter:
         self.torch.cuda.reset_peak_memory_stats(self.device)
 
     def device_used(self) -> int:
+        if self.context_bytes is not None:
+            return int(self.context_bytes + self.peak_reserved())
         free, total = self.torch.cuda.mem_get_info(self.device)
         return int(total - free)
 
     def capacity(self) -> int:
+        if self.limit_bytes is not None:
+            return int(self.limit_bytes)
         return int(self.torch.cuda.mem_get_info(self.device)[1])
 
     def synchronize(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from ..breakdown import Breakdown
 from ..job import Job
 
-__all__ = ["make_record", "write_json", "write_record", "read_record", "utc_now"]
+__all__ = ["make_record", "make_boundary_record", "write_json", "write_record", "read_record", "utc_now"]
 
 
 def utc_now() -> str:
@@ -28,6 +28,22 @@ def make_record(job: Job, breakdown: Breakdown, env: dict[str, Any]) -> dict[str
 
     return {"job": job.to_dict(), "breakdown": breakdown.to_dict(), "env": env, "created": utc_now(),
             "memfit_version": __version__}
+
+
+def make_boundary_record(job: Job, gpu_memory_bytes: int, result: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """The record of a :func:`memfit.measurer.find_max_batch` search: ``kind: "boundary"``, the job, the card,
+    ``max_batch_size``, ``find_max_batch`` (the search: trials, card facts, allocator setting) and
+    ``breakdown`` (the measured run at the answer; absent when nothing fits)."""
+    from .. import __version__
+
+    result = dict(result)
+    boundary = result.pop("boundary", None)
+    record: dict[str, Any] = {"kind": "boundary", "job": job.to_dict(), "gpu_memory_bytes": int(gpu_memory_bytes),
+                              "max_batch_size": result.get("max_batch_size"), "find_max_batch": result}
+    if boundary:
+        record["breakdown"] = boundary
+    record.update({"env": env, "created": utc_now(), "memfit_version": __version__})
+    return record
 
 
 def write_json(path: str | Path, data: Any) -> Path:

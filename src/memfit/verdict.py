@@ -1,0 +1,32 @@
+"""Does a job fit a card? The one place the command line (and its JSON) reads the answer from.
+
+:func:`verdict` reads ``Breakdown.fits`` / ``headroom_bytes`` when the engine filled them (the estimator's
+allocator replay does, when given the card); otherwise it judges provisionally by the device total
+(``device_total_bytes <= gpu_memory_bytes``). The deciding component is the largest one at the peak.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .breakdown import Breakdown
+
+__all__ = ["verdict"]
+
+
+def verdict(b: Breakdown, gpu_memory_bytes: int) -> dict[str, Any]:
+    """``{"fits", "gpu_memory_bytes", "headroom_bytes", "deciding_component", "deciding_bytes", "basis"}``
+    for ``b`` on a card of ``gpu_memory_bytes`` (its driver-reported total). ``headroom_bytes`` is the
+    card less the device total at the peak (negative: that much too big); ``basis`` says which rule
+    answered: ``engine`` (the Breakdown's own fits) or ``device_total`` (the provisional rule)."""
+    same_card = b.gpu_memory_bytes in (None, gpu_memory_bytes)
+    if b.fits is not None and same_card:
+        fits, basis = bool(b.fits), "engine"
+        headroom = b.headroom_bytes if b.headroom_bytes is not None else gpu_memory_bytes - b.device_total_bytes
+    else:
+        headroom = gpu_memory_bytes - b.device_total_bytes
+        fits, basis = headroom >= 0, "device_total"
+    named = {k: v for k, v in b.components.items() if v}
+    top = max(named, key=lambda k: named[k]) if named else None
+    return {"fits": fits, "gpu_memory_bytes": int(gpu_memory_bytes), "headroom_bytes": int(headroom),
+            "deciding_component": top, "deciding_bytes": int(named[top]) if top else 0, "basis": basis}

@@ -1,0 +1,418 @@
+"""The fit verdict and rehearsing a card: the search for the largest batch (a pure function, checked with
+fake trials), the cap arithmetic, the runner's job list and scheduling, the measure/worker argument
+handling, and find_max_batch's trial plumbing on the CPU with a faked CUDA layer (no GPU here).
+
+Tolerances: none in this file except where stated; the search and the cap are exact integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from memfit.cli import main
+from memfit.errors import JobError, MemfitError
+from memfit.measurer.fit import allocator_limit_bytes, cap_fraction, first_step, search_max_batch
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------- search
+@pytest.mark.parametrize("boundary", [0, 1, 2, 3, 7, 31, 64, 100, 288, 1000, 4096])
+@pytest.mark.parametrize("start", [None, 1, 2, 5, 63, 64, 288, 290, 400, 5000])
+def test_search_finds_the_boundary_from_any_hint(boundary, start):
+    calls = []
+
+    def trial(b):
+        calls.append(b)
+        return b <= boundary
+
+    best, tried = search_max_batch(trial, start=start, limit=4096)
+    assert best == boundary
+    assert len(calls) == len(set(calls)) == len(tried)  # each batch at most once
+    assert all(b in range(1, 4097) for b in calls)
+    if 0 < best < 4096:  # proven: best runs, best + 1 does not
+        assert (best, True) in tried and (best + 1, False) in tried
+    if best == 0:
+        assert (1, False) in tried
+
+
+def test_search_cost_is_small_near_a_good_hint():
+    # an exact hint below 64 costs two trials; a hint 5 % off at batch 300 costs at most 8
+    assert len(search_max_batch(lambda b: b <= 12, start=12)[1]) == 2
+    assert len(search_max_batch(lambda b: b <= 315, start=300)[1]) <= 8
+    # without a hint: doubling, then bisection
+    assert [b for b, _ in search_max_batch(lambda b: b <= 20)[1]][:6] == [1, 2, 4, 8, 16, 32]
+
+
+def test_search_stops_at_the_limit_and_checks_its_arguments():
+    assert search_max_batch(lambda b: True, start=3, limit=10)[0] == 10
+    assert first_step(31) == 1 and first_step(64) == 2 and first_step(320) == 10
+    for bad in ({"start": 0}, {"start": True}, {"limit": 0}):
+        with pytest.raises(JobError):
+            search_max_batch(lambda b: True, **bad)
+
+
+# ------------------------------------------------------------------------------------------- cap
+def test_cap_fraction_is_card_less_context_over_total():
+    total = 150_754_820_096  # an H200 as the driver reports it (catalog)
+    ctx = 520 * 2**20
+    f = cap_fraction(24 * GiB, ctx, total)
+    assert f == (24 * GiB - ctx) / total
+    # the allocator's limit: size_t(fraction * total), within one byte of card - context (float rounding)
+    assert abs(allocator_limit_bytes(f, total) - (24 * GiB - ctx)) <= 1
+    assert cap_fraction(total, 0, total) == 1.0
+
+
+def test_cap_fraction_refuses_impossible_cards():
+    with pytest.raises(JobError, match="larger than the GPU"):
+        cap_fraction(200 * GiB, GiB, 150 * GiB)
+    with pytest.raises(JobError, match="CUDA context"):
+        cap_fraction(GiB // 2, GiB, 150 * GiB)
+    with pytest.raises(JobError):
+        cap_fraction(24.5, 0, 150 * GiB)
+
+
+def test_allocator_conf_keeps_other_options():
+    from memfit.measurer.card import _expandable_in, allocator_conf_for
+
+    assert allocator_conf_for(True) == "expandable_segments:True"
+    conf = allocator_conf_for(False, "max_split_size_mb:128,expandable_segments:True")
+    assert conf == "max_split_size_mb:128,expandable_segments:False"
+    assert _expandable_in("garbage_collection_threshold:0.6,expandable_segments:True")
+    assert not _expandable_in(conf) and not _expandable_in(None)
+
+
+# ------------------------------------------------------------------------------------------- units
+def test_bare_number_is_an_error_that_names_the_units():
+    from memfit.units import parse_card_memory
+
+    with pytest.raises(JobError, match=r"24GiB .* or 24GB"):
+        parse_card_memory("24")
+    assert parse_card_memory("24GiB") == 24 * GiB
+    assert parse_card_memory("24GB") == 24 * 10**9
+    assert parse_card_memory(1000) == 1000  # ints from code are bytes
+    with pytest.raises(JobError):
+        parse_card_memory("0GiB")
+
+
+# ------------------------------------------------------------------------------------------- measure CLI
+@pytest.mark.parametrize("argv,needle", [
+    (["measure", "gpt2", "--gpu-memory", "24"], "no unit"),
+    (["measure", "gpt2", "--find-max-batch"], "needs a card"),
+    (["measure", "gpt2", "--gpu-memory", "24GiB", "--cpu"], "drop --cpu"),
+    (["measure", "gpt2", "--start", "4"], "add --find-max-batch"),
+    (["measure", "gpt2", "--gpu", "no-such-card"], "unknown GPU"),
+    (["measure", "gpt2", "--gpu-memory", "24GiB", "--sweep", "precision"], "--sweep"),
+    (["measure", "gpt2", "--gpu-memory", "24GiB", "--find-max-batch", "--start", "0"], "--start"),
+])
+def test_measure_card_arguments_fail_in_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_measure_rehearsal_needs_cuda_on_the_cpu(capsys):
+    pytest.importorskip("torch")
+    from memfit.measurer import measure
+
+    with pytest.raises(MemfitError, match="CUDA"):
+        measure({"model": "gpt2"}, device="cpu", gpu_memory_bytes=24 * GiB)
+
+
+def test_worker_reads_the_card_from_flag_or_json():
+    import argparse
+
+    from memfit.measurer.worker import _card
+
+    ns = argparse.Namespace(gpu_memory=None)
+    assert _card(ns, {"gpu_memory_bytes": 123}) == 123
+    assert _card(ns, {"gpu_memory": "16GiB"}) == 16 * GiB
+    assert _card(ns, {}) is None
+    assert _card(argparse.Namespace(gpu_memory="24GiB"), {"gpu_memory_bytes": 1}) == 24 * GiB  # the flag wins
+    with pytest.raises(JobError):
+        _card(ns, {"gpu_memory_bytes": "24GiB"})
+
+
+# ------------------------------------------------------------------------------------------- runner
+def _runner():
+    sys.path.insert(0, str(REPO / "validation"))
+    import run_boundaries
+
+    return run_boundaries
+
+
+def test_boundaries_job_list_meets_the_brief():
+    rb = _runner()
+    entries = rb.load_boundary_entries(REPO / "validation" / "jobs" / "boundaries.yaml")
+    assert len(entries) >= 36
+    jobs = [e["job"] for e in entries]
+    held = sum(e["holdout"] for e in entries)
+    assert 0.25 <= held / len(entries) <= 0.42
+    exp = sum(j["expandable_segments"] for j in jobs)
+    assert 0.25 <= exp / len(entries) <= 0.42
+    cards = {e["gpu_memory_bytes"] for e in entries}
+    assert min(cards) == 16 * GiB and max(cards) == 80 * GiB
+    assert {j["method"] for j in jobs if j["task"] == "train"} >= {"full", "lora", "qlora"}
+    assert all("bitsandbytes" in e["needs"] for e in entries if e["job"]["method"] == "qlora")
+    assert any(j["task"] == "infer" and j["new_tokens"] >= 512 for j in jobs)  # long decode
+    assert any(j["task"] == "infer" and j["new_tokens"] == 0 and j["prompt_len"] >= 4096 for j in jobs)
+    assert any(j["model"] in ("olmoe-1b-7b", "qwen1.5-moe-a2.7b") for j in jobs)
+    assert any(j["model"] in ("gemma-3-1b", "gemma-2-2b") for j in jobs)
+    # the issue's two cases
+    assert any(j["model"] == "llama-3.1-8b" and j["method"] == "full" and j["seq_len"] == 2048
+               and j["gradient_checkpointing"] and e["gpu_memory_bytes"] == 80 * GiB for e, j in zip(entries, jobs))
+    assert any(j["model"] == "gemma-3-1b" and j["task"] == "infer" and j["prompt_len"] == 2048
+               and j["new_tokens"] == 128 and e["gpu_memory_bytes"] == 16 * GiB for e, j in zip(entries, jobs))
+    # holdouts in every class
+    for cls in (lambda j: j["task"] == "infer", lambda j: j["method"] == "lora", lambda j: j["method"] == "full",
+                lambda j: j["method"] == "qlora", lambda j: j["expandable_segments"]):
+        assert any(e["holdout"] for e, j in zip(entries, jobs) if cls(j))
+
+
+def test_boundaries_loader_rejects_bad_entries(tmp_path):
+    rb = _runner()
+    p = tmp_path / "b.yaml"
+    for text, needle in [
+        ("- {name: a, job: {model: gpt2}}\n", "gpu_memory"),
+        ("- {name: a, gpu_memory: 24, job: {model: gpt2}}\n", "no unit"),
+        ("- {name: a, gpu_memory: 24GiB, start: 0, job: {model: gpt2}}\n", "start"),
+        ("- {name: a, gpu_memory: 24GiB, needs: flash, job: {model: gpt2}}\n", "needs"),
+        ("- {name: a, gpu_memory: 24GiB, colour: red, job: {model: gpt2}}\n", "unknown key"),
+    ]:
+        p.write_text(text)
+        with pytest.raises(JobError, match=needle):
+            rb.load_boundary_entries(p)
+
+
+def test_launch_keeps_the_sum_of_cards_within_the_budget():
+    rb = _runner()
+    e = lambda n, g: {"name": n, "gpu_memory_bytes": g * GiB}  # noqa: E731
+    pending = [e("big", 80), e("a", 24), e("b", 16)]
+    kw = {"parallel_bytes": 128 * GiB, "parallel": 5}
+    assert rb.launchable(pending, 0, 0, **kw)["name"] == "big"
+    assert rb.launchable(pending[1:], 110 * GiB, 2, **kw)["name"] == "b"  # 24 does not fit, 16 does
+    assert rb.launchable(pending[1:], 120 * GiB, 2, **kw) is None
+    assert rb.launchable([e("huge", 140)], 0, 0, **kw)["name"] == "huge"  # alone on an idle GPU
+    assert rb.launchable([e("huge", 140)], 16 * GiB, 1, **kw) is None
+    assert rb.launchable(pending, 0, 5, **kw) is None
+    assert rb.launchable(pending, 60 * GiB, 1, head_only=True, **kw) is None  # the big one waited long enough
+
+
+def test_runner_writes_error_records_and_skips_missing_needs(tmp_path):
+    """On a machine without a GPU every worker fails with a one-line error: the runner still writes one
+    record per entry run and lists the skipped one."""
+    pytest.importorskip("torch")
+    import importlib.util
+    import subprocess
+
+    jobs = tmp_path / "b.yaml"
+    jobs.write_text("- {name: t1, gpu_memory: 16GiB, start: 2, job: {model: gpt2}}\n"
+                    "- {name: q1, gpu_memory: 16GiB, needs: bitsandbytes, job: {model: llama-3.2-1b, method: qlora}}\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(REPO / "validation" / "run_boundaries.py"), str(jobs), "--out", str(out),
+                          "--timeout", "120"], capture_output=True, text=True, timeout=300)
+    records = json.loads((out / "boundaries-b.json").read_text())
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - not on the CPU machine
+        pytest.skip("this checks the CPU failure path")
+    assert [r["name"] for r in records] == (["t1", "q1"] if has_bnb else ["t1"])
+    assert records[0]["status"] == "error" and "CUDA" in records[0]["error"]["stderr_tail"]
+    if not has_bnb:
+        assert "q1" in res.stdout and "skipped" in res.stdout
+    assert "t1" in (out / "log-boundaries.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------- plumbing
+def test_find_max_batch_trials_on_the_cpu_with_a_faked_cuda_layer(monkeypatch):
+    """find_max_batch's own loop (model built once, fresh optimizer and inputs per trial, OOM caught and
+    freed, grads cleared, the answer's Breakdown kept) on a tiny CPU model. CUDA is faked: the cap and the
+    context are stubs and an out-of-memory error is raised for batches above 5."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from memfit import reference as R
+    from memfit.measurer import card as C
+    from memfit.measurer import engine as E
+    from memfit.measurer import meters as M
+
+    llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "vocab_size": 256, "max_position_embeddings": 256}
+    fake_card = {"gpu_memory_bytes": 16 * GiB, "cuda_context_bytes": 500 * 2**20, "allocator_limit_bytes": 15 * GiB,
+                 "memory_fraction": 0.1, "context_method": "fake", "gpu_total_memory_bytes": 150 * GiB}
+    monkeypatch.setattr(E, "_resolve_device", lambda torch, device: torch.device("cpu"))
+    monkeypatch.setattr(E, "_require_cuda", lambda dev: None)
+    monkeypatch.setattr(C, "apply_allocator_setting", lambda torch, e: {"expandable_segments": e})
+    monkeypatch.setattr(C, "rehearse_card", lambda torch, meter, n: dict(fake_card))
+    released = []
+    monkeypatch.setattr(C, "release_card", lambda torch, meter: released.append(True))
+    monkeypatch.setattr(M, "CudaMeter", lambda dev: M.CpuMeter())
+    monkeypatch.setattr(M, "Nvml", lambda dev: type("N", (), {"process_used": lambda self: None})())
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 0)
+    real_step = E.train_step
+    models = []
+
+    def step(job, model, optimizer, batch, scaler=None, hooks=None):
+        models.append(id(model))
+        assert all(p.grad is None for p in model.parameters())  # a trial starts with no gradients
+        if job.batch_size > 5:
+            hooks.on_phase("forward")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(job, model, optimizer, batch, scaler, hooks=hooks)
+
+    monkeypatch.setattr(E, "train_step", step)
+    seen = []
+    res = E.find_max_batch({"model": "tiny", "seq_len": 16, "precision": "32-true"}, 16 * GiB, start=3,
+                           spec=R.spec_from_config(dict(llama), name="tiny"), on_trial=seen.append)
+    assert res["max_batch_size"] == 5 and res["model_fits"] is True
+    assert [(t["batch_size"], t["ok"]) for t in res["trials"]] == [(3, True), (4, True), (6, False), (5, True)]
+    assert seen == res["trials"]
+    assert len(set(models)) == 1  # the model is built once
+    assert res["trials"][2]["oom_phase"] == "forward" and res["trials"][2]["oom_request_bytes"] == 2 * GiB
+    b = res["boundary"]
+    assert b["job"]["batch_size"] == 5 and b["fits"] is True and b["gpu_memory_bytes"] == 16 * GiB
+    assert b["device_total_bytes"] == fake_card["cuda_context_bytes"] + b["peak_reserved_bytes"]
+    assert b["headroom_bytes"] == 16 * GiB - b["device_total_bytes"]
+    assert res["steps"] == 2 and released == [True]
+
+
+# ------------------------------------------------------------------------------------------- estimate CLI
+def _est_json(argv, capsys):
+    rc = main(argv + ["--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_estimate_verdict_json_agrees_with_the_device_total(capsys):
+    from memfit.estimator import estimate
+    from memfit.job import Job
+
+    base = ["estimate", "llama-3.2-1b", "--precision", "bf16-true", "--seq-len", "1024"]
+    total = estimate(Job(model="llama-3.2-1b", precision="bf16-true", seq_len=1024)).device_total_bytes
+    rc, d = _est_json(base + ["--gpu-memory", "80GiB"], capsys)
+    assert rc == 0 and d["fits"] is True and d["gpu_memory_bytes"] == 80 * GiB
+    assert d["headroom_bytes"] == 80 * GiB - d["device_total_bytes"]
+    assert d["device_total_bytes"] == total
+    small = f"{(total - 2**20) / 10**9:.6f}GB"  # a card a little smaller than the device total
+    rc, d = _est_json(base + ["--gpu-memory", small], capsys)
+    assert rc == 1 and d["fits"] is False and d["headroom_bytes"] < 0
+
+
+def test_estimate_verdict_line_names_the_card_and_component(capsys):
+    assert main(["estimate", "gemma-3-1b", "--task", "infer", "--prompt-len", "2048", "--new-tokens", "128",
+                 "--precision", "bf16-true", "--gpu", "rtx-4090"]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith(("FITS", "DOES NOT FIT"))]
+    assert line and "23.65 GiB card" in line[0] and "headroom" in line[0] and "largest component" in line[0]
+
+
+def test_verdict_prefers_the_engines_answer():
+    from memfit.breakdown import Breakdown
+    from memfit.verdict import verdict
+
+    b = Breakdown(engine="estimate", model="m", job={}, parameters=0, trainable_parameters=0,
+                  components={"weights": 10, "activations": 30}, peak_allocated_bytes=40, peak_reserved_bytes=50, peak_phase="backward",
+                  device_total_bytes=60)
+    v = verdict(b, 100)
+    assert (v["fits"], v["headroom_bytes"], v["basis"], v["deciding_component"]) == (True, 40, "device_total", "activations")
+    assert verdict(b, 59)["fits"] is False
+    b.fits, b.gpu_memory_bytes, b.headroom_bytes = False, 100, -5  # the allocator replay says no
+    assert (verdict(b, 100)["fits"], verdict(b, 100)["headroom_bytes"], verdict(b, 100)["basis"]) == (False, -5, "engine")
+    assert verdict(b, 200)["basis"] == "device_total"  # judged for another card: not the engine's answer
+
+
+def test_estimate_max_batch_size_takes_the_card(capsys):
+    from memfit.estimator import max_batch_size
+    from memfit.gpus import get_gpu
+    from memfit.job import Job
+
+    rc, d = _est_json(["estimate", "llama-3.2-1b", "--precision", "bf16-true", "--max-batch-size", "--gpu", "rtx-4090"],
+                      capsys)
+    card = get_gpu("rtx-4090").memory_bytes
+    assert d["gpu_memory_bytes"] == card
+    assert d["max_batch_size"] == max_batch_size(Job(model="llama-3.2-1b", precision="bf16-true"), card)
+
+
+def test_estimate_expandable_segments_flag_sets_the_job_field(capsys):
+    rc, d = _est_json(["estimate", "gpt2", "--expandable-segments"], capsys)
+    assert d["job"]["expandable_segments"] is True
+    rc, d = _est_json(["estimate", "gpt2"], capsys)
+    assert d["job"]["expandable_segments"] is False
+
+
+def test_estimate_unit_error_is_one_line(capsys):
+    assert main(["estimate", "gpt2", "--gpu-memory", "24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "24GiB" in err and "24GB" in err
+
+
+def test_gpus_lists_the_catalog(capsys):
+    from memfit.gpus import all_gpus
+
+    assert main(["gpus", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in data] == [g.name for g in all_gpus()]
+    h100 = next(r for r in data if r["name"] == "h100-80gb")
+    assert h100["memory_bytes"] == 85029158912 and h100["bf16_tflops"] == 989
+    assert main(["gpus"]) == 0
+    assert "rtx-4090" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def _scorer():
+    sys.path.insert(0, str(REPO / "validation"))
+    import score_fit
+
+    return score_fit
+
+
+def test_scorer_bars_catch_answers_above_or_far_below():
+    sf = _scorer()
+    row = lambda d, err=0.01: {"diff": d, "reserved_error": err, "device_error": err, "holdout": False}  # noqa: E731
+    ok = [row(0)] * 17 + [row(-1)] * 3
+    assert sf.bars_missed(sf.summarize(ok)) == []
+    assert any("above" in m for m in sf.bars_missed(sf.summarize(ok + [row(1)])))
+    assert any("more than one below" in m for m in sf.bars_missed(sf.summarize(ok + [row(-2)])))
+    assert any("exact on" in m for m in sf.bars_missed(sf.summarize([row(0)] * 8 + [row(-1)] * 2)))
+    assert any("reserved_worst" in m for m in sf.bars_missed(sf.summarize(ok + [row(0, 0.09)])))
+
+
+def test_scorer_reads_a_boundary_record(tmp_path):
+    sf = _scorer()
+    from memfit.estimator import estimate, max_batch_size
+    from memfit.job import Job
+
+    job = Job(model="llama-3.2-1b", precision="bf16-true", seq_len=1024)
+    card = 24 * GiB
+    b = max_batch_size(job, card)
+    est = estimate(job.replace(batch_size=b))
+    rec = {"kind": "boundary", "name": "x", "status": "ok", "holdout": True, "job": job.to_dict(),
+           "gpu_memory_bytes": card, "max_batch_size": b,
+           "breakdown": {"peak_reserved_bytes": int(est.peak_reserved_bytes * 1.01),
+                         "device_total_bytes": est.device_total_bytes}}
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([rec, {"kind": "boundary", "name": "y", "status": "timeout", "job": job.to_dict()}]))
+    row = sf.score_pair(sf.load_records([p])[0])
+    assert row["diff"] == 0 and row["reserved_error"] == pytest.approx(1 / 1.01 - 1) and row["device_error"] == 0
+    assert sf.score_pair(sf.load_records([p])[1]) is None
+
+
+BOUNDARY_RECORDS = sorted((REPO / "validation" / "records").glob("*boundar*.json"))
+
+
+@pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
+def test_fit_answers_meet_the_bars_on_the_committed_boundaries():
+    """Bars (issue): never above the real boundary, exact on >= 85 % (the rest one below); reserved at the
+    boundary median |error| <= 2 %, worst <= 8 %; device total median <= 2.5 %."""
+    sf = _scorer()
+    rows = [r for r in (sf.score_pair(x) for x in sf.load_records(BOUNDARY_RECORDS)) if r is not None]
+    assert len(rows) >= 20
+    assert sf.bars_missed(sf.summarize(rows)) == []

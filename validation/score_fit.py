@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Score memfit's fit answers against rehearsed boundaries (records of validation/run_boundaries.py).
+
+    python validation/score_fit.py validation/records/h200-boundaries.json [...] [--json] [--holdout-only]
+
+For every record with a measured boundary B (the largest micro-batch that ran on the card, B + 1 did not):
+
+- fit answer: ``memfit.max_batch_size(job, card)`` with the record's card and allocator setting
+  (``job.expandable_segments``). Bars: never above B; equal to B on >= 85 % of the pairs; the rest B - 1.
+- reserved: the estimate's peak reserved at batch B against the measured peak reserved at B (the run
+  that defines the boundary). Bars: median |error| <= 2 %, worst <= 8 %.
+- device total: the estimate's device total at B against the measured one (this process's CUDA context,
+  measured at start, + peak reserved). Bar: median |error| <= 2.5 %.
+
+Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
+before any result existed) are printed separately; the bars are asserted on all pairs together.
+Records with an error or timeout are listed and not scored. Exit status 1 when a bar is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from memfit.estimator import estimate, max_batch_size  # noqa: E402
+from memfit.job import Job  # noqa: E402
+
+GiB = 1 << 30
+BARS = {"exact_share": 0.85, "reserved_median": 0.02, "reserved_worst": 0.08, "device_median": 0.025}
+
+
+def _estimate(job: Job, card: int):
+    if "gpu_memory_bytes" in inspect.signature(estimate).parameters:
+        return estimate(job, gpu_memory_bytes=card)
+    return estimate(job)
+
+
+def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        out.extend(r for r in (data if isinstance(data, list) else [data]) if r.get("kind") == "boundary")
+    return out
+
+
+def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """memfit's answers for one boundary record, or None when the record has no measured boundary."""
+    if rec.get("status", "ok") not in ("ok", "none-fits") or rec.get("max_batch_size") is None:
+        return None
+    job = Job.from_dict(rec["job"])
+    card = int(rec["gpu_memory_bytes"])
+    measured = int(rec["max_batch_size"])
+    answer = max_batch_size(job, card)
+    row: dict[str, Any] = {"name": rec.get("name", job.model), "holdout": bool(rec.get("holdout")),
+                           "card_gib": card / GiB, "expandable_segments": job.expandable_segments,
+                           "measured": measured, "memfit": answer, "diff": answer - measured}
+    bd = rec.get("breakdown")
+    if measured and bd:
+        est = _estimate(job.replace(batch_size=measured), card)
+        row["reserved_measured"] = bd["peak_reserved_bytes"]
+        row["reserved_estimate"] = est.peak_reserved_bytes
+        row["reserved_error"] = est.peak_reserved_bytes / bd["peak_reserved_bytes"] - 1
+        row["device_measured"] = bd["device_total_bytes"]
+        row["device_estimate"] = est.device_total_bytes
+        row["device_error"] = est.device_total_bytes / bd["device_total_bytes"] - 1
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures the bars are about, over ``rows``."""
+    n = len(rows)
+    res = [abs(r["reserved_error"]) for r in rows if "reserved_error" in r]
+    dev = [abs(r["device_error"]) for r in rows if "device_error" in r]
+    return {
+        "pairs": n,
+        "above": sum(r["diff"] > 0 for r in rows),
+        "exact": sum(r["diff"] == 0 for r in rows),
+        "one_below": sum(r["diff"] == -1 for r in rows),
+        "further_below": sum(r["diff"] < -1 for r in rows),
+        "exact_share": (sum(r["diff"] == 0 for r in rows) / n) if n else None,
+        "reserved_median": statistics.median(res) if res else None,
+        "reserved_worst": max(res) if res else None,
+        "device_median": statistics.median(dev) if dev else None,
+        "device_worst": max(dev) if dev else None,
+    }
+
+
+def bars_missed(s: dict[str, Any]) -> list[str]:
+    """The bars ``s`` misses (empty when all are met)."""
+    missed = []
+    if s["above"]:
+        missed.append(f"{s['above']} answer(s) above the real boundary")
+    if s["further_below"]:
+        missed.append(f"{s['further_below']} answer(s) more than one below")
+    if s["exact_share"] is not None and s["exact_share"] < BARS["exact_share"]:
+        missed.append(f"exact on {100 * s['exact_share']:.0f}% < {100 * BARS['exact_share']:.0f}%")
+    for key in ("reserved_median", "reserved_worst", "device_median"):
+        if s[key] is not None and s[key] > BARS[key]:
+            missed.append(f"{key} {100 * s[key]:.2f}% > {100 * BARS[key]:.1f}%")
+    return missed
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def render(rows: list[dict[str, Any]], skipped: list[str]) -> str:
+    lines = [f"{'pair':<44} {'card':>6} {'exp':>3} {'real':>5} {'memfit':>6} {'reserved err':>12} {'device err':>10}"]
+    for r in rows:
+        lines.append(f"{r['name'] + (' (h)' if r['holdout'] else ''):<44} {r['card_gib']:6.1f} "
+                     f"{'y' if r['expandable_segments'] else '-':>3} {r['measured']:>5} {r['memfit']:>6} "
+                     f"{_pct(r.get('reserved_error')):>12} {_pct(r.get('device_error')):>10}")
+    for label, subset in (("all", rows), ("calibration", [r for r in rows if not r["holdout"]]),
+                          ("held out", [r for r in rows if r["holdout"]])):
+        s = summarize(subset)
+        if not s["pairs"]:
+            continue
+        lines.append(f"{label}: {s['pairs']} pairs; memfit exact {s['exact']}, one below {s['one_below']}, further "
+                     f"below {s['further_below']}, above {s['above']}; reserved |err| median "
+                     f"{_pct(s['reserved_median'])} worst {_pct(s['reserved_worst'])}; device total |err| median "
+                     f"{_pct(s['device_median'])} worst {_pct(s['device_worst'])}")
+    if skipped:
+        lines.append("not scored: " + ", ".join(skipped))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("records", nargs="+", type=Path)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows, skipped = [], []
+    for rec in load_records(args.records):
+        row = score_pair(rec)
+        if row is None:
+            skipped.append(f"{rec.get('name')} ({rec.get('status')})")
+        else:
+            rows.append(row)
+    s = summarize(rows)
+    missed = bars_missed(s)
+    if args.json:
+        print(json.dumps({"rows": rows, "all": s, "held_out": summarize([r for r in rows if r["holdout"]]),
+                          "missed": missed, "skipped": skipped}, indent=1))
+    else:
+        print(render(rows, skipped))
+        print("bars: " + ("all met" if not missed else "MISSED: " + "; ".join(missed)))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
