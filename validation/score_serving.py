@@ -30,7 +30,7 @@ FITTING = {
     "vllm-gh10517-b": "CUDA_CONTEXT_V063_BYTES (same run, other max_model_len)",
     "sglang-docs-llama31-8b-send-request": "sglang PRELOAD_TP1_BYTES (memory used before weights load at TP 1)",
     "sglang-myr1-r1-distill-qwen7b-3090": "sglang PRELOAD_TP1_BYTES (memory used before weights load at TP 1)",
-    "sglang-llmsinclouds-qwq32b-l4": "sglang PRELOAD_TP_BYTES (memory used before weights load at TP > 1)",
+    "sglang-llmsinclouds-qwq32b-l4": "sglang PRELOAD_TP_BYTES (memory used before weights load at TP > 1, L4 total from the GPU catalog)",
     "vllm-llmd-llama31-8b-h100": "SAMPLER_V1_BYTES_PER_LOGIT (V1 profile-run sampler peak)",
     "vllm-llmd-qwen3-0.6b-h100": "SAMPLER_V1_BYTES_PER_LOGIT (V1 profile-run sampler peak)",
     "vllm-rldecision-qwen25-05b-bnb-3090": "NON_TORCH_TP1_CONSUMER_BYTES (V0/V1 non-torch memory at TP 1, consumer cards)",

@@ -27,9 +27,9 @@ DEFAULT_VERSION = "0.5"
 #: (78.81 of an 80 GB card taken as 79.19: 0.38) and sglang-myr1-r1-distill-qwen7b-3090 (22.76 of 23.58: 0.82);
 #: "used for fitting" (the spread, 0.4-0.8 GiB, is the constant's uncertainty).
 PRELOAD_TP1_BYTES = int(0.60 * GiB)
-#: ... with TP > 1 (NCCL, custom all-reduce): 0.86 GiB from sglang-llmsinclouds-qwq32b-l4 (L4 total 22.49 GiB
-#: less the printed 21.63 GiB free before load, TP 4): "used for fitting".
-PRELOAD_TP_BYTES = int(0.86 * GiB)
+#: ... with TP > 1 (NCCL, custom all-reduce): 0.40 GiB from sglang-llmsinclouds-qwq32b-l4 (the L4's 22.03 GiB
+#: total, as the GPU catalog has it, less the printed 21.63 GiB free before load, TP 4): "used for fitting".
+PRELOAD_TP_BYTES = int(0.40 * GiB)
 
 
 def gpu_defaults(gpu_mem_mib: float, tp: int) -> tuple[int, int]:
