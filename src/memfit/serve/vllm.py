@@ -68,9 +68,9 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
     - V0 (``vllm/engine/arg_utils.py`` / ``config.py::SchedulerConfig``, v0.5-v0.6): 256 sequences;
       chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
       takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models;
-    - V1 before v0.9: 256 sequences, 2048 tokens for the API server;
-    - V1 v0.9+ (``EngineArgs._set_default_args``): on cards of >= 70 GiB other than A100, 1024 sequences
-      and 8192 tokens; else 256 and 2048.
+    - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
+      other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
+      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
     """
     if mode == "v0":
         seqs = cfg.max_num_seqs or 256
@@ -83,8 +83,8 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
-    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower() and version >= (0, 9, 0)
-    seqs = cfg.max_num_seqs or (1024 if big else 256)
+    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower()
+    seqs = cfg.max_num_seqs or (1024 if big or version < (0, 10, 0) else 256)
     tokens = cfg.max_num_batched_tokens or (8192 if big else 2048)
     return seqs, tokens, "flag" if cfg.max_num_batched_tokens else "V1 default for vllm serve"
 
