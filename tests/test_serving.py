@@ -288,8 +288,8 @@ def test_published_logs_meet_the_bars():
 
     result = score_serving.score()
     held = result["summary"]["held_out"]
-    for r in result["rows"]:
-        assert "skipped" in r or "kv_cache_tokens" in r["error"]
+    for r in result["rows"]:  # every log is either scored (tokens, else KV memory) or skipped with a reason
+        assert r.get("skipped") or {"kv_cache_tokens", "kv_cache_memory_gib"} & set(r["error"])
     if held["count"] < 30:
         pytest.skip(f"only {held['count']} published logs scored outside the fitting set (30 needed for the bars); "
                     f"{result['summary']['skipped']} of {result['summary']['logs']} skipped")
