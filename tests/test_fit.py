@@ -453,3 +453,29 @@ def test_committed_boundaries_are_proven_and_capped():
         assert bd["job"]["batch_size"] == b and bd["fits"] is True
         assert bd["device_total_bytes"] == fm["card"]["cuda_context_bytes"] + bd["peak_reserved_bytes"]
         assert bd["headroom_bytes"] == r["gpu_memory_bytes"] - bd["device_total_bytes"] >= 0
+
+
+def test_allocator_setting_cannot_switch_once_cuda_runs(monkeypatch):
+    """In-process: CUDA already initialised with the other setting is a one-line error naming the way out;
+    before CUDA starts the setting is applied (environment and torch's setter)."""
+    from types import SimpleNamespace
+
+    from memfit.measurer.card import apply_allocator_setting
+
+    applied = []
+    state = {"conf": "expandable_segments:False", "init": True}
+    fake = SimpleNamespace(
+        _C=SimpleNamespace(_accelerator_getAllocatorSettings=lambda: state["conf"],
+                           _accelerator_setAllocatorSettings=lambda c: (applied.append(c), state.update(conf=c))),
+        cuda=SimpleNamespace(is_initialized=lambda: state["init"]))
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    with pytest.raises(MemfitError, match="fresh process") as exc:
+        apply_allocator_setting(fake, True)
+    assert "\n" not in str(exc.value)
+    assert apply_allocator_setting(fake, False)["expandable_segments"] is False  # same setting: fine
+    state["init"] = False
+    got = apply_allocator_setting(fake, True)
+    assert applied == ["expandable_segments:True"] and got["allocator_settings"] == "expandable_segments:True"
+    import os
+
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
