@@ -101,6 +101,12 @@ class MoE:
     transformers 5.17: ``Llama4TextMoe.forward`` repeats the tokens ``num_experts`` times), so activations
     scale with ``num_experts``, not ``top_k``."""
 
+    @property
+    def routed_copies(self) -> int:
+        """Copies of each token the routed experts compute on: ``top_k``, or every expert with
+        ``all_experts``."""
+        return self.num_experts if self.all_experts else self.top_k
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Block:
