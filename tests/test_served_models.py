@@ -82,3 +82,27 @@ def test_llama4_routes_every_token_through_every_expert_and_gpt_oss_runs_eagerly
         estimate(Job(**oss, attention="eager")).peak_allocated_bytes
     assert estimate(Job(**oss, attention="flash")).peak_allocated_bytes < \
         estimate(Job(**oss, attention="eager")).peak_allocated_bytes
+
+
+@pytest.mark.parametrize("model_type, kw", [
+    ("gpt_oss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    ("llama4_text", dict(head_dim=16, intermediate_size_mlp=96, num_local_experts=4)),
+    ("granitemoe", dict(num_local_experts=4, num_experts_per_tok=2)),
+])
+def test_lora_all_linear_trainable_count_matches_peft(model_type, kw):
+    """PEFT 0.21 wraps only these families' nn.Linear modules under all-linear (their fused experts are not
+    in its v4 -> v5 MoE conversion table): memfit's trainable count must equal PEFT's exactly."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from memfit.estimator import states as st
+    from memfit.models import spec_from_config
+
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2, hidden_size=64, intermediate_size=48,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=128, **kw)
+    spec = spec_from_config(cfg.to_dict() | {"architectures": None}, name="tiny")
+    model = AutoModelForCausalLM.from_config(cfg)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert st.trainable_params(spec, Job(model="tiny", method="lora", lora_rank=4)) == trainable
