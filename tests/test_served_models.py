@@ -1,12 +1,14 @@
 """The served families added for issue 13: ``estimate`` runs for each new registry entry, LoRA training and
 inference, and its numbers are the model's own.
 
-Exact checks (no tolerance): bf16 weights are 2 bytes per parameter; the KV cache after prefill (one new token) is the hand count
-from the entry's ``config.json`` (2 x kv heads x head_dim x 2 bytes per token and layer, sliding-window and
-chunked layers capped at their window, as transformers 5.17's ``DynamicCache`` keeps them), so a misread
-layer pattern (gpt-oss's alternating 128-token windows, Llama 4's chunked / NoPE layers) fails it.
-Plausibility checks for training: LoRA trains under 10% of the parameters (PEFT also wraps fused experts: many
-small experts, Granite MoE, reach 5%), activations are positive, weights at least 2 bytes per parameter.
+Exact checks (no tolerance): bf16 weights are 2 bytes per parameter; the KV cache after prefill (one new
+token) is the hand count from the entry's ``config.json`` (2 x kv heads x head_dim x 2 bytes per token and
+layer, sliding-window and chunked layers capped at their window, as transformers 5.17's ``DynamicCache``
+keeps them), so a misread layer pattern (gpt-oss's alternating 128-token windows, Llama 4's chunked / NoPE
+layers) fails it; LoRA trainable counts equal PEFT 0.21's on tiny configs of the three new MoE families.
+Plausibility checks for training (bounds, not golden numbers): LoRA trains under 10% of the parameters
+(PEFT wraps fused experts too in Mixtral-style families, which lifts small-expert models to a few percent),
+activations are positive, weights hold at least 2 bytes per parameter.
 """
 
 from __future__ import annotations

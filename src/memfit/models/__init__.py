@@ -160,7 +160,8 @@ def _not_found(ref: str) -> ModelNotFoundError:
 def load_model(ref: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``ref``: a registry name (case-insensitive; a registry entry's Hub id
     and listed aliases also resolve to it, and so do the served Hub ids of ``aliases.json``, offline,
-    with their config overrides applied and their checkpoint quantization recorded), a path to a ``config.json`` or to a folder holding one,
+    with their config overrides applied and their checkpoint quantization recorded), a path to a
+    ``config.json`` or to a folder holding one,
     else a Hugging Face Hub id whose ``config.json`` is fetched with ``huggingface_hub`` (and cached by it).
 
     Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
