@@ -2,7 +2,9 @@
 
 Pure Python, no torch. It follows ``DeviceCachingAllocator`` in ``c10/cuda/CUDACachingAllocator.cpp``
 (pytorch/pytorch snapshot 001074d2, 2.x main branch; see :mod:`memfit.allocator.config` for the sources and
-for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses:
+for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses. The order of ``malloc``, the checks of
+``alloc_block`` and ``get_free_block`` were also checked against the device-generic rewrite
+``CachingDeviceAllocatorImpl`` (``c10/core/CachingDeviceAllocator.h``, newer main branch): the same.
 
 ``malloc`` (the order of ``DeviceCachingAllocator::malloc``)
     1. ``round_size`` the request; ``get_pool``: <= 1 MiB small pool, else large pool;
@@ -110,8 +112,9 @@ class Block:
         self.seg = seg
         self.gc_base = 0
 
-    def key(self) -> tuple[int, int]:
-        return (self.size, self.addr)
+    def key(self) -> int:
+        """The free-pool order ``BlockComparatorSize``: by size, then address (as one int)."""
+        return self.size << 64 | self.addr
 
     @property
     def is_split(self) -> bool:
@@ -130,19 +133,19 @@ class _Pool:
 
     def __init__(self, small: bool) -> None:
         self.small = small
-        self.keys: list[tuple[int, int]] = []
-        self.by_key: dict[tuple[int, int], Block] = {}
+        self.keys: list[int] = []  # size << 64 | address: one int compares much faster than a tuple
+        self.by_key: dict[int, Block] = {}
         self.unmapped: dict[int, Block] = {}  # addr -> block (few: one per expandable segment, plus holes)
         self.gc_calls = 0  # get_free_blocks_call_count
 
     def insert(self, b: Block) -> None:
-        k = (b.size, b.addr)
+        k = b.size << 64 | b.addr
         insort(self.keys, k)
         self.by_key[k] = b
         b.gc_base = self.gc_calls  # insert_into_blocks
 
     def remove(self, b: Block) -> None:
-        k = (b.size, b.addr)
+        k = b.size << 64 | b.addr
         del self.keys[bisect_left(self.keys, k)]
         del self.by_key[k]
 
@@ -180,7 +183,7 @@ class CachingAllocatorModel:
         self._non_split_rounding = cfg.max_non_split_rounding_bytes
         self._large_segment = cfg.large_segment_bytes
         self._power2 = cfg.rounds_power2
-        self._gc = cfg.garbage_collection_threshold if capacity_bytes is not None else 0.0
+        self._gc = cfg.garbage_collection_threshold  # acts only while a capacity is set (set_fraction)
         # memory_stats() figures
         self.allocated = 0
         self.reserved = 0
@@ -201,7 +204,7 @@ class CachingAllocatorModel:
         self._next_addr = 1 << 20
         self._small = _Pool(True)
         self._large = _Pool(False)
-        self._segments: dict[int, Block] = {}  # non-expandable: id(first block) -> first block (for snapshots)
+        self._segments: dict[int, Block] = {}  # non-expandable segments: base address -> first block (snapshots)
 
     @property
     def num_releases(self) -> int:
@@ -227,7 +230,7 @@ class CachingAllocatorModel:
                 alloc_size = self._large_segment
             else:
                 alloc_size = (size + ROUND_LARGE_BYTES - 1) // ROUND_LARGE_BYTES * ROUND_LARGE_BYTES
-            if self._gc:
+            if self._gc and self.capacity_bytes is not None:
                 self._garbage_collect()
             block = self._alloc_block(pool, size, alloc_size, False)
             if block is None and self._split_limited and self._release_available_cached_blocks(pool, size):
@@ -249,28 +252,50 @@ class CachingAllocatorModel:
         if not block.allocated:
             raise ValueError("block freed twice")
         block.allocated = False
-        self.allocated -= block.size
+        freed_size = block.size
+        self.allocated -= freed_size
         self.requested -= block.requested
         self.num_allocations -= 1
         block.requested = 0
         pool = self._small if block.small else self._large
-        d_blocks = 0
-        d_bytes = 0
+        keys, by_key = pool.keys, pool.by_key
+        merged = 0
         prev = block.prev
-        if prev is not None and not prev.allocated and prev.mapped:
-            d_blocks -= 1
-            d_bytes -= self._merge(block, prev, pool)
+        if prev is not None and not prev.allocated and prev.mapped:  # try_merge_blocks(block, prev)
+            k = prev.size << 64 | prev.addr
+            del keys[bisect_left(keys, k)]
+            del by_key[k]
+            block.addr = prev.addr
+            p = block.prev = prev.prev
+            if p is not None:
+                p.next = block
+            elif prev.seg is None:
+                self._segments[prev.addr] = block
+            block.size += prev.size
+            merged = 1
         nxt = block.next
-        if nxt is not None and not nxt.allocated and nxt.mapped:
-            d_blocks -= 1
-            d_bytes -= self._merge(block, nxt, pool)
-        pool.insert(block)
+        if nxt is not None and not nxt.allocated and nxt.mapped:  # try_merge_blocks(block, next)
+            k = nxt.size << 64 | nxt.addr
+            del keys[bisect_left(keys, k)]
+            del by_key[k]
+            n = block.next = nxt.next
+            if n is not None:
+                n.prev = block
+            block.size += nxt.size
+            merged += 1
+        k = block.size << 64 | block.addr
+        insort(keys, k)
+        by_key[k] = block
+        block.gc_base = pool.gc_calls
         if block.seg is None:
+            # inactive_split: each merged neighbour was one (its bytes now part of this block); this block is
+            # one again if its segment still has other blocks
             if block.prev is not None or block.next is not None:
-                d_blocks += 1
-                d_bytes += block.size
-            self.inactive_split += d_blocks
-            self.inactive_split_bytes += d_bytes
+                self.inactive_split += 1 - merged
+                self.inactive_split_bytes += freed_size
+            else:
+                self.inactive_split -= merged
+                self.inactive_split_bytes -= block.size - freed_size
 
     def reset_peaks(self) -> None:
         """``torch.cuda.reset_peak_memory_stats``: the peaks restart from the current values."""
@@ -346,10 +371,10 @@ class CachingAllocatorModel:
     # ------------------------------------------------------------------------------------------- internals
     def _get_free_block(self, pool: _Pool, size: int) -> Block | None:
         """``get_free_block``: best fit in the pool, with the expandable and max_split_size rules."""
-        if self._gc:
+        if self._gc and self.capacity_bytes is not None:
             pool.gc_calls += 1
         keys = pool.keys
-        i = bisect_left(keys, (size, 0))
+        i = bisect_left(keys, size << 64)
         n = len(keys)
         if i == n:
             return None
@@ -373,7 +398,7 @@ class CachingAllocatorModel:
         elif b.size >= size + self._non_split_rounding:
             return None  # an oversize request may round up into a cached block, but not by too much
         del keys[i]
-        del by_key[(b.size, b.addr)]
+        del by_key[b.size << 64 | b.addr]
         return b
 
     def _alloc_block(self, pool: _Pool, size: int, alloc_size: int, retry: bool, force: bool = False) -> Block | None:
@@ -389,7 +414,7 @@ class CachingAllocatorModel:
             return None  # cudaMalloc fails
         block = Block(alloc_size, self._next_addr, pool.small)
         self._next_addr += alloc_size
-        self._segments[id(block)] = block
+        self._segments[block.addr] = block
         self.reserved += alloc_size
         if self.reserved > self.peak_reserved:
             self.peak_reserved = self.reserved
@@ -443,16 +468,15 @@ class CachingAllocatorModel:
             del pool.unmapped[src.addr]
         if dst.prev is src:
             dst.addr = src.addr
-            dst.prev = src.prev
-            if src.prev is not None:
-                src.prev.next = dst
+            p = dst.prev = src.prev
+            if p is not None:
+                p.next = dst
+            elif src.seg is None:
+                self._segments[src.addr] = dst  # dst is the segment's first block now
         else:
             dst.next = src.next
             if src.next is not None:
                 src.next.prev = dst
-        if src.seg is None and src.prev is None and dst.prev is None:
-            self._segments.pop(id(src), None)
-            self._segments[id(dst)] = dst
         dst.size += src.size
         return src.size
 
@@ -464,7 +488,7 @@ class CachingAllocatorModel:
     def _release_block(self, b: Block, pool: _Pool) -> None:
         """``release_block``: cudaFree a cached block that is a whole segment."""
         pool.remove(b)
-        self._segments.pop(id(b), None)
+        del self._segments[b.addr]
         self.reserved -= b.size
         self.num_segments -= 1
         self.num_device_free += 1
@@ -474,7 +498,7 @@ class CachingAllocatorModel:
         cached block at least as large as the request, or else the largest oversize ones until they cover it."""
         keys = pool.keys
         target = max(size, self._max_split)
-        i = bisect_left(keys, (target, 0))
+        i = bisect_left(keys, target << 64)
         if i < len(keys):
             b = pool.by_key[keys[i]]
             # release_block cudaFrees the block as a segment: oversize blocks are whole segments (they are

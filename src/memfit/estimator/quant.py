@@ -80,3 +80,25 @@ def dequant_temp_bytes(spec: ModelSpec, job: Job, tokens: int) -> int:
     if job.quantization == "int8":
         return max(tokens * (i + 4 + 6 * o) for i, o, _ in shapes)
     return max(2 * i * o for i, o, _ in shapes)
+
+
+def linear_bytes(in_features: int, out_features: int, quantization: str, *, group_size: int = 128,
+                 double_quant: bool = False, element_bytes: int = 2) -> int:
+    """Bytes of one quantized linear weight in its real layout: the packed values of
+    :func:`packed_weight_bytes` plus the scales of :func:`quant_state_bytes`, for one (in, out) matrix.
+    ``none`` is the unquantized weight at ``element_bytes`` per value. The serving estimate
+    (:mod:`memfit.serve`) sums this per rank, so the layouts stay in one place."""
+    numel = in_features * out_features
+    if quantization == "none":
+        return numel * element_bytes
+    if quantization in ("nf4", "fp4"):
+        blocks = math.ceil(numel / group_size)
+        state = blocks + math.ceil(blocks / 256) * 4 + 4 if double_quant else blocks * 4
+        return math.ceil(numel / 2) + state
+    if quantization in ("int8", "fp8"):
+        return numel + out_features * 4
+    if quantization in ("gptq", "awq"):
+        groups = math.ceil(in_features / group_size)
+        state = groups * out_features * 2 + math.ceil(groups * out_features / 2)
+        return math.ceil(numel / 2) + state + (in_features * 4 if quantization == "gptq" else 0)
+    raise ValueError(f"unknown quantization {quantization!r}")

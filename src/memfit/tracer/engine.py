@@ -235,7 +235,11 @@ class _TraceRun:
         self.training = job.task == "train"
         vocab = int(getattr(spec, "vocab_size", 0) or 0) if spec is not None else 0
         capacity = DEVICE_MEMORY_BYTES - CUDA_CONTEXT_BYTES if cuda else None
-        self.tracker = Tracker(torch, cuda=cuda, vocab_size=vocab, capacity_bytes=capacity)
+        from ..allocator import AllocatorConfig
+
+        alloc_config = AllocatorConfig(expandable_segments=bool(getattr(job, "expandable_segments", False)))
+        self.tracker = Tracker(torch, cuda=cuda, vocab_size=vocab, capacity_bytes=capacity,
+                               allocator_config=alloc_config)
         self.model = self.optimizer = self.batch = self.scaler = None
         self.call_job = job
         self.sdpa = None

@@ -64,14 +64,14 @@ class Tracker:
     """Allocation bookkeeping plus the dispatch mode that feeds it (see :meth:`mode`)."""
 
     def __init__(self, torch: Any, *, cuda: bool = True, vocab_size: int = 0,
-                 capacity_bytes: int | None = None) -> None:
+                 capacity_bytes: int | None = None, allocator_config: Any = None) -> None:
         self.torch = torch
         self.cuda = cuda
         # What the peaks and the timeline count: the allocator's blocks (CUDA) or the tensors' own bytes (a CPU
         # run has no caching allocator; this is what a tensor-level count on the CPU sees).
         self.metric = "allocated" if cuda else "requested"
         self.vocab_size = int(vocab_size or 0)
-        self.sim = CachingAllocatorModel(capacity_bytes)
+        self.sim = CachingAllocatorModel(capacity_bytes, config=allocator_config)
         self.records: list[Record] = []
         self._live: dict[int, tuple[Record, Any]] = {}  # id(storage) -> (record, weakref)
         self.event = 0

@@ -1,0 +1,212 @@
+"""What a serving engine holds on one rank besides the KV cache: weights and the profile run's peak.
+
+Weights follow the engines' sharded layers (vLLM ``model_executor/layers/linear.py`` and
+``vocab_parallel_embedding.py``, v0.5-v0.11; SGLang reuses the same layer classes): column-parallel
+q/k/v/gate/up and row-parallel o/down split over TP, KV heads replicated when fewer than the ranks,
+routers and MLA's ``q_a``/``kv_a`` projections replicated, the vocabulary padded to a multiple of 64 and
+split, norms replicated. Quantized weights use memfit's layouts (:func:`memfit.estimator.quant.linear_bytes`).
+
+The activation peak models the engine's profile run: one forward over ``max_num_batched_tokens`` dummy
+tokens, then the sampler over one logit row per dummy sequence (vLLM ``worker/model_runner.py::profile_run``
+v0.5-v0.6, ``v1/worker/gpu_model_runner.py::profile_run`` + ``_dummy_sampler_run`` v0.8-v0.11).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..estimator import quant
+from ..models.spec import Block, ModelSpec
+from .kv import layers_on_stage
+
+#: vLLM's ``DEFAULT_VOCAB_PADDING_SIZE`` (``vocab_parallel_embedding.py``): the vocabulary is padded to a
+#: multiple of 64 before it is split over the TP ranks.
+VOCAB_PADDING = 64
+
+#: vLLM's ``VLLM_FUSED_MOE_CHUNK_SIZE`` default (``envs.py``, v0.6-v0.11): the fused MoE kernel works on at
+#: most this many tokens at a time, so its intermediate caches stop growing there.
+FUSED_MOE_CHUNK_TOKENS = 32768
+
+_REPLICATED = ("router", "shared_router", "q_a", "kv_a")
+_NOT_QUANTIZED = ("router", "shared_router")
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    """Vocabulary rows one rank holds: padded to a multiple of 64, then split (``pad_vocab_size``)."""
+    padded = math.ceil(vocab / VOCAB_PADDING) * VOCAB_PADDING
+    return math.ceil(padded / tp)
+
+
+def _out_on_rank(lin, block: Block, tp: int) -> int:
+    """Output rows of a linear on one rank. K/V projections hold ``max(1, kv_heads // tp)`` heads (vLLM's
+    ``QKVParallelLinear`` replicates KV heads when there are fewer than ranks); a fused qkv splits its q
+    part and keeps the per-rank KV heads; replicated layers keep everything."""
+    at = block.attention
+    if lin.role in _REPLICATED:
+        return lin.out_features
+    if lin.role in ("k", "v") and at.kind != "mla":
+        return max(1, at.num_kv_heads // tp) * at.head_dim
+    if lin.role == "qkv" and at.kind != "mla":
+        return (at.num_heads // tp + 2 * max(1, at.num_kv_heads // tp)) * at.head_dim
+    if lin.role in ("o", "down", "expert_down", "shared_down"):
+        return lin.out_features
+    return math.ceil(lin.out_features / tp)
+
+
+def _in_on_rank(lin, tp: int) -> int:
+    if lin.role in ("o", "down", "expert_down", "shared_down"):
+        return math.ceil(lin.in_features / tp)  # row-parallel: the input dimension is split
+    return lin.in_features
+
+
+def mxfp4_bytes(in_features: int, out_features: int) -> int:
+    """OCP MX FP4 (gpt-oss checkpoints, vLLM ``quantization/mxfp4.py``): 4-bit E2M1 values two to a byte and
+    one E8M0 (one-byte) scale per 32 values along the input."""
+    return math.ceil(in_features * out_features / 2) + out_features * math.ceil(in_features / 32)
+
+
+def linear_bytes_on_rank(lin, block: Block, tp: int, quantization: str, e: int, group_size: int,
+                         skip_roles: frozenset[str] = frozenset()) -> int:
+    """One linear's bytes on one rank (all ``lin.count`` instances: the routed experts), weight and bias.
+    Experts split their intermediate size over TP (vLLM ``FusedMoE``; with expert parallelism each rank
+    holds 1/tp of the experts instead, the same bytes). ``skip_roles`` stay unquantized (the checkpoint's
+    ``modules_to_not_convert``)."""
+    q = "none" if lin.role in _NOT_QUANTIZED or lin.role in skip_roles else quantization
+    i, o = _in_on_rank(lin, tp), _out_on_rank(lin, block, tp)
+    if q == "mxfp4":
+        w = mxfp4_bytes(i, o) if lin.role.startswith("expert") else i * o * e
+    else:
+        w = quant.linear_bytes(i, o, q, group_size=group_size, element_bytes=e)
+    bias = o * e if lin.bias and lin.role not in ("o", "down") else (lin.out_features * e if lin.bias else 0)
+    return (w + bias) * lin.count
+
+
+def rope_cache_bytes(spec: ModelSpec, e: int) -> int:
+    """vLLM's rotary ``cos_sin_cache`` buffer (``rotary_embedding.py``): ``max_position x rotary_dim``
+    values in the model dtype, one per distinct rope setting (instances are cached by ``get_rope``);
+    YaRN-style scaling multiplies the positions by its factor. Gemma 3 has a local and a global rope."""
+    cfg = spec.config or {}
+    at = spec.blocks[0].attention
+    rot = at.qk_rope_head_dim if at.kind == "mla" else int(at.head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
+    pos = spec.max_position_embeddings or int(cfg.get("max_position_embeddings", 0) or 0)
+    scaling = cfg.get("rope_scaling") or {}
+    if isinstance(scaling, dict) and str(scaling.get("rope_type", scaling.get("type", ""))).endswith("yarn"):
+        pos = int(pos * float(scaling.get("factor", 1.0))) if at.kind == "mla" else pos
+    copies = 2 if spec.model_type in ("gemma3", "gemma3_text") else 1
+    if spec.model_type in ("gpt2", "opt", "bert", "roberta", "distilbert") or spec.architecture.startswith("GPT2"):
+        return 0  # learned positions, no rope
+    return pos * rot * e * copies
+
+
+def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
+                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset()) -> int:
+    """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
+    end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
+    vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
+    a later stage is a second copy), and the rope cache. MLA layers also keep the absorbed ``W_UK``/``W_UV``
+    copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``)."""
+    e = element_bytes
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    mine = layers_on_stage(len(order), pp, stage)
+    per_block: dict[int, int] = {}
+    total = 0
+    for li in mine:
+        bi = order[li]
+        if bi not in per_block:
+            b = spec.blocks[bi]
+            n = b.other_params * e
+            for lin in b.linears:
+                n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles)
+                if lin.role == "kv_b" and b.attention.kind == "mla":
+                    n += math.ceil(lin.in_features * lin.out_features / tp) * e
+            per_block[bi] = n
+        total += per_block[bi]
+    table = padded_vocab(spec.vocab_size, tp) * spec.hidden_size * e
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        total += table + max(0, spec.embedding_params - spec.vocab_size * spec.hidden_size) * e
+    if last:
+        total += spec.final_params * e
+        if spec.head == "causal_lm" and (not spec.tie_word_embeddings or not first):
+            total += table
+    return total + rope_cache_bytes(spec, e)
+
+
+# ------------------------------------------------------------------------------------------ profile run
+def layer_peak_per_token(b: Block, tp: int, e: int, H: int) -> float:
+    """Bytes per token alive at a decoder layer's peak in the engine's forward (vLLM model code, e.g.
+    ``models/llama.py`` v0.6): the residual, the normed input and the output (3 x hidden), plus
+
+    - dense MLP: ``gate_up`` output (2 x I/tp) and the activation output (I/tp), both alive while
+      ``down_proj`` runs (``LlamaMLP.forward`` keeps ``gate_up`` until it returns); 2 x I/tp ungated;
+    - attention: the qkv output and the attention output;
+    - MoE (the fused kernel, per chunk): per routed copy of the token, ``intermediate_cache1`` (2 x I_e/tp),
+      ``cache2`` (I_e/tp) and ``cache3`` (hidden), plus the shared experts' MLP and output.
+
+    Checked against two V0 logs (vllm-gh10517-a/b: 20000 and 29000 profiled tokens of Llama-3.1-8B, within
+    0.5%)."""
+    at = b.attention
+    q = at.num_heads // tp * at.head_dim
+    kv = max(1, at.num_kv_heads // tp) * at.head_dim if at.kind != "mla" else at.kv_lora_rank + at.qk_rope_head_dim
+    attn = 3 * H + q + 2 * kv + at.num_heads // tp * at.v_head_dim
+    if b.moe is not None:
+        m = b.moe
+        routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H)
+        shared = 3 * math.ceil(m.shared_intermediate_size / tp) + H if m.shared_intermediate_size else 0
+        mlp = 3 * H + routed + shared
+    elif b.mlp is not None:
+        width = math.ceil(b.mlp.intermediate_size / tp)
+        mlp = 3 * H + (3 if b.mlp.gated else 2) * width
+    else:
+        mlp = 0
+    return max(attn, mlp) * e
+
+
+#: V1's sampler peak per (sequence, vocab) element of the profile run, fitted on two logs of the llm-d
+#: benchmarks (vllm-llmd-llama31-8b-h100: 4.76 GiB for 1024 x 128256 logits; vllm-llmd-qwen3-0.6b-h100:
+#: 5.56 GiB for 1024 x 151936): 38.4 bytes each, "used for fitting". Held out: Qwen3-32B at TP 1 and 2
+#: (5.64 GiB printed, 5.64 modelled) and Llama-3.3-70B FP8 at TP 2 (4.84 printed, 4.83 modelled).
+SAMPLER_V1_BYTES_PER_LOGIT = 38.4
+
+
+def sampler_bytes_per_logit(version: str, e: int) -> float:
+    """Bytes per (sequence, vocab) element at the sampler's peak in the profile run.
+
+    - ``v0`` (vLLM v0.5-v0.6 ``layers/sampler.py``; the profile run samples with ``top_p=0.99,
+      top_k=vocab-1``): the model-dtype logits, their fp32 copy, ``_apply_top_k_top_p``'s sort (fp32 values,
+      int64 indices), softmax and cumsum (fp32), two bool masks, the int64 inverse index and the gathered
+      fp32 logits: e + 4 + 12 + 8 + 2 + 8 + 4 (checked: 1.26 GiB printed in PR #10511 for 256 x 128256 logits,
+      1.28 modelled);
+    - ``v1`` (vLLM V1 ``v1/sample/sampler.py`` with its top-k/top-p path, v0.9-v0.11): the fitted
+      :data:`SAMPLER_V1_BYTES_PER_LOGIT` (the logits are fp32 by then whatever the model dtype).
+    """
+    return e + 38 if version == "v0" else SAMPLER_V1_BYTES_PER_LOGIT
+
+
+def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,
+                 element_bytes: int = 2, sampler: str = "v1") -> tuple[int, str]:
+    """The torch peak of the profile run on one rank over the weights: the larger of the widest layer's
+    moment (``tokens`` at once; the fused MoE caches capped at ``FUSED_MOE_CHUNK_TOKENS``) and, on the last
+    stage, the sampler's moment (``seqs`` logit rows over the padded vocabulary, with the hidden states of
+    all tokens still alive). Returns (bytes, which moment)."""
+    e, H = element_bytes, spec.hidden_size
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    mine = {order[i] for i in layers_on_stage(len(order), pp, stage)}
+    layer = 0.0
+    for bi in mine:
+        b = spec.blocks[bi]
+        per = layer_peak_per_token(b, tp, e, H)
+        if b.moe is not None and tokens > FUSED_MOE_CHUNK_TOKENS:
+            m = b.moe
+            routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H) * e
+            val = (per - routed) * tokens + routed * FUSED_MOE_CHUNK_TOKENS
+        else:
+            val = per * tokens
+        layer = max(layer, val)
+    samp = 0.0
+    if stage == pp - 1 and spec.head == "causal_lm":
+        V = padded_vocab(spec.vocab_size, 1)
+        samp = tokens * H * e + seqs * V * sampler_bytes_per_logit(sampler, e)
+    return (int(layer), "layer") if layer >= samp else (int(samp), "sampler")

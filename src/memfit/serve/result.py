@@ -1,0 +1,126 @@
+"""The serving estimate's result type and the engine settings it is computed for."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import JobError
+
+ENGINES = ("vllm", "sglang")
+QUANTIZATIONS = ("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "int8", "nf4", "mxfp4")
+
+
+def parse_version(text: str | None, default: str) -> tuple[int, int, int]:
+    """``"0.6.3.post1"`` -> (0, 6, 3); ``"0.11"`` -> (0, 11, 0); ``"v0.8.5"`` -> (0, 8, 5); None -> ``default``."""
+    import re
+
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", (text or default))
+    if not m:
+        raise JobError(f"engine_version must look like 0.6, 0.8.5 or 0.4.3.post2; got {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+@dataclass(kw_only=True, slots=True)
+class ServeConfig:
+    """A serving engine's launch settings, as far as memory is concerned (the engines' own flag names).
+    ``None`` means "the engine's default for this version, GPU and model"."""
+
+    engine: str = "vllm"
+    engine_version: str | None = None
+    """vLLM ``0.5``-``0.11`` (default 0.11), SGLang ``0.3``-``0.5`` (default 0.5)."""
+    engine_mode: str | None = None
+    """vLLM ``v0`` or ``v1`` (default: v1 from 0.8, v0 before)."""
+    gpu_memory_bytes: int
+    """What the driver reports as the card's total (``torch.cuda.mem_get_info()[1]``)."""
+    gpu_name: str = ""
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    gpu_memory_utilization: float | None = None
+    mem_fraction_static: float | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
+    """None: what the model's config.json says (``quantization_config``), else unquantized."""
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    block_size: int | None = None
+    cuda_graph_max_bs: int | None = None
+    disable_hybrid_kv_cache_manager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise JobError(f"engine must be vllm or sglang; got {self.engine!r}")
+        for name in ("tensor_parallel", "pipeline_parallel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise JobError(f"{name} must be a whole number >= 1; got {v!r}")
+        if not isinstance(self.gpu_memory_bytes, int) or self.gpu_memory_bytes <= 0:
+            raise JobError(f"gpu memory must be a positive size; got {self.gpu_memory_bytes!r}")
+        for name in ("gpu_memory_utilization", "mem_fraction_static"):
+            v = getattr(self, name)
+            if v is not None and not (0 < v <= 1):
+                raise JobError(f"{name} must be in (0, 1]; got {v!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "cuda_graph_max_bs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise JobError(f"{name} must be a whole number >= 1; got {v!r}")
+        if self.engine_mode not in (None, "v0", "v1"):
+            raise JobError(f"engine_mode must be v0 or v1; got {self.engine_mode!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise JobError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "half", "bf16", "fp16", "float32"):
+            raise JobError(f"dtype must be auto, bfloat16, float16 or float32; got {self.dtype!r}")
+        parse_version(self.engine_version, "0.0")
+
+    def replace(self, **changes: Any) -> "ServeConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(kw_only=True)
+class ServeEstimate:
+    """What the engine will do on the most constrained rank (bytes; GiB only when printed)."""
+
+    engine: str
+    engine_version: str
+    engine_mode: str | None
+    model: str
+    gpu_memory_bytes: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    utilization: float
+    """``gpu_memory_utilization`` (vLLM) or ``mem_fraction_static`` (SGLang) used."""
+    utilization_source: str
+    """``flag`` or how the engine's default was chosen."""
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_dtype: str
+    quantization: str
+    weights_bytes: int
+    activation_peak_bytes: int
+    activation_peak_moment: str
+    non_torch_bytes: int
+    cuda_graph_bytes: int
+    cuda_graph_deducted: bool
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    """KV bytes of one token over the rank's layers (full-size layers; sliding windows count fully)."""
+    block_size: int
+    num_gpu_blocks: int
+    kv_cache_tokens: int
+    max_concurrency: float
+    max_model_len_fits: int
+    """The largest max_model_len whose one request fits in this KV cache."""
+    fits: bool
+    """One request of ``max_model_len`` fits (vLLM refuses to start otherwise)."""
+    rule: str
+    """Which version's accounting was applied."""
+    ranks: list[dict[str, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,194 @@
+"""vLLM's start-up memory accounting: how much of the card goes to the KV cache, and how it is paged.
+
+Sources (github.com/vllm-project/vllm, by tag):
+
+- v0.5.0-v0.6.2 ``vllm/worker/worker.py::determine_num_available_blocks``: after the profile run,
+  ``peak = init_free - free`` (everything this process added: weights, the allocator's reserve of the
+  profile peak, NCCL), ``num_gpu_blocks = (total x gpu_memory_utilization - peak) // cache_block_size``;
+- v0.6.3-v0.6.4 (same function, PR #9352): ``peak = torch allocated peak + (total used - torch allocated)``,
+  so the CUDA context (and any other process on the card) is charged too;
+- v0.6.5+ (PR #10511, ``vllm/utils.py::memory_profiling`` / ``MemorySnapshot``) and V1
+  (``v1/worker/gpu_worker.py::determine_available_memory``, v0.8-v0.11): ``available = total x util -
+  (weights + torch peak increase of the profile run + non-torch increase since the worker started)``;
+  the CUDA context made before the first snapshot is not charged;
+- v0.19+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
+  (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default; earlier versions only log it).
+
+``gpu_memory_utilization`` is a fraction of the card's *total* memory in every version.
+"""
+
+from __future__ import annotations
+
+from ..models.spec import ModelSpec
+from ..units import GiB, MiB
+from . import kv as K
+from .memory import layer_peak_per_token, profile_peak, weights_on_rank
+from .result import ServeConfig, ServeEstimate, parse_version
+
+DEFAULT_VERSION = "0.11"
+
+#: Non-torch memory a worker adds after its first snapshot with TP = 1 (cuBLAS/cuDNN handles, attention
+#: backends' and samplers' buffers outside PyTorch's allocator). Data-centre cards (>= 40 GiB): 0.13 GiB from
+#: vllm-llmd-llama31-8b-h100 and vllm-llmd-qwen3-0.6b-h100 (H100, V1); consumer cards: 0.06 GiB from
+#: vllm-rldecision-qwen25-05b-bnb-3090 (RTX 3090, v0.10). "Used for fitting".
+NON_TORCH_TP1_BYTES = int(0.13 * GiB)
+NON_TORCH_TP1_CONSUMER_BYTES = int(0.06 * GiB)
+#: ... with TP > 1: NCCL communicators and vLLM's custom all-reduce buffers (the latter only between
+#: NVLink-connected data-centre cards). Data-centre cards (>= 40 GiB): 0.55 GiB per rank from
+#: vllm-llmd-qwen3-32b-2xh100-tp2 (H100, TP 2, v0.9+); consumer cards: 0.20 GiB from the log of PR #14447
+#: (RTX 3090s, v0.8). Both "used for fitting".
+NON_TORCH_TP_BYTES = int(0.55 * GiB)
+NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
+#: vLLM v0.6.3-v0.6.4 charge everything not allocated by torch, the CUDA context included: 0.35 GiB in the
+#: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b).
+CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
+#: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
+#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.19+.
+CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
+
+
+def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
+    """V1 is the default engine from v0.8 (``VLLM_USE_V1=1``) and the only one from v0.11."""
+    if cfg.engine_mode:
+        return cfg.engine_mode
+    return "v1" if version >= (0, 8, 0) else "v0"
+
+
+def rule_of(version: tuple[int, int, int], mode: str) -> str:
+    if mode == "v0" and version < (0, 6, 3):
+        return "v0-free-delta"
+    if mode == "v0" and version < (0, 6, 5):
+        return "v0-torch-peak"
+    return "memory-profiling"
+
+
+def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_model_len: int) -> tuple[int, int, str]:
+    """(max_num_seqs, max_num_batched_tokens, why) when not given, for ``vllm serve``.
+
+    - V0 (``vllm/engine/arg_utils.py`` / ``config.py::SchedulerConfig``, v0.5-v0.6): 256 sequences;
+      chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
+      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models;
+    - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
+      other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
+      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
+    """
+    if mode == "v0":
+        seqs = cfg.max_num_seqs or 256
+        if cfg.max_num_batched_tokens:
+            return seqs, cfg.max_num_batched_tokens, "flag"
+        mla = any(b.attention.kind == "mla" for b in spec.blocks)
+        if mla and (0, 7, 0) <= version < (0, 8, 0):
+            # config.py v0.7.x: "MLA is enabled; forcing chunked prefill and prefix caching to be disabled."
+            return seqs, max(max_model_len, 2048), "V0 0.7 with MLA: chunked prefill forced off, max(max_model_len, 2048)"
+        if max_model_len > 32768:
+            return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
+        return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
+    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower()
+    seqs = cfg.max_num_seqs or (1024 if big or version < (0, 10, 0) else 256)
+    tokens = cfg.max_num_batched_tokens or (8192 if big else 2048)
+    return seqs, tokens, "flag" if cfg.max_num_batched_tokens else "V1 default for vllm serve"
+
+
+def cuda_graph_estimate(spec: ModelSpec, cfg: ServeConfig, max_num_seqs: int, e: int, mode: str) -> int:
+    """CUDA-graph memory: the shared pool holds the largest captured batch's layer peak, plus a small
+    per-graph cost. Capture sizes: 1, 2, 4 and multiples of 8 up to ``min(max_num_seqs, 256)`` in V0
+    (``_BATCH_SIZES_TO_CAPTURE``), up to ``min(2 x max_num_seqs, 512)`` in V1
+    (``CompilationConfig.init_with_cudagraph_sizes``). A rough estimate (no log checks it yet)."""
+    if cfg.enforce_eager:
+        return 0
+    top = min(max_num_seqs, 256) if mode == "v0" else min(2 * max_num_seqs, 512)
+    sizes = sum(1 for s in (1, 2, 4) if s <= top) + top // 8
+    tp = cfg.tensor_parallel
+    per = max(layer_peak_per_token(b, tp, e, spec.hidden_size) for b in spec.blocks)
+    return int(top * per + sizes * CUDA_GRAPH_PER_SIZE_BYTES)
+
+
+def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_bytes: int, group_size: int,
+             notes: list[str], skip_roles: frozenset[str] = frozenset()) -> ServeEstimate:
+    """vLLM's KV cache on every rank; the result is the most constrained rank (V1 and V0 both give every
+    rank the smallest rank's block count: ``get_kv_cache_configs`` / the executor's ``min`` over workers)."""
+    version = parse_version(cfg.engine_version, DEFAULT_VERSION)
+    mode = mode_of(cfg, version)
+    rule = rule_of(version, mode)
+    e = element_bytes
+    util = cfg.gpu_memory_utilization if cfg.gpu_memory_utilization is not None else 0.9
+    util_src = "flag" if cfg.gpu_memory_utilization is not None else "vLLM default 0.9"
+    max_len = cfg.max_model_len or spec.max_position_embeddings or 2048
+    if not cfg.max_model_len:
+        notes.append(f"max_model_len defaults to the model's max_position_embeddings ({max_len})")
+    seqs, tokens, why = default_limits(cfg, spec, version, mode, max_len)
+    if why != "flag":
+        notes.append(f"max_num_batched_tokens {tokens} ({why}); max_num_seqs {seqs}")
+    block_size = cfg.block_size or 16
+    kv_e = K.kv_element_bytes(cfg.kv_cache_dtype, e)
+    tp, pp = cfg.tensor_parallel, cfg.pipeline_parallel
+    total = cfg.gpu_memory_bytes
+    hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
+    cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
+    cg_deducted = mode == "v1" and version >= (0, 19, 0) and cg > 0
+    multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
+    single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
+    non_torch = single if tp * pp == 1 else multi
+    if rule == "v0-torch-peak":
+        non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
+    profile_seqs = min(seqs, tokens)
+
+    ranks = []
+    for stage in range(pp):
+        layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
+        w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
+                            group_size=group_size, skip_roles=skip_roles)
+        act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
+                                   element_bytes=e, sampler="v0" if mode == "v0" else "v1")
+        per_tok = sum(x.per_token_bytes for x in layers)
+        available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
+        if mode == "v0":
+            blk = K.v0_block_bytes(layers, block_size)
+            blocks = max(0, available // blk) if blk else 0
+            ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
+                          "num_gpu_blocks": int(blocks), "block_bytes": blk, "moment": moment,
+                          "kv_bytes_per_token": per_tok})
+        else:
+            g = K.v1_groups(layers, block_size, hybrid=hybrid)
+            blocks = K.v1_num_blocks(available, g)
+            ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
+                          "num_gpu_blocks": int(blocks), "block_bytes": g.page_bytes * g.group_size, "moment": moment,
+                          "kv_bytes_per_token": per_tok, "_groups": g})
+    worst = min(ranks, key=lambda r: r["num_gpu_blocks"])
+    per_token = worst["kv_bytes_per_token"]
+    blocks = worst["num_gpu_blocks"]
+    if mode == "v0":
+        kv_tokens = blocks * block_size
+        concurrency = kv_tokens / max_len
+        fits_len = kv_tokens
+    else:
+        g = worst["_groups"]
+        kv_tokens = K.v1_reported_tokens(blocks, g)
+        concurrency = K.v1_max_concurrency(blocks, g, max_len, tokens, legacy=version < (0, 10, 0))
+        fits_len = K.v1_max_model_len(blocks * g.page_bytes * g.group_size, g, tokens)
+    for r in ranks:
+        r.pop("_groups", None)
+    if worst["kv_cache_bytes"] <= 0:
+        notes.append("no memory is left for the KV cache: raise gpu_memory_utilization, add GPUs or quantize")
+    if cg and not cg_deducted:
+        notes.append("CUDA graphs are captured after the KV cache is allocated, outside gpu_memory_utilization")
+    fits = fits_len >= max_len and blocks > 0
+    if not fits and blocks > 0:
+        notes.append(f"vLLM refuses to start: max_model_len {max_len} needs more KV cache than the {fits_len} "
+                     "tokens that fit; lower --max-model-len or raise --gpu-memory-utilization")
+    return ServeEstimate(
+        engine="vllm", engine_version=".".join(map(str, version)), engine_mode=mode, model=spec.name,
+        gpu_memory_bytes=total, tensor_parallel=tp, pipeline_parallel=pp, utilization=util,
+        utilization_source=util_src, max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=tokens,
+        kv_cache_dtype=cfg.kv_cache_dtype, quantization=quantization, weights_bytes=worst["weights_bytes"],
+        activation_peak_bytes=worst["activation_peak_bytes"], activation_peak_moment=worst["moment"],
+        non_torch_bytes=non_torch, cuda_graph_bytes=cg, cuda_graph_deducted=cg_deducted,
+        kv_cache_bytes=max(0, worst["kv_cache_bytes"]), kv_bytes_per_token=int(per_token), block_size=block_size,
+        num_gpu_blocks=blocks, kv_cache_tokens=kv_tokens, max_concurrency=round(concurrency, 4),
+        max_model_len_fits=fits_len, fits=fits, rule=rule, ranks=ranks, notes=notes)
+
+
+def non_kv_bytes(est: ServeEstimate) -> int:
+    """What vLLM subtracts from ``total x util`` before the KV cache (the worst rank)."""
+    return est.weights_bytes + est.activation_peak_bytes + est.non_torch_bytes + \
+        (est.cuda_graph_bytes if est.cuda_graph_deducted else 0)
