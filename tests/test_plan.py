@@ -24,10 +24,12 @@ def test_every_candidate_fits(model, batch, seq, method, card_gib, vary):
     job = Job(model=model, batch_size=batch, seq_len=seq, method=method)
     mem = card_gib * GiB
     res = plan(job, gpu_memory_bytes=mem, vary=vary, top=5)
+    budget = int(mem * 0.97)  # the default 3% margin
     for c in res.candidates:
         ok, b = fits(c.job, mem)
-        assert ok == c.fits  # the planner's verdict is the estimator's
+        assert fits(c.job, budget)[0] == c.fits  # the planner's verdict is the estimator's, with the margin
         if c.fits:
+            assert ok  # and so it fits the card itself
             assert b.device_total_bytes <= mem or b.fits
             # the global batch is kept: micro-batch x accumulation
             assert c.job.batch_size * c.accumulation == res.global_batch
@@ -39,6 +41,14 @@ def test_nothing_fits_says_by_how_much():
     res = plan(Job(model="llama-3.1-8b", batch_size=4, seq_len=2048), gpu_memory_bytes=8 * GiB, top=3)
     assert not res.any_fits and res.candidates
     assert all(c.headroom_bytes < 0 and "too big by" in c.reason for c in res.candidates)
+
+
+def test_margin_is_kept():
+    job = Job(model="llama-3.2-1b", batch_size=8, seq_len=1024, precision="bf16-true")
+    res = plan(job, gpu_memory_bytes=24 * GiB, keep=["optimizer"], top=10)
+    assert res.any_fits and all(c.headroom_bytes >= 0.03 * 24 * GiB for c in res.candidates)
+    loose = plan(job, gpu_memory_bytes=24 * GiB, keep=["optimizer"], top=10, min_headroom=0.0)
+    assert min(c.headroom_bytes for c in loose.candidates) <= min(c.headroom_bytes for c in res.candidates)
 
 
 def test_keep_and_vary():

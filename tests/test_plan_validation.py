@@ -13,7 +13,7 @@ from score_plan import score  # noqa: E402
 
 def test_scenarios_plan_on_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "validation/run_plan_scenarios.py"),
-                          str(ROOT / "validation/jobs/plan_scenarios.yaml"), "--out", str(tmp_path), "--dry-run"],
+                          str(ROOT / "validation/jobs/plan_scenarios.yaml"), "--out", str(tmp_path), "--dry-run", "--assume-bitsandbytes"],
                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")})
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads((tmp_path / "plan-scenarios.json").read_text())

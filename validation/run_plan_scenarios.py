@@ -34,19 +34,16 @@ from memfit.units import parse_card_memory  # noqa: E402
 
 
 def has_bitsandbytes() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except Exception:  # pragma: no cover
-        return False
+    """Whether bitsandbytes imports (in a child process: a package that is present but broken counts as absent)."""
+    p = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    return p.returncode == 0
 
 
 def candidates(sc: dict, bnb: bool, top: int = 5):
     job = Job.from_dict(sc["job"])
     mem = parse_card_memory(str(sc["gpu_memory"]), "gpu_memory")
     keep = list(sc.get("keep", []))
-    if sc.get("needs") == "bitsandbytes" and not bnb:
+    if not bnb:  # no QLoRA, no 8-bit optimizers: keep what would need them
         keep = sorted(set(keep) | {"optimizer", "method"})
     res = plan(job, gpu_memory_bytes=mem, global_batch=sc.get("global_batch"), keep=keep or None,
                vary=sc.get("vary"), top=top, timing_gpu="h200")
@@ -116,17 +113,23 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None)
     ap.add_argument("--dry-run", action="store_true", help="plan only: list the candidates, measure nothing")
     ap.add_argument("--isolate", action="store_true", help="a fresh worker process per run (slow start-up)")
+    ap.add_argument("--assume-bitsandbytes", action="store_true", help="plan as if bitsandbytes imports (dry runs)")
     args = ap.parse_args(argv)
     scenarios = yaml.safe_load(Path(args.scenarios).read_text())
     if args.only:
         scenarios = [s for s in scenarios if s["name"] in args.only.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    bnb = has_bitsandbytes()
+    bnb = args.assume_bitsandbytes or has_bitsandbytes()
     here_expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").replace(" ", "").lower()
     t_start = time.time()
     results = []
     for sc in scenarios:
+        if not bnb and (sc["job"].get("method") == "qlora" or sc["job"].get("quantization", "none") != "none"):
+            results.append({"name": sc["name"], "skipped": "needs bitsandbytes (not importable here)",
+                            "candidates": []})
+            print(f"{sc['name']:32s} skipped: needs bitsandbytes", flush=True)
+            continue
         job, mem, res = candidates(sc, bnb)
         entry = {"name": sc["name"], "gpu_memory_bytes": mem, "global_batch": res.global_batch,
                  "bitsandbytes": bnb, "start_job": job.to_dict(), "planner_fits": res.any_fits, "candidates": []}

@@ -16,6 +16,10 @@ def score(data: dict) -> list[dict]:
     rows = []
     for sc in data["scenarios"]:
         cands = sc["candidates"]
+        if sc.get("skipped"):
+            rows.append({"name": sc["name"], "complete": False, "top_runs": False, "ratio": None, "pass": None,
+                         "ooms": []})
+            continue
         ran = [c for c in cands if c["measured"].get("fits") and c["measured"].get("tokens_per_s")]
         top = cands[0] if cands else None
         top_ok = bool(top and top["measured"].get("fits") and top["measured"].get("tokens_per_s"))

@@ -22,6 +22,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--vary", default=None, help="levers that may move, comma-separated (also allows method changes)")
     p.add_argument("--keep", default=None, help="levers that must not move, comma-separated")
     p.add_argument("--top", type=int, default=10, help="candidates to show")
+    p.add_argument("--min-headroom", type=float, default=3.0,
+                   help="percent of the card a candidate must leave free by the estimate (default 3)")
     p.add_argument("--max-seq-len", action="store_true", help="longest sequence that fits at this micro-batch")
     p.add_argument("--max-batch", action="store_true", help="largest micro-batch that fits, for this layout")
     p.add_argument("--min-gpus", action="store_true", help="fewest GPUs of this card that fit, and the layout")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise JobError("--global-batch must be >= 1")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     res = plan(job, args.gpu, gpu_memory_bytes=None if args.gpu else mem, global_batch=gb,
-               vary=split(args.vary), keep=split(args.keep), top=args.top)
+               vary=split(args.vary), keep=split(args.keep), top=args.top, min_headroom=args.min_headroom / 100)
     if args.json:
         print(json.dumps(res.to_dict(), indent=1))
         return 0
