@@ -489,11 +489,14 @@ SURFACES: dict[str, tuple[Callable[[random.Random], Callable[[], Any]], float]] 
 
 
 def cli_output_ok(result: Any) -> str | None:
-    """For a CLI outcome: None when it is clean (exit 0, or non-zero with at most one line on stderr and no
-    traceback), else what is wrong."""
+    """For a CLI outcome: None when it is clean, else what is wrong. Clean: no traceback anywhere; exit 0;
+    exit 1 with an answer on stdout ("does not fit"); exit 2 with one line on stderr (argparse: its usage
+    and one error line)."""
     _, code, out, err = result
     if "Traceback" in err or "Traceback" in out:
         return "traceback in output"
+    if code == 1 and out.strip():
+        return None
     if code not in (0, None):
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         usage = err.lstrip().startswith("usage:")  # argparse: usage line + one error line

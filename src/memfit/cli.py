@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        print("memfit: error: name a command (estimate, models, trace, measure, compare, validate)", file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

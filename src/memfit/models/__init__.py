@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, brief
 from .families import SUPPORTED_MODEL_TYPES, spec_from_config
 from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
 
@@ -54,6 +54,7 @@ def registry_names() -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A config.json as a dict; every way it can be unreadable is a one-line ConfigError."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -63,6 +64,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file; point memfit at a model's config.json") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deep to be a config.json") from None
+    except ValueError as exc:  # integers of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path} holds a number memfit cannot read ({str(exc).split(':')[0]})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _hub_reachable() -> bool:
@@ -101,16 +108,15 @@ def _from_hub(ref: str) -> Path | None:
 
 
 def _not_found(ref: str) -> ModelNotFoundError:
-    close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5) if len(ref) < 200 else []
     names = list(dict.fromkeys(_aliases()[c] for c in close))
     hint = f"; close built-in names: {', '.join(names)}" if names else "; run `memfit models` to list built-in names"
     return ModelNotFoundError(
-        f"unknown model {ref!r}: not a built-in name, a local config.json, or a reachable Hub id{hint}"
+        f"unknown model {brief(ref, 100)}: not a built-in name, a local config.json, or a reachable Hub id{hint}"
     )
 
 
-@lru_cache(maxsize=256)
-def load_model(ref: str) -> ModelSpec:
+def load_model(ref: str | Path) -> ModelSpec:
     """The :class:`ModelSpec` of ``ref``: a registry name (case-insensitive; a registry entry's Hub id
     and listed aliases also resolve to it), a path to a ``config.json`` or to a folder holding one,
     else a Hugging Face Hub id whose ``config.json`` is fetched with ``huggingface_hub`` (and cached by it).
@@ -118,24 +124,53 @@ def load_model(ref: str) -> ModelSpec:
     Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
     :class:`~memfit.errors.ConfigError` when the config cannot be counted.
     """
+    import os
+
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str):
+        raise ModelNotFoundError(f"a model is named by a string (registry name, config.json path or Hub id), "
+                                 f"not {type(ref).__name__} {brief(ref)}")
+    return _load_model(ref)
+
+
+def _local_config(key: str) -> Path | None:
+    """The config.json a local path names (a file, or a folder holding one), or None when the path does
+    not exist. Names the OS refuses (too long, a NUL byte, ``~user`` of no such user) are not paths."""
+    try:
+        path = Path(key).expanduser()
+    except RuntimeError:  # ~nosuchuser: expanduser cannot resolve the home folder
+        path = Path(key)
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(f"folder {brief(key, 200)} has no config.json; point memfit at a model "
+                                         "folder or file")
+            return path / "config.json"
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+@lru_cache(maxsize=256)
+def _load_model(ref: str) -> ModelSpec:
     key = ref.strip()
     name = _aliases().get(key.lower())
     if name is not None:
         config = _read_json(_REGISTRY_DIR / f"{name}.json")
         return spec_from_config(config, name=name, source=_index()[name].get("source", ""))
 
-    path = Path(key).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"folder {key!r} has no config.json; point memfit at a model folder or file")
-        path = path / "config.json"
-    if path.is_file():
+    path = _local_config(key)
+    if path is not None:
         return spec_from_config(_read_json(path), name=key, source=str(path.resolve()))
 
     downloaded = _from_hub(key) if key else None
     if downloaded is None:
         raise _not_found(key)
     return spec_from_config(_read_json(downloaded), name=key, source=_HUB_URL.format(key))
+
+
+load_model.cache_clear = _load_model.cache_clear  # type: ignore[attr-defined]
 
 
 def list_models() -> list[dict[str, Any]]:
