@@ -55,6 +55,8 @@ class Breakdown:
     """Peak allocated bytes within each phase."""
     host_bytes: int = 0
     """Host (CPU) memory the job pins or offloads to, per node."""
+    nvme_bytes: int = 0
+    """NVMe space of ZeRO-Infinity's swap files (``offload_device nvme``), per node."""
     measurement: str = ""
     """For measure: ``cuda-allocator`` or ``cpu-tensors``; for trace: ``fake-tensors``."""
     notes: list[str] = field(default_factory=list)

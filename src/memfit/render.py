@@ -47,5 +47,7 @@ def print_breakdown(bd: Breakdown, console=None) -> None:
         c.print("peak by phase: " + ", ".join(f"{k} {_g(v)} GiB" for k, v in bd.phases.items()))
     if bd.host_bytes:
         c.print(f"host memory: {_g(bd.host_bytes)} GiB")
+    if getattr(bd, "nvme_bytes", 0):
+        c.print(f"NVMe swap: {_g(bd.nvme_bytes)} GiB per node")
     for note in bd.notes:
         c.print(f"note: {note}")

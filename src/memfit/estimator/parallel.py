@@ -326,7 +326,8 @@ def _master_bytes(job: Job) -> int:
 def _opt_bytes_per_elem(spec: ModelSpec, job: Job, dtype_precision: str) -> tuple[float, float]:
     """(optimizer-state bytes, optimizer-step scratch bytes) per trainable element, with the states in the dtype
     of ``dtype_precision`` (torch.optim allocates them like the parameter they track)."""
-    j = job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", precision=dtype_precision,
+    j = job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", offload_device="cpu",
+                    precision=dtype_precision,
                     tensor_parallel=1, pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
     n = st.trainable_params(spec, j)
     if n == 0:
@@ -667,6 +668,26 @@ def host_bytes_per_rank(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage) -
     return host
 
 
+def nvme_bytes_per_rank(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage) -> float:
+    """NVMe space one rank's swap files take under ZeRO-Infinity (``offload_device nvme``, stage 3).
+
+    ``offload_optimizer.device: nvme`` swaps each sub-group's fp32 master partition, its optimizer states and
+    its fp32 gradients out to files (deepspeed/runtime/swap_tensor/partitioned_optimizer_swapper.py, 0.16);
+    ``offload_param.device: nvme`` swaps the 16-bit parameter partitions too
+    (partitioned_param_swapper.py). Each rank writes its own 1/S partition; nothing of it stays on the GPU.
+    """
+    if job.offload_device != "nvme" or job.offload == "none":
+        return 0.0
+    S = lay.shard
+    t = stage.trainable
+    md = _master_bytes(job)
+    opt_per, _ = _opt_bytes_per_elem(spec, job, "bf16-true" if md == 2 else "32-true")
+    total = t * (md + opt_per + 4) / S
+    if job.offload == "optimizer+params":
+        total += stage.params * _compute_bytes(job) / S
+    return total
+
+
 # --------------------------------------------------------------------------------------------- public
 def _activation_mode(job: Job) -> str:
     from . import _act_mode
@@ -716,27 +737,34 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
     total = reserved + cuda_context_bytes(job) + nccl
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
+    nvme_rank = nvme_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
+    if nvme_rank:
+        notes.append(f"NVMe (ZeRO-Infinity swap files): {nvme_rank / 2**30:.2f} GiB per rank, "
+                     f"x {ranks_per_node} ranks per node")
     if job.strategy in ("fsdp2", "fsdp") and job.precision in ("16-mixed", "bf16-mixed"):
         notes.append("mixed precision by the engine: fp32 shards, 16-bit gathered layers, no autocast")
     if job.strategy.startswith("zero") and job.precision in ("16-mixed", "bf16-mixed"):
         notes.append("DeepSpeed bf16/fp16: 16-bit parameters and gradients, fp32 master partition and optimizer states")
     extras = {"layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "shard": lay.shard,
                          "sequence_parallel": lay.sp, "microbatches_in_flight": stage.in_flight},
-              "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl}
+              "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl,
+              "nvme_bytes_per_rank": int(nvme_rank)}
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job.replace(strategy="single", gpus=1, gpus_per_node=1,
-                                                                   offload="none", tensor_parallel=1,
+                                                                   offload="none", offload_device="cpu",
+                                                                   tensor_parallel=1,
                                                                    pipeline_parallel=1, expert_parallel=1,
                                                                    sequence_parallel=False)),
         components=comps, peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=total,
-        peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node), notes=notes, extras=extras)
+        peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node),
+        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes, extras=extras)
 
 
 # --------------------------------------------------------------------------------------------- closed forms
