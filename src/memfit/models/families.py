@@ -427,7 +427,7 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
             attn_other += _norm("rms", heads * head_dim) + _norm("rms", kv * head_dim)  # over all heads
         elif family == "olmoe":
             attn_other += _norm("rms", hidden) + _norm("rms", (hidden // heads) * kv)
-        window = c.opt_int("sliding_window")
+        window = c.opt_int("sliding_window", minimum=0) or None  # transformers writes 0 when it is off
         softcap = c.opt_float("attn_logit_softcapping") if family == "gemma2" else None
 
         def attention(sliding: bool) -> Attention:
