@@ -23,7 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hypothesis import assume
+
 from memfit import Job
+from memfit.errors import JobError
 from memfit.estimator import estimate, max_batch_size
 from memfit.models import registry_names, spec_from_config
 from memfit.models import _read_json, _REGISTRY_DIR  # noqa: PLC2701 - the registry's raw configs
@@ -39,6 +42,15 @@ STATES = ("weights", "master_weights", "gradients", "optimizer_states")
 
 def _job(**kw) -> Job:
     return Job.from_dict(kw)
+
+
+def _peak(job: Job) -> int:
+    """The estimated peak; a job with no run (longer than a learned position table) is not compared."""
+    try:
+        return estimate(job).peak_allocated_bytes
+    except JobError as exc:
+        assume(False)
+        raise AssertionError("unreachable") from exc
 
 
 train_jobs = st.fixed_dictionaries({
@@ -58,7 +70,7 @@ train_jobs = st.fixed_dictionaries({
 def test_more_batch_or_sequence_never_lowers_the_peak(d, field, factor):
     small = _job(**d)
     big = small.replace(**{field: getattr(small, field) * factor + 1})
-    assert estimate(big).peak_allocated_bytes >= estimate(small).peak_allocated_bytes
+    assert _peak(big) >= _peak(small)
 
 
 @PROFILE
@@ -66,11 +78,11 @@ def test_more_batch_or_sequence_never_lowers_the_peak(d, field, factor):
        st.sampled_from(["bf16-true", "32-true", "bf16-mixed"]))
 def test_more_prompt_or_tokens_never_lowers_the_inference_peak(model, batch, prompt, new, precision):
     job = _job(model=model, task="infer", batch_size=batch, prompt_len=prompt, new_tokens=new, precision=precision)
-    base = estimate(job).peak_allocated_bytes
+    base = _peak(job)
     for bigger in (job.replace(batch_size=batch + 1), job.replace(prompt_len=prompt * 2)):
-        assert estimate(bigger).peak_allocated_bytes >= base
+        assert _peak(bigger) >= base
     if new:
-        assert estimate(job.replace(new_tokens=new + 7)).peak_allocated_bytes >= base
+        assert _peak(job.replace(new_tokens=new + 7)) >= base
 
 
 parallel_jobs = st.fixed_dictionaries({
@@ -89,7 +101,7 @@ parallel_jobs = st.fixed_dictionaries({
 def test_more_batch_or_sequence_never_lowers_the_peak_on_many_gpus(d, field):
     small = _job(**d)
     big = small.replace(**{field: getattr(small, field) * 2})
-    assert estimate(big).peak_allocated_bytes >= estimate(small).peak_allocated_bytes
+    assert _peak(big) >= _peak(small)
 
 
 @PROFILE
@@ -97,7 +109,7 @@ def test_more_batch_or_sequence_never_lowers_the_peak_on_many_gpus(d, field):
 def test_checkpointing_never_raises_the_peak_of_full_fine_tuning(d):
     off = _job(**{**d, "gradient_checkpointing": False})
     on = off.replace(gradient_checkpointing=True)
-    assert estimate(on).peak_allocated_bytes <= estimate(off).peak_allocated_bytes
+    assert _peak(on) <= _peak(off)
 
 
 def _model_states(job: Job) -> tuple[int, ...]:
@@ -176,7 +188,11 @@ def test_max_batch_size_fits_and_one_more_does_not(model, task, gib, precision, 
 @PROFILE
 @given(st.one_of(train_jobs, parallel_jobs))
 def test_components_sum_to_the_peak(d):
-    bd = estimate(_job(**d))
+    try:
+        bd = estimate(_job(**d))
+    except JobError:
+        assume(False)
+        return
     assert sum(bd.components.values()) == bd.peak_allocated_bytes
     assert all(v >= 0 for v in bd.components.values())
     assert bd.peak_reserved_bytes >= bd.peak_allocated_bytes

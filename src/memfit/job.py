@@ -60,6 +60,20 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise JobError(f"{name} must be at most {maximum:,}; got {brief(value)}")
 
 
+_DTYPE_PRECISION = {"bfloat16": "bf16-true", "bf16": "bf16-true", "float16": "16-true", "fp16": "16-true",
+                    "half": "16-true", "float32": "32-true", "fp32": "32-true", "float": "32-true"}
+
+
+def _inference_precision(model: Any) -> str:
+    """The precision an inference job runs in when none is given: the checkpoint's dtype."""
+    if not isinstance(model, str):
+        return "bf16-true"
+    from .models import checkpoint_dtype
+
+    dtype = checkpoint_dtype(model)
+    return _DTYPE_PRECISION.get(dtype.lower(), "bf16-true") if dtype else "bf16-true"
+
+
 def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise JobError(f"{name} must be true or false; got {brief(value)}")
@@ -81,8 +95,10 @@ class Job:
     """LoRA alpha; does not change memory, kept so the job reproduces a PEFT config."""
     lora_targets: str | list[str] = "all-linear"
     """``all-linear`` (every linear in the blocks, not the head) or a list of module names (``q_proj``...)."""
-    precision: str = "bf16-mixed"
-    """Lightning's names: 32-true, 16-mixed, bf16-mixed, bf16-true, 16-true."""
+    precision: str | None = None
+    """Lightning's names: 32-true, 16-mixed, bf16-mixed, bf16-true, 16-true. Left out: training runs
+    bf16-mixed; inference runs in the checkpoint's ``torch_dtype`` (bfloat16 -> bf16-true, float16 ->
+    16-true, float32 -> 32-true; bf16-true when the config is not at hand), as ``from_pretrained`` loads it."""
     optimizer: str = "adamw"
     """adamw, adam, sgd, sgd-momentum, adafactor, lion; bitsandbytes adamw-8bit, paged-adamw-8bit, paged-adamw."""
     batch_size: int = 1
@@ -167,6 +183,8 @@ class Job:
             raise JobError("model must be a registry name, a config.json path or a Hub id (see `memfit models`)")
         _choice("task", self.task, TASKS)
         _choice("method", self.method, METHODS)
+        if self.precision is None:
+            self.precision = "bf16-mixed" if self.task == "train" else _inference_precision(self.model)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attention", self.attention, ATTENTIONS)
@@ -219,6 +237,9 @@ class Job:
         self._check_parallel()
         if self.strategy == "single" and self.gpus > 1:
             self.strategy = "ddp"
+        if self.attention == "flash" and self.precision == "32-true":
+            raise JobError("attention flash (flash-attn 2) runs in fp16 or bf16 only; with 32-true use sdpa or "
+                           "eager, or pick a 16-bit precision")
         if self.strategy != "single" and self.task == "infer":
             raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
         if self.task == "train" and self.quantization in ("gptq", "awq", "fp8") and self.method == "full":

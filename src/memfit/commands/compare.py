@@ -33,9 +33,10 @@ def _load_record(path: str, name: str | None) -> dict:
     except json.JSONDecodeError as exc:
         raise MemfitError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, list):
-        pick = [r for r in data if isinstance(r, dict) and (name is None or r.get("name") == name)]
+        pick = [r for r in data if isinstance(r, dict)
+                and (name is None or r.get("name") == name or r.get("label") == name)]
         if len(pick) != 1 or "breakdown" not in pick[0]:
-            names = ", ".join(str(r.get("name")) for r in data if isinstance(r, dict))[:300]
+            names = ", ".join(str(r.get("name") or r.get("label")) for r in data if isinstance(r, dict))[:300]
             raise MemfitError(f"{path} holds {len(data)} records; pick one with --name (one of: {names})")
         data = pick[0]
     if not isinstance(data, dict) or "breakdown" not in data or "job" not in data:

@@ -173,6 +173,28 @@ def _load_model(ref: str) -> ModelSpec:
 load_model.cache_clear = _load_model.cache_clear  # type: ignore[attr-defined]
 
 
+@lru_cache(maxsize=256)
+def checkpoint_dtype(ref: str) -> str | None:
+    """The ``torch_dtype`` (or ``dtype``) a registry entry's or a local config.json names, without building
+    a spec and without the network: ``float32`` when the config names none (transformers' default), None
+    when ``ref`` is neither a registry name nor a readable local config. Never raises."""
+    try:
+        key = ref.strip()
+        name = _aliases().get(key.lower())
+        path = _REGISTRY_DIR / f"{name}.json" if name is not None else _local_config(key)
+        if path is None:
+            return None
+        config = _read_json(path)
+        if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+            config = {**config["text_config"], **{k: config[k] for k in ("torch_dtype", "dtype") if k in config}}
+        if not isinstance(config, dict):
+            return None
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+        return dtype if isinstance(dtype, str) else None
+    except Exception:  # noqa: BLE001 - a default, not a check: the engines report a bad config themselves
+        return None
+
+
 def list_models() -> list[dict[str, Any]]:
     """The built-in models: name, model_type, architecture, parameters, hf_id and source, one dict each,
     sorted by family then size."""
