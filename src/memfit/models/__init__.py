@@ -87,24 +87,51 @@ def _hub_reachable() -> bool:
     return True
 
 
+def _looks_like_hub_id(ref: str) -> bool:
+    """``owner/name``: one slash, no path syntax (the shape ``huggingface_hub`` accepts as a repo id)."""
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and " " not in ref
+
+
 def _from_hub(ref: str) -> Path | None:
-    """Download (or reuse from the hub cache) ``config.json`` of a Hub repo; None when that fails."""
+    """Download (or reuse from the hub cache) ``config.json`` of a Hub repo.
+
+    None when ``ref`` is not shaped like a Hub id; a one-line :class:`ModelNotFoundError` (or
+    :class:`MissingDependencyError`) that says *which* way it failed when it is: huggingface_hub missing,
+    the machine offline, the repo gated, no such repo, no config.json in it."""
+    if not _looks_like_hub_id(ref):
+        return None
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import logging as hub_logging
     except ImportError:
-        return None
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(f"{ref!r} looks like a Hugging Face Hub id, and reading it needs huggingface_hub: "
+                                     "pip install 'memfit[hub]' (or point memfit at a local config.json)") from None
     hub_logging.set_verbosity_error()
     try:  # the cache answers offline too
         return Path(hf_hub_download(repo_id=ref, filename="config.json", local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached
         pass
-    if "/" not in ref or not _hub_reachable():
-        return None
+    if not _hub_reachable():
+        raise ModelNotFoundError(f"{ref!r} is not a built-in name and not in the Hub cache, and the Hub is not "
+                                 "reachable (offline, or HF_HUB_OFFLINE is set); download its config.json and "
+                                 "pass the path")
     try:
         return Path(hf_hub_download(repo_id=ref, filename="config.json"))
-    except Exception:  # offline, gated, no such repo, malformed id: all mean "not reachable"
-        return None
+    except Exception as exc:  # noqa: BLE001 - sorted by kind below
+        kind = type(exc).__name__
+        if kind == "GatedRepoError":
+            why = ("is gated: accept its license on huggingface.co, then log in (huggingface-cli login or "
+                   "HF_TOKEN), or pass a local config.json")
+        elif kind in ("RepositoryNotFoundError", "HFValidationError"):
+            why = "is not a Hub repo (or it is private: log in with huggingface-cli login or HF_TOKEN)"
+        elif kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            why = "is a Hub repo without a config.json (not a transformers model?)"
+        else:
+            why = f"could not be fetched from the Hub ({kind}); check the network or pass a local config.json"
+        raise ModelNotFoundError(f"{ref!r} {why}") from None
 
 
 def _not_found(ref: str) -> ModelNotFoundError:
