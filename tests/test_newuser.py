@@ -291,3 +291,26 @@ def test_pyproject_pins_the_trace_versions():
         line = next(ln for ln in text.splitlines() if ln.startswith(extra))
         for name, version in TESTED_VERSIONS.items():
             assert f'"{name}=={version}"' in line, (extra, name)
+
+
+def test_compare_attributes_logits_alike_in_all_engines(tmp_path, capsys):
+    """A measured record has no logits_and_loss (measure counts them in activations): compare folds the
+    estimate's logits into its activations too, so the activations row compares like with like and the total
+    is unchanged."""
+    from memfit.commands.compare import attribute_alike
+
+    job = Job(model="gpt2", seq_len=1024, batch_size=8)  # logits and activations at the peak
+    est = estimate(job)
+    measured = estimate(job)
+    assert {"activations", "logits_and_loss"} <= set(est.components)
+    measured.components["activations"] += measured.components.pop("logits_and_loss")
+    engines = {"estimate": est, "measured": measured}
+    notes = attribute_alike(engines)
+    assert "logits_and_loss" not in est.components and notes
+    assert est.components["activations"] == measured.components["activations"]
+    assert sum(est.components.values()) == est.peak_allocated_bytes
+    rec = tmp_path / "rec.json"
+    rec.write_text(json.dumps({"job": job.to_dict(), "breakdown": measured.to_dict()}))
+    assert main(["compare", "--measured", str(rec), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "logits_and_loss" not in out["rows"] and out["notes"]
