@@ -1,6 +1,7 @@
 """The accuracy bars, checked on the committed H100 records (no GPU needed): a change that breaks the
 estimate's accuracy fails here."""
 
+import re
 from pathlib import Path
 
 from memfit.validate import BARS, check_bars, load_records, score, summarize
@@ -24,7 +25,9 @@ def test_records_cover_the_issue():
     for r in recs:
         env = r["env"]
         assert env.get("gpu") or env.get("gpu_name"), r["name"]
-        assert "torch" in str(env)
+        # the versions that produced the record: torch and transformers as release numbers
+        assert re.match(r"^\d+\.\d+", str(env.get("torch") or "")), (r["name"], env.get("torch"))
+        assert re.match(r"^\d+\.\d+", str(env.get("transformers") or "")), (r["name"], env.get("transformers"))
 
 
 def test_estimate_meets_the_accuracy_bars():

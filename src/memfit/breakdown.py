@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Breakdown", "COMPONENT_NOTES"]
+__all__ = ["Breakdown", "COMPONENT_NOTES", "INFERENCE_NOTES"]
 
 #: What each component name means (shown in the table).
 COMPONENT_NOTES: dict[str, str] = {
@@ -31,6 +31,14 @@ COMPONENT_NOTES: dict[str, str] = {
     "gathered_weights": "unsharded 16-bit parameters gathered by FSDP / ZeRO-3 (layers in flight, root, prefetch)",
     "communication_buffers": "gradient buckets and reduce-scatter buffers of DDP / FSDP / DeepSpeed",
     "other": "everything else allocated at the peak",
+}
+
+#: The same components described for inference (no backward, no optimizer), where they differ.
+INFERENCE_NOTES: dict[str, str] = {
+    "autocast_cache": "16-bit copy autocast makes of the fp32 weight in use (one linear at a time)",
+    "activations": "live forward temporaries of the layer running (nothing is kept for a backward)",
+    "logits_and_loss": "vocab-sized logits: every prompt position (prefill) or the last one and its fp32 copy (generate)",
+    "temporaries": "cuBLAS workspace, token ids and masks, short-lived buffers",
 }
 
 
@@ -55,6 +63,8 @@ class Breakdown:
     """Peak allocated bytes within each phase."""
     host_bytes: int = 0
     """Host (CPU) memory the job pins or offloads to, per node."""
+    nvme_bytes: int = 0
+    """NVMe space of ZeRO-Infinity's swap files (``offload_device nvme``), per node."""
     measurement: str = ""
     """For measure: ``cuda-allocator`` or ``cpu-tensors``; for trace: ``fake-tensors``."""
     notes: list[str] = field(default_factory=list)

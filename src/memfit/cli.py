@@ -101,7 +101,30 @@ def job_from_args(args: argparse.Namespace):
             data[name] = v
     if "model" not in data:
         raise MemfitError("name a model (memfit models lists the built-in ones) or pass --job FILE")
-    return Job.from_dict(data)
+    job = Job.from_dict(data)
+    # printed by main() once the command has answered (an error stays the one line on stderr)
+    args.warnings = flag_warnings(args, job, engine_config=any(getattr(args, a, None)
+                                                               for a in ("deepspeed", "accelerate_config")))
+    return job
+
+
+#: Flags that only mean something for one task: flag -> the task it applies to.
+_TASK_FLAGS = {"seq_len": "train", "gradient_checkpointing": "train", "optimizer": "train",
+               "prompt_len": "infer", "new_tokens": "infer", "kv_cache_dtype": "infer"}
+
+
+def flag_warnings(args: argparse.Namespace, job: Any, *, engine_config: bool = False) -> list[str]:
+    """What the user asked for on the command line that this job will not use (one line each)."""
+    out = []
+    for name, task in _TASK_FLAGS.items():
+        if getattr(args, name, None) is not None and job.task != task:
+            flag = "--" + name.replace("_", "-")
+            out.append(f"{flag} applies to {'training' if task == 'train' else 'inference'} only; "
+                       f"ignored for task {job.task}")
+    if engine_config and getattr(args, "gpus", None) is None and job.gpus == 1:
+        out.append("the engine config does not say how many GPUs (a DeepSpeed config never does): "
+                   "estimating 1 GPU; pass --gpus N")
+    return out
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -156,15 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        print("memfit: error: name a command (estimate, models, trace, measure, compare, validate)", file=sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except MemfitError as exc:
         print(f"memfit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         print("memfit: interrupted", file=sys.stderr)
         return 130
+    for line in getattr(args, "warnings", ()):
+        print(f"memfit: warning: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

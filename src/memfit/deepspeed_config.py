@@ -10,10 +10,11 @@ fills in at run time (``"auto"``) are left to the job (or DeepSpeed's default). 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .errors import JobError
+from .errors import JobError, brief
 from .job import Job
 
 __all__ = ["read_deepspeed_config", "read_accelerate_config", "ds_config_for_job", "DEEPSPEED_DEFAULTS",
@@ -49,10 +50,19 @@ def zero_option(job: Job, name: str) -> Any:
 
 
 def _load(path: str | Path, kind: str) -> dict[str, Any]:
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise JobError(f"a {kind} config is named by a file path, not {brief(path)}")
     p = Path(path)
-    if not p.is_file():
-        raise JobError(f"{kind} config {str(p)!r} does not exist")
-    text = p.read_text()
+    try:
+        if not p.is_file():
+            raise JobError(f"{kind} config {brief(str(p), 200)} does not exist")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise JobError(f"{kind} config {str(p)!r} is not UTF-8 text (JSON or YAML)") from None
+    except JobError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise JobError(f"cannot read {kind} config {brief(str(p), 200)}: {type(exc).__name__}") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -60,8 +70,10 @@ def _load(path: str | Path, kind: str) -> dict[str, Any]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
+    except RecursionError:
+        raise JobError(f"cannot parse {kind} config {str(p)!r}: nested too deep") from None
     except Exception as exc:  # noqa: BLE001 - any parse error is one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
         raise JobError(f"cannot parse {kind} config {str(p)!r}: {first}") from None
     if not isinstance(data, dict):
         raise JobError(f"{kind} config {str(p)!r} must be a mapping")
@@ -72,20 +84,37 @@ def _given(v: Any) -> bool:
     return v is not None and v != "auto"
 
 
+_MAX_INT = 1 << 50
+"""Largest count an engine config may give (element counts of buckets and thresholds stay far below)."""
+
+
 def _int(v: Any, what: str) -> int:
+    """A whole, non-negative number of an engine config (``1e5`` and ``"4"`` too), at most 2**50."""
     if isinstance(v, bool):
-        raise JobError(f"{what} must be a number, not {v!r}")
-    if isinstance(v, (int, float)) and float(v).is_integer() and v >= 0:
-        return int(v)
-    if isinstance(v, str):
+        raise JobError(f"{what} must be a number, not {brief(v)}")
+    if isinstance(v, int) and 0 <= v <= _MAX_INT:
+        return v
+    f = None
+    if isinstance(v, float):
+        f = v
+    elif isinstance(v, str) and len(v) < 40:
         try:
             f = float(v)
         except ValueError:
             pass
-        else:
-            if f.is_integer() and f >= 0:
-                return int(f)
-    raise JobError(f"{what} must be a whole number; got {v!r}")
+    if f is not None and math.isfinite(f) and f.is_integer() and 0 <= f <= _MAX_INT:
+        return int(f)
+    raise JobError(f"{what} must be a whole number from 0 to 2**50; got {brief(v)}")
+
+
+def _section(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """A sub-mapping of an engine config; absent or null is empty, anything but a mapping is an error."""
+    v = cfg.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise JobError(f"{where}{key} must be a mapping in the config; got {brief(v)}")
+    return v
 
 
 def _enabled(section: Any) -> bool:
@@ -106,6 +135,8 @@ def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]
     """
     cfg = source if isinstance(source, dict) else _load(source, "DeepSpeed")
     out: dict[str, Any] = {}
+    if not isinstance(cfg, dict):
+        raise JobError("a DeepSpeed config must be a mapping")
     zero = cfg.get("zero_optimization") or {}
     if not isinstance(zero, dict):
         raise JobError("zero_optimization must be a mapping in a DeepSpeed config")
@@ -116,6 +147,9 @@ def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]
     out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
     bf16 = cfg.get("bf16") or cfg.get("bfloat16") or {}
     fp16 = cfg.get("fp16") or {}
+    for key, sec in (("bf16", bf16), ("fp16", fp16)):
+        if not isinstance(sec, dict):
+            raise JobError(f"{key} must be a mapping like {{\"enabled\": true}} in a DeepSpeed config; got {brief(sec)}")
     if _enabled(bf16):
         pure = bool(bf16.get("bf16_master_weights_and_grads")) and bool(bf16.get("bf16_optimizer_states"))
         out["precision"] = "bf16-true" if pure else "bf16-mixed"
@@ -125,15 +159,18 @@ def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]
         out["precision"] = "bf16-mixed"
     else:
         out["precision"] = "32-true"
-    off_opt = zero.get("offload_optimizer") or {}
-    off_par = zero.get("offload_param") or {}
+    off_opt = _section(zero, "offload_optimizer", "zero_optimization.")
+    off_par = _section(zero, "offload_param", "zero_optimization.")
     if zero.get("cpu_offload") is True:  # the deprecated spelling
         off_opt = {"device": "cpu"}
-    opt_dev = str(off_opt.get("device", "none")).lower() if isinstance(off_opt, dict) else "none"
-    par_dev = str(off_par.get("device", "none")).lower() if isinstance(off_par, dict) else "none"
-    for dev in (opt_dev, par_dev):
-        if dev not in ("none", "cpu", "nvme"):
-            raise JobError(f"offload device must be none, cpu or nvme; got {dev!r}")
+    devices = []
+    for sec in (off_opt, off_par):
+        dev = sec.get("device", "none")
+        dev = "none" if dev is None else dev
+        if not isinstance(dev, str) or dev.lower() not in ("none", "cpu", "nvme"):
+            raise JobError(f"offload device must be none, cpu or nvme; got {brief(dev)}")
+        devices.append(dev.lower())
+    opt_dev, par_dev = devices
     if par_dev != "none":
         out["offload"] = "optimizer+params"
         out["offload_device"] = par_dev if par_dev == "nvme" or opt_dev == "none" else opt_dev
@@ -154,14 +191,18 @@ def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]
     if _given(mb):
         out["batch_size"] = max(1, _int(mb, "train_micro_batch_size_per_gpu"))
     opt = cfg.get("optimizer")
+    if opt is not None and not isinstance(opt, dict):
+        raise JobError(f"optimizer must be a mapping with a type in a DeepSpeed config; got {brief(opt)}")
     if isinstance(opt, dict) and _given(opt.get("type")):
-        name = str(opt["type"]).lower().replace("_", "")
+        if not isinstance(opt["type"], str):
+            raise JobError(f"optimizer.type must be a name like AdamW; got {brief(opt['type'])}")
+        name = opt["type"].lower().replace("_", "")
         mapped = {"fusedadam": "adamw", "cpuadam": "adamw", "deepspeedcpuadam": "adamw"}.get(name, name)
         if mapped not in _OPTIMIZERS or _OPTIMIZERS[mapped] is None:
-            raise JobError(f"optimizer type {opt['type']!r} is not one memfit estimates "
+            raise JobError(f"optimizer type {brief(opt['type'])} is not one memfit estimates "
                            "(AdamW, Adam, SGD, Lion)")
         if mapped == "adam":
-            params = opt.get("params") or {}
+            params = _section(opt, "params", "optimizer.")
             mapped = "adamw" if params.get("adam_w_mode", True) else "adam"
         out["optimizer"] = _OPTIMIZERS[mapped]
     return out
@@ -177,12 +218,18 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
     ``mixed_precision`` (no / fp16 / bf16), ``num_processes`` and ``num_machines``.
     """
     cfg = source if isinstance(source, dict) else _load(source, "Accelerate")
+    if not isinstance(cfg, dict):
+        raise JobError("an Accelerate config must be a mapping")
     out: dict[str, Any] = {}
-    kind = str(cfg.get("distributed_type", "NO")).upper()
-    mp = str(cfg.get("mixed_precision", "no")).lower()
+    kind, mp = cfg.get("distributed_type", "NO"), cfg.get("mixed_precision", "no")
+    kind = "NO" if kind is None else kind
+    mp = "no" if mp is None else mp
+    if not isinstance(kind, str) or not isinstance(mp, str):
+        raise JobError(f"distributed_type and mixed_precision must be names; got {brief(kind)}, {brief(mp)}")
+    kind, mp = kind.upper(), mp.lower()
     out["precision"] = {"bf16": "bf16-mixed", "fp16": "16-mixed", "no": "32-true", "fp8": "bf16-mixed"}.get(mp)
     if out["precision"] is None:
-        raise JobError(f"mixed_precision must be no, fp16 or bf16; got {mp!r}")
+        raise JobError(f"mixed_precision must be no, fp16 or bf16; got {brief(mp)}")
     procs = cfg.get("num_processes")
     machines = cfg.get("num_machines", 1)
     if _given(procs):
@@ -192,15 +239,21 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
             raise JobError(f"num_processes ({out['gpus']}) must be a multiple of num_machines ({m})")
         out["gpus_per_node"] = out["gpus"] // m
     if kind == "FSDP":
-        fc = cfg.get("fsdp_config") or {}
+        fc = _section(cfg, "fsdp_config", "")
         version = _int(fc.get("fsdp_version", 1), "fsdp_version")
         out["strategy"] = "fsdp2" if version == 2 else "fsdp"
+        if version not in (1, 2):
+            raise JobError(f"fsdp_version must be 1 or 2; got {version}")
         names = {1: "FULL_SHARD", 2: "SHARD_GRAD_OP", 3: "NO_SHARD", 4: "HYBRID_SHARD", 5: "HYBRID_SHARD"}
         strat = fc.get("fsdp_sharding_strategy")
+        if strat is not None and not isinstance(strat, (str, int)) or isinstance(strat, bool):
+            raise JobError(f"fsdp_sharding_strategy must be a name or 1-5; got {brief(strat)}")
         reshard = fc.get("fsdp_reshard_after_forward")
         if version == 1:
             if isinstance(strat, int):
-                strat = names.get(strat)
+                if strat not in names:
+                    raise JobError(f"fsdp_sharding_strategy must be a name or 1-5; got {brief(strat)}")
+                strat = names[strat]
             if isinstance(reshard, str) and strat is None:  # accelerate >= 1.6 spells v1 strategies here
                 strat = reshard
             if strat:
@@ -215,7 +268,7 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
         if fc.get("fsdp_activation_checkpointing") in (True, "true", "True"):
             out["gradient_checkpointing"] = True
     elif kind == "DEEPSPEED":
-        dc = cfg.get("deepspeed_config") or {}
+        dc = _section(cfg, "deepspeed_config", "")
         if dc.get("deepspeed_config_file"):
             ds = read_deepspeed_config(dc["deepspeed_config_file"])
             out.update({k: v for k, v in ds.items() if k != "precision" or out["precision"] == "32-true"})
@@ -224,8 +277,10 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
             if stage not in (0, 1, 2, 3):
                 raise JobError(f"zero_stage must be 0-3; got {stage}")
             out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
-            od = str(dc.get("offload_optimizer_device", "none")).lower()
-            pd = str(dc.get("offload_param_device", "none")).lower()
+            od, pd = (dc.get(k) or "none" for k in ("offload_optimizer_device", "offload_param_device"))
+            if not isinstance(od, str) or not isinstance(pd, str):
+                raise JobError(f"offload devices must be none, cpu or nvme; got {brief(od)}, {brief(pd)}")
+            od, pd = od.lower(), pd.lower()
             if pd not in ("none", ""):
                 out["offload"], out["offload_device"] = "optimizer+params", pd
             elif od not in ("none", ""):
@@ -235,7 +290,7 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
     elif kind in ("MULTI_GPU", "NO"):
         out["strategy"] = "ddp" if out.get("gpus", 1) > 1 else "single"
     else:
-        raise JobError(f"distributed_type {kind} is not estimated (FSDP, DEEPSPEED, MULTI_GPU or NO)")
+        raise JobError(f"distributed_type {brief(kind)} is not estimated (FSDP, DEEPSPEED, MULTI_GPU or NO)")
     return out
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import JobError
+from .errors import JobError, brief
 
 __all__ = ["Job", "load_job", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "STRATEGIES"]
 
@@ -37,14 +39,44 @@ ZERO_OPTIONS = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "
                 "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
 
+#: Largest value a count field takes. Beyond these no run exists and the arithmetic stops meaning anything
+#: (2**31 tokens per sequence, 2**20 GPUs); the ZeRO element counts and bucket sizes go to 2**50.
+_MAXIMA = {"gpus": 1 << 20, "gpus_per_node": 1 << 20, "tensor_parallel": 1 << 20, "pipeline_parallel": 1 << 20,
+           "expert_parallel": 1 << 20, "pipeline_microbatches": 1 << 20}
+_MAX_COUNT = (1 << 31) - 1
+_MAX_ELEMENTS = 1 << 50
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise JobError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise JobError(f"{name} must be one of {', '.join(allowed)}; got {brief(value)}")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise JobError(f"{name} must be a whole number >= {minimum}; got {value!r}")
+        raise JobError(f"{name} must be a whole number >= {minimum}; got {brief(value)}")
+    maximum = _MAXIMA.get(name, _MAX_ELEMENTS if name in ZERO_OPTIONS else _MAX_COUNT)
+    if value > maximum:
+        raise JobError(f"{name} must be at most {maximum:,}; got {brief(value)}")
+
+
+_DTYPE_PRECISION = {"bfloat16": "bf16-true", "bf16": "bf16-true", "float16": "16-true", "fp16": "16-true",
+                    "half": "16-true", "float32": "32-true", "fp32": "32-true", "float": "32-true"}
+
+
+def _inference_precision(model: Any) -> str:
+    """The precision an inference job runs in when none is given: the checkpoint's dtype."""
+    if not isinstance(model, str):
+        return "bf16-true"
+    from .models import checkpoint_dtype
+
+    dtype = checkpoint_dtype(model)
+    return _DTYPE_PRECISION.get(dtype.lower(), "bf16-true") if dtype else "bf16-true"
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise JobError(f"{name} must be true or false; got {brief(value)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,8 +95,10 @@ class Job:
     """LoRA alpha; does not change memory, kept so the job reproduces a PEFT config."""
     lora_targets: str | list[str] = "all-linear"
     """``all-linear`` (every linear in the blocks, not the head) or a list of module names (``q_proj``...)."""
-    precision: str = "bf16-mixed"
-    """Lightning's names: 32-true, 16-mixed, bf16-mixed, bf16-true, 16-true."""
+    precision: str | None = None
+    """Lightning's names: 32-true, 16-mixed, bf16-mixed, bf16-true, 16-true. Left out: training runs
+    bf16-mixed; inference runs in the checkpoint's ``torch_dtype`` (bfloat16 -> bf16-true, float16 ->
+    16-true, float32 -> 32-true; bf16-true when the config is not at hand), as ``from_pretrained`` loads it."""
     optimizer: str = "adamw"
     """adamw, adam, sgd, sgd-momentum, adafactor, lion; bitsandbytes adamw-8bit, paged-adamw-8bit, paged-adamw."""
     batch_size: int = 1
@@ -83,8 +117,9 @@ class Job:
     """Inference: dtype of the KV cache; auto follows the compute dtype."""
     quantization: str = "none"
     """Weight format of the frozen base: none, int8, nf4, fp4, fp8, gptq, awq."""
-    double_quant: bool = False
-    """bitsandbytes 4-bit: quantize the absmax constants too (QLoRA's double quantization)."""
+    double_quant: bool | None = None
+    """bitsandbytes 4-bit: quantize the absmax constants too (QLoRA's double quantization). Left out, it
+    follows the method: true for qlora, false otherwise; an explicit false is kept."""
     quant_group_size: int = 64
     """Block/group size of the quantization scales (bitsandbytes 4-bit blocksize 64; GPTQ/AWQ groups 128)."""
     gpus: int = 1
@@ -142,10 +177,14 @@ class Job:
     mapping pages instead of one ``cudaMalloc`` per segment, which removes most fragmentation."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
         if not isinstance(self.model, str) or not self.model.strip():
             raise JobError("model must be a registry name, a config.json path or a Hub id (see `memfit models`)")
         _choice("task", self.task, TASKS)
         _choice("method", self.method, METHODS)
+        if self.precision is None:
+            self.precision = "bf16-mixed" if self.task == "train" else _inference_precision(self.model)
         _choice("precision", self.precision, PRECISIONS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("attention", self.attention, ATTENTIONS)
@@ -159,9 +198,13 @@ class Job:
         _positive_int("new_tokens", self.new_tokens, minimum=0)
         _positive_int("quant_group_size", self.quant_group_size)
         _positive_int("gpus", self.gpus)
-        if self.method in ("lora", "qlora"):
-            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-                raise JobError(f"lora_rank must be a whole number >= 1 for method {self.method}; got {self.lora_rank!r}")
+        # lora fields are checked whatever the method: they are part of the job and go into its JSON
+        _positive_int("lora_rank", self.lora_rank)
+        alpha = self.lora_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or (isinstance(alpha, int) and abs(alpha) > _MAX_COUNT)
+                                  or (isinstance(alpha, float) and not math.isfinite(alpha))):
+            raise JobError(f"lora_alpha must be a number or left out; got {brief(self.lora_alpha)}")
         if isinstance(self.lora_targets, str):
             if self.lora_targets != "all-linear":
                 self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
@@ -170,13 +213,16 @@ class Job:
             if not targets or not all(isinstance(t, str) and t for t in targets):
                 raise JobError("lora_targets must be 'all-linear' or a non-empty list of module names like [q_proj, v_proj]")
             self.lora_targets = targets
+        elif not isinstance(self.lora_targets, str):
+            raise JobError("lora_targets must be 'all-linear' or a list of module names like [q_proj, v_proj]; "
+                           f"got {brief(self.lora_targets)}")
+        if self.double_quant is None:  # the method's default: QLoRA's recipe quantizes the constants too
+            self.double_quant = self.method == "qlora"
         for flag in ("gradient_checkpointing", "double_quant", "expandable_segments"):
-            if not isinstance(getattr(self, flag), bool):
-                raise JobError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
+            _flag(flag, getattr(self, flag))
         if self.method == "qlora":
             if self.quantization == "none":
                 self.quantization = "nf4"
-                self.double_quant = True
             elif self.quantization not in ("nf4", "fp4"):
                 raise JobError(f"method qlora quantizes the base to nf4 or fp4, not {self.quantization}")
         if self.gpus_per_node is None:
@@ -191,6 +237,9 @@ class Job:
         self._check_parallel()
         if self.strategy == "single" and self.gpus > 1:
             self.strategy = "ddp"
+        if self.attention == "flash" and self.precision == "32-true":
+            raise JobError("attention flash (flash-attn 2) runs in fp16 or bf16 only; with 32-true use sdpa or "
+                           "eager, or pick a 16-bit precision")
         if self.strategy != "single" and self.task == "infer":
             raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
         if self.task == "train" and self.quantization in ("gptq", "awq", "fp8") and self.method == "full":
@@ -205,18 +254,17 @@ class Job:
             self.fsdp_sharding = self.fsdp_sharding.strip().upper().replace("-", "_")
         _choice("fsdp_sharding", self.fsdp_sharding, FSDP_SHARDINGS)
         for flag in ("reshard_after_forward", "gradient_as_bucket_view", "sequence_parallel"):
-            if not isinstance(getattr(self, flag), bool):
-                raise JobError(f"{flag} must be true or false; got {getattr(self, flag)!r}")
+            _flag(flag, getattr(self, flag))
         for flag in ("overlap_comm", "contiguous_gradients"):
             v = getattr(self, flag)
             if v is not None and not isinstance(v, bool):
-                raise JobError(f"{flag} must be true, false or left out (DeepSpeed's default); got {v!r}")
+                raise JobError(f"{flag} must be true, false or left out (DeepSpeed's default); got {brief(v)}")
         _positive_int("bucket_cap_mb", self.bucket_cap_mb)
         for name in ZERO_OPTIONS:
             v = getattr(self, name)
             if name in ("overlap_comm", "contiguous_gradients") or v is None:
                 continue
-            if isinstance(v, float) and v.is_integer():
+            if isinstance(v, float) and v.is_integer() and abs(v) <= _MAX_ELEMENTS:
                 v = int(v)
                 setattr(self, name, v)
             _positive_int(name, v, minimum=0 if name.startswith("stage3_") else 1)
@@ -273,9 +321,14 @@ class Job:
         if not isinstance(data, dict):
             raise JobError("a job must be a mapping of field: value (see README, 'Jobs')")
         known = {f.name for f in fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise JobError(f"job field names must be text; got {', '.join(brief(k) for k in odd[:3])} "
+                           "(quote it in YAML, or drop it)")
         unknown = sorted(set(data) - known)
         if unknown:
-            raise JobError(f"unknown job field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            shown = ", ".join(u if len(u) <= 40 else brief(u, 40) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise JobError(f"unknown job field(s) {shown}; allowed: {', '.join(sorted(known))}")
         if "model" not in data:
             raise JobError("a job needs a model: a registry name (see `memfit models`), a config.json path or a Hub id")
         data = dict(data)
@@ -283,7 +336,7 @@ class Job:
                     "quant_group_size", "bucket_cap_mb", "tensor_parallel", "pipeline_parallel",
                     "pipeline_microbatches", "expert_parallel", *ZERO_OPTIONS):
             v = data.get(key)
-            if isinstance(v, str) and v.strip().isdigit():
+            if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit() and len(v.strip()) < 30:
                 data[key] = int(v)
         try:
             return cls(**data)
@@ -294,9 +347,18 @@ class Job:
 def load_job(path: str | Path) -> Job:
     """Read a job from a YAML or JSON file."""
     p = Path(path)
-    if not p.is_file():
-        raise JobError(f"job file {str(p)!r} does not exist")
-    text = p.read_text()
+    try:
+        if not p.is_file():
+            raise JobError(f"job file {brief(str(p), 200)} does not exist")
+        raw = p.read_bytes()
+    except JobError:
+        raise
+    except (OSError, ValueError) as exc:  # name too long, a NUL in the name, no permission
+        raise JobError(f"cannot read job file {brief(str(p), 200)}: {type(exc).__name__}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise JobError(f"job file {str(p)!r} is not UTF-8 text; a job is a YAML or JSON file") from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
@@ -304,8 +366,10 @@ def load_job(path: str | Path) -> Job:
             import yaml
 
             data = yaml.safe_load(text)
+    except RecursionError:
+        raise JobError(f"cannot parse job file {str(p)!r}: nested too deep") from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
         raise JobError(f"cannot parse job file {str(p)!r}: {first}") from None
     if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
         data = data["job"]  # a measurement record holds its job under "job"

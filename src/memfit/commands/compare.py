@@ -33,14 +33,37 @@ def _load_record(path: str, name: str | None) -> dict:
     except json.JSONDecodeError as exc:
         raise MemfitError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})") from None
     if isinstance(data, list):
-        pick = [r for r in data if isinstance(r, dict) and (name is None or r.get("name") == name)]
+        pick = [r for r in data if isinstance(r, dict)
+                and (name is None or r.get("name") == name or r.get("label") == name)]
         if len(pick) != 1 or "breakdown" not in pick[0]:
-            names = ", ".join(str(r.get("name")) for r in data if isinstance(r, dict))[:300]
+            names = ", ".join(str(r.get("name") or r.get("label")) for r in data if isinstance(r, dict))[:300]
             raise MemfitError(f"{path} holds {len(data)} records; pick one with --name (one of: {names})")
         data = pick[0]
     if not isinstance(data, dict) or "breakdown" not in data or "job" not in data:
         raise MemfitError(f"{path} is not a measurement record (no job/breakdown)")
     return data
+
+
+#: Components a measurement cannot tell apart from the activations (measure names what it can count
+#: exactly and calls the rest of the peak activations: the logits are in there).
+_FOLDED_INTO_ACTIVATIONS = ("logits_and_loss",)
+
+
+def attribute_alike(engines: dict) -> list[str]:
+    """Fold components into ``activations`` in every engine where any engine lumps them there, so each row
+    compares like with like (a measured run counts the logits in its activations; the estimate and the
+    trace name them apart). Changes the Breakdowns in place; returns a note per folded component."""
+    notes = []
+    for name in _FOLDED_INTO_ACTIVATIONS:
+        has = [name in bd.components for bd in engines.values()]
+        if any(has) and not all(has):
+            for bd in engines.values():
+                if name in bd.components:
+                    bd.components["activations"] = bd.components.get("activations", 0) + bd.components.pop(name)
+            missing = [e for e, h in zip(engines, has) if not h]
+            notes.append(f"{name} counted in activations for every engine ({', '.join(missing)} does not "
+                         "separate them)")
+    return notes
 
 
 def compare_rows(engines: dict) -> list[tuple[str, list[int | None]]]:
@@ -74,9 +97,10 @@ def run(args: argparse.Namespace) -> int:
         engines["trace"] = trace(job)
     if record:
         engines["measured"] = Breakdown.from_dict(record["breakdown"])
+    folded = attribute_alike(engines)
     rows = compare_rows(engines)
     if args.json:
-        print(json.dumps({"job": job.to_dict(), "engines": list(engines),
+        print(json.dumps({"job": job.to_dict(), "engines": list(engines), "notes": folded,
                           "rows": {k: v for k, v in rows}, "peak_phase": {e: b.peak_phase for e, b in engines.items()}},
                          indent=1))
         return 0
@@ -106,4 +130,6 @@ def run(args: argparse.Namespace) -> int:
     c = Console()
     c.print(t)
     c.print("peak phase: " + ", ".join(f"{e} {b.peak_phase}" for e, b in engines.items()))
+    for note in folded:
+        c.print(f"note: {note}")
     return 0

@@ -300,10 +300,15 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
     ``spec`` skips the model lookup (the planner passes it when it sweeps batch sizes).
     """
     spec = _spec(job, spec)
+    from ..checks import check_job_for_model
+
+    remarks = check_job_for_model(job, spec)  # raises where no run exists
     if job.strategy != "single" or job.gpus > 1:
         from .parallel import estimate_parallel  # DDP, FSDP, ZeRO, offload, TP/PP/SP/EP: per rank
 
-        return estimate_parallel(job, spec)
+        bd = estimate_parallel(job, spec)
+        bd.notes.extend(remarks)
+        return bd
     if spec.model_type == "gemma2" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
@@ -321,7 +326,7 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job), components=comps, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved, device_total_bytes=total, peak_phase=phase, phases=phases,
-        host_bytes=st.paged_optimizer_host_bytes(spec, job), notes=notes)
+        host_bytes=st.paged_optimizer_host_bytes(spec, job), notes=notes + remarks)
 
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:

@@ -98,13 +98,41 @@ class _Stage:
     in_flight: int
     """Micro-batches whose activations this stage holds at its peak (1F1B: pp - stage)."""
 
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+    """Sums computed once per estimate (the moments ask for them once per layer: without it the estimate
+    is quadratic in the layer count)."""
+
     @property
     def params(self) -> float:
-        return sum(self.layer_params) + self.embed + self.head
+        if "params" not in self.memo:
+            self.memo["params"] = sum(self.layer_params) + self.embed + self.head
+        return self.memo["params"]
 
     @property
     def trainable(self) -> float:
-        return sum(self.layer_trainable) + self.head_trainable + self.embed_trainable
+        if "trainable" not in self.memo:
+            self.memo["trainable"] = sum(self.layer_trainable) + self.head_trainable + self.embed_trainable
+        return self.memo["trainable"]
+
+    def params_through(self, k: int) -> float:
+        """``sum(layer_params[:k + 1])``, from a prefix table made once."""
+        if "prefix" not in self.memo:
+            acc, table = 0.0, []
+            for p in self.layer_params:
+                acc += p
+                table.append(acc)
+            self.memo["prefix"] = table
+        return self.memo["prefix"][k] if k >= 0 else 0.0
+
+    def trainable_from(self, k: int) -> float:
+        """``sum(layer_trainable[k:])``, from a suffix table made once."""
+        if "suffix" not in self.memo:
+            acc, table = 0.0, [0.0] * (len(self.layer_trainable) + 1)
+            for i in range(len(self.layer_trainable) - 1, -1, -1):
+                acc += self.layer_trainable[i]
+                table[i] = acc
+            self.memo["suffix"] = table
+        return self.memo["suffix"][k]
 
 
 def _layer_order(spec: ModelSpec) -> list[int]:
@@ -271,7 +299,7 @@ def _grads_done(m: _Moment, stage: _Stage) -> tuple[float, float]:
     if m.kind == "loss_backward":
         return 0.0, 0.0  # the loss's backward (log_softmax) runs before the head's
     if m.kind == "layer_backward":
-        done = stage.head_trainable + sum(stage.layer_trainable[m.layer:])
+        done = stage.head_trainable + stage.trainable_from(m.layer)
         return done, stage.layer_trainable[m.layer]
     return stage.trainable, 0.0
 
@@ -298,7 +326,8 @@ def _master_bytes(job: Job) -> int:
 def _opt_bytes_per_elem(spec: ModelSpec, job: Job, dtype_precision: str) -> tuple[float, float]:
     """(optimizer-state bytes, optimizer-step scratch bytes) per trainable element, with the states in the dtype
     of ``dtype_precision`` (torch.optim allocates them like the parameter they track)."""
-    j = job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", precision=dtype_precision,
+    j = job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", offload_device="cpu",
+                    precision=dtype_precision,
                     tensor_parallel=1, pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
     n = st.trainable_params(spec, j)
     if n == 0:
@@ -337,7 +366,12 @@ def zero_ipg_bucket_bytes(job: Job, cb: int) -> float:
 
 def zero3_persistent_params(spec: ModelSpec, job: Job, stage: _Stage, lay: Layout) -> float:
     """Parameters ZeRO-3 never partitions: those of at most ``stage3_param_persistence_threshold`` elements
-    (default 1e5; norms and biases), kept whole on every rank (``ds_persist`` in parameter_offload.py)."""
+    (default 1e5; norms and biases), kept whole on every rank (``ds_persist`` in
+    deepspeed/runtime/zero/parameter_offload.py tests each parameter's ``ds_numel``).
+
+    The test sees the tensor this rank holds: after tensor (and expert) parallelism has split a linear,
+    its weight and bias are 1/t of their full size, and that share is what persists and what is counted.
+    Weight and bias are separate parameters, each tested on its own."""
     from ..deepspeed_config import zero_option
 
     thr = zero_option(job, "stage3_param_persistence_threshold")
@@ -348,8 +382,10 @@ def zero3_persistent_params(spec: ModelSpec, job: Job, stage: _Stage, lay: Layou
         if b.other_params and thr >= spec.hidden_size:
             total += b.other_params
         for lin in b.linears:
-            if lin.params <= thr:
-                total += lin.params
+            split = (lay.tp if lin.role not in _REPLICATED_ROLES else 1) * (lay.ep if lin.role.startswith("expert") else 1)
+            weight = lin.in_features * lin.out_features * lin.count / split
+            bias = lin.out_features * lin.count / split if lin.bias else 0.0
+            total += (weight if weight <= thr else 0.0) + (bias if bias <= thr else 0.0)
     if stage.last and spec.final_params <= thr:
         total += spec.final_params
     return total
@@ -460,13 +496,13 @@ def _fsdp_terms(m: _Moment, stage: _Stage, S: int, cb: int, wb: int, tb: int, tr
         gathered += root * cb
     if m.kind in ("loss", "loss_backward"):
         if not reshard:
-            gathered += sum(lp) * cb
+            gathered += stage.params_through(len(lp) - 1) * cb
     elif m.kind == "layer_backward":
         k = m.layer
         if reshard:
             gathered += lp[k] * cb + (lp[k - 1] * cb if k > 0 else 0.0)
         else:
-            gathered += sum(lp[:k + 1]) * cb
+            gathered += stage.params_through(k) * cb
         comm += current * cb  # this layer's unsharded gradients
         if k + 1 < len(lp):
             comm += stage.layer_trainable[k + 1] * rb  # reduce-scatter input of the layer before (in backward)
@@ -551,18 +587,23 @@ def _zero_terms(spec: ModelSpec, m: _Moment, job: Job, stage: _Stage, lay: Layou
                 c["gradients"] = trainable * 4 / S
                 c["temporaries"] = m.temporaries + max(trainable * cb / S * 2, trainable * opt_tmp_per / S)
     else:  # zero3
-        persist = zero3_persistent_params(spec, job, stage, lay)
+        if "zero3" not in stage.memo:  # per stage, not per moment
+            head, kept_layers = zero3_gathered_at_loss(spec, job, stage)
+            prefix = [0.0]
+            for p in kept_layers:
+                prefix.append(prefix[-1] + p)
+            stage.memo["zero3"] = (zero3_persistent_params(spec, job, stage, lay), head, kept_layers, prefix)
+        persist, head, kept_layers, kept_prefix = stage.memo["zero3"]
         c["weights"] = 0.0 if off_par else (stage.params - persist) * cb / S
         c["weights"] += persist * cb + adapters_16 / S
         c["gradients"] = 0.0 if off_opt else trainable * cb / S  # grad_partitions_flat_buffer
         c["communication_buffers"] = bucket
         prefetch = float(zero_option(job, "stage3_prefetch_bucket_size")) * cb
-        head, kept_layers = zero3_gathered_at_loss(spec, job, stage)
         if m.kind in ("loss", "loss_backward"):
-            c["gathered_weights"] = head * cb + sum(kept_layers) * cb
+            c["gathered_weights"] = head * cb + kept_prefix[-1] * cb
         elif m.kind == "layer_backward":
             k = m.layer
-            below = sum(kept_layers[:k])
+            below = kept_prefix[k]
             c["gathered_weights"] = below * cb + max(stage.layer_params[k] * cb, 0.0) + prefetch
             c["communication_buffers"] += stage.layer_max[k] * cb  # a fresh 16-bit grad before the bucket copy
         if m.kind == "step" and not off_opt and trainable:
@@ -627,6 +668,26 @@ def host_bytes_per_rank(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage) -
     return host
 
 
+def nvme_bytes_per_rank(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage) -> float:
+    """NVMe space one rank's swap files take under ZeRO-Infinity (``offload_device nvme``, stage 3).
+
+    ``offload_optimizer.device: nvme`` swaps each sub-group's fp32 master partition, its optimizer states and
+    its fp32 gradients out to files (deepspeed/runtime/swap_tensor/partitioned_optimizer_swapper.py, 0.16);
+    ``offload_param.device: nvme`` swaps the 16-bit parameter partitions too
+    (partitioned_param_swapper.py). Each rank writes its own 1/S partition; nothing of it stays on the GPU.
+    """
+    if job.offload_device != "nvme" or job.offload == "none":
+        return 0.0
+    S = lay.shard
+    t = stage.trainable
+    md = _master_bytes(job)
+    opt_per, _ = _opt_bytes_per_elem(spec, job, "bf16-true" if md == 2 else "32-true")
+    total = t * (md + opt_per + 4) / S
+    if job.offload == "optimizer+params":
+        total += stage.params * _compute_bytes(job) / S
+    return total
+
+
 # --------------------------------------------------------------------------------------------- public
 def _activation_mode(job: Job) -> str:
     from . import _act_mode
@@ -676,27 +737,34 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
     total = reserved + cuda_context_bytes(job) + nccl
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
+    nvme_rank = nvme_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
+    if nvme_rank:
+        notes.append(f"NVMe (ZeRO-Infinity swap files): {nvme_rank / 2**30:.2f} GiB per rank, "
+                     f"x {ranks_per_node} ranks per node")
     if job.strategy in ("fsdp2", "fsdp") and job.precision in ("16-mixed", "bf16-mixed"):
         notes.append("mixed precision by the engine: fp32 shards, 16-bit gathered layers, no autocast")
     if job.strategy.startswith("zero") and job.precision in ("16-mixed", "bf16-mixed"):
         notes.append("DeepSpeed bf16/fp16: 16-bit parameters and gradients, fp32 master partition and optimizer states")
     extras = {"layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "shard": lay.shard,
                          "sequence_parallel": lay.sp, "microbatches_in_flight": stage.in_flight},
-              "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl}
+              "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl,
+              "nvme_bytes_per_rank": int(nvme_rank)}
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job.replace(strategy="single", gpus=1, gpus_per_node=1,
-                                                                   offload="none", tensor_parallel=1,
+                                                                   offload="none", offload_device="cpu",
+                                                                   tensor_parallel=1,
                                                                    pipeline_parallel=1, expert_parallel=1,
                                                                    sequence_parallel=False)),
         components=comps, peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=total,
-        peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node), notes=notes, extras=extras)
+        peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node),
+        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes, extras=extras)
 
 
 # --------------------------------------------------------------------------------------------- closed forms

@@ -55,8 +55,9 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
     ``model``: an ``nn.Module`` to measure instead of building the job's model (see
     :func:`memfit.reference.forward_loss` for the protocol a plain module follows). ``steps``: training
     steps (or inference calls), the first one a warm-up. ``out``: write the record JSON there.
-    ``device``: ``cuda``, ``cuda:N`` or ``cpu``; by default the current CUDA device, else the CPU (a tiny
-    model then: the CPU run counts tensors, see :data:`CPU_NOTE`). ``spec``: a ModelSpec (or
+    ``device``: ``cuda``, ``cuda:N`` or ``cpu``; by default the current CUDA device. Without one it refuses:
+    a CPU run is asked for with ``device="cpu"`` (``--cpu``), for tiny models (it counts tensors, see
+    :data:`CPU_NOTE`), and is refused when the estimate says it needs more than the host's free memory. ``spec``: a ModelSpec (or
     :class:`memfit.reference.ConfigSpec`) to use instead of resolving ``job.model``.
 
     ``gpu_memory_bytes``: rehearse a card of that size (what its driver reports as total) on this bigger
@@ -79,6 +80,8 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
     dev = _resolve_device(torch, device)
     if spec is None:
         spec = _spec_for_user_model(job, model) if model is not None else resolve_spec(job.model)
+    if dev.type == "cpu" and model is None:
+        check_host_memory(job, spec)
     from .meters import CpuMeter, CudaMeter
 
     meter = CudaMeter(dev) if dev.type == "cuda" else CpuMeter()
@@ -283,6 +286,9 @@ def measure_sweep(job: Job | dict[str, Any], precisions: tuple[str, ...] = SWEEP
         for label, bd in results:
             rec = make_record(Job.from_dict(bd.job), bd, env)
             rec["label"] = label
+            rec.setdefault("name", label)  # what `memfit compare --measured FILE --name LABEL` picks
+            if label == "tf32":  # the job estimate and trace read: 32-true (TF32 changes no byte)
+                rec["job"]["precision"] = "32-true"
             records.append(rec)
         write_json(out, records)
     return results
@@ -311,9 +317,46 @@ def resolve_spec(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def host_available_bytes() -> int | None:
+    """Memory the host can still give (``MemAvailable`` of /proc/meminfo, Linux), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+#: Share of the host's available memory a CPU measurement may plan to use (the rest: Python, torch, the OS).
+CPU_RUN_MEMORY_SHARE = 0.8
+
+
+def check_host_memory(job: Job, spec: Any, available: int | None = None) -> None:
+    """Refuse a CPU run whose estimated peak (live tensors, what the CPU run holds) is more than
+    :data:`CPU_RUN_MEMORY_SHARE` of the host's available memory. Silent when either is unknown."""
+    available = host_available_bytes() if available is None else available
+    if not available:
+        return
+    try:
+        from ..estimator import estimate
+
+        need = estimate(job, spec).peak_allocated_bytes if hasattr(spec, "blocks") else estimate(job).peak_allocated_bytes
+    except Exception:  # noqa: BLE001 - no estimate (a config the estimator cannot count): nothing to check
+        return
+    if need > CPU_RUN_MEMORY_SHARE * available:
+        raise MemfitError(f"a CPU run of this job needs about {need / 2**30:.1f} GiB and the host has "
+                          f"{available / 2**30:.1f} GiB available; measure it on a GPU, or use `memfit estimate` "
+                          "/ `memfit trace` (no GPU needed)")
+
+
 def _resolve_device(torch: Any, device: Any):
     if device is None:
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        raise MemfitError("no CUDA device is visible to torch; measure needs a GPU, or --cpu (device='cpu') to run "
+                          "a tiny job on the CPU; `memfit estimate` and `memfit trace` need no GPU")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MemfitError("no CUDA device is visible to torch; measure on the CPU with device='cpu' (--cpu) "

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError, brief
 from .families import SUPPORTED_MODEL_TYPES, spec_from_config
 from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
 
@@ -101,6 +101,7 @@ def registry_names() -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A config.json as a dict; every way it can be unreadable is a one-line ConfigError."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -110,6 +111,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file; point memfit at a model's config.json") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deep to be a config.json") from None
+    except ValueError as exc:  # integers of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ConfigError(f"{path} holds a number memfit cannot read ({str(exc).split(':')[0]})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _hub_reachable() -> bool:
@@ -127,37 +134,63 @@ def _hub_reachable() -> bool:
     return True
 
 
+def _looks_like_hub_id(ref: str) -> bool:
+    """``owner/name``: one slash, no path syntax (the shape ``huggingface_hub`` accepts as a repo id)."""
+    parts = ref.split("/")
+    return len(parts) == 2 and all(parts) and not ref.startswith((".", "~")) and " " not in ref
+
+
 def _from_hub(ref: str) -> Path | None:
-    """Download (or reuse from the hub cache) ``config.json`` of a Hub repo; None when that fails."""
+    """Download (or reuse from the hub cache) ``config.json`` of a Hub repo.
+
+    None when ``ref`` is not shaped like a Hub id; a one-line :class:`ModelNotFoundError` (or
+    :class:`MissingDependencyError`) that says *which* way it failed when it is: huggingface_hub missing,
+    the machine offline, the repo gated, no such repo, no config.json in it."""
+    if not _looks_like_hub_id(ref):
+        return None
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import logging as hub_logging
     except ImportError:
-        return None
+        from ..errors import MissingDependencyError
+
+        raise MissingDependencyError(f"{ref!r} looks like a Hugging Face Hub id, and reading it needs huggingface_hub: "
+                                     "pip install 'memfit[hub]' (or point memfit at a local config.json)") from None
     hub_logging.set_verbosity_error()
     try:  # the cache answers offline too
         return Path(hf_hub_download(repo_id=ref, filename="config.json", local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached
         pass
-    if "/" not in ref or not _hub_reachable():
-        return None
+    if not _hub_reachable():
+        raise ModelNotFoundError(f"{ref!r} is not a built-in name and not in the Hub cache, and the Hub is not "
+                                 "reachable (offline, or HF_HUB_OFFLINE is set); download its config.json and "
+                                 "pass the path")
     try:
         return Path(hf_hub_download(repo_id=ref, filename="config.json"))
-    except Exception:  # offline, gated, no such repo, malformed id: all mean "not reachable"
-        return None
+    except Exception as exc:  # noqa: BLE001 - sorted by kind below
+        kind = type(exc).__name__
+        if kind == "GatedRepoError":
+            why = ("is gated: accept its license on huggingface.co, then log in (huggingface-cli login or "
+                   "HF_TOKEN), or pass a local config.json")
+        elif kind in ("RepositoryNotFoundError", "HFValidationError"):
+            why = "is not a Hub repo (or it is private: log in with huggingface-cli login or HF_TOKEN)"
+        elif kind in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
+            why = "is a Hub repo without a config.json (not a transformers model?)"
+        else:
+            why = f"could not be fetched from the Hub ({kind}); check the network or pass a local config.json"
+        raise ModelNotFoundError(f"{ref!r} {why}") from None
 
 
 def _not_found(ref: str) -> ModelNotFoundError:
-    close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5)
+    close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5) if len(ref) < 200 else []
     names = list(dict.fromkeys(_aliases()[c] for c in close))
     hint = f"; close built-in names: {', '.join(names)}" if names else "; run `memfit models` to list built-in names"
     return ModelNotFoundError(
-        f"unknown model {ref!r}: not a built-in name, a local config.json, or a reachable Hub id{hint}"
+        f"unknown model {brief(ref, 100)}: not a built-in name, a local config.json, or a reachable Hub id{hint}"
     )
 
 
-@lru_cache(maxsize=256)
-def load_model(ref: str) -> ModelSpec:
+def load_model(ref: str | Path) -> ModelSpec:
     """The :class:`ModelSpec` of ``ref``: a registry name (case-insensitive; a registry entry's Hub id
     and listed aliases also resolve to it, and so do the served Hub ids of ``aliases.json``, offline,
     with their config overrides applied and their checkpoint quantization recorded), a path to a
@@ -167,6 +200,36 @@ def load_model(ref: str) -> ModelSpec:
     Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
     :class:`~memfit.errors.ConfigError` when the config cannot be counted.
     """
+    import os
+
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str):
+        raise ModelNotFoundError(f"a model is named by a string (registry name, config.json path or Hub id), "
+                                 f"not {type(ref).__name__} {brief(ref)}")
+    return _load_model(ref)
+
+
+def _local_config(key: str) -> Path | None:
+    """The config.json a local path names (a file, or a folder holding one), or None when the path does
+    not exist. Names the OS refuses (too long, a NUL byte, ``~user`` of no such user) are not paths."""
+    try:
+        path = Path(key).expanduser()
+    except RuntimeError:  # ~nosuchuser: expanduser cannot resolve the home folder
+        path = Path(key)
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(f"folder {brief(key, 200)} has no config.json; point memfit at a model "
+                                         "folder or file")
+            return path / "config.json"
+        return path if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+@lru_cache(maxsize=256)
+def _load_model(ref: str) -> ModelSpec:
     key = ref.strip()
     name = _aliases().get(key.lower())
     if name is not None:
@@ -182,18 +245,39 @@ def load_model(ref: str) -> ModelSpec:
         spec = spec_from_config(config, name=name, source=alias["source"])
         return replace(spec, checkpoint_quantization=alias.get("quantization", spec.checkpoint_quantization))
 
-    path = Path(key).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"folder {key!r} has no config.json; point memfit at a model folder or file")
-        path = path / "config.json"
-    if path.is_file():
+    path = _local_config(key)
+    if path is not None:
         return spec_from_config(_read_json(path), name=key, source=str(path.resolve()))
 
     downloaded = _from_hub(key) if key else None
     if downloaded is None:
         raise _not_found(key)
     return spec_from_config(_read_json(downloaded), name=key, source=_HUB_URL.format(key))
+
+
+load_model.cache_clear = _load_model.cache_clear  # type: ignore[attr-defined]
+
+
+@lru_cache(maxsize=256)
+def checkpoint_dtype(ref: str) -> str | None:
+    """The ``torch_dtype`` (or ``dtype``) a registry entry's or a local config.json names, without building
+    a spec and without the network: ``float32`` when the config names none (transformers' default), None
+    when ``ref`` is neither a registry name nor a readable local config. Never raises."""
+    try:
+        key = ref.strip()
+        name = _aliases().get(key.lower())
+        path = _REGISTRY_DIR / f"{name}.json" if name is not None else _local_config(key)
+        if path is None:
+            return None
+        config = _read_json(path)
+        if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+            config = {**config["text_config"], **{k: config[k] for k in ("torch_dtype", "dtype") if k in config}}
+        if not isinstance(config, dict):
+            return None
+        dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+        return dtype if isinstance(dtype, str) else None
+    except Exception:  # noqa: BLE001 - a default, not a check: the engines report a bad config themselves
+        return None
 
 
 def list_models() -> list[dict[str, Any]]:

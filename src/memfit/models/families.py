@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, brief
 from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
 
 __all__ = ["spec_from_config", "SUPPORTED_MODEL_TYPES"]
@@ -67,15 +67,34 @@ class _Config:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config.json: {key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"config.json: {key} must be a number, got {brief(value)}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config.json: {key} is too large a number, got {brief(value)}") from None
 
 
-def _as_int(key: str, value: Any, minimum: int) -> int:
+#: Largest size a config field may give. transformers builds every dimension as a tensor shape; beyond
+#: 2**31 - 1 no model is built (and the arithmetic here would describe nothing real).
+MAX_CONFIG_SIZE = (1 << 31) - 1
+#: Most layers a config may give: the deepest published decoders have a few hundred; the estimate walks the
+#: layers, so an absurd count (2**31) would only exhaust memory.
+MAX_LAYERS = 10_000
+
+
+def _text(value: Any) -> str:
+    """A config string field (an activation name) as text; a non-string value is shown briefly."""
+    return value if isinstance(value, str) else brief(value)
+
+
+def _as_int(key: str, value: Any, minimum: int, maximum: int = MAX_CONFIG_SIZE) -> int:
+    """``value`` as a config size: an integer between ``minimum`` and ``maximum``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"config.json: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"config.json: {key} must be an integer, got {brief(value)}")
     if value < minimum:
-        raise ConfigError(f"config.json: {key} must be at least {minimum}, got {value}")
+        raise ConfigError(f"config.json: {key} must be at least {minimum}, got {brief(value)}")
+    if value > maximum:
+        raise ConfigError(f"config.json: {key} must be at most {maximum:,}, got {brief(value)}")
     return value
 
 
@@ -92,7 +111,10 @@ def _layers(c: _Config) -> int:
         raise ConfigError(
             "config.json has no num_hidden_layers (or n_layer/num_layers); is this a transformers model config?"
         )
-    return c.int("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    n = c.int("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    if n > MAX_LAYERS:
+        raise ConfigError(f"config.json: num_hidden_layers {n:,} is more than memfit counts ({MAX_LAYERS:,})")
+    return n
 
 
 def _heads(c: _Config, hidden: int, *, divides: bool) -> int:
@@ -344,7 +366,7 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
     n_layers = _layers(c)
     vocab = c.int("vocab_size")
     inter = c.int("intermediate_size")
-    act = str(c.get("hidden_activation", "hidden_act", default=None) or c.defaults.get("hidden_activation")
+    act = _text(c.get("hidden_activation", "hidden_act", default=None) or c.defaults.get("hidden_activation")
               or c.defaults.get("hidden_act") or "silu")
     tie = c.flag("tie_word_embeddings")
     mla = family in ("deepseek_v2", "deepseek_v3")
@@ -406,7 +428,7 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
             attn_other += _norm("rms", heads * head_dim) + _norm("rms", kv * head_dim)  # over all heads
         elif family == "olmoe":
             attn_other += _norm("rms", hidden) + _norm("rms", (hidden // heads) * kv)
-        window = c.opt_int("sliding_window")
+        window = c.opt_int("sliding_window", minimum=0) or None  # transformers writes 0 when it is off
         softcap = c.opt_float("attn_logit_softcapping") if family == "gemma2" else None
 
         def attention(sliding: bool) -> Attention:
@@ -517,7 +539,7 @@ def _parse_gpt2(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inner, gated=False, activation=str(c.get("activation_function"))),
+        mlp=MLP(intermediate_size=inner, gated=False, activation=_text(c.get("activation_function"))),
         norm="layer",
         linears=(
             _lin("c_attn", hidden, 3 * hidden, True, "qkv"),
@@ -552,7 +574,7 @@ def _parse_gpt_neox(c: _Config, family: str, head: str, num_labels: int) -> _Par
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=str(c.get("hidden_act"))),
+        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("hidden_act"))),
         norm="layer",
         parallel=c.flag("use_parallel_residual"),
         linears=(
@@ -595,7 +617,7 @@ def _parse_opt(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=ffn, gated=False, activation=str(c.get("activation_function"))),
+        mlp=MLP(intermediate_size=ffn, gated=False, activation=_text(c.get("activation_function"))),
         norm=norm,
         linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=bias, o_bias=bias,
                       names=("q_proj", "k_proj", "v_proj", "out_proj"))
@@ -648,7 +670,7 @@ def _parse_falcon(c: _Config, family: str, head: str, num_labels: int) -> _Parse
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, v_head_dim=head_dim),
-        mlp=MLP(intermediate_size=ffn, gated=False, activation=str(c.get("activation"))),
+        mlp=MLP(intermediate_size=ffn, gated=False, activation=_text(c.get("activation"))),
         norm="layer",
         norms_per_layer=norms,
         parallel=parallel or new_arch,
@@ -712,7 +734,7 @@ def _parse_bert(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=str(c.get("hidden_act"))),
+        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("hidden_act"))),
         norm="layer",
         linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=True, o_bias=True,
                       names=("query", "key", "value", "dense"))
@@ -739,7 +761,7 @@ def _parse_distilbert(c: _Config, family: str, head: str, num_labels: int) -> _P
     block = Block(
         count=n_layers,
         attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=str(c.get("activation"))),
+        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("activation"))),
         norm="layer",
         linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=True, o_bias=True,
                       names=("q_lin", "k_lin", "v_lin", "out_lin"))
@@ -1052,7 +1074,7 @@ def _text_part(config: dict[str, Any]) -> dict[str, Any]:
         text.setdefault("model_type", "gemma3_text")
     if model_type == "llama4":
         text.setdefault("model_type", "llama4_text")
-    if "model_type" not in text or text["model_type"] not in _FAMILIES:
+    if not isinstance(text.get("model_type"), str) or text["model_type"] not in _FAMILIES:
         return config
     for key in ("torch_dtype", "dtype"):
         if key in config and key not in text:
@@ -1071,9 +1093,9 @@ def spec_from_config(config: dict[str, Any], *, name: str, source: str = "") -> 
     model_type = config.get("model_type")
     if model_type is None:
         raise ConfigError("config.json has no model_type; is this a transformers model config?")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"model_type {brief(model_type)} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     is_multimodal = model_type not in _FAMILIES
     text = _text_part(config)
@@ -1088,7 +1110,7 @@ def spec_from_config(config: dict[str, Any], *, name: str, source: str = "") -> 
 
     dtype = text.get("torch_dtype") or text.get("dtype") or "float32"
     if not isinstance(dtype, str):
-        raise ConfigError(f"config.json: torch_dtype must be a string like \"bfloat16\", got {dtype!r}")
+        raise ConfigError(f"config.json: torch_dtype must be a string like \"bfloat16\", got {brief(dtype)}")
     return ModelSpec(
         name=name,
         model_type=family_type,

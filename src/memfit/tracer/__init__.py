@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "plot_timeline", "ascii_timeline"]
+__all__ = ["trace", "TraceUnsupportedError", "TraceVersionError", "CUDA_CONTEXT_BYTES", "plot_timeline", "ascii_timeline"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES"):
+    if name in ("trace", "TraceUnsupportedError", "TraceVersionError", "CUDA_CONTEXT_BYTES", "TESTED_VERSIONS"):
         from . import engine
 
         return getattr(engine, name)

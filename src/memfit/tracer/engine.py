@@ -49,6 +49,31 @@ class TraceUnsupportedError(MemfitError):
     """The job cannot be traced (a CUDA-only kernel, data-dependent control flow, a multi-GPU layout)."""
 
 
+class TraceVersionError(MemfitError, RuntimeError):
+    """transformers or peft is not the version the trace is tested with."""
+
+
+#: The versions the trace is tested with. It patches private internals of both (attention dispatch,
+#: generation, PEFT's layer wrapping); another version may run and give a wrong answer, so it is refused.
+#: CI pins the same versions (pyproject.toml, extras ``trace`` and ``test``).
+TESTED_VERSIONS = {"transformers": "5.17.0", "peft": "0.21.0"}
+#: Set to 1 to trace with other versions anyway (the numbers are then unchecked).
+ALLOW_UNTESTED_ENV = "MEMFIT_TRACE_UNTESTED_VERSIONS"
+
+
+def check_versions(installed: dict[str, str | None], *, allow: bool = False) -> None:
+    """Raise :class:`TraceVersionError` when a package of ``installed`` ({name: version or None when not
+    installed}) is not the version in :data:`TESTED_VERSIONS`. ``allow`` skips the check."""
+    if allow:
+        return
+    for name, version in installed.items():
+        want = TESTED_VERSIONS[name]
+        if version is not None and version != want:
+            raise TraceVersionError(
+                f"trace is tested with {name}=={want}, found {version}: install it with "
+                f"pip install '{name}=={want}' (or set {ALLOW_UNTESTED_ENV}=1 to trace anyway, unchecked)")
+
+
 # --------------------------------------------------------------------------------------------- public
 def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fallback: bool = True,
           sdpa: str | None = None, cuda: bool = True, steps: int = 2) -> Breakdown:
@@ -84,7 +109,7 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         reason = _unsupported(job, model)
         if reason:
             raise TraceUnsupportedError(reason)
-        torch = _require_torch()
+        torch = _require_torch(job)
         if spec is None:
             spec = _resolve_spec(job, model)
         return _TraceRun(torch, job, spec, model, cuda=cuda, sdpa=sdpa, steps=steps).execute()
@@ -122,12 +147,21 @@ def _is_config_spec(spec: Any) -> bool:
     return type(spec).__name__ == "ConfigSpec" or not hasattr(spec, "blocks")
 
 
-def _require_torch():
+def _require_torch(job: Job | None = None):
     try:
         import torch
         import transformers  # noqa: F401 - the reference run builds transformers models
     except ImportError as exc:
         raise MissingDependencyError(_TORCH_MISSING) from exc
+    installed: dict[str, str | None] = {"transformers": transformers.__version__}
+    if job is not None and job.is_lora:
+        try:
+            import peft
+        except ImportError:
+            installed["peft"] = None
+        else:
+            installed["peft"] = peft.__version__
+    check_versions(installed, allow=os.environ.get(ALLOW_UNTESTED_ENV, "") == "1")
     return torch
 
 
