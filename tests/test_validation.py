@@ -44,7 +44,9 @@ def test_trace_meets_its_accuracy_bars():
 
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    rows = score(load_records(RECORDS), "trace")
+    # the H100 records of issues 2-6 (the trace of 16k-token generate() jobs takes minutes on 2 cores: the H200
+    # records are traced by validation/score.py --engine trace, not in CI)
+    rows = score([r for r in load_records(RECORDS) if Path(r["_file"]).name.startswith("h100-")], "trace")
     summary = summarize(rows)
     assert summary["single"]["runs"] >= 25
     assert check_bars(summary, "trace") == []
