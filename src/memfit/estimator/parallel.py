@@ -260,7 +260,7 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
         cache_below -= cache_layers[k] if not ckpt else 0.0
     out.append(_Moment("backward", "end_backward", None, activations=others,
                        temporaries=ws + inputs + T * H * e * seq_split))
-    out.append(_Moment("optimizer_step", "step", None, temporaries=ws))
+    out.append(_Moment("optimizer_step", "step", None, temporaries=ws + T * 8 * 3))  # the batch stays alive through the step
     return out
 
 
