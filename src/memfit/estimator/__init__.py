@@ -243,7 +243,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             head_grads.append(V * H * pb)
         late = grads_total - sum(head_grads) - sum(sum(g) for g in layer_grads)
         embed_grads = [late] if late > 0 else []
-    all_grads = head_grads + [x for g in layer_grads for x in g] + embed_grads
+    # optimizer states and the foreach scratch follow ``model.parameters()``: embeddings, layers, final norm, head
+    all_grads = embed_grads + [x for g in layer_grads for x in g] + head_grads[::-1]
     n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "adafactor": 2}.get(job.optimizer, 1)
     state_tensors = _scaled([x for x in all_grads for _ in range(n_states)], opt_states)
     step_temp = st.optimizer_step_temp_bytes(spec, job)
@@ -318,13 +319,18 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.free(ch)
             for c in caches:
                 s.free_all(c)
-        if lm:
-            g = [s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")]
+        if lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
+            g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
+            s.free(g1)
+            s.free(logsm)
+            s.free(tanh)
+            g3 = s.alloc(TV * e, "logits_and_loss") if e != 4 else -1
+            s.free(g2)
+            s.free(g3)
         else:
-            g = [s.alloc(T * spec.num_labels * 4, "logits_and_loss")]
-        s.free_all(g)
-        s.free(logsm)
-        s.free(tanh)
+            g1 = s.alloc(T * spec.num_labels * 4, "logits_and_loss")
+            s.free(g1)
+            s.free(logsm)
         if not ckpt:
             s.free(ch)
         grads = [s.alloc(x, "gradients") for x in head_grads]
@@ -368,7 +374,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
     if job.optimizer in ("paged-adamw-8bit", "paged-adamw"):
         notes.append("paged optimizer states live in CUDA unified memory: not in PyTorch's allocator, "
                      "resident on the GPU while it has room, paged to the host under pressure")
-    r = account(s)
+    r = s.accounted = account(s)
     phases = {k: v for k, v in r.phases.items() if k in ("forward", "backward", "optimizer_step")}
     return r.components, r.peak_phase, phases, notes
 
@@ -486,19 +492,20 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         s.phase("decode")
         for step in range(1, N):
             length = P + step
+            # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
+            tmp = [s.alloc(x, "activations") for x in layer_transient(B)]
             for i, bi in enumerate(layers):
-                tmp = [s.alloc(x, "activations") for x in layer_transient(B)]
                 new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
                 s.free_all(kv[i])
                 kv[i] = new
-                s.free_all(tmp)
+            s.free_all(tmp)
             s.free_all(out)
             out = [s.alloc(x, "logits_and_loss") for x in step_logits]
         s.free_all(out)
         for pair in kv:
             s.free_all(pair)
     s.free(prompt_ids)
-    r = account(s)
+    r = s.accounted = account(s)
     phases = {k: v for k, v in r.phases.items() if k in ("prefill", "head", "decode")}
     return r.components, r.peak_phase, phases, notes
 
@@ -513,6 +520,12 @@ def _stream(spec: ModelSpec, job: Job):
     else:
         comps, phase, phases, notes = _infer(spec, job, stream)
     return stream, comps, phase, phases, notes
+
+
+def _spec_job_for_single(job: Job) -> Job:
+    """The same job on one GPU (the per-rank micro-batch, no sharding): what a multi-GPU rank builds on."""
+    return job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", tensor_parallel=1,
+                       pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
 
 
 def _gib(n: float) -> str:

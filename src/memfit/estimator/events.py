@@ -17,6 +17,7 @@ Pure Python, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_
 
 __all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
@@ -42,9 +43,10 @@ def cuda_context_bytes(task: str = "train") -> int:
 class Stream:
     """Allocations and frees of one run, in order. ``alloc`` returns a handle to pass to ``free``."""
 
-    __slots__ = ("ops", "_n", "phase_name")
+    __slots__ = ("ops", "_n", "phase_name", "accounted")
 
     def __init__(self) -> None:
+        self.accounted: ReplayResult | None = None
         self.ops: list[tuple] = []
         self._n = 0
         self.phase_name = ""
@@ -125,7 +127,7 @@ def account(stream: Stream) -> ReplayResult:
     by_comp: dict[str, int] = {}
     live = 0
     peak = -1
-    peak_comps: dict[str, int] = {}
+    peak_at = -1
     peak_phase = ""
     phases: dict[str, int] = {}
     phase = ""
@@ -142,7 +144,7 @@ def account(stream: Stream) -> ReplayResult:
                     phases[phase] = live
                 if live > peak:
                     peak = live
-                    peak_comps = dict(by_comp)
+                    peak_at = i
                     peak_phase = phase
         elif kind == _FREE:
             n, comp = size.pop(op[1])
@@ -156,21 +158,39 @@ def account(stream: Stream) -> ReplayResult:
             if i == last_reset:
                 counting = True
                 peak = live
-                peak_comps = dict(by_comp)
+                peak_at = i
                 peak_phase = phase
                 phases = {}
     phases.pop("", None)
+    peak_comps = _components_at(ops, peak_at)
     return ReplayResult(peak_allocated_bytes=max(peak, 0), components={k: v for k, v in peak_comps.items() if v},
                         peak_phase=peak_phase, phases=phases, events=len(ops))
 
 
-def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segments: bool = False) -> ReplayResult:
+def _components_at(ops: list[tuple], end: int) -> dict[str, int]:
+    """Live bytes by component just after ``ops[end]``."""
+    size: dict[int, tuple[int, str]] = {}
+    by_comp: dict[str, int] = {}
+    for op in ops[:end + 1]:
+        if op[0] == _ALLOC:
+            size[op[1]] = (op[2], op[3])
+            by_comp[op[3]] = by_comp.get(op[3], 0) + op[2]
+        elif op[0] == _FREE:
+            n, comp = size.pop(op[1])
+            by_comp[comp] -= n
+    return by_comp
+
+
+def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segments: bool = False,
+           accounted: ReplayResult | None = None) -> ReplayResult:
     """Account the stream, then replay it through the caching-allocator model.
 
     With ``capacity_bytes`` (the card less the CUDA context) the allocator frees its cached segments and
     retries before it fails, as PyTorch's does; the first request it cannot serve ends the replay
     (``completed`` False, with the request, its component and its phase)."""
-    res = account(stream)
+    accounted = accounted or stream.accounted
+    res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
+                                                              phases=dict(accounted.phases), extras={})
     if expandable_segments:
         _replay_expandable(stream, res, capacity_bytes)
     else:

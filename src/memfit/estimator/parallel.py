@@ -31,7 +31,7 @@ from ..errors import JobError
 from ..job import Job
 from ..models.spec import ModelSpec
 from . import states as st
-from .runtime import allocator_reserve_bytes, cuda_context_bytes
+from .events import cuda_context_bytes
 
 __all__ = ["estimate_parallel", "zero_model_states", "megatron_activation_bytes", "Layout", "layout"]
 
@@ -636,6 +636,37 @@ def _activation_mode(job: Job) -> str:
     return _act_mode(job)
 
 
+#: DDP's gradient buckets (``bucket_cap_mb=25``, ``torch/nn/parallel/distributed.py``).
+DDP_BUCKET_BYTES = 25 << 20
+
+
+def _replayed_reserve(spec: ModelSpec, job: Job, lay, peak: int, comps: dict[str, int]) -> int:
+    """Peak reserved of one rank, from the single-GPU event stream of the same micro-batch.
+
+    Plain DDP is exactly that stream plus its gradient buckets (allocated when the reducer is built, kept for
+    the run, in 25 MiB buckets): the replay of the two gives the rank's reserve. For the sharded and
+    model-parallel layouts the per-rank stream is not built yet: the rank's peak gets the reserve-over-allocated
+    factor the single-GPU replay finds for the same micro-batch (an approximation, said so in the notes)."""
+    from . import _spec_job_for_single, _stream
+    from .events import replay
+
+    single = _spec_job_for_single(job)
+    stream, scomps, *_ = _stream(spec, single)
+    speak = sum(scomps.values())
+    if job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1:
+        buckets = comps.get("communication_buffers", 0)
+        load = next(i for i, op in enumerate(stream.ops) if op[0] == 2)  # right after the load phase mark
+        extra = []
+        while buckets > 0:
+            n = min(buckets, DDP_BUCKET_BYTES)
+            extra.append((0, -1 - len(extra), int(n), "communication_buffers"))
+            buckets -= n
+        stream.ops[load + 1:load + 1] = extra
+        return max(replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False))).peak_reserved_bytes, peak)
+    r = replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False)))
+    return int(peak * r.peak_reserved_bytes / max(1, speak))
+
+
 def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`."""
     if job.task != "train":
@@ -672,9 +703,9 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     _, top, phase, phases, stage = best
     comps = {k: int(v) for k, v in top.items() if int(v)}
     peak = sum(comps.values())
-    reserved = peak + allocator_reserve_bytes(peak, job)
+    reserved = _replayed_reserve(spec, job, lay, peak, comps)
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
-    total = reserved + cuda_context_bytes(job) + nccl
+    total = reserved + cuda_context_bytes(job.task) + nccl
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
