@@ -394,6 +394,22 @@ def _kv_bytes_per_token(spec: ModelSpec, job: Job, total_len: int) -> float:
     return total
 
 
+def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
+    """The layer's forward op by op (the tensors of :func:`layers.layer_tensors_per_token`, none kept): each
+    lives until the next one exists, so the allocator sees the real sequence of sizes. A pair that would exceed
+    ``budget`` (the layer's widest moment, which the peak counts) is left out: the order of sizes is what this
+    adds, the peak stays the closed-form one."""
+    pending, held = -1, 0.0
+    for bpt, _saved in tensors:
+        n = bpt * tokens
+        if n + held > budget:
+            continue
+        h = s.alloc(n, "activations")
+        s.free(pending)
+        pending, held = h, n
+    s.free(pending)
+
+
 def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int) -> tuple[int, int]:
     """Keys and values of one layer of block ``bi`` for one sequence at ``total_len`` tokens (see
     :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window."""
@@ -448,6 +464,9 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
 
     layers = spec.layer_blocks or tuple(_layer_order(spec))
     L = len(layers)
+    imode = Mode(precision=_MIXED[job.precision], trainable_base=False, lora_targets=frozenset(), lora_rank=0,
+                 attention=job.attention, seq_len=P, dropout=0.0)
+    infer_tensors = {bi: layer_tensors_per_token(spec, bi, imode) for bi in set(layers)}
     s.phase("load")
     for w in _weight_tensors(spec, job, list(layers), weights):
         s.alloc(w, "weights")
@@ -468,8 +487,10 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                     "activations" if N == 0 else "temporaries")
         eager = [B * nh * P * P * (4 + e)] if job.attention == "eager" else []
         if N == 0:
-            for _ in layers:
-                tmp = [s.alloc(x, "activations") for x in layer_transient(T) + eager]
+            for bi in layers:
+                tmp = layer_transient(T) + eager
+                _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
+                tmp = [s.alloc(x, "activations") for x in tmp]
                 s.free_all(tmp)
             s.free(q)
             s.phase("head")
@@ -483,7 +504,9 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         step_logits = [B * V * e, B * V * 4]  # last position's logits and generate()'s fp32 copy
         out: list[int] = []
         for i, bi in enumerate(layers):
-            tmp = [s.alloc(x, "activations") for x in layer_transient(T) + eager]
+            tmp = layer_transient(T) + eager
+            _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
+            tmp = [s.alloc(x, "activations") for x in tmp]
             kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P)])
             if i == L - 1:
                 out = [s.alloc(x, "logits_and_loss") for x in step_logits]

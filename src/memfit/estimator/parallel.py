@@ -711,6 +711,9 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
+    if not (job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1):
+        notes.append("peak reserved: the rank's peak allocated times the reserve/allocated factor of the "
+                     "single-GPU replay for the same micro-batch (the per-rank event stream is not built yet)")
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
     if job.strategy in ("fsdp2", "fsdp") and job.precision in ("16-mixed", "bf16-mixed"):
