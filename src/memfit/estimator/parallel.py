@@ -241,8 +241,15 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
                         / lay.tp for b in blocks]
     cache_head = 2 * spec.lm_head_params / lay.tp if (amode == "mixed" and stage.last and
                                                       st.autocast_cache_bytes(spec, job)) else 0.0
+    frozen_casts = 0.0
+    if amode == "mixed" and st.autocast_cache_bytes(spec, job) and job.is_lora and ckpt:
+        # as on one GPU: autocast caches casts of leaves that require grad only, so a frozen base under
+        # checkpointing keeps no 16-bit copies; one layer's copies exist at a time, in its backward
+        frozen_casts = max(2 * sum(lin.in_features * lin.out_features * lin.count for lin in spec.blocks[b].linears)
+                           for b in blocks) / lay.tp
+        cache_layers = [0.0] * len(blocks)
     cache = sum(cache_layers) + cache_head
-    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split)
+    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split) + frozen_casts
 
     out: list[_Moment] = []
     out.append(_Moment("forward", "loss", None, activations=acts_one + others + final_saved, logits=logit_fwd_peak,
