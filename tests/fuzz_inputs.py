@@ -290,7 +290,7 @@ def _call_config(rnd: random.Random) -> Callable[[], Any]:
     name, base = rnd.choice(registry_configs())
     cfg = mutate_config(rnd, base)
     as_file = rnd.random() < 0.25
-    job = valid_job(rnd) if rnd.random() < 0.5 else None
+    job = valid_job(rnd) if rnd.random() < 0.1 else None
 
     def run():
         from memfit.estimator import estimate
