@@ -28,13 +28,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _estimate(job, card):
+def _estimate(job, card, spec=None):
     """The estimate, judged on ``card`` by the engine itself where it takes the card."""
     from ..estimator import estimate
 
     if card is not None and "gpu_memory_bytes" in inspect.signature(estimate).parameters:
-        return estimate(job, gpu_memory_bytes=card)
-    return estimate(job)
+        return estimate(job, spec, gpu_memory_bytes=card)
+    return estimate(job, spec)
+
+
+def estimate_with_verdict(job, card: int | None, spec=None):
+    """``(Breakdown, verdict or None)``: the Breakdown ``memfit estimate --json`` prints (with ``fits``,
+    ``gpu_memory_bytes`` and ``headroom_bytes`` filled from the verdict when a card is given). The web API
+    answers with this same function."""
+    from ..verdict import verdict
+
+    bd = _estimate(job, card, spec)
+    v = None
+    if card is not None:
+        v = verdict(bd, card)
+        bd.fits, bd.gpu_memory_bytes, bd.headroom_bytes = v["fits"], v["gpu_memory_bytes"], v["headroom_bytes"]
+    return bd, v
 
 
 def fit_line(v: dict) -> str:
@@ -49,7 +63,6 @@ def fit_line(v: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..estimator import max_batch_size
-    from ..verdict import verdict
 
     job = job_from_args(args)
     card = card_from_args(args)
@@ -65,11 +78,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"largest micro-batch that fits in {cap / GiB:.2f} GiB: {n} "
                   f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
         return 0 if n else 1
-    bd = _estimate(job, card)
-    v = None
-    if card is not None:
-        v = verdict(bd, card)
-        bd.fits, bd.gpu_memory_bytes, bd.headroom_bytes = v["fits"], v["gpu_memory_bytes"], v["headroom_bytes"]
+    bd, v = estimate_with_verdict(job, card)
     if args.json:
         print(bd.to_json(indent=1))
         return 0 if v is None or v["fits"] else 1
