@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 
@@ -28,7 +29,12 @@ def run(args: argparse.Namespace) -> int:
         raise JobError(f"--port must be 1..65535; got {args.port}")
     from ..web import create_app
 
+    from ..web import adapter
+
+    if args.root is not None and not os.path.isdir(args.root):
+        raise JobError(f"--root {args.root!r} is not a folder")
     app = create_app(root=args.root, allow_hub=args.allow_hub)
+    adapter.warm_up()  # read the registry and import the estimator now, not on the first page load
     print(f"memfit web on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -143,6 +143,14 @@ def gpus() -> list[dict[str, Any]]:
              "aliases": list(g.aliases)} for g in all_gpus()]
 
 
+def warm_up() -> None:
+    """Load the registry index, the GPU catalog and the estimator once, so a server's first request does not
+    pay for the imports (the page's first load is measured in tests/test_web_browser.py)."""
+    models()
+    gpus()
+    estimate({"model": "gpt2"})
+
+
 def job_fields() -> list[dict[str, Any]]:
     """Each job field: name, type and default (the form's defaults come from the library)."""
     from dataclasses import MISSING, fields

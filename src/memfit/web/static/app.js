@@ -137,8 +137,9 @@
       + `<div><dt>parameters</dt><dd id="parameters" data-count="${bd.parameters}">${(bd.parameters / 1e9).toFixed(3)} B</dd></div>`;
     $("bar").innerHTML = barSvg(bd);
     $("phases").innerHTML = phasesSvg(bd);
-    const ms = performance.now() - t0;
-    window.memfitTimings.renders.push(ms);
+    const now = performance.now();
+    if (window.memfitTimings.firstRenderAt == null) window.memfitTimings.firstRenderAt = now;  // since navigation start
+    window.memfitTimings.renders.push(now - t0);
     document.body.dataset.renderSeq = String(++seq);
   }
 
