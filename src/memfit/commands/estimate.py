@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-size", action="store_true",
                    help="find the largest micro-batch that fits the card (default card: 80GiB)")
     add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): say whether the job fits it")
+    p.add_argument("--plot", metavar="FILE", help="draw the breakdown and the phases to FILE (.png or .svg; "
+                   "needs matplotlib)")
     p.set_defaults(func=run)
 
 
@@ -79,12 +81,23 @@ def run(args: argparse.Namespace) -> int:
                   f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
         return 0 if n else 1
     bd, v = estimate_with_verdict(job, card)
+    if getattr(args, "plot", None):
+        from ..charts import plot_breakdown
+        import sys
+
+        print(f"breakdown drawn to {plot_breakdown(bd, args.plot)}", file=sys.stderr)
     if args.json:
         print(bd.to_json(indent=1))
         return 0 if v is None or v["fits"] else 1
     from ..render import print_breakdown
 
     print_breakdown(bd)
+    from rich.console import Console
+
+    from ..charts import stacked_bar
+
+    con = Console()
+    con.print(stacked_bar(bd, line=con.width - 1))
     if v is not None:
         print(fit_line(v))
         return 0 if v["fits"] else 1
