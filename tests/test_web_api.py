@@ -175,3 +175,20 @@ def test_page_is_offline(client):
             assert client.get(a).status_code == 200, a
     for f in STATIC.iterdir():
         assert not re.search(r"https?://", f.read_text()), f"{f.name} names an external URL"
+
+
+def test_web_command_errors_are_one_line(capsys):
+    assert main(["web", "--root", "/no/such/folder"]) == 2
+    assert main(["web", "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--root" in err and "--port" in err
+
+
+def test_hub_mode_reads_no_local_paths(tmp_path, monkeypatch):
+    """With --allow-hub, a name that happens to be a local folder is still not read (only files under root)."""
+    (tmp_path / "secret").mkdir()
+    shutil.copy(REGISTRY / "gpt2.json", tmp_path / "secret" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    c = TestClient(create_app(allow_hub=True))
+    r = c.post("/api/estimate", json={"job": {"model": "secret"}})
+    assert r.status_code == 400 and "root" in r.json()["detail"], r.text

@@ -61,6 +61,8 @@ def resolve_model(ref: str, config: dict[str, Any] | None, policy: Policy):
     if not policy.allow_hub:
         raise ModelNotFoundError(f"unknown model {ref!r}: not a built-in name; Hub ids need `memfit web --allow-hub`, "
                                  "or paste the config.json")
+    if Path(ref).expanduser().exists():  # load_model would read this local path: not one the policy allows
+        raise ModelNotFoundError(f"config path {ref!r} is not a file under the server's root")
     return load_model(ref)
 
 
