@@ -12,13 +12,14 @@
   let controller = null;
   let seq = 0;
   let lastJob = null;
+  let extra = {};  // job fields the form has no control for (from the URL or a plan row), sent as they are
   window.memfitTimings = { loadMs: null, renders: [] };
 
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   const gib = (n) => (n / GiB).toFixed(2);
 
   function readForm() {
-    const job = {};
+    const job = Object.assign({}, extra);
     for (const el of form.elements) {
       if (!el.name || el.name === "gpu" || el.name === "gpu_memory" || el.name === "config") continue;
       if (BOOL.includes(el.name)) job[el.name] = el.checked;
@@ -34,6 +35,10 @@
   }
 
   function fillForm(job, card) {
+    extra = {};
+    for (const [k, v] of Object.entries(job)) {
+      if (!(k in form.elements) && k in defaults && k !== "model" && JSON.stringify(defaults[k]) !== JSON.stringify(v)) extra[k] = v;
+    }
     for (const el of form.elements) {
       if (!el.name || !(el.name in job)) continue;
       if (BOOL.includes(el.name)) el.checked = !!job[el.name]; else el.value = job[el.name];
@@ -44,7 +49,7 @@
   // The job in the URL: only fields that differ from the library's defaults.
   function toHash(body) {
     const p = new URLSearchParams();
-    for (const [k, v] of Object.entries(body.job)) if (k === "model" || defaults[k] !== v) p.set(k, String(v));
+    for (const [k, v] of Object.entries(body.job)) if (k === "model" || defaults[k] !== v) p.set(k, Array.isArray(v) ? v.join(",") : String(v));
     if (body.gpu) p.set("gpu", body.gpu); if (body.gpu_memory) p.set("gpu_memory", body.gpu_memory);
     return "#" + p.toString();
   }
@@ -54,7 +59,7 @@
     for (const [k, v] of p) {
       any = true;
       if (k === "gpu" || k === "gpu_memory") card[k] = v;
-      else job[k] = BOOL.includes(k) ? v === "true" : v;
+      else job[k] = v === "true" ? true : v === "false" ? false : v;
     }
     return any ? { job, card } : null;
   }
