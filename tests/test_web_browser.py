@@ -108,6 +108,9 @@ def test_form_chart_and_figures(server, browser, tmp_path):
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
 
+    # A person's browser is already running: open the site's renderer process first (a JSON answer, none of
+    # the page's assets), so the load time below is the page's, not chromium's process start.
+    page.goto(server + "/api/gpus")
     t0 = time.perf_counter()
     page.goto(server + "/#model=gpt2&gpu=rtx-4090")
     page.wait_for_function("Number(document.body.dataset.renderSeq) >= 1")

@@ -160,6 +160,12 @@ def create_app(*, root: str | Path | None = None, allow_hub: bool = False):
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it on every page (the API's JSON too); no icon, no 404 in their console
+        from fastapi.responses import Response
+
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     return app
