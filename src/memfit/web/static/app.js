@@ -211,6 +211,10 @@
 
   async function init() {
     const t0 = performance.now();
+    // A shared URL is estimated at once, alongside the lists the form needs (not after them).
+    const shared = fromHash();
+    const early = shared && shared.job.model ? post("/api/estimate", Object.assign({ job: shared.job },
+      shared.card.gpu ? { gpu: shared.card.gpu } : shared.card.gpu_memory ? { gpu_memory: shared.card.gpu_memory } : {})).catch(() => null) : null;
     const [models, gpus, fieldsList] = await Promise.all(["/api/models", "/api/gpus", "/api/job-fields"].map((u) => fetch(u).then((r) => r.json())));
     $("model-list").innerHTML = models.map((m) => `<option value="${esc(m.name)}">${esc(m.hf_id || "")}</option>`).join("");
     $("f-gpu").innerHTML += gpus.map((g) => `<option value="${esc(g.name)}">${esc(g.name)} (${gib(g.memory_bytes)} GiB)</option>`).join("");
@@ -224,7 +228,8 @@
     $("copy-yaml").addEventListener("click", () => lastJob && copy(yaml(lastJob)));
     $("copy-cmd").addEventListener("click", () => lastJob && copy(command(lastJob)));
     $("run-plan").addEventListener("click", runPlan);
-    await update();
+    const first = early && await early;
+    if (first) { lastJob = readForm(); render(first, t0); } else await update();
     window.memfitTimings.loadMs = performance.now() - t0;
   }
   init().catch((e) => showError(e.message));
