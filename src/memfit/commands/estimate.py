@@ -25,16 +25,32 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch-size", action="store_true",
                    help="find the largest micro-batch that fits the card (default card: 80GiB)")
     add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): say whether the job fits it")
+    p.add_argument("--plot", metavar="FILE", help="draw the breakdown and the phases to FILE (.png or .svg; "
+                   "needs matplotlib)")
     p.set_defaults(func=run)
 
 
-def _estimate(job, card):
+def _estimate(job, card, spec=None):
     """The estimate, judged on ``card`` by the engine itself where it takes the card."""
     from ..estimator import estimate
 
     if card is not None and "gpu_memory_bytes" in inspect.signature(estimate).parameters:
-        return estimate(job, gpu_memory_bytes=card)
-    return estimate(job)
+        return estimate(job, spec, gpu_memory_bytes=card)
+    return estimate(job, spec)
+
+
+def estimate_with_verdict(job, card: int | None, spec=None):
+    """``(Breakdown, verdict or None)``: the Breakdown ``memfit estimate --json`` prints (with ``fits``,
+    ``gpu_memory_bytes`` and ``headroom_bytes`` filled from the verdict when a card is given). The web API
+    answers with this same function."""
+    from ..verdict import verdict
+
+    bd = _estimate(job, card, spec)
+    v = None
+    if card is not None:
+        v = verdict(bd, card)
+        bd.fits, bd.gpu_memory_bytes, bd.headroom_bytes = v["fits"], v["gpu_memory_bytes"], v["headroom_bytes"]
+    return bd, v
 
 
 def fit_line(v: dict) -> str:
@@ -49,7 +65,6 @@ def fit_line(v: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..estimator import max_batch_size
-    from ..verdict import verdict
 
     job = job_from_args(args)
     card = card_from_args(args)
@@ -65,17 +80,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"largest micro-batch that fits in {cap / GiB:.2f} GiB: {n} "
                   f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
         return 0 if n else 1
-    bd = _estimate(job, card)
-    v = None
-    if card is not None:
-        v = verdict(bd, card)
-        bd.fits, bd.gpu_memory_bytes, bd.headroom_bytes = v["fits"], v["gpu_memory_bytes"], v["headroom_bytes"]
+    bd, v = estimate_with_verdict(job, card)
+    if getattr(args, "plot", None):
+        from ..charts import plot_breakdown
+        import sys
+
+        print(f"breakdown drawn to {plot_breakdown(bd, args.plot)}", file=sys.stderr)
     if args.json:
         print(bd.to_json(indent=1))
         return 0 if v is None or v["fits"] else 1
     from ..render import print_breakdown
 
     print_breakdown(bd)
+    from rich.console import Console
+
+    from ..charts import stacked_bar
+
+    con = Console()
+    con.print(stacked_bar(bd, line=con.width - 1))
     if v is not None:
         print(fit_line(v))
         return 0 if v["fits"] else 1
