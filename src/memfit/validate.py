@@ -112,9 +112,12 @@ def summarize(rows: list[Scored]) -> dict[str, dict[str, float]]:
                 continue
             a = [abs(r.err_alloc) for r in sel]
             t = [abs(r.err_total) for r in sel if not r.concurrent] or [0.0]
+            rs = [abs(r.err_reserved) for r in sel if r.measured.peak_reserved_bytes]
             out[label] = {"runs": len(sel), "failed": sum(1 for r in rows if r.group == group and subset(r) and not r.predicted),
                           "median": statistics.median(a), "p90": _pct(a, 0.9), "worst": max(a),
-                          "total_median": statistics.median(t), "total_worst": max(t)}
+                          "total_median": statistics.median(t), "total_worst": max(t),
+                          "reserved_median": statistics.median(rs) if rs else float("nan"),
+                          "reserved_worst": max(rs) if rs else float("nan")}
     return out
 
 
@@ -137,18 +140,11 @@ def check_bars(summary: dict[str, dict[str, float]], engine: str) -> list[str]:
 
 
 def calibrate(rows: list[Scored]) -> dict[str, float]:
-    """The runtime constants of ``memfit.estimator.runtime``, refitted on records that are not held out:
-    the median reserved/allocated ratio per kind of run and the median CUDA context (device total minus
-    reserved) for training and inference."""
-    from .estimator.runtime import reserve_kind
-
+    """The one runtime constant of ``memfit.estimator.events``, refitted on records that are not held out: the
+    median CUDA context (device total minus reserved) for training and inference. (Reserved comes from the
+    allocator replay: nothing to fit.)"""
     fit = [r for r in rows if not r.holdout and r.group == "single"]
     out: dict[str, float] = {}
-    for kind in ("infer", "train", "train+checkpointing"):
-        ratios = [r.measured.peak_reserved_bytes / r.measured.peak_allocated_bytes for r in fit
-                  if reserve_kind(r.job) == kind]
-        if ratios:
-            out[f"reserve_ratio[{kind}]"] = round(statistics.median(ratios), 3)
     for task in ("train", "infer"):
         ctx = [r.measured.device_total_bytes - r.measured.peak_reserved_bytes for r in fit if r.job.task == task]
         if ctx:

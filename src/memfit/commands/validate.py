@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         c.print("* held out: never used to calibrate a constant")
         for label, s in summary.items():
             c.print(f"{label:22s} runs {s['runs']:3d}  peak allocated |error|: median {s['median']:.1%}  "
-                    f"p90 {s['p90']:.1%}  worst {s['worst']:.1%}   device total: median {s['total_median']:.1%}  "
+                    f"p90 {s['p90']:.1%}  worst {s['worst']:.1%}   reserved: median {s['reserved_median']:.1%}  "
+                    f"worst {s['reserved_worst']:.1%}   device total: median {s['total_median']:.1%}  "
                     f"worst {s['total_worst']:.1%}")
         if args.calibrate:
             c.print("calibration (not held out):", calibrate(rows))

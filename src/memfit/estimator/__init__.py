@@ -15,10 +15,9 @@ from ..job import Job
 from ..models.spec import ModelSpec
 from . import quant
 from . import states as st
-from .layers import Mode, saved_bytes_per_token
-from .runtime import allocator_reserve_bytes, cuda_context_bytes
+from .layers import Mode, layer_tensors_per_token, saved_bytes_per_token
 
-__all__ = ["estimate", "max_batch_size", "model_states"]
+__all__ = ["estimate", "max_batch_size", "fits_on", "model_states"]
 
 _MIXED = {"16-mixed": "mixed", "bf16-mixed": "mixed", "32-true": "32", "bf16-true": "true", "16-true": "true"}
 
@@ -75,7 +74,105 @@ def _logit_bytes(spec: ModelSpec, job: Job) -> int:
     return st.compute_bytes(job.precision)
 
 
-def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+def _layer_order(spec: ModelSpec) -> list[int]:
+    """Block index of each layer, in the order the closed-form moments have always walked them (block by block)."""
+    return [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+
+
+def _scaled(sizes: list[float], total: float) -> list[float]:
+    """``sizes`` rescaled to add up to ``total`` (the shapes of a group of tensors, the bytes of its formula)."""
+    have = sum(sizes)
+    if total <= 0:
+        return []
+    if have <= 0:
+        return [total]
+    f = total / have
+    return [x * f for x in sizes]
+
+
+def _block_param_elems(spec: ModelSpec, b) -> list[int]:
+    """Parameter tensors (elements) of one layer of block ``b``: each linear's weight and bias (fused expert
+    tensors are one parameter), and the norms (``other_params`` split over the layer's norms)."""
+    out: list[int] = []
+    for lin in b.linears:
+        if lin.is_module:
+            for _ in range(lin.count):
+                out.append(lin.in_features * lin.out_features)
+                if lin.bias:
+                    out.append(lin.out_features)
+        else:
+            out.append(lin.in_features * lin.out_features * lin.count)
+            if lin.bias:
+                out.append(lin.out_features * lin.count)
+    if b.other_params:
+        k = max(1, b.norms_per_layer)
+        out += [b.other_params / k] * k
+    return out
+
+
+def _lora_elems(spec: ModelSpec, job: Job, b) -> list[int]:
+    """LoRA A and B tensors (elements) of one layer: (r x in) and (out x r) per wrapped linear, the fused
+    ``ParamWrapper`` shapes for expert tensors (see :func:`states.fused_lora_params`)."""
+    targets = st.lora_targets(spec, job)
+    r = job.lora_rank
+    fused = st.lora_wraps_fused(job)
+    out: list[int] = []
+    for lin in b.linears:
+        if lin.is_module and lin.name in targets:
+            for _ in range(lin.count):
+                out += [r * lin.in_features, r * lin.out_features]
+        elif not lin.is_module and fused:
+            mult = 2 if lin.role == "expert_gate_up" else 1
+            out += [mult * r * lin.count * lin.in_features, mult * r * lin.count * lin.out_features]
+    return out
+
+
+def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) -> list[float]:
+    """Bytes of each weight tensor as loaded (embeddings, each layer's, final norm, head), adding up to
+    ``total`` (:func:`states.weight_bytes` less the adapters): packed bytes for quantized linears."""
+    quantized = job.quantization != "none"
+    ub = st.unquantized_param_bytes(job) if quantized else st.param_bytes(job.precision)
+    qb = 0.5 if job.quantization in ("nf4", "fp4", "gptq", "awq") else 1
+    out: list[float] = [spec.vocab_size * spec.hidden_size * ub]
+    if spec.embedding_params > spec.vocab_size * spec.hidden_size:
+        out.append((spec.embedding_params - spec.vocab_size * spec.hidden_size) * ub)
+    for bi in layers:
+        b = spec.blocks[bi]
+        for lin in b.linears:
+            n = lin.count if lin.is_module else 1
+            w = lin.in_features * lin.out_features * (1 if lin.is_module else lin.count)
+            out += [w * (qb if quantized and lin.is_module else ub)] * n
+            if lin.bias:
+                out += [lin.out_features * (1 if lin.is_module else lin.count) * ub] * n
+        if b.other_params:
+            k = max(1, b.norms_per_layer)
+            out += [b.other_params / k * ub] * k
+    if spec.final_params:
+        out.append(spec.final_params * ub)
+    if spec.head_params:
+        out.append(spec.head_params * ub)
+    if job.is_lora and job.task == "train" and spec.head == "seq_cls":
+        out.append(spec.head_params * st.param_bytes(job.precision))
+    diff = total - sum(out)
+    if diff:
+        i = max(range(len(out)), key=out.__getitem__)
+        out[i] += diff
+    return out
+
+
+#: Steps the training stream replays: the first creates the optimizer state (its peak does not count, as in the
+#: measure engine), the next is the steady state the reference peak is taken over.
+TRAIN_STEPS = 2
+
+
+def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+    """Build the training run's event stream (into ``stream`` when given) and account it: (components at the
+    peak, peak phase, phase peaks, notes). The stream is the one description: the moments the estimate has
+    always counted (the loss, its backward, each layer's backward, the end of backward, the optimizer step) are
+    points of it."""
+    from .events import Stream, account
+
+    s = stream if stream is not None else Stream()
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
     amode = _act_mode(job)
@@ -83,6 +180,8 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     pb = st.param_bytes(job.precision)
     res = 4 if amode in ("32", "mixed") else 2
     notes: list[str] = []
+    layers = _layer_order(spec)
+    L = len(layers)
 
     weights = st.weight_bytes(spec, job)
     qstate = quant.quant_state_bytes(spec, job) if job.quantization != "none" else 0
@@ -94,122 +193,191 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
     grads_total = st.gradient_bytes(spec, job)
     opt_states = st.optimizer_state_bytes(spec, job)
     cache = st.autocast_cache_bytes(spec, job)
-    ckpt_frozen_casts = 0
+    frozen_casts: list[list[int]] = [[] for _ in layers]
     if cache and job.is_lora and job.gradient_checkpointing:
         # autocast caches casts of leaves that require grad only: a frozen base's 16-bit copies are made per
-        # use, and under checkpointing nothing keeps them, so one layer's copies exist at a time
-        ckpt_frozen_casts = max(2 * sum(lin.in_features * lin.out_features * lin.count for lin in b.linears)
-                                for b in spec.blocks)
+        # use, and under checkpointing nothing keeps them, so one layer's copies exist at a time (its backward)
+        widest = max(range(len(spec.blocks)), key=lambda bi: sum(
+            lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears))
+        casts = [2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[widest].linears]
+        frozen_casts = [casts for _ in layers]
         cache = 2 * spec.lm_head_params if spec.head in ("causal_lm", "masked_lm") else 0
     ws = st.CUBLAS_WORKSPACE_BYTES
-    inputs = T * 8 * 3  # input_ids, the padded labels and the shifted labels (int64)
-    base = weights + qstate + opt_states + ws + inputs
+    ckpt = job.gradient_checkpointing
 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
-    per_block = _layer_saved(spec, key)
-    layer_full = [per_block[i] * T + st.fused_lora_merged_bytes(spec, job, b)
-                  for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
+                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
+    layer_tensors = {bi: [(bpt * T, saved) for bpt, saved in layer_tensors_per_token(spec, bi, mode)]
+                     for bi in set(layers)}
+    merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) for bi in set(layers)}
     layer_input = T * H * res
-    ckpt = job.gradient_checkpointing
-    layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
+    stash = {}
     if ckpt and job.quantization == "int8":
         # bitsandbytes' MatMul8bitLt stashes its input on ctx (not save_for_backward), outside the saved-tensor
         # hooks that non-reentrant checkpointing uses to drop activations: the distinct inputs of each layer's
         # int8 linears (attention input, attention output, MLP input, MLP hidden) stay alive through backward.
-        stash = []
-        for b in spec.blocks:
+        for bi in set(layers):
+            b = spec.blocks[bi]
             at = b.attention
             width = (b.moe.routed_copies * b.moe.expert_intermediate_size if b.moe is not None
                      else (b.mlp.intermediate_size if b.mlp is not None else 0))
-            stash += [T * res * (2 * H + at.num_heads * at.v_head_dim + width)] * b.count
-        layer_kept = [k + x for k, x in zip(layer_kept, stash)]
-    acts = sum(layer_kept)
+            stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width)
     # final norm output kept for the head, and its fp32 input
-    final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0))
+    final_saved = [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])
+    lm = spec.head in ("causal_lm", "masked_lm")  # ForMaskedLMLoss upcasts and cross-entropies the same way
+    TV = T * V
+    if lm and spec.final_logit_softcapping:
+        notes.append("final logit soft-capping keeps one more vocab-sized tensor (tanh output)")
 
-    # logits: the head's output, ForCausalLMLoss's .float() copy, log_softmax's saved output
-    if spec.head in ("causal_lm", "masked_lm"):  # ForMaskedLMLoss upcasts and cross-entropies the same way
-        TV = T * V
-        logit_fwd_peak = TV * e + (TV * 4 if e != 4 else 0) + TV * 4
-        logit_saved = TV * 4
-        if spec.final_logit_softcapping:
-            logit_fwd_peak += TV * e
-            logit_saved += TV * e
-            notes.append("final logit soft-capping keeps one more vocab-sized tensor (tanh output)")
-        logit_bwd_extra = 2 * TV * 4  # grad of log_softmax's output and its input, both fp32
-    else:
-        logit_fwd_peak = logit_saved = logit_bwd_extra = T * spec.num_labels * 4
-
-    # gradients of the layers, and what is allocated first in backward
-    layer_params = [b.layer_params for b in spec.blocks for _ in range(b.count)]
+    # gradients, tensor by tensor, and the moment each arrives in backward
     if job.is_lora:
-        per_layer_grad = [st.trainable_bytes(spec, job) / max(1, len(layer_params))] * len(layer_params)
-        head_grad = 0
-        embed_grad_late = 0
+        per_layer = st.trainable_bytes(spec, job) / max(1, L)
+        layer_grads = [_scaled([x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])], per_layer) for bi in layers]
+        head_grads: list[float] = []
+        embed_grads: list[float] = []
     else:
-        per_layer_grad = [p * pb for p in layer_params]
-        head_grad = (spec.head_params + spec.final_params) * pb
-        if spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm"):
-            head_grad += spec.vocab_size * spec.hidden_size * pb
-        embed_grad_late = grads_total - head_grad - sum(per_layer_grad)
-    cache_layers = [2 * sum(lin.in_features * lin.out_features * lin.count for lin in b.linears)
-                    for b in spec.blocks for _ in range(b.count)] if cache and not ckpt_frozen_casts \
-        else [0] * len(layer_full)
-    cache_head = cache - sum(cache_layers)
+        layer_grads = [[x * pb for x in _block_param_elems(spec, spec.blocks[bi])] for bi in layers]
+        head_grads = [x * pb for x in ([spec.head_params] if spec.head_params else []) +
+                      ([spec.final_params] if spec.final_params else [])]
+        if spec.tie_word_embeddings and lm:
+            head_grads.append(V * H * pb)
+        late = grads_total - sum(head_grads) - sum(sum(g) for g in layer_grads)
+        embed_grads = [late] if late > 0 else []
+    # optimizer states and the foreach scratch follow ``model.parameters()``: embeddings, layers, final norm, head
+    all_grads = embed_grads + [x for g in layer_grads for x in g] + head_grads[::-1]
+    n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "adafactor": 2}.get(job.optimizer, 1)
+    state_tensors = _scaled([x for x in all_grads for _ in range(n_states)], opt_states)
+    step_temp = st.optimizer_step_temp_bytes(spec, job)
+    if job.optimizer in ("adamw", "adam"):
+        scratch = _scaled(all_grads, step_temp)  # foreach sqrt: one denominator per parameter
+    elif job.optimizer == "lion":
+        scratch = [step_temp / 2, step_temp / 2]
+    else:
+        scratch = [step_temp]
+    cache_layers = ([[2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears]
+                     for bi in layers] if cache and not any(frozen_casts) else [[] for _ in layers])
+    cache_head = cache - sum(sum(c) for c in cache_layers)
+    mw = mlp_width(spec)
+    transient = [T * e * mw, T * e * mw, T * e * H, T * e * H]  # a layer's backward scratch
 
-    moments: dict[str, dict[str, float]] = {}
-    # 1. the loss, at the end of forward
-    moments["forward"] = {"weights": weights, "optimizer_states": opt_states, "autocast_cache": cache,
-                          "activations": acts + final_saved, "logits_and_loss": logit_fwd_peak,
-                          "temporaries": ws + inputs}
-    # 2. the loss's backward (log_softmax backward)
-    cache_bwd = cache if not ckpt else 0
-    moments["backward"] = {"weights": weights, "optimizer_states": opt_states, "autocast_cache": cache_bwd,
-                           "activations": acts + final_saved, "logits_and_loss": logit_saved + logit_bwd_extra,
-                           "temporaries": ws + inputs}
-    # 3. each layer's backward, last to first
-    transient = T * e * (2 * mlp_width(spec) + 2 * H) + ckpt_frozen_casts
-    grads_so_far = head_grad
-    kept_below = acts
-    cache_below = sum(cache_layers) if not ckpt else 0
-    best_layer = None
-    for i in range(len(layer_full) - 1, -1, -1):
-        live_acts = kept_below - layer_kept[i] + layer_full[i]
-        total = (base + cache_below + live_acts + grads_so_far + per_layer_grad[i] + transient)
-        if best_layer is None or total > best_layer[0]:
-            best_layer = (total, {"weights": weights, "optimizer_states": opt_states, "autocast_cache": cache_below,
-                                  "activations": live_acts, "gradients": grads_so_far + per_layer_grad[i],
-                                  "temporaries": transient + ws + inputs})
-        grads_so_far += per_layer_grad[i]
-        kept_below -= layer_kept[i]
-        cache_below -= cache_layers[i] if not ckpt else 0
-    if best_layer and sum(best_layer[1].values()) > sum(moments["backward"].values()):
-        moments["backward"] = best_layer[1]
-    # end of backward: the embedding gradient arrives last
-    end_bwd = {"weights": weights, "optimizer_states": opt_states, "gradients": grads_total,
-               "temporaries": ws + inputs + T * H * e}
-    if sum(end_bwd.values()) > sum(moments["backward"].values()):
-        moments["backward"] = end_bwd
-    # 4. optimizer step
-    moments["optimizer_step"] = {"weights": weights, "optimizer_states": opt_states, "gradients": grads_total,
-                                 "temporaries": ws + st.optimizer_step_temp_bytes(spec, job)}
-    del cache_head, embed_grad_late
+    # ---------------------------------------------------------------------------------------- load
+    s.phase("load")
+    lora = st.lora_adapter_params(spec, job) * 4 if job.is_lora else 0
+    for w in _weight_tensors(spec, job, layers, weights - lora):
+        s.alloc(w, "weights")
+    if lora:
+        for bi in layers:
+            for x in _lora_elems(spec, job, spec.blocks[bi]):
+                s.alloc(x * 4, "lora_adapters")
     if qstate:
-        for name, m in moments.items():
-            m["quantization_state"] = qstate
-            if name in ("forward", "backward"):
-                m["temporaries"] = m.get("temporaries", 0) + qtemp
-    if job.is_lora:
-        for m in moments.values():
-            m["lora_adapters"] = st.lora_adapter_params(spec, job) * 4
-            m["weights"] -= m["lora_adapters"]
+        for bi in layers:
+            s.alloc(qstate / max(1, L), "quantization_state")
+    for _ in range(3):
+        s.alloc(T * 8, "temporaries")  # input_ids, the padded labels and the shifted labels (int64)
+
+    for step in range(steps):
+        if step == 1:
+            s.reset_peaks()
+        s.phase("forward")
+        if step == 0:
+            s.alloc(ws / 2, "temporaries")  # cuBLAS and cuBLASLt workspaces at the first matmul
+            s.alloc(ws / 2, "temporaries")
+        q = s.alloc(qtemp, "temporaries")
+        kept: list[list[int]] = []
+        caches: list[list[int]] = []
+        for i, bi in enumerate(layers):
+            caches.append([s.alloc(c, "autocast_cache") for c in cache_layers[i]])
+            mine: list[int] = []
+            if ckpt:
+                mine.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
+            pending = -1
+            for n, saved in layer_tensors[bi]:
+                if saved and not ckpt:
+                    h = s.alloc(n, "activations")
+                    mine.append(h)
+                else:
+                    h = s.alloc(n, "temporaries")
+                    s.free(pending)
+                    pending = h
+            s.free(pending)
+            if not ckpt:
+                mine.append(s.alloc(merged[bi], "activations"))
+            kept.append(mine)
+        fin = [s.alloc(x, "activations") for x in final_saved]
+        ch = s.alloc(cache_head, "autocast_cache")
+        if lm:
+            logits = s.alloc(TV * e, "logits_and_loss")
+            up = s.alloc(TV * 4, "logits_and_loss") if e != 4 else -1
+            logsm = s.alloc(TV * 4, "logits_and_loss")
+            tanh = s.alloc(TV * e, "logits_and_loss") if spec.final_logit_softcapping else -1
+            s.free(logits)
+            s.free(up)
+        else:
+            logsm, tanh = s.alloc(T * spec.num_labels * 4, "logits_and_loss"), -1
+        s.phase("backward")
+        if ckpt:
+            s.free(ch)
+            for c in caches:
+                s.free_all(c)
+        if lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
+            g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
+            s.free(g1)
+            s.free(logsm)
+            s.free(tanh)
+            g3 = s.alloc(TV * e, "logits_and_loss") if e != 4 else -1
+            s.free(g2)
+            s.free(g3)
+        else:
+            g1 = s.alloc(T * spec.num_labels * 4, "logits_and_loss")
+            s.free(g1)
+            s.free(logsm)
+        if not ckpt:
+            s.free(ch)
+        grads = [s.alloc(x, "gradients") for x in head_grads]
+        s.free_all(fin)
+        for i in range(L - 1, -1, -1):
+            bi = layers[i]
+            live = kept[i]
+            if ckpt:  # recompute the layer's forward, keeping what backward needs
+                s.free_all(live)
+                live = []
+                pending = -1
+                for n, saved in layer_tensors[bi]:
+                    h = s.alloc(n, "activations" if saved else "temporaries")
+                    if saved:
+                        live.append(h)
+                    else:
+                        s.free(pending)
+                        pending = h
+                s.free(pending)
+                live.append(s.alloc(merged[bi], "activations"))
+            tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]
+            grads += [s.alloc(x, "gradients") for x in layer_grads[i]]
+            s.free_all(tmp)
+            s.free_all(live)
+            if not ckpt:
+                s.free_all(caches[i])
+        # end of backward: the embedding gradient arrives last
+        t = s.alloc(T * H * e, "temporaries")
+        grads += [s.alloc(x, "gradients") for x in embed_grads]
+        s.free(t)
+        s.free(q)
+        s.phase("optimizer_step")
+        if step == 0:
+            for x in state_tensors:
+                s.alloc(x, "optimizer_states")
+        sc = [s.alloc(x, "temporaries") for x in scratch]
+        s.free_all(sc)
+        s.free_all(grads)  # zero_grad(set_to_none=True)
+        s.phase("end")
+
     if job.optimizer in ("paged-adamw-8bit", "paged-adamw"):
         notes.append("paged optimizer states live in CUDA unified memory: not in PyTorch's allocator, "
                      "resident on the GPU while it has room, paged to the host under pressure")
-    phases = {k: int(sum(v.values())) for k, v in moments.items()}
-    peak_phase = max(phases, key=phases.get)
-    comps = {k: int(v) for k, v in moments[peak_phase].items() if v}
-    return comps, peak_phase, phases, notes
+    r = s.accounted = account(s)
+    phases = {k: v for k, v in r.phases.items() if k in ("forward", "backward", "optimizer_step")}
+    return r.components, r.peak_phase, phases, notes
 
 
 def _kv_bytes_per_token(spec: ModelSpec, job: Job, total_len: int) -> float:
@@ -227,14 +395,47 @@ def _kv_bytes_per_token(spec: ModelSpec, job: Job, total_len: int) -> float:
     return total
 
 
-def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
+    """The layer's forward op by op (the tensors of :func:`layers.layer_tensors_per_token`, none kept): each
+    lives until the next one exists, so the allocator sees the real sequence of sizes. A pair that would exceed
+    ``budget`` (the layer's widest moment, which the peak counts) is left out: the order of sizes is what this
+    adds, the peak stays the closed-form one."""
+    pending, held = -1, 0.0
+    for bpt, _saved in tensors:
+        n = bpt * tokens
+        if n + held > budget:
+            continue
+        h = s.alloc(n, "activations")
+        s.free(pending)
+        pending, held = h, n
+    s.free(pending)
+
+
+def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int) -> tuple[int, int]:
+    """Keys and values of one layer of block ``bi`` for one sequence at ``total_len`` tokens (see
+    :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window."""
+    e = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}.get(job.kv_cache_dtype, st.compute_bytes(job.precision))
+    at = spec.blocks[bi].attention
+    kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
+    length = min(total_len, at.sliding_window) if at.sliding_window else total_len
+    return kvh * at.head_dim * e * length, kvh * at.v_head_dim * e * length
+
+
+def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+    """Build the inference run's event stream (a warm-up call, then the measured one) and account it.
+
+    Prefill runs the layers one after another (each layer's transients freed before the next); ``generate()``
+    keeps each layer's keys and values in ``DynamicCache``, which grows them by ``torch.cat`` every decode step:
+    a new tensor one token longer, the old one freed (``transformers`` 5 ``DynamicLayer.update``)."""
+    from .events import Stream, account
+
+    s = stream if stream is not None else Stream()
     B, P, N = job.batch_size, job.prompt_len, job.new_tokens
     V, H = spec.vocab_size, spec.hidden_size
     e = st.compute_bytes(job.precision)
     res = 4 if job.precision in ("32-true", "16-mixed", "bf16-mixed") else 2
     weights = st.weight_bytes(spec, job)
-    if job.quantization != "none":
-        weights += quant.quant_state_bytes(spec, job)
+    qstate = quant.quant_state_bytes(spec, job) if job.quantization != "none" else 0
     # Under inference_mode autocast does not keep its cast cache (measured: llama-3.2-1b bf16-mixed prefill
     # holds no 16-bit weight copies); one linear's 16-bit copy exists at a time.
     cache = 2 * max([lin.in_features * lin.out_features for b in spec.blocks for lin in b.linears]
@@ -252,53 +453,122 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
                         b.moe.shared_intermediate_size * 3)
         elif b.mlp is not None:
             I_eff = max(I_eff, b.mlp.intermediate_size * (3 if b.mlp.gated else 2))
+    nh = max(b.attention.num_heads for b in spec.blocks)
 
-    def layer_transient(tokens: int) -> float:
-        t = tokens * (2 * H * res + max(I_eff, qkv) * e)
+    def layer_transient(tokens: int) -> list[float]:
+        """A layer's live temporaries at its widest: the residual and its normed copy, and the MLP's (or
+        q/k/v's) widest intermediate; eager attention's scores instead when they are larger."""
+        t = [tokens * H * res, tokens * H * res, tokens * max(I_eff, qkv) * e]
         if job.attention == "eager":
-            nh = max(b.attention.num_heads for b in spec.blocks)
-            t = max(t, tokens * (2 * H * res + qkv * e) + B * nh * (tokens // B) * (4 + e) * (tokens // B) / max(1, tokens // B))
+            alt = [tokens * H * res, tokens * H * res, tokens * qkv * e, B * nh * (tokens // B) * (4 + e)]
+            if sum(alt) > sum(t):
+                t = alt
         return t
 
-    moments: dict[str, dict[str, float]] = {}
-    if N == 0:
+    layers = spec.layer_blocks or tuple(_layer_order(spec))
+    L = len(layers)
+    imode = Mode(precision=_MIXED[job.precision], trainable_base=False, lora_targets=frozenset(), lora_rank=0,
+                 attention=job.attention, seq_len=P, dropout=0.0)
+    infer_tensors = {bi: layer_tensors_per_token(spec, bi, imode) for bi in set(layers)}
+    s.phase("load")
+    for w in _weight_tensors(spec, job, list(layers), weights):
+        s.alloc(w, "weights")
+    if qstate:
+        for _ in layers:
+            s.alloc(qstate / max(1, L), "weights")
+    s.alloc(cache, "autocast_cache")
+    prompt_ids = s.alloc(B * P * 8, "temporaries")
+    for call in range(calls):
+        if call == 1:
+            s.reset_peaks()
+        s.phase("prefill")
+        if call == 0:
+            s.alloc(ws / 2, "temporaries")
+            s.alloc(ws / 2, "temporaries")
         T = B * P
-        logits = T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4
-        in_layer = layer_transient(T) + (quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0)
-        if job.attention == "eager":
-            nh = max(b.attention.num_heads for b in spec.blocks)
-            in_layer += B * nh * P * P * (4 + e)
-        # the layers' transients are gone when the head runs: the peak is the larger of the two moments
-        moments["prefill"] = {"weights": weights, "autocast_cache": cache, "activations": in_layer,
-                              "temporaries": ws + T * 8}
-        moments["head"] = {"weights": weights, "autocast_cache": cache, "activations": T * H * e,
-                           "logits_and_loss": logits, "temporaries": ws + T * 8}
+        q = s.alloc(quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0,
+                    "activations" if N == 0 else "temporaries")
+        eager = [B * nh * P * P * (4 + e)] if job.attention == "eager" else []
+        if N == 0:
+            for bi in layers:
+                tmp = layer_transient(T) + eager
+                _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
+                tmp = [s.alloc(x, "activations") for x in tmp]
+                s.free_all(tmp)
+            s.free(q)
+            s.phase("head")
+            hid = s.alloc(T * H * e, "activations")
+            logits = s.alloc(T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4,
+                             "logits_and_loss")
+            s.free(hid)
+            s.free(logits)
+            continue
+        kv: list[list[int]] = []
+        step_logits = [B * V * e, B * V * 4]  # last position's logits and generate()'s fp32 copy
+        out: list[int] = []
+        for i, bi in enumerate(layers):
+            tmp = layer_transient(T) + eager
+            _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
+            tmp = [s.alloc(x, "activations") for x in tmp]
+            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P)])
+            if i == L - 1:
+                out = [s.alloc(x, "logits_and_loss") for x in step_logits]
+            s.free_all(tmp)
+        s.free(q)
+        s.phase("decode")
+        for step in range(1, N):
+            length = P + step
+            # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
+            tmp = [s.alloc(x, "activations") for x in layer_transient(B)]
+            for i, bi in enumerate(layers):
+                new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
+                s.free_all(kv[i])
+                kv[i] = new
+            s.free_all(tmp)
+            s.free_all(out)
+            out = [s.alloc(x, "logits_and_loss") for x in step_logits]
+        s.free_all(out)
+        for pair in kv:
+            s.free_all(pair)
+    s.free(prompt_ids)
+    r = s.accounted = account(s)
+    phases = {k: v for k, v in r.phases.items() if k in ("prefill", "head", "decode")}
+    return r.components, r.peak_phase, phases, notes
+
+
+def _stream(spec: ModelSpec, job: Job):
+    """The job's event stream and its accounting: (stream, components, peak phase, phases, notes)."""
+    from .events import Stream
+
+    stream = Stream()
+    if job.task == "train":
+        comps, phase, phases, notes = _train(spec, job, stream)
     else:
-        kv_prompt = _kv_bytes_per_token(spec, job, P) * B
-        kv_full = _kv_bytes_per_token(spec, job, P + N - 1) * B
-        one_layer = kv_full / max(1, spec.num_layers)
-        step_logits = B * V * (e + 4)  # last position's logits and generate()'s fp32 copy
-        qtemp = quant.dequant_temp_bytes(spec, job, B * P) if job.quantization != "none" else 0
-        pre = {"weights": weights, "autocast_cache": cache, "kv_cache": kv_prompt,
-               "activations": layer_transient(B * P), "logits_and_loss": step_logits, "temporaries": ws + qtemp}
-        if job.attention == "eager":
-            nh = max(b.attention.num_heads for b in spec.blocks)
-            pre["activations"] += B * nh * P * P * (4 + e)
-        moments["prefill"] = pre
-        moments["decode"] = {"weights": weights, "autocast_cache": cache, "kv_cache": kv_full + one_layer,
-                             "activations": layer_transient(B), "logits_and_loss": step_logits,
-                             "temporaries": ws}
-    phases = {k: int(sum(v.values())) for k, v in moments.items()}
-    peak_phase = max(phases, key=phases.get)
-    comps = {k: int(v) for k, v in moments[peak_phase].items() if v}
-    return comps, peak_phase, phases, notes
+        comps, phase, phases, notes = _infer(spec, job, stream)
+    return stream, comps, phase, phases, notes
 
 
-def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
+def _spec_job_for_single(job: Job) -> Job:
+    """The same job on one GPU (the per-rank micro-batch, no sharding): what a multi-GPU rank builds on."""
+    return job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", tensor_parallel=1,
+                       pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int | None = None) -> Breakdown:
     """Estimate the per-GPU memory of ``job`` (single GPU) without torch.
 
+    The run's event stream (:mod:`memfit.estimator.events`) gives peak allocated and its components; its
+    replay through the caching-allocator model gives peak reserved, and the device total is that plus the CUDA
+    context. With ``gpu_memory_bytes`` (a card's total memory) the replay is also run with the allocator capped
+    at the card less the CUDA context: ``fits`` says whether the run completes, ``headroom_bytes`` what is left.
     ``spec`` skips the model lookup (the planner passes it when it sweeps batch sizes).
     """
+    from .events import cuda_context_bytes, replay
+
     spec = _spec(job, spec)
     from ..checks import check_job_for_model
 
@@ -313,28 +583,75 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
         job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
-    if job.task == "train":
-        comps, phase, phases, notes = _train(spec, job)
-    else:
-        comps, phase, phases, notes = _infer(spec, job)
+    stream, comps, phase, phases, notes = _stream(spec, job)
     peak = sum(comps.values())
-    reserved = peak + allocator_reserve_bytes(peak, job)
+    expandable = bool(getattr(job, "expandable_segments", False))
+    run = replay(stream, expandable_segments=expandable)
+    ctx = cuda_context_bytes(job.task)
     # paged optimizer state is CUDA unified memory: resident on the GPU while there is room, so nvidia-smi
     # counts it even though PyTorch's allocator does not
-    total = reserved + cuda_context_bytes(job) + st.paged_optimizer_host_bytes(spec, job)
+    paged = st.paged_optimizer_host_bytes(spec, job)
+    reserved = run.peak_reserved_bytes
+    extras: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
+                    "largest_component": max(comps, key=comps.get) if comps else ""}
+    fits = headroom = None
+    if gpu_memory_bytes is not None:
+        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable)
+        fits = capped.completed
+        if fits:
+            reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
+            extras["decided_by"] = extras["largest_component"]
+        else:
+            extras.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
+                          failed_phase=capped.failed_phase)
+            notes.append(f"out of memory in {capped.failed_phase or 'load'}: a {_gib(capped.failed_request_bytes)} "
+                         f"request ({capped.failed_component}) with {_gib(capped.reserved_at_failure_bytes)} reserved")
+            if peak + ctx + paged <= gpu_memory_bytes:
+                line = (f"fails through fragmentation only: peak allocated {_gib(peak)} plus the CUDA context fits "
+                        f"the card, but the caching allocator's free blocks do not fit the next request")
+                if not expandable:
+                    alt = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=True)
+                    extras["fits_with_expandable_segments"] = alt.completed
+                    line += ("; with expandable_segments: true it " +
+                             ("runs" if alt.completed else "still does not fit"))
+                notes.append(line)
+        headroom = gpu_memory_bytes - (reserved + ctx + paged)
+    total = reserved + ctx + paged
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job), components=comps, peak_allocated_bytes=peak,
         peak_reserved_bytes=reserved, device_total_bytes=total, peak_phase=phase, phases=phases,
-        host_bytes=st.paged_optimizer_host_bytes(spec, job), notes=notes + remarks)
+        host_bytes=paged, notes=notes + remarks, gpu_memory_bytes=gpu_memory_bytes, fits=fits, headroom_bytes=headroom,
+        extras=extras)
+
+
+def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> bool:
+    """Whether the reference run of ``job`` completes with the allocator capped at the card less the CUDA
+    context (the replay of the estimate's event stream, not a comparison of totals)."""
+    from .events import cuda_context_bytes, replay
+
+    spec = _spec(job, spec)
+    if job.strategy != "single" or job.gpus > 1:
+        return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
+    if spec.model_type == "gemma2" and job.attention == "sdpa":
+        job = job.replace(attention="eager")
+    if spec.model_type == "gpt_oss" and job.attention == "sdpa":
+        job = job.replace(attention="eager")
+    stream, comps, *_ = _stream(spec, job)
+    cap = gpu_memory_bytes - cuda_context_bytes(job.task) - st.paged_optimizer_host_bytes(spec, job)
+    if sum(comps.values()) > cap:
+        return False  # the tensors alone do not fit: no replay needed
+    return replay(stream, capacity_bytes=cap,
+                  expandable_segments=bool(getattr(job, "expandable_segments", False))).completed
 
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:
-    """Largest micro-batch whose estimated device total fits in ``gpu_memory_bytes`` (0 if none does)."""
+    """Largest micro-batch (for inference: number of sequences) that runs on a card of ``gpu_memory_bytes``:
+    the capped replay of its event stream completes (0 if none does)."""
     spec = _spec(job, spec)
 
     def fits(b: int) -> bool:
-        return estimate(job.replace(batch_size=b), spec).device_total_bytes <= gpu_memory_bytes
+        return fits_on(job.replace(batch_size=b), gpu_memory_bytes, spec)
 
     if not fits(1):
         return 0

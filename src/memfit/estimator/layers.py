@@ -50,6 +50,7 @@ class _Replay:
         self.dtype: dict[str, int] = {}
         self.base: dict[str, str] = {}  # view -> storage owner
         self.saved: dict[str, float] = {}  # storage -> bytes per token
+        self.order: list[str] = []  # tensors (and extra saved buffers) in the order the forward makes them
         self._n = 0
         self.softmax_fp32 = True
         self.materialized_mask = False  # the model passes an explicit attention mask to sdpa (Falcon)
@@ -59,6 +60,7 @@ class _Replay:
         self.size[name] = size
         self.dtype[name] = dtype
         self.base[name] = name
+        self.order.append(name)
         return name
 
     def tmp(self, size: float, dtype: int) -> str:
@@ -71,6 +73,7 @@ class _Replay:
 
     def save_bytes(self, key: str, nbytes: float) -> None:
         self.saved[key] = nbytes
+        self.order.append(key)
 
     def cast(self, name: str, dtype: int) -> str:
         """A dtype cast: the same tensor if it already has the dtype, else a new one."""
@@ -269,6 +272,10 @@ def _names(block: Block) -> dict[str, str]:
 
 
 def _replay_layer(spec: ModelSpec, block: Block, mode: Mode) -> float:
+    return sum(_run_layer(spec, block, mode).saved.values())
+
+
+def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
     r = _Replay(mode)
     r.softmax_fp32 = spec.model_type not in ("gpt2", "bert", "roberta", "distilbert", "falcon")
     r.materialized_mask = spec.model_type == "falcon"  # create_causal_mask(allow_is_causal_skip=False)
@@ -371,10 +378,27 @@ def _replay_layer(spec: ModelSpec, block: Block, mode: Mode) -> float:
         r.norm("h", "y2", norm)
         m = mlp_part("y2")
         r.add("h", m, "out")
-    return sum(r.saved.values())
+    return r
 
 
 @lru_cache(maxsize=4096)
 def saved_bytes_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> float:
     """Bytes one token leaves saved for backward in one layer of ``spec.blocks[block_index]``."""
     return _replay_layer(spec, spec.blocks[block_index], mode)
+
+
+@lru_cache(maxsize=4096)
+def layer_tensors_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool], ...]:
+    """The tensors one layer's forward makes, in order, as (bytes per token, saved for backward).
+
+    The same replay as :func:`saved_bytes_per_token` (the saved entries add up to it); the others are the
+    forward's temporaries (a tensor no backward formula keeps, freed once the next op has consumed it).
+    Views share their owner's storage and are not listed; the layer's output (the next layer's input) is."""
+    r = _run_layer(spec, spec.blocks[block_index], mode)
+    out = []
+    for key in r.order:
+        if key in r.saved:
+            out.append((r.saved[key], True))
+        elif r.base.get(key) == key:
+            out.append((r.size[key] * r.dtype[key], False))
+    return tuple(out)

@@ -31,7 +31,7 @@ from ..errors import JobError
 from ..job import Job
 from ..models.spec import ModelSpec
 from . import states as st
-from .runtime import allocator_reserve_bytes, cuda_context_bytes
+from .events import cuda_context_bytes
 
 __all__ = ["estimate_parallel", "zero_model_states", "megatron_activation_bytes", "Layout", "layout"]
 
@@ -269,8 +269,15 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
                         / lay.tp for b in blocks]
     cache_head = 2 * spec.lm_head_params / lay.tp if (amode == "mixed" and stage.last and
                                                       st.autocast_cache_bytes(spec, job)) else 0.0
+    frozen_casts = 0.0
+    if amode == "mixed" and st.autocast_cache_bytes(spec, job) and job.is_lora and ckpt:
+        # as on one GPU: autocast caches casts of leaves that require grad only, so a frozen base under
+        # checkpointing keeps no 16-bit copies; one layer's copies exist at a time, in its backward
+        frozen_casts = max(2 * sum(lin.in_features * lin.out_features * lin.count for lin in spec.blocks[b].linears)
+                           for b in blocks) / lay.tp
+        cache_layers = [0.0] * len(blocks)
     cache = sum(cache_layers) + cache_head
-    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split)
+    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split) + frozen_casts
 
     out: list[_Moment] = []
     out.append(_Moment("forward", "loss", None, activations=acts_one + others + final_saved, logits=logit_fwd_peak,
@@ -288,7 +295,7 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
         cache_below -= cache_layers[k] if not ckpt else 0.0
     out.append(_Moment("backward", "end_backward", None, activations=others,
                        temporaries=ws + inputs + T * H * e * seq_split))
-    out.append(_Moment("optimizer_step", "step", None, temporaries=ws))
+    out.append(_Moment("optimizer_step", "step", None, temporaries=ws + T * 8 * 3))  # the batch stays alive through the step
     return out
 
 
@@ -697,6 +704,37 @@ def _activation_mode(job: Job) -> str:
     return _act_mode(job)
 
 
+#: DDP's gradient buckets (``bucket_cap_mb=25``, ``torch/nn/parallel/distributed.py``).
+DDP_BUCKET_BYTES = 25 << 20
+
+
+def _replayed_reserve(spec: ModelSpec, job: Job, lay, peak: int, comps: dict[str, int]) -> int:
+    """Peak reserved of one rank, from the single-GPU event stream of the same micro-batch.
+
+    Plain DDP is exactly that stream plus its gradient buckets (allocated when the reducer is built, kept for
+    the run, in 25 MiB buckets): the replay of the two gives the rank's reserve. For the sharded and
+    model-parallel layouts the per-rank stream is not built yet: the rank's peak gets the reserve-over-allocated
+    factor the single-GPU replay finds for the same micro-batch (an approximation, said so in the notes)."""
+    from . import _spec_job_for_single, _stream
+    from .events import replay
+
+    single = _spec_job_for_single(job)
+    stream, scomps, *_ = _stream(spec, single)
+    speak = sum(scomps.values())
+    if job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1:
+        buckets = comps.get("communication_buffers", 0)
+        load = next(i for i, op in enumerate(stream.ops) if op[0] == 2)  # right after the load phase mark
+        extra = []
+        while buckets > 0:
+            n = min(buckets, DDP_BUCKET_BYTES)
+            extra.append((0, -1 - len(extra), int(n), "communication_buffers"))
+            buckets -= n
+        stream.ops[load + 1:load + 1] = extra
+        return max(replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False))).peak_reserved_bytes, peak)
+    r = replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False)))
+    return int(peak * r.peak_reserved_bytes / max(1, speak))
+
+
 def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`."""
     if job.task != "train":
@@ -733,15 +771,18 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     _, top, phase, phases, stage = best
     comps = {k: int(v) for k, v in top.items() if int(v)}
     peak = sum(comps.values())
-    reserved = peak + allocator_reserve_bytes(peak, job)
+    reserved = _replayed_reserve(spec, job, lay, peak, comps)
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
-    total = reserved + cuda_context_bytes(job) + nccl
+    total = reserved + cuda_context_bytes(job.task) + nccl
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
     nvme_rank = nvme_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
+    if not (job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1):
+        notes.append("peak reserved: the rank's peak allocated times the reserve/allocated factor of the "
+                     "single-GPU replay for the same micro-batch (the per-rank event stream is not built yet)")
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
     if nvme_rank:

@@ -18,7 +18,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
 #: for the process (PyTorch sizes each from CUBLAS_WORKSPACE_CONFIG; 2 x 32 MiB on Hopper). Measured:
 #: 64.0 MiB of ``memory_allocated`` appear after the first matmul on an H100 with torch 2.11
 #: (validation/probes/layer_probe.json, every run after the first).
-CUBLAS_WORKSPACE_BYTES = 64 << 20
+CUBLAS_HANDLE_WORKSPACE_BYTES = 32 << 20
+CUBLAS_WORKSPACE_BYTES = 2 * CUBLAS_HANDLE_WORKSPACE_BYTES
 
 
 def param_bytes(precision: str) -> int:

@@ -26,7 +26,7 @@ from ..job import Job
 
 __all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "TRACE_INSTALL"]
 
-CUDA_CONTEXT_BYTES = 767 << 20  # measured on the H100 records (training; inference: 695 MiB), see memfit.estimator.runtime
+from ..estimator.events import CUDA_CONTEXT_BYTES  # noqa: E402 - defined once, torch-free
 """What ``nvidia-smi`` shows for the process beyond PyTorch's reserve (``device_total - peak_reserved``): the
 CUDA context and the loaded kernels of cuBLAS, cuDNN and PyTorch. A first value, to be calibrated from
 measurements: the reference H100 (torch 2.11 + CUDA 13, cuDNN 9.19, lazy module loading) showed 767 MiB for

@@ -23,8 +23,9 @@ from ..allocator import CachingAllocatorModel
 
 __all__ = ["Record", "Tracker", "CUBLAS_WORKSPACE_BYTES", "TIMELINE_POINTS"]
 
-CUBLAS_WORKSPACE_BYTES = 32 << 20
-"""cuBLAS workspace PyTorch allocates through the caching allocator for each (handle, stream) on first use
+from ..estimator.states import CUBLAS_HANDLE_WORKSPACE_BYTES as CUBLAS_WORKSPACE_BYTES  # noqa: E402
+
+_CUBLAS_DOC = """cuBLAS workspace PyTorch allocates through the caching allocator for each (handle, stream) on first use
 and keeps: ``CublasHandlePool.cpp`` ``getChosenWorkspaceSize`` defaults to 4096 x 8 KiB = 32 MiB on sm90
 (H100). The forward runs on the caller's thread and the backward on autograd's device thread, each with
 its own handle, so a training step holds two; inference holds one. Calibrated against measurements."""
