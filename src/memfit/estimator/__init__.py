@@ -411,13 +411,26 @@ def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
     s.free(pending)
 
 
-def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int) -> tuple[int, int]:
+def _kv_stored_len(window: int | None, total_len: int, prefill: bool) -> int:
+    """Tokens of storage one layer's cached keys (or values) hold at ``total_len`` tokens.
+
+    ``transformers`` 5.17 ``cache_utils.DynamicSlidingWindowLayer.update`` keeps
+    ``torch.cat([keys, new])[:, :, -window + 1:, :]``: a view, so the whole ``cat`` result stays allocated.
+    After the prefill that is the whole prompt on every layer, sliding or not; from the first decode step on
+    the ``cat`` is of at most ``window - 1`` cached tokens plus the new one, so ``min(total_len, window)``."""
+    if not window or prefill:
+        return total_len
+    return min(total_len, window)
+
+
+def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int, prefill: bool = False) -> tuple[int, int]:
     """Keys and values of one layer of block ``bi`` for one sequence at ``total_len`` tokens (see
-    :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window."""
+    :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window except right after the prefill
+    (:func:`_kv_stored_len`)."""
     e = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}.get(job.kv_cache_dtype, st.compute_bytes(job.precision))
     at = spec.blocks[bi].attention
     kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
-    length = min(total_len, at.sliding_window) if at.sliding_window else total_len
+    length = _kv_stored_len(at.sliding_window, total_len, prefill)
     return kvh * at.head_dim * e * length, kvh * at.v_head_dim * e * length
 
 
@@ -510,7 +523,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             tmp = layer_transient(T) + eager
             _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
             tmp = [s.alloc(x, "activations") for x in tmp]
-            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P)])
+            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P, prefill=True)])
             if i == L - 1:
                 out = [s.alloc(x, "logits_and_loss") for x in step_logits]
             s.free_all(tmp)
