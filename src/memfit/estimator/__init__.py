@@ -411,6 +411,19 @@ def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
     s.free(pending)
 
 
+def _sliding_mask_bytes(spec: ModelSpec, job: Job, batch: int, prompt_len: int) -> int:
+    """The boolean sliding-window mask the prefill builds for SDPA when the prompt is longer than a layer's
+    window: ``[batch, 1, P, P]`` one byte each, alive through the prefill (``transformers`` 5.17
+    ``masking_utils.create_sliding_window_causal_mask`` -> ``sdpa_mask``: a causal mask without padding may be
+    skipped for ``is_causal``, a window narrower than the prompt cannot). Eager attention is not counted here."""
+    if job.attention != "sdpa":
+        return 0
+    windows = [b.attention.sliding_window for b in spec.blocks if b.attention.sliding_window]
+    if not windows or prompt_len <= min(windows):
+        return 0
+    return batch * prompt_len * prompt_len
+
+
 def _kv_stored_len(window: int | None, total_len: int, prefill: bool) -> int:
     """Tokens of storage one layer's cached keys (or values) hold at ``total_len`` tokens.
 
@@ -501,6 +514,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         T = B * P
         q = s.alloc(quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0,
                     "activations" if N == 0 else "temporaries")
+        mask = s.alloc(_sliding_mask_bytes(spec, job, B, P), "activations" if N == 0 else "temporaries")
         eager = [B * nh * P * P * (4 + e)] if job.attention == "eager" else []
         if N == 0:
             for bi in layers:
@@ -509,6 +523,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                 tmp = [s.alloc(x, "activations") for x in tmp]
                 s.free_all(tmp)
             s.free(q)
+            s.free(mask)
             s.phase("head")
             hid = s.alloc(T * H * e, "activations")
             logits = s.alloc(T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4,
@@ -528,6 +543,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                 out = [s.alloc(x, "logits_and_loss") for x in step_logits]
             s.free_all(tmp)
         s.free(q)
+        s.free(mask)
         s.phase("decode")
         for step in range(1, N):
             length = P + step
