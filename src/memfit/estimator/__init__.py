@@ -306,7 +306,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             kept.append(mine)
         fin = [s.alloc(x, "activations") for x in final_saved]
         ch = s.alloc(cache_head, "autocast_cache")
-        if lm:
+        plain = lm and _plain_ce_mlm(spec, job)
+        if plain:  # autocast's fp32 copy of the scores stays with the 16-bit log_softmax output
+            logits = s.alloc(TV * e, "logits_and_loss")
+            up = s.alloc(TV * 4, "logits_and_loss")
+            logsm, tanh = s.alloc(TV * e, "logits_and_loss"), -1
+            s.free(logits)
+        elif lm:
             logits = s.alloc(TV * e, "logits_and_loss")
             up = s.alloc(TV * 4, "logits_and_loss") if e != 4 else -1
             logsm = s.alloc(TV * 4, "logits_and_loss")
@@ -320,7 +326,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.free(ch)
             for c in caches:
                 s.free_all(c)
-        if lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
+        if plain:  # one fp32 gradient of the scores, then its cast back to 16 bits
+            g1 = s.alloc(TV * 4, "logits_and_loss")
+            s.free(logsm)
+            s.free(up)
+            g3 = s.alloc(TV * e, "logits_and_loss")
+            s.free(g1)
+            s.free(g3)
+        elif lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
             g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
@@ -409,6 +422,20 @@ def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
         s.free(pending)
         pending, held = h, n
     s.free(pending)
+
+
+_PLAIN_CE_MLM = ("bert", "roberta", "distilbert")
+
+
+def _plain_ce_mlm(spec: ModelSpec, job: Job) -> bool:
+    """Whether the masked-LM loss is ``nn.CrossEntropyLoss()(scores.view(-1, V), labels.view(-1))`` on the
+    16-bit scores under autocast (``transformers`` 5.17 ``modeling_bert.py`` ``BertForMaskedLM.forward``,
+    ``modeling_roberta.py`` ``RobertaForMaskedLM.forward``, ``modeling_distilbert.py``
+    ``DistilBertForMaskedLM.forward``) rather than ``ForMaskedLMLoss``'s explicit ``.float()``: at the loss
+    backward 10 bytes per logit are live (autocast's fp32 copy, the 16-bit log_softmax output, one fp32
+    gradient), not 12."""
+    return (spec.head == "masked_lm" and spec.model_type in _PLAIN_CE_MLM
+            and st.compute_bytes(job.precision) != 4)
 
 
 def _sliding_mask_bytes(spec: ModelSpec, job: Job, batch: int, prompt_len: int) -> int:

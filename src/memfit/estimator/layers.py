@@ -326,6 +326,10 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
                         p_drop=p, sinks=at.sinks)
         r.copy("o", "oc")
         r.linear("oc", "ao", names.get("o", "o_proj"), H)
+        if spec.model_type == "distilbert":
+            # no dropout after out_lin: transformers 5.17 modeling_distilbert.py MultiHeadSelfAttention.forward
+            # returns out_lin's output and TransformerBlock.forward adds it to the residual directly
+            return "ao"
         return r.dropout("ao", "aod", p)
 
     def mlp_part(inp: str) -> str:
