@@ -60,6 +60,8 @@ def load_records(root: str | Path) -> list[dict[str, Any]]:
                     continue
                 if rec["breakdown"].get("measurement") not in (None, "", "cuda-allocator"):
                     continue
+                if rec.get("kind") == "boundary":
+                    continue  # a largest-batch search under a capped allocator: validation/score_fit.py scores it
                 rec.setdefault("_file", str(path))
                 out.append(rec)
     return out

@@ -306,7 +306,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             kept.append(mine)
         fin = [s.alloc(x, "activations") for x in final_saved]
         ch = s.alloc(cache_head, "autocast_cache")
-        if lm:
+        plain = lm and _plain_ce_mlm(spec, job)
+        if plain:  # autocast's fp32 copy of the scores stays with the 16-bit log_softmax output
+            logits = s.alloc(TV * e, "logits_and_loss")
+            up = s.alloc(TV * 4, "logits_and_loss")
+            logsm, tanh = s.alloc(TV * e, "logits_and_loss"), -1
+            s.free(logits)
+        elif lm:
             logits = s.alloc(TV * e, "logits_and_loss")
             up = s.alloc(TV * 4, "logits_and_loss") if e != 4 else -1
             logsm = s.alloc(TV * 4, "logits_and_loss")
@@ -320,7 +326,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.free(ch)
             for c in caches:
                 s.free_all(c)
-        if lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
+        if plain:  # one fp32 gradient of the scores, then its cast back to 16 bits
+            g1 = s.alloc(TV * 4, "logits_and_loss")
+            s.free(logsm)
+            s.free(up)
+            g3 = s.alloc(TV * e, "logits_and_loss")
+            s.free(g1)
+            s.free(g3)
+        elif lm:  # nll_loss backward, log_softmax backward, then .float()'s backward casts the gradient back
             g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
@@ -411,13 +424,53 @@ def _forward_temporaries(s, tensors, tokens: int, budget: float) -> None:
     s.free(pending)
 
 
-def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int) -> tuple[int, int]:
+_PLAIN_CE_MLM = ("bert", "roberta", "distilbert")
+
+
+def _plain_ce_mlm(spec: ModelSpec, job: Job) -> bool:
+    """Whether the masked-LM loss is ``nn.CrossEntropyLoss()(scores.view(-1, V), labels.view(-1))`` on the
+    16-bit scores under autocast (``transformers`` 5.17 ``modeling_bert.py`` ``BertForMaskedLM.forward``,
+    ``modeling_roberta.py`` ``RobertaForMaskedLM.forward``, ``modeling_distilbert.py``
+    ``DistilBertForMaskedLM.forward``) rather than ``ForMaskedLMLoss``'s explicit ``.float()``: at the loss
+    backward 10 bytes per logit are live (autocast's fp32 copy, the 16-bit log_softmax output, one fp32
+    gradient), not 12."""
+    return (spec.head == "masked_lm" and spec.model_type in _PLAIN_CE_MLM
+            and st.compute_bytes(job.precision) != 4)
+
+
+def _sliding_mask_bytes(spec: ModelSpec, job: Job, batch: int, prompt_len: int) -> int:
+    """The boolean sliding-window mask the prefill builds for SDPA when the prompt is longer than a layer's
+    window: ``[batch, 1, P, P]`` one byte each, alive through the prefill (``transformers`` 5.17
+    ``masking_utils.create_sliding_window_causal_mask`` -> ``sdpa_mask``: a causal mask without padding may be
+    skipped for ``is_causal``, a window narrower than the prompt cannot). Eager attention is not counted here."""
+    if job.attention != "sdpa":
+        return 0
+    windows = [b.attention.sliding_window for b in spec.blocks if b.attention.sliding_window]
+    if not windows or prompt_len <= min(windows):
+        return 0
+    return batch * prompt_len * prompt_len
+
+
+def _kv_stored_len(window: int | None, total_len: int, prefill: bool) -> int:
+    """Tokens of storage one layer's cached keys (or values) hold at ``total_len`` tokens.
+
+    ``transformers`` 5.17 ``cache_utils.DynamicSlidingWindowLayer.update`` keeps
+    ``torch.cat([keys, new])[:, :, -window + 1:, :]``: a view, so the whole ``cat`` result stays allocated.
+    After the prefill that is the whole prompt on every layer, sliding or not; from the first decode step on
+    the ``cat`` is of at most ``window - 1`` cached tokens plus the new one, so ``min(total_len, window)``."""
+    if not window or prefill:
+        return total_len
+    return min(total_len, window)
+
+
+def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int, prefill: bool = False) -> tuple[int, int]:
     """Keys and values of one layer of block ``bi`` for one sequence at ``total_len`` tokens (see
-    :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window."""
+    :func:`_kv_bytes_per_token`): two tensors, capped at a sliding window except right after the prefill
+    (:func:`_kv_stored_len`)."""
     e = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}.get(job.kv_cache_dtype, st.compute_bytes(job.precision))
     at = spec.blocks[bi].attention
     kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
-    length = min(total_len, at.sliding_window) if at.sliding_window else total_len
+    length = _kv_stored_len(at.sliding_window, total_len, prefill)
     return kvh * at.head_dim * e * length, kvh * at.v_head_dim * e * length
 
 
@@ -488,6 +541,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         T = B * P
         q = s.alloc(quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0,
                     "activations" if N == 0 else "temporaries")
+        mask = s.alloc(_sliding_mask_bytes(spec, job, B, P), "activations" if N == 0 else "temporaries")
         eager = [B * nh * P * P * (4 + e)] if job.attention == "eager" else []
         if N == 0:
             for bi in layers:
@@ -496,6 +550,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                 tmp = [s.alloc(x, "activations") for x in tmp]
                 s.free_all(tmp)
             s.free(q)
+            s.free(mask)
             s.phase("head")
             hid = s.alloc(T * H * e, "activations")
             logits = s.alloc(T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4,
@@ -510,11 +565,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             tmp = layer_transient(T) + eager
             _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
             tmp = [s.alloc(x, "activations") for x in tmp]
-            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P)])
+            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P, prefill=True)])
             if i == L - 1:
                 out = [s.alloc(x, "logits_and_loss") for x in step_logits]
             s.free_all(tmp)
         s.free(q)
+        s.free(mask)
         s.phase("decode")
         for step in range(1, N):
             length = P + step

@@ -210,15 +210,20 @@ class _Replay:
         elif self.softmax_fp32:
             self.save(self.tmp(nh * S, 4))  # softmax(dtype=float32) output
             probs_dtype = self.dtype[q]
-            if probs_dtype != 4:
+            if p_drop > 0:
+                pass  # the cast feeds the dropout, which keeps only its mask: the matmul keeps the dropout's output
+            elif probs_dtype != 4:
                 self.save(self.tmp(nh * S, probs_dtype))  # .to(query.dtype)
             elif self.mixed:
                 self.save(self.tmp(nh * S, 2))  # autocast casts the fp32 probabilities for the matmul
         else:  # GPT-2 style: softmax in the scores' dtype (fp32 under autocast: softmax is an fp32 op)
             self.save(self.tmp(nh * S, 4 if self.mixed else e))
-            if self.mixed:
+            if self.mixed and not p_drop > 0:
                 self.save(self.tmp(nh * S, 2))
         if p_drop > 0:
+            # dropout keeps its mask, not its output (native_dropout_backward needs the mask only); the value
+            # matmul keeps its input: the dropout's output, under autocast its 16-bit cast (e bytes either way).
+            # transformers 5.17 modeling_bert.py / modeling_gpt2.py eager_attention_forward: softmax, dropout, @ v
             self.save_bytes(o + ".attn_mask", nh * S)
             self.save(self.tmp(nh * S, e))
         self.save(self.cast(vrep, e) if self.mixed else vrep)
@@ -326,6 +331,10 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
                         p_drop=p, sinks=at.sinks)
         r.copy("o", "oc")
         r.linear("oc", "ao", names.get("o", "o_proj"), H)
+        if spec.model_type == "distilbert":
+            # no dropout after out_lin: transformers 5.17 modeling_distilbert.py MultiHeadSelfAttention.forward
+            # returns out_lin's output and TransformerBlock.forward adds it to the residual directly
+            return "ao"
         return r.dropout("ao", "aod", p)
 
     def mlp_part(inp: str) -> str:
