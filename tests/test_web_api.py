@@ -192,3 +192,25 @@ def test_hub_mode_reads_no_local_paths(tmp_path, monkeypatch):
     c = TestClient(create_app(allow_hub=True))
     r = c.post("/api/estimate", json={"job": {"model": "secret"}})
     assert r.status_code == 400 and "root" in r.json()["detail"], r.text
+
+
+def test_serve_endpoint_answers_what_the_library_answers(client):
+    """/api/serve returns memfit.serve.serve(...).to_dict() for the same model, engine, card and flags."""
+    from memfit.serve import serve
+
+    body = {"model": "llama-3.1-8b", "engine": "vllm", "gpu": "h100-80gb", "flags": {"max_model_len": 8192}}
+    r = client.post("/api/serve", json=body)
+    assert r.status_code == 200, r.text
+    want = serve("llama-3.1-8b", engine="vllm", gpu="h100-80gb", max_model_len=8192).to_dict()
+    assert r.json()["kv_cache_tokens"] == want["kv_cache_tokens"] > 0
+    assert r.json()["num_gpu_blocks"] == want["num_gpu_blocks"]
+
+
+def test_serve_endpoint_bad_input_is_one_line_4xx(client):
+    c = client
+    for body in ({"model": "llama-3.1-8b"}, {"model": "nosuchmodel-xyz", "gpu": "h100-80gb"},
+                 {"model": "llama-3.1-8b", "gpu": "h100-80gb", "flags": {"no_such_flag": 1}},
+                 {"model": "llama-3.1-8b", "gpu": "h100-80gb", "engine": "tgi"}):
+        r = c.post("/api/serve", json=body)
+        assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
+        assert "\n" not in r.json()["detail"]

@@ -130,6 +130,21 @@ def plan(job: dict[str, Any], *, gpu=None, gpu_memory=None, config=None, top: in
     return res.to_dict()
 
 
+def serve(model: str, *, engine: str = "vllm", gpu=None, gpu_memory=None, config=None, flags=None,
+          policy: Policy = Policy()) -> dict:
+    """What ``memfit serve --json`` prints: the KV cache vLLM or SGLang will allocate for ``model`` on the card."""
+    from ..serve import serve as _serve
+
+    spec = resolve_model(PASTED if config is not None else model, config, policy)
+    mem = card_bytes(gpu, gpu_memory)
+    if mem is None:
+        raise JobError("serve needs a card: gpu (a name from /api/gpus) or gpu_memory (80GiB)")
+    if flags is not None and not isinstance(flags, dict):
+        raise JobError("flags must be a JSON object of the engine's flags (tensor_parallel, max_model_len, ...)")
+    return _serve(spec if spec is not None else model, engine=engine, gpu=gpu or None, gpu_memory=None if gpu else mem,
+                  **dict(flags or {})).to_dict()
+
+
 def models() -> list[dict[str, Any]]:
     """What ``memfit models --json`` prints."""
     from ..models import list_models

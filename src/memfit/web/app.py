@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import MemfitError
+from ..errors import JobError, MemfitError
 from . import adapter
 
 STATIC = Path(__file__).with_name("static")
@@ -108,6 +108,16 @@ def create_app(*, root: str | Path | None = None, allow_hub: bool = False):
         top: int = Field(10, description="candidates to return (1..100)")
         min_headroom_percent: float = Field(3.0, description="percent of the card a candidate must leave free")
 
+    class ServeRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str = Field(..., description="a registry name or a Hub id the registry knows")
+        engine: str = Field("vllm", description="vllm or sglang")
+        gpu: Optional[str] = Field(None, description="a card from /api/gpus (e.g. h100-80gb)")
+        gpu_memory: Optional[str] = Field(None, description="the total the driver reports: 79.19GiB")
+        config: Optional[dict[str, Any]] = Field(None, description="a pasted config.json (replaces model)")
+        flags: Optional[dict[str, Any]] = Field(None, description="engine flags: tensor_parallel, max_model_len, "
+                                                "gpu_memory_utilization, kv_cache_dtype, ...")
+
     app = FastAPI(title="memfit", version=__version__,
                   description="GPU memory of LLM jobs: the estimate, the fit verdict and the plan.")
 
@@ -143,6 +153,14 @@ def create_app(*, root: str | Path | None = None, allow_hub: bool = False):
         b = _body(req)
         return adapter.plan(b["job"], gpu=b["gpu"], gpu_memory=b["gpu_memory"], config=b["config"], top=req.top,
                             min_headroom_percent=req.min_headroom_percent, policy=policy)
+
+    @app.post("/api/serve", summary="what `memfit serve --json` prints: the KV cache a serving engine allocates")
+    def api_serve(req: ServeRequest) -> dict[str, Any]:
+        try:
+            return adapter.serve(req.model, engine=req.engine, gpu=req.gpu, gpu_memory=req.gpu_memory,
+                                 config=req.config, flags=req.flags, policy=policy)
+        except TypeError as exc:  # an unknown flag name reaches ServeConfig as a keyword
+            raise JobError(f"unknown serve flag: {str(exc).splitlines()[0]}") from None
 
     @app.get("/api/models", summary="the built-in model registry (`memfit models --json`)")
     def api_models() -> list[dict[str, Any]]:
