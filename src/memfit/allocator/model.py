@@ -184,6 +184,7 @@ class CachingAllocatorModel:
         self._large_segment = cfg.large_segment_bytes
         self._power2 = cfg.rounds_power2
         self._gc = cfg.garbage_collection_threshold  # acts only while a capacity is set (set_fraction)
+        self._plain = not (self._expandable or self._split_limited or self._gc)
         # memory_stats() figures
         self.allocated = 0
         self.reserved = 0
@@ -222,7 +223,13 @@ class CachingAllocatorModel:
             size = (nbytes + 511) & ~511
         small = size <= SMALL_REQUEST_BYTES
         pool = self._small if small else self._large
-        block = self._get_free_block(pool, size)
+        if self._plain:
+            # get_free_block with no max_split_size, no expandable segments, no GC: plain best fit
+            keys = pool.keys
+            i = bisect_left(keys, size << 64)
+            block = pool.by_key.pop(keys.pop(i)) if i < len(keys) else None
+        else:
+            block = self._get_free_block(pool, size)
         if block is None:
             if small:
                 alloc_size = SMALL_SEGMENT_BYTES
