@@ -2,9 +2,9 @@
 
 Pure Python, no torch. It follows ``DeviceCachingAllocator`` in ``c10/cuda/CUDACachingAllocator.cpp``
 (pytorch/pytorch snapshot 001074d2, 2.x main branch; see :mod:`memfit.allocator.config` for the sources and
-for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses. The order of ``malloc``, the checks of
-``alloc_block`` and ``get_free_block`` were also checked against the device-generic rewrite
-``CachingDeviceAllocatorImpl`` (``c10/core/CachingDeviceAllocator.h``, newer main branch): the same.
+for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses. The order of
+``malloc`` and the checks of ``alloc_block`` and ``get_free_block`` were also read in the device-generic
+rewrite ``CachingDeviceAllocatorImpl`` (``c10/core/CachingDeviceAllocator.h``, newer main branch): the same.
 
 ``malloc`` (the order of ``DeviceCachingAllocator::malloc``)
     1. ``round_size`` the request; ``get_pool``: <= 1 MiB small pool, else large pool;
