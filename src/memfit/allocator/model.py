@@ -502,15 +502,15 @@ class CachingAllocatorModel:
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
         """``release_available_cached_blocks`` (only with max_split_size set): cudaFree the smallest oversize
-        cached block at least as large as the request, or else the largest oversize ones until they cover it."""
+        cached block at least as large as the request, or else the largest oversize ones, from the top down,
+        until they cover it. Expandable blocks are passed over (as the newer source does; the older asserted
+        there were none); so are split ones, which no oversize block is (``should_split`` never splits them)."""
         keys = pool.keys
         target = max(size, self._max_split)
         i = bisect_left(keys, target << 64)
-        if i < len(keys):
+        if i < len(keys) and pool.by_key[keys[i]].seg is None:
             b = pool.by_key[keys[i]]
-            # release_block cudaFrees the block as a segment: oversize blocks are whole segments (they are
-            # never split); an expandable block is left alone (the source asserts it is not one)
-            if b.prev is None and b.next is None and b.seg is None:
+            if b.prev is None and b.next is None:
                 self._release_block(b, pool)
             return True
         if i == 0:
@@ -519,10 +519,11 @@ class CachingAllocatorModel:
         i -= 1
         while released < target:
             b = pool.by_key[keys[i]]
-            if b.size < self._max_split or b.seg is not None or b.prev is not None or b.next is not None:
+            if b.size < self._max_split:
                 break
-            released += b.size
-            self._release_block(b, pool)
+            if b.seg is None and b.prev is None and b.next is None:
+                released += b.size
+                self._release_block(b, pool)  # removes keys[i]: keys[i - 1] is next either way
             if i == 0:
                 break
             i -= 1
@@ -538,7 +539,8 @@ class CachingAllocatorModel:
         target = self.reserved - limit
         pool = self._large
         calls = pool.gc_calls
-        candidates = [b for b in pool.by_key.values() if b.prev is None and b.next is None and b.seg is None]
+        # the average age counts every unsplit cached block; expandable ones are never released here
+        candidates = [b for b in pool.by_key.values() if b.prev is None and b.next is None]
         if not candidates:
             return
         total_age = sum(calls - b.gc_base for b in candidates)
