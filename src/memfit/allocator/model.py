@@ -440,13 +440,18 @@ class CachingAllocatorModel:
             split = size < self._max_split and remaining > SMALL_REQUEST_BYTES
         was_split = block.prev is not None or block.next is not None
         if split:
+            nxt = block.next
             rest = Block(remaining, block.addr + size, block.small, block.seg)
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
+            rest.prev = block
+            rest.next = nxt
+            if nxt is not None:
+                nxt.prev = rest
             block.next = rest
             block.size = size
-            pool.insert(rest)
+            k = remaining << 64 | rest.addr  # pool.insert(rest), inlined
+            insort(pool.keys, k)
+            pool.by_key[k] = rest
+            rest.gc_base = pool.gc_calls
             if block.seg is None:
                 if was_split:
                     self.inactive_split_bytes -= size
