@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import subprocess
 import sys
 import time
@@ -169,6 +170,20 @@ TINY = {
                                   vocab_size=100, max_position_embeddings=32, architectures=["DistilBertForMaskedLM"],
                                   tie_word_embeddings=False),
     "bert-mlm-untied": dict(model_type="bert", **_BERT, architectures=["BertForMaskedLM"], tie_word_embeddings=False),
+    "granite-bias-tied": dict(model_type="granite", **_S, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "granitemoe-attention-bias": dict(model_type="granitemoe", **_S, num_local_experts=4, num_experts_per_tok=2,
+                                      attention_bias=True),
+    "gpt_oss-default-layers": dict(model_type="gpt_oss", **_S, head_dim=16, num_local_experts=4,
+                                   num_experts_per_tok=2),
+    "gpt_oss-layer-types-no-bias": dict(model_type="gpt_oss", **_S, head_dim=16, num_local_experts=4,
+                                        num_experts_per_tok=2, attention_bias=False, sliding_window=8,
+                                        layer_types=["full_attention", "sliding_attention", "full_attention"]),
+    "llama4_text-interleaved-moe": dict(model_type="llama4_text", **_S, head_dim=16, intermediate_size_mlp=96,
+                                        num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=16,
+                                        no_rope_layer_interval=2),
+    "llama4-multimodal": dict(model_type="llama4", architectures=["Llama4ForConditionalGeneration"],
+                              text_config=dict(model_type="llama4_text", **_S, head_dim=16, intermediate_size_mlp=96,
+                                               num_local_experts=4, attention_bias=True)),
 }
 
 
@@ -238,6 +253,29 @@ def test_gpt2_and_opt_position_embeddings():
     assert opt.embedding_params == 50272 * 768 + (2048 + 2) * 768
 
 
+def test_served_families_describe_sinks_chunks_nope_and_experts():
+    oss = load_model("gpt-oss-20b")
+    assert [oss.blocks[b].attention.sliding_window for b in oss.layer_blocks[:4]] == [128, None, 128, None]
+    assert all(b.attention.sinks and b.moe.num_experts == 32 and b.moe.top_k == 4 for b in oss.blocks)
+    by_name = {lin.name: lin for lin in oss.blocks[0].linears}
+    assert by_name["gate_up_proj"].bias and by_name["router"].bias and not by_name["router"].is_module
+    assert oss.checkpoint_quantization == "mxfp4" and load_model("gpt-oss-120b").num_layers == 36
+
+    scout = load_model("llama-4-scout-17b-16e")
+    assert (scout.model_type, scout.architecture) == ("llama4_text", "Llama4ForCausalLM")
+    kinds = [(scout.blocks[b].attention.chunked, scout.blocks[b].attention.rope) for b in scout.layer_blocks]
+    assert kinds[:4] == [(True, True)] * 3 + [(False, False)] and kinds.count((False, False)) == 12
+    assert {scout.blocks[b].attention.sliding_window for b in scout.layer_blocks} == {8192, None}
+    moe = scout.blocks[0].moe
+    assert (moe.num_experts, moe.top_k, moe.routed_copies, moe.shared_intermediate_size) == (16, 1, 16, 8192)
+    router = next(lin for lin in scout.blocks[0].linears if lin.role == "router")
+    assert router.is_module and router.name == "router"
+
+    granite_moe = load_model("granite-3.1-3b-a800m")
+    assert next(lin for lin in granite_moe.blocks[0].linears if lin.role == "router").name == "router"
+    assert load_model("granite-3.1-8b").tie_word_embeddings
+
+
 # ----------------------------------------------------------------------------------- name resolution
 
 def test_registry_name_is_case_insensitive_and_hub_ids_alias_it():
@@ -247,6 +285,63 @@ def test_registry_name_is_case_insensitive_and_hub_ids_alias_it():
     assert load_model("mistral-7b").name == "mistral-7b-v0.3"
     assert load_model("  gpt2  ").name == "gpt2"
     assert load_model("gpt2") is load_model("gpt2")  # cached
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_CHECKPOINT_QUANTIZATIONS = {"awq", "gptq", "gptq-int8", "fp8", "nf4", "mxfp4"}
+_SIZE_FREE_KEYS = {"max_position_embeddings", "sliding_window", "rope_theta", "rope_scaling", "eos_token_id",
+                   "bos_token_id", "pad_token_id", "torch_dtype"}
+"""Config keys an alias may override: none changes a parameter (checked below all the same)."""
+
+
+def test_every_served_hub_id_resolves_offline_to_its_entry(monkeypatch):
+    import memfit.models as models
+
+    def no_hub(ref):
+        raise AssertionError(f"{ref} went to the Hub")
+
+    monkeypatch.setattr(models, "_from_hub", no_hub)
+    aliases = models.hub_aliases()
+    assert len(aliases) >= 100
+    registry_keys = {k.lower() for name in REGISTRY for k in (name, models._index()[name]["hf_id"],
+                                                               *models._index()[name].get("aliases", ()))}
+    seen = set()
+    for hub, entry in aliases.items():
+        assert _HUB_ID.match(hub) and "--" not in hub and not hub.endswith((".", "-")), hub
+        assert hub.lower() not in registry_keys and hub.lower() not in seen, f"{hub} listed twice"
+        seen.add(hub.lower())
+        assert entry["source"] == f"https://huggingface.co/{hub}", hub
+        assert entry["model"] in REGISTRY, hub
+        assert set(entry) <= {"model", "source", "quantization", "overrides", "note"}, hub
+        assert entry.get("quantization", "awq") in _CHECKPOINT_QUANTIZATIONS, hub
+        assert set(entry.get("overrides", {})) <= _SIZE_FREE_KEYS, hub
+        spec, base = load_model(hub.upper()), load_model(entry["model"])
+        assert spec.name == entry["model"] and spec.source == entry["source"]
+        assert spec.blocks == base.blocks and spec.parameters == base.parameters, hub
+        assert spec.checkpoint_quantization == entry.get("quantization", base.checkpoint_quantization)
+        for key, value in entry.get("overrides", {}).items():
+            assert spec.config[key] == value, hub
+
+
+def test_served_ids_keep_their_own_config_keys_and_quantization():
+    from memfit.models import hub_alias
+
+    instruct, base = load_model("qwen/qwen2.5-7b-instruct"), load_model("Qwen/Qwen2.5-7B")
+    assert (instruct.max_position_embeddings, base.max_position_embeddings) == (32768, 131072)
+    assert instruct.parameters == base.parameters == 7_615_616_512
+    awq = load_model("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4")
+    assert (awq.name, awq.checkpoint_quantization) == ("llama-3.1-8b", "awq")
+    assert load_model("meta-llama/Llama-3.1-8B-Instruct").checkpoint_quantization == ""
+    assert load_model("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int8").checkpoint_quantization == "gptq-int8"
+    assert hub_alias(" neuralmagic/meta-llama-3.1-8b-instruct-fp8 ") == {
+        "hub_id": "neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8", "model": "llama-3.1-8b", "quantization": "fp8",
+        "source": "https://huggingface.co/neuralmagic/Meta-Llama-3.1-8B-Instruct-FP8",
+        "note": "llm-compressor FP8 weights and activations"}
+    assert hub_alias("meta-llama/Llama-3.1-8B") is None  # a registry entry's own id, not a served alias
+    # the Qwen 72B AWQ/GPTQ repos pad intermediate_size, so they are not aliases of the 72B entry
+    assert hub_alias("Qwen/Qwen2.5-72B-Instruct-AWQ") is None
+    assert spec_from_config({**TINY["llama"], "quantization_config": {"quant_method": "gptq", "bits": 8}},
+                            name="x").checkpoint_quantization == "gptq-int8"
 
 
 def test_local_file_and_folder(tmp_path):
@@ -339,13 +434,14 @@ def test_list_models_covers_the_registry():
     assert {r["name"] for r in rows} == set(REGISTRY)
     assert all(set(r) == {"name", "model_type", "architecture", "parameters", "hf_id", "source"} for r in rows)
     assert rows == sorted(rows, key=lambda r: (r["model_type"], r["parameters"], r["name"]))
-    assert {r["model_type"] for r in rows} >= set(families.SUPPORTED_MODEL_TYPES) - {"gemma3"}
+    multimodal = {"gemma3", "llama4"}  # wrappers: their entries report the text model_type
+    assert {r["model_type"] for r in rows} >= set(families.SUPPORTED_MODEL_TYPES) - multimodal
 
 
 def test_registry_files_and_index_agree():
     from memfit.models import _REGISTRY_DIR, _index
 
-    files = {p.stem for p in _REGISTRY_DIR.glob("*.json")} - {"index"}
+    files = {p.stem for p in _REGISTRY_DIR.glob("*.json")} - {"index", "aliases"}
     assert files == set(_index())
     seen: dict[str, str] = {}
     for name, entry in _index().items():

@@ -41,7 +41,7 @@ BASE = [
  ("qlora-qwen2.5-0.5b", dict(model="qwen2.5-0.5b", method="qlora", precision=BF, seq_len=1024), "16GiB", False),
  # inference: generate, long decode, long prefill
  ("gemma-3-1b-generate-2048", dict(model="gemma-3-1b", task="infer", precision=BF, prompt_len=2048, new_tokens=128), "16GiB", False),
- ("llama-3.2-1b-decode-1024", dict(model="llama-3.2-1b", task="infer", precision=BF, prompt_len=128, new_tokens=1024), "16GiB", False),
+ ("llama-3.2-1b-decode-512", dict(model="llama-3.2-1b", task="infer", precision=BF, prompt_len=256, new_tokens=512), "16GiB", False),
  ("qwen2.5-1.5b-decode-512", dict(model="qwen2.5-1.5b", task="infer", precision=BF, prompt_len=512, new_tokens=512), "16GiB", True),
  ("llama-3.2-1b-prefill-8k", dict(model="llama-3.2-1b", task="infer", precision=BF, prompt_len=8192, new_tokens=0), "16GiB", False),
  ("qwen3-4b-prefill-4k", dict(model="qwen3-4b", task="infer", precision=BF, prompt_len=4096, new_tokens=0), "24GiB", True),
@@ -54,6 +54,8 @@ EXP = {"llama-3.1-8b-full-ckpt": False, "qwen2.5-0.5b-full": True, "llama-3.2-1b
        "gemma-3-1b-full": True, "qwen3-1.7b-full-ckpt": False, "llama-3.2-3b-lora": False,
        "mistral-7b-lora-ckpt": True, "qlora-llama-3.2-1b-ckpt": False, "gemma-3-1b-generate-2048": True,
        "llama-3.2-1b-prefill-8k": False, "qwen3-4b-prefill-4k": False}
+# long decodes: ~60 s a trial with five runs sharing the GPU (first H200 run: 1024 new tokens timed out)
+TIMEOUT = {"llama-3.2-1b-decode-512": 300, "qwen2.5-1.5b-decode-512": 300}
 import json
 def flow(d):
     return "{" + ", ".join(f"{k}: {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" if not isinstance(v, str) else f"{k}: {v}" for k, v in d.items()) + "}"
@@ -65,7 +67,7 @@ for name, job, card, hold in BASE:
         rows.append((name + "-exp", {**job, "expandable_segments": True}, card, EXP[name]))
 # slow ones first (the runner starts entries in list order as room allows): 8B full, QLoRA builds, long decode
 SLOW = ["llama-3.1-8b-full-ckpt", "llama-3.1-8b-full-ckpt-exp", "qlora-llama-3.2-1b-ckpt", "qlora-qwen2.5-1.5b",
-        "qlora-qwen2.5-0.5b", "qlora-llama-3.2-1b-ckpt-exp", "llama-3.2-1b-decode-1024", "qwen2.5-1.5b-decode-512"]
+        "qlora-qwen2.5-0.5b", "qlora-llama-3.2-1b-ckpt-exp", "llama-3.2-1b-decode-512", "qwen2.5-1.5b-decode-512"]
 rows.sort(key=lambda r: SLOW.index(r[0]) if r[0] in SLOW else len(SLOW))
 lines = ["# Card/job pairs for validation/run_boundaries.py: the real largest micro-batch of each job on a card",
          "# rehearsed on one H200 (allocator capped at the card less the CUDA context). `start` is memfit's",
@@ -76,6 +78,8 @@ lines = ["# Card/job pairs for validation/run_boundaries.py: the real largest mi
 for name, job, card, hold in rows:
     n = max_batch_size(Job.from_dict({**job, "batch_size": 1}), parse_card_memory(card))
     extra = ", needs: bitsandbytes" if job.get("method") == "qlora" else ""
+    if name in TIMEOUT:
+        extra += f", timeout: {TIMEOUT[name]}"
     lines.append(f"- {{name: {name}, gpu_memory: {card}, start: {max(n, 1)}, holdout: {str(hold).lower()}{extra},\n"
                  f"   job: {flow(job)}}}")
 open(REPO / "validation" / "jobs" / "boundaries.yaml", "w").write("\n".join(lines) + "\n")

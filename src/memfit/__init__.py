@@ -16,7 +16,7 @@ from .errors import ConfigError, JobError, MemfitError, MissingDependencyError, 
 from .job import Job, load_job
 
 __all__ = [
-    "Breakdown", "Job", "load_job", "ModelSpec", "load_model", "estimate", "max_batch_size", "measure", "trace",
+    "Breakdown", "Job", "load_job", "ModelSpec", "load_model", "estimate", "max_batch_size", "measure", "trace", "plan",
     "MemfitError", "JobError", "ConfigError", "ModelNotFoundError", "MissingDependencyError", "__version__",
 ]
 
@@ -30,6 +30,10 @@ def __getattr__(name: str):  # lazy: importing memfit stays cheap and torch-free
         from . import models as _m
 
         return getattr(_m, name)
+    if name == "plan":
+        from .plan import plan
+
+        return plan
     if name == "measure":
         from .measurer import measure
 

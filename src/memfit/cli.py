@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    for mod in ("measure", "trace", "compare", "validate", "gpus"):
+    for mod in ("measure", "trace", "compare", "validate", "gpus", "plan"):
         try:
             module = __import__(f"memfit.commands.{mod}", fromlist=["add_parser"])
         except ImportError:  # a command not built yet

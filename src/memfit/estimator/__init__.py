@@ -59,12 +59,13 @@ def _layer_saved(spec: ModelSpec, job_key: tuple) -> tuple[float, ...]:
 
 
 def mlp_width(spec: ModelSpec) -> int:
-    """Widest per-token MLP hidden size of any layer (routed experts count top_k times, plus shared experts):
+    """Widest per-token MLP hidden size of any layer (routed experts count top_k times, or num_experts times
+    with ``all_experts``, plus shared experts):
     what sizes a layer's backward scratch."""
     width = 0
     for b in spec.blocks:
         if b.moe is not None:
-            width = max(width, b.moe.top_k * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
+            width = max(width, b.moe.routed_copies * b.moe.expert_intermediate_size + b.moe.shared_intermediate_size)
         elif b.mlp is not None:
             width = max(width, b.mlp.intermediate_size)
     return width
@@ -118,7 +119,7 @@ def _train(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
         stash = []
         for b in spec.blocks:
             at = b.attention
-            width = (b.moe.top_k * b.moe.expert_intermediate_size if b.moe is not None
+            width = (b.moe.routed_copies * b.moe.expert_intermediate_size if b.moe is not None
                      else (b.mlp.intermediate_size if b.mlp is not None else 0))
             stash += [T * res * (2 * H + at.num_heads * at.v_head_dim + width)] * b.count
         layer_kept = [k + x for k, x in zip(layer_kept, stash)]
@@ -246,7 +247,9 @@ def _infer(spec: ModelSpec, job: Job) -> tuple[dict[str, int], str, dict[str, in
         at = b.attention
         qkv = max(qkv, at.num_heads * (at.head_dim + at.v_head_dim) + 2 * at.num_kv_heads * at.head_dim)
         if b.moe is not None:
-            I_eff = max(I_eff, b.moe.expert_intermediate_size * 3, b.moe.shared_intermediate_size * 3)
+            # experts run one at a time, except where every token goes through all of them at once (Llama 4)
+            I_eff = max(I_eff, b.moe.expert_intermediate_size * 3 * (b.moe.num_experts if b.moe.all_experts else 1),
+                        b.moe.shared_intermediate_size * 3)
         elif b.mlp is not None:
             I_eff = max(I_eff, b.mlp.intermediate_size * (3 if b.mlp.gated else 2))
 
@@ -303,6 +306,8 @@ def estimate(job: Job, spec: ModelSpec | None = None) -> Breakdown:
         return estimate_parallel(job, spec)
     if spec.model_type == "gemma2" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
+    if spec.model_type == "gpt_oss" and job.attention == "sdpa":
+        job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
     if job.task == "train":
         comps, phase, phases, notes = _train(spec, job)
     else:

@@ -159,7 +159,7 @@ class _Replay:
         return y
 
     def attention(self, q: str, k: str, v: str, o: str, *, nh: int, kvh: int, dqk: int, dv: int,
-                  softcap: bool = False, p_drop: float = 0.0) -> None:
+                  softcap: bool = False, p_drop: float = 0.0, sinks: bool = False) -> None:
         S = self.m.seq_len
         e = 2 if self.mixed else self.m.act_bytes
         kernel = self.m.attention
@@ -170,8 +170,8 @@ class _Replay:
             # an explicit mask rules out flash, and memory-efficient cannot broadcast one k/v head over many:
             # PyTorch falls back to the math kernel, which broadcasts k and v without copying them
             kernel, broadcast_kv = "math", True
-        if kernel == "sdpa" and softcap:
-            kernel = "eager"  # transformers runs softcapped attention eagerly
+        if kernel == "sdpa" and (softcap or sinks):
+            kernel = "eager"  # transformers runs softcapped attention, and gpt-oss (no sdpa), eagerly
         if kernel in ("sdpa", "flash"):
             for t in (q, k, v):
                 self.save(self.cast(t, e) if self.mixed else t)
@@ -197,7 +197,14 @@ class _Replay:
         self.save(self.cast(krep, e) if self.mixed else krep)
         if softcap:
             self.save(self.tmp(nh * S, e))  # tanh output
-        if self.softmax_fp32:
+        if sinks:
+            # gpt-oss eager_attention_forward (transformers 5.17): softmax over cat(scores, sinks) minus its
+            # max, in the scores' dtype (fp32 under autocast, as GPT-2's); backward keeps its output, one
+            # column wider, and under autocast the 16-bit cast of the sliced probabilities for the value matmul
+            self.save(self.tmp(nh * (S + 1), 4 if self.mixed else e))
+            if self.mixed:
+                self.save(self.tmp(nh * S, 2))
+        elif self.softmax_fp32:
             self.save(self.tmp(nh * S, 4))  # softmax(dtype=float32) output
             probs_dtype = self.dtype[q]
             if probs_dtype != 4:
@@ -222,7 +229,7 @@ class _Replay:
         # router: linear -> softmax (fp32) -> top-k
         self.linear(x, y + ".router", "gate", moe.num_experts)
         self.save(self.tmp(moe.num_experts, 4))
-        k = moe.top_k
+        k = moe.routed_copies  # top_k; every expert where transformers runs them all (Llama 4)
         Ie = moe.expert_intermediate_size
         # each routed copy of a token: gathered input, gate_up, activation, product, down output
         per_copy = (H if train else 0) + 2 * Ie + Ie + Ie + H
@@ -304,12 +311,12 @@ def _replay_layer(spec: ModelSpec, block: Block, mode: Mode) -> float:
                 r.norm("q", "qn", "gemma_rms" if block.norm == "gemma_rms" else "rms")
                 r.norm("k", "kn", "gemma_rms" if block.norm == "gemma_rms" else "rms")
                 q, k = "qn", "kn"
-            if spec.model_type not in ("gpt2", "opt", "bert", "roberta", "distilbert"):
+            if at.rope and spec.model_type not in ("gpt2", "opt", "bert", "roberta", "distilbert"):
                 r.rope(q, "qr")
                 r.rope(k, "kr")
                 q, k = "qr", "kr"
             r.attention(q, k, "v", "o", nh=nh, kvh=kvh, dqk=d, dv=dv, softcap=at.softcap is not None,
-                        p_drop=p)
+                        p_drop=p, sinks=at.sinks)
         r.copy("o", "oc")
         r.linear("oc", "ao", names.get("o", "o_proj"), H)
         return r.dropout("ao", "aod", p)

@@ -43,9 +43,20 @@ def lora_targets(spec: ModelSpec, job: Job) -> frozenset[str]:
     return frozenset(t for t in job.lora_targets if t in names)
 
 
-def lora_wraps_fused(job: Job) -> bool:
-    """PEFT's ``all-linear`` also wraps fused MoE expert and router parameters (``ParamWrapper``, PEFT >= 0.18);
-    explicit ``target_modules`` lists match modules only."""
+_PEFT_KEEPS_FUSED_EXPERTS = frozenset({"gpt_oss", "llama4_text", "granitemoe"})
+"""MoE families whose fused expert tensors PEFT 0.21 leaves unwrapped: it converts ``all-linear`` to expert
+parameters only for the model types transformers 5.17 maps to a v4 -> v5 conversion pattern
+(``conversion_mapping._MODEL_TO_CONVERSION_PATTERN`` -> ``mixtral`` / ``qwen2_moe``, then
+``peft/utils/transformers_weight_conversion._MOE_TARGET_MODULE_MAPPING``); these three are not mapped
+(checked on tiny configs: only their nn.Linear modules get adapters)."""
+
+
+def lora_wraps_fused(job: Job, spec: ModelSpec | None = None) -> bool:
+    """PEFT's ``all-linear`` also wraps fused MoE expert and router parameters (``ParamWrapper``, PEFT >= 0.18)
+    of the families transformers converted from v4 (not :data:`_PEFT_KEEPS_FUSED_EXPERTS`); explicit
+    ``target_modules`` lists match modules only."""
+    if spec is not None and spec.model_type in _PEFT_KEEPS_FUSED_EXPERTS:
+        return False
     return job.is_lora and job.lora_targets == "all-linear"
 
 
@@ -64,7 +75,7 @@ def lora_adapter_params(spec: ModelSpec, job: Job) -> int:
     if not targets:
         return 0
     r = job.lora_rank
-    fused = lora_wraps_fused(job)
+    fused = lora_wraps_fused(job, spec)
     total = 0
     for b in spec.blocks:
         for lin in b.linears:
@@ -78,7 +89,7 @@ def lora_adapter_params(spec: ModelSpec, job: Job) -> int:
 def fused_lora_merged_bytes(spec: ModelSpec, job: Job, block) -> int:
     """Per layer: the merged weight (base + B @ A) that PEFT's ``ParamWrapper`` parametrization builds for each
     wrapped fused expert tensor in forward, in the base dtype, kept by the expert matmuls for backward."""
-    if not lora_wraps_fused(job):
+    if not lora_wraps_fused(job, spec):
         return 0
     return sum(lin.in_features * lin.out_features * lin.count for lin in block.linears
                if not lin.is_module and lin.role.startswith("expert")) * param_bytes(job.precision)
@@ -277,4 +288,17 @@ def autocast_cache_bytes(spec: ModelSpec, job: Job) -> int:
         return 0
     if job.quantization != "none":  # bitsandbytes layers are not autocast: only the LM head is cast
         return 2 * spec.lm_head_params
-    return 2 * linear_weight_params(spec)
+    return 2 * (linear_weight_params(spec) - _uncached_expert_params(spec))
+
+
+_EXPERTS_NOT_CAST_CACHED = frozenset({"gpt_oss"})
+"""Families whose expert tensors keep no 16-bit autocast copy: ``GptOssExperts`` multiplies by
+``self.gate_up_proj[expert_idx]``, a non-leaf view, which ``cached_cast`` does not cache (transformers 5.17;
+the trace of a 2-layer gpt-oss-20b LoRA step holds only the LM head's and attention's copies)."""
+
+
+def _uncached_expert_params(spec: ModelSpec) -> int:
+    if spec.model_type not in _EXPERTS_NOT_CAST_CACHED:
+        return 0
+    return sum(lin.in_features * lin.out_features * lin.count * b.count for b in spec.blocks for lin in b.linears
+               if lin.role.startswith("expert"))

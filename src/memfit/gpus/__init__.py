@@ -37,6 +37,7 @@ class GPU:
     tf32_flops: float = 0.0
     fp32_flops: float = 0.0
     fp8_flops: float = 0.0
+    """0 means the card has no native support for that format."""
     int8_ops: float = 0.0
     memory_bandwidth_bytes_per_s: float = 0.0
     interconnect: str = ""
@@ -46,6 +47,10 @@ class GPU:
     pcie_bytes_per_s: float = 0.0
     """Host link bandwidth per direction (offload traffic)."""
     source: str = ""
+    memory_reported: bool = True
+    """False where ``memory_bytes`` is nominal (derived, not read off a driver report)."""
+    memory_source: str = ""
+    """Where ``memory_bytes`` comes from."""
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -6,13 +6,18 @@
 - :func:`spec_from_config` parses a config dict directly.
 
 The registry is data: ``registry/<name>.json`` are public ``config.json`` files, ``registry/index.json``
-says where each came from. Nothing is read until asked for, and no torch is imported here.
+says where each came from, and ``registry/aliases.json`` maps served Hub ids (instruct and chat releases,
+mirrors, AWQ/GPTQ/FP8 repackagings) that share a registry entry's architecture to that entry, with the
+model card each came from, the checkpoint's quantization and any non-size config keys that differ. Hub ids
+resolve offline from these files before any Hub lookup. Nothing is read until asked for, and no torch is
+imported here.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,8 @@ from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
 
 __all__ = [
     "ModelSpec", "Block", "Attention", "MLP", "MoE", "Linear",
-    "load_model", "list_models", "spec_from_config", "registry_names", "SUPPORTED_MODEL_TYPES",
+    "load_model", "list_models", "spec_from_config", "registry_names", "hub_alias", "hub_aliases",
+    "SUPPORTED_MODEL_TYPES",
 ]
 
 _REGISTRY_DIR = Path(__file__).parent / "registry"
@@ -38,14 +44,55 @@ def _index() -> dict[str, dict[str, str]]:
 
 
 @lru_cache(maxsize=1)
+def _hub_alias_table() -> dict[str, dict[str, Any]]:
+    """``registry/aliases.json``: {hub id: {model, source, quantization?, overrides?, note?}}."""
+    with open(_REGISTRY_DIR / "aliases.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=1)
+def _hub_alias_lower() -> dict[str, str]:
+    return {hub.lower(): hub for hub in _hub_alias_table()}
+
+
+@lru_cache(maxsize=1)
 def _aliases() -> dict[str, str]:
-    """Lower-cased registry names, Hub ids and listed aliases, each mapped to its registry name."""
+    """Lower-cased registry names, Hub ids, listed aliases and served Hub ids (``aliases.json``), each
+    mapped to its registry name."""
     aliases = {name.lower(): name for name in _index()}
     for name, entry in _index().items():
         for alias in (entry.get("hf_id", ""), *entry.get("aliases", ())):
             if alias:
                 aliases.setdefault(alias.lower(), name)
+    for hub, entry in _hub_alias_table().items():
+        aliases.setdefault(hub.lower(), entry["model"])
     return aliases
+
+
+def hub_aliases() -> dict[str, dict[str, Any]]:
+    """The served Hub ids memfit resolves offline to a registry entry (``registry/aliases.json``), each
+    with ``model`` (the registry name), ``source`` (its model card), and where they apply
+    ``quantization`` (how that checkpoint stores its weights: awq, gptq, gptq-int8, fp8, nf4, mxfp4),
+    ``overrides`` (config keys that differ from the entry's without changing any size) and ``note``."""
+    return {hub: dict(entry) for hub, entry in _hub_alias_table().items()}
+
+
+def hub_alias(ref: str) -> dict[str, Any] | None:
+    """The ``aliases.json`` entry of Hub id ``ref`` (case-insensitive), with its ``hub_id`` spelled as
+    listed; None when ``ref`` is not a listed served id."""
+    hub = _hub_alias_lower().get(ref.strip().lower())
+    if hub is None:
+        return None
+    return {"hub_id": hub, **_hub_alias_table()[hub]}
+
+
+@lru_cache(maxsize=1)
+def _registry_keys() -> frozenset[str]:
+    """Lower-cased names, Hub ids and listed aliases of the registry entries themselves (index.json)."""
+    keys = set()
+    for name, entry in _index().items():
+        keys.update(k.lower() for k in (name, entry.get("hf_id", ""), *entry.get("aliases", ())) if k)
+    return frozenset(keys)
 
 
 def registry_names() -> list[str]:
@@ -112,7 +159,9 @@ def _not_found(ref: str) -> ModelNotFoundError:
 @lru_cache(maxsize=256)
 def load_model(ref: str) -> ModelSpec:
     """The :class:`ModelSpec` of ``ref``: a registry name (case-insensitive; a registry entry's Hub id
-    and listed aliases also resolve to it), a path to a ``config.json`` or to a folder holding one,
+    and listed aliases also resolve to it, and so do the served Hub ids of ``aliases.json``, offline,
+    with their config overrides applied and their checkpoint quantization recorded), a path to a
+    ``config.json`` or to a folder holding one,
     else a Hugging Face Hub id whose ``config.json`` is fetched with ``huggingface_hub`` (and cached by it).
 
     Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
@@ -122,7 +171,16 @@ def load_model(ref: str) -> ModelSpec:
     name = _aliases().get(key.lower())
     if name is not None:
         config = _read_json(_REGISTRY_DIR / f"{name}.json")
-        return spec_from_config(config, name=name, source=_index()[name].get("source", ""))
+        alias = hub_alias(key) if key.lower() not in _registry_keys() else None
+        if alias is None:
+            return spec_from_config(config, name=name, source=_index()[name].get("source", ""))
+        overrides = alias.get("overrides") or {}
+        if "text_config" in config and overrides:
+            config = dict(config, text_config=dict(config["text_config"], **overrides))
+        else:
+            config = dict(config, **overrides)
+        spec = spec_from_config(config, name=name, source=alias["source"])
+        return replace(spec, checkpoint_quantization=alias.get("quantization", spec.checkpoint_quantization))
 
     path = Path(key).expanduser()
     if path.is_dir():

@@ -12,6 +12,7 @@ No torch, no transformers: this module is plain arithmetic over a dict.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -752,6 +753,209 @@ def _parse_distilbert(c: _Config, family: str, head: str, num_labels: int) -> _P
 
 
 # --------------------------------------------------------------------------------------------------
+# Granite 3.x (dense and MoE), gpt-oss, Llama 4 (text)
+# --------------------------------------------------------------------------------------------------
+
+_GRANITE_DEFAULTS = dict(vocab_size=32000, intermediate_size=11008, num_attention_heads=32, attention_bias=False,
+                         mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=2048, hidden_act="silu")
+"""transformers 5.17 ``configuration_granite.py`` defaults for the keys that change a count."""
+
+_GRANITEMOE_DEFAULTS = dict(vocab_size=32000, intermediate_size=11008, num_attention_heads=32,
+                            attention_bias=False, tie_word_embeddings=False, num_local_experts=8,
+                            num_experts_per_tok=2, max_position_embeddings=2048, hidden_act="silu")
+"""transformers 5.17 ``configuration_granitemoe.py`` defaults for the keys that change a count."""
+
+
+def _parse_granite(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
+    """Granite 3.x dense (``modeling_granite.py``, 5.17): the Llama layer exactly (``q/k/v/o_proj`` biased
+    with ``attention_bias``, ``gate/up/down_proj`` with ``mlp_bias``, two RMSNorms); its embedding, residual,
+    attention and logit multipliers are scalars, not parameters."""
+    return _parse_llama_like(c, "llama", head, num_labels)
+
+
+def _parse_granitemoe(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
+    """Granite 3.x MoE (``modeling_granitemoe.py``, 5.17): Llama attention (``attention_bias``) and, in
+    every layer, ``block_sparse_moe`` with a ``router`` (plain (E, hidden) weight) and fused experts
+    ``gate_up_proj`` (E, 2 * inter, hidden) / ``down_proj`` (E, hidden, inter): Mixtral's shapes with the
+    router named ``router``. No sliding window."""
+    parsed = _parse_llama_like(_Config(dict(c.raw, sliding_window=None), c.defaults), "mixtral", head, num_labels)
+    bias = c.flag("attention_bias")
+
+    def fix(lin: Linear) -> Linear:
+        if lin.role == "router":
+            return replace(lin, name="router")
+        if lin.role in ("q", "k", "v", "o"):
+            return replace(lin, bias=bias)
+        return lin
+
+    parsed.blocks = tuple(replace(b, linears=tuple(fix(lin) for lin in b.linears)) for b in parsed.blocks)
+    return parsed
+
+
+_GPT_OSS_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=128,
+                         num_experts_per_tok=4, sliding_window=128, attention_bias=True,
+                         tie_word_embeddings=False, max_position_embeddings=131072, hidden_act="silu")
+"""transformers 5.17 ``configuration_gpt_oss.py`` defaults for the keys that change a count."""
+
+
+def _gpt_oss_sliding(c: _Config, n_layers: int) -> list[bool]:
+    """``layer_types`` when given, else ``GptOssConfig.__post_init__``: even-indexed layers slide."""
+    types = _layer_types(c, n_layers)
+    if types is None:
+        return [(i + 1) % 2 == 1 for i in range(n_layers)]
+    return [t == "sliding_attention" for t in types]
+
+
+def _parse_gpt_oss(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
+    """gpt-oss (``modeling_gpt_oss.py``, 5.17).
+
+    Attention: ``q/k/v/o_proj`` biased with ``attention_bias`` (default true) and one learned sink logit
+    per head (``sinks``, ``num_attention_heads`` values); sliding-window layers (window
+    ``sliding_window``) alternate with global ones. MoE in every layer: ``mlp.router`` holds a plain
+    (E, hidden) weight and an (E,) bias; ``mlp.experts`` holds ``gate_up_proj`` (E, hidden, 2 * inter)
+    with ``gate_up_proj_bias`` (E, 2 * inter) and ``down_proj`` (E, inter, hidden) with ``down_proj_bias``
+    (E, hidden); no shared expert. Two RMSNorms per layer, untied LM head by default. The published
+    checkpoints store the expert weights in MXFP4; that is the checkpoint's format, not a parameter count.
+    """
+    hidden = _hidden_size(c)
+    n_layers = _layers(c)
+    vocab = c.int("vocab_size")
+    heads = _heads(c, hidden, divides=False)
+    kv = _kv_heads(c, heads)
+    head_dim = _head_dim(c, hidden, heads)
+    inter = c.int("intermediate_size")
+    experts = c.int("num_local_experts", "num_experts")
+    top_k = c.int("num_experts_per_tok", "experts_per_token")
+    bias = c.flag("attention_bias")
+    window = c.opt_int("sliding_window")
+    tie = c.flag("tie_word_embeddings")
+    lins = _qkvo(hidden, heads, kv, head_dim, qkv_bias=bias, o_bias=bias) + (
+        _lin("router", hidden, experts, True, "router", is_module=False),
+        _lin("gate_up_proj", hidden, 2 * inter, True, "expert_gate_up", count=experts, is_module=False),
+        _lin("down_proj", inter, hidden, True, "expert_down", count=experts, is_module=False),
+    )
+    moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter)
+
+    def make(sliding: Hashable, count: int) -> Block:
+        return Block(
+            count=count,
+            attention=Attention(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, v_head_dim=head_dim,
+                                sliding_window=window if sliding else None, sinks=True),
+            mlp=None, moe=moe, norm="rms", linears=lins,
+            other_params=2 * _norm("rms", hidden) + heads,  # two RMSNorms, the sinks
+        )
+
+    blocks, layer_blocks = _assemble(list(_gpt_oss_sliding(c, n_layers)), make)
+    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=blocks, layer_blocks=layer_blocks,
+                   embedding=vocab * hidden, final=_norm("rms", hidden),
+                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
+                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+
+
+_LLAMA4_TEXT_DEFAULTS = dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                             intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40,
+                             num_key_value_heads=8, head_dim=128, num_local_experts=16, num_experts_per_tok=1,
+                             interleave_moe_layer_step=1, no_rope_layer_interval=4, attention_chunk_size=8192,
+                             attention_bias=False, tie_word_embeddings=False, max_position_embeddings=131072,
+                             hidden_act="silu")
+"""transformers 5.17 ``Llama4TextConfig`` defaults for the keys that change a count or the cache."""
+
+
+def _llama4_layers(c: _Config, n_layers: int) -> tuple[list[bool], list[bool], list[bool]]:
+    """Per layer: MoE?, RoPE?, chunked attention? (``Llama4TextConfig.__post_init__``, 5.17).
+
+    ``moe_layers`` defaults to every ``interleave_moe_layer_step``-th layer (step 1: all); ``no_rope_layers``
+    (1 = the layer uses RoPE) defaults to all but every ``no_rope_layer_interval``-th; ``layer_types``
+    defaults to chunked attention on RoPE layers and global attention on NoPE layers."""
+    moe_layers = c.raw.get("moe_layers")
+    if moe_layers is None:
+        step = c.int("interleave_moe_layer_step")
+        moe_layers = list(range(step - 1, n_layers, step))
+    if not isinstance(moe_layers, list) or not all(isinstance(i, int) for i in moe_layers):
+        raise ConfigError("config.json: moe_layers must be a list of layer indices")
+    no_rope = c.raw.get("no_rope_layers")
+    if not no_rope:
+        interval = c.int("no_rope_layer_interval")
+        no_rope = [int((i + 1) % interval != 0) for i in range(n_layers)]
+    if not isinstance(no_rope, list) or len(no_rope) != n_layers:
+        raise ConfigError(f"config.json: no_rope_layers must be a list of {n_layers} 0/1 flags (one per layer)")
+    types = _layer_types(c, n_layers)
+    if types is None:
+        types = ["chunked_attention" if r else "full_attention" for r in no_rope]
+    chunk = c.opt_int("attention_chunk_size")
+    return ([i in moe_layers for i in range(n_layers)], [bool(r) for r in no_rope],
+            [t == "chunked_attention" and chunk is not None for t in types])
+
+
+def _parse_llama4_text(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
+    """Llama 4 text model (``modeling_llama4.py``, 5.17): ``Llama4ForCausalLM`` over ``text_config``.
+
+    Attention: ``q/k/v/o_proj`` (biased with ``attention_bias``); the qk L2 norm has no weight; NoPE layers
+    (every ``no_rope_layer_interval``-th) attend globally, the others in chunks of ``attention_chunk_size``.
+    MoE layers (``moe_layers``): ``feed_forward.router`` (an ``nn.Linear`` hidden -> E, no bias),
+    ``experts.gate_up_proj`` (E, hidden, 2 * inter) and ``experts.down_proj`` (E, inter, hidden) as
+    plain parameters, and a ``shared_expert`` MLP of ``intermediate_size``; dense layers: an MLP of
+    ``intermediate_size_mlp``. Two RMSNorms per layer; untied LM head by default.
+    """
+    hidden = _hidden_size(c)
+    n_layers = _layers(c)
+    vocab = c.int("vocab_size")
+    heads = _heads(c, hidden, divides=False)
+    kv = _kv_heads(c, heads)
+    head_dim = _head_dim(c, hidden, heads)
+    inter = c.int("intermediate_size")
+    inter_mlp = c.int("intermediate_size_mlp")
+    experts = c.int("num_local_experts", "num_experts")
+    top_k = c.int("num_experts_per_tok")
+    bias = c.flag("attention_bias")
+    chunk = c.opt_int("attention_chunk_size")
+    tie = c.flag("tie_word_embeddings")
+    qk_norm = c.flag("use_qk_norm", default=True)
+    act = str(c.get("hidden_act"))
+    attn_lins = _qkvo(hidden, heads, kv, head_dim, qkv_bias=bias, o_bias=bias)
+    moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter, num_shared_experts=1,
+              shared_intermediate_size=inter, all_experts=True)
+    moe_lins = (
+        _lin("router", hidden, experts, False, "router"),
+        _lin("gate_up_proj", hidden, 2 * inter, False, "expert_gate_up", count=experts, is_module=False),
+        _lin("down_proj", inter, hidden, False, "expert_down", count=experts, is_module=False),
+    ) + _gated_mlp(hidden, inter, role_prefix="shared_")
+    is_moe, rope, chunked = _llama4_layers(c, n_layers)
+
+    def make(kind: Hashable, count: int) -> Block:
+        layer_moe, layer_rope, layer_chunked = kind  # type: ignore[misc]
+        return Block(
+            count=count,
+            attention=Attention(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, v_head_dim=head_dim,
+                                sliding_window=chunk if layer_chunked else None, chunked=layer_chunked,
+                                rope=layer_rope, qk_norm=qk_norm and layer_rope),
+            mlp=None if layer_moe else MLP(intermediate_size=inter_mlp, gated=True, activation=act),
+            moe=moe if layer_moe else None, norm="rms",
+            linears=attn_lins + (moe_lins if layer_moe else _gated_mlp(hidden, inter_mlp)),
+            other_params=2 * _norm("rms", hidden),  # the L2 qk norm has no weight
+        )
+
+    blocks, layer_blocks = _assemble(list(zip(is_moe, rope, chunked, strict=True)), make)
+    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=blocks, layer_blocks=layer_blocks,
+                   embedding=vocab * hidden, final=_norm("rms", hidden),
+                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
+                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+
+
+def _checkpoint_quantization(config: dict[str, Any]) -> str:
+    """``quantization_config.quant_method`` of a quantized checkpoint's config (``mxfp4`` for gpt-oss,
+    ``awq``, ``gptq``, ``fp8``, ``compressed-tensors`` ...), with ``-int8`` for 8-bit GPTQ; empty when none."""
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or not isinstance(q.get("quant_method"), str):
+        return ""
+    method = q["quant_method"].lower()
+    if method == "gptq" and q.get("bits") == 8:
+        return "gptq-int8"
+    return method
+
+
+# --------------------------------------------------------------------------------------------------
 # The family table and the entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -798,11 +1002,16 @@ _FAMILIES: dict[str, _Family] = {
     "bert": _Family(_parse_bert, _BERT_DEFAULTS, "Bert", heads=_ENCODER_HEADS),
     "roberta": _Family(_parse_bert, _ROBERTA_DEFAULTS, "Roberta", heads=_ENCODER_HEADS),
     "distilbert": _Family(_parse_distilbert, _DISTILBERT_DEFAULTS, "DistilBert", heads=_ENCODER_HEADS),
+    "granite": _Family(_parse_granite, _GRANITE_DEFAULTS, "Granite"),
+    "granitemoe": _Family(_parse_granitemoe, _GRANITEMOE_DEFAULTS, "GraniteMoe"),
+    "gpt_oss": _Family(_parse_gpt_oss, _GPT_OSS_DEFAULTS, "GptOss"),
+    "llama4_text": _Family(_parse_llama4_text, _LLAMA4_TEXT_DEFAULTS, "Llama4",
+                           classes={"base": "Llama4TextModel"}, heads=("causal_lm", "base")),
 }
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({*_FAMILIES, "gemma3"}))
-"""``model_type`` values :func:`spec_from_config` understands (``gemma3``: the text part of the multimodal
-config)."""
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted({*_FAMILIES, "gemma3", "llama4"}))
+"""``model_type`` values :func:`spec_from_config` understands (``gemma3``, ``llama4``: the text part of the
+multimodal config)."""
 
 _HEAD_SUFFIXES = (
     ("ForCausalLM", "causal_lm"),
@@ -841,6 +1050,8 @@ def _text_part(config: dict[str, Any]) -> dict[str, Any]:
     text = dict(text)
     if model_type == "gemma3":
         text.setdefault("model_type", "gemma3_text")
+    if model_type == "llama4":
+        text.setdefault("model_type", "llama4_text")
     if "model_type" not in text or text["model_type"] not in _FAMILIES:
         return config
     for key in ("torch_dtype", "dtype"):
@@ -897,5 +1108,6 @@ def spec_from_config(config: dict[str, Any], *, name: str, source: str = "") -> 
         torch_dtype=dtype,
         source=source,
         layer_blocks=parsed.layer_blocks,
+        checkpoint_quantization=_checkpoint_quantization(config),
         config=text,
     )

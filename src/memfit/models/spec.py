@@ -67,6 +67,15 @@ class Attention:
     """MLA: rotary part of each query/key head."""
     softcap: float | None = None
     """Attention logit soft-capping (Gemma 2)."""
+    sinks: bool = False
+    """A learned per-head sink logit joins the softmax (gpt-oss ``self_attn.sinks``; transformers 5 runs it
+    eagerly or with flash/flex, never sdpa: ``GptOssPreTrainedModel._supports_sdpa = False``)."""
+    chunked: bool = False
+    """Chunked local attention (Llama 4): ``sliding_window`` holds ``attention_chunk_size``; a token sees its
+    own chunk only, and the dynamic cache keeps the layer's last chunk-size tokens like a sliding window
+    (transformers 5.17 ``cache_utils.DYNAMIC_LAYER_TYPE_MAPPING["chunked_attention"]``)."""
+    rope: bool = True
+    """False for NoPE layers (Llama 4's global-attention layers apply no rotary embedding)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +96,16 @@ class MoE:
     """Total width of the shared expert MLP (0 if none)."""
     shared_expert_gate: bool = False
     """A sigmoid gate on the shared expert output (Qwen2-MoE)."""
+    all_experts: bool = False
+    """Every token runs through every routed expert, scaled by a zero score where not chosen (Llama 4 in
+    transformers 5.17: ``Llama4TextMoe.forward`` repeats the tokens ``num_experts`` times), so activations
+    scale with ``num_experts``, not ``top_k``."""
+
+    @property
+    def routed_copies(self) -> int:
+        """Copies of each token the routed experts compute on: ``top_k``, or every expert with
+        ``all_experts``."""
+        return self.num_experts if self.all_experts else self.top_k
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +167,11 @@ class ModelSpec:
     layer_blocks: tuple[int, ...] = ()
     """For each layer in model order, the index of its entry in ``blocks`` (Gemma 3: five sliding-window
     layers, then one global layer, repeated)."""
+    checkpoint_quantization: str = ""
+    """How the published checkpoint stores its weights when it is a quantized one (``awq``, ``gptq``,
+    ``gptq-int8``, ``fp8``, ``nf4``, ``mxfp4`` ...): from a Hub alias's data or the config's
+    ``quantization_config.quant_method``; empty for 16/32-bit checkpoints. It describes the download, not
+    the job: the job's ``quantization`` decides what the estimate counts."""
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The raw config.json, for engines that build the real model: ``transformers.AutoConfig.for_model(**config)``
     and the class named by ``architecture``. For a multimodal config (Gemma 3) this is its ``text_config``

@@ -1,0 +1,75 @@
+"""`memfit plan`: jobs like this one that fit the card, fastest first (memfit.plan)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+GiB = 1 << 30
+
+
+def add_parser(sub: Any) -> None:
+    from ..cli import add_card_arguments, add_job_arguments
+
+    p = sub.add_parser("plan", help="what would make a job fit a card, ranked by estimated speed",
+                       description="Search micro-batch x accumulation, checkpointing, precision, optimizer, method, "
+                                   "strategy, offload, tensor parallelism and the allocator setting for jobs that fit.")
+    add_job_arguments(p)
+    add_card_arguments(p, "card memory, e.g. 24GiB (timed as an H100 unless --gpu names the card)")
+    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep")
+    p.add_argument("--global-batch-tokens", default=None, help="tokens per optimizer step to keep (e.g. 1M)")
+    p.add_argument("--vary", default=None, help="levers that may move, comma-separated (also allows method changes)")
+    p.add_argument("--keep", default=None, help="levers that must not move, comma-separated")
+    p.add_argument("--top", type=int, default=10, help="candidates to show")
+    p.add_argument("--max-seq-len", action="store_true", help="longest sequence that fits at this micro-batch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _tokens(text: str) -> int:
+    from ..errors import JobError
+
+    t = str(text).strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise JobError(f"--global-batch-tokens must be a number like 1M or 524288; got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import card_from_args, job_from_args
+    from ..errors import JobError
+    from ..plan import max_seq_len, plan
+
+    job = job_from_args(args)
+    mem = card_from_args(args)
+    if mem is None:
+        raise JobError("plan needs a card: --gpu NAME (see `memfit gpus`) or --gpu-memory 24GiB")
+    if args.max_seq_len:
+        n = max_seq_len(job, mem)
+        print(json.dumps({"max_seq_len": n}) if args.json else f"longest sequence that fits: {n}")
+        return 0
+    gb = args.global_batch
+    if args.global_batch_tokens:
+        gb = max(1, _tokens(args.global_batch_tokens) // job.seq_len)
+    if gb is not None and gb < 1:
+        raise JobError("--global-batch must be >= 1")
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    res = plan(job, args.gpu, gpu_memory_bytes=None if args.gpu else mem, global_batch=gb,
+               vary=split(args.vary), keep=split(args.keep), top=args.top)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+        return 0
+    head = f"{job.model} on {res.gpu or f'{mem / GiB:.2f} GiB'}: global batch {res.global_batch}"
+    if not res.any_fits:
+        print(f"{head}: nothing fits; closest:")
+    else:
+        print(f"{head}; {res.evaluated} candidates, best first (* changes the numerics)")
+    print(f"{'#':>2} {'tokens/s':>9} {'step s':>7} {'device GiB':>10} {'headroom':>8}  changes  (cost)")
+    for i, c in enumerate(res.candidates, 1):
+        mark = "*" if c.numerics else " "
+        print(f"{i:2d} {c.tokens_per_second:9.0f} {c.step_time_seconds:7.3f} {c.device_total_bytes / GiB:10.2f} "
+              f"{c.headroom_bytes / GiB:8.2f} {mark}{'; '.join(c.changes) or 'as given'}  ({c.reason})")
+    return 0 if res.any_fits else 1

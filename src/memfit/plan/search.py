@@ -1,0 +1,314 @@
+"""The planner: jobs near a starting job that fit a card, ranked by estimated training speed.
+
+Memory comes only from the estimator (:func:`fits` calls :func:`memfit.estimator.estimate` and the fit
+verdict of :mod:`memfit.verdict`); speed from :mod:`memfit.plan.steptime`. The search keeps the global
+batch (micro-batch x accumulation x data-parallel ranks) and moves the levers it is allowed to:
+method, precision, optimizer, checkpointing, micro-batch, strategy, offload, tensor parallelism, the
+attention kernel and the allocator setting. Memory never falls when the micro-batch falls, so for each
+setting of the other levers a binary search over the micro-batches finds the largest that fits, and every
+smaller one fits too (the top candidates are checked again with :func:`fits` before they are returned).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ..errors import JobError
+from ..job import Job
+from .steptime import step_time
+
+__all__ = ["Candidate", "PlanResult", "fits", "plan", "LEVERS", "max_seq_len"]
+
+LEVERS = ("method", "precision", "optimizer", "checkpointing", "batch", "strategy", "offload", "tp",
+          "expandable", "attention")
+# what a lever may move to by default (changing what is trained is opt-in: --vary method, optimizer)
+_SAFE_OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+_ALL_OPTIMIZERS = _SAFE_OPTIMIZERS + ("paged-adamw", "adafactor", "sgd")
+_NUMERICS = {"adamw-8bit": "8-bit optimizer states", "paged-adamw-8bit": "8-bit optimizer states",
+             "qlora": "4-bit (NF4) frozen base", "bf16-true": "pure 16-bit weights", "16-true": "pure 16-bit weights",
+             "adafactor": "factored second moments", "sgd": "a different optimizer", "lora": "trains adapters only"}
+
+
+def _accepts_gpu_memory() -> bool:
+    from ..estimator import estimate
+
+    return "gpu_memory_bytes" in inspect.signature(estimate).parameters
+
+
+_GPU_ARG: bool | None = None
+
+
+def fits(job: Job, gpu_memory_bytes: int, spec=None):
+    """``(fits, breakdown)``: the estimator's answer for ``job`` on a card of ``gpu_memory_bytes``
+    (``Breakdown.fits`` where the estimator fills it, else device total <= card, via :func:`memfit.verdict.verdict`)."""
+    global _GPU_ARG
+    from ..estimator import estimate
+    from ..verdict import verdict
+
+    if _GPU_ARG is None:
+        _GPU_ARG = _accepts_gpu_memory()
+    b = estimate(job, spec, gpu_memory_bytes=gpu_memory_bytes) if _GPU_ARG else estimate(job, spec)
+    return bool(verdict(b, gpu_memory_bytes)["fits"]), b
+
+
+@dataclass
+class Candidate:
+    """One job the planner considered, with its memory and speed."""
+
+    job: Job
+    fits: bool
+    device_total_bytes: int
+    headroom_bytes: int
+    accumulation: int
+    step_time_seconds: float
+    tokens_per_second: float
+    changes: list[str] = field(default_factory=list)
+    numerics: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"job": self.job.to_dict(), "fits": self.fits, "device_total_bytes": self.device_total_bytes,
+                "headroom_bytes": self.headroom_bytes, "gradient_accumulation": self.accumulation,
+                "step_time_seconds": self.step_time_seconds, "tokens_per_second": self.tokens_per_second,
+                "changes": self.changes, "changes_numerics": self.numerics, "reason": self.reason}
+
+
+@dataclass
+class PlanResult:
+    """Candidates best first (all fit), or the closest ones that do not (``fits`` false) when none fits."""
+
+    candidates: list[Candidate]
+    gpu_memory_bytes: int
+    gpu: str | None
+    global_batch: int
+    evaluated: int
+    """(setting, micro-batch) pairs that fit and were timed."""
+    judged: int = 0
+    """(setting, micro-batch) pairs given a verdict, by the estimator or by monotonicity."""
+
+    @property
+    def any_fits(self) -> bool:
+        return bool(self.candidates) and self.candidates[0].fits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "gpu_memory_bytes": self.gpu_memory_bytes, "global_batch": self.global_batch,
+                "fits": self.any_fits, "evaluated": self.evaluated, "judged": self.judged,
+                "candidates": [c.to_dict() for c in self.candidates]}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _levers(vary: Iterable[str] | None, keep: Iterable[str] | None) -> tuple[set[str], bool]:
+    """(levers that may move, whether method/optimizer may change what is trained)."""
+    for name in list(vary or []) + list(keep or []):
+        if name not in LEVERS:
+            raise JobError(f"unknown lever {name!r}; levers: {', '.join(LEVERS)}")
+    if vary:
+        return set(vary), True
+    return set(LEVERS) - set(keep or []), False
+
+
+def _settings(job: Job, levers: set[str], explicit: bool) -> list[dict[str, Any]]:
+    """Field changes (without the micro-batch) the search tries, the starting job's own first."""
+    train = job.task == "train"
+    methods = [job.method]
+    if "method" in levers and train:
+        if explicit and "method" in levers:
+            methods = ["full", "lora", "qlora"] if job.method == "full" else ["lora", "qlora"]
+        elif job.method == "lora":
+            methods = ["lora", "qlora"]
+    precisions = [job.precision]
+    if "precision" in levers:
+        precisions = sorted({job.precision, "bf16-mixed", "bf16-true"} if job.precision != "16-true" else {job.precision, "bf16-true"})
+    opts = [job.optimizer]
+    if "optimizer" in levers and train:
+        opts = list(dict.fromkeys([job.optimizer, *(_ALL_OPTIMIZERS if explicit else _SAFE_OPTIMIZERS)]))
+    ckpts = [False, True] if ("checkpointing" in levers and train) else [job.gradient_checkpointing]
+    exps = [False, True] if "expandable" in levers else [job.expandable_segments]
+    attns = [job.attention] if "attention" not in levers or job.attention == "flash" else sorted({job.attention, "sdpa"})
+    strategies = [job.strategy]
+    if job.gpus > 1 and "strategy" in levers and train:
+        strategies = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
+    offloads = [job.offload]
+    if "offload" in levers and train and job.gpus > 1:
+        offloads = ["none", "optimizer"]
+    tps = [job.tensor_parallel]
+    if "tp" in levers and job.gpus > 1:
+        per_node = job.gpus_per_node or job.gpus
+        tps = [t for t in (1, 2, 4, 8) if t <= per_node and job.gpus % t == 0]
+    out = []
+    for m in methods:
+        for p in precisions:
+            for o in opts:
+                if o != "adamw" and o == job.optimizer:
+                    pass
+                for c in ckpts:
+                    for e in exps:
+                        for a in attns:
+                            for s in strategies:
+                                for off in offloads:
+                                    if off != "none" and s not in ("zero2", "zero3", "fsdp2"):
+                                        continue
+                                    for t in tps:
+                                        ch = {"method": m, "precision": p, "optimizer": o, "gradient_checkpointing": c,
+                                              "expandable_segments": e, "attention": a, "strategy": s, "offload": off,
+                                              "tensor_parallel": t}
+                                        if m == "qlora":
+                                            ch.update(quantization="nf4", double_quant=True, precision="bf16-true"
+                                                      if p.endswith("true") else p)
+                                        elif job.method == "qlora" and m != "qlora":
+                                            ch.update(quantization="none")
+                                        out.append(ch)
+    # dedupe, keeping order
+    seen, uniq = set(), []
+    for ch in out:
+        key = tuple(sorted(ch.items()))
+        if key not in seen:
+            seen.add(key)
+            uniq.append(ch)
+    return uniq
+
+
+def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[str]]:
+    changes, numerics = [], []
+    names = {"gradient_checkpointing": "checkpointing", "expandable_segments": "expandable_segments",
+             "tensor_parallel": "tp"}
+    for f in ("method", "quantization", "precision", "optimizer", "gradient_checkpointing", "attention", "strategy",
+              "offload", "tensor_parallel", "expandable_segments"):
+        a, b = getattr(start, f), getattr(job, f)
+        if a != b:
+            changes.append(f"{names.get(f, f)} {a} -> {b}")
+            if f in ("method", "precision", "optimizer") and b in _NUMERICS:
+                numerics.append(_NUMERICS[b])
+    if job.batch_size != start.batch_size or accumulation != 1:
+        changes.append(f"micro-batch {start.batch_size} -> {job.batch_size} x accumulation {accumulation}")
+    return changes, numerics
+
+
+def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batch: int | None = None,
+         vary: Iterable[str] | None = None, keep: Iterable[str] | None = None, top: int = 10,
+         spec=None, timing_gpu=None) -> PlanResult:
+    """Jobs like ``job`` that fit ``gpu`` (a catalog name or :class:`memfit.gpus.GPU`; or give
+    ``gpu_memory_bytes`` alone, timed as an H100), best (highest estimated tokens/s) first.
+
+    ``global_batch``: sequences per optimizer step to keep (default: the job's micro-batch x its
+    data-parallel ranks). ``vary`` / ``keep``: which :data:`LEVERS` may move (default all that do not
+    change what is trained). ``timing_gpu``: time on this card instead (rehearsing a small card on a big one)."""
+    from ..gpus import GPU, get_gpu
+    from ..models import load_model
+
+    if not isinstance(job, Job):
+        raise JobError("plan() needs a memfit.Job")
+    card = gpu if isinstance(gpu, GPU) else (get_gpu(gpu) if gpu else None)
+    mem = int(gpu_memory_bytes) if gpu_memory_bytes else (card.memory_bytes if card else None)
+    if not mem or mem <= 0:
+        raise JobError("plan needs a card: gpu='h100-80gb' (see `memfit gpus`) or gpu_memory_bytes")
+    timing_card = card or get_gpu("h100-80gb")
+    if timing_gpu is not None:
+        timing_card = timing_gpu if isinstance(timing_gpu, GPU) else get_gpu(timing_gpu)
+    spec = spec or load_model(job.model)
+    levers, explicit = _levers(vary, keep)
+    train = job.task == "train"
+    settings = _settings(job, levers, explicit)
+    found: list[Candidate] = []
+    closest: list[tuple[int, Job, int]] = []
+    evaluated = judged = 0
+    for ch in settings:
+        try:
+            base = job.replace(**ch)
+        except JobError:
+            continue
+        dp = max(1, base.gpus // (base.tensor_parallel * base.pipeline_parallel))
+        gb = global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel))
+        if gb % dp:
+            continue
+        per_rank = gb // dp
+        sizes = _divisors(per_rank) if ("batch" in levers and train) else [base.batch_size]
+        lo, hi = 0, len(sizes) - 1
+        best = -1
+        cache: dict[int, Any] = {}
+
+        def judge(i: int) -> bool:
+            ok, b = fits(base.replace(batch_size=sizes[i]), mem, spec)
+            cache[i] = b
+            return ok
+
+        try:
+            if judge(0):
+                best = 0
+                while lo < hi:  # largest index that fits: memory grows with the micro-batch
+                    mid = (lo + hi + 1) // 2
+                    if judge(mid):
+                        lo, best = mid, mid
+                    else:
+                        hi = mid - 1
+        except JobError:
+            continue
+        judged += len(sizes)
+        if best < 0:
+            b0 = cache[0]
+            closest.append((b0.device_total_bytes, base.replace(batch_size=sizes[0]), per_rank // sizes[0]))
+            continue
+        for i in range(best + 1):
+            evaluated += 1
+            mb = sizes[i]
+            acc = per_rank // mb
+            cj = base.replace(batch_size=mb) if mb != base.batch_size else base
+            st = step_time(cj, spec, timing_card, accumulation=acc)
+            dev = cache[i].device_total_bytes if i in cache else None
+            found.append(Candidate(job=cj, fits=True, device_total_bytes=dev if dev is not None else -1,
+                                   headroom_bytes=mem - dev if dev is not None else -1, accumulation=acc,
+                                   step_time_seconds=st.seconds, tokens_per_second=st.tokens_per_second,
+                                   reason=st.reason))
+    found.sort(key=lambda c: (-c.tokens_per_second, len(_describe(job, c.job, c.accumulation)[0])))
+    out: list[Candidate] = []
+    for c in found:
+        if len(out) >= top:
+            break
+        c.changes, c.numerics = _describe(job, c.job, c.accumulation)
+        # the same speed and micro-batch with extra changes adds nothing (e.g. an allocator setting that
+        # the estimate does not need)
+        if any(o.job.batch_size == c.job.batch_size and abs(o.tokens_per_second - c.tokens_per_second)
+               <= 1e-9 * c.tokens_per_second and set(o.changes) < set(c.changes) for o in out):
+            continue
+        ok, b = fits(c.job, mem, spec)  # never recommend what the fit answer would not run
+        if not ok:
+            continue
+        c.device_total_bytes, c.headroom_bytes = b.device_total_bytes, mem - b.device_total_bytes
+        out.append(c)
+    if not out:
+        closest.sort(key=lambda t: t[0])
+        for dev, cj, acc in closest[:top]:
+            st = step_time(cj, spec, timing_card, accumulation=acc)
+            ch, nu = _describe(job, cj, acc)
+            out.append(Candidate(job=cj, fits=False, device_total_bytes=dev, headroom_bytes=mem - dev,
+                                 accumulation=acc, step_time_seconds=st.seconds,
+                                 tokens_per_second=st.tokens_per_second, changes=ch, numerics=nu,
+                                 reason=f"too big by {(dev - mem) / 2**30:.2f} GiB"))
+    return PlanResult(candidates=out, gpu_memory_bytes=mem, gpu=card.name if card else None,
+                      global_batch=global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel)),
+                      evaluated=evaluated, judged=judged)
+
+
+def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:
+    """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does)."""
+    from ..models import load_model
+
+    spec = spec or load_model(job.model)
+    f = lambda s: fits(job.replace(seq_len=s), gpu_memory_bytes, spec)[0]  # noqa: E731
+    if not f(128):
+        return 0
+    lo, hi = 1, 2
+    while hi * 128 <= limit and f(hi * 128):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if f(mid * 128):
+            lo = mid
+        else:
+            hi = mid
+    return lo * 128

@@ -1,0 +1,247 @@
+"""Step-time model: seconds per optimizer step of a job on a card, pure Python (microseconds).
+
+The time is a sum of kinds of work, each its count divided by the card's peak rate for it (catalog), times
+one fitted factor per kind (the inverse of the efficiency that kind reaches; fitted on measured H100 steps
+by ``validation/fit_steptime.py``, stored in ``steptime_fit.json``):
+
+- ``matmul16`` / ``matmul32``: the linear layers' FLOPs (2 per multiply-add) over the dense 16-bit or fp32
+  rate. Forward 2*P*T; backward 4*P*T for trained weights, 2*P*T where only input gradients flow (LoRA's
+  frozen base, the ``grad(x) = grad(y) W`` product); a checkpointed layer runs its forward again.
+  PyTorch's fp32 matmul defaults to full fp32 (``torch.backends.cuda.matmul.allow_tf32`` is False).
+- ``attention``: the score and value products, 4*T*S*d per layer forward, halved for causal masks on the
+  fused kernels (sdpa/flash skip masked tiles), backward 2.5x forward (FlashAttention-2 paper, Dao 2023).
+- ``elementwise``: memory-bound traffic (norms, activations, residual adds, softmax of eager attention,
+  the fp32 logits and cross-entropy) over HBM bandwidth.
+- ``optimizer``: the bytes ``optimizer.step()`` reads and writes (PyTorch's foreach AdamW: param, grad,
+  exp_avg, exp_avg_sq) over HBM bandwidth.
+- ``dequant``: bitsandbytes 4/8-bit layers rebuild a 16-bit weight on every use (forward, backward,
+  recompute): written and read once per use, over HBM bandwidth.
+- ``launch``: a per-layer-pass cost (kernel launches and Python between them), the floor small models hit.
+- ``decode``: generation reads every weight and the KV cache once per new token; ``decode_launch`` is
+  its per-layer, per-token launch cost (one token's kernels are tiny, so launches dominate small models).
+- ``module_launch``: per LoRA-wrapped or bitsandbytes linear and pass, the extra small kernels they run.
+- ``step``: a fixed cost per step.
+
+Multi-GPU collectives and offload are not fitted (no timed multi-GPU runs yet): DDP and ZeRO-1/2 reduce
+gradients ring-wise (2(n-1)/n of the gradient bytes), overlapped with backward as the bucketed reducer
+does; FSDP/ZeRO-3 also all-gather parameters in forward and backward, prefetched (overlapped with the
+layer's compute); the part that does not hide behind compute is added. Offload moves gradients and
+parameters over PCIe each step and runs the CPU optimizer at an assumed 10 GB/s of state traffic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors"]
+
+KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch", "module_launch", "step")
+_FIT = Path(__file__).with_name("steptime_fit.json")
+# defaults before any fit: efficiencies people usually see (factor = 1/efficiency)
+_DEFAULT = {"matmul16": 1 / 0.6, "matmul32": 1 / 0.8, "attention": 1 / 0.4, "elementwise": 1 / 0.6,
+            "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "step": 5e-3}
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step (one micro-batch; gradient accumulation multiplies the compute part),
+    tokens per second, and the seconds each kind of work contributes."""
+
+    seconds: float
+    tokens_per_second: float
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """One line: the kind of work that costs the most."""
+        if not self.parts:
+            return ""
+        k = max(self.parts, key=self.parts.get)
+        return f"{k} {100 * self.parts[k] / self.seconds:.0f}%"
+
+
+@lru_cache(maxsize=1)
+def load_factors() -> dict[str, float]:
+    """The fitted factor per kind (``steptime_fit.json``), defaults for kinds it lacks."""
+    out = dict(_DEFAULT)
+    if _FIT.exists():
+        out.update(json.loads(_FIT.read_text())["factors"])
+    return out
+
+
+def _bytes16(precision: str) -> int:
+    return 4 if precision == "32-true" else 2
+
+
+def _linear_params(spec) -> tuple[float, float]:
+    """(active linear parameters per token in all blocks, of which in quantizable block linears): routed
+    experts count ``top_k`` of ``num_experts``."""
+    total = 0.0
+    for b in spec.blocks:
+        per = 0.0
+        for lin in b.linears:
+            n = lin.in_features * lin.out_features
+            if lin.role.startswith("expert") and b.moe is not None and b.moe.num_experts:
+                per += n * lin.count * b.moe.top_k / b.moe.num_experts
+            else:
+                per += n * lin.count
+        total += per * b.count
+    return total, total
+
+
+def features(job, spec, gpu) -> dict[str, float]:
+    """Seconds of each kind of work at the card's peak rates (before the fitted factors), per micro-batch
+    step of ``job`` with model ``spec`` on ``gpu``."""
+    train = job.task == "train"
+    B = job.batch_size
+    S = job.seq_len if train else job.prompt_len
+    T = B * S
+    L = spec.num_layers
+    h = spec.hidden_size
+    lin, _ = _linear_params(spec)
+    head = spec.hidden_size * spec.vocab_size if spec.head in ("causal_lm", "masked_lm") else 0
+    ckpt = train and job.gradient_checkpointing
+    lora = job.method in ("lora", "qlora")
+    fp32 = job.precision == "32-true"
+    peak16 = gpu.bf16_flops if job.precision.startswith("bf16") else gpu.fp16_flops
+    if not peak16:  # no native bf16 (T4, V100): emulated at about the fp32 rate
+        peak16 = gpu.fp32_flops
+    peak_mm = gpu.fp32_flops if fp32 else peak16
+    fwd_mm = 2.0 * (lin + head) * T
+    if train:
+        bwd_mm = (2.0 if lora else 4.0) * lin * T + (2.0 if lora else 4.0) * head * T
+        mm = fwd_mm * (2 if ckpt else 1) - (2.0 * head * T if ckpt else 0) + bwd_mm
+    else:
+        mm = fwd_mm
+    heads_dim = sum(b.attention.num_heads * b.attention.head_dim * b.count for b in spec.blocks)
+    causal = 0.5 if (spec.head != "masked_lm" and not spec.is_encoder and job.attention != "eager") else 1.0
+    att_f = 4.0 * T * S * heads_dim * causal
+    att = att_f * ((1 + (1 if ckpt else 0) + 2.5) if train else 1)
+    act = _bytes16(job.precision)
+    inter = max((b.mlp.intermediate_size if b.mlp else 0) for b in spec.blocks) if spec.blocks else 4 * h
+    if any(b.moe for b in spec.blocks):
+        m = next(b.moe for b in spec.blocks if b.moe)
+        inter = max(inter, m.expert_intermediate_size * m.top_k)
+    passes = (1 + (1 if ckpt else 0) + 2) if train else 1
+    elem = T * L * (24 * h + 6 * inter) * act * passes
+    if job.attention == "eager":
+        nh = max(b.attention.num_heads for b in spec.blocks)
+        elem += T * S * nh * L * act * 4 * passes
+    if head:
+        elem += T * spec.vocab_size * 4 * (6 if train else 1)
+    opt_bytes = 0.0
+    if train:
+        from ..estimator import states as st
+
+        p = st.trainable_params(spec, job)
+        pb = 4 if (job.precision.endswith("mixed") or fp32 or lora) else 2
+        per = {"adamw": 2 * pb + pb + 16, "adam": 2 * pb + pb + 16, "adamw-8bit": 2 * pb + pb + 4,
+               "paged-adamw-8bit": 2 * pb + pb + 4, "paged-adamw": 2 * pb + pb + 16, "sgd": 2 * pb + pb,
+               "sgd-momentum": 2 * pb + pb + 8, "adafactor": 2 * pb + pb + 8, "lion": 2 * pb + pb + 8}
+        opt_bytes = p * per.get(job.optimizer, 3 * pb + 16)
+    deq = 0.0
+    if job.quantization in ("nf4", "fp4", "int8"):
+        uses = (1 + (1 if ckpt else 0) + 1) if train else 1
+        deq = lin * (2 + 2 + (0.5 if job.quantization != "int8" else 1)) * uses
+        if job.quantization == "int8":
+            deq *= 2  # LLM.int8 also splits outlier columns and rescales its int32 accumulators
+    layer_passes = L * passes
+    wrapped = 0.0  # linears that LoRA wraps or bitsandbytes replaces: each adds its own small kernels
+    if lora or job.quantization in ("nf4", "fp4", "int8"):
+        from ..estimator import states as st
+
+        targets = st.lora_targets(spec, job) if lora else frozenset()
+        for b in spec.blocks:
+            for ln in b.linears:
+                if not ln.is_module:
+                    continue
+                hit = (ln.name in targets) + (job.quantization in ("nf4", "fp4", "int8"))
+                wrapped += hit * (1 if ln.role.startswith("expert") else ln.count) * b.count
+    module_passes = wrapped * passes
+    decode = 0.0
+    decode_passes = 0.0
+    if not train and job.new_tokens:
+        from ..estimator import states as st
+
+        wbytes = st.weight_bytes(spec, job)
+        kv_per_tok = 2 * sum(b.attention.num_kv_heads * b.attention.head_dim * b.count for b in spec.blocks) * act
+        avg_ctx = job.prompt_len + job.new_tokens / 2
+        decode = job.new_tokens * (wbytes + B * avg_ctx * kv_per_tok) / gpu.memory_bandwidth_bytes_per_s
+        decode_passes = L * job.new_tokens
+        mm += 2.0 * (lin + head) * B * job.new_tokens  # decode matmuls (usually hidden under the reads)
+    bw = gpu.memory_bandwidth_bytes_per_s
+    return {
+        "matmul16": 0.0 if fp32 else mm / peak_mm,
+        "matmul32": mm / peak_mm if fp32 else 0.0,
+        "attention": att / (gpu.fp32_flops if fp32 else peak16),
+        "elementwise": elem / bw,
+        "optimizer": opt_bytes / bw,
+        "dequant": deq / bw,
+        "launch": float(layer_passes),
+        "decode": decode,
+        "decode_launch": float(decode_passes),
+        "module_launch": float(module_passes),
+        "step": 1.0,
+    }
+
+
+def _parallel_seconds(job, spec, gpu, compute_s: float, backward_s: float) -> tuple[float, float]:
+    """(exposed collective seconds, offload seconds) per step for multi-GPU strategies (not fitted)."""
+    from ..estimator import states as st
+
+    n = job.gpus
+    comm = 0.0
+    if n > 1 and job.strategy != "single":
+        per_node = job.gpus_per_node or n
+        link = gpu.interconnect_bytes_per_s if per_node >= n else min(gpu.interconnect_bytes_per_s, 25e9)
+        ring = 2.0 * (n - 1) / n
+        gbytes = st.gradient_bytes(spec, job)
+        if job.strategy in ("ddp", "zero1", "zero2"):
+            t = ring * gbytes / link
+            comm = max(0.0, t - 0.8 * backward_s) + 0.05 * t
+        else:  # fsdp, fsdp2, zero3: all-gather forward + backward, reduce-scatter gradients
+            pbytes = spec.parameters * _bytes16(job.precision)
+            t = (2 * (n - 1) / n * pbytes + (n - 1) / n * gbytes) / link
+            comm = max(0.0, t - 0.8 * compute_s) + 0.05 * t
+    off = 0.0
+    if job.offload != "none" and job.task == "train":
+        p = st.trainable_params(spec, job) / max(1, n)
+        off = 2 * p * _bytes16(job.precision) / gpu.pcie_bytes_per_s + p * 16 / 10e9
+        if "params" in job.offload:
+            off += 2 * spec.parameters / max(1, n) * _bytes16(job.precision) / gpu.pcie_bytes_per_s
+    return comm, off
+
+
+def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = None,
+              accumulation: int = 1) -> StepTime:
+    """Estimated seconds per optimizer step of ``job`` on ``gpu`` (a :class:`memfit.gpus.GPU` or a catalog
+    name; default ``h100-80gb``). ``accumulation`` micro-batches run before each optimizer step."""
+    from ..gpus import GPU, get_gpu
+
+    if spec is None:
+        from ..models import load_model
+
+        spec = load_model(job.model)
+    if gpu is None:
+        gpu = "h100-80gb"
+    if not isinstance(gpu, GPU):
+        gpu = get_gpu(gpu)
+    f = features(job, spec, gpu)
+    k = factors or load_factors()
+    parts = {name: f[name] * k[name] for name in KINDS}
+    per_micro = {n: v for n, v in parts.items() if n not in ("optimizer", "step")}
+    micro = sum(per_micro.values())
+    a = max(1, int(accumulation))
+    parts = {n: (v * a if n in per_micro else v) for n, v in parts.items()}
+    backward = micro * 0.6
+    comm, off = _parallel_seconds(job, spec, gpu, micro, backward)
+    if comm:
+        parts["collectives"] = comm
+    if off:
+        parts["offload"] = off
+    total = sum(parts.values())
+    tokens = job.batch_size * (job.seq_len if job.task == "train" else (job.prompt_len + job.new_tokens)) * a
+    return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)

@@ -1,0 +1,72 @@
+"""The planner: never a candidate the fit answer would not run; ranking, global batch and CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from memfit.job import Job
+from memfit.plan import fits, max_seq_len, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=hs.sampled_from(["gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "qwen3-1.7b"]),
+       batch=hs.sampled_from([1, 2, 4, 8, 12]), seq=hs.sampled_from([256, 512, 1024, 2048]),
+       method=hs.sampled_from(["full", "lora"]), card_gib=hs.integers(6, 80),
+       vary=hs.sampled_from([None, ["batch", "checkpointing"], ["method", "batch", "optimizer"]]))
+def test_every_candidate_fits(model, batch, seq, method, card_gib, vary):
+    job = Job(model=model, batch_size=batch, seq_len=seq, method=method)
+    mem = card_gib * GiB
+    res = plan(job, gpu_memory_bytes=mem, vary=vary, top=5)
+    for c in res.candidates:
+        ok, b = fits(c.job, mem)
+        assert ok == c.fits  # the planner's verdict is the estimator's
+        if c.fits:
+            assert b.device_total_bytes <= mem or b.fits
+            # the global batch is kept: micro-batch x accumulation
+            assert c.job.batch_size * c.accumulation == res.global_batch
+    speeds = [c.tokens_per_second for c in res.candidates if c.fits]
+    assert speeds == sorted(speeds, reverse=True)
+
+
+def test_nothing_fits_says_by_how_much():
+    res = plan(Job(model="llama-3.1-8b", batch_size=4, seq_len=2048), gpu_memory_bytes=8 * GiB, top=3)
+    assert not res.any_fits and res.candidates
+    assert all(c.headroom_bytes < 0 and "too big by" in c.reason for c in res.candidates)
+
+
+def test_keep_and_vary():
+    job = Job(model="qwen2.5-0.5b", batch_size=8, seq_len=1024)
+    res = plan(job, "rtx-4090", keep=["precision", "optimizer", "expandable", "checkpointing"], top=20)
+    assert res.any_fits
+    for c in res.candidates:
+        assert (c.job.precision, c.job.optimizer, c.job.gradient_checkpointing) == (job.precision, job.optimizer, False)
+    res = plan(job, "rtx-4090", global_batch=16, top=5)
+    assert all(c.job.batch_size * c.accumulation == 16 for c in res.candidates)
+
+
+def test_max_seq_len_is_the_boundary():
+    job = Job(model="qwen2.5-0.5b", batch_size=1)
+    n = max_seq_len(job, 24 * GiB)
+    assert n > 0 and fits(job.replace(seq_len=n), 24 * GiB)[0] and not fits(job.replace(seq_len=n + 128), 24 * GiB)[0]
+
+
+def test_cli_json():
+    out = subprocess.run([sys.executable, "-c", "import sys; from memfit.cli import main; sys.exit(main())", "plan",
+                          "qwen2.5-0.5b", "--batch-size", "8", "--seq-len", "1024", "--gpu", "rtx-4090", "--json",
+                          "--top", "3"], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    c = data["candidates"][0]
+    assert c["fits"] and c["job"]["model"] == "qwen2.5-0.5b" and c["step_time_seconds"] > 0
+    assert {"device_total_bytes", "tokens_per_second", "changes"} <= set(c)
+    bad = subprocess.run([sys.executable, "-c", "import sys; from memfit.cli import main; sys.exit(main())", "plan",
+                          "qwen2.5-0.5b", "--gpu", "h1000"], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT / "src")})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

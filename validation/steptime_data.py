@@ -1,0 +1,49 @@
+"""Timed runs for the step-time model, and the rule that splits them into fitted and held-out runs.
+
+The rule, fixed before fitting: a run is *fitted* only if it is an H100 record whose own ``holdout`` flag
+is false; every record flagged ``holdout`` and every H200 record (``h200-*.json``) is held out. A run
+is not a timing run (dropped from both) when it failed, has no ``step_time_s``, or its allocator had to
+free its cache and retry (``num_alloc_retries > 0``): those ran at a memory cap and time the allocator;
+nor when another process held more than 1 GiB of the GPU during the run (NVML's device use less this
+process's use): concurrent runs share the SMs and the time is not the job's. Where a record ran a batch
+other than its job's (the boundary runner's largest batch), the batch is ``tokens_per_step / seq_len``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def timed_runs(pattern: str = "records/*.json") -> list[dict]:
+    """``{"name", "file", "job", "seconds", "gpu", "held_out"}`` for each timing run in the records."""
+    out = []
+    for f in sorted(glob.glob(str(HERE / pattern))):
+        try:
+            data = json.loads(Path(f).read_text())
+        except (OSError, ValueError):
+            continue
+        recs = data if isinstance(data, list) else data.get("records", [])
+        for r in recs:
+            if not isinstance(r, dict) or r.get("status") != "ok" or not isinstance(r.get("breakdown"), dict):
+                continue
+            ex = r["breakdown"].get("extras") or {}
+            t = ex.get("step_time_s")
+            if not t or (ex.get("allocator") or {}).get("num_alloc_retries", 0) > 0:
+                continue
+            shared = (ex.get("nvml_device_used_bytes") or 0) - (ex.get("nvml_process_used_bytes") or 0)
+            if shared > 2**30:
+                continue
+            job = dict(r["job"])
+            tps = ex.get("tokens_per_step")
+            if tps and job.get("task", "train") == "train" and job.get("seq_len"):
+                job["batch_size"] = max(1, round(tps / job["seq_len"]))
+            name = Path(f).name
+            gpu = "h200" if "H200" in str(ex.get("gpu_name", "")) else "h100-80gb"
+            held = bool(r.get("holdout")) or name.startswith("h200-") or gpu != "h100-80gb"
+            out.append({"name": r["name"], "file": name, "job": job, "seconds": float(t), "gpu": gpu,
+                        "held_out": held})
+    return out
