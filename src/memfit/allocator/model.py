@@ -43,8 +43,11 @@ counts one), and ``inactive_split`` leaves them out, both as in the source.
 
 Not modelled: several streams and ``record_stream`` events, CUDA graph private pools, ``cudaMallocAsync``,
 the driver's own physical limit on a card shared with other processes (``physical_bytes`` is a simple
-stand-in), and driver address placement: real segment addresses come from ``cudaMalloc``; here they grow
-monotonically, which only matters for ties between equal-size free blocks of different segments.
+stand-in), and the driver's address placement. Addresses matter only to break ties between equal-size free
+blocks of different segments (``lower_bound`` takes the lowest address); here new large-pool segments take
+decreasing addresses and 2 MiB small-pool segments increasing ones, which is what reproduces the H200 record
+(validation/records/allocator-cases-h200.json, torch 2.11: with one address direction for both pools, the
+large-pool cases drift from the real allocator after a few hundred steps).
 """
 
 from __future__ import annotations
@@ -203,6 +206,7 @@ class CachingAllocatorModel:
         self.num_device_free = 0  # cudaFree calls + page unmappings
         self.oom_requests = 0
         self._next_addr = 1 << 20
+        self._down_addr = 1 << 62
         self._small = _Pool(True)
         self._large = _Pool(False)
         self._segments: dict[int, Block] = {}  # non-expandable segments: base address -> first block (snapshots)
@@ -419,8 +423,12 @@ class CachingAllocatorModel:
             return self._try_allocate_expandable_block(pool, size, force)
         if not force and self.physical_bytes is not None and self.reserved + alloc_size > self.physical_bytes:
             return None  # cudaMalloc fails
-        block = Block(alloc_size, self._next_addr, pool.small)
-        self._next_addr += alloc_size
+        if pool.small:
+            block = Block(alloc_size, self._next_addr, True)
+            self._next_addr += alloc_size
+        else:
+            self._down_addr -= alloc_size
+            block = Block(alloc_size, self._down_addr, False)
         self._segments[block.addr] = block
         self.reserved += alloc_size
         if self.reserved > self.peak_reserved:
