@@ -4,7 +4,7 @@ Each case is a list of steps: allocate ``n`` bytes (``torch.empty(n, dtype=torch
 a tensor (``del``) or ``torch.cuda.empty_cache()``. The cases are built here without torch (a seeded
 ``random.Random``), stored in the output with their steps, and each is run under several
 ``PYTORCH_CUDA_ALLOC_CONF`` settings (each setting in its own subprocess: the variable is read when CUDA
-initialises), without and with a cap (``torch.cuda.set_per_process_memory_fraction``). After every step the
+initialises), without and then with a cap (``torch.cuda.set_per_process_memory_fraction``). After every step the
 worker records ``memory_allocated``, ``memory_reserved`` and ``memory_stats()`` counters (segments, retries,
 OOMs, inactive split bytes, device mallocs/frees), and whether that step raised ``torch.OutOfMemoryError``
 (the tensor is then not made and the case goes on). ``tests/test_allocator.py`` replays every case of the
@@ -233,7 +233,9 @@ ROW = ["allocated", "reserved", *STAT_KEYS, "oom"]
 """The columns of each step's record."""
 
 
-def worker(cases: list[dict], capped: bool) -> dict:  # pragma: no cover - needs a GPU
+def worker(cases: list[dict]) -> dict:  # pragma: no cover - needs a GPU
+    """Run every case uncapped, then every case capped (once a fraction is set it stays set, so the
+    uncapped pass goes first); the allocator is emptied and its counters reset before each case."""
     import torch
 
     torch.cuda.init()
@@ -241,47 +243,50 @@ def worker(cases: list[dict], capped: bool) -> dict:  # pragma: no cover - needs
     torch.empty(1, device=dev)  # CUDA context up; freed at once
     torch.cuda.synchronize()
     free0, total = torch.cuda.mem_get_info(dev)
-    results = []
-    for case in cases:
-        torch.cuda.empty_cache()
-        allowed = None
-        if capped:
-            fraction = case["cap_bytes"] / total
-            torch.cuda.set_per_process_memory_fraction(fraction, dev)
-            allowed = int(fraction * float(total))  # setMemoryFraction: static_cast<size_t>(fraction * total)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        torch.cuda.reset_accumulated_memory_stats(dev)
-        start = (torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev))
-        live: dict[int, object] = {}
-        rows = []
-        t0 = time.perf_counter()
-        for step in case["steps"]:
-            oom = 0
-            if step[0] == "a":
-                try:
-                    live[step[1]] = torch.empty(step[2], dtype=torch.uint8, device=dev)
-                except torch.OutOfMemoryError:
-                    oom = 1
-            elif step[0] == "f":
-                live.pop(step[1], None)
-            else:
-                torch.cuda.empty_cache()
+    passes = []
+    for capped in (False, True):
+        results = []
+        for case in cases:
+            torch.cuda.empty_cache()
+            allowed = None
+            if capped:
+                fraction = case["cap_bytes"] / total
+                torch.cuda.set_per_process_memory_fraction(fraction, dev)
+                allowed = int(fraction * float(total))  # setMemoryFraction: static_cast<size_t>(fraction * total)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            torch.cuda.reset_accumulated_memory_stats(dev)
+            start = (torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev))
+            live: dict[int, object] = {}
+            rows = []
+            t0 = time.perf_counter()
+            for step in case["steps"]:
+                oom = 0
+                if step[0] == "a":
+                    try:
+                        live[step[1]] = torch.empty(step[2], dtype=torch.uint8, device=dev)
+                    except torch.OutOfMemoryError:
+                        oom = 1
+                elif step[0] == "f":
+                    live.pop(step[1], None)
+                else:
+                    torch.cuda.empty_cache()
+                st = torch.cuda.memory_stats(dev)
+                rows.append([torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev),
+                             *(int(st.get(k, 0)) for k in STAT_KEYS), oom])
+            live.clear()
             st = torch.cuda.memory_stats(dev)
-            rows.append([torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev),
-                         *(int(st.get(k, 0)) for k in STAT_KEYS), oom])
-        live.clear()
-        st = torch.cuda.memory_stats(dev)
-        results.append({
-            "name": case["name"], "allowed_bytes": allowed, "fraction_set": capped,
-            "start_allocated_reserved": list(start), "rows": rows,
-            "peaks": {"allocated_bytes.all.peak": int(st["allocated_bytes.all.peak"]),
-                      "reserved_bytes.all.peak": int(st["reserved_bytes.all.peak"]),
-                      "segment.all.peak": int(st.get("segment.all.peak", 0))},
-            "seconds": round(time.perf_counter() - t0, 3),
-        })
-        torch.cuda.empty_cache()
-    return {"device_total_bytes": int(total), "device_free_at_start_bytes": int(free0), "cases": results}
+            results.append({
+                "name": case["name"], "allowed_bytes": allowed, "fraction_set": capped,
+                "start_allocated_reserved": list(start), "rows": rows,
+                "peaks": {"allocated_bytes.all.peak": int(st["allocated_bytes.all.peak"]),
+                          "reserved_bytes.all.peak": int(st["reserved_bytes.all.peak"]),
+                          "segment.all.peak": int(st.get("segment.all.peak", 0))},
+                "seconds": round(time.perf_counter() - t0, 3),
+            })
+            torch.cuda.empty_cache()
+        passes.append({"capped": capped, "cases": results})
+    return {"device_total_bytes": int(total), "device_free_at_start_bytes": int(free0), "passes": passes}
 
 
 def _env_info() -> dict:  # pragma: no cover - needs a GPU
@@ -304,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the cases (no GPU needed)")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of CONFIGS")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--capped", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cases = build_cases()
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"cap {c['cap_bytes'] / MiB:.0f} MiB  {c['doc']}")
         return 0
     if args.worker:  # pragma: no cover - needs a GPU
-        res = worker(cases, bool(args.capped))
+        res = worker(cases)
         Path(args.result).write_text(json.dumps(res))
         return 0
     if not args.out:
@@ -329,25 +333,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for cname in args.configs.split(","):
         conf = CONFIGS[cname]
-        for capped in (0, 1):
-            res_path = out_dir / f".alloc-{cname}-{capped}.json"
-            env = dict(os.environ)
-            env.pop("PYTORCH_ALLOC_CONF", None)
-            env["PYTORCH_CUDA_ALLOC_CONF"] = conf
-            if not conf:
-                env.pop("PYTORCH_CUDA_ALLOC_CONF")
-            t = time.perf_counter()
-            p = subprocess.run([sys.executable, __file__, "--worker", "--capped", str(capped), "--result",
-                                str(res_path)], env=env, capture_output=True, text=True, timeout=300)
-            run = {"config_name": cname, "alloc_conf": conf, "capped": bool(capped), "returncode": p.returncode,
-                   "seconds": round(time.perf_counter() - t, 2)}
-            if p.returncode == 0:
-                run.update(json.loads(res_path.read_text()))
-                res_path.unlink()
+        res_path = out_dir / f".alloc-{cname}.json"
+        env = dict(os.environ)
+        env.pop("PYTORCH_ALLOC_CONF", None)
+        env["PYTORCH_CUDA_ALLOC_CONF"] = conf
+        if not conf:
+            env.pop("PYTORCH_CUDA_ALLOC_CONF")
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, __file__, "--worker", "--result", str(res_path)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        seconds = round(time.perf_counter() - t, 2)
+        res = json.loads(res_path.read_text()) if p.returncode == 0 else None
+        if res is not None:
+            res_path.unlink()
+        for capped in (False, True):
+            run = {"config_name": cname, "alloc_conf": conf, "capped": capped, "returncode": p.returncode,
+                   "seconds": seconds}
+            if res is not None:
+                run["device_total_bytes"] = res["device_total_bytes"]
+                run["device_free_at_start_bytes"] = res["device_free_at_start_bytes"]
+                run["cases"] = res["passes"][int(capped)]["cases"]
             else:
                 run["stderr_tail"] = p.stderr[-3000:]
             record["runs"].append(run)
-            print(f"{cname:14s} capped={capped} rc={p.returncode} {run['seconds']:.1f}s", flush=True)
+        print(f"{cname:14s} rc={p.returncode} {seconds:.1f}s", flush=True)
     record["seconds"] = round(time.perf_counter() - t0, 1)
     path = out_dir / "allocator-cases.json"
     path.write_text(json.dumps(record, separators=(",", ":")))

@@ -2,9 +2,9 @@
 
 Pure Python, no torch. It follows ``DeviceCachingAllocator`` in ``c10/cuda/CUDACachingAllocator.cpp``
 (pytorch/pytorch snapshot 001074d2, 2.x main branch; see :mod:`memfit.allocator.config` for the sources and
-for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses. The order of ``malloc``, the checks of
-``alloc_block`` and ``get_free_block`` were also checked against the device-generic rewrite
-``CachingDeviceAllocatorImpl`` (``c10/core/CachingDeviceAllocator.h``, newer main branch): the same.
+for why no release tag), for one device and one stream, no CUDA graphs, no cross-stream uses. The order of
+``malloc`` and the checks of ``alloc_block`` and ``get_free_block`` were also read in the device-generic
+rewrite ``CachingDeviceAllocatorImpl`` (``c10/core/CachingDeviceAllocator.h``, newer main branch): the same.
 
 ``malloc`` (the order of ``DeviceCachingAllocator::malloc``)
     1. ``round_size`` the request; ``get_pool``: <= 1 MiB small pool, else large pool;
@@ -43,8 +43,11 @@ counts one), and ``inactive_split`` leaves them out, both as in the source.
 
 Not modelled: several streams and ``record_stream`` events, CUDA graph private pools, ``cudaMallocAsync``,
 the driver's own physical limit on a card shared with other processes (``physical_bytes`` is a simple
-stand-in), and driver address placement: real segment addresses come from ``cudaMalloc``; here they grow
-monotonically, which only matters for ties between equal-size free blocks of different segments.
+stand-in), and the driver's address placement. Addresses matter only to break ties between equal-size free
+blocks of different segments (``lower_bound`` takes the lowest address); here new large-pool segments take
+decreasing addresses and 2 MiB small-pool segments increasing ones, which is what reproduces the H200 record
+(validation/records/allocator-cases-h200.json, torch 2.11: with one address direction for both pools, the
+large-pool cases drift from the real allocator after a few hundred steps).
 """
 
 from __future__ import annotations
@@ -184,6 +187,7 @@ class CachingAllocatorModel:
         self._large_segment = cfg.large_segment_bytes
         self._power2 = cfg.rounds_power2
         self._gc = cfg.garbage_collection_threshold  # acts only while a capacity is set (set_fraction)
+        self._plain = not (self._expandable or self._split_limited or self._gc)
         # memory_stats() figures
         self.allocated = 0
         self.reserved = 0
@@ -202,6 +206,7 @@ class CachingAllocatorModel:
         self.num_device_free = 0  # cudaFree calls + page unmappings
         self.oom_requests = 0
         self._next_addr = 1 << 20
+        self._down_addr = 1 << 62
         self._small = _Pool(True)
         self._large = _Pool(False)
         self._segments: dict[int, Block] = {}  # non-expandable segments: base address -> first block (snapshots)
@@ -222,7 +227,13 @@ class CachingAllocatorModel:
             size = (nbytes + 511) & ~511
         small = size <= SMALL_REQUEST_BYTES
         pool = self._small if small else self._large
-        block = self._get_free_block(pool, size)
+        if self._plain:
+            # get_free_block with no max_split_size, no expandable segments, no GC: plain best fit
+            keys = pool.keys
+            i = bisect_left(keys, size << 64)
+            block = pool.by_key.pop(keys.pop(i)) if i < len(keys) else None
+        else:
+            block = self._get_free_block(pool, size)
         if block is None:
             if small:
                 alloc_size = SMALL_SEGMENT_BYTES
@@ -412,8 +423,12 @@ class CachingAllocatorModel:
             return self._try_allocate_expandable_block(pool, size, force)
         if not force and self.physical_bytes is not None and self.reserved + alloc_size > self.physical_bytes:
             return None  # cudaMalloc fails
-        block = Block(alloc_size, self._next_addr, pool.small)
-        self._next_addr += alloc_size
+        if pool.small:
+            block = Block(alloc_size, self._next_addr, True)
+            self._next_addr += alloc_size
+        else:
+            self._down_addr -= alloc_size
+            block = Block(alloc_size, self._down_addr, False)
         self._segments[block.addr] = block
         self.reserved += alloc_size
         if self.reserved > self.peak_reserved:
@@ -433,13 +448,18 @@ class CachingAllocatorModel:
             split = size < self._max_split and remaining > SMALL_REQUEST_BYTES
         was_split = block.prev is not None or block.next is not None
         if split:
+            nxt = block.next
             rest = Block(remaining, block.addr + size, block.small, block.seg)
-            rest.prev, rest.next = block, block.next
-            if block.next is not None:
-                block.next.prev = rest
+            rest.prev = block
+            rest.next = nxt
+            if nxt is not None:
+                nxt.prev = rest
             block.next = rest
             block.size = size
-            pool.insert(rest)
+            k = remaining << 64 | rest.addr  # pool.insert(rest), inlined
+            insort(pool.keys, k)
+            pool.by_key[k] = rest
+            rest.gc_base = pool.gc_calls
             if block.seg is None:
                 if was_split:
                     self.inactive_split_bytes -= size
@@ -495,15 +515,15 @@ class CachingAllocatorModel:
 
     def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
         """``release_available_cached_blocks`` (only with max_split_size set): cudaFree the smallest oversize
-        cached block at least as large as the request, or else the largest oversize ones until they cover it."""
+        cached block at least as large as the request, or else the largest oversize ones, from the top down,
+        until they cover it. Expandable blocks are passed over (as the newer source does; the older asserted
+        there were none); so are split ones, which no oversize block is (``should_split`` never splits them)."""
         keys = pool.keys
         target = max(size, self._max_split)
         i = bisect_left(keys, target << 64)
-        if i < len(keys):
+        if i < len(keys) and pool.by_key[keys[i]].seg is None:
             b = pool.by_key[keys[i]]
-            # release_block cudaFrees the block as a segment: oversize blocks are whole segments (they are
-            # never split); an expandable block is left alone (the source asserts it is not one)
-            if b.prev is None and b.next is None and b.seg is None:
+            if b.prev is None and b.next is None:
                 self._release_block(b, pool)
             return True
         if i == 0:
@@ -512,10 +532,11 @@ class CachingAllocatorModel:
         i -= 1
         while released < target:
             b = pool.by_key[keys[i]]
-            if b.size < self._max_split or b.seg is not None or b.prev is not None or b.next is not None:
+            if b.size < self._max_split:
                 break
-            released += b.size
-            self._release_block(b, pool)
+            if b.seg is None and b.prev is None and b.next is None:
+                released += b.size
+                self._release_block(b, pool)  # removes keys[i]: keys[i - 1] is next either way
             if i == 0:
                 break
             i -= 1
@@ -531,7 +552,8 @@ class CachingAllocatorModel:
         target = self.reserved - limit
         pool = self._large
         calls = pool.gc_calls
-        candidates = [b for b in pool.by_key.values() if b.prev is None and b.next is None and b.seg is None]
+        # the average age counts every unsplit cached block; expandable ones are never released here
+        candidates = [b for b in pool.by_key.values() if b.prev is None and b.next is None]
         if not candidates:
             return
         total_age = sum(calls - b.gc_base for b in candidates)
