@@ -606,7 +606,7 @@ def _stream(spec: ModelSpec, job: Job):
 
 def _spec_job_for_single(job: Job) -> Job:
     """The same job on one GPU (the per-rank micro-batch, no sharding): what a multi-GPU rank builds on."""
-    return job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", tensor_parallel=1,
+    return job.replace(strategy="single", gpus=1, gpus_per_node=1, offload="none", offload_device="cpu", tensor_parallel=1,
                        pipeline_parallel=1, expert_parallel=1, sequence_parallel=False)
 
 

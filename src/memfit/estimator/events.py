@@ -188,6 +188,8 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     With ``capacity_bytes`` (the card less the CUDA context) the allocator frees its cached segments and
     retries before it fails, as PyTorch's does; the first request it cannot serve ends the replay
     (``completed`` False, with the request, its component and its phase)."""
+    if capacity_bytes is not None:
+        capacity_bytes = max(0, int(capacity_bytes))  # a card smaller than the CUDA context: nothing fits
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
