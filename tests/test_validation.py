@@ -46,7 +46,10 @@ def test_trace_meets_its_accuracy_bars():
     pytest.importorskip("transformers")
     # the H100 records of issues 2-6 (the trace of 16k-token generate() jobs takes minutes on 2 cores: the H200
     # records are traced by validation/score.py --engine trace, not in CI)
-    rows = score([r for r in load_records(RECORDS) if Path(r["_file"]).name.startswith("h100-")], "trace")
+    # long generate() runs (over 64 new tokens: hundreds of decode steps on fake tensors) are traced by
+    # validation/score.py --engine trace instead, to keep CI's time down
+    rows = score([r for r in load_records(RECORDS) if Path(r["_file"]).name.startswith("h100-")
+                  and not (r["job"].get("task") == "infer" and r["job"].get("new_tokens", 0) > 64)], "trace")
     summary = summarize(rows)
     assert summary["single"]["runs"] >= 25
     assert check_bars(summary, "trace") == []
