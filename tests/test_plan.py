@@ -93,3 +93,17 @@ def test_min_gpus_and_max_batch_are_boundaries():
     assert r is not None
     count, layout = r
     assert count > 1 and fits(layout, 24 * GiB)[0] and layout.gpus == count
+
+
+def test_divisors_match_the_definition_and_stay_quick_for_huge_batches():
+    from memfit.plan.search import _divisors
+
+    for n in list(range(1, 200)) + [720, 1024, 9973, 65536]:
+        assert _divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    assert _divisors(2**31 - 1) == [1, 2**31 - 1]  # a prime: walking every number would take minutes
+    assert len(_divisors(2**30)) == 31
+
+
+def test_plan_answers_for_the_largest_batch_a_job_allows():
+    res = plan(Job(model="gpt2", batch_size=2**31 - 1), gpu_memory_bytes=24 * GiB, vary=["batch"], top=3)
+    assert all(c.job.batch_size in (1, 2**31 - 1) for c in res.candidates)
