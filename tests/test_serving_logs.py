@@ -123,7 +123,7 @@ def test_holdout_split_is_the_written_rule():
     rule's output (score_serving.is_held_out), so no log can be moved between the halves after its error is seen."""
     import sys
 
-    sys.path.insert(0, str(LOG_DIR.parents[1] / "validation"))
+    sys.path.insert(0, str(LOG_DIR.parents[1]))
     import score_serving
 
     split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
