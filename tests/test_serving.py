@@ -305,21 +305,32 @@ def test_cli_errors_exit_2_on_one_line():
 
 
 # ------------------------------------------------------------------ the published logs
-def test_published_logs_meet_the_bars():
-    """KV cache tokens on the published logs memfit supports (validation/score_serving.py): median |error|
-    <= 3% and 90% within 10%, once 30 logs outside the fitting set are scored."""
+@pytest.fixture(scope="module")
+def published():
     sys.path.insert(0, str(ROOT / "validation"))
     import score_serving
 
     result = score_serving.score()
-    held = result["summary"]["held_out"]
     for r in result["rows"]:  # every log is either scored (tokens, else KV memory) or skipped with a reason
         assert r.get("skipped") or {"kv_cache_tokens", "kv_cache_memory_gib"} & set(r["error"])
-    if held["count"] < 30:
-        pytest.skip(f"only {held['count']} published logs scored outside the fitting set (30 needed for the bars); "
-                    f"{result['summary']['skipped']} of {result['summary']['logs']} skipped")
-    assert held["median_abs_error"] <= 0.03
-    assert held["within_10pct"] >= 0.90
+    return result["summary"]
+
+
+def test_published_held_out_logs_no_worse_than_today(published):
+    """KV cache tokens on the held-out half of the published logs (validation/serving/holdout.json, decided
+    before they were scored): 13 scored at this commit, median |error| 3.97%, 77% within 10%. A regression
+    guard a little below today's level."""
+    held = published["held_out"]
+    assert held["count"] >= 13
+    assert held["median_abs_error"] <= 0.045
+    assert held["within_10pct"] >= 0.75
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 bars not reached yet: held-out median 3.97%, 77% within 10%")
+def test_published_held_out_logs_meet_the_bars(published):
+    """The issue's bars on the held-out logs: median |error| <= 3% and >= 90% within 10%."""
+    held = published["held_out"]
+    assert held["median_abs_error"] <= 0.03 and held["within_10pct"] >= 0.90
 
 
 def test_mxfp4_and_modules_to_not_convert():
