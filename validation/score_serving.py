@@ -65,11 +65,15 @@ _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq",
 
 
 def infer_version(log: dict[str, Any]) -> tuple[str | None, str]:
-    """The engine version to apply: the log's own, else one read from the log lines' format (vLLM only):
+    """The engine version to apply: the log's own (when it names a release number; a PR branch without one,
+    "dev (PR #10511, 2024-12)", counts as not stated), else one read from the log lines' format (vLLM only):
     "Memory profiling results: total_gpu_memory=" is the V0 worker of v0.6.3-v0.6.4 (PR #9352); "the
     current vLLM instance can use" is v0.6.5-v0.8 (PR #10511); "Available KV cache memory" is V1 (v0.8+)."""
-    if log.get("engine_version"):
-        return str(log["engine_version"]), "stated"
+    import re
+
+    stated = str(log.get("engine_version") or "")
+    if re.search(r"\d+\.\d+", stated):
+        return stated, "stated"
     text = log.get("log_excerpt") or ""
     if log.get("engine") != "vllm":
         if (log.get("flags") or {}).get("mem_fraction_static"):
