@@ -271,6 +271,31 @@ def test_cli_json_fields_and_no_torch():
     assert r.stdout.strip() == "False", r.stderr
 
 
+def test_cli_serve_starts_fast_cold(tmp_path):
+    """`memfit serve` answers in <= 0.1 s in a fresh process (issue 13), counted as the child's CPU time (user +
+    sys, which the other jobs on a shared machine do not inflate as they do the wall time), with the byte code
+    cached as an installed package has it (a first run writes it under a private pycache prefix). Only the serve
+    command's module is imported, and neither torch nor the other commands."""
+    import resource
+
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           "PYTHONPYCACHEPREFIX": str(tmp_path)}
+    code = ("import sys; from memfit.cli import main; code = main(['serve', 'llama-3.1-8b', '--gpu', 'h100-80gb', "
+            "'--max-model-len', '8192', '--json']); "
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'memfit.commands.'))), file=sys.stderr); "
+            "sys.exit(code)")
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)  # writes the byte code
+    best = float("inf")
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        best = min(best, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    assert json.loads(r.stdout)["kv_cache_tokens"] > 0
+    assert r.stderr.strip() == "['memfit.commands.serve']"
+    assert best <= 0.1, f"{best:.3f} s of CPU"
+
+
 def test_cli_errors_exit_2_on_one_line():
     r = _cli("serve", "llama-3.1-8b", "--gpu", "h100-80gb", "--tensor-parallel", "3")
     assert r.returncode == 2
@@ -280,21 +305,32 @@ def test_cli_errors_exit_2_on_one_line():
 
 
 # ------------------------------------------------------------------ the published logs
-def test_published_logs_meet_the_bars():
-    """KV cache tokens on the published logs memfit supports (validation/score_serving.py): median |error|
-    <= 3% and 90% within 10%, once 30 logs outside the fitting set are scored."""
+@pytest.fixture(scope="module")
+def published():
     sys.path.insert(0, str(ROOT / "validation"))
     import score_serving
 
     result = score_serving.score()
-    held = result["summary"]["held_out"]
     for r in result["rows"]:  # every log is either scored (tokens, else KV memory) or skipped with a reason
         assert r.get("skipped") or {"kv_cache_tokens", "kv_cache_memory_gib"} & set(r["error"])
-    if held["count"] < 30:
-        pytest.skip(f"only {held['count']} published logs scored outside the fitting set (30 needed for the bars); "
-                    f"{result['summary']['skipped']} of {result['summary']['logs']} skipped")
-    assert held["median_abs_error"] <= 0.03
-    assert held["within_10pct"] >= 0.90
+    return result["summary"]
+
+
+def test_published_held_out_logs_no_worse_than_today(published):
+    """KV cache tokens on the held-out half of the published logs (validation/serving/holdout.json, decided
+    before they were scored): 13 scored at this commit, median |error| 3.97%, 77% within 10%. A regression
+    guard a little below today's level."""
+    held = published["held_out"]
+    assert held["count"] >= 13
+    assert held["median_abs_error"] <= 0.045
+    assert held["within_10pct"] >= 0.75
+
+
+@pytest.mark.xfail(strict=True, reason="issue 13 bars not reached yet: held-out median 3.97%, 77% within 10%")
+def test_published_held_out_logs_meet_the_bars(published):
+    """The issue's bars on the held-out logs: median |error| <= 3% and >= 90% within 10%."""
+    held = published["held_out"]
+    assert held["median_abs_error"] <= 0.03 and held["within_10pct"] >= 0.90
 
 
 def test_mxfp4_and_modules_to_not_convert():

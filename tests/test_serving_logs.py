@@ -116,3 +116,18 @@ def test_no_comments_or_trailing_text():
         text = path.read_text()
         assert not re.search(r"^\s*//", text, re.M), path.name
         json.loads(text)
+
+
+def test_holdout_split_is_the_written_rule():
+    """validation/serving/holdout.json was written before the newly scorable logs were scored; it must stay the
+    rule's output (score_serving.is_held_out), so no log can be moved between the halves after its error is seen."""
+    import sys
+
+    sys.path.insert(0, str(LOG_DIR.parents[1]))
+    import score_serving
+
+    split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
+    ids = [p.stem for p in FILES]
+    assert sorted(split["held_out"]) == sorted(i for i in ids if score_serving.is_held_out(i))
+    assert sorted(split["tuning"]) == sorted(i for i in ids if not score_serving.is_held_out(i))
+    assert set(score_serving.FITTING) <= set(split["tuning"])

@@ -3,8 +3,10 @@
 For each log: memfit's KV cache tokens (and blocks, concurrency, weights, KV memory) next to the printed
 ones, from the log's model, GPU, version and flags only. Logs are skipped, with the reason, when memfit
 cannot resolve the model offline, the card's memory is neither printed nor in the GPU catalog, or the
-engine version is outside what memfit follows. Logs whose figures set one of memfit's constants
-(``FITTING``) are scored and listed separately, outside the bars.
+engine version is outside what memfit follows. The logs are split once, before their errors were looked
+at, into a held-out half and a tuning half (validation/serving/holdout.json, rule in ``is_held_out``): the
+logs whose figures set one of memfit's constants (``FITTING``) are in the tuning half, and rules may be
+fitted on tuning logs only. The bars are read on the held-out half; the tuning half is reported on its own.
 
 Run: PYTHONPATH=src python validation/score_serving.py [--json OUT] [--logs DIR]
 """
@@ -37,6 +39,17 @@ FITTING = {
     "vllm-llmd-qwen3-32b-2xh100-tp2": "NON_TORCH_TP_BYTES (V1 non-torch memory at TP > 1, data-centre cards)",
 }
 
+HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"
+
+
+def is_held_out(log_id: str) -> bool:
+    """The split rule written down in holdout.json before scoring: a log outside ``FITTING`` whose id's
+    SHA-256 is even. Stable per file name; a log added later falls where the rule puts it."""
+    import hashlib
+
+    return log_id not in FITTING and int(hashlib.sha256(log_id.encode()).hexdigest(), 16) % 2 == 0
+
+
 #: How a log's flag names map to memfit.serve's keywords.
 _FLAG_MAP = {
     "tensor_parallel_size": "tensor_parallel", "pipeline_parallel_size": "pipeline_parallel",
@@ -52,11 +65,15 @@ _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq",
 
 
 def infer_version(log: dict[str, Any]) -> tuple[str | None, str]:
-    """The engine version to apply: the log's own, else one read from the log lines' format (vLLM only):
+    """The engine version to apply: the log's own (when it names a release number; a PR branch without one,
+    "dev (PR #10511, 2024-12)", counts as not stated), else one read from the log lines' format (vLLM only):
     "Memory profiling results: total_gpu_memory=" is the V0 worker of v0.6.3-v0.6.4 (PR #9352); "the
     current vLLM instance can use" is v0.6.5-v0.8 (PR #10511); "Available KV cache memory" is V1 (v0.8+)."""
-    if log.get("engine_version"):
-        return str(log["engine_version"]), "stated"
+    import re
+
+    stated = str(log.get("engine_version") or "")
+    if re.search(r"\d+\.\d+", stated):
+        return stated, "stated"
     text = log.get("log_excerpt") or ""
     if log.get("engine") != "vllm":
         if (log.get("flags") or {}).get("mem_fraction_static"):
@@ -142,7 +159,8 @@ def score_log(log: dict[str, Any]) -> dict[str, Any]:
     from memfit.serve import serve
 
     row: dict[str, Any] = {"id": log.get("id"), "engine": log.get("engine"), "model": log.get("model"),
-                           "gpu": log.get("gpu"), "fitting": log.get("id") in FITTING}
+                           "gpu": log.get("gpu"), "fitting": log.get("id") in FITTING,
+                           "held_out": is_held_out(str(log.get("id")))}
     if log.get("usable") is False:
         return {**row, "skipped": "marked not usable by its collector (see its notes)"}
     printed = log.get("printed") or {}
@@ -222,7 +240,8 @@ def load_logs(folder: Path = LOGS) -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median |error| and share within 10% of KV tokens over the scored logs outside ``FITTING``."""
+    """Median |error| and share within 10% of KV tokens over the scored held-out logs, and on their own over
+    the tuning logs (``fitting``: those that set a constant; ``tuning``: all scored logs not held out)."""
     def stats(sel):
         errs = [abs(r["error"]["kv_cache_tokens"]) for r in sel]
         if not errs:
@@ -231,10 +250,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "within_10pct": round(sum(e <= 0.10 for e in errs) / len(errs), 4), "max_abs_error": round(max(errs), 4)}
 
     scored = [r for r in rows if "error" in r and "kv_cache_tokens" in r["error"]]
-    mem = [r for r in rows if "error" in r and "kv_cache_memory_gib" in r["error"] and not r["fitting"]]
+    mem = [r for r in rows if "error" in r and "kv_cache_memory_gib" in r["error"] and r["held_out"]]
     mem_errs = [abs(r["error"]["kv_cache_memory_gib"]) for r in mem]
     return {"logs": len(rows), "skipped": sum(1 for r in rows if "skipped" in r),
-            "held_out": stats([r for r in scored if not r["fitting"]]),
+            "held_out": stats([r for r in scored if r["held_out"]]),
+            "tuning": stats([r for r in scored if not r["held_out"]]),
             "fitting": stats([r for r in scored if r["fitting"]]),
             "kv_memory_held_out": {"count": len(mem_errs),
                                    "median_abs_error": round(statistics.median(mem_errs), 4) if mem_errs else None,
@@ -264,15 +284,16 @@ def main(argv: list[str] | None = None) -> int:
         if p["kv_cache_tokens"] is None:
             print(f"{r['id']:40s} {label:14s} {'-':>9} {m['kv_cache_tokens']:>9} {'-':>8}  KV memory "
                   f"{m['kv_cache_memory_gib']} vs {p['kv_cache_memory_gib']} GiB "
-                  f"({err.get('kv_cache_memory_gib', 0):+.2%}){' (fitting)' if r['fitting'] else ''}")
+                  f"({err.get('kv_cache_memory_gib', 0):+.2%})"
+                  f"{' (fitting)' if r['fitting'] else (' (held out)' if r['held_out'] else ' (tuning)')}")
             continue
         extra = "  ".join(f"{k} {m[k]} vs {p[k]}" for k in ("num_gpu_blocks", "max_concurrency", "weights_gib")
                           if p.get(k) is not None)
-        tag = " (fitting)" if r["fitting"] else ""
+        tag = " (fitting)" if r["fitting"] else (" (held out)" if r["held_out"] else " (tuning)")
         print(f"{r['id']:40s} {label:14s} {p['kv_cache_tokens']:>9} {m['kv_cache_tokens']:>9} "
               f"{err['kv_cache_tokens']:>+8.2%}  {extra}{tag}")
     s = result["summary"]
-    for name in ("held_out", "fitting"):
+    for name in ("held_out", "tuning", "fitting"):
         st = s[name]
         if st["count"]:
             print(f"{name}: {st['count']} logs, KV tokens median |error| {st['median_abs_error']:.2%}, "

@@ -148,7 +148,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands whose parser is built on its own when named first (`memfit serve ...`): importing every other
+#: command's module is most of the start-up time of a one-answer command.
+_FAST_COMMANDS = ("serve",)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -156,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="How much GPU memory will this LLM job take, where does it go, and what would make it fit.")
     parser.add_argument("--version", action="version", version=f"memfit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if only in _FAST_COMMANDS:
+        __import__(f"memfit.commands.{only}", fromlist=["add_parser"]).add_parser(sub)
+        return parser
 
     from .commands import estimate as c_estimate
 
@@ -175,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_in[0] if args_in else None)
+    args = parser.parse_args(args_in)
     if not getattr(args, "func", None):
         parser.print_help()
         print("memfit: error: name a command (estimate, models, trace, measure, compare, validate)", file=sys.stderr)
