@@ -685,7 +685,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
 def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> bool:
     """Whether the reference run of ``job`` completes with the allocator capped at the card less the CUDA
     context (the replay of the estimate's event stream, not a comparison of totals)."""
-    from .events import cuda_context_bytes, fails_below_floor, replay
+    from .events import cuda_context_bytes, replay
 
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
@@ -698,8 +698,6 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     cap = gpu_memory_bytes - cuda_context_bytes(job.task) - st.paged_optimizer_host_bytes(spec, job)
     if sum(comps.values()) > cap:
         return False  # the tensors alone do not fit: no replay needed
-    if fails_below_floor(stream, cap):
-        return False  # nor do they, rounded to blocks, at some moment of the run (the warm-up too)
     return replay(stream, capacity_bytes=cap,
                   expandable_segments=bool(getattr(job, "expandable_segments", False))).completed
 

@@ -294,29 +294,6 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     return res
 
 
-def fails_below_floor(stream: Stream, capacity_bytes: int) -> bool:
-    """Whether the capped replay is sure to fail without running it: the floor of :func:`lower_bound_bytes` is
-    above ``capacity_bytes`` (always False with ``MEMFIT_FULL_REPLAY``)."""
-    return not _FULL_REPLAY and lower_bound_bytes(stream) > max(0, capacity_bytes)
-
-
-def lower_bound_bytes(stream: Stream) -> int:
-    """A floor under any replay's reserve: the most the live tensors ever hold, each rounded up to the
-    allocator's 512-byte blocks, over the whole stream (the warm-up too). Every setting's blocks are at least
-    that large and segments hold blocks, so a limit below this floor fails whatever the allocator does; a
-    capped replay is then not needed to say so."""
-    ops = stream.ops
-    size = {op[1]: (MIN_BLOCK if op[2] < MIN_BLOCK else (op[2] + MIN_BLOCK - 1) & -MIN_BLOCK)
-            for op in ops if op[0] == _ALLOC}
-    deltas = [size[op[1]] if op[0] == _ALLOC else -size[op[1]] for op in ops if op[0] < _PHASE]
-    return max(accumulate(deltas), default=0)
-
-
-#: ``kMinBlockSize`` (as :data:`memfit.allocator.MIN_BLOCK_BYTES`; repeated so this module imports no allocator
-#: until a replay runs).
-MIN_BLOCK = 512
-
-
 def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None) -> None:
     Model, Config, OOM = _allocator_classes()
     if Config is not None:
