@@ -69,13 +69,16 @@ def test_run_is_malloc_and_free_one_by_one(seed, setting):
     """``CachingAllocatorModel.run`` leaves the model in the same state as the calls one by one: every
     memory_stats() counter, every segment and block, the request that ran out of memory."""
     ops = _random_ops(seed)
-    for cap in (None, 600 << 20, 1500 << 20):
+    stopped = {}
+    for cap in (None, 600 << 20, 1500 << 20, 3000 << 20):
         cfg = AllocatorConfig.from_env_string(setting)
         a = CachingAllocatorModel(cap, config=cfg, on_oom="raise")
         b = CachingAllocatorModel(cap, config=cfg, on_oom="raise")
-        assert a.run(ops) == _one_by_one(b, ops)
+        stopped[cap] = a.run(ops)
+        assert stopped[cap] == _one_by_one(b, ops)
         assert a.memory_stats() == b.memory_stats()
         assert a.segments() == b.segments()
+    assert stopped[None] == -1 and stopped[600 << 20] >= 0  # both ends: a run that completes, one that fails
 
 
 def _streams():
