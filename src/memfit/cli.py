@@ -148,7 +148,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+_COMMAND_MODULES = ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``only`` (a command's name) of that one alone: ``memfit estimate``
+    then imports no other command's module (a cold start counts every module it loads)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -157,15 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memfit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from .commands import estimate as c_estimate
+    if only in (None, "estimate"):
+        from .commands import estimate as c_estimate
 
-    c_estimate.add_parser(sub)
+        c_estimate.add_parser(sub)
 
-    p = sub.add_parser("models", help="list the built-in model registry")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_models)
+    if only in (None, "models"):
+        p = sub.add_parser("models", help="list the built-in model registry")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_cmd_models)
 
-    for mod in ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web"):
+    for mod in _COMMAND_MODULES:
+        if only is not None and mod != only:
+            continue
         try:
             module = __import__(f"memfit.commands.{mod}", fromlist=["add_parser"])
         except ImportError:  # a command not built yet
@@ -175,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    only = words[0] if words and words[0] in ("estimate", "models", *_COMMAND_MODULES) else None
+    parser = build_parser(only)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
