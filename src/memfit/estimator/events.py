@@ -17,9 +17,9 @@ Pure Python, no torch.
 from __future__ import annotations
 
 import os
-from itertools import accumulate, compress
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_
+from itertools import accumulate, compress
 
 __all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
