@@ -74,3 +74,16 @@ def test_estimate_imports_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`memfit models | head -1`: the reader leaves early; no traceback, a non-zero exit."""
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    code = ("import os, sys; r, w = os.pipe(); os.close(r); os.dup2(w, 1); "  # stdout: a pipe nobody reads
+            "from memfit.cli import main; sys.exit(main(['models']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode in (1, 141)  # rich ends a closed pipe with 1 itself; plain print with 141

@@ -148,12 +148,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Commands whose parser is built on its own when named first (`memfit serve ...`): importing every other
-#: command's module is most of the start-up time of a one-answer command.
-_FAST_COMMANDS = ("serve",)
+_COMMAND_MODULES = ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``only`` (a command's name) of that one alone: ``memfit estimate``
+    then imports no other command's module (a cold start counts every module it loads)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -161,19 +161,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="How much GPU memory will this LLM job take, where does it go, and what would make it fit.")
     parser.add_argument("--version", action="version", version=f"memfit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    if only in _FAST_COMMANDS:
-        __import__(f"memfit.commands.{only}", fromlist=["add_parser"]).add_parser(sub)
-        return parser
 
-    from .commands import estimate as c_estimate
+    if only in (None, "estimate"):
+        from .commands import estimate as c_estimate
 
-    c_estimate.add_parser(sub)
+        c_estimate.add_parser(sub)
 
-    p = sub.add_parser("models", help="list the built-in model registry")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_models)
+    if only in (None, "models"):
+        p = sub.add_parser("models", help="list the built-in model registry")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_cmd_models)
 
-    for mod in ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web"):
+    for mod in _COMMAND_MODULES:
+        if only is not None and mod != only:
+            continue
         try:
             module = __import__(f"memfit.commands.{mod}", fromlist=["add_parser"])
         except ImportError:  # a command not built yet
@@ -183,21 +184,29 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(args_in[0] if args_in else None)
-    args = parser.parse_args(args_in)
+    words = list(sys.argv[1:] if argv is None else argv)
+    only = words[0] if words and words[0] in ("estimate", "models", *_COMMAND_MODULES) else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         print("memfit: error: name a command (estimate, models, trace, measure, compare, validate)", file=sys.stderr)
         return 2
     try:
         code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not at the interpreter's exit
     except MemfitError as exc:
         print(f"memfit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         print("memfit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `memfit ... | head`: the reader left; say nothing more, as other tools do
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush would raise again
+        return 141
     for line in getattr(args, "warnings", ()):
         print(f"memfit: warning: {line}", file=sys.stderr)
     return code

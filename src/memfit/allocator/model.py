@@ -308,6 +308,199 @@ class CachingAllocatorModel:
                 self.inactive_split -= merged
                 self.inactive_split_bytes -= block.size - freed_size
 
+    def run(self, ops, blocks: dict | None = None) -> int:
+        """Replay a list of operations in one call: ``(0, handle, nbytes, ...)`` is ``malloc(nbytes)`` (the block
+        kept under ``handle`` in ``blocks``), ``(1, handle)`` is ``free`` of that block; other kinds are skipped.
+        Stops at the first request that runs out of memory under ``on_oom="raise"`` and returns its index (the
+        model's state then is what :meth:`malloc` leaves after raising); -1 when every operation ran.
+
+        The same rules and the same resulting state as calling :meth:`malloc` and :meth:`free` one by one (the
+        event stream of :mod:`memfit.estimator.events` is replayed this way): for the default setting the plain
+        best-fit path of both is written out here, with the counters held in locals, because a replay of tens
+        of thousands of events spends most of its time in call overhead; whatever leaves that path (a new
+        segment that would pass the limit, any other setting) goes through :meth:`malloc` itself."""
+        if blocks is None:
+            blocks = {}
+        if not self._plain:
+            return self._run_generic(ops, blocks)
+        skeys, sby = self._small.keys, self._small.by_key
+        lkeys, lby = self._large.keys, self._large.by_key
+        segments = self._segments
+        cap = self.capacity_bytes
+        physical = self.physical_bytes
+        large_segment = self._large_segment
+        allocated, reserved, requested = self.allocated, self.reserved, self.requested
+        peak_allocated, peak_reserved, peak_requested = self.peak_allocated, self.peak_reserved, self.peak_requested
+        num_allocations, num_segments, peak_segments = self.num_allocations, self.num_segments, self.peak_segments
+        inactive_split, inactive_split_bytes = self.inactive_split, self.inactive_split_bytes
+        num_device_alloc = self.num_device_alloc
+        next_addr, down_addr = self._next_addr, self._down_addr
+        small_gc, large_gc = self._small.gc_calls, self._large.gc_calls
+
+        def sync() -> None:  # locals -> model (before a call into the general path, and at the end)
+            self.allocated, self.reserved, self.requested = allocated, reserved, requested
+            self.peak_allocated, self.peak_reserved, self.peak_requested = peak_allocated, peak_reserved, peak_requested
+            self.num_allocations, self.num_segments, self.peak_segments = num_allocations, num_segments, peak_segments
+            self.inactive_split, self.inactive_split_bytes = inactive_split, inactive_split_bytes
+            self.num_device_alloc = num_device_alloc
+            self._next_addr, self._down_addr = next_addr, down_addr
+
+        for idx, op in enumerate(ops):
+            kind = op[0]
+            if kind == 0:
+                nbytes = op[2]
+                size = MIN_BLOCK_BYTES if nbytes < MIN_BLOCK_BYTES else (nbytes + 511) & ~511
+                small = size <= SMALL_REQUEST_BYTES
+                if small:
+                    keys, by_key = skeys, sby
+                else:
+                    keys, by_key = lkeys, lby
+                i = bisect_left(keys, size << 64)
+                if i < len(keys):
+                    block = by_key.pop(keys.pop(i))
+                else:
+                    if small:
+                        alloc_size = SMALL_SEGMENT_BYTES
+                    elif size < MIN_LARGE_ALLOC_BYTES:
+                        alloc_size = large_segment
+                    else:
+                        alloc_size = (size + ROUND_LARGE_BYTES - 1) // ROUND_LARGE_BYTES * ROUND_LARGE_BYTES
+                    if ((cap is not None and reserved + alloc_size > cap)
+                            or (physical is not None and reserved + alloc_size > physical)):
+                        # past the limit: release the cache and retry, or fail, as malloc does
+                        sync()
+                        try:
+                            blocks[op[1]] = self.malloc(nbytes)
+                        except AllocatorOutOfMemory:
+                            if self.on_oom == "raise":
+                                return idx
+                            raise
+                        allocated, reserved, requested = self.allocated, self.reserved, self.requested
+                        peak_allocated, peak_reserved = self.peak_allocated, self.peak_reserved
+                        peak_requested = self.peak_requested
+                        num_allocations, num_segments = self.num_allocations, self.num_segments
+                        peak_segments = self.peak_segments
+                        inactive_split, inactive_split_bytes = self.inactive_split, self.inactive_split_bytes
+                        num_device_alloc = self.num_device_alloc
+                        next_addr, down_addr = self._next_addr, self._down_addr
+                        continue
+                    # _alloc_block: a new segment
+                    if small:
+                        block = Block(alloc_size, next_addr, True)
+                        next_addr += alloc_size
+                    else:
+                        down_addr -= alloc_size
+                        block = Block(alloc_size, down_addr, False)
+                    segments[block.addr] = block
+                    reserved += alloc_size
+                    if reserved > peak_reserved:
+                        peak_reserved = reserved
+                    num_segments += 1
+                    if num_segments > peak_segments:
+                        peak_segments = num_segments
+                    num_device_alloc += 1
+                # _alloc_found_block
+                remaining = block.size - size
+                was_split = block.prev is not None or block.next is not None
+                if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_REQUEST_BYTES:
+                    nxt = block.next
+                    rest = Block(remaining, block.addr + size, small)
+                    rest.prev = block
+                    rest.next = nxt
+                    if nxt is not None:
+                        nxt.prev = rest
+                    block.next = rest
+                    block.size = size
+                    k = remaining << 64 | rest.addr
+                    insort(keys, k)
+                    by_key[k] = rest
+                    rest.gc_base = small_gc if small else large_gc
+                    if was_split:
+                        inactive_split_bytes -= size
+                    else:
+                        inactive_split_bytes += remaining
+                        inactive_split += 1
+                elif was_split:
+                    inactive_split_bytes -= block.size
+                    inactive_split -= 1
+                block.allocated = True
+                block.requested = nbytes
+                allocated += block.size
+                requested += nbytes
+                num_allocations += 1
+                if allocated > peak_allocated:
+                    peak_allocated = allocated
+                if requested > peak_requested:
+                    peak_requested = requested
+                blocks[op[1]] = block
+            elif kind == 1:
+                block = blocks.pop(op[1])
+                if not block.allocated:
+                    sync()
+                    raise ValueError("block freed twice")
+                block.allocated = False
+                freed_size = block.size
+                allocated -= freed_size
+                requested -= block.requested
+                num_allocations -= 1
+                block.requested = 0
+                if block.small:
+                    keys, by_key, gc = skeys, sby, small_gc
+                else:
+                    keys, by_key, gc = lkeys, lby, large_gc
+                merged = 0
+                prev = block.prev
+                if prev is not None and not prev.allocated:  # try_merge_blocks(block, prev)
+                    k = prev.size << 64 | prev.addr
+                    del keys[bisect_left(keys, k)]
+                    del by_key[k]
+                    block.addr = prev.addr
+                    p = block.prev = prev.prev
+                    if p is None:
+                        segments[prev.addr] = block
+                    else:
+                        p.next = block
+                    block.size += prev.size
+                    merged = 1
+                nxt = block.next
+                if nxt is not None and not nxt.allocated:  # try_merge_blocks(block, next)
+                    k = nxt.size << 64 | nxt.addr
+                    del keys[bisect_left(keys, k)]
+                    del by_key[k]
+                    n = block.next = nxt.next
+                    if n is not None:
+                        n.prev = block
+                    block.size += nxt.size
+                    merged += 1
+                k = block.size << 64 | block.addr
+                insort(keys, k)
+                by_key[k] = block
+                block.gc_base = gc
+                if block.prev is not None or block.next is not None:
+                    inactive_split += 1 - merged
+                    inactive_split_bytes += freed_size
+                else:
+                    inactive_split -= merged
+                    inactive_split_bytes -= block.size - freed_size
+        sync()
+        return -1
+
+    def _run_generic(self, ops, blocks: dict) -> int:
+        """:meth:`run` for any setting: one :meth:`malloc` / :meth:`free` call per operation."""
+        malloc, free = self.malloc, self.free
+        for idx, op in enumerate(ops):
+            kind = op[0]
+            if kind == 0:
+                try:
+                    blocks[op[1]] = malloc(op[2])
+                except AllocatorOutOfMemory:
+                    if self.on_oom == "raise":
+                        return idx
+                    raise
+            elif kind == 1:
+                free(blocks.pop(op[1]))
+        return -1
+
     def reset_peaks(self) -> None:
         """``torch.cuda.reset_peak_memory_stats``: the peaks restart from the current values."""
         self.peak_allocated = self.allocated

@@ -652,7 +652,8 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
                     "largest_component": max(comps, key=comps.get) if comps else ""}
     fits = headroom = None
     if gpu_memory_bytes is not None:
-        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable)
+        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable,
+                        uncapped=run)
         fits = capped.completed
         if fits:
             reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
@@ -703,25 +704,13 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:
     """Largest micro-batch (for inference: number of sequences) that runs on a card of ``gpu_memory_bytes``:
-    the capped replay of its event stream completes (0 if none does)."""
+    the capped replay of its event stream completes (0 if none does). The search doubles from 1, then bisects
+    (:func:`memfit.boundary.largest_passing`)."""
+    from ..boundary import largest_passing
+
     spec = _spec(job, spec)
-
-    def fits(b: int) -> bool:
-        return fits_on(job.replace(batch_size=b), gpu_memory_bytes, spec)
-
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    limit = max(1, int(limit))
+    return largest_passing(lambda b: fits_on(job.replace(batch_size=b), gpu_memory_bytes, spec), limit=limit)[0]
 
 
 def model_states(parameters: int, *, precision: str = "32-true", optimizer: str = "adamw",

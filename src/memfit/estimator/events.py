@@ -16,8 +16,10 @@ Pure Python, no torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_
+from itertools import accumulate, compress
 
 __all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
@@ -33,6 +35,12 @@ CUDA_CONTEXT_INFER_BYTES = 695 << 20
 EXPANDABLE_PAGE_BYTES = 2 << 20
 
 _ALLOC, _FREE, _PHASE, _RESET = 0, 1, 2, 3
+
+#: ``MEMFIT_FULL_REPLAY=1`` turns every shortcut of this module off (the fast replay loop, the replays skipped
+#: or reused): each replay walks the stream event by event through ``malloc``/``free``, as the reference that
+#: ``validation/check_fast_replay.py`` compares the fast path with. Read once, at import; tests flip the module
+#: attribute.
+_FULL_REPLAY = os.environ.get("MEMFIT_FULL_REPLAY", "") not in ("", "0")
 
 
 def cuda_context_bytes(task: str = "train") -> int:
@@ -118,6 +126,83 @@ def _allocator_classes():
 
 def account(stream: Stream) -> ReplayResult:
     """Walk the stream by tensor bytes: peak allocated (after the last reset), its components, phase peaks."""
+    if _FULL_REPLAY:
+        return _account_full(stream)
+    return _account_fast(stream)
+
+
+def _account_fast(stream: Stream) -> ReplayResult:
+    """:func:`account` with the walk done by list operations instead of one Python step per event: the live
+    bytes after each event are a running sum (``itertools.accumulate``) of the events' signed sizes; the peak is
+    the first maximum of that sum after the last reset, each phase's peak the maximum over its stretch, the
+    components those of the tensors alive at the peak. Same results as :func:`_account_full`, field by field."""
+    ops = stream.ops
+    n_ops = len(ops)
+    kinds = [op[0] for op in ops]
+    alloc_size = {op[1]: op[2] for op in ops if op[0] == _ALLOC}
+    deltas = [op[2] if op[0] == _ALLOC else (-alloc_size[op[1]] if op[0] == _FREE else 0) for op in ops]
+    live = list(accumulate(deltas))
+    try:
+        r = n_ops - 1 - kinds[::-1].index(_RESET)  # the last reset
+        reset_at = r
+    except ValueError:
+        r, reset_at = 0, -1
+    # the peak: the reset itself (its live bytes), else the first allocation that reaches the maximum after it
+    if reset_at >= 0:
+        peak = max(live[r:])
+        peak_at = live.index(peak, r)
+    else:
+        ats = [i for i, k in enumerate(kinds) if k == _ALLOC]
+        if ats:
+            peak = max(live[i] for i in ats)
+            peak_at = next(i for i in ats if live[i] == peak)
+        else:
+            peak, peak_at = -1, -1
+    marks = [i for i, k in enumerate(kinds) if k == _PHASE]
+    # phase peaks: each stretch from a phase mark to the next counts the live bytes at its mark and after each
+    # allocation in it; the stretch the reset falls in counts only its allocations after the reset
+    phases: dict[str, int] = {}
+    bounds = [0] + marks + [n_ops]
+    names = [""] + [ops[i][1] for i in marks]
+    peak_phase = ""
+    for j in range(len(names)):
+        start, end = bounds[j], bounds[j + 1]
+        if end <= r and reset_at >= 0:
+            continue
+        name = names[j]
+        if start <= peak_at < end:
+            peak_phase = name
+        if (reset_at >= 0 and start <= r) or j == 0:
+            # only the allocations count here (not the live bytes at the reset, nor at the start of the stream)
+            lo = r + 1 if reset_at >= 0 and start <= r else 0
+            best = max(compress(live[lo:end], [k == _ALLOC for k in kinds[lo:end]]), default=-1)
+        else:
+            # the mark and the allocations: a free or a mark never raises the live bytes, so the stretch's
+            # maximum is one of them
+            best = max(live[start:end])
+        if best >= 0 and best > phases.get(name, -1):
+            phases[name] = best
+    phases.pop("", None)
+    comps: dict[str, int] = {}
+    if peak_at >= 0:
+        head = ops[:peak_at + 1]
+        alive = {op[1] for op in head if op[0] == _ALLOC}
+        alive.difference_update([op[1] for op in head if op[0] == _FREE])
+        comp_of = {op[1]: op[3] for op in head if op[0] == _ALLOC and op[1] in alive}
+        for h, c in comp_of.items():
+            comps[c] = comps.get(c, 0) + alloc_size[h]
+        comps = {c: comps[c] for c in _first_seen(head) if comps.get(c)}
+    return ReplayResult(peak_allocated_bytes=max(peak, 0), components=comps, peak_phase=peak_phase,
+                        phases=phases, events=n_ops)
+
+
+def _first_seen(ops: list[tuple]) -> list[str]:
+    """Components in the order their first allocation comes (the order :func:`_account_full` reports them in)."""
+    return list(dict.fromkeys(op[3] for op in ops if op[0] == _ALLOC))
+
+
+def _account_full(stream: Stream) -> ReplayResult:
+    """:func:`account`, event by event (the reference)."""
     ops = stream.ops
     last_reset = 0
     for i, op in enumerate(ops):
@@ -182,14 +267,23 @@ def _components_at(ops: list[tuple], end: int) -> dict[str, int]:
 
 
 def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segments: bool = False,
-           accounted: ReplayResult | None = None) -> ReplayResult:
+           accounted: ReplayResult | None = None, uncapped: ReplayResult | None = None) -> ReplayResult:
     """Account the stream, then replay it through the caching-allocator model.
 
     With ``capacity_bytes`` (the card less the CUDA context) the allocator frees its cached segments and
     retries before it fails, as PyTorch's does; the first request it cannot serve ends the replay
-    (``completed`` False, with the request, its component and its phase)."""
+    (``completed`` False, with the request, its component and its phase).
+
+    ``uncapped``: this stream's replay without a limit (same allocator setting), when the caller has it. Under
+    a limit the allocator does exactly what it does without one until a new segment would pass the limit
+    (``alloc_block``'s check is the only place the limit enters), and without a limit the reserve only grows,
+    up to its peak: so when that peak is within ``capacity_bytes`` the capped run is the uncapped one, and it
+    is returned (a copy) without a second replay."""
     if capacity_bytes is not None:
         capacity_bytes = max(0, int(capacity_bytes))  # a card smaller than the CUDA context: nothing fits
+    if (uncapped is not None and not _FULL_REPLAY and uncapped.completed
+            and (capacity_bytes is None or uncapped.peak_reserved_bytes <= capacity_bytes)):
+        return replace_(uncapped, components=dict(uncapped.components), phases=dict(uncapped.phases), extras={})
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
@@ -206,6 +300,17 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         alloc = Model(capacity_bytes, config=Config(expandable_segments=False), on_oom="raise")
     else:
         alloc = Model(capacity_bytes)
+    if not _FULL_REPLAY and Config is not None:
+        i = alloc.run(stream.ops)
+        if i >= 0:
+            op = stream.ops[i]
+            res.completed = False
+            res.failed_request_bytes, res.failed_component = op[2], op[3]
+            res.failed_phase = _phase_at(stream.ops, i)
+            res.allocated_at_failure_bytes = alloc.allocated
+            res.reserved_at_failure_bytes = alloc.reserved
+        res.peak_reserved_bytes = alloc.peak_reserved
+        return
     blocks: dict[int, object] = {}
     phase = ""
     malloc, free = alloc.malloc, alloc.free
@@ -231,6 +336,14 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         elif kind == _PHASE:
             phase = op[1]
     res.peak_reserved_bytes = alloc.peak_reserved
+
+
+def _phase_at(ops: list[tuple], end: int) -> str:
+    """The phase ``ops[end]`` is in: the name of the last phase mark before it."""
+    for i in range(end - 1, -1, -1):
+        if ops[i][0] == _PHASE:
+            return ops[i][1]
+    return ""
 
 
 def _replay_expandable(stream: Stream, res: ReplayResult, capacity_bytes: int | None) -> None:

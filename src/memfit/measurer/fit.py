@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..boundary import first_step, largest_passing
 from ..errors import JobError
 
 __all__ = ["cap_fraction", "allocator_limit_bytes", "first_step", "search_max_batch"]
@@ -50,18 +51,13 @@ def allocator_limit_bytes(fraction: float, total_memory_bytes: int) -> int:
     return int(fraction * total_memory_bytes)
 
 
-def first_step(start: int) -> int:
-    """The search's first stride from a hint ``start``: 1/32 of it (at least 1), so a hint a few per cent
-    off costs a few trials at batch 300 as at batch 3."""
-    return max(1, start // 32)
-
-
 def search_max_batch(trial: Callable[[int], Any], *, start: int | None = None,
                      limit: int = 1 << 16) -> tuple[int, list[tuple[int, bool]]]:
     """The largest batch ``b`` in ``1..limit`` for which ``trial(b)`` is truthy, proven by ``trial(b + 1)``
     failing (unless ``b == limit``); 0 when ``trial(1)`` fails.
 
-    The search gallops from ``start`` (default 1): up by strides of d, 2d, 4d, ... while trials pass, or down
+    The search (:func:`memfit.boundary.largest_passing`, shared with the estimator and the planner) gallops
+    from ``start`` (default 1): up by strides of d, 2d, 4d, ... while trials pass, or down
     by the same strides while they fail, until it brackets the boundary between a passing and a failing
     batch; then it bisects that bracket. ``d`` is :func:`first_step` of ``start`` (1 below 64). From 1 it
     tries 1, 2, 4, 8, 16, ... (doubling); from a hint ``s < 64`` that is the boundary it needs two trials
@@ -76,42 +72,4 @@ def search_max_batch(trial: Callable[[int], Any], *, start: int | None = None,
         start = 1
     if isinstance(start, bool) or not isinstance(start, int) or start < 1:
         raise JobError(f"start must be a whole number >= 1 (a batch size to begin the search at); got {start!r}")
-    start = min(start, limit)
-    tried: list[tuple[int, bool]] = []
-    seen: dict[int, bool] = {}
-
-    def ok(b: int) -> bool:
-        if b not in seen:
-            seen[b] = bool(trial(b))
-            tried.append((b, seen[b]))
-        return seen[b]
-
-    step = first_step(start)
-    if ok(start):
-        lo, hi = start, None
-        while lo < limit:
-            b = min(lo + step, limit)
-            if ok(b):
-                lo, step = b, step * 2
-            else:
-                hi = b
-                break
-        if hi is None:  # every batch up to the limit passed
-            return lo, tried
-    else:
-        lo, hi = 0, start
-        while hi > 1:
-            b = max(hi - step, 1)
-            if ok(b):
-                lo = b
-                break
-            hi, step = b, step * 2
-        if lo == 0:  # batch 1 fails
-            return 0, tried
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, tried
+    return largest_passing(trial, start=min(start, limit), limit=limit)

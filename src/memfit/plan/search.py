@@ -345,22 +345,15 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
 def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:
     """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does)."""
+    from ..boundary import largest_passing
     from ..models import load_model
 
     spec = spec or load_model(job.model)
-    f = lambda s: fits(job.replace(seq_len=s), gpu_memory_bytes, spec)[0]  # noqa: E731
-    if not f(128):
+    if limit < 128:
         return 0
-    lo, hi = 1, 2
-    while hi * 128 <= limit and f(hi * 128):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if f(mid * 128):
-            lo = mid
-        else:
-            hi = mid
-    return lo * 128
+    units, _ = largest_passing(lambda u: fits(job.replace(seq_len=u * 128), gpu_memory_bytes, spec)[0],
+                               limit=limit // 128)
+    return units * 128
 
 
 def min_gpus(job: Job, gpu_memory_bytes: int, *, spec=None, max_gpus: int = 64,
@@ -386,19 +379,9 @@ def min_gpus(job: Job, gpu_memory_bytes: int, *, spec=None, max_gpus: int = 64,
 
 def max_batch(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 4096) -> int:
     """Largest micro-batch of ``job``'s layout that fits (0 if none), by the same fit answer."""
+    from ..boundary import largest_passing
     from ..models import load_model
 
     spec = spec or load_model(job.model)
-    if not fits(job.replace(batch_size=1), gpu_memory_bytes, spec)[0]:
-        return 0
-    lo, hi = 1, 2
-    while hi <= limit and fits(job.replace(batch_size=hi), gpu_memory_bytes, spec)[0]:
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(job.replace(batch_size=mid), gpu_memory_bytes, spec)[0]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return largest_passing(lambda b: fits(job.replace(batch_size=b), gpu_memory_bytes, spec)[0],
+                           limit=max(1, limit))[0]
