@@ -22,7 +22,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +29,7 @@ from ..breakdown import Breakdown
 from ..errors import JobError, MemfitError, ModelNotFoundError
 from ..job import Job
 from ..reference import (build_model, cache_tensors, check_supported, make_batch, make_grad_scaler, make_optimizer,
-                         infer, require_torch, spec_from_config, train_step)
+                         infer, quiet_libraries as _quiet, require_torch, spec_from_config, train_step)
 from ..units import GiB, fmt_gib
 from .accounting import count_parameters, gradient_bytes, model_bytes, optimizer_state_bytes, tensor_bytes
 from .recorder import PhaseRecorder
@@ -424,30 +423,6 @@ def _tf32(torch: Any) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def _quiet(caught: list[str]) -> Iterator[None]:
-    """Keep transformers' log and Python warnings off the terminal; collect the warnings' first lines."""
-    verbosity = None
-    try:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        hf_logging = None
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for w in seen:
-                line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ''}"
-                if line not in caught and len(caught) < 20:
-                    caught.append(line)
-            if hf_logging is not None and verbosity is not None:
-                hf_logging.set_verbosity(verbosity)
 
 
 class _Progress:
