@@ -24,11 +24,9 @@ This process imports no torch and touches no GPU.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,47 +38,30 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from run_records import REPO, SRC, _tail, parent_env, select_entries  # noqa: E402
+from launch import (GiB, Log, child_env, error_record, failure_reason, job_entries, kill_group,  # noqa: E402
+                    open_run, run_to_end, runner_parser, start_child, tail, whole_number, worker_cmd)
 
-from memfit import __version__  # noqa: E402
 from memfit.errors import JobError  # noqa: E402
-from memfit.job import Job  # noqa: E402
 from memfit.measurer.card import CONTEXT_ENV  # noqa: E402
-from memfit.measurer.record import utc_now, write_json  # noqa: E402
+from memfit.measurer.record import utc_now  # noqa: E402
 from memfit.units import parse_card_memory  # noqa: E402
 
-GiB = 1 << 30
 _KEYS = {"name", "job", "gpu_memory", "holdout", "start", "needs", "timeout"}
 _NEEDS = ("bitsandbytes",)
 
 
 def load_boundary_entries(path: Path) -> list[dict[str, Any]]:
     """The YAML's entries, each checked (unique name, valid job, a card with its unit) before anything runs."""
-    import yaml
-
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, list):
-        raise JobError(f"{path}: expected a list of {{name, job, gpu_memory}} entries")
-    entries, names = [], set()
-    for i, item in enumerate(data):
-        if not isinstance(item, dict) or "name" not in item or not isinstance(item.get("job"), dict):
-            raise JobError(f"{path}: entry {i + 1} needs a name and a job mapping")
-        name = str(item["name"])
-        if name in names:
-            raise JobError(f"{path}: the name {name!r} appears twice")
-        names.add(name)
-        unknown = sorted(set(item) - _KEYS)
-        if unknown:
-            raise JobError(f"{path}: entry {name!r} has unknown key(s) {', '.join(unknown)}")
+    entries = []
+    for name, item, job in job_entries(path, _KEYS, "name, job, gpu_memory"):
         try:
-            job = Job.from_dict(item["job"])
             if "gpu_memory" not in item:
                 raise JobError("needs gpu_memory (e.g. 24GiB)")
             card = parse_card_memory(str(item["gpu_memory"]), "gpu_memory")  # a YAML number is bare too
         except JobError as exc:
             raise JobError(f"{path}: entry {name!r}: {exc}") from None
         start = item.get("start")
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 1):
+        if start is not None and not whole_number(start, 1):
             raise JobError(f"{path}: entry {name!r}: start must be a batch size >= 1")
         needs = item.get("needs")
         needs = [needs] if isinstance(needs, str) else list(needs or [])
@@ -125,19 +106,16 @@ class _Worker:
         self.job_path, self.rec_path = d / "job.json", d / "record.json"
         self.out_path, self.err_path = d / "stdout.txt", d / "stderr.txt"
         self.job_path.write_text(json.dumps({"job": entry["job"], "gpu_memory_bytes": entry["gpu_memory_bytes"]}))
-        cmd = [sys.executable, "-m", "memfit.measurer.worker", str(self.job_path), str(self.rec_path),
-               "--find-max-batch", "--gpu-memory", str(entry["gpu_memory_bytes"])]
+        cmd = worker_cmd(str(self.job_path), str(self.rec_path), "--find-max-batch",
+                         "--gpu-memory", str(entry["gpu_memory_bytes"]))
         if entry.get("start"):
             cmd += ["--start", str(entry["start"])]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
+        env = child_env()
         expandable = bool(entry["job"].get("expandable_segments"))
         env["PYTORCH_CUDA_ALLOC_CONF"] = f"expandable_segments:{'True' if expandable else 'False'}"
         self._out, self._err = self.out_path.open("w"), self.err_path.open("w")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, env=env, cwd=str(REPO),
-                                     start_new_session=True)
+        self.proc = start_child(cmd, env=env, stdout=self._out, stderr=self._err)
         self.timed_out = False
 
     def poll(self) -> bool:
@@ -146,10 +124,7 @@ class _Worker:
             return True
         if time.monotonic() - self.t0 > self.timeout:
             self.timed_out = True
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker's own process group, started above
-            except ProcessLookupError:
-                pass
+            kill_group(self.proc)
             self.proc.wait()
             return True
         return False
@@ -167,11 +142,10 @@ class _Worker:
             status = "ok" if rec.get("max_batch_size") else "none-fits"
         else:
             status = "timeout" if self.timed_out else "error"
-            rec = {"kind": "boundary", "job": entry["job"], "gpu_memory_bytes": entry["gpu_memory_bytes"],
-                   "trials_reported": _trials_from(stderr),
-                   "error": {"returncode": self.proc.returncode, "stderr_tail": _tail(stderr),
-                             "stdout_tail": _tail(stdout)[-1000:]},
-                   "env": env_info, "created": utc_now(), "memfit_version": __version__}
+            rec = error_record({"returncode": self.proc.returncode, "stderr_tail": tail(stderr),
+                                "stdout_tail": tail(stdout)[-1000:]}, env_info,
+                               kind="boundary", job=entry["job"], gpu_memory_bytes=entry["gpu_memory_bytes"],
+                               trials_reported=_trials_from(stderr))
         self.tmp.cleanup()
         return {"name": entry["name"], "status": status, "holdout": entry["holdout"], "gpu_memory": entry["gpu_memory"],
                 "start": entry.get("start"), "wall_s": round(wall, 2), **rec}
@@ -191,17 +165,14 @@ def _trials_from(stderr: str) -> list[dict[str, Any]]:
 
 def probe_context(timeout: float = 120.0) -> dict[str, Any] | None:
     """This machine's CUDA context, measured by one worker alone on the (still idle) GPU; None if it fails."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        res = subprocess.run([sys.executable, "-m", "memfit.measurer.worker", "--probe-context"], capture_output=True,
-                             text=True, timeout=timeout, env=env, cwd=str(REPO))
+        stdout, _, returncode, timed_out = run_to_end(worker_cmd("--probe-context"), env=child_env(), timeout=timeout)
     except (OSError, subprocess.SubprocessError):
         return None
-    if res.returncode != 0:
+    if timed_out or returncode != 0:
         return None
     try:
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        return json.loads(stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return None
 
@@ -210,11 +181,8 @@ def summary_line(rec: dict[str, Any]) -> str:
     name, status, wall = rec["name"], rec["status"], rec.get("wall_s", 0.0)
     fm = rec.get("find_max_batch")
     if fm is None:
-        err = rec.get("error", {})
-        last = (err.get("stderr_tail") or "").strip().splitlines()
-        why = last[-1][:120] if last else f"exit {err.get('returncode')}"
         return (f"{name:<44} {status:<9} {rec.get('gpu_memory', ''):>7}  trials {len(rec.get('trials_reported', []))}"
-                f"  {why}  wall {wall:.0f} s")
+                f"  {failure_reason(rec)}  wall {wall:.0f} s")
     trials = fm.get("trials", [])
     trial_s = sum(t.get("seconds", 0) for t in trials)
     card = fm.get("card", {})
@@ -225,10 +193,8 @@ def summary_line(rec: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("jobs", type=Path, help="YAML list of {name, job, gpu_memory, holdout, start}")
-    ap.add_argument("--out", type=Path, required=True, help="folder for boundaries-<stem>.json and the log")
-    ap.add_argument("--only", help="comma-separated names to run (default: all)")
+    ap = runner_parser(__doc__, jobs_help="YAML list of {name, job, gpu_memory, holdout, start}",
+                       out_help="folder for boundaries-<stem>.json and the log")
     ap.add_argument("--parallel-gib", type=float, default=128.0,
                     help="the sum of the running entries' cards stays within this many GiB (default 128)")
     ap.add_argument("--parallel", type=int, default=5, help="at most this many entries at once (default 5)")
@@ -241,30 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="seconds the first waiting entry lets smaller later ones pass it (default 45)")
     args = ap.parse_args(argv)
 
-    entries = select_entries(args.jobs, args.only, "run_boundaries", loader=load_boundary_entries)
-    if entries is None:
+    run = open_run(args, "run_boundaries", f"boundaries-{args.jobs.stem}.json", loader=load_boundary_entries)
+    if run is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    records_path = args.out / f"boundaries-{args.jobs.stem}.json"
-    log_path = args.out / "log-boundaries.txt"
-    records: list[dict[str, Any]] = []
-    if records_path.is_file():
-        try:
-            records = json.loads(records_path.read_text())
-        except ValueError:
-            records = []
-        if not isinstance(records, list):
-            records = []
-    env_info = parent_env()
+    entries, records, env_info = run
     parallel_bytes = int(args.parallel_gib * GiB)
     t_start = time.monotonic()
     failures = 0
-    with log_path.open("a") as log:
-        def say(line: str) -> None:
-            print(line, flush=True)
-            log.write(line + "\n")
-            log.flush()
-
+    with (args.out / "log-boundaries.txt").open("a") as file:
+        log = Log(file)
+        say = log.say
         say(f"# {utc_now()} {args.jobs} ({len(entries)} entries, parallel {args.parallel} within "
             f"{args.parallel_gib:g} GiB, budget {args.budget:.0f} s, timeout {args.timeout:.0f} s)")
         pending = []
@@ -304,19 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in [w for w in running if w.poll()]:
                 running.remove(w)
                 rec = w.record(env_info)
-                names = [r.get("name") for r in records]
-                if rec["name"] in names:
-                    records[names.index(rec["name"])] = rec
-                else:
-                    records.append(rec)
-                write_json(records_path, records)
+                records.put(rec)
                 say(summary_line(rec))
                 if rec["status"] in ("error", "timeout"):
                     failures += 1
-                    log.write("    " + rec["error"]["stderr_tail"][-2000:].replace("\n", "\n    ").rstrip() + "\n")
-                    log.flush()
+                    log.indented(rec["error"]["stderr_tail"][-2000:])
             time.sleep(0.25)
-        say(f"# done in {time.monotonic() - t_start:.0f} s; {failures} failed; {records_path}")
+        say(f"# done in {time.monotonic() - t_start:.0f} s; {failures} failed; {records.path}")
     return 1 if failures else 0
 
 

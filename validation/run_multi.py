@@ -17,27 +17,24 @@ that a host-side optimizer (ZeRO-Offload with a torch optimizer) does not run si
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-SRC = REPO / "src"
-for path in (SRC, REPO / "validation"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-from memfit import __version__  # noqa: E402
-from memfit.measurer.record import utc_now, write_json  # noqa: E402
-from run_records import _tail, parent_env, select_entries, summary_line  # noqa: E402
+from launch import Log, child_env, error_record, open_run, run_to_end, runner_parser, tail  # noqa: E402
+from run_records import summary_line  # noqa: E402
+
+from memfit.measurer.record import utc_now  # noqa: E402
+
+_CHILD_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "OMP_NUM_THREADS": "8", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_one(entry: dict[str, Any], *, steps: int, warmup: int, timeout: float,
@@ -50,37 +47,21 @@ def run_one(entry: dict[str, Any], *, steps: int, warmup: int, timeout: float,
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                "-m", "memfit.measurer.distributed", str(job_path), tmp, "--steps", str(steps),
                "--warmup", str(warmup)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("NCCL_NVLS_ENABLE", "0")
-        env.setdefault("OMP_NUM_THREADS", "8")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         t0 = time.monotonic()
-        status = "ok"
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                cwd=str(REPO), start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            status = "timeout"
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own process group, started above
-            except ProcessLookupError:
-                pass
-            out, _ = proc.communicate()
+        out, _, returncode, timed_out = run_to_end(cmd, env=child_env(_CHILD_DEFAULTS), timeout=timeout,
+                                                   merge_stderr=True)
         wall = time.monotonic() - t0
+        status = "timeout" if timed_out else "ok"
         rec_path = Path(tmp) / "record.json"
         if rec_path.is_file():
             record = json.loads(rec_path.read_text())
             if record.get("error"):
                 status = record.get("status") or "error"
-                record["error"]["log_tail"] = _tail(out)
+                record["error"]["log_tail"] = tail(out)
         else:
             if status == "ok":
                 status = "error"
-            record = {"job": job, "error": {"returncode": proc.returncode, "log_tail": _tail(out)},
-                      "env": env_info, "created": utc_now(), "memfit_version": __version__}
+            record = error_record({"returncode": returncode, "log_tail": tail(out)}, env_info, job=job)
         if status != "ok":
             record.pop("breakdown", None)
         return {"name": name, "status": status, "steps": steps, "holdout": entry.get("holdout", False),
@@ -95,60 +76,40 @@ def _line(rec: dict[str, Any]) -> str:
         return f"{line}  ranks [{peaks}] GiB"
     err = rec.get("error", {})
     ranks = [r.get("error") for r in err.get("ranks", []) if r.get("error")]
-    tail = (err.get("log_tail") or "").strip().splitlines()
-    why = ranks[0] if ranks else next((t for t in reversed(tail) if re.search(r"\w+(Error|Exception): ", t)),
-                                      tail[-1] if tail else "")
+    lines = (err.get("log_tail") or "").strip().splitlines()
+    why = ranks[0] if ranks else next((t for t in reversed(lines) if re.search(r"\w+(Error|Exception): ", t)),
+                                      lines[-1] if lines else "")
     return f"{rec['name']:<36} {rec['status']:<7} {why[:160]}  wall {rec.get('wall_s', 0):.0f} s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("jobs", type=Path)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--only", help="comma-separated names to run (default: all)")
+    ap = runner_parser(__doc__)
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per job (default 180)")
     ap.add_argument("--steps", type=int, default=4, help="steps per job (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured first steps (default 2)")
     ap.add_argument("--budget", type=float, default=0.0, help="start no job after this many seconds (0: no limit)")
     args = ap.parse_args(argv)
-    entries = select_entries(args.jobs, args.only, "run_multi")
-    if entries is None:
+    run = open_run(args, "run_multi", f"records-{args.jobs.stem}.json")
+    if run is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    records_path = args.out / f"records-{args.jobs.stem}.json"
-    records: list[dict[str, Any]] = []
-    if records_path.is_file():
-        try:
-            records = json.loads(records_path.read_text())
-        except ValueError:
-            records = []
-    env_info = parent_env()
+    entries, records, env_info = run
     start = time.monotonic()
     failures = 0
-    with (args.out / "log.txt").open("a") as log:
-        log.write(f"# {utc_now()} {args.jobs} ({len(entries)} jobs)\n")
+    with (args.out / "log.txt").open("a") as file:
+        log = Log(file)
+        log.note(f"# {utc_now()} {args.jobs} ({len(entries)} jobs)")
         for entry in entries:
             if args.budget and time.monotonic() - start > args.budget:
-                line = f"{entry['name']:<36} skipped (budget of {args.budget:.0f} s spent)"
-                print(line, flush=True)
-                log.write(line + "\n")
+                log.say(f"{entry['name']:<36} skipped (budget of {args.budget:.0f} s spent)")
                 continue
             rec = run_one(entry, steps=entry["steps"] or args.steps, warmup=args.warmup, timeout=args.timeout,
                           env_info=env_info)
-            names = [r.get("name") for r in records]
-            if rec["name"] in names:
-                records[names.index(rec["name"])] = rec
-            else:
-                records.append(rec)
-            write_json(records_path, records)
-            line = _line(rec)
-            print(line, flush=True)
-            log.write(line + "\n")
+            records.put(rec)
+            log.say(_line(rec))
             if rec["status"] != "ok":
                 failures += 1
-                log.write("    " + (rec.get("error", {}).get("log_tail") or "").replace("\n", "\n    ").rstrip() + "\n")
-            log.flush()
-    print(f"{len(entries) - failures} of {len(entries)} jobs gave a record; {records_path}")
+                log.indented(rec.get("error", {}).get("log_tail") or "")
+    print(f"{len(entries) - failures} of {len(entries)} jobs gave a record; {records.path}")
     return 1 if failures else 0
 
 

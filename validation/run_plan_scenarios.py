@@ -25,8 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from launch import child_env, run_to_end, worker_cmd  # noqa: E402
 
 from memfit.job import Job  # noqa: E402
 from memfit.plan import plan  # noqa: E402
@@ -55,15 +58,13 @@ def measure(job_dict: dict, mem: int, steps: int, timeout: int) -> dict:
         jp, rp = Path(d, "job.json"), Path(d, "rec.json")
         jp.write_text(json.dumps({"job": job_dict, "gpu_memory_bytes": mem}))
         t0 = time.time()
-        try:
-            p = subprocess.run([sys.executable, "-m", "memfit.measurer.worker", str(jp), str(rp), "--steps", str(steps)],
-                               capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        except subprocess.TimeoutExpired:
-            return {"status": "timeout", "wall_s": round(time.time() - t0, 1)}
+        _, stderr, returncode, timed_out = run_to_end(worker_cmd(str(jp), str(rp), "--steps", str(steps)),
+                                                      env=child_env(), timeout=timeout)
         wall = round(time.time() - t0, 1)
+        if timed_out:
+            return {"status": "timeout", "wall_s": wall}
         if not rp.exists():
-            return {"status": "error", "rc": p.returncode, "stderr": p.stderr[-1500:], "wall_s": wall}
+            return {"status": "error", "rc": returncode, "stderr": stderr[-1500:], "wall_s": wall}
         rec = json.loads(rp.read_text())
     b = rec.get("breakdown") or {}
     ex = b.get("extras") or {}

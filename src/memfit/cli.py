@@ -59,6 +59,16 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
 
 
+def add_job_command(sub: Any, name: str, run: Callable[[argparse.Namespace], int], *, help: str,
+                    description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand that takes a job (:func:`add_job_arguments`) and runs ``run``; the caller adds its own
+    flags to the parser returned."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_job_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
 def add_card_arguments(p: argparse.ArgumentParser, gpu_memory_help: str) -> None:
     """``--gpu NAME`` (a card from ``memfit gpus``) or ``--gpu-memory SIZE`` (24GiB, 16GB)."""
     g = p.add_mutually_exclusive_group()

@@ -9,13 +9,12 @@ fills in at run time (``"auto"``) are left to the job (or DeepSpeed's default). 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .errors import JobError, brief
-from .job import Job
+from .job import Job, read_config_file
 
 __all__ = ["read_deepspeed_config", "read_accelerate_config", "ds_config_for_job", "DEEPSPEED_DEFAULTS",
            "zero_option"]
@@ -35,6 +34,9 @@ DEEPSPEED_DEFAULTS: dict[str, Any] = {
     "stage3_max_reuse_distance": 1_000_000_000,
 }
 
+_ZERO_STRATEGY = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}
+"""The job strategy of each ZeRO stage (stage 0 is plain data parallelism)."""
+
 _OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "sgd", "lion": "lion", "adagrad": None,
                "onebitadam": None, "lamb": None, "muon": None}
 
@@ -52,31 +54,9 @@ def zero_option(job: Job, name: str) -> Any:
 def _load(path: str | Path, kind: str) -> dict[str, Any]:
     if not isinstance(path, (str, Path)) or not str(path):
         raise JobError(f"a {kind} config is named by a file path, not {brief(path)}")
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise JobError(f"{kind} config {brief(str(p), 200)} does not exist")
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise JobError(f"{kind} config {str(p)!r} is not UTF-8 text (JSON or YAML)") from None
-    except JobError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise JobError(f"cannot read {kind} config {brief(str(p), 200)}: {type(exc).__name__}") from None
-    try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except RecursionError:
-        raise JobError(f"cannot parse {kind} config {str(p)!r}: nested too deep") from None
-    except Exception as exc:  # noqa: BLE001 - any parse error is one line
-        first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-        raise JobError(f"cannot parse {kind} config {str(p)!r}: {first}") from None
+    data = read_config_file(path, f"{kind} config", default_format="json", not_utf8=" (JSON or YAML)")
     if not isinstance(data, dict):
-        raise JobError(f"{kind} config {str(p)!r} must be a mapping")
+        raise JobError(f"{kind} config {str(Path(path))!r} must be a mapping")
     return data
 
 
@@ -142,9 +122,9 @@ def read_deepspeed_config(source: str | Path | dict[str, Any]) -> dict[str, Any]
         raise JobError("zero_optimization must be a mapping in a DeepSpeed config")
     stage = zero.get("stage", 0)
     stage = 0 if not _given(stage) else _int(stage, "zero_optimization.stage")
-    if stage not in (0, 1, 2, 3):
+    if stage not in _ZERO_STRATEGY:
         raise JobError(f"zero_optimization.stage must be 0, 1, 2 or 3; got {stage}")
-    out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
+    out["strategy"] = _ZERO_STRATEGY[stage]
     bf16 = cfg.get("bf16") or cfg.get("bfloat16") or {}
     fp16 = cfg.get("fp16") or {}
     for key, sec in (("bf16", bf16), ("fp16", fp16)):
@@ -274,9 +254,9 @@ def read_accelerate_config(source: str | Path | dict[str, Any]) -> dict[str, Any
             out.update({k: v for k, v in ds.items() if k != "precision" or out["precision"] == "32-true"})
         else:
             stage = _int(dc.get("zero_stage", 0), "zero_stage")
-            if stage not in (0, 1, 2, 3):
+            if stage not in _ZERO_STRATEGY:
                 raise JobError(f"zero_stage must be 0-3; got {stage}")
-            out["strategy"] = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage]
+            out["strategy"] = _ZERO_STRATEGY[stage]
             od, pd = (dc.get(k) or "none" for k in ("offload_optimizer_device", "offload_param_device"))
             if not isinstance(od, str) or not isinstance(pd, str):
                 raise JobError(f"offload devices must be none, cpu or nvme; got {brief(od)}, {brief(pd)}")

@@ -344,33 +344,42 @@ class Job:
             raise JobError(str(exc)) from None
 
 
-def load_job(path: str | Path) -> Job:
-    """Read a job from a YAML or JSON file."""
+def read_config_file(path: str | Path, what: str, *, default_format: str, not_utf8: str) -> Any:
+    """What a YAML or JSON file holds (``.json``: JSON, ``.yaml`` / ``.yml``: YAML, any other name:
+    ``default_format``, ``"yaml"`` or ``"json"``). Every way the file can be missing, unreadable, not text or
+    not parseable is a one-line :class:`JobError` naming it as ``what`` (``job file``, ``DeepSpeed config``);
+    ``not_utf8`` ends the line for a file that is not UTF-8 text."""
     p = Path(path)
     try:
         if not p.is_file():
-            raise JobError(f"job file {brief(str(p), 200)} does not exist")
+            raise JobError(f"{what} {brief(str(p), 200)} does not exist")
         raw = p.read_bytes()
     except JobError:
         raise
     except (OSError, ValueError) as exc:  # name too long, a NUL in the name, no permission
-        raise JobError(f"cannot read job file {brief(str(p), 200)}: {type(exc).__name__}") from None
+        raise JobError(f"cannot read {what} {brief(str(p), 200)}: {type(exc).__name__}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise JobError(f"job file {str(p)!r} is not UTF-8 text; a job is a YAML or JSON file") from None
+        raise JobError(f"{what} {str(p)!r} is not UTF-8 text{not_utf8}") from None
+    suffix = p.suffix.lower()
+    as_yaml = suffix in (".yaml", ".yml") or (suffix != ".json" and default_format == "yaml")
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
+        if as_yaml:
             import yaml
 
-            data = yaml.safe_load(text)
+            return yaml.safe_load(text)
+        return json.loads(text)
     except RecursionError:
-        raise JobError(f"cannot parse job file {str(p)!r}: nested too deep") from None
+        raise JobError(f"cannot parse {what} {str(p)!r}: nested too deep") from None
     except Exception as exc:  # noqa: BLE001 - any parse error becomes one line
         first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
-        raise JobError(f"cannot parse job file {str(p)!r}: {first}") from None
+        raise JobError(f"cannot parse {what} {str(p)!r}: {first}") from None
+
+
+def load_job(path: str | Path) -> Job:
+    """Read a job from a YAML or JSON file."""
+    data = read_config_file(path, "job file", default_format="yaml", not_utf8="; a job is a YAML or JSON file")
     if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
         data = data["job"]  # a measurement record holds its job under "job"
     return Job.from_dict(data)

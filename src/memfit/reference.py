@@ -26,8 +26,9 @@ method. It is called at each phase boundary, before the phase starts:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import JobError, MissingDependencyError
 from .job import Job
@@ -35,7 +36,7 @@ from .job import Job
 __all__ = [
     "require_torch", "weight_dtype", "autocast_dtype", "build_config", "build_model", "make_optimizer",
     "make_batch", "train_step", "infer", "forward_loss", "cache_tensors", "ConfigSpec", "spec_from_config",
-    "ATTN_IMPLEMENTATIONS",
+    "ATTN_IMPLEMENTATIONS", "quiet_libraries",
 ]
 
 TORCH_MISSING = "torch is not installed; install it with: pip install 'memfit[measure]'"
@@ -104,6 +105,33 @@ def _autocast(device_type: str, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def quiet_libraries(caught: list[str]) -> Iterator[None]:
+    """Keep transformers' log and Python warnings off the terminal while the reference run runs (measure and
+    trace both wrap it in this); append each warning's first line (200 characters), once, to ``caught``, up
+    to 20 lines."""
+    verbosity = None
+    try:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        hf_logging = None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in seen:
+                text = str(w.message).strip()
+                line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
+                if line not in caught and len(caught) < 20:
+                    caught.append(line)
+            if hf_logging is not None and verbosity is not None:
+                hf_logging.set_verbosity(verbosity)
 
 
 def _phase(hooks: Any, name: str) -> None:

@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import add_job_arguments, job_from_args
+from ..cli import add_job_command, job_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="estimate vs trace vs measured, per component",
-                       description="Put the engines' Breakdowns side by side so a gap points at the term that is wrong.")
-    add_job_arguments(p)
+    p = add_job_command(sub, "compare", run, help="estimate vs trace vs measured, per component",
+                        description="Put the engines' Breakdowns side by side so a gap points at the term that is "
+                                    "wrong.")
     p.add_argument("--measured", metavar="RECORD", help="a measurement record (memfit measure --out, or a "
                    "validation records file with --name); its job is used when no job is given")
     p.add_argument("--name", help="pick this run from a records file that holds a list")
     p.add_argument("--trace", action="store_true", help="add the trace engine (needs memfit[trace])")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
 
 
 def _load_record(path: str, name: str | None) -> dict:

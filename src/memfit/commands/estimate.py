@@ -7,16 +7,15 @@ import argparse
 import inspect
 import json
 
-from ..cli import add_card_arguments, add_job_arguments, card_from_args, job_from_args
+from ..cli import add_card_arguments, add_job_command, card_from_args, job_from_args
 
 GiB = 1 << 30
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("estimate", help="estimate GPU memory of a job (no GPU, no torch)",
-                       description="Estimate the per-GPU memory of a training or inference job. With --gpu or "
-                                   "--gpu-memory it says whether the job FITS that card.")
-    add_job_arguments(p)
+    p = add_job_command(sub, "estimate", run, help="estimate GPU memory of a job (no GPU, no torch)",
+                        description="Estimate the per-GPU memory of a training or inference job. With --gpu or "
+                                    "--gpu-memory it says whether the job FITS that card.")
     p.add_argument("--deepspeed", metavar="FILE", help="read ZeRO stage, bf16/fp16, offload, bucket sizes and "
                    "micro-batch from a DeepSpeed ds_config.json (flags override it)")
     p.add_argument("--accelerate-config", metavar="FILE", dest="accelerate_config",
@@ -27,7 +26,6 @@ def add_parser(sub) -> None:
     add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): say whether the job fits it")
     p.add_argument("--plot", metavar="FILE", help="draw the breakdown and the phases to FILE (.png or .svg; "
                    "needs matplotlib)")
-    p.set_defaults(func=run)
 
 
 def _estimate(job, card, spec=None):

@@ -12,20 +12,20 @@ import sys
 from typing import Any
 
 from ..breakdown import COMPONENT_NOTES, Breakdown
-from ..cli import add_card_arguments, add_job_arguments, card_from_args, job_from_args
+from ..cli import add_card_arguments, add_job_command, card_from_args, job_from_args
 from ..units import GiB
 
 __all__ = ["add_parser", "run", "render", "render_sweep"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "measure", help="run the job for real on the GPU (or a tiny one on the CPU) and show its memory",
+    p = add_job_command(
+        subparsers, "measure", run,
+        help="run the job for real on the GPU (or a tiny one on the CPU) and show its memory",
         description="Build the model with random weights, run the reference training step (or inference) "
                     "and report what PyTorch's allocator saw, by component and phase. Steps after the "
                     "first are the steady state. A job that runs out of memory prints 'does not fit' and "
                     "exits 1.")
-    add_job_arguments(p)
     p.add_argument("--steps", type=int, default=3, help="steps to run, the first a warm-up (default 3)")
     p.add_argument("--out", metavar="FILE", help="write the record JSON (job, breakdown, env) to FILE")
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON")
@@ -40,7 +40,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=None,
                    help="--find-max-batch: batch size to begin the search at (a hint; the answer is still proven)")
     p.add_argument("--limit", type=int, default=4096, help="--find-max-batch: largest batch to try (default 4096)")
-    p.set_defaults(func=run)
     return p
 
 

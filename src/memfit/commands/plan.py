@@ -10,12 +10,12 @@ GiB = 1 << 30
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli import add_card_arguments, add_job_arguments
+    from ..cli import add_card_arguments, add_job_command
 
-    p = sub.add_parser("plan", help="what would make a job fit a card, ranked by estimated speed",
-                       description="Search micro-batch x accumulation, checkpointing, precision, optimizer, method, "
-                                   "strategy, offload, tensor parallelism and the allocator setting for jobs that fit.")
-    add_job_arguments(p)
+    p = add_job_command(sub, "plan", run, help="what would make a job fit a card, ranked by estimated speed",
+                        description="Search micro-batch x accumulation, checkpointing, precision, optimizer, method, "
+                                    "strategy, offload, tensor parallelism and the allocator setting for jobs that "
+                                    "fit.")
     add_card_arguments(p, "card memory, e.g. 24GiB (timed as an H100 unless --gpu names the card)")
     p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep")
     p.add_argument("--global-batch-tokens", default=None, help="tokens per optimizer step to keep (e.g. 1M)")
@@ -28,7 +28,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-batch", action="store_true", help="largest micro-batch that fits, for this layout")
     p.add_argument("--min-gpus", action="store_true", help="fewest GPUs of this card that fit, and the layout")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run)
 
 
 def _tokens(text: str) -> int:

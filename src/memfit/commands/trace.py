@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_job_arguments, job_from_args
+from ..cli import add_job_command, job_from_args
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "trace", help="trace the job's real model code on fake tensors (no GPU, no weights)",
+    p = add_job_command(
+        sub, "trace", run, help="trace the job's real model code on fake tensors (no GPU, no weights)",
         description="Run the job's model code under PyTorch fake tensors on the CPU, record every allocation "
                     "and free of one steady-state step as CUDA's caching allocator would, and report the "
                     "peak by component with a timeline. Needs: pip install 'memfit[trace]'.")
-    add_job_arguments(p)
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON (timeline in extras)")
     p.add_argument("--plot", metavar="FILE", help="draw the timeline to FILE (.png or .svg; needs matplotlib)")
     p.add_argument("--no-chart", action="store_true", help="leave out the terminal chart of the timeline")
@@ -23,7 +22,6 @@ def add_parser(sub) -> None:
     p.add_argument("--sdpa", choices=("cudnn", "flash"), default=None,
                    help="fused attention kernel torch tries first on the GPU (default cudnn, as torch >= 2.10 with "
                         "cuDNN > 9.15 on an H100)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 
 from ..errors import JobError, MemfitError
 from ..job import Job
+from .recorder import PhaseRecorder
 
 __all__ = ["main", "run_rank"]
 
@@ -78,7 +79,7 @@ class _Meter:
         if self.cpu is not None:
             self.cpu.stop()
 
-    def sync(self) -> None:
+    def synchronize(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
 
@@ -91,7 +92,7 @@ class _Meter:
     def peak_reserved(self) -> int:
         return int(self.torch.cuda.max_memory_reserved(self.device)) if self.cuda else self.cpu.peak()
 
-    def reset(self) -> None:
+    def reset_peak(self) -> None:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -118,51 +119,6 @@ def _cpu_meter():
 
     meter.tracker.see = see_local  # type: ignore[method-assign]
     return meter
-
-
-class _Recorder:
-    """Phase hooks (``on_phase``) for one rank: each phase's allocated peak, allocated at its end, reserve."""
-
-    def __init__(self, meter: _Meter) -> None:
-        self.meter = meter
-        self.phase = "load"
-        self.recording = False
-        self.phases: dict[str, int] = {}
-        self.after: dict[str, int] = {}
-        self.peak_reserved = 0
-        self.device_used = 0
-        self.window_start = 0
-        self.between = 0
-
-    def start_window(self) -> None:
-        self.meter.sync()
-        self.recording = True
-        self.meter.reset()
-        self.window_start = self.meter.current()
-
-    def on_phase(self, name: str) -> None:
-        if self.recording:
-            self.meter.sync()
-            self._close(self.phase)
-            self.meter.reset()
-        self.phase = name
-
-    def finish(self) -> None:
-        if self.recording:
-            self.meter.sync()
-            self._close(self.phase)
-        self.recording = False
-
-    def _close(self, phase: str) -> None:
-        m = self.meter
-        peak = m.peak()
-        if phase in _PHASES:
-            self.phases[phase] = max(self.phases.get(phase, 0), peak)
-            self.after[f"after_{phase}"] = max(self.after.get(f"after_{phase}", 0), m.current())
-        else:
-            self.between = max(self.between, peak)
-        self.peak_reserved = max(self.peak_reserved, m.peak_reserved())
-        self.device_used = max(self.device_used, m.device_used())
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -407,7 +363,7 @@ def _run(job: Job, spec: Any, builders: dict, meter: _Meter, device: Any, rank: 
         vocab = getattr(inner.get_base_model().config, "vocab_size", vocab)
     batch = make_batch(step_job, spec, device, vocab_size=vocab)
     scaler = make_grad_scaler(step_job, device) if job.strategy in ("ddp",) else None
-    rec = _Recorder(meter)
+    rec = PhaseRecorder(meter, sync=True)  # collectives run on streams of their own: wait at each boundary
     deepspeed = job.strategy.startswith("zero")
     # allocated bytes as each decoder layer's forward starts (the last step): activations and gathered weights
     layer_alloc: list[int] = []
@@ -423,14 +379,14 @@ def _run(job: Job, spec: Any, builders: dict, meter: _Meter, device: Any, rank: 
     for i in range(steps):
         if i == warmup:
             rec.start_window()
-        meter.sync()
+        meter.synchronize()
         t = time.perf_counter()
         layer_alloc.clear()
         if deepspeed:
             loss = _deepspeed_step(model, batch, rec)
         else:
             loss = train_step(step_job, model, optimizer, batch, scaler, hooks=rec)
-        meter.sync()
+        meter.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
     rec.finish()
@@ -505,12 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="run rank R alone under a fake process group (one device, collectives skipped)")
     args = ap.parse_args(argv)
 
+    from .record import read_job_argument
+
     try:
-        text = args.job if args.job.lstrip().startswith("{") else Path(args.job).read_text()
-        data = json.loads(text)
-        if isinstance(data, dict) and isinstance(data.get("job"), dict):
-            data = data["job"]
-        job = Job.from_dict(data)
+        job = Job.from_dict(read_job_argument(args.job)[0])
     except (OSError, ValueError, MemfitError) as exc:
         print(f"memfit: error: cannot read the job {args.job!r}: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,9 +29,10 @@ from ..breakdown import Breakdown
 from ..errors import JobError, MemfitError, ModelNotFoundError
 from ..job import Job
 from ..reference import (build_model, cache_tensors, check_supported, make_batch, make_grad_scaler, make_optimizer,
-                         infer, require_torch, spec_from_config, train_step)
+                         infer, quiet_libraries as _quiet, require_torch, spec_from_config, train_step)
 from ..units import GiB, fmt_gib
 from .accounting import count_parameters, gradient_bytes, model_bytes, optimizer_state_bytes, tensor_bytes
+from .recorder import PhaseRecorder
 
 __all__ = ["measure", "find_max_batch", "measure_sweep", "SWEEP_PRECISIONS", "CPU_NOTE"]
 
@@ -425,30 +425,6 @@ def _tf32(torch: Any) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@contextlib.contextmanager
-def _quiet(caught: list[str]) -> Iterator[None]:
-    """Keep transformers' log and Python warnings off the terminal; collect the warnings' first lines."""
-    verbosity = None
-    try:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        hf_logging = None
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for w in seen:
-                line = f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ''}"
-                if line not in caught and len(caught) < 20:
-                    caught.append(line)
-            if hf_logging is not None and verbosity is not None:
-                hf_logging.set_verbosity(verbosity)
-
-
 class _Progress:
     """A transient rich progress bar on stderr, shown only once the run has taken more than a second."""
 
@@ -493,28 +469,20 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------------------------- recorder
-class _Recorder:
-    """The phase hooks: at each boundary, close the phase that ends (its peak, the bytes allocated at its
-    end, the reserve, the device's used memory) and start the next one with a fresh peak."""
+class _Recorder(PhaseRecorder):
+    """The phase hooks (:class:`PhaseRecorder`) plus what one device's run keeps besides: the load's peak,
+    the gradients at the end of backward, the KV cache at prefill and decode, NVML's view once per step."""
 
     def __init__(self, meter: Any, nvml: Any = None) -> None:
-        self.meter = meter
+        super().__init__(meter)
         self.nvml = nvml
         self.device = meter.device
-        self.phase = "load"
-        self.recording = False
         self.model: Any = None
-        self.phases: dict[str, int] = {}
-        self.after: dict[str, int] = {}
-        self.between = 0
         self.load_peak = 0
-        self.peak_reserved = 0
-        self.device_used = 0
         self.nvml_process = 0
         self.nvml_device = 0
         self.grads_after_backward = 0
         self.kv: dict[str, int] = {}
-        self.window_start = 0
         self._decode_calls = 0
 
     # load -------------------------------------------------------------------------------------
@@ -527,22 +495,11 @@ class _Recorder:
         self.load_device_used = used
         self.phase = "end"
 
-    def start_window(self) -> None:
-        self.meter.synchronize()
-        self.recording = True
-        self.meter.reset_peak()
-        # What stays allocated between steps: weights, states, inputs, and what the warm-up left for good
-        # (cuBLAS workspaces, the GradScaler's scale, step counters).
-        self.window_start = self.meter.current()
-
     # hooks ------------------------------------------------------------------------------------
     def on_phase(self, name: str) -> None:
-        if self.recording:
-            self._close(self.phase, name)
-            self.meter.reset_peak()
         if name == "prefill":
             self._decode_calls = 0
-        self.phase = name
+        super().on_phase(name)
 
     def on_decode_step(self, cache: Any) -> None:
         self._decode_calls += 1
@@ -553,23 +510,8 @@ class _Recorder:
             self.kv["prefill"] = kv  # the prompt's keys and values, complete when the first logits exist
         self.kv["decode"] = kv
 
-    def finish(self) -> None:
-        if self.recording:
-            self._close(self.phase, "done")
-
     def _close(self, phase: str, next_name: str) -> None:
-        m = self.meter
-        peak = m.peak()
-        if phase in ("end", "load"):
-            self.between = max(self.between, peak)
-        else:
-            self.phases[phase] = max(self.phases.get(phase, 0), peak)
-            key = f"after_{phase}"
-            self.after[key] = max(self.after.get(key, 0), m.current())
-        self.peak_reserved = max(self.peak_reserved, m.peak_reserved())
-        used = m.device_used()
-        if used is not None:
-            self.device_used = max(self.device_used, used)
+        super()._close(phase, next_name)
         if phase == "backward" and self.model is not None:
             self.grads_after_backward = gradient_bytes(self.model, self.device)
         if next_name == "end" and self.nvml is not None:  # once per step: NVML calls take milliseconds

@@ -16,7 +16,8 @@ from typing import Any
 from ..breakdown import Breakdown
 from ..job import Job
 
-__all__ = ["make_record", "make_boundary_record", "write_json", "write_record", "read_record", "utc_now"]
+__all__ = ["make_record", "make_boundary_record", "write_json", "write_record", "read_record", "read_job_argument",
+           "utc_now"]
 
 
 def utc_now() -> str:
@@ -61,6 +62,18 @@ def write_record(path: str | Path, job: Job, breakdown: Breakdown, env: dict[str
     record = make_record(job, breakdown, env)
     write_json(path, record)
     return record
+
+
+def read_job_argument(arg: str) -> tuple[Any, dict[str, Any]]:
+    """The JOB argument of the measuring processes (``python -m memfit.measurer.worker`` and
+    ``...distributed``): inline JSON text when it starts with ``{``, else a JSON file. Returns the job (the
+    ``job`` mapping inside a record or ``{"job": ..., "gpu_memory_bytes": ...}``, else the whole value) and
+    the outer mapping (empty when the JSON is not one). Raises ``OSError`` / ``ValueError`` as it reads."""
+    data = json.loads(arg if arg.lstrip().startswith("{") else Path(arg).read_text())
+    outer = data if isinstance(data, dict) else {}
+    if isinstance(data, dict) and isinstance(data.get("job"), dict):
+        data = data["job"]
+    return data, outer
 
 
 def read_record(path: str | Path) -> tuple[Job, Breakdown, dict[str, Any]]:

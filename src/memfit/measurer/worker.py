@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -66,15 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..errors import MemfitError
     from ..job import Job
 
+    from .record import read_job_argument
+
     try:
-        text = args.job if args.job.lstrip().startswith("{") else Path(args.job).read_text()
-        data = json.loads(text)
+        data, outer = read_job_argument(args.job)
     except (OSError, ValueError) as exc:
         print(f"memfit: error: cannot read the job {args.job!r}: {exc}", file=sys.stderr)
         return 2
-    outer = data if isinstance(data, dict) else {}
-    if isinstance(data, dict) and isinstance(data.get("job"), dict):
-        data = data["job"]
     try:
         job = Job.from_dict(data)
         card = _card(args, outer)

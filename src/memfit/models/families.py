@@ -197,12 +197,13 @@ def _gated_mlp(hidden: int, inter: int, *, bias: bool = False, role_prefix: str 
     )
 
 
-def _fused_experts(hidden: int, inter: int, num_experts: int) -> tuple[Linear, ...]:
+def _fused_experts(hidden: int, inter: int, num_experts: int, *, bias: bool = False) -> tuple[Linear, ...]:
     """transformers 5 keeps routed experts as two 3-D ``nn.Parameter`` tensors per layer:
-    ``gate_up_proj`` (E, 2 * inter, hidden) and ``down_proj`` (E, hidden, inter)."""
+    ``gate_up_proj`` (E, 2 * inter, hidden) and ``down_proj`` (E, hidden, inter), each with an (E, out)
+    bias where the family has one (gpt-oss)."""
     return (
-        _lin("gate_up_proj", hidden, 2 * inter, False, "expert_gate_up", count=num_experts, is_module=False),
-        _lin("down_proj", inter, hidden, False, "expert_down", count=num_experts, is_module=False),
+        _lin("gate_up_proj", hidden, 2 * inter, bias, "expert_gate_up", count=num_experts, is_module=False),
+        _lin("down_proj", inter, hidden, bias, "expert_down", count=num_experts, is_module=False),
     )
 
 
@@ -225,14 +226,44 @@ def _assemble(
     return blocks, tuple(order[kind] for kind in kinds)
 
 
+def _sizes(c: _Config) -> tuple[int, int, int]:
+    """Hidden size, number of layers and vocabulary size, read (and checked) in that order."""
+    return _hidden_size(c), _layers(c), c.int("vocab_size")
+
+
+def _mha(heads: int, hidden: int) -> Attention:
+    """Multi-head attention with as many kv heads as query heads, each ``hidden / heads`` wide."""
+    return Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads)
+
+
+def _plain_mlp_block(c: _Config, count: int, attention: Attention, *, hidden: int, inter: int, act_key: str,
+                     linears: tuple[Linear, ...], norm: str = "layer", norms: int = 2,
+                     parallel: bool = False) -> Block:
+    """``count`` identical layers with an ungated MLP of width ``inter`` (activation: config key
+    ``act_key``) and ``norms`` norms of kind ``norm`` over the hidden size (GPT-2, GPT-NeoX, OPT, Falcon,
+    BERT, DistilBERT)."""
+    return Block(
+        count=count,
+        attention=attention,
+        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get(act_key))),
+        norm=norm,
+        norms_per_layer=norms,
+        parallel=parallel,
+        linears=linears,
+        other_params=norms * _norm(norm, hidden),
+    )
+
+
 class _Parsed:
     """What a family parser found; turned into a ModelSpec by :func:`spec_from_config`."""
 
     __slots__ = ("hidden", "vocab", "n_layers", "blocks", "layer_blocks", "embedding", "final", "head",
                  "tie", "max_pos", "final_softcap")
 
-    def __init__(self, **kw: Any):
-        self.final_softcap = None
+    def __init__(self, *, layer_blocks: tuple[int, ...], final_softcap: float | None = None, **kw: Any):
+        self.layer_blocks = layer_blocks
+        self.n_layers = len(layer_blocks)
+        self.final_softcap = final_softcap
         for k, v in kw.items():
             setattr(self, k, v)
 
@@ -258,6 +289,23 @@ def _decoder_head(head: str, *, width: int, vocab: int, tie: bool, num_labels: i
     if head == "seq_cls":
         return width * num_labels
     return 0
+
+
+def _decoder(c: _Config, head: str, num_labels: int, *, hidden: int, vocab: int, tie: bool,
+             blocks: tuple[Block, ...], layer_blocks: tuple[int, ...] | None = None, embedding: int, final: int,
+             width: int | None = None, max_pos: int | None = None, final_softcap: float | None = None) -> _Parsed:
+    """A decoder-only model's :class:`_Parsed`. ``layer_blocks`` None: one block for every layer; the head
+    is :func:`_decoder_head` over ``width`` (default: the hidden size); ``max_pos`` None: the config's
+    ``max_position_embeddings`` (0 when it has none)."""
+    return _Parsed(
+        hidden=hidden, vocab=vocab, blocks=blocks,
+        layer_blocks=(0,) * blocks[0].count if layer_blocks is None else layer_blocks,
+        embedding=embedding, final=final,
+        head=_decoder_head(head, width=hidden if width is None else width, vocab=vocab, tie=tie,
+                           num_labels=num_labels),
+        tie=tie, max_pos=(c.opt_int("max_position_embeddings") or 0) if max_pos is None else max_pos,
+        final_softcap=final_softcap,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +377,7 @@ def _sliding_kinds(c: _Config, family: str, n_layers: int) -> list[bool]:
     - Mistral, Mixtral, Phi-3, Qwen3-MoE: every layer when ``sliding_window`` is set;
     - Qwen2 / Qwen3: with ``use_sliding_window``, layers ``i >= max_window_layers``;
     - Qwen2-MoE: with ``use_sliding_window``, even-indexed layers below ``max_window_layers``;
-    - Gemma 2: even-indexed layers (0, 2, ...); Gemma 3: all but every ``sliding_window_pattern``-th;
+    - Gemma 2, gpt-oss: even-indexed layers (0, 2, ...); Gemma 3: all but every ``sliding_window_pattern``-th;
     - an explicit ``layer_types`` list wins where the family reads it.
     """
     window = c.get("sliding_window")
@@ -337,7 +385,7 @@ def _sliding_kinds(c: _Config, family: str, n_layers: int) -> list[bool]:
         return [window is not None] * n_layers
     if family == "qwen3_moe":
         return [bool(c.get("use_sliding_window")) and window is not None] * n_layers
-    if family in ("qwen2", "qwen3", "qwen2_moe", "gemma2", "gemma3_text"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "gemma2", "gemma3_text", "gpt_oss"):
         types = _layer_types(c, n_layers)
         if types is not None:
             return [t == "sliding_attention" for t in types]
@@ -349,7 +397,7 @@ def _sliding_kinds(c: _Config, family: str, n_layers: int) -> list[bool]:
             on = bool(c.get("use_sliding_window"))
             max_window = c.int("max_window_layers", minimum=0)
             return [on and (i + 1) % 2 == 1 and i < max_window for i in range(n_layers)]
-        if family == "gemma2":
+        if family in ("gemma2", "gpt_oss"):
             return [(i + 1) % 2 == 1 for i in range(n_layers)]
         pattern = c.int("sliding_window_pattern", "_sliding_window_pattern")
         return [(i + 1) % pattern != 0 for i in range(n_layers)]
@@ -362,9 +410,7 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
     Source: ``transformers/models/<family>/modeling_<family>.py`` (5.x): ``<Family>Attention``,
     ``<Family>MLP`` / ``...SparseMoeBlock`` / ``...Experts`` / ``...TopKRouter``, ``<Family>DecoderLayer``.
     """
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     inter = c.int("intermediate_size")
     act = _text(c.get("hidden_activation", "hidden_act", default=None) or c.defaults.get("hidden_activation")
               or c.defaults.get("hidden_act") or "silu")
@@ -441,14 +487,9 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
     moe_lins: tuple[Linear, ...] = ()
     dense_inter = inter
     dense_bias = c.flag("mlp_bias") if family in ("llama", "deepseek_v2") else False
-    if family == "mixtral":
-        experts = c.int("num_local_experts", "num_experts")
-        top_k = c.int("num_experts_per_tok")
-        moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter)
-        moe_lins = (_router(hidden, experts),) + _fused_experts(hidden, inter, experts)
-        moe_layers = [True] * n_layers
-    elif family == "olmoe":
-        experts = c.int("num_experts", "num_local_experts")
+    if family in ("mixtral", "olmoe"):  # the same MoE in every layer; each names the expert count its own way
+        keys = ("num_local_experts", "num_experts")  # Mixtral's key first; OLMoE's is the other
+        experts = c.int(*(keys if family == "mixtral" else keys[::-1]))
         top_k = c.int("num_experts_per_tok")
         moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter)
         moe_lins = (_router(hidden, experts),) + _fused_experts(hidden, inter, experts)
@@ -508,12 +549,9 @@ def _parse_llama_like(c: _Config, family: str, head: str, num_labels: int) -> _P
         )
 
     blocks, layer_blocks = _assemble(kinds, make)  # type: ignore[arg-type]
-    return _Parsed(
-        hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=blocks, layer_blocks=layer_blocks,
-        embedding=vocab * hidden,
-        final=_norm(norm, hidden),
-        head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-        tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0,
+    return _decoder(
+        c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=blocks, layer_blocks=layer_blocks,
+        embedding=vocab * hidden, final=_norm(norm, hidden), max_pos=c.opt_int("max_position_embeddings") or 0,
         final_softcap=c.opt_float("final_logit_softcapping") if family.startswith("gemma") else None,
     )
 
@@ -529,30 +567,20 @@ _GPT2_DEFAULTS = dict(vocab_size=50257, n_positions=1024, n_head=12, n_inner=Non
 def _parse_gpt2(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     """GPT-2 (``modeling_gpt2.py``): ``Conv1D`` layers (weight stored in x out), all biased; learned
     position embeddings ``wpe`` (n_positions x n_embd); LayerNorms ``ln_1``, ``ln_2``, ``ln_f``."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     inner = c.opt_int("n_inner") or 4 * hidden
     n_pos = c.int("n_positions", "max_position_embeddings")
     tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inner, gated=False, activation=_text(c.get("activation_function"))),
-        norm="layer",
-        linears=(
-            _lin("c_attn", hidden, 3 * hidden, True, "qkv"),
-            _lin("c_proj", hidden, hidden, True, "o"),
-            _lin("c_fc", hidden, inner, True, "up"),
-            _lin("c_proj", inner, hidden, True, "down"),
-        ),
-        other_params=2 * _norm("layer", hidden),
-    )
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=vocab * hidden + n_pos * hidden, final=_norm("layer", hidden),
-                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=n_pos)
+    block = _plain_mlp_block(c, n_layers, _mha(heads, hidden), hidden=hidden, inter=inner,
+                             act_key="activation_function", linears=(
+                                 _lin("c_attn", hidden, 3 * hidden, True, "qkv"),
+                                 _lin("c_proj", hidden, hidden, True, "o"),
+                                 _lin("c_fc", hidden, inner, True, "up"),
+                                 _lin("c_proj", inner, hidden, True, "down"),
+                             ))
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=(block,),
+                    embedding=vocab * hidden + n_pos * hidden, final=_norm("layer", hidden), max_pos=n_pos)
 
 
 _GPT_NEOX_DEFAULTS = dict(vocab_size=50432, intermediate_size=24576, num_attention_heads=64,
@@ -564,31 +592,20 @@ def _parse_gpt_neox(c: _Config, family: str, head: str, num_labels: int) -> _Par
     """GPT-NeoX / Pythia (``modeling_gpt_neox.py``): fused ``query_key_value`` and ``dense`` (biased when
     ``attention_bias``), ``dense_h_to_4h`` / ``dense_4h_to_h`` (always biased), two LayerNorms, parallel
     residual when ``use_parallel_residual``; untied ``embed_in`` / ``lm_head`` by default."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     inter = c.int("intermediate_size")
     bias = c.flag("attention_bias")
     tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("hidden_act"))),
-        norm="layer",
-        parallel=c.flag("use_parallel_residual"),
-        linears=(
-            _lin("query_key_value", hidden, 3 * hidden, bias, "qkv"),
-            _lin("dense", hidden, hidden, bias, "o"),
-            _lin("dense_h_to_4h", hidden, inter, True, "up"),
-            _lin("dense_4h_to_h", inter, hidden, True, "down"),
-        ),
-        other_params=2 * _norm("layer", hidden),
-    )
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=vocab * hidden, final=_norm("layer", hidden),
-                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+    block = _plain_mlp_block(c, n_layers, _mha(heads, hidden), hidden=hidden, inter=inter, act_key="hidden_act",
+                             parallel=c.flag("use_parallel_residual"), linears=(
+                                 _lin("query_key_value", hidden, 3 * hidden, bias, "qkv"),
+                                 _lin("dense", hidden, hidden, bias, "o"),
+                                 _lin("dense_h_to_4h", hidden, inter, True, "up"),
+                                 _lin("dense_4h_to_h", inter, hidden, True, "down"),
+                             ))
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=(block,),
+                    embedding=vocab * hidden, final=_norm("layer", hidden))
 
 
 _OPT_DEFAULTS = dict(vocab_size=50272, ffn_dim=3072, num_attention_heads=12, max_position_embeddings=2048,
@@ -604,9 +621,7 @@ def _parse_opt(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     """OPT (``modeling_opt.py``): q/k/v/out_proj and fc1/fc2 biased when ``enable_bias``; learned positions
     with an offset of 2; ``project_in`` / ``project_out`` when ``word_embed_proj_dim`` differs from the
     hidden size (OPT-350m); final LayerNorm only with ``do_layer_norm_before``."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     ffn = c.int("ffn_dim")
     n_pos = c.int("max_position_embeddings")
@@ -614,23 +629,16 @@ def _parse_opt(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     bias = c.flag("enable_bias")
     norm = "layer" if c.flag("layer_norm_elementwise_affine") else "layer_noaffine"
     tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=ffn, gated=False, activation=_text(c.get("activation_function"))),
-        norm=norm,
-        linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=bias, o_bias=bias,
-                      names=("q_proj", "k_proj", "v_proj", "out_proj"))
-        + (_lin("fc1", hidden, ffn, bias, "up"), _lin("fc2", ffn, hidden, bias, "down")),
-        other_params=2 * _norm(norm, hidden),
-    )
+    block = _plain_mlp_block(c, n_layers, _mha(heads, hidden), hidden=hidden, inter=ffn,
+                             act_key="activation_function", norm=norm,
+                             linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=bias, o_bias=bias,
+                                           names=("q_proj", "k_proj", "v_proj", "out_proj"))
+                             + (_lin("fc1", hidden, ffn, bias, "up"), _lin("fc2", ffn, hidden, bias, "down")))
     projections = proj * hidden if proj != hidden else 0
     final_norm = _norm(norm, hidden) if c.flag("do_layer_norm_before") and not c.flag("_remove_final_layer_norm") else 0
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=vocab * proj + (n_pos + _OPT_POSITION_OFFSET) * hidden + projections,
-                   final=final_norm + projections,
-                   head=_decoder_head(head, width=proj, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=n_pos)
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=(block,),
+                    embedding=vocab * proj + (n_pos + _OPT_POSITION_OFFSET) * hidden + projections,
+                    final=final_norm + projections, width=proj, max_pos=n_pos)
 
 
 _FALCON_DEFAULTS = dict(vocab_size=65024, num_attention_heads=71, num_kv_heads=None, alibi=False,
@@ -645,9 +653,7 @@ def _parse_falcon(c: _Config, family: str, head: str, num_labels: int) -> _Parse
     MHA), ``dense``, ``dense_h_to_4h`` / ``dense_4h_to_h``, all biased only when ``bias``; one LayerNorm
     before the parallel attention+MLP, two (``ln_attn``, ``ln_mlp``) in the new architecture, two in the
     sequential layout. Alibi only changes the position scheme, never a parameter."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     head_dim = hidden // heads
     kv_cfg = c.opt_int("num_kv_heads") or heads
@@ -667,25 +673,16 @@ def _parse_falcon(c: _Config, family: str, head: str, num_labels: int) -> _Parse
         n_ln = 2
     norms = 2 if not parallel or n_ln == 2 else 1
     tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, v_head_dim=head_dim),
-        mlp=MLP(intermediate_size=ffn, gated=False, activation=_text(c.get("activation"))),
-        norm="layer",
-        norms_per_layer=norms,
-        parallel=parallel or new_arch,
-        linears=(
-            _lin("query_key_value", hidden, qkv_out, bias, "qkv"),
-            _lin("dense", hidden, hidden, bias, "o"),
-            _lin("dense_h_to_4h", hidden, ffn, bias, "up"),
-            _lin("dense_4h_to_h", ffn, hidden, bias, "down"),
-        ),
-        other_params=norms * _norm("layer", hidden),
-    )
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=vocab * hidden, final=_norm("layer", hidden),
-                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+    attention = Attention(num_heads=heads, num_kv_heads=kv, head_dim=head_dim, v_head_dim=head_dim)
+    block = _plain_mlp_block(c, n_layers, attention, hidden=hidden, inter=ffn, act_key="activation", norms=norms,
+                             parallel=parallel or new_arch, linears=(
+                                 _lin("query_key_value", hidden, qkv_out, bias, "qkv"),
+                                 _lin("dense", hidden, hidden, bias, "o"),
+                                 _lin("dense_h_to_4h", hidden, ffn, bias, "up"),
+                                 _lin("dense_4h_to_h", ffn, hidden, bias, "down"),
+                             ))
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=(block,),
+                    embedding=vocab * hidden, final=_norm("layer", hidden))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,73 +716,63 @@ def _encoder_head(family: str, head: str, *, hidden: int, vocab: int, tie: bool,
     return dense if family in ("bert", "roberta") else 0
 
 
+def _encoder(c: _Config, family: str, head: str, num_labels: int, *, hidden: int, n_layers: int, vocab: int,
+             heads: int, inter: int, act_key: str, names: tuple[str, str, str, str, str, str],
+             n_pos: int, n_types: int = 0) -> _Parsed:
+    """A BERT-shaped encoder: ``n_layers`` post-norm layers of biased q/k/v/o and up/down projections
+    (``names``, in that order), an ungated MLP (activation: config key ``act_key``) and two LayerNorms;
+    word, ``n_pos`` position and ``n_types`` token-type embedding rows plus an embedding LayerNorm; no
+    final norm; the head of :func:`_encoder_head`."""
+    q, k, v, o, up, down = names
+    tie = c.flag("tie_word_embeddings")
+    block = _plain_mlp_block(c, n_layers, _mha(heads, hidden), hidden=hidden, inter=inter, act_key=act_key,
+                             linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=True, o_bias=True,
+                                           names=(q, k, v, o))
+                             + (_lin(up, hidden, inter, True, "up"), _lin(down, inter, hidden, True, "down")))
+    return _Parsed(hidden=hidden, vocab=vocab, blocks=(block,), layer_blocks=(0,) * n_layers,
+                   embedding=(vocab + n_pos + n_types) * hidden + _norm("layer", hidden), final=0,
+                   head=_encoder_head(family, head, hidden=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
+                   tie=tie, max_pos=n_pos)
+
+
 def _parse_bert(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     """BERT and RoBERTa (``modeling_bert.py``, ``modeling_roberta.py``): post-norm encoder layers with
     ``query``/``key``/``value``, ``attention.output.dense``, ``intermediate.dense``, ``output.dense`` (all
     biased) and two LayerNorms; word, position and token-type embeddings plus an embedding LayerNorm."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     inter = c.int("intermediate_size")
     n_pos = c.int("max_position_embeddings")
     n_types = c.int("type_vocab_size", minimum=0)
-    tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("hidden_act"))),
-        norm="layer",
-        linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=True, o_bias=True,
-                      names=("query", "key", "value", "dense"))
-        + (_lin("dense", hidden, inter, True, "up"), _lin("dense", inter, hidden, True, "down")),
-        other_params=2 * _norm("layer", hidden),
-    )
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=(vocab + n_pos + n_types) * hidden + _norm("layer", hidden), final=0,
-                   head=_encoder_head(family, head, hidden=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=n_pos)
+    return _encoder(c, family, head, num_labels, hidden=hidden, n_layers=n_layers, vocab=vocab, heads=heads,
+                    inter=inter, act_key="hidden_act", names=("query", "key", "value", "dense", "dense", "dense"),
+                    n_pos=n_pos, n_types=n_types)
 
 
 def _parse_distilbert(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     """DistilBERT (``modeling_distilbert.py``): ``q_lin``/``k_lin``/``v_lin``/``out_lin``, ``ffn.lin1``/``lin2``,
     ``sa_layer_norm`` and ``output_layer_norm``; word and position embeddings (an ``nn.Embedding`` even with
     ``sinusoidal_pos_embds``) plus a LayerNorm; no token types."""
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=True)
     inter = c.int("hidden_dim")
     n_pos = c.int("max_position_embeddings")
-    tie = c.flag("tie_word_embeddings")
-    block = Block(
-        count=n_layers,
-        attention=Attention(num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, v_head_dim=hidden // heads),
-        mlp=MLP(intermediate_size=inter, gated=False, activation=_text(c.get("activation"))),
-        norm="layer",
-        linears=_qkvo(hidden, heads, heads, hidden // heads, qkv_bias=True, o_bias=True,
-                      names=("q_lin", "k_lin", "v_lin", "out_lin"))
-        + (_lin("lin1", hidden, inter, True, "up"), _lin("lin2", inter, hidden, True, "down")),
-        other_params=2 * _norm("layer", hidden),
-    )
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=(block,), layer_blocks=(0,) * n_layers,
-                   embedding=(vocab + n_pos) * hidden + _norm("layer", hidden), final=0,
-                   head=_encoder_head(family, head, hidden=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=n_pos)
+    return _encoder(c, family, head, num_labels, hidden=hidden, n_layers=n_layers, vocab=vocab, heads=heads,
+                    inter=inter, act_key="activation", names=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+                    n_pos=n_pos)
 
 
 # --------------------------------------------------------------------------------------------------
 # Granite 3.x (dense and MoE), gpt-oss, Llama 4 (text)
 # --------------------------------------------------------------------------------------------------
 
-_GRANITE_DEFAULTS = dict(vocab_size=32000, intermediate_size=11008, num_attention_heads=32, attention_bias=False,
-                         mlp_bias=False, tie_word_embeddings=False, max_position_embeddings=2048, hidden_act="silu")
-"""transformers 5.17 ``configuration_granite.py`` defaults for the keys that change a count."""
+_GRANITE_DEFAULTS = dict(_LLAMA_LIKE_DEFAULTS["llama"])
+"""transformers 5.17 ``configuration_granite.py`` defaults for the keys that change a count: Llama's, all of them."""
 
-_GRANITEMOE_DEFAULTS = dict(vocab_size=32000, intermediate_size=11008, num_attention_heads=32,
-                            attention_bias=False, tie_word_embeddings=False, num_local_experts=8,
-                            num_experts_per_tok=2, max_position_embeddings=2048, hidden_act="silu")
-"""transformers 5.17 ``configuration_granitemoe.py`` defaults for the keys that change a count."""
+_GRANITEMOE_DEFAULTS = {**{k: v for k, v in _GRANITE_DEFAULTS.items() if k != "mlp_bias"},
+                        "num_local_experts": 8, "num_experts_per_tok": 2}
+"""transformers 5.17 ``configuration_granitemoe.py`` defaults for the keys that change a count: Granite's
+(no ``mlp_bias``: every layer is MoE) and the experts'."""
 
 
 def _parse_granite(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
@@ -821,14 +808,6 @@ _GPT_OSS_DEFAULTS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=
 """transformers 5.17 ``configuration_gpt_oss.py`` defaults for the keys that change a count."""
 
 
-def _gpt_oss_sliding(c: _Config, n_layers: int) -> list[bool]:
-    """``layer_types`` when given, else ``GptOssConfig.__post_init__``: even-indexed layers slide."""
-    types = _layer_types(c, n_layers)
-    if types is None:
-        return [(i + 1) % 2 == 1 for i in range(n_layers)]
-    return [t == "sliding_attention" for t in types]
-
-
 def _parse_gpt_oss(c: _Config, family: str, head: str, num_labels: int) -> _Parsed:
     """gpt-oss (``modeling_gpt_oss.py``, 5.17).
 
@@ -840,9 +819,7 @@ def _parse_gpt_oss(c: _Config, family: str, head: str, num_labels: int) -> _Pars
     (E, hidden); no shared expert. Two RMSNorms per layer, untied LM head by default. The published
     checkpoints store the expert weights in MXFP4; that is the checkpoint's format, not a parameter count.
     """
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=False)
     kv = _kv_heads(c, heads)
     head_dim = _head_dim(c, hidden, heads)
@@ -854,9 +831,7 @@ def _parse_gpt_oss(c: _Config, family: str, head: str, num_labels: int) -> _Pars
     tie = c.flag("tie_word_embeddings")
     lins = _qkvo(hidden, heads, kv, head_dim, qkv_bias=bias, o_bias=bias) + (
         _lin("router", hidden, experts, True, "router", is_module=False),
-        _lin("gate_up_proj", hidden, 2 * inter, True, "expert_gate_up", count=experts, is_module=False),
-        _lin("down_proj", inter, hidden, True, "expert_down", count=experts, is_module=False),
-    )
+    ) + _fused_experts(hidden, inter, experts, bias=True)
     moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter)
 
     def make(sliding: Hashable, count: int) -> Block:
@@ -868,11 +843,9 @@ def _parse_gpt_oss(c: _Config, family: str, head: str, num_labels: int) -> _Pars
             other_params=2 * _norm("rms", hidden) + heads,  # two RMSNorms, the sinks
         )
 
-    blocks, layer_blocks = _assemble(list(_gpt_oss_sliding(c, n_layers)), make)
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=blocks, layer_blocks=layer_blocks,
-                   embedding=vocab * hidden, final=_norm("rms", hidden),
-                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+    blocks, layer_blocks = _assemble(list(_sliding_kinds(c, family, n_layers)), make)
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=blocks, layer_blocks=layer_blocks,
+                    embedding=vocab * hidden, final=_norm("rms", hidden))
 
 
 _LLAMA4_TEXT_DEFAULTS = dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192,
@@ -920,9 +893,7 @@ def _parse_llama4_text(c: _Config, family: str, head: str, num_labels: int) -> _
     plain parameters, and a ``shared_expert`` MLP of ``intermediate_size``; dense layers: an MLP of
     ``intermediate_size_mlp``. Two RMSNorms per layer; untied LM head by default.
     """
-    hidden = _hidden_size(c)
-    n_layers = _layers(c)
-    vocab = c.int("vocab_size")
+    hidden, n_layers, vocab = _sizes(c)
     heads = _heads(c, hidden, divides=False)
     kv = _kv_heads(c, heads)
     head_dim = _head_dim(c, hidden, heads)
@@ -938,11 +909,8 @@ def _parse_llama4_text(c: _Config, family: str, head: str, num_labels: int) -> _
     attn_lins = _qkvo(hidden, heads, kv, head_dim, qkv_bias=bias, o_bias=bias)
     moe = MoE(num_experts=experts, top_k=top_k, expert_intermediate_size=inter, num_shared_experts=1,
               shared_intermediate_size=inter, all_experts=True)
-    moe_lins = (
-        _lin("router", hidden, experts, False, "router"),
-        _lin("gate_up_proj", hidden, 2 * inter, False, "expert_gate_up", count=experts, is_module=False),
-        _lin("down_proj", inter, hidden, False, "expert_down", count=experts, is_module=False),
-    ) + _gated_mlp(hidden, inter, role_prefix="shared_")
+    moe_lins = ((_lin("router", hidden, experts, False, "router"),) + _fused_experts(hidden, inter, experts)
+                + _gated_mlp(hidden, inter, role_prefix="shared_"))
     is_moe, rope, chunked = _llama4_layers(c, n_layers)
 
     def make(kind: Hashable, count: int) -> Block:
@@ -959,10 +927,8 @@ def _parse_llama4_text(c: _Config, family: str, head: str, num_labels: int) -> _
         )
 
     blocks, layer_blocks = _assemble(list(zip(is_moe, rope, chunked, strict=True)), make)
-    return _Parsed(hidden=hidden, vocab=vocab, n_layers=n_layers, blocks=blocks, layer_blocks=layer_blocks,
-                   embedding=vocab * hidden, final=_norm("rms", hidden),
-                   head=_decoder_head(head, width=hidden, vocab=vocab, tie=tie, num_labels=num_labels),
-                   tie=tie, max_pos=c.opt_int("max_position_embeddings") or 0)
+    return _decoder(c, head, num_labels, hidden=hidden, vocab=vocab, tie=tie, blocks=blocks, layer_blocks=layer_blocks,
+                    embedding=vocab * hidden, final=_norm("rms", hidden))
 
 
 def _checkpoint_quantization(config: dict[str, Any]) -> str:
@@ -998,25 +964,18 @@ class _Family:
         """Class names that do not follow ``<prefix><suffix>``."""
 
 
+_LLAMA_LIKE_PREFIXES = dict(
+    llama="Llama", mistral="Mistral", mixtral="Mixtral", qwen2="Qwen2", qwen3="Qwen3", qwen2_moe="Qwen2Moe",
+    qwen3_moe="Qwen3Moe", gemma="Gemma", gemma2="Gemma2", gemma3_text="Gemma3", phi3="Phi3", olmo="Olmo",
+    olmo2="Olmo2", olmoe="Olmoe", deepseek_v2="DeepseekV2", deepseek_v3="DeepseekV3",
+)
+"""transformers class-name prefix of each family :func:`_parse_llama_like` reads."""
+_LLAMA_LIKE_CLASSES = {"gemma3_text": {"base": "Gemma3TextModel", "seq_cls": "Gemma3TextForSequenceClassification"}}
+"""Class names of those families that do not follow ``<prefix><suffix>``."""
+
 _FAMILIES: dict[str, _Family] = {
-    "llama": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["llama"], "Llama"),
-    "mistral": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["mistral"], "Mistral"),
-    "mixtral": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["mixtral"], "Mixtral"),
-    "qwen2": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["qwen2"], "Qwen2"),
-    "qwen3": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["qwen3"], "Qwen3"),
-    "qwen2_moe": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["qwen2_moe"], "Qwen2Moe"),
-    "qwen3_moe": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["qwen3_moe"], "Qwen3Moe"),
-    "gemma": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["gemma"], "Gemma"),
-    "gemma2": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["gemma2"], "Gemma2"),
-    "gemma3_text": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["gemma3_text"], "Gemma3",
-                           classes={"base": "Gemma3TextModel",
-                                    "seq_cls": "Gemma3TextForSequenceClassification"}),
-    "phi3": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["phi3"], "Phi3"),
-    "olmo": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["olmo"], "Olmo"),
-    "olmo2": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["olmo2"], "Olmo2"),
-    "olmoe": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["olmoe"], "Olmoe"),
-    "deepseek_v2": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["deepseek_v2"], "DeepseekV2"),
-    "deepseek_v3": _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS["deepseek_v3"], "DeepseekV3"),
+    **{family: _Family(_parse_llama_like, _LLAMA_LIKE_DEFAULTS[family], prefix, classes=_LLAMA_LIKE_CLASSES.get(family))
+       for family, prefix in _LLAMA_LIKE_PREFIXES.items()},
     "gpt2": _Family(_parse_gpt2, _GPT2_DEFAULTS, "GPT2", classes={"causal_lm": "GPT2LMHeadModel"}),
     "gpt_neox": _Family(_parse_gpt_neox, _GPT_NEOX_DEFAULTS, "GPTNeoX"),
     "opt": _Family(_parse_opt, _OPT_DEFAULTS, "OPT"),

@@ -17,12 +17,12 @@ import contextlib
 import copy
 import os
 import time
-import warnings
 from typing import Any, Iterator
 
 from ..breakdown import Breakdown
 from ..errors import JobError, MemfitError, MissingDependencyError, ModelNotFoundError
 from ..job import Job
+from ..reference import quiet_libraries as _quiet
 
 __all__ = ["trace", "TraceUnsupportedError", "CUDA_CONTEXT_BYTES", "TRACE_INSTALL"]
 
@@ -617,31 +617,6 @@ def _quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(old)
-
-
-@contextlib.contextmanager
-def _quiet(caught: list[str]) -> Iterator[None]:
-    """Keep transformers' log and Python warnings off the terminal; keep their first lines."""
-    verbosity = None
-    try:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        hf_logging = None
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for w in seen:
-                text = str(w.message).strip()
-                line = f"{w.category.__name__}: {text.splitlines()[0][:200] if text else ''}"
-                if line not in caught and len(caught) < 20:
-                    caught.append(line)
-            if hf_logging is not None and verbosity is not None:
-                hf_logging.set_verbosity(verbosity)
 
 
 def _one_line(torch: Any, exc: BaseException) -> str:
