@@ -1,0 +1,315 @@
+"""The inference forward over the prompt, op by op, as allocations and frees of the estimate's event stream.
+
+The closed-form peak of a prefill is "weights + KV cache + the widest layer's transients"; under a card's
+limit what decides whether the run completes is also *where* those transients land in the caching
+allocator's segments, so this module emits the forward's tensors in the order and with the lifetimes the
+``transformers`` 5.17 decoder code gives them (checked against the trace engine's op-level stream of
+Llama, Qwen2, Mistral and Gemma 2/3 prefills, ``memfit trace`` on fake tensors):
+
+- ``Model.forward``: the embedding output stays alive until the forward returns (``inputs_embeds``; Gemma
+  scales it by ``sqrt(hidden)``, a second tensor), and so do the rotary ``cos``/``sin`` (``[B, T, head_dim]``
+  each in generate(), ``[1, T, head_dim]`` in a plain forward; one pair per rope type: Gemma 3 computes a
+  global and a local pair), built through fp32 scratch
+  (``inv_freq @ position_ids``, ``cat``, ``cos() * scaling``) and cast to the compute dtype.
+- Each decoder layer's input is held by the caller's loop variable until the layer returns its output, so
+  inside a layer two residual-stream tensors (input, post-attention residual) and the normed copy coexist
+  with the embedding output.
+- ``RMSNorm``: ``x.to(fp32)``, ``pow(2).mean``, ``x * rsqrt``, ``.to(dtype)``, ``weight *`` (Gemma: ``x.float()``,
+  ``* (1 + w)``, ``type_as``).
+- Attention: q, k, v projections; per-head q/k norms (Qwen3, Gemma 3); rotary ``x * cos + rotate_half(x) *
+  sin`` (``neg`` of a half, ``cat``, two ``mul``, ``add``); the dynamic cache's ``torch.cat`` onto an empty
+  layer copies k and v into new tensors; SDPA's output; ``o_proj``. Eager attention materializes the
+  scores (``matmul``, ``* scaling``, soft-capping, ``+ mask``, fp32 ``softmax``, ``.to(dtype)``).
+- MLP: ``down(act(gate(x)) * up(x))`` (the gate's output is freed once the activation exists), a fused
+  ``gate_up`` (Phi-3), or ``fc2(act(fc1(x)))``.
+
+Pure Python, no torch. Only the allocations matter here: every tensor is ``Stream.alloc`` and ``Stream.free``;
+tensors under a few kilobytes per sequence (position ids, ``rsqrt`` of a norm) are left out.
+"""
+
+from __future__ import annotations
+
+from ..models.spec import Block, ModelSpec
+
+__all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder_layer", "logits_head"]
+
+#: model types whose rotary embedding is computed once per layer type (global and sliding: two cos/sin pairs;
+#: transformers 5.17 ``Gemma3TextModel.forward``: ``position_embeddings[layer_type] = self.rotary_emb(...)``).
+_ROPE_PER_LAYER_TYPE = ("gemma3", "gemma3_text", "olmo3")
+#: model types without rotary embeddings (learned or no positions).
+_NO_ROPE = ("gpt2", "opt", "bert", "roberta", "distilbert", "bloom", "mpt")
+#: model types whose embedding output is multiplied by ``sqrt(hidden_size)`` (a second tensor).
+_SCALED_EMBEDDING = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+class PrefillShape:
+    """Sizes of one forward over ``tokens`` tokens: ``e`` the compute dtype's bytes (linear outputs),
+    ``r`` the residual stream's (fp32 under autocast and in ``32-true``), ``mixed`` whether autocast casts
+    every linear's input to 16 bits."""
+
+    __slots__ = ("tokens", "batch", "prompt", "e", "r", "mixed", "attention", "use_cache")
+
+    def __init__(self, *, tokens: int, batch: int, prompt: int, e: int, r: int, mixed: bool, attention: str,
+                 use_cache: bool) -> None:
+        self.tokens, self.batch, self.prompt = tokens, batch, prompt
+        self.e, self.r, self.mixed = e, r, mixed
+        self.attention, self.use_cache = attention, use_cache
+
+
+def rope_sets(spec: ModelSpec) -> int:
+    """How many cos/sin pairs the model's forward keeps alive (0 without rotary embeddings)."""
+    if spec.model_type in _NO_ROPE or not any(b.attention.rope for b in spec.blocks):
+        return 0
+    if spec.model_type in _ROPE_PER_LAYER_TYPE:
+        kinds = {b.attention.sliding_window is not None for b in spec.blocks}
+        return len(kinds)
+    return 1
+
+
+def embed(s, spec: ModelSpec, sh: PrefillShape) -> int:
+    """The embedding lookup (and Gemma's scaling): the handle of the tensor the layers start from."""
+    n = sh.tokens * spec.hidden_size * sh.r
+    h = s.alloc(n, "activations")
+    if spec.model_type in _SCALED_EMBEDDING:
+        scaled = s.alloc(n, "activations")
+        s.free(h)
+        h = scaled
+    return h
+
+
+def rope_tables(s, spec: ModelSpec, sh: PrefillShape) -> list[int]:
+    """The rotary cos/sin of every rope type (live until the forward returns), built through fp32 scratch."""
+    out: list[int] = []
+    hd = max((b.attention.qk_rope_head_dim or b.attention.head_dim) for b in spec.blocks)
+    # generate() passes position_ids built from its attention mask ([B, P]); a plain forward builds them from
+    # cache_position ([1, P]), so there the tables are one sequence's
+    tokens = sh.tokens if sh.use_cache else sh.prompt
+    n32 = tokens * hd * 4
+    for _ in range(rope_sets(spec)):
+        emb = s.alloc(n32, "activations")  # cat(freqs, freqs)
+        c32 = s.alloc(n32, "activations")  # emb.cos() * attention_scaling
+        s32 = s.alloc(n32, "activations")
+        if sh.e == 4:
+            s.free(emb)
+            out += [c32, s32]
+            continue
+        out += [s.alloc(tokens * hd * sh.e, "activations"), s.alloc(tokens * hd * sh.e, "activations")]
+        s.free_all((emb, c32, s32))
+    return out
+
+
+def norm(s, n_elems: float, sh: PrefillShape, kind: str, out_bytes: int | None = None) -> int:
+    """One norm over ``n_elems`` elements; returns its output's handle (the input is not freed)."""
+    r = sh.r if out_bytes is None else out_bytes
+    if kind in ("layer", "layer_noaffine"):
+        return s.alloc(n_elems * (4 if sh.mixed else r), "activations")  # one fused kernel
+    x32 = s.alloc(n_elems * 4, "activations") if r != 4 or kind == "gemma_rms" else -1
+    sq = s.alloc(n_elems * 4, "activations")  # pow(2), reduced by mean
+    s.free(sq)
+    y32 = s.alloc(n_elems * 4, "activations")  # x * rsqrt(var + eps)
+    s.free(x32)
+    if kind == "gemma_rms":
+        w = s.alloc(n_elems * 4, "activations")  # * (1 + weight), fp32
+        s.free(y32)
+        if r == 4:
+            return w
+        out = s.alloc(n_elems * r, "activations")  # type_as(x)
+        s.free(w)
+        return out
+    if r == 4:
+        out = s.alloc(n_elems * 4, "activations")  # weight * x
+        s.free(y32)
+        return out
+    c = s.alloc(n_elems * r, "activations")  # .to(input_dtype)
+    s.free(y32)
+    out = s.alloc(n_elems * r, "activations")  # weight * x
+    s.free(c)
+    return out
+
+
+def _linear(s, sh: PrefillShape, x_elems: float, out_elems: float) -> int:
+    """A linear's output; under autocast its input is cast to 16 bits first (not cached for activations)."""
+    cast = s.alloc(x_elems * 2, "activations") if sh.mixed else -1
+    y = s.alloc(out_elems * sh.e, "activations")
+    s.free(cast)
+    return y
+
+
+def _rope(s, n: float, e: int) -> int:
+    """``x * cos + rotate_half(x) * sin`` over ``n`` elements: returns the rotated tensor."""
+    m1 = s.alloc(n * e, "activations")
+    half = s.alloc(n * e / 2, "activations")  # -x2
+    cat = s.alloc(n * e, "activations")
+    s.free(half)
+    m2 = s.alloc(n * e, "activations")
+    s.free(cat)
+    out = s.alloc(n * e, "activations")
+    s.free(m1)
+    s.free(m2)
+    return out
+
+
+def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes: tuple[int, int],
+               masks: float) -> tuple[int, list[int]]:
+    """Self-attention over the normed input (handle ``x``, not freed): returns (``o_proj`` output, the
+    layer's cached key and value tensors)."""
+    at = b.attention
+    T, H, e = sh.tokens, spec.hidden_size, sh.e
+    nh = at.num_heads
+    kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
+    nq, nk, nv = T * nh * at.head_dim, T * kvh * at.head_dim, T * kvh * at.v_head_dim
+    q = _linear(s, sh, T * H, nq)
+    k = _linear(s, sh, T * H, nk)
+    v = _linear(s, sh, T * H, nv)
+    if at.qk_norm:
+        qn = norm(s, nq, sh, b.norm, out_bytes=e)
+        s.free(q)
+        kn = norm(s, nk, sh, b.norm, out_bytes=e)
+        s.free(k)
+        q, k = qn, kn
+    if at.rope and rope_sets(spec):
+        # cos/sin carry the compute dtype except under autocast, where they stay fp32 (the product promotes)
+        re = 4 if sh.mixed else e
+        qr = _rope(s, nq, re)
+        kr = _rope(s, nk, re)
+        s.free(q)
+        s.free(k)
+        q, k = qr, kr
+    cached: list[int] = []
+    if sh.use_cache:
+        cached = [s.alloc(kv_bytes[0], "kv_cache"), s.alloc(kv_bytes[1], "kv_cache")]  # cat onto an empty layer
+        s.free(k)
+        s.free(v)
+        k = v = -1
+    if sh.attention == "eager":
+        out = _eager_scores(s, spec, b, sh, masks)
+    else:
+        out = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # sdpa's output
+    s.free(k)
+    s.free(v)
+    o = _linear(s, sh, T * nh * at.v_head_dim, T * H)
+    s.free(out)
+    s.free(q)
+    return o, cached
+
+
+def _eager_scores(s, spec: ModelSpec, b: Block, sh: PrefillShape, masks: float) -> int:
+    """Eager attention (``eager_attention_forward``): ``repeat_kv`` of k and v, ``matmul * scaling``,
+    soft-capping (Gemma 2), ``+ mask``, ``softmax(dtype=fp32).to(dtype)``, ``matmul`` with v, ``transpose``
+    made contiguous. Returns the attention output's handle."""
+    at = b.attention
+    e = 2 if sh.mixed else sh.e
+    B, P, T = sh.batch, sh.prompt, sh.tokens
+    nh = at.num_heads
+    kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
+    rep = [s.alloc(T * nh * at.head_dim * e, "activations"), s.alloc(T * nh * at.v_head_dim * e, "activations")] \
+        if kvh < nh else []
+    S = B * nh * P * P
+    w = s.alloc(S * e, "activations")  # q @ k^T
+    scaled = s.alloc(S * e, "activations")  # * scaling
+    s.free(w)
+    w = scaled
+    if at.softcap:
+        for _ in range(3):  # / cap, tanh, * cap
+            nxt = s.alloc(S * e, "activations")
+            s.free(w)
+            w = nxt
+    masked = s.alloc(S * e, "activations")  # + causal mask
+    s.free(w)
+    p32 = s.alloc(S * 4, "activations")
+    p = s.alloc(S * e, "activations")
+    s.free(p32)
+    s.free(masked)
+    out = s.alloc(T * nh * at.v_head_dim * e, "activations")
+    s.free(p)
+    s.free_all(rep)
+    outc = s.alloc(T * nh * at.v_head_dim * e, "activations")  # transpose(1, 2).contiguous()
+    s.free(out)
+    return outc
+
+
+def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: float) -> int:
+    """The MLP over the normed input (not freed): returns the down projection's output."""
+    T, H, e = sh.tokens, spec.hidden_size, sh.e
+    if b.moe is not None or b.mlp is None:
+        # experts: their widest moment as one tensor (the closed form's rule), then the combined output
+        router = s.alloc(T * (b.moe.num_experts if b.moe else 0) * e, "activations")
+        wide = s.alloc(T * moe_width * e, "activations")
+        out = s.alloc(T * H * e, "activations")
+        s.free(wide)
+        s.free(router)
+        return out
+    inter = b.mlp.intermediate_size
+    n = T * inter
+    if b.mlp.gated and any(lin.role == "gate_up" for lin in b.linears):
+        gu = _linear(s, sh, T * H, 2 * n)
+        a = s.alloc(n * e, "activations")  # act(gate)
+        m = s.alloc(n * e, "activations")  # up * act(gate)
+        s.free(a)
+        s.free(gu)
+    elif b.mlp.gated:
+        g = _linear(s, sh, T * H, n)
+        a = s.alloc(n * e, "activations")
+        s.free(g)
+        u = _linear(s, sh, T * H, n)
+        m = s.alloc(n * e, "activations")
+        s.free(a)
+        s.free(u)
+    else:
+        u = _linear(s, sh, T * H, n)
+        m = s.alloc(n * e, "activations")
+        s.free(u)
+    d = _linear(s, sh, n, T * H)
+    s.free(m)
+    return d
+
+
+def decoder_layer(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes: tuple[int, int], *,
+                  free_input: bool, masks: float = 0, moe_width: float = 0) -> tuple[int, list[int]]:
+    """One decoder layer over the residual stream ``x``: returns (its output, the cached k and v). The input
+    is freed once the output exists unless it is the embedding output (``free_input`` False)."""
+    T, H = sh.tokens, spec.hidden_size
+    sandwich = b.norms_per_layer >= 4  # Gemma 2/3: post-attention and pre/post-feed-forward norms
+    n1 = norm(s, T * H, sh, b.norm)
+    o, cached = _attention(s, spec, b, sh, n1, kv_bytes, masks)
+    if b.parallel:
+        d = _mlp(s, spec, b, sh, n1, moe_width)
+        t = s.alloc(T * H * sh.r, "activations")  # attn + mlp
+        s.free_all((o, d))
+        out = s.alloc(T * H * sh.r, "activations")  # + residual
+        s.free_all((t, n1))
+    else:
+        s.free(n1)
+        if sandwich:
+            po = norm(s, T * H, sh, b.norm)
+            s.free(o)
+            o = po
+        h1 = s.alloc(T * H * sh.r, "activations")  # residual + attention
+        s.free(o)
+        n2 = norm(s, T * H, sh, b.norm)
+        d = _mlp(s, spec, b, sh, n2, moe_width)
+        s.free(n2)
+        if sandwich:
+            pd = norm(s, T * H, sh, b.norm)
+            s.free(d)
+            d = pd
+        out = s.alloc(T * H * sh.r, "activations")  # residual + mlp
+        s.free(d)
+        s.free(h1)
+    if free_input:
+        s.free(x)
+    return out, cached
+
+
+def logits_head(s, spec: ModelSpec, sh: PrefillShape, rows: int, vocab_out: int) -> int:
+    """The head over ``rows`` positions (all of them for a plain forward, the last one per sequence in
+    ``generate()``): ``lm_head`` and Gemma's final soft-capping (``/ cap``, ``tanh``, ``* cap``: each a new
+    tensor, the previous freed, so two are alive at once). Returns the logits' handle."""
+    n = rows * vocab_out * sh.e
+    logits = s.alloc(n, "logits_and_loss")
+    if spec.final_logit_softcapping and spec.head == "causal_lm":
+        for _ in range(3):
+            nxt = s.alloc(n, "logits_and_loss")
+            s.free(logits)
+            logits = nxt
+    return logits
