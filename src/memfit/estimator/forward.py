@@ -121,9 +121,9 @@ def norm(s, n_elems: float, sh: PrefillShape, kind: str, out_bytes: int | None =
         s.free(y32)
         return out
     c = s.alloc(n_elems * r, "activations")  # .to(input_dtype)
-    s.free(y32)
-    out = s.alloc(n_elems * r, "activations")  # weight * x
+    out = s.alloc(n_elems * r, "activations")  # weight * x (the fp32 tensor is freed when the norm returns)
     s.free(c)
+    s.free(y32)
     return out
 
 
@@ -159,14 +159,16 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
     kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
     nq, nk, nv = T * nh * at.head_dim, T * kvh * at.head_dim, T * kvh * at.v_head_dim
     q = _linear(s, sh, T * H, nq)
-    k = _linear(s, sh, T * H, nk)
-    v = _linear(s, sh, T * H, nv)
-    if at.qk_norm:
+    if at.qk_norm:  # q_norm(q_proj(x)), k_norm(k_proj(x)): each projection freed once normed
         qn = norm(s, nq, sh, b.norm, out_bytes=e)
         s.free(q)
+        q = qn
+    k = _linear(s, sh, T * H, nk)
+    if at.qk_norm:
         kn = norm(s, nk, sh, b.norm, out_bytes=e)
         s.free(k)
-        q, k = qn, kn
+        k = kn
+    v = _linear(s, sh, T * H, nv)
     if at.rope and rope_sets(spec):
         # cos/sin carry the compute dtype except under autocast, where they stay fp32 (the product promotes)
         re = 4 if sh.mixed else e
@@ -185,11 +187,9 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
         out = _eager_scores(s, spec, b, sh, masks)
     else:
         out = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # sdpa's output
-    s.free(k)
-    s.free(v)
     o = _linear(s, sh, T * nh * at.v_head_dim, T * H)
     s.free(out)
-    s.free(q)
+    s.free_all((q, k, v))
     return o, cached
 
 
