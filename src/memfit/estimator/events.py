@@ -193,17 +193,18 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
-    if expandable_segments:
+    if expandable_segments and _allocator_classes()[1] is None:
         _replay_expandable(stream, res, capacity_bytes)
     else:
-        _replay_default(stream, res, capacity_bytes)
+        _replay_default(stream, res, capacity_bytes, expandable_segments)
     return res
 
 
-def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None) -> None:
+def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
+                    expandable_segments: bool = False) -> None:
     Model, Config, OOM = _allocator_classes()
     if Config is not None:
-        alloc = Model(capacity_bytes, config=Config(expandable_segments=False), on_oom="raise")
+        alloc = Model(capacity_bytes, config=Config(expandable_segments=expandable_segments), on_oom="raise")
     else:
         alloc = Model(capacity_bytes)
     blocks: dict[int, object] = {}
