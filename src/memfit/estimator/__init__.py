@@ -544,14 +544,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             s.alloc(ws / 2, "temporaries")
         T = B * P
         sh = fw.PrefillShape(tokens=T, batch=B, prompt=P, e=e, r=res, mixed=mixed, attention=job.attention,
-                             use_cache=N > 0)
+                             use_cache=N > 0, quantization=job.quantization)
         # generate() builds the attention mask (ones, int64) and grows it with input_ids every step
         ids = amask = -1
         if N > 0:
             ids = s.alloc(B * P * 8, "temporaries")
             amask = s.alloc(B * P * 8, "temporaries")
-        q = s.alloc(quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0,
-                    "activations" if N == 0 else "temporaries")
         mask = s.alloc(_sliding_mask_bytes(spec, job, B, P), "activations" if N == 0 else "temporaries")
         emb = fw.embed(s, spec, sh)
         rope = fw.rope_tables(s, spec, sh)
@@ -567,7 +565,6 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             s.free(x)
         s.free(emb)
         s.free_all(rope)
-        s.free(q)
         s.free(mask)
         if N == 0:
             s.phase("head")

@@ -47,13 +47,14 @@ class PrefillShape:
     ``r`` the residual stream's (fp32 under autocast and in ``32-true``), ``mixed`` whether autocast casts
     every linear's input to 16 bits."""
 
-    __slots__ = ("tokens", "batch", "prompt", "e", "r", "mixed", "attention", "use_cache")
+    __slots__ = ("tokens", "batch", "prompt", "e", "r", "mixed", "attention", "use_cache", "quantization")
 
     def __init__(self, *, tokens: int, batch: int, prompt: int, e: int, r: int, mixed: bool, attention: str,
-                 use_cache: bool) -> None:
+                 use_cache: bool, quantization: str = "none") -> None:
         self.tokens, self.batch, self.prompt = tokens, batch, prompt
         self.e, self.r, self.mixed = e, r, mixed
         self.attention, self.use_cache = attention, use_cache
+        self.quantization = quantization
 
 
 def rope_sets(spec: ModelSpec) -> int:
@@ -128,9 +129,19 @@ def norm(s, n_elems: float, sh: PrefillShape, kind: str, out_bytes: int | None =
 
 
 def _linear(s, sh: PrefillShape, x_elems: float, out_elems: float) -> int:
-    """A linear's output; under autocast its input is cast to 16 bits first (not cached for activations)."""
+    """A linear's output; under autocast its input is cast to 16 bits first (not cached for activations).
+
+    A quantized layer's scratch lives for its call only (see :func:`memfit.estimator.quant.dequant_temp_bytes`
+    for the kernels): 4-bit and the other weight-only formats dequantize the whole weight to 16 bits first;
+    LLM.int8 quantizes the input row-wise (one byte a value plus a row scale) and multiplies into int32."""
     cast = s.alloc(x_elems * 2, "activations") if sh.mixed else -1
+    scratch: tuple[int, ...] = ()
+    if sh.quantization == "int8":
+        scratch = (s.alloc(x_elems + sh.tokens * 4, "temporaries"), s.alloc(out_elems * 4, "temporaries"))
+    elif sh.quantization != "none":
+        scratch = (s.alloc(2 * (x_elems / sh.tokens) * (out_elems / sh.tokens), "temporaries"),)
     y = s.alloc(out_elems * sh.e, "activations")
+    s.free_all(scratch)
     s.free(cast)
     return y
 
