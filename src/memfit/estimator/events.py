@@ -193,7 +193,9 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
-    if expandable_segments and _allocator_classes()[1] is None:
+    if expandable_segments and (capacity_bytes is None or _allocator_classes()[1] is None):
+        # uncapped, the stand-in's perfect page reuse; under a card's limit the allocator model's expandable
+        # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
         _replay_expandable(stream, res, capacity_bytes)
     else:
         _replay_default(stream, res, capacity_bytes, expandable_segments)
