@@ -242,6 +242,9 @@ def _eager_scores(s, spec: ModelSpec, b: Block, sh: PrefillShape, masks: float) 
 def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: float) -> int:
     """The MLP over the normed input (not freed): returns the down projection's output."""
     T, H, e = sh.tokens, spec.hidden_size, sh.e
+    if b.moe is not None and not b.moe.all_experts and any(
+            lin.role.startswith("expert_") and not lin.is_module for lin in b.linears):
+        return _grouped_experts(s, spec, b, sh, x)
     if b.moe is not None or b.mlp is None:
         # experts: their widest moment as one tensor (the closed form's rule), then the combined output
         router = s.alloc(T * (b.moe.num_experts if b.moe else 0) * e, "activations")
@@ -273,6 +276,72 @@ def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: floa
     d = _linear(s, sh, n, T * H)
     s.free(m)
     return d
+
+
+def _grouped_experts(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int) -> int:
+    """An MoE block whose experts are fused parameters, run by ``transformers`` 5.17's default ``grouped_mm``
+    experts (``integrations/moe.py`` ``grouped_mm_experts_forward``): the router and its fp32 softmax/top-k;
+    the shared expert first where there is one (Qwen2-MoE computes it before routing); then the S = tokens x
+    top_k routed rows: sorted by expert, gathered (``hidden[perm // k]``), the grouped gate/up projection and
+    its sentinel ``masked_fill``, the gated activation, the grouped down projection and its ``masked_fill``,
+    the routing weights' product, the un-permuting gather, and the sum over k. Returns the block's output."""
+    m = b.moe
+    T, H, e = sh.tokens, spec.hidden_size, sh.e
+    S = T * m.top_k
+    inter = m.expert_intermediate_size
+    gated = any(lin.role == "expert_gate_up" for lin in b.linears) or any(
+        lin.role == "expert_gate" for lin in b.linears)
+    shared = -1
+    if m.shared_intermediate_size:
+        n = T * m.shared_intermediate_size
+        g = _linear(s, sh, T * H, n)
+        a = s.alloc(n * e, "activations")
+        s.free(g)
+        u = _linear(s, sh, T * H, n)
+        h = s.alloc(n * e, "activations")
+        s.free_all((a, u))
+        shared = _linear(s, sh, n, T * H)
+        s.free(h)
+    logits = _linear(s, sh, T * H, T * m.num_experts)
+    l32 = s.alloc(T * m.num_experts * 4, "activations")  # softmax(..., dtype=float)
+    probs = s.alloc(T * m.num_experts * 4, "activations")
+    s.free(l32)
+    top_v = s.alloc(T * m.top_k * 4, "activations")
+    top_i = s.alloc(T * m.top_k * 8, "activations")
+    weights = s.alloc(T * m.top_k * e, "activations")  # .to(hidden dtype)
+    s.free_all((top_v, probs))
+    order = (s.alloc(S * 8, "activations"), s.alloc(S * 8, "activations"))  # sort: values, permutation
+    rows = s.alloc(S * H * e, "activations")  # hidden_states[perm // top_k]
+    side = s.alloc(S * (e + 4 + 1), "activations")  # sorted weights, their fp32 histc input, sentinel mask
+    width = 2 * inter if gated else inter
+    up = s.alloc(S * width * e, "activations")
+    up_m = s.alloc(S * width * e, "activations")  # masked_fill
+    s.free(up)
+    if gated:
+        a = s.alloc(S * inter * e, "activations")  # act(gate)
+        h = s.alloc(S * inter * e, "activations")  # * up
+        s.free(a)
+    else:
+        h = s.alloc(S * inter * e, "activations")
+    s.free(up_m)
+    down = s.alloc(S * H * e, "activations")
+    s.free(h)
+    down_m = s.alloc(S * H * e, "activations")
+    s.free(down)
+    weighted = s.alloc(S * H * e, "activations")
+    inv = s.alloc(S * 8, "activations")
+    back = s.alloc(S * H * e, "activations")  # weighted[inv_perm]
+    s.free(weighted)
+    out = s.alloc(T * H * e, "activations")  # view(T, k, H).sum(1)
+    s.free_all((*order, rows, side, down_m, back, inv, logits, weights, top_i))
+    if shared >= 0:
+        gate = _linear(s, sh, T * H, T)
+        sg = s.alloc(T * H * e, "activations")  # sigmoid(gate) * shared
+        s.free_all((gate, shared))
+        total = s.alloc(T * H * e, "activations")  # routed + shared
+        s.free_all((sg, out))
+        out = total
+    return out
 
 
 def decoder_layer(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes: tuple[int, int], *,
