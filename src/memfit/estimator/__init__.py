@@ -653,8 +653,10 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
         bd = estimate_parallel(job, spec)
         bd.notes.extend(remarks)
         return bd
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
-        job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
+        # the training replay keeps Gemma 2's eager scores; inference runs transformers 5.17's sdpa path
+        # (Gemma2PreTrainedModel._supports_sdpa = True; SDPA drops the attention soft-capping), as traced
+        job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
     stream, comps, phase, phases, notes = _stream(spec, job)
@@ -709,7 +711,7 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
         return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
         job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
