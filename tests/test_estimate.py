@@ -176,3 +176,26 @@ def test_generate_prefill_peak_counts_what_the_forward_keeps(name):
     est = estimate(Job.from_dict(bd["job"]))
     assert est.peak_phase == "prefill"
     assert abs(est.peak_allocated_bytes / bd["peak_allocated_bytes"] - 1) < 0.01
+
+
+#: Measured uncapped inference runs (steps >= 2) whose peak reserved the replay reproduces: record file -> names.
+_RESERVED_RUNS = {"h100-single-a.json": ["gemma-3-1b-generate"],
+                  "h100-trace-check.json": ["trace-check-llama-3.2-1b-infer-full-bf16-true-b1",
+                                            "trace-check-llama-3.2-1b-infer-full-bf16-true-b4"],
+                  "h100-single-b.json": ["mistral-7b-generate", "llama-3.1-8b-prefill"],
+                  "h200-worst.json": ["w-gemma-3-1b-gen-p2048-n128", "w-qwen2.5-0.5b-gen-fp32-n1024",
+                                      "w-llama-3.1-8b-gen-p8192-n32"]}
+
+
+@pytest.mark.parametrize("name", [n for names in _RESERVED_RUNS.values() for n in names])
+def test_inference_peak_reserved_replays_the_measured_runs(name):
+    """Peak reserved of generate() and prefill runs within 1 % of the measured one (most within 0.1 %): the
+    op-by-op prefill, one cuBLAS workspace, and the tied head's weight that building the model allocates and
+    frees (its segment stays cached: every tied model's load peak is its weights plus one embedding). These
+    records drove the rules (fitted, not held out); before them the worst of these was 14 % under."""
+    f = next(k for k, v in _RESERVED_RUNS.items() if name in v)
+    data = json.loads((ROOT / "validation" / "records" / f).read_text())
+    rec = next(r for r in (data if isinstance(data, list) else [data]) if r.get("name") == name)
+    bd = rec.get("breakdown") or rec
+    est = estimate(Job.from_dict(bd["job"]))
+    assert abs(est.peak_reserved_bytes / bd["peak_reserved_bytes"] - 1) < 0.01
