@@ -521,6 +521,17 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     layers = spec.layer_blocks or tuple(_layer_order(spec))
     L = len(layers)
     mixed = _MIXED[job.precision] == "mixed"
+    step_shape = fw.PrefillShape(tokens=B, batch=B, prompt=1, e=e, r=res, mixed=mixed, attention=job.attention,
+                                 use_cache=True)
+    math_blocks = [spec.blocks[bi].attention for bi in set(layers) if fw.math_sdpa(step_shape, spec.blocks[bi].attention)]
+
+    def math_kv(length: int) -> list[float]:
+        """The math kernel's context-long decode tensors of the widest such layer (none without it)."""
+        if not math_blocks:
+            return []
+        at = max(math_blocks, key=lambda a: a.num_heads * (2 * a.head_dim + a.v_head_dim))
+        n = B * at.num_heads * length * e
+        return [n * at.head_dim, n * at.v_head_dim, n * at.head_dim]
     moe_width = {bi: (max(b.moe.expert_intermediate_size * 3 * (b.moe.num_experts if b.moe.all_experts else 1),
                           b.moe.shared_intermediate_size * 3) if b.moe is not None else 0)
                  for bi, b in enumerate(spec.blocks)}
@@ -587,7 +598,9 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         for step in range(1, N):
             length = P + step
             # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
-            tmp = [s.alloc(x, "activations") for x in layer_transient(B)]
+            # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
+            # scales k^T: three context-long tensors)
+            tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
             for i, bi in enumerate(layers):
                 new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
                 s.free_all(kv[i])

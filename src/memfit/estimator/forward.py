@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from ..models.spec import Block, ModelSpec
 
-__all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder_layer", "logits_head"]
+__all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder_layer", "logits_head", "math_sdpa"]
 
 #: model types whose rotary embedding is computed once per layer type (global and sliding: two cos/sin pairs;
 #: transformers 5.17 ``Gemma3TextModel.forward``: ``position_embeddings[layer_type] = self.rotary_emb(...)``).
@@ -196,12 +196,48 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
         k = v = -1
     if sh.attention == "eager":
         out = _eager_scores(s, spec, b, sh, masks)
+    elif math_sdpa(sh, at) and not masks:
+        out = _math_sdpa(s, b, sh)
     else:
         out = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # sdpa's output
     o = _linear(s, sh, T * nh * at.v_head_dim, T * H)
     s.free(out)
     s.free_all((q, k, v))
     return o, cached
+
+
+def math_sdpa(sh: PrefillShape, at) -> bool:
+    """Whether ``scaled_dot_product_attention`` falls to its math kernel: fp32 grouped-query attention (the
+    fused kernels take 16-bit inputs only, and torch 2.11's memory-efficient one does not take ``enable_gqa``;
+    :data:`memfit.tracer.cuda_emulation.EFFICIENT_SDPA_SUPPORTS_GQA`, measured on the reference H100)."""
+    kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
+    return sh.attention == "sdpa" and sh.e == 4 and not sh.mixed and kvh < at.num_heads
+
+
+def _math_sdpa(s, b: Block, sh: PrefillShape) -> int:
+    """``_scaled_dot_product_attention_math`` with ``enable_gqa`` over the prompt (causal): q scaled, the causal
+    mask as a float [P, P], k and v repeated to every query head, k^T scaled, the scores, + mask, softmax, the
+    product with v; the output made contiguous in (B, T, heads, dim) order. Returns that output's handle."""
+    at = b.attention
+    B, P, T, e = sh.batch, sh.prompt, sh.tokens, sh.e
+    nh = at.num_heads
+    nq, nv = T * nh * at.head_dim * e, T * nh * at.v_head_dim * e
+    qs = s.alloc(nq, "activations")
+    mask = s.alloc(P * P * e, "activations")
+    rep = (s.alloc(nq, "activations"), s.alloc(nv, "activations"))
+    kts = s.alloc(nq, "activations")
+    S = B * nh * P * P * e
+    w = s.alloc(S, "activations")
+    s.free(kts)
+    masked = s.alloc(S, "activations")
+    s.free(w)
+    p = s.alloc(S, "activations")
+    s.free(masked)
+    out = s.alloc(nv, "activations")
+    s.free_all((*rep, qs, mask, p))
+    outc = s.alloc(nv, "activations")
+    s.free(out)
+    return outc
 
 
 def _eager_scores(s, spec: ModelSpec, b: Block, sh: PrefillShape, masks: float) -> int:
