@@ -156,3 +156,59 @@ def test_lora_all_linear_on_fused_experts_matches_peft(model_type, kw):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert st.trainable_params(spec, Job(model="tiny-moe", method="lora", lora_rank=4)) == trainable
+
+
+#: Measured generate() peaks on the H200 (validation/records): name -> (record file, measured batch).
+_GENERATE_PEAKS = {"gemma-3-1b-generate-2048": "h200-boundaries.json", "mistral-7b-generate": "h200-boundaries.json",
+                   "qwen2.5-1.5b-decode-512": "h200-boundaries.json", "w-olmoe-gen-p1024-n128": "h200-worst.json",
+                   "w-llama-3.2-1b-gen-fp32-n512": "h200-worst.json"}
+
+
+@pytest.mark.parametrize("name", sorted(_GENERATE_PEAKS))
+def test_generate_prefill_peak_counts_what_the_forward_keeps(name):
+    """The prefill of generate() peaks in a layer's MLP (or an MoE block's routed rows) with the embedding
+    output, the layer's input, its residual and normed copy, the rotary tables and the cache so far alive
+    (the op-by-op prefill stream). Measured peaks of Gemma 3 (sliding/global, 262k vocabulary), Mistral,
+    a long Qwen2.5 decode, OLMoE (grouped_mm experts) and an fp32 Llama (SDPA's math kernel: scores, repeated
+    k and v) within 1 % (the closed form's "two residuals and the widest intermediate" was 3-6 % under on
+    each). These records drove the rule: fitted, not held out."""
+    data = json.loads((ROOT / "validation" / "records" / _GENERATE_PEAKS[name]).read_text())
+    rec = next(r for r in (data if isinstance(data, list) else [data]) if r.get("name") == name)
+    bd = rec["breakdown"]
+    est = estimate(Job.from_dict(bd["job"]))
+    assert est.peak_phase == "prefill"
+    assert abs(est.peak_allocated_bytes / bd["peak_allocated_bytes"] - 1) < 0.01
+
+
+#: Measured uncapped inference runs (steps >= 2) whose peak reserved the replay reproduces: record file -> names.
+_RESERVED_RUNS = {"h100-single-a.json": ["gemma-3-1b-generate"],
+                  "h100-trace-check.json": ["trace-check-llama-3.2-1b-infer-full-bf16-true-b1",
+                                            "trace-check-llama-3.2-1b-infer-full-bf16-true-b4"],
+                  "h100-single-b.json": ["mistral-7b-generate", "llama-3.1-8b-prefill"],
+                  "h200-worst.json": ["w-gemma-3-1b-gen-p2048-n128", "w-qwen2.5-0.5b-gen-fp32-n1024",
+                                      "w-llama-3.1-8b-gen-p8192-n32"]}
+
+
+@pytest.mark.parametrize("name", [n for names in _RESERVED_RUNS.values() for n in names])
+def test_inference_peak_reserved_replays_the_measured_runs(name):
+    """Peak reserved of generate() and prefill runs within 1 % of the measured one (most within 0.1 %): the
+    op-by-op prefill, one cuBLAS workspace, and the tied head's weight that building the model allocates and
+    frees (its segment stays cached: every tied model's load peak is its weights plus one embedding). These
+    records drove the rules (fitted, not held out); before them the worst of these was 14 % under."""
+    f = next(k for k, v in _RESERVED_RUNS.items() if name in v)
+    data = json.loads((ROOT / "validation" / "records" / f).read_text())
+    rec = next(r for r in (data if isinstance(data, list) else [data]) if r.get("name") == name)
+    bd = rec.get("breakdown") or rec
+    est = estimate(Job.from_dict(bd["job"]))
+    assert abs(est.peak_reserved_bytes / bd["peak_reserved_bytes"] - 1) < 0.01
+
+
+def test_fp32_gqa_decode_counts_the_math_kernels_repeated_cache():
+    """fp32 grouped-query decode runs SDPA's math kernel, which repeats the cache's k and v to every query head
+    and scales k^T: three context-long tensors per step (trace: (8, 2, 7, 319, 64) clones). Measured Qwen2.5-0.5B
+    fp32, 1024 new tokens, peaks in decode within 1 % (was 4.3 % under). Fitted on this record."""
+    data = json.loads((ROOT / "validation" / "records" / "h200-worst.json").read_text())
+    bd = next(r for r in data if r.get("name") == "w-qwen2.5-0.5b-gen-fp32-n1024")["breakdown"]
+    est = estimate(Job.from_dict(bd["job"]))
+    assert est.peak_phase == "decode"
+    assert abs(est.peak_allocated_bytes / bd["peak_allocated_bytes"] - 1) < 0.01

@@ -15,6 +15,7 @@ from ..job import Job
 from ..models.spec import ModelSpec
 from . import quant
 from . import states as st
+from . import forward as fw
 from .layers import Mode, layer_tensors_per_token, saved_bytes_per_token
 
 __all__ = ["estimate", "max_batch_size", "fits_on", "model_states"]
@@ -493,7 +494,6 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     # holds no 16-bit weight copies); one linear's 16-bit copy exists at a time.
     cache = 2 * max([lin.in_features * lin.out_features for b in spec.blocks for lin in b.linears]
                     + [spec.lm_head_params]) if st.autocast_cache_bytes(spec, job) else 0
-    ws = st.CUBLAS_WORKSPACE_BYTES
     notes: list[str] = []
     I_eff = 0
     qkv = 0
@@ -520,9 +520,23 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
 
     layers = spec.layer_blocks or tuple(_layer_order(spec))
     L = len(layers)
-    imode = Mode(precision=_MIXED[job.precision], trainable_base=False, lora_targets=frozenset(), lora_rank=0,
-                 attention=job.attention, seq_len=P, dropout=0.0)
-    infer_tensors = {bi: layer_tensors_per_token(spec, bi, imode) for bi in set(layers)}
+    mixed = _MIXED[job.precision] == "mixed"
+    step_shape = fw.PrefillShape(tokens=B, batch=B, prompt=1, e=e, r=res, mixed=mixed, attention=job.attention,
+                                 use_cache=True)
+    math_blocks = [spec.blocks[bi].attention for bi in set(layers) if fw.math_sdpa(step_shape, spec.blocks[bi].attention)]
+
+    def math_kv(length: int) -> list[float]:
+        """The math kernel's context-long decode tensors of the widest such layer (none without it)."""
+        if not math_blocks:
+            return []
+        at = max(math_blocks, key=lambda a: a.num_heads * (2 * a.head_dim + a.v_head_dim))
+        n = B * at.num_heads * length * e
+        return [n * at.head_dim, n * at.v_head_dim, n * at.head_dim]
+    moe_width = {bi: (max(b.moe.expert_intermediate_size * 3 * (b.moe.num_experts if b.moe.all_experts else 1),
+                          b.moe.shared_intermediate_size * 3) if b.moe is not None else 0)
+                 for bi, b in enumerate(spec.blocks)}
+    final_norm = spec.blocks[layers[-1]].norm if layers else "rms"
+    vocab_out = V if spec.head in ("causal_lm", "masked_lm") else 0
     s.phase("load")
     for w in _weight_tensors(spec, job, list(layers), weights):
         s.alloc(w, "weights")
@@ -530,60 +544,77 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         for _ in layers:
             s.alloc(qstate / max(1, L), "weights")
     s.alloc(cache, "autocast_cache")
+    if spec.tie_word_embeddings and spec.head == "causal_lm" and calls > 1 and job.quantization == "none":
+        # building the model makes the head's own weight before tie_weights() points it at the embedding: one
+        # embedding-sized tensor, freed, its segment left cached (measured: the load peak of every tied model
+        # is its weights plus one embedding: Llama-3.2-1B +501 MiB, Gemma-3-1B +576, Qwen3-4B +741). The card
+        # verdict's single call follows find_max_batch, which empties the cache after loading.
+        s.free(s.alloc(spec.vocab_size * spec.hidden_size * st.param_bytes(job.precision), "weights"))
     prompt_ids = s.alloc(B * P * 8, "temporaries")
     for call in range(calls):
         if call == 1:
             s.reset_peaks()
         s.phase("prefill")
         if call == 0:
-            s.alloc(ws / 2, "temporaries")
-            s.alloc(ws / 2, "temporaries")
+            # one cuBLAS handle's workspace: inference runs every matmul on the main thread (training's backward
+            # adds the autograd thread's handle). Measured: 32 MiB "other" on 20 of 23 generate/prefill records.
+            s.alloc(st.CUBLAS_HANDLE_WORKSPACE_BYTES, "temporaries")
         T = B * P
-        q = s.alloc(quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0,
-                    "activations" if N == 0 else "temporaries")
+        sh = fw.PrefillShape(tokens=T, batch=B, prompt=P, e=e, r=res, mixed=mixed, attention=job.attention,
+                             use_cache=N > 0, quantization=job.quantization)
+        # generate() builds the attention mask (ones, int64) and grows it with input_ids every step
+        ids = amask = -1
+        if N > 0:
+            ids = s.alloc(B * P * 8, "temporaries")
+            amask = s.alloc(B * P * 8, "temporaries")
         mask = s.alloc(_sliding_mask_bytes(spec, job, B, P), "activations" if N == 0 else "temporaries")
-        eager = [B * nh * P * P * (4 + e)] if job.attention == "eager" else []
+        emb = fw.embed(s, spec, sh)
+        rope = fw.rope_tables(s, spec, sh)
+        x = emb
+        kv: list[list[int]] = []
+        for i, bi in enumerate(layers):
+            kvb = tuple(B * n for n in _kv_layer_bytes(spec, job, bi, P, prefill=True))
+            x, cached = fw.decoder_layer(s, spec, spec.blocks[bi], sh, x, kvb, free_input=i > 0,
+                                         moe_width=moe_width[bi])
+            kv.append(cached)
+        hn = fw.norm(s, T * H, sh, final_norm)
+        if x != emb:
+            s.free(x)
+        s.free(emb)
+        s.free_all(rope)
+        s.free(mask)
         if N == 0:
-            for bi in layers:
-                tmp = layer_transient(T) + eager
-                _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
-                tmp = [s.alloc(x, "activations") for x in tmp]
-                s.free_all(tmp)
-            s.free(q)
-            s.free(mask)
             s.phase("head")
-            hid = s.alloc(T * H * e, "activations")
-            logits = s.alloc(T * V * e if spec.head in ("causal_lm", "masked_lm") else B * spec.num_labels * 4,
-                             "logits_and_loss")
-            s.free(hid)
+            logits = (fw.logits_head(s, spec, sh, T, vocab_out) if vocab_out
+                      else s.alloc(B * spec.num_labels * 4, "logits_and_loss"))
+            s.free(hn)
             s.free(logits)
             continue
-        kv: list[list[int]] = []
-        step_logits = [B * V * e, B * V * 4]  # last position's logits and generate()'s fp32 copy
-        out: list[int] = []
-        for i, bi in enumerate(layers):
-            tmp = layer_transient(T) + eager
-            _forward_temporaries(s, infer_tensors[bi], T, sum(tmp))
-            tmp = [s.alloc(x, "activations") for x in tmp]
-            kv.append([s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, P, prefill=True)])
-            if i == L - 1:
-                out = [s.alloc(x, "logits_and_loss") for x in step_logits]
-            s.free_all(tmp)
-        s.free(q)
-        s.free(mask)
+        # the last position's logits and generate()'s fp32 copy of them
+        out = [fw.logits_head(s, spec, sh, B, V)]
+        s.free(hn)
+        out.append(s.alloc(B * V * 4, "logits_and_loss"))
         s.phase("decode")
         for step in range(1, N):
             length = P + step
             # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
-            tmp = [s.alloc(x, "activations") for x in layer_transient(B)]
+            # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
+            # scales k^T: three context-long tensors)
+            tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
             for i, bi in enumerate(layers):
                 new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
                 s.free_all(kv[i])
                 kv[i] = new
             s.free_all(tmp)
             s.free_all(out)
-            out = [s.alloc(x, "logits_and_loss") for x in step_logits]
+            out = [s.alloc(x, "logits_and_loss") for x in (B * V * e, B * V * 4)]
+            grown = (s.alloc(B * length * 8, "temporaries"), s.alloc(B * length * 8, "temporaries"))
+            s.free(ids)
+            s.free(amask)
+            ids, amask = grown
         s.free_all(out)
+        s.free(ids)
+        s.free(amask)
         for pair in kv:
             s.free_all(pair)
     s.free(prompt_ids)
@@ -592,15 +623,21 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     return r.components, r.peak_phase, phases, notes
 
 
-def _stream(spec: ModelSpec, job: Job):
-    """The job's event stream and its accounting: (stream, components, peak phase, phases, notes)."""
+def _stream(spec: ModelSpec, job: Job, *, fit: bool = False):
+    """The job's event stream and its accounting: (stream, components, peak phase, phases, notes).
+
+    ``fit``: the stream a card's verdict replays. For inference that is one call after the model is loaded
+    (what ``measure --find-max-batch`` runs per trial, and what a user's first ``generate()`` does), not the
+    warm-up call plus the measured one: under a cap the warm-up's cached segments change where the second
+    call's tensors land (a 12 GiB logits segment kept from the warm-up takes the next prefill's small
+    tensors and cannot be reused for the next logits)."""
     from .events import Stream
 
     stream = Stream()
     if job.task == "train":
         comps, phase, phases, notes = _train(spec, job, stream)
     else:
-        comps, phase, phases, notes = _infer(spec, job, stream)
+        comps, phase, phases, notes = _infer(spec, job, stream, calls=1 if fit else 2)
     return stream, comps, phase, phases, notes
 
 
@@ -635,8 +672,10 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
         bd = estimate_parallel(job, spec)
         bd.notes.extend(remarks)
         return bd
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
-        job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
+        # the training replay keeps Gemma 2's eager scores; inference runs transformers 5.17's sdpa path
+        # (Gemma2PreTrainedModel._supports_sdpa = True; SDPA drops the attention soft-capping), as traced
+        job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
     stream, comps, phase, phases, notes = _stream(spec, job)
@@ -652,8 +691,10 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
                     "largest_component": max(comps, key=comps.get) if comps else ""}
     fits = headroom = None
     if gpu_memory_bytes is not None:
-        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable,
-                        uncapped=run)
+        fit_stream = _stream(spec, job, fit=True)[0] if job.task != "train" else stream
+        # the uncapped replay stands in for the capped one only for the same stream (see events.replay)
+        capped = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable,
+                        uncapped=run if fit_stream is stream else None)
         fits = capped.completed
         if fits:
             reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
@@ -667,7 +708,8 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
                 line = (f"fails through fragmentation only: peak allocated {_gib(peak)} plus the CUDA context fits "
                         f"the card, but the caching allocator's free blocks do not fit the next request")
                 if not expandable:
-                    alt = replay(stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=True)
+                    alt = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged,
+                                 expandable_segments=True)
                     extras["fits_with_expandable_segments"] = alt.completed
                     line += ("; with expandable_segments: true it " +
                              ("runs" if alt.completed else "still does not fit"))
@@ -690,11 +732,11 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
         return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
         job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
-    stream, comps, *_ = _stream(spec, job)
+    stream, comps, *_ = _stream(spec, job, fit=True)
     cap = gpu_memory_bytes - cuda_context_bytes(job.task) - st.paged_optimizer_host_bytes(spec, job)
     if sum(comps.values()) > cap:
         return False  # the tensors alone do not fit: no replay needed

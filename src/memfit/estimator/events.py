@@ -278,26 +278,30 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     a limit the allocator does exactly what it does without one until a new segment would pass the limit
     (``alloc_block``'s check is the only place the limit enters), and without a limit the reserve only grows,
     up to its peak: so when that peak is within ``capacity_bytes`` the capped run is the uncapped one, and it
-    is returned (a copy) without a second replay."""
+    is returned (a copy) without a second replay. Not with expandable segments: the uncapped replay is then the
+    stand-in of :func:`_replay_expandable`, the capped one the allocator model's own mode."""
     if capacity_bytes is not None:
         capacity_bytes = max(0, int(capacity_bytes))  # a card smaller than the CUDA context: nothing fits
-    if (uncapped is not None and not _FULL_REPLAY and uncapped.completed
+    if (uncapped is not None and not _FULL_REPLAY and uncapped.completed and not expandable_segments
             and (capacity_bytes is None or uncapped.peak_reserved_bytes <= capacity_bytes)):
         return replace_(uncapped, components=dict(uncapped.components), phases=dict(uncapped.phases), extras={})
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
-    if expandable_segments:
+    if expandable_segments and (capacity_bytes is None or _allocator_classes()[1] is None):
+        # uncapped, the stand-in's perfect page reuse; under a card's limit the allocator model's expandable
+        # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
         _replay_expandable(stream, res, capacity_bytes)
     else:
-        _replay_default(stream, res, capacity_bytes)
+        _replay_default(stream, res, capacity_bytes, expandable_segments)
     return res
 
 
-def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None) -> None:
+def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
+                    expandable_segments: bool = False) -> None:
     Model, Config, OOM = _allocator_classes()
     if Config is not None:
-        alloc = Model(capacity_bytes, config=Config(expandable_segments=False), on_oom="raise")
+        alloc = Model(capacity_bytes, config=Config(expandable_segments=expandable_segments), on_oom="raise")
     else:
         alloc = Model(capacity_bytes)
     if not _FULL_REPLAY and Config is not None:
