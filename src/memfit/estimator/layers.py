@@ -449,6 +449,35 @@ def saved_bytes_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> floa
     return _replay_layer(spec, spec.blocks[block_index], mode)
 
 
+def _held(spec: ModelSpec, block: Block) -> set[str]:
+    """Tensors of the layer's forward that a Python name keeps alive until the layer returns, saved or not: the
+    layer's input (the caller's ``hidden_states`` is rebound only when the layer returns: transformers 5.17
+    ``for layer in self.layers: hidden_states = layer(hidden_states, ...)``), and the residual the second
+    sub-layer adds to (``residual = hidden_states`` in the pre-norm decoders; BERT's ``attention_output``,
+    which ``BertLayer.forward`` holds while ``feed_forward_chunk`` runs; DistilBERT's ``sa_output``)."""
+    if block.parallel:
+        return {"x"}
+    if spec.model_type in ("bert", "roberta", "distilbert"):
+        return {"x", "y1"}
+    return {"x", "h"}
+
+
+@lru_cache(maxsize=4096)
+def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool], ...]:
+    """:func:`layer_tensors_per_token` with a third field: whether a Python name holds the tensor until the layer
+    returns (:func:`_held`); the others live until the op after the one that consumes them."""
+    block = spec.blocks[block_index]
+    r = _run_layer(spec, block, mode)
+    held = _held(spec, block)
+    out = []
+    for key in r.order:
+        if key in r.saved:
+            out.append((r.saved[key], True, key in held))
+        elif r.base.get(key) == key:
+            out.append((r.size[key] * r.dtype[key], False, key in held))
+    return tuple(out)
+
+
 @lru_cache(maxsize=4096)
 def layer_tensors_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool], ...]:
     """The tensors one layer's forward makes, in order, as (bytes per token, saved for backward).
