@@ -698,8 +698,10 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
         bd = estimate_parallel(job, spec)
         bd.notes.extend(remarks)
         return bd
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
-        job = job.replace(attention="eager")  # transformers has no sdpa path for Gemma 2 (soft-capping)
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task != "train":
+        # (inference keeps its eager reading; training follows transformers 5.17, whose sdpa path for Gemma 2
+        # runs the fused kernel and ignores the soft-capping: integrations/sdpa_attention.py)
+        job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
     stream, comps, phase, phases, notes = _stream(spec, job)
@@ -752,7 +754,7 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
         return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
+    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task != "train":
         job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
