@@ -334,11 +334,15 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
 
 def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:
-    """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does)."""
-    from ..models import load_model
+    """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does), at most
+    the model's learned position table where it has one (a longer sequence has no run)."""
+    from ..models import load_model, spec_position_limit
 
     spec = spec or load_model(job.model)
-    f = lambda s: fits(job.replace(seq_len=s), gpu_memory_bytes, spec)[0]  # noqa: E731
+    table = spec_position_limit(spec)
+    if table and table[1]:
+        limit = min(limit, table[0])
+    f = lambda s: s <= limit and fits(job.replace(seq_len=s), gpu_memory_bytes, spec)[0]  # noqa: E731
     if not f(128):
         return 0
     lo, hi = 1, 2
