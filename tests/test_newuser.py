@@ -179,11 +179,61 @@ def test_warnings_never_add_a_line_to_an_error(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_seq_len_beyond_positions_is_noted():
+def test_seq_len_beyond_rotary_positions_is_noted():
+    """A rotary model may extrapolate: past max_position_embeddings the estimate answers, with a note."""
     bd = estimate(Job(model="llama-3.2-1b", seq_len=200_000))
     assert any("max_position_embeddings" in n for n in bd.notes)
-    bd = estimate(Job(model="gpt2", seq_len=4096))
-    assert any("the real run fails" in n for n in bd.notes)
+
+
+@pytest.mark.parametrize("model, limit, key", [
+    ("gpt2", 1024, "n_positions"), ("gpt2-xl", 1024, "n_positions"), ("opt-125m", 2048, "max_position_embeddings"),
+    ("bert-base-uncased", 512, "max_position_embeddings"), ("distilbert-sst2", 512, "max_position_embeddings"),
+    ("validation/configs/roberta-base-cls", 512, "max_position_embeddings"),  # 514 rows, positions from 2
+])
+def test_seq_len_beyond_a_learned_position_table_is_an_error(model, limit, key):
+    assert estimate(Job(model=model, seq_len=limit)).peak_allocated_bytes > 0  # the last position fits
+    with pytest.raises(JobError, match=rf"seq_len {limit + 1} is longer than .*learned position table "
+                                       rf"\({limit} positions, {key} \d+\).*--seq-len {limit} or less"):
+        estimate(Job(model=model, seq_len=limit + 1))
+    with pytest.raises(JobError, match=rf"prompt_len \+ new_tokens {limit + 1} is longer"):
+        estimate(Job(model=model, task="infer", prompt_len=limit, new_tokens=1) if model.startswith(("gpt2", "opt"))
+                 else Job(model=model, task="infer", prompt_len=limit + 1))
+
+
+def test_seq_len_beyond_a_learned_table_is_one_line_on_the_cli(capsys):
+    assert main(["estimate", "gpt2", "--seq-len", "4096"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1024 positions" in err and "--seq-len 1024 or less" in err
+    assert "Traceback" not in err
+
+
+def test_seq_len_beyond_a_learned_table_is_refused_by_trace_and_plan_too():
+    from memfit.plan import max_seq_len
+    from memfit.tracer import trace
+
+    with pytest.raises(JobError, match="learned position table"):
+        trace(Job(model="gpt2", seq_len=1025), fallback=True)
+    assert max_seq_len(Job(model="gpt2"), 80 * 2**30) == 1024  # the search stops at the table
+
+
+@pytest.mark.parametrize("model, seq, prompt", [
+    ("gpt2", 1024, 512), ("bert-base-uncased", 512, 512), ("validation/configs/roberta-base-cls", 512, 512),
+    ("opt-125m", 2048, 512), ("llama-3.2-1b", 2048, 512), ("qwen2.5-0.5b", 2048, 512),
+])
+def test_default_lengths_are_what_the_model_takes(model, seq, prompt):
+    job = Job(model=model)
+    assert (job.seq_len, job.prompt_len) == (seq, prompt)
+    estimate(job)  # no error: the default is a run that exists
+    assert estimate(Job(model=model, task="infer", new_tokens=8)).peak_allocated_bytes > 0
+
+
+def test_default_prompt_leaves_room_for_the_new_tokens():
+    assert Job(model="gpt2", task="infer", new_tokens=600).prompt_len == 424
+    assert Job(model="gpt2", task="infer", new_tokens=600, prompt_len=100).prompt_len == 100  # given: kept
+    assert Job.from_dict({"model": "gpt2", "seq_len": None}).seq_len == 1024  # null in a job file: the default
+    assert Job(model="no-such-model-x").seq_len == 2048  # unknown here: the engines report the model
+    with pytest.raises(JobError, match="longer than gpt2's learned position table"):
+        estimate(Job(model="gpt2", task="infer", new_tokens=2000))  # no prompt fits: the error says so
 
 
 def test_lora_targets_matching_nothing_is_an_error():

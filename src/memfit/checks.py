@@ -13,10 +13,7 @@ from .models.spec import ModelSpec
 
 __all__ = ["check_job_for_model", "LEARNED_POSITIONS"]
 
-#: Families whose position embeddings are a learned table of ``max_position_embeddings`` rows
-#: (GPT-2 ``wpe``, OPT ``embed_positions``, BERT/RoBERTa/DistilBERT ``position_embeddings``): a longer
-#: sequence indexes past the table and fails. Rotary families only extrapolate (quality, not memory).
-LEARNED_POSITIONS = ("gpt2", "opt", "bert", "roberta", "distilbert")
+from .models import LEARNED_POSITIONS, spec_position_limit  # noqa: E402 - re-exported
 
 
 def check_job_for_model(job: Job, spec: ModelSpec) -> list[str]:
@@ -24,10 +21,12 @@ def check_job_for_model(job: Job, spec: ModelSpec) -> list[str]:
 
     - LoRA targets that match no module of the model: nothing is trainable (PEFT raises "Target modules
       ... not found in the base model", peft/tuners/tuners_utils.py 0.21);
-    - a sequence (training) or prompt + new tokens (inference) longer than ``max_position_embeddings``: a
-      note; for a learned position table the note says the real run fails (an index past the table). It is
-      not an error because memfit's default seq_len (2048) is longer than GPT-2's and BERT's tables, and
-      ``memfit estimate gpt2`` must still answer.
+    - a sequence (training) or prompt + new tokens (inference) longer than a learned position table (GPT-2,
+      OPT, BERT, RoBERTa, DistilBERT: :func:`memfit.models.spec_position_limit`): an error, the real run indexes
+      past the table (``IndexError: index out of range in self`` on the CPU, a device-side assert on CUDA).
+      A job that names no length gets one the model takes (:data:`memfit.job.DEFAULT_SEQ_LEN`), so
+      ``memfit estimate gpt2`` still answers. Longer than a rotary model's ``max_position_embeddings``: a
+      note (the model extrapolates; the memory is counted).
     """
     from .estimator.states import lora_targets
 
@@ -38,13 +37,16 @@ def check_job_for_model(job: Job, spec: ModelSpec) -> list[str]:
                        f"(0 trainable parameters); its linears are: {', '.join(names)}")
     length = job.seq_len if job.task == "train" else job.prompt_len + job.new_tokens
     what = "seq_len" if job.task == "train" else "prompt_len + new_tokens"
-    limit = spec.max_position_embeddings
-    if limit and length > limit:
-        if spec.model_type in LEARNED_POSITIONS:
-            notes.append(f"{what} ({length}) is longer than {spec.name}'s learned position table "
-                         f"(max_position_embeddings {limit}): the real run fails; set --seq-len/--prompt-len "
-                         f"to at most {limit}")
-        else:
-            notes.append(f"{what} ({length}) is beyond {spec.name}'s max_position_embeddings ({limit}): "
-                         "the memory is counted, but the model was not trained that long")
+    found = spec_position_limit(spec)
+    if found and length > found[0]:
+        limit, learned = found
+        if learned:
+            key = "n_positions" if spec.model_type == "gpt2" else "max_position_embeddings"
+            fix = (f"--seq-len {limit} or less (seq_len in a job file)" if job.task == "train" else
+                   f"prompt_len + new_tokens of {limit} or less (--prompt-len, --new-tokens)")
+            raise JobError(f"{what} {length} is longer than {spec.name}'s learned position table ({limit} "
+                           f"positions, {key} {spec.max_position_embeddings}): the real run fails indexing past "
+                           f"it; use {fix}")
+        notes.append(f"{what} ({length}) is beyond {spec.name}'s max_position_embeddings ({limit}): "
+                     "the memory is counted, but the model was not trained that long")
     return notes

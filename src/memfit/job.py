@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import JobError, brief
 
-__all__ = ["Job", "load_job", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "STRATEGIES"]
+__all__ = ["Job", "load_job", "default_lengths", "DEFAULT_SEQ_LEN", "DEFAULT_PROMPT_LEN", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "STRATEGIES"]
 
 TASKS = ("train", "infer")
 METHODS = ("full", "lora", "qlora")
@@ -64,6 +64,45 @@ _DTYPE_PRECISION = {"bfloat16": "bf16-true", "bf16": "bf16-true", "float16": "16
                     "half": "16-true", "float32": "32-true", "fp32": "32-true", "float": "32-true"}
 
 
+#: The training sequence and inference prompt a job gets when it names none, each cut to what the model's
+#: positions take (a learned table fails past its last row; a rotary model was not trained longer).
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_PROMPT_LEN = 512
+
+
+def _position_limit(model: Any) -> int | None:
+    if not isinstance(model, str):
+        return None
+    from .models import position_limit
+
+    found = position_limit(model)
+    return found[0] if found else None
+
+
+def default_lengths(data: dict[str, Any], limit: int | None) -> dict[str, Any]:
+    """``data`` (job fields) with ``seq_len`` / ``prompt_len`` filled where left out or null: the defaults cut
+    to ``limit``, the longest sequence the model's positions take (None: unknown, the plain defaults). For a
+    caller that resolves the model itself (a pasted config): ``spec_position_limit(spec)[0]``."""
+    out = dict(data)
+    if out.get("seq_len") is None:
+        out["seq_len"] = min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+    if out.get("prompt_len") is None:
+        new = out.get("new_tokens", 0)
+        new = new if isinstance(new, int) and not isinstance(new, bool) else 0
+        room = limit - new if limit else 0
+        out["prompt_len"] = min(DEFAULT_PROMPT_LEN, room) if limit and room >= 1 else DEFAULT_PROMPT_LEN
+    return out
+
+
+def _default_lengths(job: "Job") -> None:
+    """Fill ``seq_len`` / ``prompt_len`` left out (None) with the defaults the model can take."""
+    if job.seq_len is not None and job.prompt_len is not None:
+        return
+    filled = default_lengths({"seq_len": job.seq_len, "prompt_len": job.prompt_len, "new_tokens": job.new_tokens},
+                             _position_limit(job.model))
+    job.seq_len, job.prompt_len = filled["seq_len"], filled["prompt_len"]
+
+
 def _inference_precision(model: Any) -> str:
     """The precision an inference job runs in when none is given: the checkpoint's dtype."""
     if not isinstance(model, str):
@@ -103,14 +142,16 @@ class Job:
     """adamw, adam, sgd, sgd-momentum, adafactor, lion; bitsandbytes adamw-8bit, paged-adamw-8bit, paged-adamw."""
     batch_size: int = 1
     """Micro-batch per GPU (sequences per forward)."""
-    seq_len: int = 2048
-    """Tokens per training sequence."""
+    seq_len: int | None = None
+    """Tokens per training sequence. Left out: 2048, or the model's position limit where that is shorter
+    (GPT-2's 1024, BERT's 512: :data:`DEFAULT_SEQ_LEN`, :func:`memfit.models.position_limit`)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward; keep only the layer inputs."""
     attention: str = "sdpa"
     """sdpa (PyTorch scaled_dot_product_attention), eager (keeps the score matrix), flash (flash-attn 2)."""
-    prompt_len: int = 512
-    """Inference: prompt tokens per sequence."""
+    prompt_len: int | None = None
+    """Inference: prompt tokens per sequence. Left out: 512, or what the model's position limit leaves after
+    ``new_tokens`` where that is less (:data:`DEFAULT_PROMPT_LEN`)."""
     new_tokens: int = 0
     """Inference: tokens generated per sequence; 0 means one forward over the prompt (prefill), no cache."""
     kv_cache_dtype: str = "auto"
@@ -193,6 +234,7 @@ class Job:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("offload", self.offload, OFFLOADS)
         _positive_int("batch_size", self.batch_size)
+        _default_lengths(self)
         _positive_int("seq_len", self.seq_len)
         _positive_int("prompt_len", self.prompt_len)
         _positive_int("new_tokens", self.new_tokens, minimum=0)

@@ -16,7 +16,7 @@ from ..models.spec import ModelSpec
 from . import quant
 from . import states as st
 from . import forward as fw
-from .layers import Mode, layer_tensors_per_token, saved_bytes_per_token
+from .layers import Mode, layer_forward_tensors, layer_tensors_per_token, saved_bytes_per_token
 
 __all__ = ["estimate", "max_batch_size", "fits_on", "model_states"]
 
@@ -69,6 +69,48 @@ def mlp_width(spec: ModelSpec) -> int:
         elif b.mlp is not None:
             width = max(width, b.mlp.intermediate_size)
     return width
+
+
+_ENCODERS = ("bert", "roberta", "distilbert")
+
+
+def _embedding_stage(spec: ModelSpec, T: int, res: int, first_input_saved: bool) -> tuple[list[float], float, bool]:
+    """What the embedding stage of a training forward leaves: (tensors kept for backward, bytes of the embedding
+    output a Python name holds until the layer stack has run, whether that tensor is the first layer's input).
+
+    transformers 5.17: BERT, RoBERTa and DistilBERT sum the embeddings, LayerNorm them (the fp32 sum and the
+    mean/rstd are kept) and apply dropout (its mask kept); GPT-2 (``embd_pdrop``) and OPT (``dropout``) drop out
+    the sum of token and position embeddings. The model's forward keeps its ``inputs_embeds`` (or
+    ``embedding_output``) name through the layer loop: the first layer's input itself in the Llama-style decoders
+    and the encoders (already counted where the first layer saves it), a tensor of its own where the model adds
+    or scales before the first layer (GPT-2, OPT, Gemma and Gemma 2's ``hidden_states * normalizer``)."""
+    H = spec.hidden_size
+    mt = spec.model_type
+    p = _dropout(spec)
+    kept: list[float] = []
+    if mt in _ENCODERS:
+        kept += [T * H * res, T * 8]  # LayerNorm's input (the embedding sum) and its mean/rstd
+    if p > 0 and mt in _ENCODERS + ("gpt2", "opt"):
+        kept.append(T * H)  # dropout mask, one byte an element
+    same = mt not in ("gpt2", "opt", "gemma", "gemma2")
+    held = 0.0 if (same and first_input_saved) else T * H * res
+    return kept, held, same
+
+
+def _mlp_backward_widths(spec: ModelSpec) -> int:
+    """MLP-wide gradients alive at once in a layer's backward, beyond its saved activations.
+
+    A gated MLP (``down(act(gate(x)) * up(x))``) or an MoE layer: ``mul``'s backward makes the gradients of
+    both factors while the gradient of the product is still held (the product itself, kept by ``down``, is
+    freed by then): two. A one-op activation between two linears (BERT, DistilBERT, RoBERTa, Pythia, OPT,
+    Falcon: ``fc2(act(fc1(x)))``): the gradient of ``act``'s output is made by ``fc2``'s backward while its
+    saved input is still alive; ``act``'s backward makes the next one only after ``fc2`` has released that
+    input: one (traced: DistilBERT and BERT fp32 peak with one (T, intermediate) gradient and two (T, hidden)
+    ones). GPT-2's ``gelu_new`` is a chain of Python ops whose ``mul`` backward makes two at once: two."""
+    for b in spec.blocks:
+        if b.moe is not None or b.mlp is None or b.mlp.gated or b.mlp.activation == "gelu_new":
+            return 2
+    return 1
 
 
 def _logit_bytes(spec: ModelSpec, job: Job) -> int:
@@ -209,7 +251,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
                 attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
-    layer_tensors = {bi: [(bpt * T, saved) for bpt, saved in layer_tensors_per_token(spec, bi, mode)]
+    layer_tensors = {bi: [(bpt * T, saved, held) for bpt, saved, held in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
     merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) for bi in set(layers)}
     layer_input = T * H * res
@@ -226,6 +268,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width)
     # final norm output kept for the head, and its fp32 input
     final_saved = [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])
+    if spec.model_type in _ENCODERS and spec.head == "seq_cls":
+        # no final norm: the pooler (BERT, RoBERTa's classifier dense) or pre_classifier (DistilBERT) takes
+        # hidden_states[:, 0], a view whose Linear keeps the whole last hidden state - except under autocast,
+        # where the Linear keeps its (batch, hidden) 16-bit cast (transformers 5.17 modeling_bert.py BertPooler,
+        # modeling_distilbert.py DistilBertForSequenceClassification)
+        final_saved = [] if amode == "mixed" else [T * H * res]
+    first = layer_tensors[layers[0]][0] if layers else (0.0, True, True)
+    emb_saved, emb_held, emb_first = _embedding_stage(spec, T, res, first_input_saved=first[1] and not ckpt)
     lm = spec.head in ("causal_lm", "masked_lm")  # ForMaskedLMLoss upcasts and cross-entropies the same way
     TV = T * V
     if lm and spec.final_logit_softcapping:
@@ -260,7 +310,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
                      for bi in layers] if cache and not any(frozen_casts) else [[] for _ in layers])
     cache_head = cache - sum(sum(c) for c in cache_layers)
     mw = mlp_width(spec)
-    transient = [T * e * mw, T * e * mw, T * e * H, T * e * H]  # a layer's backward scratch
+    # a layer's backward scratch: MLP-wide gradients and two hidden-sized ones (see _mlp_backward_widths)
+    transient = [T * e * mw] * _mlp_backward_widths(spec) + [T * e * H, T * e * H]
 
     # ---------------------------------------------------------------------------------------- load
     s.phase("load")
@@ -285,6 +336,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.alloc(ws / 2, "temporaries")  # cuBLAS and cuBLASLt workspaces at the first matmul
             s.alloc(ws / 2, "temporaries")
         q = s.alloc(qtemp, "temporaries")
+        emb = [s.alloc(x, "activations") for x in emb_saved]
+        emb_out = s.alloc(emb_held, "temporaries") if emb_held and not (ckpt and emb_first) else -1
         kept: list[list[int]] = []
         caches: list[list[int]] = []
         for i, bi in enumerate(layers):
@@ -292,20 +345,26 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             mine: list[int] = []
             if ckpt:
                 mine.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
-            pending = -1
-            for n, saved in layer_tensors[bi]:
+            pending, held = -1, []
+            for j, (n, saved, hold) in enumerate(layer_tensors[bi]):
+                if i == 0 and j == 0 and emb_out >= 0 and emb_first:
+                    continue  # the first layer's input is the embedding output, held above
                 if saved and not ckpt:
                     h = s.alloc(n, "activations")
                     mine.append(h)
+                elif hold:  # a Python name keeps it until the layer returns
+                    held.append(s.alloc(n, "temporaries"))
                 else:
                     h = s.alloc(n, "temporaries")
                     s.free(pending)
                     pending = h
             s.free(pending)
+            s.free_all(held)
             if not ckpt:
                 mine.append(s.alloc(merged[bi], "activations"))
             kept.append(mine)
         fin = [s.alloc(x, "activations") for x in final_saved]
+        s.free(emb_out)
         ch = s.alloc(cache_head, "autocast_cache")
         plain = lm and _plain_ce_mlm(spec, job)
         if plain:  # autocast's fp32 copy of the scores stays with the 16-bit log_softmax output
@@ -356,15 +415,18 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             if ckpt:  # recompute the layer's forward, keeping what backward needs
                 s.free_all(live)
                 live = []
-                pending = -1
-                for n, saved in layer_tensors[bi]:
+                pending, held = -1, []
+                for n, saved, hold in layer_tensors[bi]:
                     h = s.alloc(n, "activations" if saved else "temporaries")
                     if saved:
                         live.append(h)
+                    elif hold:
+                        held.append(h)
                     else:
                         s.free(pending)
                         pending = h
                 s.free(pending)
+                s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]
             grads += [s.alloc(x, "gradients") for x in layer_grads[i]]
@@ -372,6 +434,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.free_all(live)
             if not ckpt:
                 s.free_all(caches[i])
+        s.free_all(emb)
         # end of backward: the embedding gradient arrives last
         t = s.alloc(T * H * e, "temporaries")
         grads += [s.alloc(x, "gradients") for x in embed_grads]
@@ -672,10 +735,8 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
         bd = estimate_parallel(job, spec)
         bd.notes.extend(remarks)
         return bd
-    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
-        # the training replay keeps Gemma 2's eager scores; inference runs transformers 5.17's sdpa path
-        # (Gemma2PreTrainedModel._supports_sdpa = True; SDPA drops the attention soft-capping), as traced
-        job = job.replace(attention="eager")
+    # Gemma 2 under sdpa runs transformers 5.17's sdpa path, training and inference alike
+    # (Gemma2PreTrainedModel._supports_sdpa = True; integrations/sdpa_attention.py drops the soft-capping), as traced
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
     stream, comps, phase, phases, notes = _stream(spec, job)
@@ -732,8 +793,6 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     spec = _spec(job, spec)
     if job.strategy != "single" or job.gpus > 1:
         return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
-    if spec.model_type == "gemma2" and job.attention == "sdpa" and job.task == "train":
-        job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
     stream, comps, *_ = _stream(spec, job, fit=True)

@@ -54,6 +54,9 @@ class _Replay:
         self._n = 0
         self.softmax_fp32 = True
         self.materialized_mask = False  # the model passes an explicit attention mask to sdpa (Falcon)
+        self.q_from_cat = False  # the model builds q with torch.cat (partial rotary, MLA): a contiguous (B, H, S, D)
+        self.out_bshd = False  # the last attention's output is (B, S, H, D) in memory: o_proj takes it as is
+        self.window_mask = False  # a sliding-window (or chunked) layer whose window the sequence reaches
 
     # -- helpers --------------------------------------------------------------
     def new(self, name: str, size: float, dtype: int) -> str:
@@ -110,7 +113,13 @@ class _Replay:
             self.save(self.cast(x, 2) if self.mixed else x)
         if name in self.m.lora_targets:
             adapter_dtype = 2 if self.mixed else 4  # PEFT keeps adapters in fp32; autocast runs them in 16-bit
-            self.save(self.cast(x, adapter_dtype))  # lora_A input (a fresh cast per adapter)
+            if self.mixed:
+                # peft 0.21 lora/layer.py Linear.forward: ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``
+                # makes a 16-bit input fp32, then autocast casts it back for lora_A: a fresh 16-bit copy per
+                # adapter even where the input is already 16-bit (o_proj after attention, down_proj)
+                self.save(self.tmp(self.size[x], 2))
+            else:
+                self.save(self.cast(x, adapter_dtype))  # lora_A input (a fresh cast per adapter)
             self.save(self.tmp(self.m.lora_rank, adapter_dtype))  # lora_A output, lora_B input
         self.new(y, out, 2 if self.mixed else self.dtype[x])
 
@@ -132,13 +141,17 @@ class _Replay:
     def act(self, x: str, y: str, kind: str) -> None:
         n, dt = self.size[x], self.dtype[x]
         if kind == "gelu_new":  # 0.5*x*(1+tanh(c*(x+0.044715*x**3))) in Python: four tensors kept
-            self.save(x)
-            if self.mixed:  # pow is an fp32 op under autocast: tanh, 1+tanh and the product are fp32
+            if self.mixed:
+                # pow is an fp32 op under autocast: it keeps autocast's fp32 copy of x, not x (the scalar
+                # product 0.5 * x keeps nothing); tanh, 1+tanh and the product are fp32. transformers 5.17
+                # activations.py NewGELUActivation.forward; traced: GPT-2 bf16-mixed keeps x.float(), not x
+                self.save(self.tmp(n, 4))  # autocast's fp32 copy of x, kept by pow
                 self.save(self.tmp(n, 4))  # tanh output
                 self.save(self.tmp(n, dt))  # 0.5 * x
                 self.save(self.tmp(n, 4))  # 1 + tanh
                 self.new(y, n, 4)
                 return
+            self.save(x)  # pow keeps its input
             for _ in range(3):
                 self.save(self.tmp(n, dt))
         elif kind == "relu":  # relu keeps its output, the same tensor the next linear keeps
@@ -167,20 +180,52 @@ class _Replay:
         e = 2 if self.mixed else self.m.act_bytes
         kernel = self.m.attention
         broadcast_kv = False
+        self.out_bshd = False
+        mask_per_token = 0.0
+        if kernel == "sdpa" and self.window_mask and not self.materialized_mask and not sinks:
+            # transformers 5.17 masking_utils._ignore_causal_mask_sdpa skips the mask only while the keys are fewer
+            # than the window: here sdpa gets a boolean (B, 1, S, S) mask, so sdpa_attention_forward repeats k and v
+            # (use_gqa_in_sdpa needs no mask; repeat_kv's reshape copies them unless there is one k/v head) and the
+            # memory-efficient kernel runs; ATen attention.cpp convert_boolean_attn_mask makes an additive mask of
+            # q's dtype, preprocess_mask pads its keys to a multiple of 16 (materializing all heads when it pads),
+            # and the kernel keeps it for backward, one per layer. With one k/v head the repeat is an expanded
+            # view, which autocast's cast (where k or v is not yet 16-bit) materializes for every head.
+            if 1 < kvh < nh:
+                k, v = self.tmp(nh * dqk, self.dtype[k]), self.tmp(nh * dv, self.dtype[v])
+            elif kvh < nh:
+                k = self.tmp(nh * dqk, e) if self.dtype[k] != e else k
+                v = self.tmp(nh * dv, e) if self.dtype[v] != e else v
+            mask_per_token = e * (S if S % 16 == 0 else nh * (S + 16 - S % 16))
+            kernel = "efficient"
         if kernel == "sdpa" and e == 4 and kvh < nh:
             kernel = "math"  # fp32 + GQA: flash needs 16-bit, memory-efficient has no GQA
         if kernel == "sdpa" and self.materialized_mask and kvh < nh:
             # an explicit mask rules out flash, and memory-efficient cannot broadcast one k/v head over many:
             # PyTorch falls back to the math kernel, which broadcasts k and v without copying them
             kernel, broadcast_kv = "math", True
-        if kernel == "sdpa" and (softcap or sinks):
-            kernel = "eager"  # transformers runs softcapped attention, and gpt-oss (no sdpa), eagerly
-        if kernel in ("sdpa", "flash"):
+        if kernel == "sdpa" and sinks:
+            kernel = "eager"  # gpt-oss runs eagerly (GptOssPreTrainedModel._supports_sdpa = False)
+        # Softcapped attention (Gemma 2) under sdpa runs the fused kernel: transformers 5.17
+        # integrations/sdpa_attention.py takes no ``softcap`` (Gemma2Attention passes it, sdpa ignores it)
+        if kernel in ("sdpa", "flash", "efficient"):
+            # Where the output lies in memory decides whether ``attn_output.transpose(1, 2).contiguous()``
+            # (transformers 5.17 integrations/sdpa_attention.py, then ``reshape(...).contiguous()`` before o_proj)
+            # copies it. The memory-efficient kernel (fp32, or q/k and v head dims that differ) writes
+            # (B, S, H, D) and returns its transpose; flash and cuDNN allocate the output like q
+            # (aten/src/ATen/native/transformers/cuda: ``empty_like(q)`` / q's strides). q is a transposed view
+            # of its projection, or elementwise ops over one (RoPE, q/k norms keep the layout), so (B, S, H, D) as
+            # well - unless the model builds it with ``torch.cat`` (GPT-NeoX and Phi-3 partial rotary, MLA),
+            # which returns a contiguous (B, H, S, D). Traced: no copy for Llama, GPT-2, DistilBERT; one for
+            # Phi-3 and Pythia.
+            efficient = kernel == "efficient" or (kernel == "sdpa" and (e == 4 or dqk != dv))
+            self.out_bshd = efficient or not self.q_from_cat
             for t in (q, k, v):
                 self.save(self.cast(t, e) if self.mixed else t)
             self.new(o, nh * dv, e)
             self.save(o)
             self.save_bytes(o + ".lse", 4 * nh)
+            if mask_per_token:
+                self.save_bytes(o + ".mask", mask_per_token)
             return
         if kernel == "math":
             # PyTorch's math kernel computes in fp32 (16-bit inputs are upcast unless
@@ -284,6 +329,11 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
     r = _Replay(mode)
     r.softmax_fp32 = spec.model_type not in ("gpt2", "bert", "roberta", "distilbert", "falcon")
     r.materialized_mask = spec.model_type == "falcon"  # create_causal_mask(allow_is_causal_skip=False)
+    # apply_rotary_pos_emb ends in torch.cat in transformers 5.17 modeling_gpt_neox.py, modeling_phi3.py and
+    # modeling_gpt_oss.py (_apply_rotary_emb); DeepSeek's MLA concatenates the rope and no-rope parts of q
+    r.q_from_cat = spec.model_type in ("gpt_neox", "phi3", "gpt_oss") or block.attention.kind == "mla"
+    window = block.attention.sliding_window
+    r.window_mask = bool(window) and mode.seq_len >= window
     H = spec.hidden_size
     at = block.attention
     nh, kvh, d, dv = at.num_heads, at.num_kv_heads, at.head_dim, at.v_head_dim
@@ -329,8 +379,11 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
                 q, k = "qr", "kr"
             r.attention(q, k, "v", "o", nh=nh, kvh=kvh, dqk=d, dv=dv, softcap=at.softcap is not None,
                         p_drop=p, sinks=at.sinks)
-        r.copy("o", "oc")
-        r.linear("oc", "ao", names.get("o", "o_proj"), H)
+        if r.out_bshd:
+            r.linear("o", "ao", names.get("o", "o_proj"), H)
+        else:  # (B, H, S, D) from the math or eager product, or a cat-built q: transpose(1, 2).contiguous() copies
+            r.copy("o", "oc")
+            r.linear("oc", "ao", names.get("o", "o_proj"), H)
         if spec.model_type == "distilbert":
             # no dropout after out_lin: transformers 5.17 modeling_distilbert.py MultiHeadSelfAttention.forward
             # returns out_lin's output and TransformerBlock.forward adds it to the residual directly
@@ -394,6 +447,35 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
 def saved_bytes_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> float:
     """Bytes one token leaves saved for backward in one layer of ``spec.blocks[block_index]``."""
     return _replay_layer(spec, spec.blocks[block_index], mode)
+
+
+def _held(spec: ModelSpec, block: Block) -> set[str]:
+    """Tensors of the layer's forward that a Python name keeps alive until the layer returns, saved or not: the
+    layer's input (the caller's ``hidden_states`` is rebound only when the layer returns: transformers 5.17
+    ``for layer in self.layers: hidden_states = layer(hidden_states, ...)``), and the residual the second
+    sub-layer adds to (``residual = hidden_states`` in the pre-norm decoders; BERT's ``attention_output``,
+    which ``BertLayer.forward`` holds while ``feed_forward_chunk`` runs; DistilBERT's ``sa_output``)."""
+    if block.parallel:
+        return {"x"}
+    if spec.model_type in ("bert", "roberta", "distilbert"):
+        return {"x", "y1"}
+    return {"x", "h"}
+
+
+@lru_cache(maxsize=4096)
+def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool], ...]:
+    """:func:`layer_tensors_per_token` with a third field: whether a Python name holds the tensor until the layer
+    returns (:func:`_held`); the others live until the op after the one that consumes them."""
+    block = spec.blocks[block_index]
+    r = _run_layer(spec, block, mode)
+    held = _held(spec, block)
+    out = []
+    for key in r.order:
+        if key in r.saved:
+            out.append((r.saved[key], True, key in held))
+        elif r.base.get(key) == key:
+            out.append((r.size[key] * r.dtype[key], False, key in held))
+    return tuple(out)
 
 
 @lru_cache(maxsize=4096)

@@ -741,8 +741,6 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
         raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
     if job.quantization != "none" and job.strategy != "ddp":
         raise JobError(f"a quantized base with {job.strategy} is not estimated yet; use strategy ddp (QLoRA per GPU)")
-    if spec.model_type == "gemma2" and job.attention == "sdpa":
-        job = job.replace(attention="eager")
     if job.strategy.startswith("zero") and job.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
         raise JobError(f"{job.optimizer} keeps its own state layout; DeepSpeed ZeRO partitions torch optimizers "
                        "(adamw, adam, sgd, lion, adafactor)")

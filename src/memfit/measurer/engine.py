@@ -80,6 +80,7 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
     dev = _resolve_device(torch, device)
     if spec is None:
         spec = _spec_for_user_model(job, model) if model is not None else resolve_spec(job.model)
+    _check_lengths(job, spec)
     if dev.type == "cpu" and model is None:
         check_host_memory(job, spec)
     from .meters import CpuMeter, CudaMeter
@@ -169,6 +170,7 @@ def find_max_batch(job: Job | dict[str, Any], gpu_memory_bytes: int, *, start: i
     _require_cuda(dev)
     if spec is None:
         spec = resolve_spec(job.model)
+    _check_lengths(job, spec)
     from .card import apply_allocator_setting, rehearse_card, release_card
     from .fit import search_max_batch
     from .meters import CudaMeter, Nvml
@@ -292,6 +294,21 @@ def measure_sweep(job: Job | dict[str, Any], precisions: tuple[str, ...] = SWEEP
             records.append(rec)
         write_json(out, records)
     return results
+
+
+def _check_lengths(job: Job, spec: Any) -> None:
+    """Refuse a sequence longer than a learned position table before building anything: on CUDA the run would
+    stop at a device-side assert (:func:`memfit.checks.check_job_for_model`)."""
+    try:
+        from ..models import ModelSpec, spec_position_limit
+    except ImportError:  # the registry is not importable in this checkout
+        return
+    if isinstance(spec, ModelSpec):
+        found = spec_position_limit(spec)
+        if found and found[1]:
+            from ..checks import check_job_for_model
+
+            check_job_for_model(job, spec)
 
 
 def resolve_spec(name: str) -> Any:

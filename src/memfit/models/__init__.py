@@ -29,8 +29,13 @@ from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
 __all__ = [
     "ModelSpec", "Block", "Attention", "MLP", "MoE", "Linear",
     "load_model", "list_models", "spec_from_config", "registry_names", "hub_alias", "hub_aliases",
-    "SUPPORTED_MODEL_TYPES",
+    "SUPPORTED_MODEL_TYPES", "LEARNED_POSITIONS", "position_limit", "spec_position_limit",
 ]
+
+#: Families whose position embeddings are a learned table (GPT-2 ``wpe``, OPT ``embed_positions``,
+#: BERT/RoBERTa/DistilBERT ``position_embeddings``): a longer sequence indexes past the table and the run
+#: fails. Rotary (and ALiBi) families have no table: past ``max_position_embeddings`` they only extrapolate.
+LEARNED_POSITIONS = ("gpt2", "opt", "bert", "roberta", "distilbert")
 
 _REGISTRY_DIR = Path(__file__).parent / "registry"
 _HUB_URL = "https://huggingface.co/{}"
@@ -256,6 +261,48 @@ def _load_model(ref: str) -> ModelSpec:
 
 
 load_model.cache_clear = _load_model.cache_clear  # type: ignore[attr-defined]
+
+
+def spec_position_limit(spec: ModelSpec) -> tuple[int, bool] | None:
+    """(longest sequence ``spec``'s positions take, whether they are a learned table), or None when the config
+    names no limit.
+
+    The learned tables, transformers 5.17: GPT-2 ``wpe`` has ``n_positions`` rows; BERT and DistilBERT
+    ``position_embeddings`` ``max_position_embeddings`` rows from position 0; OPT's
+    ``OPTLearnedPositionalEmbedding`` adds its offset of 2 to ``max_position_embeddings`` rows, so
+    ``max_position_embeddings`` tokens fit; RoBERTa numbers positions from ``padding_idx + 1``
+    (``create_position_ids_from_input_ids``), so ``max_position_embeddings - pad_token_id - 1`` tokens fit (512 of
+    roberta-base's 514 rows). Other families: ``max_position_embeddings`` as the config says (not a hard limit)."""
+    n = int(spec.max_position_embeddings or 0)
+    if n <= 0:
+        return None
+    learned = spec.model_type in LEARNED_POSITIONS
+    if spec.model_type == "roberta":
+        pad = spec.config.get("pad_token_id", 1) if isinstance(spec.config, dict) else 1
+        pad = pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < n else 1
+        n -= pad + 1
+    return (n, learned) if n > 0 else None
+
+
+@lru_cache(maxsize=256)
+def position_limit(ref: str) -> tuple[int, bool] | None:
+    """:func:`spec_position_limit` of a registry entry, a local config.json or a Hub id already in the Hub
+    cache, without the network; None when ``ref`` is none of these or its config cannot be read. Never raises
+    (a default, not a check: the engines report a bad model themselves)."""
+    try:
+        key = ref.strip()
+        if _aliases().get(key.lower()) is not None or _local_config(key) is not None:
+            return spec_position_limit(load_model(key))
+        if "/" not in key or key.count("/") != 1:
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+        except ImportError:
+            return None
+        path = Path(hf_hub_download(repo_id=key, filename="config.json", local_files_only=True))
+        return spec_position_limit(spec_from_config(_read_json(path), name=key))
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 @lru_cache(maxsize=256)

@@ -344,11 +344,15 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
 
 def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:
-    """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does)."""
+    """Longest training sequence (multiple of 128) at the job's micro-batch that fits (0 if none does), at most
+    the model's learned position table where it has one (a longer sequence has no run)."""
     from ..boundary import largest_passing
-    from ..models import load_model
+    from ..models import load_model, spec_position_limit
 
     spec = spec or load_model(job.model)
+    table = spec_position_limit(spec)
+    if table and table[1]:
+        limit = min(limit, table[0])
     if limit < 128:
         return 0
     units, _ = largest_passing(lambda u: fits(job.replace(seq_len=u * 128), gpu_memory_bytes, spec)[0],

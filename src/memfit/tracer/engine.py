@@ -112,6 +112,7 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         torch = _require_torch(job)
         if spec is None:
             spec = _resolve_spec(job, model)
+        _check_lengths(job, spec)
         return _TraceRun(torch, job, spec, model, cuda=cuda, sdpa=sdpa, steps=steps).execute()
     except TraceUnsupportedError as exc:
         if not fallback:
@@ -141,6 +142,20 @@ def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
     bd.notes.insert(0, f"trace could not run: {reason}; showing the estimate instead")
     bd.extras["trace_error"] = reason
     return bd
+
+
+def _check_lengths(job: Job, spec: Any) -> None:
+    """A sequence longer than a learned position table has no run: the one-line error of
+    :func:`memfit.checks.check_job_for_model`, not the fake run's IndexError."""
+    try:
+        from ..checks import check_job_for_model
+        from ..models import ModelSpec, spec_position_limit
+    except ImportError:  # the registry is not importable in this checkout
+        return
+    if isinstance(spec, ModelSpec):
+        found = spec_position_limit(spec)
+        if found and found[1]:
+            check_job_for_model(job, spec)
 
 
 def _is_config_spec(spec: Any) -> bool:

@@ -91,6 +91,12 @@ def _job(job: dict[str, Any], config, policy: Policy):
     if config is not None:
         data["model"] = PASTED
     spec = resolve_model(data.get("model", ""), config, policy)
+    if spec is not None:  # the lengths a job leaves out follow the model resolved here (a pasted config, a path)
+        from ..job import default_lengths
+        from ..models import spec_position_limit
+
+        found = spec_position_limit(spec)
+        data = default_lengths(data, found[0] if found else None)
     return Job.from_dict(data), spec
 
 
