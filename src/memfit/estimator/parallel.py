@@ -243,12 +243,16 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
     per_block = _layer_saved(spec, key)
     order = _layer_order(spec)
     blocks = [order[i] for i in stage.layers]
-    layer_full = [per_block[b] * T * f for b in blocks]
     layer_input = T * H * res * seq_split
     ckpt = job.gradient_checkpointing
+    waiting_one = sum(layer_input if ckpt else per_block[b] * T * f for b in blocks)
+    # PEFT's merged fused-expert weights (base + B @ A) are kept with the layer's activations for its backward
+    # (and rebuilt by the recompute under checkpointing), as on one GPU
+    layer_full = [per_block[b] * T * f + st.fused_lora_merged_bytes(spec, job, spec.blocks[b]) / lay.tp
+                  for b in blocks]
     layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
     acts_one = sum(layer_kept)
-    others = (stage.in_flight - 1) * acts_one  # earlier micro-batches waiting for their backward (1F1B)
+    others = (stage.in_flight - 1) * waiting_one  # earlier micro-batches waiting for their backward (1F1B)
     final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0)) * seq_split if stage.last else 0.0
     if stage.last and spec.head in ("causal_lm", "masked_lm"):
         TV = T * V / lay.tp  # Megatron's vocab-parallel cross entropy keeps 1/t of the logits
@@ -258,6 +262,14 @@ def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) 
             logit_fwd_peak += TV * e
             logit_saved += TV * e
         logit_bwd_extra = 2 * TV * 4
+        from . import _plain_ce_mlm
+
+        if _plain_ce_mlm(spec, job):
+            # nn.CrossEntropyLoss on the 16-bit scores (BERT-family masked LM): the scores, autocast's fp32
+            # copy and the 16-bit log_softmax output; one fp32 gradient in backward (as on one GPU)
+            logit_fwd_peak = TV * (2 * e + 4)
+            logit_saved = TV * (4 + e)
+            logit_bwd_extra = TV * 4
     elif stage.last:
         logit_fwd_peak = logit_saved = logit_bwd_extra = T * spec.num_labels * 4
     else:
@@ -571,7 +583,10 @@ def _zero_terms(spec: ModelSpec, m: _Moment, job: Job, stage: _Stage, lay: Layou
                 c["gradients"] = done * cb
                 c["communication_buffers"] = bucket
             elif m.kind == "end_backward":
-                c["gradients"] = trainable * cb + part - min(bucket, trainable * cb)
+                # every 16-bit .grad is alive when the embedding's arrives; reduce_gradients then copies them into
+                # the bucket one by one (each copy frees the .grad) and makes grads_in_partition when the first
+                # bucket is reduced (the stream frees whole tensors: up to one parameter more than this)
+                c["gradients"] = trainable * cb + max(0.0, part - min(bucket, trainable * cb))
                 c["communication_buffers"] = bucket
         else:
             if m.kind in ("loss_backward", "layer_backward"):
@@ -628,6 +643,546 @@ def _largest_param(spec: ModelSpec, lay: Layout) -> float:
         for lin in b.linears:
             biggest = max(biggest, lin.in_features * lin.out_features / lay.tp)
     return biggest
+
+
+# --------------------------------------------------------------------------------------------- the rank's stream
+@dataclass
+class RankView:
+    """What :func:`memfit.estimator._train` needs to build one rank's event stream instead of one GPU's."""
+
+    layers: list[int]
+    """Block index of each layer this rank runs (its pipeline stage), in model order."""
+    amode: str
+    """Activation mode (:func:`_activation_mode`: the sharding engines compute in 16 bits without autocast)."""
+    autocast: bool
+    """Whether autocast's weight-cast cache exists (torch DDP under ``*-mixed`` only)."""
+    last: bool
+    """The last pipeline stage: final norm, head, logits and loss."""
+    tp_share: float
+    """Share of vocabulary-, MLP-width- and weight-sized tensors one TP rank holds (1/t)."""
+    act_share: float
+    """Share of a layer's saved activations (:func:`_tp_activation_factor`)."""
+    seq_share: float
+    """Share of residual-stream tensors (1/t with sequence parallelism, else 1)."""
+    in_flight: int
+    """Micro-batches whose activations the stage holds at its peak (1F1B)."""
+    recv_bytes: float
+    """The activation received from the previous stage / sent to the next (stages before the last)."""
+    states: object | None
+    """The engine's model-state hooks (:class:`_EngineStates`); None: the single-GPU states."""
+    load_extra: tuple = ()
+    """(bytes, component) allocated after the model loads (DDP's reducer buckets)."""
+    grad_views: bool = False
+    """DDP ``gradient_as_bucket_view``: the ``.grad`` tensors are views into the buckets."""
+
+
+def _whole(pieces: list[float]) -> list[int]:
+    """``pieces`` as whole bytes adding up to ``int(sum(pieces))`` (cumulative flooring: a term split into
+    many tensors keeps the moments' byte count instead of gaining or losing a byte per tensor)."""
+    out, acc, done = [], 0.0, 0
+    for x in pieces:
+        acc += x
+        n = int(acc) - done
+        out.append(n)
+        done += n
+    return out
+
+
+def _even(total: float, n: int) -> list[int]:
+    """``total`` bytes in ``n`` equal tensors (whole bytes)."""
+    return _whole([total / max(1, n)] * max(1, n))
+
+
+def _chunks(total: float, cap: float) -> list[int]:
+    """``total`` bytes in pieces of at most ``cap`` (DDP's 25 MiB buckets, ZeRO-3's sub-groups), whole bytes."""
+    if total <= 0:
+        return []
+    if cap <= 0 or total <= cap:
+        return _whole([total])
+    n = int(total // cap)
+    out = [cap] * n
+    if total - n * cap > 0:
+        out.append(total - n * cap)
+    return _whole(out)
+
+
+class _EngineStates:
+    """Model-state events of one rank, called by ``_train`` at the points of a step (default: nothing).
+
+    Positions ``i`` are indices into the stage's layer list. Sizes are the terms of :func:`_rank_moments`
+    for the same strategy, so the stream's peak is the moments' peak, now with the engine's tensor layout
+    (flat buffers, per-parameter shards, per-layer all-gathers) for the allocator replay."""
+
+    def __init__(self, spec: ModelSpec, job: Job, lay: Layout, stage: _Stage):
+        from . import _block_param_elems
+
+        self.spec, self.job, self.lay, self.stage = spec, job, lay, stage
+        self.S = lay.shard
+        self.cb = _compute_bytes(job)
+        self.wb = _storage_bytes(job)
+        strat = job.strategy
+        self.lora = job.is_lora
+        self.lora_params = st.lora_adapter_params(spec, job) / lay.tp / lay.pp if self.lora else 0.0
+        self.adapter_b = 4 if strat in ("ddp", "fsdp", "fsdp2") else self.cb
+        self.trainable = stage.trainable
+        self.tb = self.adapter_b if self.lora else self.wb
+        opt_prec = job.precision if strat in ("ddp", "fsdp", "fsdp2") else (
+            "bf16-true" if _master_bytes(job) == 2 else "32-true")
+        if self.lora and strat in ("ddp", "fsdp", "fsdp2"):
+            opt_prec = "32-true"
+        self.opt_per, self.opt_tmp_per = _opt_bytes_per_elem(spec, job, opt_prec)
+        order = _layer_order(spec)
+        self._shapes = [_block_param_elems(spec, spec.blocks[order[i]]) for i in stage.layers]
+        self.n_states = {"adamw": 2, "adam": 2, "adafactor": 2}.get(job.optimizer, 1)
+
+    def layer_pieces(self, i: int, total: float) -> list[float]:
+        """Layer ``i``'s parameter tensors, scaled to add up to ``total`` bytes (one tensor per parameter)."""
+        from . import _scaled
+
+        return _whole(_scaled(list(self._shapes[i]), total))
+
+    def load(self, s) -> None: ...
+    def forward_start(self, s) -> None: ...
+    def pre_forward(self, s, i: int) -> None: ...
+    def post_forward(self, s, i: int) -> None: ...
+    def pre_head(self, s) -> None: ...
+    def backward_start(self, s) -> None: ...
+    def head_grads(self, s) -> list[int]: return []
+    def pre_backward(self, s, i: int) -> None: ...
+    def layer_grads(self, s, i: int) -> list[int]: return []
+    def post_backward(self, s, i: int) -> None: ...
+    def end_grads(self, s) -> list[int]: return []
+    def after_backward(self, s) -> None: ...
+    def step(self, s, step: int) -> None: ...
+
+
+class _ReplicatedStates(_EngineStates):
+    """torch DDP (and FSDP ``NO_SHARD``) where the rank's tensors are not the single-GPU ones (TP/PP): every
+    parameter whole, autograd's ``.grad`` per parameter as backward reaches it (the head's first, the
+    embedding's last), optimizer states per parameter from the first step, the foreach scratch at each step;
+    DDP's reducer buckets come in ``RankView.load_extra``."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.views = self.job.strategy == "ddp" and self.job.gradient_as_bucket_view and self.lay.dp > 1
+        self.grads: list[int] = []
+        self.states: list[int] = []
+
+    def load(self, s) -> None:
+        stg = self.stage
+        s.alloc(stg.embed * self.wb, "weights")
+        for i, p in enumerate(stg.layer_params):
+            for x in self.layer_pieces(i, p * self.wb):
+                s.alloc(x, "weights")
+        s.alloc(stg.head * self.wb, "weights")
+        for x in _even(self.lora_params * self.adapter_b, len(stg.layers)):
+            s.alloc(x, "lora_adapters")
+
+    def _grad(self, s, n: float) -> None:
+        if not self.views:
+            self.grads.append(s.alloc(n, "gradients"))
+
+    def head_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.head_trainable * self.tb)
+        return []
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        t = self.stage.layer_trainable[i] * self.tb
+        if self.lora:
+            self._grad(s, t)
+        else:
+            for x in self.layer_pieces(i, t):
+                self._grad(s, x)
+        return []
+
+    def end_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.embed_trainable * self.tb)
+        return []
+
+    def step(self, s, step: int) -> None:
+        if step == 0:
+            self.states = [s.alloc(x, "optimizer_states") for x in _even(self.trainable * self.opt_per, self.n_states)]
+        sc = s.alloc(self.trainable * self.opt_tmp_per, "temporaries")
+        s.free(sc)
+        s.free_all(self.grads)
+        self.grads = []
+
+
+class _FSDPStates(_EngineStates):
+    """FSDP2 ``fully_shard`` per decoder layer plus the root (FSDP1: one ``FlatParameter`` per wrapped layer):
+    see :func:`_fsdp_terms` for each term and its source. Shards (1/S, storage dtype) at load: FSDP2 one
+    per parameter (``FSDPParam._init_sharded_param``), FSDP1 one flat tensor per layer (``FlatParamHandle``).
+    Each layer's 16-bit all-gather is alive from its pre-forward to its post-forward and again from its
+    pre-backward (prefetched one layer ahead, ``_backward_prefetch``) to its post-backward, or from forward
+    to backward without ``reshard_after_forward``; the root's from the start of forward to the end of
+    backward. In backward, a layer's unsharded gradients (compute dtype) live until its post-backward, which
+    builds the reduce-scatter input (``reduce_dtype``), held until the next layer's reduce-scatter."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        job = self.job
+        self.reshard = (job.reshard_after_forward if job.strategy == "fsdp2"
+                        else job.fsdp_sharding in ("FULL_SHARD", "HYBRID_SHARD"))
+        self.on_gpu = job.offload == "none"
+        self.rb = 4 if job.precision in ("16-mixed", "bf16-mixed") else self.cb
+        n = len(self.stage.layers)
+        self.gathered: list[int] = [-1] * n
+        self.root = -1
+        self.unsharded: list[int] = []  # this layer's
+        self.root_unsharded: list[int] = []
+        self.rs = -1  # the last reduce-scatter input
+        self.grads: list[int] = []
+        self.states: list[int] = []
+        self.flat = job.strategy == "fsdp"
+
+    def load(self, s) -> None:
+        if not self.on_gpu:
+            return
+        stg, S = self.stage, self.S
+        s.alloc(fsdp2_root_params(stg) * self.wb / S, "weights")
+        for i, p in enumerate(stg.layer_params):
+            pieces = [p * self.wb / S] if self.flat else self.layer_pieces(i, p * self.wb / S)
+            for x in pieces:
+                s.alloc(x, "weights")
+        for x in _even(self.lora_params * self.adapter_b / S, len(stg.layers)):
+            s.alloc(x, "weights")
+
+    def forward_start(self, s) -> None:
+        self.root = s.alloc(fsdp2_root_params(self.stage) * self.cb, "gathered_weights")
+
+    def _gather(self, s, i: int) -> None:
+        if self.gathered[i] < 0:
+            self.gathered[i] = s.alloc(self.stage.layer_params[i] * self.cb, "gathered_weights")
+
+    def _reshard(self, s, i: int) -> None:
+        s.free(self.gathered[i])
+        self.gathered[i] = -1
+
+    def pre_forward(self, s, i: int) -> None:
+        self._gather(s, i)
+
+    def post_forward(self, s, i: int) -> None:
+        if self.reshard:
+            self._reshard(s, i)
+
+    def _sharded_grad(self, s, n: float) -> None:
+        if self.on_gpu:
+            self.grads.append(s.alloc(n * self.tb / self.S, "gradients"))
+
+    def head_grads(self, s) -> list[int]:
+        t = self.stage.head_trainable
+        self.root_unsharded.append(s.alloc(t * self.cb, "communication_buffers"))
+        self._sharded_grad(s, t)
+        return []
+
+    def pre_backward(self, s, i: int) -> None:
+        self._gather(s, i)
+        if self.reshard and i > 0:
+            self._gather(s, i - 1)  # backward prefetch of the layer before
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        t = self.stage.layer_trainable[i]
+        self.unsharded = [s.alloc(t * self.cb, "communication_buffers")]
+        self._sharded_grad(s, t)
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        self._reshard(s, i)
+        s.free(self.rs)
+        self.rs = s.alloc(self.stage.layer_trainable[i] * self.rb, "communication_buffers")
+        s.free_all(self.unsharded)
+        self.unsharded = []
+
+    def end_grads(self, s) -> list[int]:
+        s.free(self.rs)
+        stg = self.stage
+        self.root_unsharded.append(s.alloc(stg.embed_trainable * self.cb, "communication_buffers"))
+        self._sharded_grad(s, stg.embed_trainable)
+        self.rs = s.alloc((stg.head_trainable + stg.embed_trainable) * self.rb, "communication_buffers")
+        return []
+
+    def after_backward(self, s) -> None:
+        s.free(self.rs)
+        self.rs = -1
+        s.free_all(self.root_unsharded)
+        self.root_unsharded = []
+        s.free(self.root)
+        self.root = -1
+
+    def step(self, s, step: int) -> None:
+        if self.on_gpu:
+            if step == 0:
+                f = self.opt_per / self.n_states / self.S  # each state like the shard it tracks
+                sizes = [x * f for i, p in enumerate(self.stage.layer_trainable)
+                         for x in ([p] if self.flat or self.lora else self.layer_pieces(i, p)) * self.n_states]
+                root_t = self.stage.head_trainable + self.stage.embed_trainable
+                sizes += [root_t * f] * self.n_states
+                self.states += [s.alloc(x, "optimizer_states") for x in _whole(sizes)]
+            sc = s.alloc(self.trainable * self.opt_tmp_per / self.S, "temporaries")
+            s.free(sc)
+        s.free_all(self.grads)
+        self.grads = []
+
+
+class _Zero12States(_EngineStates):
+    """DeepSpeed ZeRO-1/2 (``DeepSpeedZeroOptimizer``, see :func:`_zero_terms`): the 16-bit parameters in one
+    flat buffer (``bit16_groups_flat``; a frozen LoRA base stays per parameter), the fp32 master partition
+    (``single_partition_of_fp32_groups``) made at init, the IPG bucket(s) (``reduce_bucket_size``, two with
+    ``overlap_comm``) from the first gradient of a backward to its end. Stage 1 keeps each ``.grad`` until the
+    end of backward, then copies them into the bucket one by one (each copy frees the original: the
+    gradient becomes a view into the bucket), and ``grads_in_partition`` (1/S) is made when the first bucket
+    is reduced; stage 2 makes ``grads_in_partition`` at the first hook and keeps one fresh gradient at a time.
+    The step flattens the partition's gradients, casts them to fp32, and runs the optimizer on the fp32
+    partition (its states one flat tensor each, from the first step)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        job = self.job
+        self.off = job.offload != "none"
+        self.zero1 = job.strategy == "zero1"
+        from ..deepspeed_config import zero_option
+
+        n = 2 if zero_option(job, "overlap_comm") else 1
+        total = zero_ipg_bucket_bytes(job, self.cb)
+        self.buckets = [total / n] * n if total else []
+        self.bucket_total = total
+        self.part_bytes = 0.0 if self.off else self.trainable * self.cb / self.S
+        self.bucket_h: list[int] = []
+        self.part = -1
+        self.fresh = -1
+        self.head_g: list[tuple[int, float]] = []  # stage 1's per-parameter .grad (handle, bytes)
+        self.layer_g: list[list[tuple[int, float]]] = [[] for _ in self.stage.layers]
+        self.embed_g: list[tuple[int, float]] = []
+        self.states: list[int] = []
+
+    def load(self, s) -> None:
+        stg = self.stage
+        if self.lora:  # only the trainable adapters are flattened; the frozen base stays as loaded
+            s.alloc(stg.embed * self.cb, "weights")
+            for i, p in enumerate(stg.layer_params):
+                for x in self.layer_pieces(i, p * self.cb):
+                    s.alloc(x, "weights")
+            s.alloc(stg.head * self.cb, "weights")
+            s.alloc(self.lora_params * self.cb, "weights")
+        else:
+            s.alloc(stg.params * self.cb, "weights")
+        if not self.off:
+            s.alloc(self.trainable * _master_bytes(self.job) / self.S, "master_weights")
+        else:  # temp_grad_buffer_for_gpu_offload: the largest parameter, 16-bit, made at init
+            s.alloc(_largest_param(self.spec, self.lay) * self.cb, "communication_buffers")
+
+    def backward_start(self, s) -> None:
+        self.bucket_h = [s.alloc(b, "communication_buffers") for b in self.buckets]
+        if not self.zero1:
+            self.part = s.alloc(self.part_bytes, "gradients")
+
+    def _grad(self, s, n: float, into: list) -> None:
+        if self.zero1 and n > 0:
+            into.append((s.alloc(n, "gradients"), n))
+
+    def head_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.head_trainable * self.cb, self.head_g)
+        return []
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        if self.zero1:
+            t = self.stage.layer_trainable[i] * self.cb
+            for x in ([t] if self.lora else self.layer_pieces(i, t)):
+                self._grad(s, x, self.layer_g[i])
+        elif self.trainable:
+            # the fresh 16-bit gradient of one parameter before the hook copies it into the bucket
+            self.fresh = s.alloc(self.stage.layer_max[i] * self.cb, "gradients")
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        s.free(self.fresh)
+        self.fresh = -1
+
+    def end_grads(self, s) -> list[int]:
+        if not self.zero1:
+            return []
+        self._grad(s, self.stage.embed_trainable * self.cb, self.embed_g)
+        # reduce_gradients: parameter order (embedding, layers, head); each copy into the bucket frees the
+        # .grad; the first full bucket is reduced into grads_in_partition
+        order = self.embed_g + [g for lg in self.layer_g for g in lg] + self.head_g
+        self.head_g, self.embed_g = [], []
+        self.layer_g = [[] for _ in self.stage.layers]
+        room = self.bucket_total
+        k = 0
+        while k < len(order) and order[k][1] <= room:
+            room -= order[k][1]
+            s.free(order[k][0])
+            k += 1
+        self.part = s.alloc(self.part_bytes, "gradients")
+        for h, _ in order[k:]:
+            s.free(h)
+        return []
+
+    def after_backward(self, s) -> None:
+        s.free_all(self.bucket_h)
+        self.bucket_h = []
+
+    def step(self, s, step: int) -> None:
+        if not self.off and self.trainable:
+            S = self.S
+            if step == 0:
+                self.states = [s.alloc(x, "optimizer_states")
+                               for x in _even(self.trainable * self.opt_per / S, self.n_states)]
+            flat = s.alloc(self.trainable * self.cb / S, "temporaries")
+            fp32 = s.alloc(self.trainable * 4 / S, "gradients")
+            s.free(self.part)
+            s.free(flat)
+            sc = s.alloc(self.trainable * self.opt_tmp_per / S, "temporaries")
+            s.free(sc)
+            s.free(fp32)
+        else:
+            s.free(self.part)
+        self.part = -1
+
+
+class _Zero3States(_EngineStates):
+    """DeepSpeed ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``, see :func:`_zero_terms`): the 16-bit partitions
+    flattened per sub-group (``fp16_partitioned_groups_flat``, ``sub_group_size`` elements), the small
+    persistent parameters whole, the fp32 master per sub-group, the flat gradient partition buffer and the
+    IPG bucket, all made at init. Each layer's parameters are all-gathered at its pre-forward and released
+    at its post-forward unless kept for reuse (:func:`zero3_gathered_at_loss`), gathered again in backward
+    with ``stage3_prefetch_bucket_size`` fetched ahead; one fresh 16-bit gradient exists at a time before
+    the hook copies it into the bucket. The step walks the sub-groups (flattened 16-bit gradients, their
+    fp32 copy, the optimizer's scratch)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from ..deepspeed_config import zero_option
+
+        job, stg = self.job, self.stage
+        self.off_opt = job.offload != "none"
+        self.off_par = job.offload == "optimizer+params"
+        self.head_b, self.kept_layers = zero3_gathered_at_loss(self.spec, job, stg)
+        self.persist = zero3_persistent_params(self.spec, job, stg, self.lay)
+        self.prefetch_b = float(zero_option(job, "stage3_prefetch_bucket_size")) * self.cb
+        self.sg_elems = float(zero_option(job, "sub_group_size"))
+        self.gathered: list[int] = [-1] * len(stg.layers)
+        self.head = self.prefetch = self.fresh = -1
+        self.states: list[int] = []
+
+    def _groups(self, per_elem: float) -> list[int]:
+        """The rank's partition of the trainable parameters in ``sub_group_size`` groups, ``per_elem`` bytes each."""
+        return _chunks(self.trainable / self.S * per_elem, self.sg_elems * per_elem)
+
+    def load(self, s) -> None:
+        stg, S, cb = self.stage, self.S, self.cb
+        if not self.off_par:
+            for x in _chunks((stg.params - self.persist) * cb / S, self.sg_elems * cb):
+                s.alloc(x, "weights")
+        for x in _even(self.persist * cb, len(stg.layers)):
+            s.alloc(x, "weights")
+        s.alloc(self.lora_params * cb / S, "weights")
+        if not self.off_opt:
+            for x in self._groups(_master_bytes(self.job)):
+                s.alloc(x, "master_weights")
+            s.alloc(self.trainable * cb / S, "gradients")  # grad_partitions_flat_buffer
+        s.alloc(zero_ipg_bucket_bytes(self.job, cb), "communication_buffers")
+
+    def pre_forward(self, s, i: int) -> None:
+        if self.gathered[i] < 0:
+            self.gathered[i] = s.alloc(self.stage.layer_params[i] * self.cb, "gathered_weights")
+
+    def post_forward(self, s, i: int) -> None:
+        if not self.kept_layers[i]:
+            s.free(self.gathered[i])
+            self.gathered[i] = -1
+
+    def pre_head(self, s) -> None:
+        self.head = s.alloc(self.head_b * self.cb, "gathered_weights")
+
+    def head_grads(self, s) -> list[int]:
+        s.free(self.head)
+        self.head = -1
+        return []
+
+    def pre_backward(self, s, i: int) -> None:
+        self.pre_forward(s, i)
+        self.prefetch = s.alloc(self.prefetch_b, "gathered_weights")
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        self.fresh = s.alloc(self.stage.layer_max[i] * self.cb, "communication_buffers")
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        s.free(self.fresh)
+        s.free(self.prefetch)
+        s.free(self.gathered[i])
+        self.fresh = self.prefetch = self.gathered[i] = -1
+
+    def step(self, s, step: int) -> None:
+        if self.off_opt or not self.trainable:
+            return
+        if step == 0:
+            for x in self._groups(self.opt_per):
+                self.states += [s.alloc(y, "optimizer_states") for y in _even(x, self.n_states)]
+        for x in self._groups(1.0):
+            flat = s.alloc(x * self.cb, "temporaries")
+            fp32 = s.alloc(x * 4, "temporaries")
+            s.free(flat)
+            sc = s.alloc(x * self.opt_tmp_per, "temporaries")
+            s.free(sc)
+            s.free(fp32)
+
+
+def _rank_view(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str) -> RankView:
+    """The rank's :class:`RankView`: DDP without TP/PP keeps the single-GPU stream's own states (the rank is
+    that GPU plus its reducer buckets); every other layout gets its engine's hooks."""
+    order = _layer_order(spec)
+    strat = job.strategy
+    plain_ddp = strat == "ddp" and lay.tp == 1 and lay.pp == 1
+    seq_share = 1.0 / lay.tp if lay.sp else 1.0
+    res = 4 if amode in ("32", "mixed") else 2
+    T = job.batch_size * job.seq_len
+    load_extra: tuple = ()
+    views = strat == "ddp" and job.gradient_as_bucket_view and lay.dp > 1
+    if strat == "ddp" and lay.dp > 1:
+        grads = (st.gradient_bytes(spec, _single(job)) if plain_ddp else
+                 stage.trainable * (4 if job.is_lora else _storage_bytes(job)))
+        load_extra = tuple((n, "gradients" if views else "communication_buffers")
+                           for n in _chunks(grads, DDP_BUCKET_BYTES))
+    if plain_ddp:
+        states = None
+    elif strat == "ddp" or (strat == "fsdp" and job.fsdp_sharding == "NO_SHARD"):
+        states = _ReplicatedStates(spec, job, lay, stage)
+    elif strat in ("fsdp", "fsdp2"):
+        states = _FSDPStates(spec, job, lay, stage)
+    elif strat == "zero3":
+        states = _Zero3States(spec, job, lay, stage)
+    else:
+        states = _Zero12States(spec, job, lay, stage)
+    if plain_ddp:
+        from . import _layer_order as single_order  # the single-GPU stream's own layer order
+
+        layers = single_order(spec)
+    else:
+        layers = [order[i] for i in stage.layers]
+    return RankView(layers=layers, amode=amode,
+                    autocast=amode == "mixed" and strat == "ddp", last=stage.last, tp_share=1.0 / lay.tp,
+                    act_share=_tp_activation_factor(lay), seq_share=seq_share, in_flight=stage.in_flight,
+                    recv_bytes=0.0 if stage.last else T * spec.hidden_size * res * seq_share, states=states,
+                    load_extra=load_extra, grad_views=views)
+
+
+def _single(job: Job) -> Job:
+    from . import _spec_job_for_single
+
+    return _spec_job_for_single(job)
+
+
+def rank_stream(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str):
+    """One rank's event stream (a warm-up step, then the measured one) and its accounting."""
+    from . import _train
+    from .events import Stream
+
+    s = Stream()
+    # the single-GPU job of the same micro-batch: what _train's own terms (inputs, activations) are read from
+    _train(spec, _single(job), s, rank=_rank_view(spec, job, lay, stage, amode))
+    return s
 
 
 # --------------------------------------------------------------------------------------------- host memory
@@ -708,35 +1263,15 @@ def _activation_mode(job: Job) -> str:
 DDP_BUCKET_BYTES = 25 << 20
 
 
-def _replayed_reserve(spec: ModelSpec, job: Job, lay, peak: int, comps: dict[str, int]) -> int:
-    """Peak reserved of one rank, from the single-GPU event stream of the same micro-batch.
+def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None) -> Breakdown:
+    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`.
 
-    Plain DDP is exactly that stream plus its gradient buckets (allocated when the reducer is built, kept for
-    the run, in 25 MiB buckets): the replay of the two gives the rank's reserve. For the sharded and
-    model-parallel layouts the per-rank stream is not built yet: the rank's peak gets the reserve-over-allocated
-    factor the single-GPU replay finds for the same micro-batch (an approximation, said so in the notes)."""
-    from . import _spec_job_for_single, _stream
-    from .events import replay
+    Each pipeline stage's rank is an event stream (:func:`rank_stream`): its accounting gives peak allocated
+    and the components at that moment, its replay through the caching-allocator model gives peak reserved.
+    With ``gpu_memory_bytes`` the most loaded rank's stream is replayed again with the allocator capped at the
+    card less the CUDA context and NCCL's buffers: ``fits`` says whether that rank completes its steps."""
+    from .events import account, replay
 
-    single = _spec_job_for_single(job)
-    stream, scomps, *_ = _stream(spec, single)
-    speak = sum(scomps.values())
-    if job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1:
-        buckets = comps.get("communication_buffers", 0)
-        load = next(i for i, op in enumerate(stream.ops) if op[0] == 2)  # right after the load phase mark
-        extra = []
-        while buckets > 0:
-            n = min(buckets, DDP_BUCKET_BYTES)
-            extra.append((0, -1 - len(extra), int(n), "communication_buffers"))
-            buckets -= n
-        stream.ops[load + 1:load + 1] = extra
-        return max(replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False))).peak_reserved_bytes, peak)
-    r = replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False)))
-    return int(peak * r.peak_reserved_bytes / max(1, speak))
-
-
-def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
-    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`."""
     if job.task != "train":
         raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
     if job.quantization != "none" and job.strategy != "ddp":
@@ -750,39 +1285,59 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
         job = job.replace(strategy="ddp")
     lay = layout(job)
     amode = _activation_mode(job)
-    best: tuple[float, dict[str, float], str, dict[str, int], _Stage] | None = None
+    best = None
     per_stage = []
     for stage in _stages(spec, job, lay):
-        ms = _rank_moments(spec, job, lay, stage, amode)
-        phases: dict[str, int] = {}
-        top: dict[str, float] | None = None
-        top_phase = ""
-        for m, comps in ms:
-            phase = m.phase
-            total = sum(comps.values())
-            phases[phase] = max(phases.get(phase, 0), int(total))
-            if top is None or total > sum(top.values()):
-                top, top_phase = comps, phase
-        per_stage.append({"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": int(sum(top.values())),
-                          "peak_phase": top_phase})
-        if best is None or sum(top.values()) > best[0]:
-            best = (sum(top.values()), top, top_phase, phases, stage)
+        stream = rank_stream(spec, job, lay, stage, amode)
+        acc = stream.accounted = account(stream)
+        per_stage.append({"stage": stage.index, "layers": len(stage.layers),
+                          "peak_allocated_bytes": acc.peak_allocated_bytes, "peak_phase": acc.peak_phase})
+        if best is None or acc.peak_allocated_bytes > best[1].peak_allocated_bytes:
+            best = (stream, acc, stage)
     assert best is not None
-    _, top, phase, phases, stage = best
-    comps = {k: int(v) for k, v in top.items() if int(v)}
-    peak = sum(comps.values())
-    reserved = _replayed_reserve(spec, job, lay, peak, comps)
+    stream, acc, stage = best
+    comps = dict(acc.components)
+    peak = acc.peak_allocated_bytes
+    phase = acc.peak_phase
+    phases = {k: v for k, v in acc.phases.items() if k in ("forward", "backward", "optimizer_step")}
+    expandable = bool(getattr(job, "expandable_segments", False))
+    run = replay(stream, expandable_segments=expandable)
+    reserved = run.peak_reserved_bytes
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
-    total = reserved + cuda_context_bytes(job.task) + nccl
+    ctx = cuda_context_bytes(job.task) + nccl
+    extras_fit: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
+                        "largest_component": max(comps, key=comps.get) if comps else ""}
+    fit_notes: list[str] = []
+    fits = headroom = None
+    if gpu_memory_bytes is not None:
+        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=expandable)
+        fits = capped.completed
+        if fits:
+            reserved = capped.peak_reserved_bytes
+            extras_fit["decided_by"] = extras_fit["largest_component"]
+        else:
+            extras_fit.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
+                              failed_phase=capped.failed_phase)
+            fit_notes.append(f"out of memory in {capped.failed_phase or 'load'}: a "
+                             f"{capped.failed_request_bytes / 2**30:.2f} GiB request ({capped.failed_component}) "
+                             f"with {capped.reserved_at_failure_bytes / 2**30:.2f} GiB reserved")
+            if peak + ctx <= gpu_memory_bytes:
+                line = (f"fails through fragmentation only: peak allocated {peak / 2**30:.2f} GiB plus the CUDA "
+                        "context and NCCL fits the card, but the caching allocator's free blocks do not fit the "
+                        "next request")
+                if not expandable:
+                    alt = replay(stream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=True)
+                    extras_fit["fits_with_expandable_segments"] = alt.completed
+                    line += "; with expandable_segments: true it " + ("runs" if alt.completed else "still does not fit")
+                fit_notes.append(line)
+        headroom = gpu_memory_bytes - (reserved + ctx)
+    total = reserved + ctx
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
     nvme_rank = nvme_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
-    if not (job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1):
-        notes.append("peak reserved: the rank's peak allocated times the reserve/allocated factor of the "
-                     "single-GPU replay for the same micro-batch (the per-rank event stream is not built yet)")
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
     if nvme_rank:
@@ -795,7 +1350,7 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     extras = {"layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "shard": lay.shard,
                          "sequence_parallel": lay.sp, "microbatches_in_flight": stage.in_flight},
               "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl,
-              "nvme_bytes_per_rank": int(nvme_rank)}
+              "nvme_bytes_per_rank": int(nvme_rank), **extras_fit}
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job.replace(strategy="single", gpus=1, gpus_per_node=1,
@@ -805,7 +1360,8 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
                                                                    sequence_parallel=False)),
         components=comps, peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=total,
         peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node),
-        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes, extras=extras)
+        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes + fit_notes, gpu_memory_bytes=gpu_memory_bytes,
+        fits=fits, headroom_bytes=headroom, extras=extras)
 
 
 # --------------------------------------------------------------------------------------------- closed forms
