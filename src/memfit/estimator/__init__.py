@@ -746,8 +746,12 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     from .events import cuda_context_bytes, replay
 
     spec = _spec(job, spec)
-    if job.strategy != "single" or job.gpus > 1:  # the most loaded rank's stream, replayed under the cap
-        return bool(estimate(job, spec, gpu_memory_bytes=gpu_memory_bytes).fits)
+    if job.strategy != "single" or job.gpus > 1:  # every rank's stream, replayed under the cap
+        from ..checks import check_job_for_model
+        from .parallel import fits_parallel
+
+        check_job_for_model(job, spec)
+        return fits_parallel(job, spec, gpu_memory_bytes)
     if spec.model_type == "gemma2" and job.attention == "sdpa":
         job = job.replace(attention="eager")
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":

@@ -1263,15 +1263,8 @@ def _activation_mode(job: Job) -> str:
 DDP_BUCKET_BYTES = 25 << 20
 
 
-def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None) -> Breakdown:
-    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`.
-
-    Each pipeline stage's rank is an event stream (:func:`rank_stream`): its accounting gives peak allocated
-    and the components at that moment, its replay through the caching-allocator model gives peak reserved.
-    With ``gpu_memory_bytes`` the most loaded rank's stream is replayed again with the allocator capped at the
-    card less the CUDA context and NCCL's buffers: ``fits`` says whether that rank completes its steps."""
-    from .events import account, replay
-
+def _parallel_job(job: Job, spec: ModelSpec) -> Job:
+    """``job`` as the multi-GPU estimate runs it (or a one-line JobError where it cannot)."""
     if job.task != "train":
         raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
     if job.quantization != "none" and job.strategy != "ddp":
@@ -1283,19 +1276,67 @@ def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None
                        "(adamw, adam, sgd, lion, adafactor)")
     if job.strategy == "single":
         job = job.replace(strategy="ddp")
+    return job
+
+
+def _rank_streams(job: Job, spec: ModelSpec):
+    """(layout, [(stage, stream, accounting)] for every pipeline stage): each stage's rank as a stream."""
+    from .events import account
+
     lay = layout(job)
     amode = _activation_mode(job)
-    best = None
-    per_stage = []
+    out = []
     for stage in _stages(spec, job, lay):
         stream = rank_stream(spec, job, lay, stage, amode)
-        acc = stream.accounted = account(stream)
-        per_stage.append({"stage": stage.index, "layers": len(stage.layers),
-                          "peak_allocated_bytes": acc.peak_allocated_bytes, "peak_phase": acc.peak_phase})
-        if best is None or acc.peak_allocated_bytes > best[1].peak_allocated_bytes:
-            best = (stream, acc, stage)
-    assert best is not None
-    stream, acc, stage = best
+        stream.accounted = account(stream)
+        out.append((stage, stream, stream.accounted))
+    return lay, out
+
+
+def _rank_overhead_bytes(job: Job) -> int:
+    """What a rank's process holds outside PyTorch's allocator: the CUDA context and NCCL's buffers."""
+    return cuda_context_bytes(job.task) + (NCCL_CONTEXT_BYTES if job.gpus > 1 else 0)
+
+
+def _capped_replays(ranks, capacity_bytes: int, expandable: bool):
+    """Replay every stage's stream under the cap, most loaded first: (None, None) when all complete, else the
+    first that fails and its replay. A stage whose tensors alone pass the cap fails without a replay."""
+    from .events import replay
+
+    for stage, stream, acc in sorted(ranks, key=lambda r: -r[2].peak_allocated_bytes):
+        if acc.peak_allocated_bytes > capacity_bytes:
+            return stage, None
+        r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable)
+        if not r.completed:
+            return stage, r
+    return None, None
+
+
+def fits_parallel(job: Job, spec: ModelSpec, gpu_memory_bytes: int) -> bool:
+    """Whether every rank of a multi-GPU job completes its steps with the allocator capped at the card less
+    the CUDA context and NCCL's buffers (the capped replay of each pipeline stage's stream)."""
+    job = _parallel_job(job, spec)
+    _, ranks = _rank_streams(job, spec)
+    failed, _ = _capped_replays(ranks, gpu_memory_bytes - _rank_overhead_bytes(job),
+                                bool(getattr(job, "expandable_segments", False)))
+    return failed is None
+
+
+def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None) -> Breakdown:
+    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`.
+
+    Each pipeline stage's rank is an event stream (:func:`rank_stream`): its accounting gives peak allocated
+    and the components at that moment, its replay through the caching-allocator model gives peak reserved
+    (the most loaded rank's are reported). With ``gpu_memory_bytes`` every stage's stream is replayed again
+    with the allocator capped at the card less the CUDA context and NCCL's buffers: ``fits`` says whether
+    every rank completes its steps."""
+    from .events import replay
+
+    job = _parallel_job(job, spec)
+    lay, ranks = _rank_streams(job, spec)
+    per_stage = [{"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": acc.peak_allocated_bytes,
+                  "peak_phase": acc.peak_phase} for stage, _, acc in ranks]
+    stage, stream, acc = max(ranks, key=lambda r: r[2].peak_allocated_bytes)
     comps = dict(acc.components)
     peak = acc.peak_allocated_bytes
     phase = acc.peak_phase
@@ -1304,29 +1345,35 @@ def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None
     run = replay(stream, expandable_segments=expandable)
     reserved = run.peak_reserved_bytes
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
-    ctx = cuda_context_bytes(job.task) + nccl
+    ctx = _rank_overhead_bytes(job)
     extras_fit: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
                         "largest_component": max(comps, key=comps.get) if comps else ""}
     fit_notes: list[str] = []
     fits = headroom = None
     if gpu_memory_bytes is not None:
-        capped = replay(stream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=expandable)
-        fits = capped.completed
+        failed, capped = _capped_replays(ranks, gpu_memory_bytes - ctx, expandable)
+        fits = failed is None
         if fits:
-            reserved = capped.peak_reserved_bytes
+            reserved = replay(stream, capacity_bytes=gpu_memory_bytes - ctx,
+                              expandable_segments=expandable).peak_reserved_bytes
             extras_fit["decided_by"] = extras_fit["largest_component"]
         else:
+            _, fstream, facc = next(r for r in ranks if r[0] is failed)
+            if capped is None:  # the tensors alone pass the cap: replay to find the request that fails
+                capped = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=expandable)
+            where = f" (pipeline stage {failed.index + 1} of {lay.pp})" if lay.pp > 1 else ""
             extras_fit.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                               failed_phase=capped.failed_phase)
-            fit_notes.append(f"out of memory in {capped.failed_phase or 'load'}: a "
+            fit_notes.append(f"out of memory in {capped.failed_phase or 'load'}{where}: a "
                              f"{capped.failed_request_bytes / 2**30:.2f} GiB request ({capped.failed_component}) "
                              f"with {capped.reserved_at_failure_bytes / 2**30:.2f} GiB reserved")
-            if peak + ctx <= gpu_memory_bytes:
-                line = (f"fails through fragmentation only: peak allocated {peak / 2**30:.2f} GiB plus the CUDA "
+            if facc.peak_allocated_bytes + ctx <= gpu_memory_bytes:
+                line = (f"fails through fragmentation only: peak allocated {facc.peak_allocated_bytes / 2**30:.2f} "
+                        "GiB plus the CUDA "
                         "context and NCCL fits the card, but the caching allocator's free blocks do not fit the "
                         "next request")
                 if not expandable:
-                    alt = replay(stream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=True)
+                    alt = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=True)
                     extras_fit["fits_with_expandable_segments"] = alt.completed
                     line += "; with expandable_segments: true it " + ("runs" if alt.completed else "still does not fit")
                 fit_notes.append(line)
