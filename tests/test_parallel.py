@@ -211,8 +211,8 @@ def test_zero3_on_8_gpus_is_as_fast_as_a_single_gpu_estimate():
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    # a rank's reserve replays the single-GPU stream of the same micro-batch: the per-rank moments on top of
-    # that may cost at most half as much again (timing noise on a shared 2-core machine included)
+    # a rank is one stream of the stage's layers, about the single-GPU stream's size: building and replaying it
+    # may cost at most half as much again (timing noise on a shared 2-core machine included)
     assert median_s(job) < 1.5 * median_s(single) + 0.005
 
 

@@ -1,13 +1,17 @@
 """Per-GPU memory of multi-GPU training: DDP, FSDP (FSDP1), FSDP2, DeepSpeed ZeRO 1-3, offload, and
 Megatron-style tensor / pipeline / sequence / expert parallelism. No torch.
 
-One rank's peak is built like the single-GPU estimate (``memfit.estimator._train``): the largest of the
-moments of a step - the loss at the end of forward, the loss's backward, each layer's backward, the end of
-backward, the optimizer step - each the sum of what is alive then. The activations, logits and temporaries
-of each moment come from the same per-layer replay (:mod:`memfit.estimator.layers`), scaled for tensor and
-sequence parallelism and multiplied by the micro-batches a pipeline stage holds; the model states and the
-engine's own buffers at each moment follow the engine's real layout, one small function per term below,
-each citing the source it was read from:
+One rank is one event stream, built by the single-GPU builder (``memfit.estimator._train``) with a
+:class:`RankView`: the stage's layers, activations scaled for tensor and sequence parallelism, the earlier
+micro-batches a pipeline stage holds, the loss on the last stage only, and the model states as the engine lays
+them out, emitted by one hook class per engine (:class:`_ReplicatedStates`, :class:`_FSDPStates`,
+:class:`_Zero12States`, :class:`_Zero3States`; plain DDP keeps the single-GPU states and adds its reducer
+buckets). The stream's accounting gives peak allocated, its replay through the caching-allocator model peak
+reserved, and its replay under a card's cap the fit (:func:`estimate_parallel`, :func:`fits_parallel`).
+
+The closed-form moments of a step (:func:`_rank_moments`: the loss, its backward, each layer's backward, the
+end of backward, the optimizer step, each the sum of what is alive then) are kept as the stream's check: the
+tests hold its peak to theirs. Each term is one small function below, citing the source it was read from:
 
 - torch DDP (``torch/nn/parallel/distributed.py``, ``torch/csrc/distributed/c10d/reducer.cpp``),
 - FSDP2 ``fully_shard`` (``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py``, ``_fsdp_collectives.py``),
@@ -436,7 +440,7 @@ def zero3_gathered_at_loss(spec: ModelSpec, job: Job, stage: _Stage) -> tuple[fl
 
 # --------------------------------------------------------------------------------------------- per strategy
 def _rank_moments(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str) -> list[tuple[_Moment, dict]]:
-    """Every moment of one rank with its {component: bytes}."""
+    """Every moment of one rank with its {component: bytes}: the closed-form check of :func:`rank_stream`."""
     S = lay.shard
     cb = _compute_bytes(job)
     wb = _storage_bytes(job)
