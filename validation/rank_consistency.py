@@ -13,7 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from memfit import Job  # noqa: E402
-from memfit.estimator import estimate  # noqa: E402
+from memfit.estimator import estimate, max_batch_size  # noqa: E402
+from memfit.models import load_model  # noqa: E402
 
 GiB = 2**30
 
@@ -92,7 +93,32 @@ def main() -> dict:
                            "ddp_reserved": ddp.peak_reserved_bytes, "buckets": bk})
         print(f"{name[:60]:60s} {single.peak_allocated_bytes / GiB:9.3f} {(ddp.peak_allocated_bytes - bk) / GiB:9.3f} "
               f"{diff:8d} {single.peak_reserved_bytes / GiB:8.3f} {ddp.peak_reserved_bytes / GiB:8.3f} {bk / GiB:7.3f}")
+    print()
+    print(f"{'largest micro-batch (seq 2048) on a card':70s} {'24 GiB':>7s} {'40 GiB':>7s} {'80 GiB':>7s}")
+    out["max_batch"] = []
+    for model, kw in FIT:
+        job = _job(model, {"seq_len": 2048, **kw})
+        spec = load_model(model)
+        ns = [max_batch_size(job, gib << 30, spec=spec, limit=256) for gib in (24, 40, 80)]
+        name = model + " " + " ".join(f"{k}={v}" for k, v in kw.items())
+        out["max_batch"].append({"job": name, "max_batch_size": ns})
+        print(f"{name[:70]:70s} {ns[0]:7d} {ns[1]:7d} {ns[2]:7d}")
     return out
+
+
+FIT = [
+    ("llama-3.2-1b", dict(strategy="ddp", gpus=4, precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.2-3b", dict(strategy="fsdp2", gpus=8, precision="bf16-mixed")),
+    ("llama-3.2-3b", dict(strategy="fsdp", gpus=8, precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.1-8b", dict(strategy="fsdp2", gpus=8, precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.1-8b", dict(strategy="zero2", gpus=8, precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.1-8b", dict(strategy="zero3", gpus=8, precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.1-8b", dict(strategy="zero3", gpus=8, precision="bf16-mixed", offload="optimizer+params",
+                          gradient_checkpointing=True)),
+    ("qwen2.5-7b", dict(strategy="fsdp2", gpus=4, method="lora", precision="bf16-mixed", gradient_checkpointing=True)),
+    ("llama-3.1-70b", dict(strategy="zero1", gpus=64, gpus_per_node=8, tensor_parallel=8, pipeline_parallel=8,
+                           sequence_parallel=True, gradient_checkpointing=True)),
+]
 
 
 if __name__ == "__main__":
