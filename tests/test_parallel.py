@@ -398,6 +398,21 @@ def _stream_vs_moments(d: dict):
         yield job, spec, lay, stage, moments, stream
 
 
+def _widest_forward_temporary(spec, job, lay, stage) -> float:
+    """Largest single tensor of any layer's forward on this stage (bytes, TP-scaled as the stream scales it)."""
+    from memfit.estimator import _dropout, parallel as P
+    from memfit.estimator import states as st_
+    from memfit.estimator.layers import Mode, layer_tensors_per_token
+
+    amode = P._activation_mode(job)
+    mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=st_.lora_targets(spec, job),
+                lora_rank=job.lora_rank, attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
+    order = P._layer_order(spec)
+    T = job.batch_size * job.seq_len
+    return max(n for i in stage.layers for n, _ in layer_tensors_per_token(spec, order[i], mode)) * T \
+        * P._tp_activation_factor(lay)
+
+
 @pytest.mark.parametrize("d", list(_grid()), ids=lambda d: "-".join(f"{v}" for v in d.values()))
 def test_rank_stream_peak_is_the_moments_peak(d):
     """The rank's event stream, accounted by tensor bytes, peaks where the closed-form moments do.
@@ -407,11 +422,16 @@ def test_rank_stream_peak_is_the_moments_peak(d):
     the IPG bucket one whole tensor at a time (each copy frees the ``.grad``) and makes ``grads_in_partition``
     when the first bucket is reduced; the moments free a full bucket, the stream whole tensors, so the stream
     is up to one parameter above (DeepSpeed 0.19 stage_1_and_2.py ``reduce_independent_p_g_buckets_and_remove_grads``).
-    QLoRA's packed weights exist in the stream only (the moments count unquantized ones): it is compared with
-    the single-GPU estimate instead."""
+    A stage before the last has no loss: the moments' end of forward is then the layers' kept tensors, the
+    stream's also holds the last layer's widest forward temporary (up to that much above). QLoRA's packed
+    weights exist in the stream only (the moments count unquantized ones): it is compared with the single-GPU
+    estimate instead."""
     from memfit.estimator.parallel import _largest_param
 
     for job, spec, lay, stage, moments, stream in _stream_vs_moments(d):
+        if not stage.last and stream > moments + 1024:
+            assert stream - moments <= _widest_forward_temporary(spec, job, lay, stage) + 1024, (moments, stream)
+            continue
         if job.quantization != "none":
             single = estimate(job.replace(strategy="single", gpus=1, gpus_per_node=1))
             bd = estimate(job)

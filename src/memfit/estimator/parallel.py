@@ -498,6 +498,8 @@ def _fsdp_terms(m: _Moment, stage: _Stage, S: int, cb: int, wb: int, tb: int, tr
     - gathered 16-bit parameters (``gathered_weights``): the root group from forward to the end of backward; in
       backward the layer being differentiated and the one prefetched before it (``_backward_prefetch``); with
       ``reshard_after_forward=False`` (or FSDP1 SHARD_GRAD_OP) every layer from its forward to its backward;
+      at the loss, FSDP2 still holds the last layer's flat all-gather output (freed at the root's post-forward,
+      torch 2.13 ``_fsdp_state.py`` ``FSDPState._post_forward``);
     - ``communication_buffers``: the layer's unsharded gradients in the compute dtype until its
       post-backward, and the reduce-scatter input of the previous layer in ``reduce_dtype`` (fp32 for
       ``*-mixed``: ``foreach_reduce`` copies and casts the gradients into one flat buffer, held until the next
@@ -520,6 +522,9 @@ def _fsdp_terms(m: _Moment, stage: _Stage, S: int, cb: int, wb: int, tb: int, tr
     if m.kind in ("loss", "loss_backward"):
         if not reshard:
             gathered += stage.params_through(len(lp) - 1) * cb
+        if m.kind == "loss" and job.strategy == "fsdp2" and lp:
+            # the last layer's all-gather output, kept until the root's post-forward (FSDPState._post_forward)
+            gathered += lp[-1] * cb
     elif m.kind == "layer_backward":
         k = m.layer
         if reshard:
@@ -820,7 +825,14 @@ class _FSDPStates(_EngineStates):
     pre-backward (prefetched one layer ahead, ``_backward_prefetch``) to its post-backward, or from forward
     to backward without ``reshard_after_forward``; the root's from the start of forward to the end of
     backward. In backward, a layer's unsharded gradients (compute dtype) live until its post-backward, which
-    builds the reduce-scatter input (``reduce_dtype``), held until the next layer's reduce-scatter."""
+    builds the reduce-scatter input (``reduce_dtype``), held until the next layer's reduce-scatter.
+
+    FSDP2 gathers in two steps (torch 2.13 ``_fsdp_collectives.py`` ``foreach_all_gather`` /
+    ``foreach_all_gather_copy_out``): one flat all-gather output per group, copied out into per-parameter
+    unsharded tensors. In backward the flat output is freed right after the copy-out; in forward
+    (``FSDPParamGroup.wait_for_unshard``, implicit prefetching) it is kept until the next group's copy-out, and
+    the last one until the root's post-forward (``FSDPState._post_forward``), i.e. through the loss. FSDP1
+    all-gathers straight into the ``FlatParameter``'s padded unsharded tensor."""
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -830,8 +842,10 @@ class _FSDPStates(_EngineStates):
         self.on_gpu = job.offload == "none"
         self.rb = 4 if job.precision in ("16-mixed", "bf16-mixed") else self.cb
         n = len(self.stage.layers)
-        self.gathered: list[int] = [-1] * n
-        self.root = -1
+        self.gathered: list[list[int] | None] = [None] * n
+        self.prefetched: dict[int, int] = {}  # backward prefetch: the all-gather output, not yet copied out
+        self.pending = -1  # FSDP2 forward: the last all-gather output, freed at the next copy-out
+        self.root: list[int] = []
         self.unsharded: list[int] = []  # this layer's
         self.root_unsharded: list[int] = []
         self.rs = -1  # the last reduce-scatter input
@@ -851,19 +865,38 @@ class _FSDPStates(_EngineStates):
         for x in _even(self.lora_params * self.adapter_b / S, len(stg.layers)):
             s.alloc(x, "weights")
 
-    def forward_start(self, s) -> None:
-        self.root = s.alloc(fsdp2_root_params(self.stage) * self.cb, "gathered_weights")
+    def _unshard(self, s, nbytes: float, pieces, flat: int = -1) -> list[int]:
+        """One group's all-gather: FSDP1 the unsharded flat parameter; FSDP2 the flat output (``flat`` when
+        prefetched), then the per-parameter copy-out. Returns the unsharded tensors; the FSDP2 flat output is
+        left in ``self.pending`` (freed at the next copy-out, or at once in backward by :meth:`_gather`)."""
+        if self.flat:
+            return [flat if flat >= 0 else s.alloc(nbytes, "gathered_weights")]
+        if flat < 0:
+            flat = s.alloc(nbytes, "gathered_weights")
+        s.free(self.pending)  # the previous forward all-gather output, kept until this copy-out
+        self.pending = flat
+        return [s.alloc(x, "gathered_weights") for x in pieces]
 
-    def _gather(self, s, i: int) -> None:
-        if self.gathered[i] < 0:
-            self.gathered[i] = s.alloc(self.stage.layer_params[i] * self.cb, "gathered_weights")
+    def forward_start(self, s) -> None:
+        stg = self.stage
+        root = fsdp2_root_params(stg) * self.cb
+        self.root = self._unshard(s, root, _whole([stg.embed * self.cb, stg.head * self.cb]))
+
+    def _gather(self, s, i: int, forward: bool) -> None:
+        if self.gathered[i] is None:
+            nbytes = self.stage.layer_params[i] * self.cb
+            self.gathered[i] = self._unshard(s, nbytes, None if self.flat else self.layer_pieces(i, nbytes),
+                                             self.prefetched.pop(i, -1))
+            if not forward:  # backward: the all-gather output is freed right after its copy-out
+                s.free(self.pending)
+                self.pending = -1
 
     def _reshard(self, s, i: int) -> None:
-        s.free(self.gathered[i])
-        self.gathered[i] = -1
+        s.free_all(self.gathered[i] or [])
+        self.gathered[i] = None
 
     def pre_forward(self, s, i: int) -> None:
-        self._gather(s, i)
+        self._gather(s, i, forward=True)
 
     def post_forward(self, s, i: int) -> None:
         if self.reshard:
@@ -879,10 +912,15 @@ class _FSDPStates(_EngineStates):
         self._sharded_grad(s, t)
         return []
 
+    def backward_start(self, s) -> None:
+        s.free(self.pending)  # the last forward all-gather output: freed at the root's post-forward
+        self.pending = -1
+
     def pre_backward(self, s, i: int) -> None:
-        self._gather(s, i)
-        if self.reshard and i > 0:
-            self._gather(s, i - 1)  # backward prefetch of the layer before
+        self._gather(s, i, forward=False)
+        if self.reshard and i > 0 and self.gathered[i - 1] is None and i - 1 not in self.prefetched:
+            # backward prefetch of the layer before: its all-gather output, copied out at its pre-backward
+            self.prefetched[i - 1] = s.alloc(self.stage.layer_params[i - 1] * self.cb, "gathered_weights")
 
     def layer_grads(self, s, i: int) -> list[int]:
         t = self.stage.layer_trainable[i]
@@ -910,8 +948,8 @@ class _FSDPStates(_EngineStates):
         self.rs = -1
         s.free_all(self.root_unsharded)
         self.root_unsharded = []
-        s.free(self.root)
-        self.root = -1
+        s.free_all(self.root)
+        self.root = []
 
     def step(self, s, step: int) -> None:
         if self.on_gpu:
