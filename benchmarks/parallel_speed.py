@@ -35,6 +35,8 @@ if __name__ == "__main__":
         t = time.perf_counter()
         n = max_batch_size(jobs[0], 80 << 30, spec=spec, limit=512)
         ms = (time.perf_counter() - t) * 1e3
-        layout = kw["strategy"] + (f" tp{kw['tensor_parallel']} pp{kw['pipeline_parallel']}" if "pipeline_parallel" in kw else "")
+        layout = kw["strategy"]
+        if "pipeline_parallel" in kw:
+            layout += f" tp{kw['tensor_parallel']} pp{kw['pipeline_parallel']}"
         print(f"{model:14s} {layout:16s} estimate {statistics.median(times) * 1e3:7.2f} ms/call "
               f"({bd.extras['events']:6d} events)   max_batch_size(80 GiB) {ms:7.1f} ms -> {n}")

@@ -89,8 +89,9 @@ def main() -> dict:
         diff = ddp.peak_allocated_bytes - bk - single.peak_allocated_bytes
         name = model + " " + " ".join(f"{k}={v}" for k, v in kw.items())
         out["ddp"].append({"job": name, "single_allocated": single.peak_allocated_bytes,
-                           "ddp_minus_buckets": ddp.peak_allocated_bytes - bk, "single_reserved": single.peak_reserved_bytes,
-                           "ddp_reserved": ddp.peak_reserved_bytes, "buckets": bk})
+                           "ddp_minus_buckets": ddp.peak_allocated_bytes - bk,
+                           "single_reserved": single.peak_reserved_bytes, "ddp_reserved": ddp.peak_reserved_bytes,
+                           "buckets": bk})
         print(f"{name[:60]:60s} {single.peak_allocated_bytes / GiB:9.3f} {(ddp.peak_allocated_bytes - bk) / GiB:9.3f} "
               f"{diff:8d} {single.peak_reserved_bytes / GiB:8.3f} {ddp.peak_reserved_bytes / GiB:8.3f} {bk / GiB:7.3f}")
     print()

@@ -278,7 +278,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         cache_layers = [[x * tp_share for x in c] for c in cache_layers]
         cache_head = cache_head * tp_share if has_head else 0
     mw = mlp_width(spec)
-    transient = [T * e * mw * tp_share, T * e * mw * tp_share, T * e * H * seq_share, T * e * H * seq_share]  # a layer's backward scratch
+    # a layer's backward scratch
+    transient = [T * e * mw * tp_share, T * e * mw * tp_share, T * e * H * seq_share, T * e * H * seq_share]
     if rank is not None and rank.grad_views:  # DDP gradient_as_bucket_view: the .grad are views into the buckets
         head_grads, layer_grads, embed_grads = [], [[] for _ in layers], []
 
