@@ -16,7 +16,7 @@ from ..models.spec import ModelSpec
 from . import quant
 from . import states as st
 from . import forward as fw
-from .layers import Mode, layer_forward_tensors, layer_tensors_per_token, saved_bytes_per_token
+from .layers import Mode, layer_forward_tensors, saved_bytes_per_token
 
 __all__ = ["estimate", "max_batch_size", "fits_on", "model_states"]
 
@@ -208,22 +208,34 @@ def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) ->
 TRAIN_STEPS = 2
 
 
-def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
+           rank=None) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
     """Build the training run's event stream (into ``stream`` when given) and account it: (components at the
     peak, peak phase, phase peaks, notes). The stream is the one description: the moments the estimate has
     always counted (the loss, its backward, each layer's backward, the end of backward, the optimizer step) are
-    points of it."""
+    points of it.
+
+    ``rank`` (a :class:`memfit.estimator.parallel.RankView`) builds one rank of a multi-GPU job instead: its
+    layers (a pipeline stage), activations scaled for tensor / sequence parallelism, the micro-batches in
+    flight, the loss on the last stage only, and the model states laid out by the engine's hooks
+    (``rank.states``; None keeps the single-GPU states, plus ``rank.load_extra`` such as DDP's buckets)."""
     from .events import Stream, account
 
     s = stream if stream is not None else Stream()
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
-    amode = _act_mode(job)
+    amode = _act_mode(job) if rank is None else rank.amode
+    hooks = rank.states if rank is not None else None
+    tp_share = rank.tp_share if rank is not None else 1.0  # vocabulary, MLP width and weight-sized tensors
+    act_share = rank.act_share if rank is not None else 1.0  # a layer's saved activations (TP)
+    seq_share = rank.seq_share if rank is not None else 1.0  # residual-stream tensors (SP)
+    has_head = rank is None or rank.last
+    has_embedding = rank is None or rank.first
     e = 4 if amode == "32" else 2
     pb = st.param_bytes(job.precision)
     res = 4 if amode in ("32", "mixed") else 2
     notes: list[str] = []
-    layers = _layer_order(spec)
+    layers = _layer_order(spec) if rank is None else list(rank.layers)
     L = len(layers)
 
     weights = st.weight_bytes(spec, job)
@@ -235,14 +247,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
                      "more weights than 16-bit, and fp32 activations and logits")
     grads_total = st.gradient_bytes(spec, job)
     opt_states = st.optimizer_state_bytes(spec, job)
-    cache = st.autocast_cache_bytes(spec, job)
+    cache = st.autocast_cache_bytes(spec, job) if rank is None or rank.autocast else 0
     frozen_casts: list[list[int]] = [[] for _ in layers]
     if cache and job.is_lora and job.gradient_checkpointing:
         # autocast caches casts of leaves that require grad only: a frozen base's 16-bit copies are made per
         # use, and under checkpointing nothing keeps them, so one layer's copies exist at a time (its backward)
-        widest = max(range(len(spec.blocks)), key=lambda bi: sum(
+        widest = max(range(len(spec.blocks)) if rank is None else sorted(set(layers)), key=lambda bi: sum(
             lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears))
-        casts = [2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[widest].linears]
+        casts = [2 * lin.in_features * lin.out_features * lin.count * tp_share for lin in spec.blocks[widest].linears]
         frozen_casts = [casts for _ in layers]
         cache = 2 * spec.lm_head_params if spec.head in ("causal_lm", "masked_lm") else 0
     ws = st.CUBLAS_WORKSPACE_BYTES
@@ -251,10 +263,10 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
                 attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
-    layer_tensors = {bi: [(bpt * T, saved, held) for bpt, saved, held in layer_forward_tensors(spec, bi, mode)]
+    layer_tensors = {bi: [(bpt * T * act_share, saved, held) for bpt, saved, held in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
-    merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) for bi in set(layers)}
-    layer_input = T * H * res
+    merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) * tp_share for bi in set(layers)}
+    layer_input = T * H * res * seq_share
     stash = {}
     if ckpt and job.quantization == "int8":
         # bitsandbytes' MatMul8bitLt stashes its input on ctx (not save_for_backward), outside the saved-tensor
@@ -265,19 +277,25 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             at = b.attention
             width = (b.moe.routed_copies * b.moe.expert_intermediate_size if b.moe is not None
                      else (b.mlp.intermediate_size if b.mlp is not None else 0))
-            stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width)
+            stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width) * act_share
     # final norm output kept for the head, and its fp32 input
-    final_saved = [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])
+    final_saved = [x * seq_share for x in [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])]
     if spec.model_type in _ENCODERS and spec.head == "seq_cls":
         # no final norm: the pooler (BERT, RoBERTa's classifier dense) or pre_classifier (DistilBERT) takes
         # hidden_states[:, 0], a view whose Linear keeps the whole last hidden state - except under autocast,
         # where the Linear keeps its (batch, hidden) 16-bit cast (transformers 5.17 modeling_bert.py BertPooler,
         # modeling_distilbert.py DistilBertForSequenceClassification)
-        final_saved = [] if amode == "mixed" else [T * H * res]
+        final_saved = [] if amode == "mixed" else [T * H * res * seq_share]
+    if not has_head:
+        final_saved = []
     first = layer_tensors[layers[0]][0] if layers else (0.0, True, True)
     emb_saved, emb_held, emb_first = _embedding_stage(spec, T, res, first_input_saved=first[1] and not ckpt)
-    lm = spec.head in ("causal_lm", "masked_lm")  # ForMaskedLMLoss upcasts and cross-entropies the same way
-    TV = T * V
+    if not has_embedding:  # a later pipeline stage: its input arrives from the previous stage (recv_bytes)
+        emb_saved, emb_held = [], 0.0
+    emb_saved = [x * seq_share for x in emb_saved]
+    emb_held *= seq_share
+    lm = spec.head in ("causal_lm", "masked_lm") and has_head  # ForMaskedLMLoss upcasts the same way
+    TV = T * V * tp_share  # Megatron's vocab-parallel cross entropy keeps 1/t of the logits
     if lm and spec.final_logit_softcapping:
         notes.append("final logit soft-capping keeps one more vocab-sized tensor (tanh output)")
 
@@ -309,22 +327,35 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
     cache_layers = ([[2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears]
                      for bi in layers] if cache and not any(frozen_casts) else [[] for _ in layers])
     cache_head = cache - sum(sum(c) for c in cache_layers)
+    if rank is not None:  # the head's cast is the single-GPU one (whatever layers this stage holds), split by TP
+        if cache and not any(frozen_casts):
+            cache_head = cache - sum(2 * lin.in_features * lin.out_features * lin.count
+                                     for bi in _layer_order(spec) for lin in spec.blocks[bi].linears)
+        cache_layers = [[x * tp_share for x in c] for c in cache_layers]
+        cache_head = cache_head * tp_share if has_head else 0
     mw = mlp_width(spec)
     # a layer's backward scratch: MLP-wide gradients and two hidden-sized ones (see _mlp_backward_widths)
-    transient = [T * e * mw] * _mlp_backward_widths(spec) + [T * e * H, T * e * H]
+    transient = [T * e * mw * tp_share] * _mlp_backward_widths(spec) + [T * e * H * seq_share, T * e * H * seq_share]
+    if rank is not None and rank.grad_views:  # DDP gradient_as_bucket_view: the .grad are views into the buckets
+        head_grads, layer_grads, embed_grads = [], [[] for _ in layers], []
 
     # ---------------------------------------------------------------------------------------- load
     s.phase("load")
     lora = st.lora_adapter_params(spec, job) * 4 if job.is_lora else 0
-    for w in _weight_tensors(spec, job, layers, weights - lora):
-        s.alloc(w, "weights")
-    if lora:
-        for bi in layers:
-            for x in _lora_elems(spec, job, spec.blocks[bi]):
-                s.alloc(x * 4, "lora_adapters")
+    if hooks is not None:
+        hooks.load(s)
+    else:
+        for w in _weight_tensors(spec, job, layers, weights - lora):
+            s.alloc(w, "weights")
+        if lora:
+            for bi in layers:
+                for x in _lora_elems(spec, job, spec.blocks[bi]):
+                    s.alloc(x * 4, "lora_adapters")
     if qstate:
         for bi in layers:
             s.alloc(qstate / max(1, L), "quantization_state")
+    for n, comp in (rank.load_extra if rank is not None else ()):
+        s.alloc(n, comp)
     for _ in range(3):
         s.alloc(T * 8, "temporaries")  # input_ids, the padded labels and the shifted labels (int64)
 
@@ -336,11 +367,26 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.alloc(ws / 2, "temporaries")  # cuBLAS and cuBLASLt workspaces at the first matmul
             s.alloc(ws / 2, "temporaries")
         q = s.alloc(qtemp, "temporaries")
+        waiting: list[int] = []
+        if rank is not None:
+            # pipeline: the activation received from the previous stage, and the earlier micro-batches' kept
+            # activations waiting for their backward (1F1B holds ``in_flight`` micro-batches on this stage)
+            waiting.append(s.alloc(rank.recv_bytes, "temporaries"))
+            for _ in range(rank.in_flight - 1):
+                for bi in layers:
+                    if ckpt:
+                        waiting.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
+                    else:
+                        waiting += [s.alloc(n, "activations") for n, saved, _held in layer_tensors[bi] if saved]
+        if hooks is not None:
+            hooks.forward_start(s)
         emb = [s.alloc(x, "activations") for x in emb_saved]
         emb_out = s.alloc(emb_held, "temporaries") if emb_held and not (ckpt and emb_first) else -1
         kept: list[list[int]] = []
         caches: list[list[int]] = []
         for i, bi in enumerate(layers):
+            if hooks is not None:
+                hooks.pre_forward(s, i)
             caches.append([s.alloc(c, "autocast_cache") for c in cache_layers[i]])
             mine: list[int] = []
             if ckpt:
@@ -363,6 +409,10 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             if not ckpt:
                 mine.append(s.alloc(merged[bi], "activations"))
             kept.append(mine)
+            if hooks is not None:
+                hooks.post_forward(s, i)
+        if hooks is not None:
+            hooks.pre_head(s)
         fin = [s.alloc(x, "activations") for x in final_saved]
         s.free(emb_out)
         ch = s.alloc(cache_head, "autocast_cache")
@@ -379,9 +429,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             tanh = s.alloc(TV * e, "logits_and_loss") if spec.final_logit_softcapping else -1
             s.free(logits)
             s.free(up)
-        else:
+        elif has_head:
             logsm, tanh = s.alloc(T * spec.num_labels * 4, "logits_and_loss"), -1
+        else:  # not the last pipeline stage: no head, no loss
+            logsm = tanh = -1
         s.phase("backward")
+        if hooks is not None:
+            hooks.backward_start(s)
         if ckpt:
             s.free(ch)
             for c in caches:
@@ -401,17 +455,19 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             g3 = s.alloc(TV * e, "logits_and_loss") if e != 4 else -1
             s.free(g2)
             s.free(g3)
-        else:
+        elif has_head:
             g1 = s.alloc(T * spec.num_labels * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
         if not ckpt:
             s.free(ch)
-        grads = [s.alloc(x, "gradients") for x in head_grads]
+        grads = [s.alloc(x, "gradients") for x in head_grads] if hooks is None else hooks.head_grads(s)
         s.free_all(fin)
         for i in range(L - 1, -1, -1):
             bi = layers[i]
             live = kept[i]
+            if hooks is not None:
+                hooks.pre_backward(s, i)
             if ckpt:  # recompute the layer's forward, keeping what backward needs
                 s.free_all(live)
                 live = []
@@ -429,23 +485,31 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
                 s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]
-            grads += [s.alloc(x, "gradients") for x in layer_grads[i]]
+            grads += [s.alloc(x, "gradients") for x in layer_grads[i]] if hooks is None else hooks.layer_grads(s, i)
             s.free_all(tmp)
             s.free_all(live)
             if not ckpt:
                 s.free_all(caches[i])
+            if hooks is not None:
+                hooks.post_backward(s, i)
         s.free_all(emb)
         # end of backward: the embedding gradient arrives last
-        t = s.alloc(T * H * e, "temporaries")
-        grads += [s.alloc(x, "gradients") for x in embed_grads]
+        t = s.alloc(T * H * e * seq_share, "temporaries")
+        grads += [s.alloc(x, "gradients") for x in embed_grads] if hooks is None else hooks.end_grads(s)
         s.free(t)
         s.free(q)
+        s.free_all(waiting)
+        if hooks is not None:
+            hooks.after_backward(s)
         s.phase("optimizer_step")
-        if step == 0:
-            for x in state_tensors:
-                s.alloc(x, "optimizer_states")
-        sc = [s.alloc(x, "temporaries") for x in scratch]
-        s.free_all(sc)
+        if hooks is not None:
+            hooks.step(s, step)
+        else:
+            if step == 0:
+                for x in state_tensors:
+                    s.alloc(x, "optimizer_states")
+            sc = [s.alloc(x, "temporaries") for x in scratch]
+            s.free_all(sc)
         s.free_all(grads)  # zero_grad(set_to_none=True)
         s.phase("end")
 
@@ -732,7 +796,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     if job.strategy != "single" or job.gpus > 1:
         from .parallel import estimate_parallel  # DDP, FSDP, ZeRO, offload, TP/PP/SP/EP: per rank
 
-        bd = estimate_parallel(job, spec)
+        bd = estimate_parallel(job, spec, gpu_memory_bytes=gpu_memory_bytes)
         bd.notes.extend(remarks)
         return bd
     # Gemma 2 under sdpa runs transformers 5.17's sdpa path, training and inference alike
@@ -791,8 +855,12 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> b
     from .events import cuda_context_bytes, replay
 
     spec = _spec(job, spec)
-    if job.strategy != "single" or job.gpus > 1:
-        return estimate(job, spec).device_total_bytes <= gpu_memory_bytes
+    if job.strategy != "single" or job.gpus > 1:  # every rank's stream, replayed under the cap
+        from ..checks import check_job_for_model
+        from .parallel import fits_parallel
+
+        check_job_for_model(job, spec)
+        return fits_parallel(job, spec, gpu_memory_bytes)
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
     stream, comps, *_ = _stream(spec, job, fit=True)

@@ -1,13 +1,16 @@
 """Per-GPU memory of multi-GPU training: DDP, FSDP (FSDP1), FSDP2, DeepSpeed ZeRO 1-3, offload, and
 Megatron-style tensor / pipeline / sequence / expert parallelism. No torch.
 
-One rank's peak is built like the single-GPU estimate (``memfit.estimator._train``): the largest of the
-moments of a step - the loss at the end of forward, the loss's backward, each layer's backward, the end of
-backward, the optimizer step - each the sum of what is alive then. The activations, logits and temporaries
-of each moment come from the same per-layer replay (:mod:`memfit.estimator.layers`), scaled for tensor and
-sequence parallelism and multiplied by the micro-batches a pipeline stage holds; the model states and the
-engine's own buffers at each moment follow the engine's real layout, one small function per term below,
-each citing the source it was read from:
+One rank is one event stream, built by the single-GPU builder (``memfit.estimator._train``) with a
+:class:`RankView`: the stage's layers, activations scaled for tensor and sequence parallelism, the earlier
+micro-batches a pipeline stage holds, the loss on the last stage only, and the model states as the engine lays
+them out, emitted by one hook class per engine (:class:`_ReplicatedStates`, :class:`_FSDPStates`,
+:class:`_Zero12States`, :class:`_Zero3States`; plain DDP keeps the single-GPU states and adds its reducer
+buckets). The stream's accounting gives peak allocated, its replay through the caching-allocator model peak
+reserved, and its replay under a card's cap the fit (:func:`estimate_parallel`, :func:`fits_parallel`).
+
+The stream is the one accounting: the closed-form moments that once stood beside it (and drifted from the
+single-GPU rules whenever those moved) are gone. Each engine term below cites the source it was read from:
 
 - torch DDP (``torch/nn/parallel/distributed.py``, ``torch/csrc/distributed/c10d/reducer.cpp``),
 - FSDP2 ``fully_shard`` (``torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py``, ``_fsdp_collectives.py``),
@@ -202,18 +205,6 @@ def _stages(spec: ModelSpec, job: Job, lay: Layout) -> list[_Stage]:
 
 
 # --------------------------------------------------------------------------------------------- activations
-@dataclass
-class _Moment:
-    phase: str
-    kind: str  # loss | loss_backward | layer_backward | end_backward | step
-    layer: int | None  # position in the stage's layer list
-    activations: float = 0.0
-    logits: float = 0.0
-    temporaries: float = 0.0
-    autocast_cache: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
 def _tp_activation_factor(lay: Layout) -> float:
     """Share of a layer's saved activations one TP rank keeps (Korthikanti et al. 2022, eq. 2-4: per layer
     sbh(34 + 5as/h) bytes without parallelism; with tensor parallelism the 24 sbh inside attention and MLP are
@@ -224,91 +215,6 @@ def _tp_activation_factor(lay: Layout) -> float:
     if lay.sp:
         return 1.0 / lay.tp
     return (10 + 24 / lay.tp) / 34
-
-
-def _moments(spec: ModelSpec, job: Job, amode: str, stage: _Stage, lay: Layout) -> list[_Moment]:
-    """The activation side of each moment of one step on one pipeline stage, for the single-GPU rules of
-    ``memfit.estimator._train`` (same terms, same replay), scaled for TP/SP and the micro-batches in flight."""
-    from . import _layer_saved, mlp_width  # the single-GPU estimate's per-layer replay (cached)
-
-    T = job.batch_size * job.seq_len
-    V, H = spec.vocab_size, spec.hidden_size
-    e = 4 if amode == "32" else 2
-    res = 4 if amode in ("32", "mixed") else 2
-    ws = st.CUBLAS_WORKSPACE_BYTES
-    inputs = T * 8 * 3
-    f = _tp_activation_factor(lay)
-    seq_split = 1.0 / lay.tp if lay.sp else 1.0
-    key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
-    per_block = _layer_saved(spec, key)
-    order = _layer_order(spec)
-    blocks = [order[i] for i in stage.layers]
-    layer_full = [per_block[b] * T * f for b in blocks]
-    layer_input = T * H * res * seq_split
-    ckpt = job.gradient_checkpointing
-    layer_kept = [layer_input] * len(layer_full) if ckpt else layer_full
-    acts_one = sum(layer_kept)
-    others = (stage.in_flight - 1) * acts_one  # earlier micro-batches waiting for their backward (1F1B)
-    final_saved = T * H * (4 + res + (2 if amode == "mixed" else 0)) * seq_split if stage.last else 0.0
-    if stage.last and spec.head in ("causal_lm", "masked_lm"):
-        TV = T * V / lay.tp  # Megatron's vocab-parallel cross entropy keeps 1/t of the logits
-        logit_fwd_peak = TV * e + (TV * 4 if e != 4 else 0) + TV * 4
-        logit_saved = TV * 4
-        if spec.final_logit_softcapping:
-            logit_fwd_peak += TV * e
-            logit_saved += TV * e
-        logit_bwd_extra = 2 * TV * 4
-    elif stage.last:
-        logit_fwd_peak = logit_saved = logit_bwd_extra = T * spec.num_labels * 4
-    else:
-        logit_fwd_peak = logit_saved = logit_bwd_extra = 0.0
-        inputs += T * H * res * seq_split  # the activation received from the previous stage / sent on
-    cache_layers = [0.0] * len(blocks)
-    if amode == "mixed" and st.autocast_cache_bytes(spec, job):
-        cache_layers = [2 * sum(lin.in_features * lin.out_features * lin.count for lin in spec.blocks[b].linears)
-                        / lay.tp for b in blocks]
-    cache_head = 2 * spec.lm_head_params / lay.tp if (amode == "mixed" and stage.last and
-                                                      st.autocast_cache_bytes(spec, job)) else 0.0
-    frozen_casts = 0.0
-    if amode == "mixed" and st.autocast_cache_bytes(spec, job) and job.is_lora and ckpt:
-        # as on one GPU: autocast caches casts of leaves that require grad only, so a frozen base under
-        # checkpointing keeps no 16-bit copies; one layer's copies exist at a time, in its backward
-        frozen_casts = max(2 * sum(lin.in_features * lin.out_features * lin.count for lin in spec.blocks[b].linears)
-                           for b in blocks) / lay.tp
-        cache_layers = [0.0] * len(blocks)
-    cache = sum(cache_layers) + cache_head
-    transient = T * e * (2 * mlp_width(spec) / lay.tp + 2 * H * seq_split) + frozen_casts
-
-    out: list[_Moment] = []
-    out.append(_Moment("forward", "loss", None, activations=acts_one + others + final_saved, logits=logit_fwd_peak,
-                       temporaries=ws + inputs, autocast_cache=cache))
-    cache_bwd = cache if not ckpt else 0.0
-    out.append(_Moment("backward", "loss_backward", None, activations=acts_one + others + final_saved,
-                       logits=logit_saved + logit_bwd_extra, temporaries=ws + inputs, autocast_cache=cache_bwd))
-    kept_below = acts_one
-    cache_below = sum(cache_layers) if not ckpt else 0.0
-    for k in range(len(layer_full) - 1, -1, -1):
-        live = kept_below - layer_kept[k] + layer_full[k] + others
-        out.append(_Moment("backward", "layer_backward", k, activations=live, temporaries=transient + ws + inputs,
-                           autocast_cache=cache_below))
-        kept_below -= layer_kept[k]
-        cache_below -= cache_layers[k] if not ckpt else 0.0
-    out.append(_Moment("backward", "end_backward", None, activations=others,
-                       temporaries=ws + inputs + T * H * e * seq_split))
-    out.append(_Moment("optimizer_step", "step", None, temporaries=ws + T * 8 * 3))  # the batch stays alive through the step
-    return out
-
-
-def _grads_done(m: _Moment, stage: _Stage) -> tuple[float, float]:
-    """(trainable elements whose gradients exist at moment ``m``, elements of the layer being differentiated)."""
-    if m.kind == "loss":
-        return 0.0, 0.0
-    if m.kind == "loss_backward":
-        return 0.0, 0.0  # the loss's backward (log_softmax) runs before the head's
-    if m.kind == "layer_backward":
-        done = stage.head_trainable + stage.trainable_from(m.layer)
-        return done, stage.layer_trainable[m.layer]
-    return stage.trainable, 0.0
 
 
 # --------------------------------------------------------------------------------------------- dtypes
@@ -423,211 +329,590 @@ def zero3_gathered_at_loss(spec: ModelSpec, job: Job, stage: _Stage) -> tuple[fl
 
 
 # --------------------------------------------------------------------------------------------- per strategy
-def _rank_moments(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str) -> list[tuple[_Moment, dict]]:
-    """Every moment of one rank with its {component: bytes}."""
-    S = lay.shard
-    cb = _compute_bytes(job)
-    wb = _storage_bytes(job)
-    strat = job.strategy
-    lora = job.is_lora
-    lora_params = st.lora_adapter_params(spec, job) / lay.tp / lay.pp if lora else 0.0
-    base_params = stage.params
-    adapter_b = 4 if strat in ("ddp", "fsdp", "fsdp2") else cb  # DeepSpeed casts the whole module
-    trainable = stage.trainable
-    tb = adapter_b if lora else wb  # bytes per gradient element
-    opt_prec = job.precision if strat in ("ddp", "fsdp", "fsdp2") else ("bf16-true" if _master_bytes(job) == 2 else "32-true")
-    if lora and strat in ("ddp", "fsdp", "fsdp2"):
-        opt_prec = "32-true"
-    opt_per, opt_tmp_per = _opt_bytes_per_elem(spec, job, opt_prec)
-    offload = job.offload
-    moments = _moments(spec, job, amode, stage, lay)
-    largest_layer = max(stage.layer_params) if stage.layer_params else 0.0
-    out = []
-    for m in moments:
-        done, current = _grads_done(m, stage)
-        c: dict[str, float] = {"activations": m.activations, "logits_and_loss": m.logits,
-                               "temporaries": m.temporaries, "autocast_cache": m.autocast_cache}
-        weights_full = base_params * wb + lora_params * adapter_b
-        if strat == "ddp" or (strat == "fsdp" and job.fsdp_sharding == "NO_SHARD"):
-            c["weights"] = weights_full
-            c["optimizer_states"] = trainable * opt_per
-            grads_all = trainable * tb
-            if strat == "ddp" and job.gradient_as_bucket_view and lay.dp > 1:
-                c["gradients"] = grads_all  # .grad are views into the buckets, alive for the process
-            else:
-                c["gradients"] = grads_all if m.kind in ("end_backward", "step") else done * tb
-                if strat == "ddp":
-                    c["communication_buffers"] = ddp_bucket_bytes(grads_all, lay)
-            if m.kind == "step":
-                c["temporaries"] += trainable * opt_tmp_per
-        elif strat in ("fsdp", "fsdp2"):
-            reshard = job.reshard_after_forward if strat == "fsdp2" else job.fsdp_sharding in ("FULL_SHARD", "HYBRID_SHARD")
-            on_gpu = offload == "none"
-            c.update(_fsdp_terms(m, stage, S, cb, wb, tb, trainable, opt_per, opt_tmp_per, done, current,
-                                 reshard, on_gpu, job))
-            c["weights"] += lora_params * adapter_b / S if on_gpu else 0.0
-        else:  # DeepSpeed ZeRO
-            c.update(_zero_terms(spec, m, job, stage, lay, S, cb, trainable, opt_per, opt_tmp_per, done, current,
-                                 largest_layer, lora_params * cb))
-        out.append((m, {k: v for k, v in c.items() if v}))
-    return out
-
-
-def _fsdp_terms(m: _Moment, stage: _Stage, S: int, cb: int, wb: int, tb: int, trainable: float, opt_per: float,
-                opt_tmp_per: float, done: float, current: float, reshard: bool, on_gpu: bool, job: Job) -> dict:
-    """FSDP2 (and FSDP1) on one rank at moment ``m``.
-
-    - sharded parameters, gradients and optimizer states: 1/S each, in the storage dtype (fp32 shards under
-      ``MixedPrecisionPolicy``; ``FSDPParam._init_sharded_param`` chunks dim 0);
-    - gathered 16-bit parameters (``gathered_weights``): the root group from forward to the end of backward; in
-      backward the layer being differentiated and the one prefetched before it (``_backward_prefetch``); with
-      ``reshard_after_forward=False`` (or FSDP1 SHARD_GRAD_OP) every layer from its forward to its backward;
-    - ``communication_buffers``: the layer's unsharded gradients in the compute dtype until its
-      post-backward, and the reduce-scatter input of the previous layer in ``reduce_dtype`` (fp32 for
-      ``*-mixed``: ``foreach_reduce`` copies and casts the gradients into one flat buffer, held until the next
-      reduce-scatter waits on it); the root's unsharded gradients (head, tied embedding) from the start of
-      backward, and its reduce-scatter input at the end;
-    - CPU offload (``CPUOffloadPolicy`` / ``CPUOffload(offload_params=True)``): shards, gradients and the
-      optimizer live on the host; only gathered layers and the collectives' buffers stay on the GPU.
-    """
-    rb = 4 if job.precision in ("16-mixed", "bf16-mixed") else cb
-    root = fsdp2_root_params(stage)
-    lp = stage.layer_params
-    c: dict[str, float] = {}
-    c["weights"] = stage.params * wb / S if on_gpu else 0.0
-    c["optimizer_states"] = trainable * opt_per / S if on_gpu else 0.0
-    c["gradients"] = (done if m.kind not in ("end_backward", "step") else trainable) * tb / S if on_gpu else 0.0
-    gathered = 0.0
-    comm = 0.0
-    if m.kind != "step":
-        gathered += root * cb
-    if m.kind in ("loss", "loss_backward"):
-        if not reshard:
-            gathered += stage.params_through(len(lp) - 1) * cb
-    elif m.kind == "layer_backward":
-        k = m.layer
-        if reshard:
-            gathered += lp[k] * cb + (lp[k - 1] * cb if k > 0 else 0.0)
-        else:
-            gathered += stage.params_through(k) * cb
-        comm += current * cb  # this layer's unsharded gradients
-        if k + 1 < len(lp):
-            comm += stage.layer_trainable[k + 1] * rb  # reduce-scatter input of the layer before (in backward)
-        comm += stage.head_trainable * cb  # the root's gradients wait for the embedding's
-    elif m.kind == "end_backward":
-        root_t = stage.head_trainable + stage.embed_trainable
-        comm += root_t * cb + root_t * rb  # root post-backward: unsharded grads and their reduce-scatter input
-    if m.kind == "step":
-        c["temporaries"] = m.temporaries + (trainable * opt_tmp_per / S if on_gpu else 0.0)
-    c["gathered_weights"] = gathered
-    c["communication_buffers"] = comm
-    c["autocast_cache"] = 0.0  # the engine casts the gathered layers; no autocast
-    return c
-
-
-def _zero_terms(spec: ModelSpec, m: _Moment, job: Job, stage: _Stage, lay: Layout, S: int, cb: int,
-                trainable: float, opt_per: float, opt_tmp_per: float, done: float, current: float,
-                largest_layer: float, adapters_16: float) -> dict:
-    """DeepSpeed ZeRO on one rank at moment ``m``.
-
-    Stage 1 and 2 (``DeepSpeedZeroOptimizer``): 16-bit parameters whole on every rank, flattened into
-    ``bit16_groups_flat``; the fp32 master partition (1/S) and the optimizer's states on it.
-
-    - stage 1 keeps every 16-bit ``.grad`` until the end of backward, then moves them through the IPG bucket
-      into ``grads_in_partition`` (1/S, 16-bit) and frees the rest;
-    - stage 2 reduces as the IPG bucket fills during backward: the bucket and ``grads_in_partition`` (1/S);
-    - the step flattens the partition's gradients (1/S, 16-bit), casts them to fp32 (1/S) for the optimizer,
-      whose own scratch (foreach AdamW's denominator) is fp32 too, then all-gathers the 16-bit weights in place.
-
-    Stage 3 (``DeepSpeedZeroOptimizer_Stage3``): 16-bit partitions (1/S) plus the small persistent parameters;
-    gradient partitions in one flat 16-bit buffer and the IPG bucket, both made at init and kept; gathered
-    parameters: the modules kept for reuse at the loss (see :func:`zero3_gathered_at_loss`), the layer being
-    computed and the ``stage3_prefetch_bucket_size`` fetched ahead; the step walks ``sub_group_size`` elements
-    at a time (flattened 16-bit gradients, their fp32 copy, the optimizer's scratch).
-
-    Offload (ZeRO-Offload / ZeRO-Infinity): the master partition, optimizer states and fp32 gradient
-    partition move to pinned host memory (``offload_optimizer``); stage 3 also moves the 16-bit partitions
-    (``offload_param``) and its gradient partitions.
-    """
-    from ..deepspeed_config import zero_option
-
-    md = _master_bytes(job)
-    off_opt = job.offload != "none"
-    off_par = job.offload == "optimizer+params"
-    bucket = zero_ipg_bucket_bytes(job, cb)
-    c: dict[str, float] = {}
-    c["master_weights"] = 0.0 if off_opt else trainable * md / S
-    c["optimizer_states"] = 0.0 if off_opt else trainable * opt_per / S
-    c["gradients"] = 0.0
-    c["communication_buffers"] = 0.0
-    c["gathered_weights"] = 0.0
-    if job.strategy in ("zero1", "zero2"):
-        c["weights"] = stage.params * cb + adapters_16
-        # with offload the reduced gradients go straight to the pinned fp32 partition on the host
-        # (copy_grads_in_partition's cpu_offload branch): no grads_in_partition on the GPU
-        part = 0.0 if off_opt else trainable * cb / S
-        if job.strategy == "zero1":
-            if m.kind in ("loss_backward", "layer_backward"):
-                c["gradients"] = done * cb
-                c["communication_buffers"] = bucket
-            elif m.kind == "end_backward":
-                c["gradients"] = trainable * cb + part - min(bucket, trainable * cb)
-                c["communication_buffers"] = bucket
-        else:
-            if m.kind in ("loss_backward", "layer_backward"):
-                # the fresh 16-bit gradient of one parameter before the hook copies it into the bucket
-                c["gradients"] = part + (stage.layer_max[m.layer] * cb if m.kind == "layer_backward" else 0.0)
-                c["communication_buffers"] = bucket
-            elif m.kind == "end_backward":
-                c["gradients"] = part
-                c["communication_buffers"] = bucket
-        if off_opt and m.kind in ("loss_backward", "layer_backward", "end_backward"):
-            # temp_grad_buffer_for_gpu_offload: the largest parameter, 16-bit, made at init
-            c["communication_buffers"] += _largest_param(spec, lay) * cb
-        elif off_opt:
-            c["communication_buffers"] += _largest_param(spec, lay) * cb
-        if m.kind == "step":
-            if off_opt:
-                c["temporaries"] = m.temporaries
-            else:
-                # flatten (16-bit) + fp32 cast, then the optimizer's scratch on the fp32 gradient
-                c["gradients"] = trainable * 4 / S
-                c["temporaries"] = m.temporaries + max(trainable * cb / S * 2, trainable * opt_tmp_per / S)
-    else:  # zero3
-        if "zero3" not in stage.memo:  # per stage, not per moment
-            head, kept_layers = zero3_gathered_at_loss(spec, job, stage)
-            prefix = [0.0]
-            for p in kept_layers:
-                prefix.append(prefix[-1] + p)
-            stage.memo["zero3"] = (zero3_persistent_params(spec, job, stage, lay), head, kept_layers, prefix)
-        persist, head, kept_layers, kept_prefix = stage.memo["zero3"]
-        c["weights"] = 0.0 if off_par else (stage.params - persist) * cb / S
-        c["weights"] += persist * cb + adapters_16 / S
-        c["gradients"] = 0.0 if off_opt else trainable * cb / S  # grad_partitions_flat_buffer
-        c["communication_buffers"] = bucket
-        prefetch = float(zero_option(job, "stage3_prefetch_bucket_size")) * cb
-        if m.kind in ("loss", "loss_backward"):
-            c["gathered_weights"] = head * cb + kept_prefix[-1] * cb
-        elif m.kind == "layer_backward":
-            k = m.layer
-            below = kept_prefix[k]
-            c["gathered_weights"] = below * cb + max(stage.layer_params[k] * cb, 0.0) + prefetch
-            c["communication_buffers"] += stage.layer_max[k] * cb  # a fresh 16-bit grad before the bucket copy
-        if m.kind == "step" and not off_opt and trainable:
-            sg = min(float(zero_option(job, "sub_group_size")), trainable / S)
-            # a sub-group's flattened 16-bit gradients and their fp32 copy, then the fp32 copy and the
-            # optimizer's scratch
-            c["temporaries"] = m.temporaries + max(sg * (cb + 4), sg * (4 + opt_tmp_per))
-    c["autocast_cache"] = 0.0
-    return c
-
-
 def _largest_param(spec: ModelSpec, lay: Layout) -> float:
     biggest = spec.vocab_size * spec.hidden_size / lay.tp
     for b in spec.blocks:
         for lin in b.linears:
             biggest = max(biggest, lin.in_features * lin.out_features / lay.tp)
     return biggest
+
+
+# --------------------------------------------------------------------------------------------- the rank's stream
+@dataclass
+class RankView:
+    """What :func:`memfit.estimator._train` needs to build one rank's event stream instead of one GPU's."""
+
+    layers: list[int]
+    """Block index of each layer this rank runs (its pipeline stage), in model order."""
+    amode: str
+    """Activation mode (:func:`_activation_mode`: the sharding engines compute in 16 bits without autocast)."""
+    autocast: bool
+    """Whether autocast's weight-cast cache exists (torch DDP under ``*-mixed`` only)."""
+    last: bool
+    """The last pipeline stage: final norm, head, logits and loss."""
+    tp_share: float
+    """Share of vocabulary-, MLP-width- and weight-sized tensors one TP rank holds (1/t)."""
+    act_share: float
+    """Share of a layer's saved activations (:func:`_tp_activation_factor`)."""
+    seq_share: float
+    """Share of residual-stream tensors (1/t with sequence parallelism, else 1)."""
+    in_flight: int
+    """Micro-batches whose activations the stage holds at its peak (1F1B)."""
+    recv_bytes: float
+    """The activation received from the previous stage / sent to the next (stages before the last)."""
+    states: object | None
+    """The engine's model-state hooks (:class:`_EngineStates`); None: the single-GPU states."""
+    load_extra: tuple = ()
+    """(bytes, component) allocated after the model loads (DDP's reducer buckets)."""
+    grad_views: bool = False
+    """DDP ``gradient_as_bucket_view``: the ``.grad`` tensors are views into the buckets."""
+    first: bool = True
+    """The first pipeline stage: the embedding and what its stage keeps."""
+
+
+def _whole(pieces: list[float]) -> list[int]:
+    """``pieces`` as whole bytes adding up to ``int(sum(pieces))`` (cumulative flooring: a term split into
+    many tensors keeps the moments' byte count instead of gaining or losing a byte per tensor)."""
+    out, acc, done = [], 0.0, 0
+    for x in pieces:
+        acc += x
+        n = int(acc) - done
+        out.append(n)
+        done += n
+    return out
+
+
+def _even(total: float, n: int) -> list[int]:
+    """``total`` bytes in ``n`` equal tensors (whole bytes)."""
+    return _whole([total / max(1, n)] * max(1, n))
+
+
+def _chunks(total: float, cap: float) -> list[int]:
+    """``total`` bytes in pieces of at most ``cap`` (DDP's 25 MiB buckets, ZeRO-3's sub-groups), whole bytes."""
+    if total <= 0:
+        return []
+    if cap <= 0 or total <= cap:
+        return _whole([total])
+    n = int(total // cap)
+    out = [cap] * n
+    if total - n * cap > 0:
+        out.append(total - n * cap)
+    return _whole(out)
+
+
+class _EngineStates:
+    """Model-state events of one rank, called by ``_train`` at the points of a step (default: nothing).
+
+    Positions ``i`` are indices into the stage's layer list. The tensors are the engine's own layout (flat
+    buffers, per-parameter shards, per-layer all-gathers), so the allocator replay sees what the engine asks
+    for. Offload (``CPUOffloadPolicy`` / ``CPUOffload(offload_params=True)``; DeepSpeed ``offload_optimizer`` and
+    ``offload_param``): what moves to pinned host memory is not emitted; with ZeRO-1/2 offload the reduced
+    gradients go straight to the host partition (``copy_grads_in_partition``) and a 16-bit buffer of the
+    largest parameter (``temp_grad_buffer_for_gpu_offload``) is made at init."""
+
+    def __init__(self, spec: ModelSpec, job: Job, lay: Layout, stage: _Stage):
+        from . import _block_param_elems
+
+        self.spec, self.job, self.lay, self.stage = spec, job, lay, stage
+        self.S = lay.shard
+        self.cb = _compute_bytes(job)
+        self.wb = _storage_bytes(job)
+        strat = job.strategy
+        self.lora = job.is_lora
+        self.lora_params = st.lora_adapter_params(spec, job) / lay.tp / lay.pp if self.lora else 0.0
+        self.adapter_b = 4 if strat in ("ddp", "fsdp", "fsdp2") else self.cb
+        self.trainable = stage.trainable
+        self.tb = self.adapter_b if self.lora else self.wb
+        opt_prec = job.precision if strat in ("ddp", "fsdp", "fsdp2") else (
+            "bf16-true" if _master_bytes(job) == 2 else "32-true")
+        if self.lora and strat in ("ddp", "fsdp", "fsdp2"):
+            opt_prec = "32-true"
+        self.opt_per, self.opt_tmp_per = _opt_bytes_per_elem(spec, job, opt_prec)
+        order = _layer_order(spec)
+        self._shapes = [_block_param_elems(spec, spec.blocks[order[i]]) for i in stage.layers]
+        self.n_states = {"adamw": 2, "adam": 2, "adafactor": 2}.get(job.optimizer, 1)
+
+    def layer_pieces(self, i: int, total: float) -> list[float]:
+        """Layer ``i``'s parameter tensors, scaled to add up to ``total`` bytes (one tensor per parameter)."""
+        from . import _scaled
+
+        return _whole(_scaled(list(self._shapes[i]), total))
+
+    def load(self, s) -> None: ...
+    def forward_start(self, s) -> None: ...
+    def pre_forward(self, s, i: int) -> None: ...
+    def post_forward(self, s, i: int) -> None: ...
+    def pre_head(self, s) -> None: ...
+    def backward_start(self, s) -> None: ...
+    def head_grads(self, s) -> list[int]: return []
+    def pre_backward(self, s, i: int) -> None: ...
+    def layer_grads(self, s, i: int) -> list[int]: return []
+    def post_backward(self, s, i: int) -> None: ...
+    def end_grads(self, s) -> list[int]: return []
+    def after_backward(self, s) -> None: ...
+    def step(self, s, step: int) -> None: ...
+
+
+class _ReplicatedStates(_EngineStates):
+    """torch DDP (and FSDP ``NO_SHARD``) where the rank's tensors are not the single-GPU ones (TP/PP): every
+    parameter whole, autograd's ``.grad`` per parameter as backward reaches it (the head's first, the
+    embedding's last), optimizer states per parameter from the first step, the foreach scratch at each step;
+    DDP's reducer buckets come in ``RankView.load_extra``."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.views = self.job.strategy == "ddp" and self.job.gradient_as_bucket_view and self.lay.dp > 1
+        self.grads: list[int] = []
+        self.states: list[int] = []
+
+    def load(self, s) -> None:
+        stg = self.stage
+        s.alloc(stg.embed * self.wb, "weights")
+        for i, p in enumerate(stg.layer_params):
+            for x in self.layer_pieces(i, p * self.wb):
+                s.alloc(x, "weights")
+        s.alloc(stg.head * self.wb, "weights")
+        for x in _even(self.lora_params * self.adapter_b, len(stg.layers)):
+            s.alloc(x, "lora_adapters")
+
+    def _grad(self, s, n: float) -> None:
+        if not self.views:
+            self.grads.append(s.alloc(n, "gradients"))
+
+    def head_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.head_trainable * self.tb)
+        return []
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        t = self.stage.layer_trainable[i] * self.tb
+        if self.lora:
+            self._grad(s, t)
+        else:
+            for x in self.layer_pieces(i, t):
+                self._grad(s, x)
+        return []
+
+    def end_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.embed_trainable * self.tb)
+        return []
+
+    def step(self, s, step: int) -> None:
+        if step == 0:
+            self.states = [s.alloc(x, "optimizer_states") for x in _even(self.trainable * self.opt_per, self.n_states)]
+        sc = s.alloc(self.trainable * self.opt_tmp_per, "temporaries")
+        s.free(sc)
+        s.free_all(self.grads)
+        self.grads = []
+
+
+class _FSDPStates(_EngineStates):
+    """FSDP2 ``fully_shard`` per decoder layer plus the root (FSDP1: one ``FlatParameter`` per wrapped layer).
+    Shards (1/S, the storage dtype: fp32 shards under ``MixedPrecisionPolicy``) at load: FSDP2 one
+    per parameter (``FSDPParam._init_sharded_param``), FSDP1 one flat tensor per layer (``FlatParamHandle``).
+    Each layer's 16-bit all-gather is alive from its pre-forward to its post-forward and again from its
+    pre-backward (prefetched one layer ahead, ``_backward_prefetch``) to its post-backward, or from forward
+    to backward without ``reshard_after_forward``; the root's from the start of forward to the end of
+    backward. In backward, a layer's unsharded gradients (compute dtype) live until its post-backward, which
+    builds the reduce-scatter input (``reduce_dtype``), held until the next layer's reduce-scatter.
+
+    FSDP2 gathers in two steps (torch 2.13 ``_fsdp_collectives.py`` ``foreach_all_gather`` /
+    ``foreach_all_gather_copy_out``): one flat all-gather output per group, copied out into per-parameter
+    unsharded tensors. In backward the flat output is freed right after the copy-out; in forward
+    (``FSDPParamGroup.wait_for_unshard``, implicit prefetching) it is kept until the next group's copy-out, and
+    the last one until the root's post-forward (``FSDPState._post_forward``), i.e. through the loss. FSDP1
+    all-gathers straight into the ``FlatParameter``'s padded unsharded tensor."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        job = self.job
+        self.reshard = (job.reshard_after_forward if job.strategy == "fsdp2"
+                        else job.fsdp_sharding in ("FULL_SHARD", "HYBRID_SHARD"))
+        self.on_gpu = job.offload == "none"
+        self.rb = 4 if job.precision in ("16-mixed", "bf16-mixed") else self.cb
+        n = len(self.stage.layers)
+        self.gathered: list[list[int] | None] = [None] * n
+        self.prefetched: dict[int, int] = {}  # backward prefetch: the all-gather output, not yet copied out
+        self.pending = -1  # FSDP2 forward: the last all-gather output, freed at the next copy-out
+        self.root: list[int] = []
+        self.unsharded: list[int] = []  # this layer's
+        self.root_unsharded: list[int] = []
+        self.rs = -1  # the last reduce-scatter input
+        self.grads: list[int] = []
+        self.states: list[int] = []
+        self.flat = job.strategy == "fsdp"
+
+    def load(self, s) -> None:
+        if not self.on_gpu:
+            return
+        stg, S = self.stage, self.S
+        s.alloc(fsdp2_root_params(stg) * self.wb / S, "weights")
+        for i, p in enumerate(stg.layer_params):
+            pieces = [p * self.wb / S] if self.flat else self.layer_pieces(i, p * self.wb / S)
+            for x in pieces:
+                s.alloc(x, "weights")
+        for x in _even(self.lora_params * self.adapter_b / S, len(stg.layers)):
+            s.alloc(x, "weights")
+
+    def _unshard(self, s, nbytes: float, pieces, flat: int = -1) -> list[int]:
+        """One group's all-gather: FSDP1 the unsharded flat parameter; FSDP2 the flat output (``flat`` when
+        prefetched), then the per-parameter copy-out. Returns the unsharded tensors; the FSDP2 flat output is
+        left in ``self.pending`` (freed at the next copy-out, or at once in backward by :meth:`_gather`)."""
+        if self.flat:
+            return [flat if flat >= 0 else s.alloc(nbytes, "gathered_weights")]
+        if flat < 0:
+            flat = s.alloc(nbytes, "gathered_weights")
+        s.free(self.pending)  # the previous forward all-gather output, kept until this copy-out
+        self.pending = flat
+        return [s.alloc(x, "gathered_weights") for x in pieces]
+
+    def forward_start(self, s) -> None:
+        stg = self.stage
+        root = fsdp2_root_params(stg) * self.cb
+        self.root = self._unshard(s, root, _whole([stg.embed * self.cb, stg.head * self.cb]))
+
+    def _gather(self, s, i: int, forward: bool) -> None:
+        if self.gathered[i] is None:
+            nbytes = self.stage.layer_params[i] * self.cb
+            self.gathered[i] = self._unshard(s, nbytes, None if self.flat else self.layer_pieces(i, nbytes),
+                                             self.prefetched.pop(i, -1))
+            if not forward:  # backward: the all-gather output is freed right after its copy-out
+                s.free(self.pending)
+                self.pending = -1
+
+    def _reshard(self, s, i: int) -> None:
+        s.free_all(self.gathered[i] or [])
+        self.gathered[i] = None
+
+    def pre_forward(self, s, i: int) -> None:
+        self._gather(s, i, forward=True)
+
+    def post_forward(self, s, i: int) -> None:
+        if self.reshard:
+            self._reshard(s, i)
+
+    def _sharded_grad(self, s, n: float) -> None:
+        if self.on_gpu:
+            self.grads.append(s.alloc(n * self.tb / self.S, "gradients"))
+
+    def head_grads(self, s) -> list[int]:
+        t = self.stage.head_trainable
+        self.root_unsharded.append(s.alloc(t * self.cb, "communication_buffers"))
+        self._sharded_grad(s, t)
+        return []
+
+    def backward_start(self, s) -> None:
+        s.free(self.pending)  # the last forward all-gather output: freed at the root's post-forward
+        self.pending = -1
+
+    def pre_backward(self, s, i: int) -> None:
+        self._gather(s, i, forward=False)
+        if self.reshard and i > 0 and self.gathered[i - 1] is None and i - 1 not in self.prefetched:
+            # backward prefetch of the layer before: its all-gather output, copied out at its pre-backward
+            self.prefetched[i - 1] = s.alloc(self.stage.layer_params[i - 1] * self.cb, "gathered_weights")
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        t = self.stage.layer_trainable[i]
+        self.unsharded = [s.alloc(t * self.cb, "communication_buffers")]
+        self._sharded_grad(s, t)
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        self._reshard(s, i)
+        s.free(self.rs)
+        self.rs = s.alloc(self.stage.layer_trainable[i] * self.rb, "communication_buffers")
+        s.free_all(self.unsharded)
+        self.unsharded = []
+
+    def end_grads(self, s) -> list[int]:
+        s.free(self.rs)
+        stg = self.stage
+        self.root_unsharded.append(s.alloc(stg.embed_trainable * self.cb, "communication_buffers"))
+        self._sharded_grad(s, stg.embed_trainable)
+        self.rs = s.alloc((stg.head_trainable + stg.embed_trainable) * self.rb, "communication_buffers")
+        return []
+
+    def after_backward(self, s) -> None:
+        s.free(self.rs)
+        self.rs = -1
+        s.free_all(self.root_unsharded)
+        self.root_unsharded = []
+        s.free_all(self.root)
+        self.root = []
+
+    def step(self, s, step: int) -> None:
+        if self.on_gpu:
+            if step == 0:
+                f = self.opt_per / self.n_states / self.S  # each state like the shard it tracks
+                sizes = [x * f for i, p in enumerate(self.stage.layer_trainable)
+                         for x in ([p] if self.flat or self.lora else self.layer_pieces(i, p)) * self.n_states]
+                root_t = self.stage.head_trainable + self.stage.embed_trainable
+                sizes += [root_t * f] * self.n_states
+                self.states += [s.alloc(x, "optimizer_states") for x in _whole(sizes)]
+            sc = s.alloc(self.trainable * self.opt_tmp_per / self.S, "temporaries")
+            s.free(sc)
+        s.free_all(self.grads)
+        self.grads = []
+
+
+class _Zero12States(_EngineStates):
+    """DeepSpeed ZeRO-1/2 (``DeepSpeedZeroOptimizer``, deepspeed/runtime/zero/stage_1_and_2.py): the 16-bit parameters in one
+    flat buffer (``bit16_groups_flat``; a frozen LoRA base stays per parameter), the fp32 master partition
+    (``single_partition_of_fp32_groups``) made at init, the IPG bucket(s) (``reduce_bucket_size``, two with
+    ``overlap_comm``) from the first gradient of a backward to its end. Stage 1 keeps each ``.grad`` until the
+    end of backward, then copies them into the bucket one by one (each copy frees the original: the
+    gradient becomes a view into the bucket), and ``grads_in_partition`` (1/S) is made when the first bucket
+    is reduced; stage 2 makes ``grads_in_partition`` at the first hook and keeps one fresh gradient at a time.
+    The step flattens the partition's gradients, casts them to fp32, and runs the optimizer on the fp32
+    partition (its states one flat tensor each, from the first step)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        job = self.job
+        self.off = job.offload != "none"
+        self.zero1 = job.strategy == "zero1"
+        from ..deepspeed_config import zero_option
+
+        n = 2 if zero_option(job, "overlap_comm") else 1
+        total = zero_ipg_bucket_bytes(job, self.cb)
+        self.buckets = [total / n] * n if total else []
+        self.bucket_total = total
+        self.part_bytes = 0.0 if self.off else self.trainable * self.cb / self.S
+        self.bucket_h: list[int] = []
+        self.part = -1
+        self.fresh = -1
+        self.head_g: list[tuple[int, float]] = []  # stage 1's per-parameter .grad (handle, bytes)
+        self.layer_g: list[list[tuple[int, float]]] = [[] for _ in self.stage.layers]
+        self.embed_g: list[tuple[int, float]] = []
+        self.states: list[int] = []
+
+    def load(self, s) -> None:
+        stg = self.stage
+        if self.lora:  # only the trainable adapters are flattened; the frozen base stays as loaded
+            s.alloc(stg.embed * self.cb, "weights")
+            for i, p in enumerate(stg.layer_params):
+                for x in self.layer_pieces(i, p * self.cb):
+                    s.alloc(x, "weights")
+            s.alloc(stg.head * self.cb, "weights")
+            s.alloc(self.lora_params * self.cb, "weights")
+        else:
+            s.alloc(stg.params * self.cb, "weights")
+        if not self.off:
+            s.alloc(self.trainable * _master_bytes(self.job) / self.S, "master_weights")
+        else:  # temp_grad_buffer_for_gpu_offload: the largest parameter, 16-bit, made at init
+            s.alloc(_largest_param(self.spec, self.lay) * self.cb, "communication_buffers")
+
+    def backward_start(self, s) -> None:
+        self.bucket_h = [s.alloc(b, "communication_buffers") for b in self.buckets]
+        if not self.zero1:
+            self.part = s.alloc(self.part_bytes, "gradients")
+
+    def _grad(self, s, n: float, into: list) -> None:
+        if self.zero1 and n > 0:
+            into.append((s.alloc(n, "gradients"), n))
+
+    def head_grads(self, s) -> list[int]:
+        self._grad(s, self.stage.head_trainable * self.cb, self.head_g)
+        return []
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        if self.zero1:
+            t = self.stage.layer_trainable[i] * self.cb
+            for x in ([t] if self.lora else self.layer_pieces(i, t)):
+                self._grad(s, x, self.layer_g[i])
+        elif self.trainable:
+            # the fresh 16-bit gradient of one parameter before the hook copies it into the bucket
+            self.fresh = s.alloc(self.stage.layer_max[i] * self.cb, "gradients")
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        s.free(self.fresh)
+        self.fresh = -1
+
+    def end_grads(self, s) -> list[int]:
+        if not self.zero1:
+            return []
+        self._grad(s, self.stage.embed_trainable * self.cb, self.embed_g)
+        # reduce_gradients: parameter order (embedding, layers, head); each copy into the bucket frees the
+        # .grad; the first full bucket is reduced into grads_in_partition
+        order = self.embed_g + [g for lg in self.layer_g for g in lg] + self.head_g
+        self.head_g, self.embed_g = [], []
+        self.layer_g = [[] for _ in self.stage.layers]
+        room = self.bucket_total
+        k = 0
+        while k < len(order) and order[k][1] <= room:
+            room -= order[k][1]
+            s.free(order[k][0])
+            k += 1
+        self.part = s.alloc(self.part_bytes, "gradients")
+        for h, _ in order[k:]:
+            s.free(h)
+        return []
+
+    def after_backward(self, s) -> None:
+        s.free_all(self.bucket_h)
+        self.bucket_h = []
+
+    def step(self, s, step: int) -> None:
+        if not self.off and self.trainable:
+            S = self.S
+            if step == 0:
+                self.states = [s.alloc(x, "optimizer_states")
+                               for x in _even(self.trainable * self.opt_per / S, self.n_states)]
+            flat = s.alloc(self.trainable * self.cb / S, "temporaries")
+            fp32 = s.alloc(self.trainable * 4 / S, "gradients")
+            s.free(self.part)
+            s.free(flat)
+            sc = s.alloc(self.trainable * self.opt_tmp_per / S, "temporaries")
+            s.free(sc)
+            s.free(fp32)
+        else:
+            s.free(self.part)
+        self.part = -1
+
+
+class _Zero3States(_EngineStates):
+    """DeepSpeed ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``, deepspeed/runtime/zero/stage3.py): the 16-bit partitions
+    flattened per sub-group (``fp16_partitioned_groups_flat``, ``sub_group_size`` elements), the small
+    persistent parameters whole, the fp32 master per sub-group, the flat gradient partition buffer and the
+    IPG bucket, all made at init. Each layer's parameters are all-gathered at its pre-forward and released
+    at its post-forward unless kept for reuse (:func:`zero3_gathered_at_loss`), gathered again in backward
+    with ``stage3_prefetch_bucket_size`` fetched ahead; one fresh 16-bit gradient exists at a time before
+    the hook copies it into the bucket. The step walks the sub-groups (flattened 16-bit gradients, their
+    fp32 copy, the optimizer's scratch)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from ..deepspeed_config import zero_option
+
+        job, stg = self.job, self.stage
+        self.off_opt = job.offload != "none"
+        self.off_par = job.offload == "optimizer+params"
+        self.head_b, self.kept_layers = zero3_gathered_at_loss(self.spec, job, stg)
+        self.persist = zero3_persistent_params(self.spec, job, stg, self.lay)
+        self.prefetch_b = float(zero_option(job, "stage3_prefetch_bucket_size")) * self.cb
+        self.sg_elems = float(zero_option(job, "sub_group_size"))
+        self.gathered: list[int] = [-1] * len(stg.layers)
+        self.head = self.prefetch = self.fresh = -1
+        self.states: list[int] = []
+
+    def _groups(self, per_elem: float) -> list[int]:
+        """The rank's partition of the trainable parameters in ``sub_group_size`` groups, ``per_elem`` bytes each."""
+        return _chunks(self.trainable / self.S * per_elem, self.sg_elems * per_elem)
+
+    def load(self, s) -> None:
+        stg, S, cb = self.stage, self.S, self.cb
+        if not self.off_par:
+            for x in _chunks((stg.params - self.persist) * cb / S, self.sg_elems * cb):
+                s.alloc(x, "weights")
+        for x in _even(self.persist * cb, len(stg.layers)):
+            s.alloc(x, "weights")
+        s.alloc(self.lora_params * cb / S, "weights")
+        if not self.off_opt:
+            for x in self._groups(_master_bytes(self.job)):
+                s.alloc(x, "master_weights")
+            s.alloc(self.trainable * cb / S, "gradients")  # grad_partitions_flat_buffer
+        s.alloc(zero_ipg_bucket_bytes(self.job, cb), "communication_buffers")
+
+    def pre_forward(self, s, i: int) -> None:
+        if self.gathered[i] < 0:
+            self.gathered[i] = s.alloc(self.stage.layer_params[i] * self.cb, "gathered_weights")
+
+    def post_forward(self, s, i: int) -> None:
+        if not self.kept_layers[i]:
+            s.free(self.gathered[i])
+            self.gathered[i] = -1
+
+    def pre_head(self, s) -> None:
+        self.head = s.alloc(self.head_b * self.cb, "gathered_weights")
+
+    def head_grads(self, s) -> list[int]:
+        s.free(self.head)
+        self.head = -1
+        return []
+
+    def pre_backward(self, s, i: int) -> None:
+        self.pre_forward(s, i)
+        self.prefetch = s.alloc(self.prefetch_b, "gathered_weights")
+
+    def layer_grads(self, s, i: int) -> list[int]:
+        self.fresh = s.alloc(self.stage.layer_max[i] * self.cb, "communication_buffers")
+        return []
+
+    def post_backward(self, s, i: int) -> None:
+        s.free(self.fresh)
+        s.free(self.prefetch)
+        s.free(self.gathered[i])
+        self.fresh = self.prefetch = self.gathered[i] = -1
+
+    def step(self, s, step: int) -> None:
+        if self.off_opt or not self.trainable:
+            return
+        if step == 0:
+            for x in self._groups(self.opt_per):
+                self.states += [s.alloc(y, "optimizer_states") for y in _even(x, self.n_states)]
+        for x in self._groups(1.0):
+            flat = s.alloc(x * self.cb, "temporaries")
+            fp32 = s.alloc(x * 4, "temporaries")
+            s.free(flat)
+            sc = s.alloc(x * self.opt_tmp_per, "temporaries")
+            s.free(sc)
+            s.free(fp32)
+
+
+def _rank_view(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str) -> RankView:
+    """The rank's :class:`RankView`: DDP without TP/PP keeps the single-GPU stream's own states (the rank is
+    that GPU plus its reducer buckets); every other layout gets its engine's hooks."""
+    order = _layer_order(spec)
+    strat = job.strategy
+    plain_ddp = strat == "ddp" and lay.tp == 1 and lay.pp == 1
+    seq_share = 1.0 / lay.tp if lay.sp else 1.0
+    res = 4 if amode in ("32", "mixed") else 2
+    T = job.batch_size * job.seq_len
+    load_extra: tuple = ()
+    views = strat == "ddp" and job.gradient_as_bucket_view and lay.dp > 1
+    if strat == "ddp" and lay.dp > 1:
+        grads = (st.gradient_bytes(spec, _single(job)) if plain_ddp else
+                 stage.trainable * (4 if job.is_lora else _storage_bytes(job)))
+        load_extra = tuple((n, "gradients" if views else "communication_buffers")
+                           for n in _chunks(grads, DDP_BUCKET_BYTES))
+    if plain_ddp:
+        states = None
+    elif strat == "ddp" or (strat == "fsdp" and job.fsdp_sharding == "NO_SHARD"):
+        states = _ReplicatedStates(spec, job, lay, stage)
+    elif strat in ("fsdp", "fsdp2"):
+        states = _FSDPStates(spec, job, lay, stage)
+    elif strat == "zero3":
+        states = _Zero3States(spec, job, lay, stage)
+    else:
+        states = _Zero12States(spec, job, lay, stage)
+    if plain_ddp:
+        from . import _layer_order as single_order  # the single-GPU stream's own layer order
+
+        layers = single_order(spec)
+    else:
+        layers = [order[i] for i in stage.layers]
+    return RankView(layers=layers, amode=amode,
+                    autocast=amode == "mixed" and strat == "ddp", last=stage.last, tp_share=1.0 / lay.tp,
+                    act_share=_tp_activation_factor(lay), seq_share=seq_share, in_flight=stage.in_flight,
+                    recv_bytes=0.0 if stage.last else T * spec.hidden_size * res * seq_share, states=states,
+                    load_extra=load_extra, grad_views=views, first=stage.first)
+
+
+def _single(job: Job) -> Job:
+    from . import _spec_job_for_single
+
+    return _spec_job_for_single(job)
+
+
+def rank_stream(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str):
+    """One rank's event stream (a warm-up step, then the measured one) and its accounting."""
+    from . import _train
+    from .events import Stream
+
+    s = Stream()
+    # the single-GPU job of the same micro-batch: what _train's own terms (inputs, activations) are read from
+    _train(spec, _single(job), s, rank=_rank_view(spec, job, lay, stage, amode))
+    return s
 
 
 # --------------------------------------------------------------------------------------------- host memory
@@ -708,35 +993,8 @@ def _activation_mode(job: Job) -> str:
 DDP_BUCKET_BYTES = 25 << 20
 
 
-def _replayed_reserve(spec: ModelSpec, job: Job, lay, peak: int, comps: dict[str, int]) -> int:
-    """Peak reserved of one rank, from the single-GPU event stream of the same micro-batch.
-
-    Plain DDP is exactly that stream plus its gradient buckets (allocated when the reducer is built, kept for
-    the run, in 25 MiB buckets): the replay of the two gives the rank's reserve. For the sharded and
-    model-parallel layouts the per-rank stream is not built yet: the rank's peak gets the reserve-over-allocated
-    factor the single-GPU replay finds for the same micro-batch (an approximation, said so in the notes)."""
-    from . import _spec_job_for_single, _stream
-    from .events import replay
-
-    single = _spec_job_for_single(job)
-    stream, scomps, *_ = _stream(spec, single)
-    speak = sum(scomps.values())
-    if job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1:
-        buckets = comps.get("communication_buffers", 0)
-        load = next(i for i, op in enumerate(stream.ops) if op[0] == 2)  # right after the load phase mark
-        extra = []
-        while buckets > 0:
-            n = min(buckets, DDP_BUCKET_BYTES)
-            extra.append((0, -1 - len(extra), int(n), "communication_buffers"))
-            buckets -= n
-        stream.ops[load + 1:load + 1] = extra
-        return max(replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False))).peak_reserved_bytes, peak)
-    r = replay(stream, expandable_segments=bool(getattr(job, "expandable_segments", False)))
-    return int(peak * r.peak_reserved_bytes / max(1, speak))
-
-
-def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
-    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`."""
+def _parallel_job(job: Job, spec: ModelSpec) -> Job:
+    """``job`` as the multi-GPU estimate runs it (or a one-line JobError where it cannot)."""
     if job.task != "train":
         raise JobError("multi-GPU strategies apply to training; for inference use gpus: 1")
     if job.quantization != "none" and job.strategy != "ddp":
@@ -746,41 +1004,115 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
                        "(adamw, adam, sgd, lion, adafactor)")
     if job.strategy == "single":
         job = job.replace(strategy="ddp")
+    return job
+
+
+def _rank_streams(job: Job, spec: ModelSpec):
+    """(layout, [(stage, stream, accounting)] for every pipeline stage): each stage's rank as a stream."""
+    from .events import account
+
     lay = layout(job)
     amode = _activation_mode(job)
-    best: tuple[float, dict[str, float], str, dict[str, int], _Stage] | None = None
-    per_stage = []
+    out = []
     for stage in _stages(spec, job, lay):
-        ms = _rank_moments(spec, job, lay, stage, amode)
-        phases: dict[str, int] = {}
-        top: dict[str, float] | None = None
-        top_phase = ""
-        for m, comps in ms:
-            phase = m.phase
-            total = sum(comps.values())
-            phases[phase] = max(phases.get(phase, 0), int(total))
-            if top is None or total > sum(top.values()):
-                top, top_phase = comps, phase
-        per_stage.append({"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": int(sum(top.values())),
-                          "peak_phase": top_phase})
-        if best is None or sum(top.values()) > best[0]:
-            best = (sum(top.values()), top, top_phase, phases, stage)
-    assert best is not None
-    _, top, phase, phases, stage = best
-    comps = {k: int(v) for k, v in top.items() if int(v)}
-    peak = sum(comps.values())
-    reserved = _replayed_reserve(spec, job, lay, peak, comps)
+        stream = rank_stream(spec, job, lay, stage, amode)
+        stream.accounted = account(stream)
+        out.append((stage, stream, stream.accounted))
+    return lay, out
+
+
+def _rank_overhead_bytes(job: Job) -> int:
+    """What a rank's process holds outside PyTorch's allocator: the CUDA context and NCCL's buffers."""
+    return cuda_context_bytes(job.task) + (NCCL_CONTEXT_BYTES if job.gpus > 1 else 0)
+
+
+def _capped_replays(ranks, capacity_bytes: int, expandable: bool):
+    """Replay every stage's stream under the cap, most loaded first: (None, None) when all complete, else the
+    first that fails and its replay. A stage whose tensors alone pass the cap fails without a replay."""
+    from .events import replay
+
+    for stage, stream, acc in sorted(ranks, key=lambda r: -r[2].peak_allocated_bytes):
+        if acc.peak_allocated_bytes > capacity_bytes:
+            return stage, None
+        r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable)
+        if not r.completed:
+            return stage, r
+    return None, None
+
+
+def fits_parallel(job: Job, spec: ModelSpec, gpu_memory_bytes: int) -> bool:
+    """Whether every rank of a multi-GPU job completes its steps with the allocator capped at the card less
+    the CUDA context and NCCL's buffers (the capped replay of each pipeline stage's stream)."""
+    job = _parallel_job(job, spec)
+    _, ranks = _rank_streams(job, spec)
+    failed, _ = _capped_replays(ranks, gpu_memory_bytes - _rank_overhead_bytes(job),
+                                bool(getattr(job, "expandable_segments", False)))
+    return failed is None
+
+
+def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None) -> Breakdown:
+    """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`.
+
+    Each pipeline stage's rank is an event stream (:func:`rank_stream`): its accounting gives peak allocated
+    and the components at that moment, its replay through the caching-allocator model gives peak reserved
+    (the most loaded rank's are reported). With ``gpu_memory_bytes`` every stage's stream is replayed again
+    with the allocator capped at the card less the CUDA context and NCCL's buffers: ``fits`` says whether
+    every rank completes its steps."""
+    from .events import replay
+
+    job = _parallel_job(job, spec)
+    lay, ranks = _rank_streams(job, spec)
+    per_stage = [{"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": acc.peak_allocated_bytes,
+                  "peak_phase": acc.peak_phase} for stage, _, acc in ranks]
+    stage, stream, acc = max(ranks, key=lambda r: r[2].peak_allocated_bytes)
+    comps = dict(acc.components)
+    peak = acc.peak_allocated_bytes
+    phase = acc.peak_phase
+    phases = {k: v for k, v in acc.phases.items() if k in ("forward", "backward", "optimizer_step")}
+    expandable = bool(getattr(job, "expandable_segments", False))
+    run = replay(stream, expandable_segments=expandable)
+    reserved = run.peak_reserved_bytes
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
-    total = reserved + cuda_context_bytes(job.task) + nccl
+    ctx = _rank_overhead_bytes(job)
+    extras_fit: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
+                        "largest_component": max(comps, key=comps.get) if comps else ""}
+    fit_notes: list[str] = []
+    fits = headroom = None
+    if gpu_memory_bytes is not None:
+        failed, capped = _capped_replays(ranks, gpu_memory_bytes - ctx, expandable)
+        fits = failed is None
+        if fits:
+            reserved = replay(stream, capacity_bytes=gpu_memory_bytes - ctx,
+                              expandable_segments=expandable).peak_reserved_bytes
+            extras_fit["decided_by"] = extras_fit["largest_component"]
+        else:
+            _, fstream, facc = next(r for r in ranks if r[0] is failed)
+            if capped is None:  # the tensors alone pass the cap: replay to find the request that fails
+                capped = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=expandable)
+            where = f" (pipeline stage {failed.index + 1} of {lay.pp})" if lay.pp > 1 else ""
+            extras_fit.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
+                              failed_phase=capped.failed_phase)
+            fit_notes.append(f"out of memory in {capped.failed_phase or 'load'}{where}: a "
+                             f"{capped.failed_request_bytes / 2**30:.2f} GiB request ({capped.failed_component}) "
+                             f"with {capped.reserved_at_failure_bytes / 2**30:.2f} GiB reserved")
+            if facc.peak_allocated_bytes + ctx <= gpu_memory_bytes:
+                line = (f"fails through fragmentation only: peak allocated {facc.peak_allocated_bytes / 2**30:.2f} "
+                        "GiB plus the CUDA "
+                        "context and NCCL fits the card, but the caching allocator's free blocks do not fit the "
+                        "next request")
+                if not expandable:
+                    alt = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=True)
+                    extras_fit["fits_with_expandable_segments"] = alt.completed
+                    line += "; with expandable_segments: true it " + ("runs" if alt.completed else "still does not fit")
+                fit_notes.append(line)
+        headroom = gpu_memory_bytes - (reserved + ctx)
+    total = reserved + ctx
     host_rank = host_bytes_per_rank(spec, job, lay, stage)
     nvme_rank = nvme_bytes_per_rank(spec, job, lay, stage)
     ranks_per_node = job.gpus_per_node
     notes = [f"most loaded rank: pipeline stage {stage.index + 1} of {lay.pp}" if lay.pp > 1 else
              f"every rank holds the same ({job.strategy}, {lay.dp}-way data parallel"
              + (f" x {lay.tp}-way tensor parallel" if lay.tp > 1 else "") + ")"]
-    if not (job.strategy == "ddp" and lay.tp == 1 and lay.pp == 1):
-        notes.append("peak reserved: the rank's peak allocated times the reserve/allocated factor of the "
-                     "single-GPU replay for the same micro-batch (the per-rank event stream is not built yet)")
     if job.offload != "none":
         notes.append(f"host memory: {host_rank / 2**30:.2f} GiB pinned per rank, x {ranks_per_node} ranks per node")
     if nvme_rank:
@@ -793,7 +1125,7 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
     extras = {"layout": {"dp": lay.dp, "tp": lay.tp, "pp": lay.pp, "ep": lay.ep, "shard": lay.shard,
                          "sequence_parallel": lay.sp, "microbatches_in_flight": stage.in_flight},
               "stages": per_stage, "host_bytes_per_rank": int(host_rank), "nccl_context_bytes": nccl,
-              "nvme_bytes_per_rank": int(nvme_rank)}
+              "nvme_bytes_per_rank": int(nvme_rank), **extras_fit}
     return Breakdown(
         engine="estimate", model=spec.name, job=job.to_dict(), parameters=spec.parameters,
         trainable_parameters=st.trainable_params(spec, job.replace(strategy="single", gpus=1, gpus_per_node=1,
@@ -803,7 +1135,8 @@ def estimate_parallel(job: Job, spec: ModelSpec) -> Breakdown:
                                                                    sequence_parallel=False)),
         components=comps, peak_allocated_bytes=peak, peak_reserved_bytes=reserved, device_total_bytes=total,
         peak_phase=phase, phases=phases, host_bytes=int(host_rank * ranks_per_node),
-        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes, extras=extras)
+        nvme_bytes=int(nvme_rank * ranks_per_node), notes=notes + fit_notes, gpu_memory_bytes=gpu_memory_bytes,
+        fits=fits, headroom_bytes=headroom, extras=extras)
 
 
 # --------------------------------------------------------------------------------------------- closed forms
