@@ -112,6 +112,27 @@ def test_weights_match_vllms_printed_load():
     assert w / 2 < w2 < w / 2 + 0.05 * GiB
 
 
+def test_multimodal_weights_count_the_vision_tower():
+    """vLLM and SGLang load the whole ``*ForConditionalGeneration``: Gemma-3-4B-it on SGLang printed "Load
+    weight end ... mem usage=8.13 GB" (sglang-pr4826), the text model alone is 7.35 GiB; the SigLIP tower and
+    projector (419,816,304 parameters, checked against transformers in test_served_models.py) are the rest.
+    ``text_only`` leaves them out."""
+    from memfit.models.vision import vision_tower
+
+    spec = load_model("gemma-3-4b")
+    tower = vision_tower(spec.multimodal, spec.hidden_size)
+    assert tower.params == 419_816_304
+    w = weights_on_rank(spec)
+    assert w - weights_on_rank(spec, vision=False) == tower.params * 2
+    assert w / GiB == pytest.approx(8.13, abs=0.01)
+    est = serve("gemma-3-4b", engine="sglang", gpu="h100-80gb", engine_version="0.4")
+    lean = serve("gemma-3-4b", engine="sglang", gpu="h100-80gb", engine_version="0.4", text_only=True)
+    assert est.weights_bytes - lean.weights_bytes == tower.params * 2
+    assert lean.kv_cache_tokens > est.kv_cache_tokens
+    # on a later pipeline stage there is no tower
+    assert weights_on_rank(spec, pp=2, stage=1) == weights_on_rank(spec, pp=2, stage=1, vision=False)
+
+
 def test_quantized_weights_use_memfit_layouts():
     """AWQ (4-bit packed, fp16 scales + packed zeros per 128-row group) leaves the embedding, head and norms in
     16 bits; fp8 is one byte per weight plus a per-row fp32 scale."""

@@ -98,12 +98,25 @@ def rope_cache_bytes(spec: ModelSpec, e: int) -> int:
     return pos * rot * e * copies
 
 
+def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2) -> int:
+    """The vision tower's and projector's bytes on one rank of the first pipeline stage (where vLLM and
+    SGLang build them: ``*ForConditionalGeneration`` holds the tower next to the text model's first layers):
+    16-bit whatever the text model's quantization, linears split over TP (:mod:`memfit.models.vision`).
+    0 for a text-only model."""
+    from ..models.vision import vision_tower
+
+    tower = vision_tower(spec.multimodal, spec.hidden_size)
+    return tower.params_on_rank(tp) * element_bytes if tower is not None else 0
+
+
 def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
-                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset()) -> int:
+                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset(),
+                    vision: bool = True) -> int:
     """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
     end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
     vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
-    a later stage is a second copy), and the rope cache. MLA layers also keep the absorbed ``W_UK``/``W_UV``
+    a later stage is a second copy), the rope cache, and on the first stage a multimodal checkpoint's
+    vision tower and projector unless ``vision`` is False (:func:`vision_bytes_on_rank`). MLA layers also keep the absorbed ``W_UK``/``W_UV``
     copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``)."""
     e = element_bytes
     order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
@@ -126,6 +139,8 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
     first, last = stage == 0, stage == pp - 1
     if first:
         total += table + max(0, spec.embedding_params - spec.vocab_size * spec.hidden_size) * e
+        if vision:
+            total += vision_bytes_on_rank(spec, tp=tp, element_bytes=e)
     if last:
         total += spec.final_params * e
         if spec.head == "causal_lm" and (not spec.tie_word_embeddings or not first):

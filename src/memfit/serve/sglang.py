@@ -83,7 +83,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size, skip_roles=skip_roles)
+                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
         kv_bytes = int(free_before * frac - w)
         cell = K.sglang_cell_bytes(layers)
         tokens = max(0, kv_bytes) // cell if cell else 0

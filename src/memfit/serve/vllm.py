@@ -137,7 +137,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size, skip_roles=skip_roles)
+                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1")
         per_tok = sum(x.per_token_bytes for x in layers)
