@@ -125,8 +125,8 @@ def test_multimodal_weights_count_the_vision_tower():
     w = weights_on_rank(spec)
     assert w - weights_on_rank(spec, vision=False) == tower.params * 2
     assert w / GiB == pytest.approx(8.13, abs=0.01)
-    est = serve("gemma-3-4b", engine="sglang", gpu="h100-80gb", engine_version="0.4")
-    lean = serve("gemma-3-4b", engine="sglang", gpu="h100-80gb", engine_version="0.4", text_only=True)
+    est = serve("gemma-3-4b", engine="vllm", gpu="h100-80gb", max_model_len=8192)
+    lean = serve("gemma-3-4b", engine="vllm", gpu="h100-80gb", max_model_len=8192, text_only=True)
     assert est.weights_bytes - lean.weights_bytes == tower.params * 2
     assert lean.kv_cache_tokens > est.kv_cache_tokens
     # on a later pipeline stage there is no tower
@@ -213,6 +213,50 @@ def test_sglang_kv_is_mem_fraction_of_free_memory_less_weights():
     assert est.kv_cache_bytes == int(free_before * 0.85 - est.weights_bytes)
     assert est.kv_bytes_per_token == 2 * 128 * 64 * 2 * 2  # 8 KV heads / 4, head 128, 64 layers, K+V, bf16
     assert est.kv_cache_tokens == est.kv_cache_bytes // est.kv_bytes_per_token
+
+
+def test_sglang_weights_are_the_segments_the_load_reserves():
+    """SGLang's "Load weight end ... mem usage" is a drop in free memory after ``empty_cache``: whole allocator
+    segments. QwQ-32B at TP 4 (sglang-llmsinclouds, printed 15.54 GB): o_proj is 5120 x 1280 x 2 = 12.5 MiB and
+    takes a 14 MiB segment, gate_up 135 -> 136 MiB, down 67.5 -> 68, qkv 17.5 -> 18: 3.5 MiB a layer over the
+    parameters, plus the float32 rope cache (131072 positions x 128 x 4)."""
+    from memfit.serve.memory import reserved_bytes, weight_tensors_on_rank
+
+    MiB = 1 << 20
+    assert reserved_bytes([int(24.5 * MiB)]) == 26 * MiB
+    assert reserved_bytes([3 * MiB, 3 * MiB]) == 20 * MiB  # 1-10 MiB requests share a 20 MiB segment
+    assert reserved_bytes([4096 * 2] * 100) == 2 * MiB  # norms: one small-pool segment
+    spec = load_model("Qwen/QwQ-32B")
+    sizes = weight_tensors_on_rank(spec, tp=4)
+    assert sum(sizes) == weights_on_rank(spec, tp=4)
+    fp32 = weight_tensors_on_rank(spec, tp=4, rope_element_bytes=4)
+    assert sum(fp32) - sum(sizes) == spec.max_position_embeddings * 128 * 2
+    assert reserved_bytes(fp32) - sum(fp32) == pytest.approx(64 * 3.5 * MiB, rel=0.05)
+    est = serve("Qwen/QwQ-32B", engine="sglang", gpu="l4", tensor_parallel=4, engine_version="0.4.3.post4",
+                mem_fraction_static=0.85, max_num_batched_tokens=2048)
+    assert est.weights_bytes == reserved_bytes(fp32)
+    assert est.weights_bytes / GiB == pytest.approx(15.54, abs=0.01)
+    old = serve("Qwen/QwQ-32B", engine="sglang", gpu="l4", tensor_parallel=4, engine_version="0.4.1",
+                mem_fraction_static=0.85)
+    assert old.weights_bytes == reserved_bytes(sizes)  # before v0.4.2 the rope cache is in the model dtype
+
+
+def test_sglang_multimodal_mem_fraction():
+    """Gemma-3-4B-it (sglang-pr4826): ModelRunner multiplies mem_fraction_static by 0.95 before v0.4.9;
+    from v0.4.9 the default is scaled by the ViT's size (27 x 1152**2 against 24 x 1024**2: ratio 1.424,
+    factor 0.95 x 0.9576), a stated fraction is left alone; text models are untouched."""
+    from memfit.serve.sglang import multimodal_factor
+
+    spec = load_model("gemma-3-4b")
+    assert multimodal_factor(spec, (0, 4, 4), True)[0] == 0.95
+    f, _ = multimodal_factor(spec, (0, 4, 9), False)
+    assert f == pytest.approx(0.95 * (1 - 0.1 * (27 * 1152 ** 2 / (24 * 1024 ** 2) - 1)))
+    assert multimodal_factor(spec, (0, 4, 9), True)[0] == 1.0
+    assert multimodal_factor(load_model("llama-3.1-8b"), (0, 4, 4), False)[0] == 1.0
+    est = serve(spec, engine="sglang", gpu_memory=int(139.8 * GiB), engine_version="0.4.4", mem_fraction_static=0.88)
+    assert est.utilization == pytest.approx(0.88 * 0.95)
+    free_before = est.gpu_memory_bytes - est.non_torch_bytes
+    assert est.kv_cache_bytes == int(free_before * 0.88 * 0.95 - est.weights_bytes)
 
 
 def test_sglang_default_mem_fraction_by_version():
