@@ -418,3 +418,26 @@ def test_mxfp4_and_modules_to_not_convert():
     experts = sum(lin.in_features * lin.out_features * lin.count for b in spec.blocks for lin in b.linears
                   if lin.role.startswith("expert")) * spec.num_layers
     assert full - packed == pytest.approx(experts * 2 - experts * (0.5 + 1 / 32), rel=1e-3)
+
+
+def test_mxfp4_moe_on_hopper_keeps_the_checkpoint_scales():
+    """vLLM's MXFP4 MoE on Hopper (quantization/mxfp4.py, v0.10.1+): the swizzled weights replace the
+    checkpoint's, its scales stay registered next to the swizzled ones, the bf16 biases turn float32, and
+    the per-rank expert width is padded to a multiple of 64. gpt-oss-20b: 24 layers x 32 experts, hidden
+    2880, expert width 2880 (w13: 5760 rows of 2880 inputs, w2: 2880 rows of 2880 inputs). llm-d printed
+    "Model loading took 13.47 GiB" on an H100 (gpt-oss-120b: 64.38)."""
+    from memfit.serve.memory import mxfp4_bytes, mxfp4_moe_extra_bytes
+
+    spec = load_model("gpt-oss-20b")
+    per_expert = (5760 + 2880) * (2880 // 32) + 2 * (5760 + 2880)
+    assert mxfp4_moe_extra_bytes(spec) == 24 * 32 * per_expert
+    # TP 4: width 720 -> 768; w13 768 x 2 rows, w2 768 inputs
+    pad = (mxfp4_bytes(2880, 2 * 768) - mxfp4_bytes(2880, 2 * 720)) + (mxfp4_bytes(768, 2880) - mxfp4_bytes(720, 2880))
+    per_expert4 = pad + 2 * 768 * 90 + 2880 * (768 // 32) + 2 * (2 * 768 + 2880)
+    assert mxfp4_moe_extra_bytes(spec, tp=4) == 24 * 32 * per_expert4
+    h100 = serve("openai/gpt-oss-20b", gpu="h100-80gb", engine_version="0.11", max_model_len=16000)
+    a100 = serve("openai/gpt-oss-20b", gpu="a100-80gb", engine_version="0.11", max_model_len=16000)
+    assert h100.weights_bytes - a100.weights_bytes == mxfp4_moe_extra_bytes(spec)
+    assert h100.weights_bytes / GiB == pytest.approx(13.47, abs=0.1)
+    big = serve("openai/gpt-oss-120b", gpu="h100-80gb", engine_version="0.11", max_model_len=16000)
+    assert big.weights_bytes / GiB == pytest.approx(64.38, abs=0.25)

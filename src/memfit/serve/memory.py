@@ -306,3 +306,44 @@ def reserved_bytes(sizes: list[int]) -> int:
         if n > 0:
             alloc.malloc(int(n))
     return int(alloc.reserved)
+
+
+def mxfp4_moe_extra_bytes(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0) -> int:
+    """What vLLM's MXFP4 MoE (gpt-oss) holds on a Hopper rank beyond the checkpoint's packed experts
+    (:func:`mxfp4_bytes`), from ``model_executor/layers/quantization/mxfp4.py`` (v0.10.1+,
+    ``Mxfp4MoEMethod``, the triton-kernels path that Hopper takes by default):
+
+    - ``create_weights`` pads the per-rank expert width to a multiple of 64 (``round_up(I / tp, 64)``:
+      2880 / 4 = 720 -> 768), for w13 (2 x width rows) and w2 (width columns) with their scales;
+    - ``process_weights_after_loading`` swizzles the weights and their scales for ``matmul_ogs``
+      (``_swizzle_mxfp4``); the unswizzled weights are deleted, but the checkpoint's scale parameters stay
+      registered, so every scale byte is held twice (the swizzled copy is taken as the same size);
+    - the bf16 expert biases become float32 (two more bytes each).
+    """
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    per_block: dict[int, int] = {}
+    total = 0
+    for li in layers_on_stage(len(order), pp, stage):
+        bi = order[li]
+        if bi not in per_block:
+            b = spec.blocks[bi]
+            extra = 0
+            if b.moe is not None:
+                width = math.ceil(b.moe.expert_intermediate_size / tp)
+                padded = math.ceil(width / 64) * 64
+                for lin in b.linears:
+                    if not lin.role.startswith("expert"):
+                        continue
+                    if lin.role == "expert_down":  # row-parallel: the width is the input
+                        i_now, o_now, i_pad, o_pad = width, lin.out_features, padded, lin.out_features
+                    else:  # gate_up (2 x width rows), or a separate gate / up
+                        mult = 2 if lin.role == "expert_gate_up" else 1
+                        i_now, o_now, i_pad, o_pad = lin.in_features, mult * width, lin.in_features, mult * padded
+                    pad = mxfp4_bytes(i_pad, o_pad) - mxfp4_bytes(i_now, o_now)
+                    scales = o_pad * math.ceil(i_pad / 32)
+                    bias = 2 * o_pad if lin.bias else 0
+                    extra += (pad + scales + bias) * lin.count
+            per_block[bi] = extra
+        total += per_block[bi]
+    return total

@@ -11,6 +11,9 @@ Sources (github.com/vllm-project/vllm, by tag):
   (``v1/worker/gpu_worker.py::determine_available_memory``, v0.8-v0.11): ``available = total x util -
   (weights + torch peak increase of the profile run + non-torch increase since the worker started)``;
   the CUDA context made before the first snapshot is not charged;
+- MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
+  (:func:`memfit.serve.memory.mxfp4_moe_extra_bytes`); other cards' MXFP4 backends (Marlin on Ampere,
+  FlashInfer on Blackwell) lay the experts out differently and are counted as the checkpoint;
 - v0.19+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
   (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default; earlier versions only log it).
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 from ..models.spec import ModelSpec
 from ..units import GiB, MiB
 from . import kv as K
-from .memory import layer_peak_per_token, profile_peak, weights_on_rank
+from .memory import layer_peak_per_token, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
 from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
@@ -45,6 +48,13 @@ CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 #: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
 #: An assumption (a few MiB per graph); only deducted from the KV cache by v0.19+.
 CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
+
+
+def hopper(gpu_name: str) -> bool:
+    """Whether the card is a Hopper (SM 9.0: H100, H200, H800, H20, GH200), from its name."""
+    import re
+
+    return bool(re.search(r"\b(g?h(100|200|800|20))\b", gpu_name.lower().replace("-", " ")))
 
 
 def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
@@ -138,6 +148,8 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
                             group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
+        if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
+            w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1")
         per_tok = sum(x.per_token_bytes for x in layers)
