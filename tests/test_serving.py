@@ -441,3 +441,20 @@ def test_mxfp4_moe_on_hopper_keeps_the_checkpoint_scales():
     assert h100.weights_bytes / GiB == pytest.approx(13.47, abs=0.1)
     big = serve("openai/gpt-oss-120b", gpu="h100-80gb", engine_version="0.11", max_model_len=16000)
     assert big.weights_bytes / GiB == pytest.approx(64.38, abs=0.25)
+
+
+def test_v0_08_profiles_mla_multimodal_and_sliding_models_without_chunked_prefill():
+    """vLLM v0.8-v0.10 ``EngineArgs._set_default_args_v0``: chunked prefill stays off for MLA and multimodal
+    models, and the long-context default skips sliding-window ones, so the profile run takes
+    max(max_model_len, 2048) tokens (DeepSeek-R1 at 163840: vllm-pr14842)."""
+    from memfit.serve.vllm import default_limits
+
+    cfg = ServeConfig(engine="vllm", gpu_memory_bytes=80 * GiB, engine_mode="v0")
+    r1 = load_model("deepseek-v3")
+    assert default_limits(cfg, r1, (0, 8, 0), "v0", 163840)[1] == 163840
+    assert default_limits(cfg, r1, (0, 7, 3), "v0", 163840)[1] == 163840
+    assert default_limits(cfg, r1, (0, 6, 4), "v0", 163840)[1] == 512
+    llama = load_model("llama-3.1-8b")
+    assert default_limits(cfg, llama, (0, 8, 0), "v0", 131072)[1] == 512
+    assert default_limits(cfg, load_model("gemma-3-4b"), (0, 8, 0), "v0", 131072)[1] == 131072
+    assert default_limits(cfg, load_model("gemma-3-4b"), (0, 8, 0), "v0", 1024)[1] == 2048

@@ -77,7 +77,8 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
 
     - V0 (``vllm/engine/arg_utils.py`` / ``config.py::SchedulerConfig``, v0.5-v0.6): 256 sequences;
       chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
-      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models;
+      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models, and v0.8-v0.10
+      (``_set_default_args_v0``) leave it off for MLA, multimodal and sliding-window models;
     - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
       other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
       of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
@@ -90,6 +91,14 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if mla and (0, 7, 0) <= version < (0, 8, 0):
             # config.py v0.7.x: "MLA is enabled; forcing chunked prefill and prefix caching to be disabled."
             return seqs, max(max_model_len, 2048), "V0 0.7 with MLA: chunked prefill forced off, max(max_model_len, 2048)"
+        if version >= (0, 8, 0):
+            # arg_utils.py v0.8-v0.10 ``_set_default_args_v0``: "Chunked prefill not supported for Multimodal or
+            # MLA in V0"; the long-context default skips sliding-window models too
+            multimodal = bool((spec.multimodal or {}).get("vision_config"))
+            sliding = any(b.attention.sliding_window for b in spec.blocks)
+            if mla or multimodal or sliding:
+                why = "MLA" if mla else ("a multimodal model" if multimodal else "sliding-window attention")
+                return seqs, max(max_model_len, 2048), f"V0 0.8+ with {why}: no chunked prefill, max(max_model_len, 2048)"
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
