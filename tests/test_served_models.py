@@ -122,11 +122,12 @@ def _tower_params_by_transformers(config: dict) -> int:
     conf = transformers.AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = transformers.AutoModelForImageTextToText.from_config(conf)
-    keep = ("vision_tower", "multi_modal_projector")
+    keep = ("vision_tower", "vision_model", "multi_modal_projector")
     return sum(p.numel() for n, p in model.named_parameters() if any(k in n.split(".") for k in keep))
 
 
-@pytest.mark.parametrize("name", ["gemma-3-4b", "gemma-3-27b", "mistralai/Mistral-Small-3.2-24B-Instruct-2506"])
+@pytest.mark.parametrize("name", ["gemma-3-4b", "gemma-3-27b", "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+                                  "llama-4-scout-17b-16e"])
 def test_vision_tower_params_match_transformers(name):
     from memfit.models.vision import vision_tower
 
@@ -160,5 +161,10 @@ def test_vision_tower_absent_and_unknown():
 
     assert vision_tower({}, 4096) is None
     assert load_model("llama-3-8b").multimodal == {}
+    mystery = {"model_type": "gemma3", "vision_config": {"model_type": "mystery_vit"}}
     with pytest.raises(ConfigError, match="not counted"):
-        vision_tower({"model_type": "gemma3", "vision_config": {"model_type": "mystery_vit"}}, 2560)
+        vision_tower(mystery, 2560)
+    assert vision_tower(mystery, 2560, strict=False) is None
+    with pytest.raises(ConfigError, match="whole number"):
+        vision_tower({"model_type": "gemma3", "vision_config": {"model_type": "siglip_vision_model",
+                                                                 "hidden_size": "wide"}}, 2560, strict=False)

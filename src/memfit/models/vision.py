@@ -14,11 +14,15 @@ with the real classes on the meta device):
   RMSNorms, q/k/v/o and a gated MLP (gate/up/down), all without bias;
 - ``clip_vision_model`` (``modeling_clip.py``): class embedding, patch conv without bias, position
   embedding of ``patches + 1`` rows, ``pre_layrnorm`` and ``post_layernorm``, layers as SigLIP's;
+- ``llama4_vision_model`` (``modeling_llama4.py``): an unfold + linear patch embedding without bias, class and
+  position embeddings (``patches + 1``), LayerNorms before and after, layers as SigLIP's, and the pixel-shuffle
+  adapter (``fc1``: intermediate -> projector_input_dim, ``fc2``: projector_output_dim squared, no biases);
 
 and the projectors: Gemma 3 (``modeling_gemma3.py``: ``mm_input_projection_weight`` vision x text and
 ``mm_soft_emb_norm``), Mistral 3 (``modeling_mistral3.py``: RMSNorm, ``patch_merger.merging_layer``
 of ``vision x merge**2 -> vision``, ``linear_1`` / ``linear_2`` with ``multimodal_projector_bias``) and
-LLaVA (``modeling_llava.py``: two linears with ``multimodal_projector_bias``, default on).
+LLaVA (``modeling_llava.py``: two linears with ``multimodal_projector_bias``, default on) and Llama 4
+(``linear_1``: vision_output_dim -> text hidden, no bias).
 
 Per tensor-parallel rank the engines shard the encoder's linears and the Mistral 3 / LLaVA projector
 linears (vLLM ``models/siglip.py``, ``models/pixtral.py``, ``models/llava.py``, ``models/mistral3.py``:
@@ -37,7 +41,7 @@ from ..errors import ConfigError
 
 __all__ = ["VisionTower", "vision_tower", "VISION_MODEL_TYPES"]
 
-VISION_MODEL_TYPES = ("siglip_vision_model", "pixtral", "clip_vision_model")
+VISION_MODEL_TYPES = ("siglip_vision_model", "pixtral", "clip_vision_model", "llama4_vision_model")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +108,26 @@ def _pixtral(v: dict[str, Any]) -> tuple[int, int]:
     return sharded, replicated
 
 
-def vision_tower(multimodal: dict[str, Any], text_hidden: int) -> VisionTower | None:
+def _llama4(v: dict[str, Any]) -> tuple[int, int]:
+    # Llama4VisionConfig defaults (configuration_llama4.py)
+    H = _int(v, "hidden_size", 768)
+    inter = _int(v, "intermediate_size", 5632)
+    layers = _int(v, "num_hidden_layers", 34)
+    chans = _int(v, "num_channels", 3)
+    patch = _int(v, "patch_size", 14)
+    image = _int(v, "image_size", 448)
+    p_in = _int(v, "projector_input_dim", 4096)
+    p_out = _int(v, "projector_output_dim", 4096)
+    sharded = layers * (4 * H * H + 3 * H + 2 * H * inter + inter) + inter * p_in + p_out * p_out
+    replicated = layers * (H + H + 2 * 2 * H)  # o_proj and fc2 biases, two LayerNorms
+    replicated += chans * patch * patch * H + H + ((image // patch) ** 2 + 1) * H + 2 * H + 2 * H
+    return sharded, replicated
+
+
+def vision_tower(multimodal: dict[str, Any], text_hidden: int, *, strict: bool = True) -> VisionTower | None:
     """The vision encoder and projector of a multimodal config (``spec.multimodal``), or None when the
-    config has no ``vision_config``. Raises :class:`ConfigError` for a vision model memfit does not count."""
+    config has no ``vision_config``. A vision model or projector memfit does not count raises
+    :class:`ConfigError`, or gives None with ``strict=False``; malformed sizes always raise."""
     if not multimodal:
         return None
     v = multimodal.get("vision_config")
@@ -125,12 +146,18 @@ def vision_tower(multimodal: dict[str, Any], text_hidden: int) -> VisionTower | 
             "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "patch_size": 32, "image_size": 224})
     elif vtype == "pixtral":
         sharded, replicated = _pixtral(v)
+    elif vtype == "llama4_vision_model":
+        sharded, replicated = _llama4(v)
+    elif not strict:
+        return None
     else:
         raise ConfigError(f"config.json: vision_config model_type {vtype!r} is not counted by memfit "
                           f"(it counts {', '.join(VISION_MODEL_TYPES)})")
     Hv = _int(v, "hidden_size", {"pixtral": 1024}.get(vtype, 768))
     Ht = text_hidden
-    if top == "gemma3":
+    if top == "llama4":
+        replicated += _int(v, "vision_output_dim", 7680) * Ht  # multi_modal_projector.linear_1, no bias
+    elif top == "gemma3":
         replicated += Hv * Ht + Hv  # mm_input_projection_weight, mm_soft_emb_norm
     elif top == "mistral3":
         merge = _int(multimodal, "spatial_merge_size", 2)
@@ -145,7 +172,9 @@ def vision_tower(multimodal: dict[str, Any], text_hidden: int) -> VisionTower | 
         layers = len(multimodal.get("vision_feature_layer")) if isinstance(multimodal.get("vision_feature_layer"), list) else 1
         sharded += Hv * layers * Ht + Ht * Ht + (Ht if bias else 0)
         replicated += Ht if bias else 0
+    elif not strict:
+        return None
     else:
         raise ConfigError(f"config.json: the projector of model_type {top!r} is not counted by memfit "
-                          "(it counts gemma3, mistral3 and llava)")
+                          "(it counts gemma3, mistral3, llava and llama4)")
     return VisionTower(f"{vtype} + {top}", sharded, replicated)

@@ -169,6 +169,13 @@ def serve_config(model: str | ModelSpec, cfg: ServeConfig) -> ServeEstimate:
     est = engine_mod.estimate(spec, cfg, quantization=layout, element_bytes=e, group_size=group, notes=notes,
                               skip_roles=skip)
     est.quantization = qname
+    vision = (spec.multimodal or {}).get("vision_config")
+    if isinstance(vision, dict) and not cfg.text_only:
+        from ..models.vision import vision_tower
+
+        if vision_tower(spec.multimodal, spec.hidden_size, strict=False) is None:
+            est.notes.append(f"the vision tower ({vision.get('model_type', '?')}) is not counted: memfit does not "
+                             "know its layout; the weights are the text model's")
     return est
 
 

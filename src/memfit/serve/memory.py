@@ -102,10 +102,10 @@ def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2
     """The vision tower's and projector's bytes on one rank of the first pipeline stage (where vLLM and
     SGLang build them: ``*ForConditionalGeneration`` holds the tower next to the text model's first layers):
     16-bit whatever the text model's quantization, linears split over TP (:mod:`memfit.models.vision`).
-    0 for a text-only model."""
+    0 for a text-only model, and for a vision model memfit does not count (the estimate notes it)."""
     from ..models.vision import vision_tower
 
-    tower = vision_tower(spec.multimodal, spec.hidden_size)
+    tower = vision_tower(spec.multimodal, spec.hidden_size, strict=False)
     return tower.params_on_rank(tp) * element_bytes if tower is not None else 0
 
 
