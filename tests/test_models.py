@@ -312,7 +312,7 @@ def test_every_served_hub_id_resolves_offline_to_its_entry(monkeypatch):
         seen.add(hub.lower())
         assert entry["source"] == f"https://huggingface.co/{hub}", hub
         assert entry["model"] in REGISTRY, hub
-        assert set(entry) <= {"model", "source", "quantization", "overrides", "note"}, hub
+        assert set(entry) <= {"model", "source", "quantization", "overrides", "multimodal", "note"}, hub
         assert entry.get("quantization", "awq") in _CHECKPOINT_QUANTIZATIONS, hub
         assert set(entry.get("overrides", {})) <= _SIZE_FREE_KEYS, hub
         spec, base = load_model(hub.upper()), load_model(entry["model"])
@@ -321,6 +321,7 @@ def test_every_served_hub_id_resolves_offline_to_its_entry(monkeypatch):
         assert spec.checkpoint_quantization == entry.get("quantization", base.checkpoint_quantization)
         for key, value in entry.get("overrides", {}).items():
             assert spec.config[key] == value, hub
+        assert spec.multimodal == entry.get("multimodal", base.multimodal), hub
 
 
 def test_served_ids_keep_their_own_config_keys_and_quantization():

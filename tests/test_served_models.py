@@ -111,3 +111,60 @@ def test_lora_all_linear_trainable_count_matches_peft(model_type, kw):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert st.trainable_params(spec, Job(model="tiny", method="lora", lora_rank=4)) == trainable
+
+
+# ------------------------------------------------------------------ vision towers (memfit.models.vision)
+def _tower_params_by_transformers(config: dict) -> int:
+    """Parameters of ``vision_tower`` and ``multi_modal_projector`` of the real transformers class, built
+    on the meta device from the same config."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    conf = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(conf)
+    keep = ("vision_tower", "vision_model", "multi_modal_projector")
+    return sum(p.numel() for n, p in model.named_parameters() if any(k in n.split(".") for k in keep))
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b", "gemma-3-27b", "mistralai/Mistral-Small-3.2-24B-Instruct-2506",
+                                  "llama-4-scout-17b-16e"])
+def test_vision_tower_params_match_transformers(name):
+    from memfit.models.vision import vision_tower
+
+    spec = load_model(name)
+    assert spec.multimodal.get("vision_config"), "the multimodal keys reach the spec"
+    tower = vision_tower(spec.multimodal, spec.hidden_size)
+    want = _tower_params_by_transformers({**spec.multimodal, "text_config": spec.config})
+    assert tower.params == want
+    assert tower.params_on_rank(2) < tower.params  # the encoder's linears split over TP
+
+
+def test_vision_tower_llava_clip_and_siglip_head():
+    """LLaVA's CLIP tower and projector, and a SigLIP tower with its attention-pooling head."""
+    transformers = pytest.importorskip("transformers")
+    from memfit.models.vision import vision_tower
+
+    conf = transformers.LlavaConfig().to_dict()
+    text = conf.pop("text_config")
+    assert vision_tower(conf, text["hidden_size"]).params == _tower_params_by_transformers({**conf, "text_config": text})
+    mm = {"model_type": "gemma3", "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 64,
+          "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "patch_size": 8,
+          "image_size": 32, "vision_use_head": True}}
+    text = {"model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300}
+    assert vision_tower(mm, 32).params == _tower_params_by_transformers({**mm, "text_config": text, "mm_tokens_per_image": 4})
+
+
+def test_vision_tower_absent_and_unknown():
+    from memfit.errors import ConfigError
+    from memfit.models.vision import vision_tower
+
+    assert vision_tower({}, 4096) is None
+    assert load_model("llama-3-8b").multimodal == {}
+    mystery = {"model_type": "gemma3", "vision_config": {"model_type": "mystery_vit"}}
+    with pytest.raises(ConfigError, match="not counted"):
+        vision_tower(mystery, 2560)
+    assert vision_tower(mystery, 2560, strict=False) is None
+    with pytest.raises(ConfigError, match="whole number"):
+        vision_tower({"model_type": "gemma3", "vision_config": {"model_type": "siglip_vision_model",
+                                                                 "hidden_size": "wide"}}, 2560, strict=False)

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--block-size", "--page-size", dest="block_size", type=int)
     p.add_argument("--cuda-graph-max-bs", dest="cuda_graph_max_bs", type=int)
     p.add_argument("--disable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager", action="store_true")
+    p.add_argument("--text-only", dest="text_only", action="store_true",
+                   help="multimodal checkpoint served without its vision tower (vLLM --limit-mm-per-prompt all 0)")
     p.add_argument("--requests", type=int, help="with --tokens: the smallest utilization (or --fewest-gpus) for "
                    "this many concurrent requests")
     p.add_argument("--tokens", type=int, help="tokens per request for --requests")
@@ -50,7 +52,7 @@ def add_parser(sub) -> None:
 _FLAGS = ("engine_version", "engine_mode", "tensor_parallel", "pipeline_parallel", "gpu_memory_utilization",
           "mem_fraction_static", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
           "quantization", "dtype", "enforce_eager", "block_size", "cuda_graph_max_bs",
-          "disable_hybrid_kv_cache_manager")
+          "disable_hybrid_kv_cache_manager", "text_only")
 
 
 def run(args: argparse.Namespace) -> int:

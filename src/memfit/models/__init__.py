@@ -50,7 +50,7 @@ def _index() -> dict[str, dict[str, str]]:
 
 @lru_cache(maxsize=1)
 def _hub_alias_table() -> dict[str, dict[str, Any]]:
-    """``registry/aliases.json``: {hub id: {model, source, quantization?, overrides?, note?}}."""
+    """``registry/aliases.json``: {hub id: {model, source, quantization?, overrides?, multimodal?, note?}}."""
     with open(_REGISTRY_DIR / "aliases.json", encoding="utf-8") as f:
         return json.load(f)
 
@@ -78,7 +78,9 @@ def hub_aliases() -> dict[str, dict[str, Any]]:
     """The served Hub ids memfit resolves offline to a registry entry (``registry/aliases.json``), each
     with ``model`` (the registry name), ``source`` (its model card), and where they apply
     ``quantization`` (how that checkpoint stores its weights: awq, gptq, gptq-int8, fp8, nf4, mxfp4),
-    ``overrides`` (config keys that differ from the entry's without changing any size) and ``note``."""
+    ``overrides`` (config keys that differ from the entry's without changing any size), ``multimodal`` (the
+    top-level keys of a multimodal checkpoint whose text model is the entry: its ``vision_config`` and
+    projector settings, see :mod:`memfit.models.vision`) and ``note``."""
     return {hub: dict(entry) for hub, entry in _hub_alias_table().items()}
 
 
@@ -248,7 +250,8 @@ def _load_model(ref: str) -> ModelSpec:
         else:
             config = dict(config, **overrides)
         spec = spec_from_config(config, name=name, source=alias["source"])
-        return replace(spec, checkpoint_quantization=alias.get("quantization", spec.checkpoint_quantization))
+        return replace(spec, checkpoint_quantization=alias.get("quantization", spec.checkpoint_quantization),
+                       multimodal=alias.get("multimodal", spec.multimodal))
 
     path = _local_config(key)
     if path is not None:

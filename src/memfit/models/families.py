@@ -1091,4 +1091,5 @@ def spec_from_config(config: dict[str, Any], *, name: str, source: str = "") -> 
         layer_blocks=parsed.layer_blocks,
         checkpoint_quantization=_checkpoint_quantization(config),
         config=text,
+        multimodal={k: v for k, v in config.items() if k != "text_config"} if is_multimodal else {},
     )

@@ -172,6 +172,9 @@ class ModelSpec:
     ``gptq-int8``, ``fp8``, ``nf4``, ``mxfp4`` ...): from a Hub alias's data or the config's
     ``quantization_config.quant_method``; empty for 16/32-bit checkpoints. It describes the download, not
     the job: the job's ``quantization`` decides what the estimate counts."""
+    multimodal: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """For a multimodal checkpoint (Gemma 3, Mistral 3, LLaVA ...): its top-level config less ``text_config``
+    (``vision_config`` and the projector's keys), which :mod:`memfit.models.vision` counts; empty otherwise."""
     config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """The raw config.json, for engines that build the real model: ``transformers.AutoConfig.for_model(**config)``
     and the class named by ``architecture``. For a multimodal config (Gemma 3) this is its ``text_config``

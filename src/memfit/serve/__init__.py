@@ -169,6 +169,13 @@ def serve_config(model: str | ModelSpec, cfg: ServeConfig) -> ServeEstimate:
     est = engine_mod.estimate(spec, cfg, quantization=layout, element_bytes=e, group_size=group, notes=notes,
                               skip_roles=skip)
     est.quantization = qname
+    vision = (spec.multimodal or {}).get("vision_config")
+    if isinstance(vision, dict) and not cfg.text_only:
+        from ..models.vision import vision_tower
+
+        if vision_tower(spec.multimodal, spec.hidden_size, strict=False) is None:
+            est.notes.append(f"the vision tower ({vision.get('model_type', '?')}) is not counted: memfit does not "
+                             "know its layout; the weights are the text model's")
     return est
 
 
@@ -212,10 +219,11 @@ def min_utilization(model: str | ModelSpec, *, requests: int, tokens: int, engin
 
         frac = (non_kv_bytes(est) + need) / est.gpu_memory_bytes
     else:
-        from .sglang import budget
+        from .sglang import budget, multimodal_factor
 
         base, non_kv = budget(est)
-        frac = (non_kv + need) / base
+        factor, _ = multimodal_factor(spec, parse_version(est.engine_version, "0.5"), from_flag=True)
+        frac = (non_kv + need) / base / factor  # SGLang scales the stated fraction for multimodal models
     answer = math.ceil(frac * 1000 - 1e-9) / 1000
     while answer <= 1.0:  # confirm with the engine's own rounding
         check = serve(spec, engine=engine, gpu=gpu, gpu_memory=gpu_memory, **{**flags, key: answer})

@@ -98,12 +98,25 @@ def rope_cache_bytes(spec: ModelSpec, e: int) -> int:
     return pos * rot * e * copies
 
 
+def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2) -> int:
+    """The vision tower's and projector's bytes on one rank of the first pipeline stage (where vLLM and
+    SGLang build them: ``*ForConditionalGeneration`` holds the tower next to the text model's first layers):
+    16-bit whatever the text model's quantization, linears split over TP (:mod:`memfit.models.vision`).
+    0 for a text-only model, and for a vision model memfit does not count (the estimate notes it)."""
+    from ..models.vision import vision_tower
+
+    tower = vision_tower(spec.multimodal, spec.hidden_size, strict=False)
+    return tower.params_on_rank(tp) * element_bytes if tower is not None else 0
+
+
 def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
-                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset()) -> int:
+                    element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset(),
+                    vision: bool = True) -> int:
     """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
     end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
     vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
-    a later stage is a second copy), and the rope cache. MLA layers also keep the absorbed ``W_UK``/``W_UV``
+    a later stage is a second copy), the rope cache, and on the first stage a multimodal checkpoint's
+    vision tower and projector unless ``vision`` is False (:func:`vision_bytes_on_rank`). MLA layers also keep the absorbed ``W_UK``/``W_UV``
     copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``)."""
     e = element_bytes
     order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
@@ -126,6 +139,8 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
     first, last = stage == 0, stage == pp - 1
     if first:
         total += table + max(0, spec.embedding_params - spec.vocab_size * spec.hidden_size) * e
+        if vision:
+            total += vision_bytes_on_rank(spec, tp=tp, element_bytes=e)
     if last:
         total += spec.final_params * e
         if spec.head == "causal_lm" and (not spec.tie_word_embeddings or not first):
@@ -210,3 +225,125 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
         V = padded_vocab(spec.vocab_size, 1)
         samp = tokens * H * e + seqs * V * sampler_bytes_per_logit(sampler, e)
     return (int(layer), "layer") if layer >= samp else (int(samp), "sampler")
+
+
+# ------------------------------------------------------------------------------- reserved by the loaded weights
+#: Linear roles the engines load into one fused parameter (vLLM / SGLang ``QKVParallelLinear``,
+#: ``MergedColumnParallelLinear``, ``FusedMoE.w13_weight``): one allocation per group and layer.
+_FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "gate": "gate_up", "up": "gate_up", "gate_up": "gate_up",
+          "expert_gate": "w13", "expert_up": "w13", "expert_gate_up": "w13",
+          "shared_gate": "shared_gate_up", "shared_up": "shared_gate_up"}
+
+
+def weight_tensors_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
+                           element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset(),
+                           vision: bool = True, rope_element_bytes: int | None = None) -> list[int]:
+    """The byte sizes of the tensors one rank allocates for its weights, in the order the model builds
+    them: per layer the norms, the fused qkv / gate_up / w13 weights and their biases, the other linears,
+    MLA's absorbed ``kv_b`` copies; the embedding and vision tower on the first stage, the final norm and
+    head on the last, and the rope cache (``rope_element_bytes`` per value, the model dtype by default).
+    Quantized weights count as one tensor with their scales (a simplification: a few extra allocations of
+    scales are not modelled). The sizes add up to :func:`weights_on_rank` (with the same rope dtype)."""
+    e = element_bytes
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    per_block: dict[int, list[int]] = {}
+    sizes: list[int] = []
+    first, last = stage == 0, stage == pp - 1
+    H = spec.hidden_size
+    if first:
+        sizes.append(padded_vocab(spec.vocab_size, tp) * H * e)
+        extra = max(0, spec.embedding_params - spec.vocab_size * H) * e
+        if extra:
+            sizes.append(extra)
+    for li in layers_on_stage(len(order), pp, stage):
+        bi = order[li]
+        if bi not in per_block:
+            b = spec.blocks[bi]
+            out: list[int] = []
+            other = b.other_params * e
+            while other > 0:  # norms: hidden-wide vectors
+                out.append(min(other, H * e))
+                other -= H * e
+            fused: dict[str, int] = {}
+            for lin in b.linears:
+                n = linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles)
+                key = _FUSED.get(lin.role)
+                if key is None:
+                    out.append(n)
+                else:
+                    fused[key] = fused.get(key, 0) + n
+                if lin.role == "kv_b" and b.attention.kind == "mla":
+                    half = math.ceil(lin.in_features * lin.out_features / tp) * e // 2
+                    out += [half, math.ceil(lin.in_features * lin.out_features / tp) * e - half]
+            out += list(fused.values())
+            per_block[bi] = out
+        sizes += per_block[bi]
+    if first and vision:
+        v = vision_bytes_on_rank(spec, tp=tp, element_bytes=e)
+        if v:
+            sizes.append(v)
+    if last:
+        if spec.final_params:
+            sizes.append(spec.final_params * e)
+        if spec.head == "causal_lm" and (not spec.tie_word_embeddings or not first):
+            sizes.append(padded_vocab(spec.vocab_size, tp) * H * e)
+    rope = rope_cache_bytes(spec, e)
+    if rope:
+        sizes.append(rope if rope_element_bytes is None else rope // e * rope_element_bytes)
+    return sizes
+
+
+def reserved_bytes(sizes: list[int]) -> int:
+    """What PyTorch's caching allocator reserves for tensors of these sizes allocated in this order and
+    kept (``memory_reserved`` after ``empty_cache``): each large request rounded up to a 2 MiB segment,
+    1-10 MiB requests sharing 20 MiB segments, small ones 2 MiB ones (:mod:`memfit.allocator`). This,
+    not the sum of the sizes, is the drop in free memory an engine sees while its weights load."""
+    from ..allocator.model import CachingAllocatorModel
+
+    alloc = CachingAllocatorModel()
+    for n in sizes:
+        if n > 0:
+            alloc.malloc(int(n))
+    return int(alloc.reserved)
+
+
+def mxfp4_moe_extra_bytes(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0) -> int:
+    """What vLLM's MXFP4 MoE (gpt-oss) holds on a Hopper rank beyond the checkpoint's packed experts
+    (:func:`mxfp4_bytes`), from ``model_executor/layers/quantization/mxfp4.py`` (v0.10.1+,
+    ``Mxfp4MoEMethod``, the triton-kernels path that Hopper takes by default):
+
+    - ``create_weights`` pads the per-rank expert width to a multiple of 64 (``round_up(I / tp, 64)``:
+      2880 / 4 = 720 -> 768), for w13 (2 x width rows) and w2 (width columns) with their scales;
+    - ``process_weights_after_loading`` swizzles the weights and their scales for ``matmul_ogs``
+      (``_swizzle_mxfp4``); the unswizzled weights are deleted, but the checkpoint's scale parameters stay
+      registered, so every scale byte is held twice (the swizzled copy is taken as the same size);
+    - the bf16 expert biases become float32 (two more bytes each).
+    """
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    per_block: dict[int, int] = {}
+    total = 0
+    for li in layers_on_stage(len(order), pp, stage):
+        bi = order[li]
+        if bi not in per_block:
+            b = spec.blocks[bi]
+            extra = 0
+            if b.moe is not None:
+                width = math.ceil(b.moe.expert_intermediate_size / tp)
+                padded = math.ceil(width / 64) * 64
+                for lin in b.linears:
+                    if not lin.role.startswith("expert"):
+                        continue
+                    if lin.role == "expert_down":  # row-parallel: the width is the input
+                        i_now, o_now, i_pad, o_pad = width, lin.out_features, padded, lin.out_features
+                    else:  # gate_up (2 x width rows), or a separate gate / up
+                        mult = 2 if lin.role == "expert_gate_up" else 1
+                        i_now, o_now, i_pad, o_pad = lin.in_features, mult * width, lin.in_features, mult * padded
+                    pad = mxfp4_bytes(i_pad, o_pad) - mxfp4_bytes(i_now, o_now)
+                    scales = o_pad * math.ceil(i_pad / 32)
+                    bias = 2 * o_pad if lin.bias else 0
+                    extra += (pad + scales + bias) * lin.count
+            per_block[bi] = extra
+        total += per_block[bi]
+    return total

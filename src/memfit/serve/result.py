@@ -50,6 +50,10 @@ class ServeConfig:
     block_size: int | None = None
     cuda_graph_max_bs: int | None = None
     disable_hybrid_kv_cache_manager: bool = False
+    text_only: bool = False
+    """A multimodal checkpoint served without its vision tower (vLLM ``--limit-mm-per-prompt`` with every
+    modality at 0, in versions whose model code then skips building the tower): only the text model's
+    weights are loaded. False: the tower and projector are loaded, as both engines do by default."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:

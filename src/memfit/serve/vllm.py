@@ -11,6 +11,9 @@ Sources (github.com/vllm-project/vllm, by tag):
   (``v1/worker/gpu_worker.py::determine_available_memory``, v0.8-v0.11): ``available = total x util -
   (weights + torch peak increase of the profile run + non-torch increase since the worker started)``;
   the CUDA context made before the first snapshot is not charged;
+- MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
+  (:func:`memfit.serve.memory.mxfp4_moe_extra_bytes`); other cards' MXFP4 backends (Marlin on Ampere,
+  FlashInfer on Blackwell) lay the experts out differently and are counted as the checkpoint;
 - v0.19+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
   (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default; earlier versions only log it).
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 from ..models.spec import ModelSpec
 from ..units import GiB, MiB
 from . import kv as K
-from .memory import layer_peak_per_token, profile_peak, weights_on_rank
+from .memory import layer_peak_per_token, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
 from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
@@ -47,6 +50,13 @@ CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
 
 
+def hopper(gpu_name: str) -> bool:
+    """Whether the card is a Hopper (SM 9.0: H100, H200, H800, H20, GH200), from its name."""
+    import re
+
+    return bool(re.search(r"\b(g?h(100|200|800|20))\b", gpu_name.lower().replace("-", " ")))
+
+
 def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
     """V1 is the default engine from v0.8 (``VLLM_USE_V1=1``) and the only one from v0.11."""
     if cfg.engine_mode:
@@ -67,7 +77,8 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
 
     - V0 (``vllm/engine/arg_utils.py`` / ``config.py::SchedulerConfig``, v0.5-v0.6): 256 sequences;
       chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
-      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models;
+      takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models, and v0.8-v0.10
+      (``_set_default_args_v0``) leave it off for MLA, multimodal and sliding-window models;
     - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
       other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
       of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
@@ -80,6 +91,14 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if mla and (0, 7, 0) <= version < (0, 8, 0):
             # config.py v0.7.x: "MLA is enabled; forcing chunked prefill and prefix caching to be disabled."
             return seqs, max(max_model_len, 2048), "V0 0.7 with MLA: chunked prefill forced off, max(max_model_len, 2048)"
+        if version >= (0, 8, 0):
+            # arg_utils.py v0.8-v0.10 ``_set_default_args_v0``: "Chunked prefill not supported for Multimodal or
+            # MLA in V0"; the long-context default skips sliding-window models too
+            multimodal = bool((spec.multimodal or {}).get("vision_config"))
+            sliding = any(b.attention.sliding_window for b in spec.blocks)
+            if mla or multimodal or sliding:
+                why = "MLA" if mla else ("a multimodal model" if multimodal else "sliding-window attention")
+                return seqs, max(max_model_len, 2048), f"V0 0.8+ with {why}: no chunked prefill, max(max_model_len, 2048)"
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
@@ -137,7 +156,9 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size, skip_roles=skip_roles)
+                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
+        if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
+            w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1")
         per_tok = sum(x.per_token_bytes for x in layers)
