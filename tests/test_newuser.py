@@ -364,3 +364,16 @@ def test_compare_attributes_logits_alike_in_all_engines(tmp_path, capsys):
     assert main(["compare", "--measured", str(rec), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "logits_and_loss" not in out["rows"] and out["notes"]
+
+
+def test_the_card_questions_refuse_what_the_estimate_refuses():
+    """max_batch_size and fits_on say the same as estimate() for a sequence past a learned position table: an
+    error, not a batch count for a run that cannot start."""
+    from memfit.estimator import fits_on, max_batch_size
+
+    for job in (Job(model="bert-base-uncased", task="infer", prompt_len=512, new_tokens=32),
+                Job(model="gpt2", seq_len=4096)):
+        with pytest.raises(JobError, match="learned position table"):
+            max_batch_size(job, 8 << 30)
+        with pytest.raises(JobError, match="learned position table"):
+            fits_on(job, 8 << 30)

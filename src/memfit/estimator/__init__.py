@@ -852,14 +852,20 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
 def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> bool:
     """Whether the reference run of ``job`` completes with the allocator capped at the card less the CUDA
     context (the replay of the estimate's event stream, not a comparison of totals)."""
-    from .events import cuda_context_bytes, replay
+    from ..checks import check_job_for_model
 
     spec = _spec(job, spec)
+    check_job_for_model(job, spec)  # an impossible job is an error here as in estimate(), not a verdict
+    return _fits_on(job, gpu_memory_bytes, spec)
+
+
+def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec) -> bool:
+    """:func:`fits_on` for a job already checked against ``spec``."""
+    from .events import cuda_context_bytes, replay
+
     if job.strategy != "single" or job.gpus > 1:  # every rank's stream, replayed under the cap
-        from ..checks import check_job_for_model
         from .parallel import fits_parallel
 
-        check_job_for_model(job, spec)
         return fits_parallel(job, spec, gpu_memory_bytes)
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
@@ -877,9 +883,12 @@ def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spe
     (:func:`memfit.boundary.largest_passing`)."""
     from ..boundary import largest_passing
 
+    from ..checks import check_job_for_model
+
     spec = _spec(job, spec)
+    check_job_for_model(job, spec)  # what the check looks at does not depend on the batch: once
     limit = max(1, int(limit))
-    return largest_passing(lambda b: fits_on(job.replace(batch_size=b), gpu_memory_bytes, spec), limit=limit)[0]
+    return largest_passing(lambda b: _fits_on(job.replace(batch_size=b), gpu_memory_bytes, spec), limit=limit)[0]
 
 
 def model_states(parameters: int, *, precision: str = "32-true", optimizer: str = "adamw",
