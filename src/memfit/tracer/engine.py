@@ -357,6 +357,7 @@ class _TraceRun:
                               "log-sum-exp saved, no score matrix)")
         self.model = ref.build_model(build_job, self.spec, "cpu", user_model=user)
         del user
+        _skip_zero_layerdrop(self.model)
         params = dict(self.model.named_parameters(remove_duplicate=True))
         tr.tag((p for n, p in params.items() if "lora_" in n), "lora_adapters")
         tr.tag((p for n, p in params.items() if "lora_" not in n), "weights")
@@ -632,6 +633,22 @@ def _quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(old)
+
+
+#: Decoders whose forward reads ``self.training`` only to draw LayerDrop's coin (transformers 5.17
+#: ``modeling_opt.py`` ``OPTDecoder.forward``: ``if self.training: if torch.rand([]) < self.layerdrop:
+#: continue``); the layers read their own ``training`` for dropout and checkpointing.
+_LAYERDROP_ONLY = ("OPTDecoder",)
+
+
+def _skip_zero_layerdrop(model: Any) -> None:
+    """A LayerDrop probability of 0 (every shipped OPT config) never skips a layer, but comparing the fake
+    random scalar with it is data-dependent control flow that fake tensors cannot follow: those decoders
+    (only the decoder module itself, not its layers) run the trace with ``training`` off, which drops just the
+    coin (one scalar a layer) from the recorded run."""
+    for mod in model.modules():
+        if type(mod).__name__ in _LAYERDROP_ONLY and not getattr(mod, "layerdrop", 0.0):
+            mod.training = False
 
 
 def _one_line(torch: Any, exc: BaseException) -> str:
