@@ -250,8 +250,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
-                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
-    layer_tensors = {bi: [(bpt * T, saved, held) for bpt, saved, held in layer_forward_tensors(spec, bi, mode)]
+                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
+                quant4=job.quantization in ("nf4", "fp4"))
+    layer_tensors = {bi: [(bpt * T, saved, held, until) for bpt, saved, held, until in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
     merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) for bi in set(layers)}
     layer_input = T * H * res
@@ -345,8 +346,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             mine: list[int] = []
             if ckpt:
                 mine.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
-            pending, held = -1, []
-            for j, (n, saved, hold) in enumerate(layer_tensors[bi]):
+            pending, held, scoped = -1, [], {}
+            for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                 if i == 0 and j == 0 and emb_out >= 0 and emb_first:
                     continue  # the first layer's input is the embedding output, held above
                 if saved and not ckpt:
@@ -354,11 +355,16 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
                     mine.append(h)
                 elif hold:  # a Python name keeps it until the layer returns
                     held.append(s.alloc(n, "temporaries"))
+                elif until is not None:  # its op frees it once a later tensor exists (see layer_forward_tensors)
+                    scoped.setdefault(until, []).append(s.alloc(n, "temporaries"))
                 else:
                     h = s.alloc(n, "temporaries")
                     s.free(pending)
                     pending = h
+                s.free_all(scoped.pop(j, ()))
             s.free(pending)
+            for left in scoped.values():
+                s.free_all(left)
             s.free_all(held)
             if not ckpt:
                 mine.append(s.alloc(merged[bi], "activations"))
@@ -415,17 +421,22 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             if ckpt:  # recompute the layer's forward, keeping what backward needs
                 s.free_all(live)
                 live = []
-                pending, held = -1, []
-                for n, saved, hold in layer_tensors[bi]:
+                pending, held, scoped = -1, [], {}
+                for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                     h = s.alloc(n, "activations" if saved else "temporaries")
                     if saved:
                         live.append(h)
                     elif hold:
                         held.append(h)
+                    elif until is not None:
+                        scoped.setdefault(until, []).append(h)
                     else:
                         s.free(pending)
                         pending = h
+                    s.free_all(scoped.pop(j, ()))
                 s.free(pending)
+                for left in scoped.values():
+                    s.free_all(left)
                 s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]
