@@ -281,7 +281,15 @@ class _Replay:
             self.save(self.tmp(nh * dqk, 4))
             self.save(self.tmp(kv_heads * dqk, 4))
             self.save(self.tmp(kv_heads * dv, 4))
-            self.save(self.tmp(nh * S, 4))
+            # the scores (``attn = q @ k^T``, the mask added in place), then ``_safe_softmax`` as it runs on the
+            # device (attention.cpp, CompositeExplicitAutograd): the softmax, ``self.eq(-inf)`` (bool) and
+            # ``where(masked_rows, 0, softmax)``, the tensor autograd keeps; the others go when it returns
+            # (traced with the device's kernel: qlora-mistral-7b's peak is this moment of a recomputed layer)
+            scores, soft, masked = self.tmp(nh * S, 4), self.tmp(nh * S, 4), self.tmp(nh * S, 1)
+            probs = self.tmp(nh * S, 4)
+            self.save(probs)
+            for t in (scores, soft, masked):
+                self.until[t] = probs
             self.new(o, nh * dv, e)
             return
         # eager: repeat_kv, q @ k^T, softmax in fp32, cast back, (dropout), @ v
