@@ -322,8 +322,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
     if spec.tie_word_embeddings and spec.head == "causal_lm" and job.quantization == "none":
         # building the model makes the head's own weight before tie_weights() points it at the embedding: one
         # embedding-sized tensor, freed, its segment left cached (as inference's load; measured: the load peak of
-        # llama-3.2-3b full bf16 is its weights plus 751.5 MiB). The first trial after the build starts with it,
-        # and the cuBLAS workspaces the first matmul allocates land in it, so it stays through empty_cache()
+        # llama-3.2-3b full bf16 is its weights plus 751.5 MiB). The first trial after the build starts with it
+        # (llama-3.2-3b-full-ckpt's boundary trial is one); that a later trial, after find_max_batch's
+        # empty_cache(), still has it (the cuBLAS workspaces of the first matmul land in it here) is assumed
         s.free(s.alloc(V * H * st.param_bytes(job.precision), "weights"))
     if lora:
         for bi in layers:
