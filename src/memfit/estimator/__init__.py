@@ -389,11 +389,19 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             s.free(logits)
         elif lm:
             logits = s.alloc(TV * e, "logits_and_loss")
+            tanh = -1
+            if spec.final_logit_softcapping:
+                # transformers 5.17 Gemma2ForCausalLM: ``logits / cap``, ``tanh`` (its output kept for backward),
+                # ``* cap``, one op at a time before the loss upcasts (traced: gemma-2-2b LoRA bf16)
+                scaled = s.alloc(TV * e, "logits_and_loss")
+                s.free(logits)
+                tanh = s.alloc(TV * e, "logits_and_loss")
+                s.free(scaled)
+                logits = s.alloc(TV * e, "logits_and_loss")
             up = s.alloc(TV * 4, "logits_and_loss") if e != 4 else -1
             logsm = s.alloc(TV * 4, "logits_and_loss")
-            tanh = s.alloc(TV * e, "logits_and_loss") if spec.final_logit_softcapping else -1
-            s.free(logits)
             s.free(up)
+            s.free(logits)
         else:
             logsm, tanh = s.alloc(T * spec.num_labels * 4, "logits_and_loss"), -1
         s.phase("backward")
@@ -412,8 +420,19 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS) -> 
             g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
-            s.free(tanh)
             g3 = s.alloc(TV * e, "logits_and_loss") if e != 4 else -1
+            if tanh >= 0:  # the soft-cap's backward: ``* cap``, tanh's, ``/ cap``, each freeing the one before
+                if g3 < 0:
+                    g3, g2 = g2, -1
+                else:
+                    s.free(g2)
+                    g2 = -1
+                for k in range(3):
+                    nxt = s.alloc(TV * e, "logits_and_loss")
+                    s.free(g3)
+                    g3 = nxt
+                    if k == 1:  # tanh's backward has used its saved output
+                        s.free(tanh)
             s.free(g2)
             s.free(g3)
         else:
