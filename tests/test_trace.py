@@ -238,13 +238,29 @@ def test_a_users_module_is_traced_and_left_alone(llama_path):
 
 
 def test_bitsandbytes_jobs_fall_back_to_the_estimate(llama_path):
-    bd = trace(_job(llama_path, method="qlora", precision="bf16-true"), spec=_spec())
+    job = _job(llama_path, method="lora", quantization="int8", precision="bf16-true")
+    bd = trace(job, spec=_spec())
     assert bd.engine == "estimate"
     assert bd.notes[0].startswith("trace could not run:") and "bitsandbytes" in bd.notes[0]
     from memfit.tracer import TraceUnsupportedError
 
     with pytest.raises(TraceUnsupportedError):
-        trace(_job(llama_path, method="qlora", precision="bf16-true"), spec=_spec(), fallback=False)
+        trace(job, spec=_spec(), fallback=False)
+
+
+def test_qlora_is_traced_with_emulated_4bit_linears(llama_path):
+    """nf4 QLoRA training runs on fake tensors with bitsandbytes' 4-bit linears emulated: the packed weights
+    and their quantization state are what the estimate counts, the matmuls' dequantized weights are temporaries."""
+    from memfit.estimator import estimate
+
+    for dq in (True, False):
+        job = _job(llama_path, method="qlora", precision="bf16-true", double_quant=dq, gradient_checkpointing=True)
+        bd = trace(job, spec=_spec(), fallback=False)
+        est = estimate(job)
+        assert bd.engine == "trace"
+        for key in ("weights", "quantization_state", "lora_adapters"):
+            assert bd.components[key] == pytest.approx(est.components[key], rel=0.05, abs=64 << 10), key
+        assert bd.peak_allocated_bytes == pytest.approx(est.peak_allocated_bytes, rel=0.15)
 
 
 def test_without_torch_it_says_how_to_install(llama_path, monkeypatch):

@@ -6,7 +6,8 @@
 NAME is a record of validation/records/h200-boundaries.json. For each batch the job is traced on fake tensors
 (``memfit trace``), its allocations and frees are rebuilt in order as a :class:`memfit.estimator.events.Stream`
 and replayed through the allocator model at the record's allocator limit (card less the measured CUDA
-context). ``--steps 1`` traces one call as ``measure --find-max-batch`` runs it; ``--new-tokens`` trims a long
+context). ``--steps`` defaults to what a ``measure --find-max-batch`` trial runs (two training steps, one inference
+call); QLoRA (nf4/fp4) jobs trace with bitsandbytes' 4-bit linears emulated; ``--new-tokens`` trims a long
 decode (every boundary of these records is decided in the prefill). ``--estimate`` prints the estimate's own
 one-call stream replayed the same way, for comparison. The record's trials are printed first.
 
@@ -74,7 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("name")
     ap.add_argument("batches")
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps traced; default as measure --find-max-batch runs a trial: 2 for training, 1 call for "
+                         "inference")
     ap.add_argument("--estimate", action="store_true")
     ap.add_argument("--records", type=Path, default=REPO / "validation" / "records" / "h200-boundaries.json")
     args = ap.parse_args(argv)
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
     fm = rec["find_max_batch"]
     limit = fm["card"]["allocator_limit_bytes"]
     job = Job.from_dict(rec["job"])
+    if args.steps is None:
+        args.steps = 2 if job.task == "train" else 1
     if args.new_tokens is not None:
         job = job.replace(new_tokens=min(job.new_tokens, args.new_tokens))
     print(f"{args.name}: measured boundary {rec['max_batch_size']}, allocator limit {limit / 2**30:.3f} GiB")

@@ -262,8 +262,10 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
-                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec))
-    layer_tensors = {bi: [(bpt * T * act_share, saved, held) for bpt, saved, held in layer_forward_tensors(spec, bi, mode)]
+                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
+                quant4=job.quantization in ("nf4", "fp4"))
+    layer_tensors = {bi: [(bpt * T * act_share, saved, held, until)
+                          for bpt, saved, held, until in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
     merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) * tp_share for bi in set(layers)}
     layer_input = T * H * res * seq_share
@@ -347,6 +349,15 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     else:
         for w in _weight_tensors(spec, job, layers, weights - lora):
             s.alloc(w, "weights")
+        if spec.tie_word_embeddings and spec.head == "causal_lm" and job.quantization == "none":
+            # building the model makes the head's own weight before tie_weights() points it at the embedding: one
+            # embedding-sized tensor, freed, its segment left cached (as inference's load; measured: the load peak
+            # of llama-3.2-3b full bf16 is its weights plus 751.5 MiB). This is the user's run, built then trained,
+            # and find_max_batch's first trial: llama-3.2-3b-full-ckpt B=6 and gemma-2-2b-lora B=1 (first trials)
+            # reserve 41.79 / 15.40 GiB measured, 42.41 / 15.39 with it, 46.81 / 14.46 without. A later trial runs
+            # after empty_cache() released it: qwen2.5-3b-lora-ckpt B=2 (second trial) 14.35 measured, 14.77 with,
+            # 14.34 without. The estimate describes the first.
+            s.free(s.alloc(V * H * st.param_bytes(job.precision), "weights"))
         if lora:
             for bi in layers:
                 for x in _lora_elems(spec, job, spec.blocks[bi]):
@@ -377,7 +388,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     if ckpt:
                         waiting.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
                     else:
-                        waiting += [s.alloc(n, "activations") for n, saved, _held in layer_tensors[bi] if saved]
+                        waiting += [s.alloc(n, "activations") for n, saved, _held, _until in layer_tensors[bi] if saved]
         if hooks is not None:
             hooks.forward_start(s)
         emb = [s.alloc(x, "activations") for x in emb_saved]
@@ -391,8 +402,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             mine: list[int] = []
             if ckpt:
                 mine.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
-            pending, held = -1, []
-            for j, (n, saved, hold) in enumerate(layer_tensors[bi]):
+            pending, held, scoped = -1, [], {}
+            for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                 if i == 0 and j == 0 and emb_out >= 0 and emb_first:
                     continue  # the first layer's input is the embedding output, held above
                 if saved and not ckpt:
@@ -400,11 +411,16 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     mine.append(h)
                 elif hold:  # a Python name keeps it until the layer returns
                     held.append(s.alloc(n, "temporaries"))
+                elif until is not None:  # its op frees it once a later tensor exists (see layer_forward_tensors)
+                    scoped.setdefault(until, []).append(s.alloc(n, "temporaries"))
                 else:
                     h = s.alloc(n, "temporaries")
                     s.free(pending)
                     pending = h
+                s.free_all(scoped.pop(j, ()))
             s.free(pending)
+            for left in scoped.values():
+                s.free_all(left)
             s.free_all(held)
             if not ckpt:
                 mine.append(s.alloc(merged[bi], "activations"))
@@ -424,11 +440,19 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.free(logits)
         elif lm:
             logits = s.alloc(TV * e, "logits_and_loss")
+            tanh = -1
+            if spec.final_logit_softcapping:
+                # transformers 5.17 Gemma2ForCausalLM: ``logits / cap``, ``tanh`` (its output kept for backward),
+                # ``* cap``, one op at a time before the loss upcasts (traced: gemma-2-2b LoRA bf16)
+                scaled = s.alloc(TV * e, "logits_and_loss")
+                s.free(logits)
+                tanh = s.alloc(TV * e, "logits_and_loss")
+                s.free(scaled)
+                logits = s.alloc(TV * e, "logits_and_loss")
             up = s.alloc(TV * 4, "logits_and_loss") if e != 4 else -1
             logsm = s.alloc(TV * 4, "logits_and_loss")
-            tanh = s.alloc(TV * e, "logits_and_loss") if spec.final_logit_softcapping else -1
-            s.free(logits)
             s.free(up)
+            s.free(logits)
         elif has_head:
             logsm, tanh = s.alloc(T * spec.num_labels * 4, "logits_and_loss"), -1
         else:  # not the last pipeline stage: no head, no loss
@@ -451,8 +475,19 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             g1, g2 = s.alloc(TV * 4, "logits_and_loss"), s.alloc(TV * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
-            s.free(tanh)
             g3 = s.alloc(TV * e, "logits_and_loss") if e != 4 else -1
+            if tanh >= 0:  # the soft-cap's backward: ``* cap``, tanh's, ``/ cap``, each freeing the one before
+                if g3 < 0:
+                    g3, g2 = g2, -1
+                else:
+                    s.free(g2)
+                    g2 = -1
+                for k in range(3):
+                    nxt = s.alloc(TV * e, "logits_and_loss")
+                    s.free(g3)
+                    g3 = nxt
+                    if k == 1:  # tanh's backward has used its saved output
+                        s.free(tanh)
             s.free(g2)
             s.free(g3)
         elif has_head:
@@ -471,17 +506,22 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             if ckpt:  # recompute the layer's forward, keeping what backward needs
                 s.free_all(live)
                 live = []
-                pending, held = -1, []
-                for n, saved, hold in layer_tensors[bi]:
+                pending, held, scoped = -1, [], {}
+                for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                     h = s.alloc(n, "activations" if saved else "temporaries")
                     if saved:
                         live.append(h)
                     elif hold:
                         held.append(h)
+                    elif until is not None:
+                        scoped.setdefault(until, []).append(h)
                     else:
                         s.free(pending)
                         pending = h
+                    s.free_all(scoped.pop(j, ()))
                 s.free(pending)
+                for left in scoped.values():
+                    s.free_all(left)
                 s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]

@@ -31,6 +31,7 @@ class Mode:
     attention: str  # sdpa, eager, flash
     seq_len: int
     dropout: float  # training dropout probability of the residual/attention dropouts
+    quant4: bool = False  # the layer's linears are bitsandbytes Linear4bit (nf4/fp4): a 16-bit compute copy each way
 
     @property
     def act_bytes(self) -> int:
@@ -51,6 +52,7 @@ class _Replay:
         self.base: dict[str, str] = {}  # view -> storage owner
         self.saved: dict[str, float] = {}  # storage -> bytes per token
         self.order: list[str] = []  # tensors (and extra saved buffers) in the order the forward makes them
+        self.until: dict[str, str] = {}  # tensor -> the later tensor right after whose allocation it is freed
         self._n = 0
         self.softmax_fp32 = True
         self.materialized_mask = False  # the model passes an explicit attention mask to sdpa (Falcon)
@@ -111,17 +113,61 @@ class _Replay:
         trainable = self.m.trainable_base if trainable is None else trainable
         if trainable:
             self.save(self.cast(x, 2) if self.mixed else x)
-        if name in self.m.lora_targets:
-            adapter_dtype = 2 if self.mixed else 4  # PEFT keeps adapters in fp32; autocast runs them in 16-bit
-            if self.mixed:
-                # peft 0.21 lora/layer.py Linear.forward: ``x = self._cast_input_dtype(x, lora_A.weight.dtype)``
-                # makes a 16-bit input fp32, then autocast casts it back for lora_A: a fresh 16-bit copy per
-                # adapter even where the input is already 16-bit (o_proj after attention, down_proj)
-                self.save(self.tmp(self.size[x], 2))
+        lora = name in self.m.lora_targets
+        out_dtype = 2 if self.mixed else self.dtype[x]
+        if self.m.quant4 and not trainable:
+            # bitsandbytes 0.50 nn/modules.py Linear4bit.forward: ``x.to(compute_dtype)`` (16-bit), matmul_4bit
+            # (MatMul4Bit saves no activation: ``ctx.tensors = (None, B)``; its dequantized weight is the
+            # quantization scratch counted on its own), then ``.to(inp_dtype)``: both 16-bit tensors live until
+            # that cast back exists
+            out_dtype = self.dtype[x]
+            x16 = self.cast(x, 2)
+            if out_dtype == 2:
+                base = self.new(y, out, 2) if not lora else self.tmp(out, 2)
             else:
-                self.save(self.cast(x, adapter_dtype))  # lora_A input (a fresh cast per adapter)
-            self.save(self.tmp(self.m.lora_rank, adapter_dtype))  # lora_A output, lora_B input
-        self.new(y, out, 2 if self.mixed else self.dtype[x])
+                o16 = self.tmp(out, 2)
+                base = self.new(y, out, out_dtype) if not lora else self.tmp(out, out_dtype)
+                self.until[o16] = base
+                self.until[x16] = base
+        else:
+            base = self.new(y, out, out_dtype) if not lora else self.tmp(out, out_dtype)
+        if not lora:
+            return
+        # peft 0.21 tuners/lora/layer.py Linear.forward: ``result = self.base_layer(x)``, ``x =
+        # self._cast_input_dtype(x, lora_A.weight.dtype)``, ``result = result + lora_B(lora_A(dropout(x))) *
+        # scaling``, ``result = result.to(torch_result_dtype)``: lora_B's output, its scaled copy and the sum
+        # are output-sized, in the adapters' fp32 (their 16-bit autocast casts under mixed precision); the
+        # base output lives until the sum exists, the adapter-dtype input until the layer returns
+        adapter_dtype = 2 if self.mixed else 4  # PEFT keeps adapters in fp32; autocast runs them in 16-bit
+        x_in = x
+        if self.mixed:
+            # ``_cast_input_dtype`` makes a 16-bit input fp32, then autocast casts it back for lora_A: a fresh
+            # 16-bit copy per adapter even where the input is already 16-bit (o_proj after attention, down_proj)
+            x32 = self.cast(x, 4)
+            xa = self.tmp(self.size[x], 2)
+        else:
+            x32 = None
+            xa = self.cast(x, adapter_dtype)  # lora_A input (a fresh cast per adapter)
+        self.save(xa)
+        a = self.tmp(self.m.lora_rank, adapter_dtype)
+        self.save(a)  # lora_A output, lora_B input
+        b = self.tmp(out, adapter_dtype)
+        self.until[a] = b
+        m = self.tmp(out, adapter_dtype)
+        self.until[b] = m
+        total_dtype = _promote(self.dtype[base], adapter_dtype)
+        if total_dtype == out_dtype:
+            s = self.new(y, out, total_dtype)
+            last = s
+        else:
+            s = self.tmp(out, total_dtype)
+            last = self.new(y, out, out_dtype)
+            self.until[s] = last
+        self.until[m] = s
+        self.until[base] = s
+        for t in (x32, xa):
+            if t is not None and t != x_in:
+                self.until[t] = last
 
     def rope(self, x: str, y: str) -> None:
         # x * cos + rotate_half(x) * sin: cos/sin carry the dtype of the hidden states (fp32 under autocast)
@@ -235,7 +281,15 @@ class _Replay:
             self.save(self.tmp(nh * dqk, 4))
             self.save(self.tmp(kv_heads * dqk, 4))
             self.save(self.tmp(kv_heads * dv, 4))
-            self.save(self.tmp(nh * S, 4))
+            # the scores (``attn = q @ k^T``, the mask added in place), then ``_safe_softmax`` as it runs on the
+            # device (attention.cpp, CompositeExplicitAutograd): the softmax, ``self.eq(-inf)`` (bool) and
+            # ``where(masked_rows, 0, softmax)``, the tensor autograd keeps; the others go when it returns
+            # (traced with the device's kernel: qlora-mistral-7b's peak is this moment of a recomputed layer)
+            scores, soft, masked = self.tmp(nh * S, 4), self.tmp(nh * S, 4), self.tmp(nh * S, 1)
+            probs = self.tmp(nh * S, 4)
+            self.save(probs)
+            for t in (scores, soft, masked):
+                self.until[t] = probs
             self.new(o, nh * dv, e)
             return
         # eager: repeat_kv, q @ k^T, softmax in fp32, cast back, (dropout), @ v
@@ -463,18 +517,23 @@ def _held(spec: ModelSpec, block: Block) -> set[str]:
 
 
 @lru_cache(maxsize=4096)
-def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool], ...]:
-    """:func:`layer_tensors_per_token` with a third field: whether a Python name holds the tensor until the layer
-    returns (:func:`_held`); the others live until the op after the one that consumes them."""
+def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool, int | None], ...]:
+    """:func:`layer_tensors_per_token` with two more fields: whether a Python name holds the tensor until the layer
+    returns (:func:`_held`), and where the op that makes it scopes its lifetime (a LoRA linear's chain, a 4-bit
+    linear's 16-bit copies): the index of the later tensor right after whose allocation it is freed (unless
+    saved for backward under autograd), else None. The others live until the op after the one that consumes them."""
     block = spec.blocks[block_index]
     r = _run_layer(spec, block, mode)
     held = _held(spec, block)
+    keys = [k for k in r.order if k in r.saved or r.base.get(k) == k]
+    index = {k: i for i, k in enumerate(keys)}
     out = []
-    for key in r.order:
+    for key in keys:
+        until = index.get(r.until[key]) if key in r.until else None
         if key in r.saved:
-            out.append((r.saved[key], True, key in held))
-        elif r.base.get(key) == key:
-            out.append((r.size[key] * r.dtype[key], False, key in held))
+            out.append((r.saved[key], True, key in held, until))
+        else:
+            out.append((r.size[key] * r.dtype[key], False, key in held, until))
     return tuple(out)
 
 

@@ -36,6 +36,7 @@ the reads of tensor values fake tensors cannot answer (``.item()``, ``bool()``) 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Iterator
 
 __all__ = ["cuda_autocast_policy", "SdpaEmulation", "cuda_foreach_default", "fake_safe_grad_scaler",
@@ -303,11 +304,39 @@ class SdpaEmulation:
             backend = "efficient"
         self.calls[backend] = self.calls.get(backend, 0) + 1
         if backend == "math":
+            if dropout_p == 0.0:
+                return self._math(query, key, value, attn_mask, is_causal, scale, enable_gqa)
             return torch.ops.aten._scaled_dot_product_attention_math(
                 query, key, value, attn_mask, dropout_p, is_causal, None, scale=scale, enable_gqa=enable_gqa)[0]
         if attn_mask is not None:
             attn_mask = self._efficient_mask(attn_mask, query, key)
         return self._fn.apply(query, key, value, attn_mask, backend)
+
+    def _math(self, query, key, value, attn_mask, is_causal, scale, enable_gqa):
+        """``_scaled_dot_product_attention_math`` (attention.cpp) as it runs on a device, without dropout: q and k
+        scaled by the square root of the scale, a causal or boolean mask made additive (``where``), k and v
+        repeated for grouped-query attention, ``attn = q @ k^T``, the mask added in place (fake tensors count as
+        tensor subclasses, for which ATen adds out of place: one more score-sized tensor than the device makes),
+        ``_safe_softmax``, ``attn @ v``."""
+        torch = self.torch
+        e = query.shape[-1]
+        factor = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(e))
+        q = query * factor
+        mask = attn_mask
+        if is_causal:
+            mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        if mask is not None and mask.dtype == torch.bool:
+            zero = torch.zeros((), dtype=query.dtype, device=query.device)
+            mask = torch.where(mask.logical_not(), float("-inf"), zero)
+        k, v = key, value
+        if enable_gqa and query.dim() == 4 and key.shape[-3] != query.shape[-3]:
+            k = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+            v = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+        attn = torch.matmul(q, k.transpose(-2, -1) * factor)
+        if mask is not None:
+            attn.add_(mask)
+        attn = torch.ops.aten._safe_softmax(attn, -1)
+        return torch.matmul(attn, v)
 
     def _efficient_mask(self, mask, query, key):
         """``convert_boolean_attn_mask`` + ``preprocess_mask`` (attention.cpp): an additive mask of q's dtype,

@@ -186,7 +186,9 @@ def _unsupported(job: Job, model: Any) -> str:
         return f"the trace covers one GPU; {job.gpus} GPUs with {job.strategy} are not traced yet"
     if job.offload != "none":
         return f"offload {job.offload!r} moves state to the host; the trace covers offload: none"
-    if job.quantization in ("int8", "nf4", "fp4"):
+    if job.quantization in ("nf4", "fp4") and job.task == "train" and model is None and job.is_lora:
+        pass  # QLoRA: bitsandbytes' 4-bit linears are emulated (memfit.tracer.bnb_emulation)
+    elif job.quantization in ("int8", "nf4", "fp4"):
         return f"{job.quantization} weights run bitsandbytes' CUDA kernels, which fake tensors cannot execute"
     if job.quantization in ("fp8", "gptq", "awq"):
         return f"{job.quantization} weights need a pre-quantized checkpoint and its CUDA kernels"
@@ -355,13 +357,21 @@ class _TraceRun:
         if job.attention == "flash":
             self.notes.append("flash-attn 2 is traced as its memory: PyTorch's flash kernel (output and fp32 "
                               "log-sum-exp saved, no score matrix)")
-        self.model = ref.build_model(build_job, self.spec, "cpu", user_model=user)
+        if job.quantization in ("nf4", "fp4") and user is None:
+            from .bnb_emulation import build_qlora_model
+
+            self.model = build_qlora_model(build_job, self.spec, "cpu")
+        else:
+            self.model = ref.build_model(build_job, self.spec, "cpu", user_model=user)
         del user
         _skip_zero_layerdrop(self.model)
         params = dict(self.model.named_parameters(remove_duplicate=True))
         tr.tag((p for n, p in params.items() if "lora_" in n), "lora_adapters")
         tr.tag((p for n, p in params.items() if "lora_" not in n), "weights")
         tr.tag(self.model.buffers(), "weights")
+        tr.tag((b for n, b in self.model.named_buffers() if n.rsplit(".", 1)[-1] in ("absmax", "absmax2", "code2",
+                                                                                   "offset")),
+               "quantization_state")
         known = {id(r) for r in _records_of(tr, list(params.values()) + list(self.model.buffers()))}
         for rec in tr.live_records():
             if id(rec) not in known and rec.category == "weights":

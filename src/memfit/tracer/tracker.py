@@ -116,6 +116,7 @@ class Tracker:
         self._data_dependent = DataDependentOutputException
         self._composite: dict[Any, bool] = {}
         self._item = {ops._local_scalar_dense.default, ops.item.default, ops.is_nonzero.default}
+        self._safe_softmax = ops._safe_softmax.default
         # ``.all()`` / ``.any()`` of a batch-wide condition: the reference batch has no padding, no
         # finished sequence and no inf, so "all" of such a test is True and "any" is False.
         self._reductions: dict[Any, bool] = {}
@@ -145,6 +146,21 @@ class Tracker:
                             if known is None:
                                 raise
                     return bool(known) if func is tracker._is_nonzero else known
+                if func is tracker._safe_softmax and tracker.cuda:
+                    # the math attention kernel's softmax: on the device its CompositeExplicitAutograd kernel
+                    # runs (fake tensors take the one-output meta kernel): softmax, ``self.eq(-inf)`` (bool),
+                    # ``all`` over the rows and ``where(masked_rows, 0, out)``, a second output-sized tensor
+                    # (aten/src/ATen/native/transformers/attention.cpp ``_safe_softmax``)
+                    x, dim = args[0], args[1]
+                    with self:
+                        out = tracker.torch.ops.aten._softmax.default(x, dim, False)
+                        if len(args) > 2 and args[2] is not None:
+                            out = out.to(args[2])
+                        masked = tracker.torch.ops.aten.eq.Scalar(x, float("-inf"))
+                        rows = tracker.torch.ops.aten.all.dim(masked, dim, True)
+                        res = tracker.torch.ops.aten.where.ScalarSelf(rows, 0.0, out)
+                        del out, masked, rows  # the kernel's locals, freed as it returns
+                        return res
                 if tracker._is_composite(func):
                     # Under inference_mode composite ops reach the mode whole; decompose them here, with this
                     # mode active, so the tensors they make inside are seen too (as on a real device).
