@@ -313,14 +313,20 @@ class SdpaEmulation:
         return self._fn.apply(query, key, value, attn_mask, backend)
 
     def _math(self, query, key, value, attn_mask, is_causal, scale, enable_gqa):
-        """``_scaled_dot_product_attention_math`` (attention.cpp) as it runs on a device, without dropout: q and k
-        scaled by the square root of the scale, a causal or boolean mask made additive (``where``), k and v
+        """``_scaled_dot_product_attention_math`` (attention.cpp) as it runs on a device, without dropout: 16-bit
+        q, k and v upcast to fp32, q and k scaled by the square root of the scale, a causal or boolean mask made additive (``where``), k and v
         repeated for grouped-query attention, ``attn = q @ k^T``, the mask added in place (fake tensors count as
         tensor subclasses, for which ATen adds out of place: one more score-sized tensor than the device makes),
         ``_safe_softmax``, ``attn @ v``."""
         torch = self.torch
         e = query.shape[-1]
         factor = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(e))
+        origin = query.dtype
+        if origin in (torch.float16, torch.bfloat16):
+            # "keep query, key, value in high precision": the kernel computes in fp32 and casts back (seen in
+            # torch 2.13's own composite on the CPU: _to_copy to float32 of q, k and v, bmm, _safe_softmax and
+            # the second bmm in fp32, the weights and the output cast to the inputs' dtype)
+            query, key, value = query.float(), key.float(), value.float()
         q = query * factor
         mask = attn_mask
         if is_causal:
@@ -336,7 +342,10 @@ class SdpaEmulation:
         if mask is not None:
             attn.add_(mask)
         attn = torch.ops.aten._safe_softmax(attn, -1)
-        return torch.matmul(attn, v)
+        if attn.dtype != origin:
+            del_weights = attn.to(origin)  # the kernel's second output, dropped by the caller
+            del del_weights
+        return torch.matmul(attn, v).to(origin)
 
     def _efficient_mask(self, mask, query, key):
         """``convert_boolean_attn_mask`` + ``preprocess_mask`` (attention.cpp): an additive mask of q's dtype,
