@@ -131,24 +131,31 @@ def test_capped_replay_reusing_the_uncapped_one(full_replay, expandable):
             assert asdict(got) == asdict(ref)
 
 
-def _old_max_batch_size(job, card, spec, limit=1 << 16):
-    """The loop estimator.max_batch_size had before the shared search."""
-    def fits(b):
-        return fits_on(job.replace(batch_size=b), card, spec)
+def _doubling_search(trial, limit):
+    """The loop estimator.max_batch_size and the planner had before the shared search: double from 1 while the
+    trial passes, then bisect. Returns (answer, the batches tried in order)."""
+    seen = []
 
-    if not fits(1):
-        return 0
+    def t(b):
+        seen.append(b)
+        return trial(b)
+    if not t(1):
+        return 0, seen
     lo, hi = 1, 2
-    while hi <= limit and fits(hi):
+    while hi <= limit and t(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if fits(mid):
+        if t(mid):
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo, seen
+
+
+def _old_max_batch_size(job, card, spec, limit=1 << 16):
+    return _doubling_search(lambda b: fits_on(job.replace(batch_size=b), card, spec), limit)[0]
 
 
 @pytest.mark.parametrize("kw,card", [
@@ -175,25 +182,7 @@ def test_shared_search_tries_what_the_doubling_loops_tried():
     """From 1 with a power-of-two limit the shared search tries the batches the estimator's and the planner's
     doubling-then-bisecting loops tried, in the same order, so even a trial that is not monotone (fragmentation
     can make one) gets the same answer."""
-    def old(trial, limit):
-        seen = []
-
-        def t(b):
-            seen.append(b)
-            return trial(b)
-        if not t(1):
-            return 0, seen
-        lo, hi = 1, 2
-        while hi <= limit and t(hi):
-            lo, hi = hi, hi * 2
-        hi = min(hi, limit + 1)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if t(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo, seen
+    old = _doubling_search
 
     rng = random.Random(7)
     for _ in range(300):
