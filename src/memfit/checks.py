@@ -11,7 +11,7 @@ from .errors import JobError
 from .job import Job
 from .models.spec import ModelSpec
 
-__all__ = ["check_job_for_model", "LEARNED_POSITIONS"]
+__all__ = ["check_job_for_model", "refuse_past_position_table", "LEARNED_POSITIONS"]
 
 from .models import LEARNED_POSITIONS, spec_position_limit  # noqa: E402 - re-exported
 
@@ -50,3 +50,13 @@ def check_job_for_model(job: Job, spec: ModelSpec) -> list[str]:
         notes.append(f"{what} ({length}) is beyond {spec.name}'s max_position_embeddings ({limit}): "
                      "the memory is counted, but the model was not trained that long")
     return notes
+
+
+def refuse_past_position_table(job: Job, spec) -> None:
+    """For the engines that run the model (trace, measure), before they build anything: a sequence longer than
+    a learned position table has no run (the fake run's IndexError, a device-side assert on CUDA), so it gets
+    :func:`check_job_for_model`'s one-line error instead. Models without such a table are left to the run."""
+    if isinstance(spec, ModelSpec):
+        found = spec_position_limit(spec)
+        if found and found[1]:
+            check_job_for_model(job, spec)

@@ -297,18 +297,10 @@ def measure_sweep(job: Job | dict[str, Any], precisions: tuple[str, ...] = SWEEP
 
 
 def _check_lengths(job: Job, spec: Any) -> None:
-    """Refuse a sequence longer than a learned position table before building anything: on CUDA the run would
-    stop at a device-side assert (:func:`memfit.checks.check_job_for_model`)."""
-    try:
-        from ..models import ModelSpec, spec_position_limit
-    except ImportError:  # the registry is not importable in this checkout
-        return
-    if isinstance(spec, ModelSpec):
-        found = spec_position_limit(spec)
-        if found and found[1]:
-            from ..checks import check_job_for_model
+    """A sequence past a learned position table: the one-line error before anything is built."""
+    from ..checks import refuse_past_position_table
 
-            check_job_for_model(job, spec)
+    refuse_past_position_table(job, spec)
 
 
 def resolve_spec(name: str) -> Any:

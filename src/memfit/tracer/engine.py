@@ -145,17 +145,10 @@ def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
 
 
 def _check_lengths(job: Job, spec: Any) -> None:
-    """A sequence longer than a learned position table has no run: the one-line error of
-    :func:`memfit.checks.check_job_for_model`, not the fake run's IndexError."""
-    try:
-        from ..checks import check_job_for_model
-        from ..models import ModelSpec, spec_position_limit
-    except ImportError:  # the registry is not importable in this checkout
-        return
-    if isinstance(spec, ModelSpec):
-        found = spec_position_limit(spec)
-        if found and found[1]:
-            check_job_for_model(job, spec)
+    """A sequence past a learned position table: the one-line error before anything is built."""
+    from ..checks import refuse_past_position_table
+
+    refuse_past_position_table(job, spec)
 
 
 def _is_config_spec(spec: Any) -> bool:
