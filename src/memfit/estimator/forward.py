@@ -275,6 +275,14 @@ def _eager_scores(s, spec: ModelSpec, b: Block, sh: PrefillShape, masks: float) 
     return outc
 
 
+def _post_norm(s, x: int, n_elems: float, sh: PrefillShape, kind: str) -> int:
+    """A sandwich norm after a sub-block (Gemma 2/3's post-attention and post-feed-forward norms): the normed
+    copy is made, then the sub-block's output it read is freed; the copy's handle."""
+    y = norm(s, n_elems, sh, kind)
+    s.free(x)
+    return y
+
+
 def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: float) -> int:
     """The MLP over the normed input (not freed): returns the down projection's output."""
     T, H, e = sh.tokens, spec.hidden_size, sh.e
@@ -397,18 +405,14 @@ def decoder_layer(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_byt
     else:
         s.free(n1)
         if sandwich:
-            po = norm(s, T * H, sh, b.norm)
-            s.free(o)
-            o = po
+            o = _post_norm(s, o, T * H, sh, b.norm)
         h1 = s.alloc(T * H * sh.r, "activations")  # residual + attention
         s.free(o)
         n2 = norm(s, T * H, sh, b.norm)
         d = _mlp(s, spec, b, sh, n2, moe_width)
         s.free(n2)
         if sandwich:
-            pd = norm(s, T * H, sh, b.norm)
-            s.free(d)
-            d = pd
+            d = _post_norm(s, d, T * H, sh, b.norm)
         out = s.alloc(T * H * sh.r, "activations")  # residual + mlp
         s.free(d)
         s.free(h1)
