@@ -7,9 +7,8 @@ after the warm-up step (as :mod:`memfit.measurer.engine` does). :func:`replay` w
 
 - by the tensors' own bytes: peak allocated, the component split at that moment and each phase's peak
   (what the closed-form moments of :mod:`memfit.estimator` always counted);
-- through the caching-allocator model (:mod:`memfit.allocator`; until that lands, the trace engine's
-  :class:`memfit.tracer.allocator.CachingAllocatorModel`): peak reserved and, with a card's capacity, whether
-  the run completes or which request fails.
+- through the caching-allocator model (:mod:`memfit.allocator`): peak reserved and, with a card's capacity,
+  whether the run completes or which request fails.
 
 Pure Python, no torch.
 """
@@ -110,18 +109,6 @@ class ReplayResult:
     reserved_at_failure_bytes: int = 0
     events: int = 0
     extras: dict = field(default_factory=dict)
-
-
-def _allocator_classes():
-    """The allocator package when it is there, else the trace engine's model (same malloc/free API)."""
-    try:
-        from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel  # type: ignore
-
-        return CachingAllocatorModel, AllocatorConfig, AllocatorOutOfMemory
-    except ImportError:
-        from ..tracer.allocator import CachingAllocatorModel
-
-        return CachingAllocatorModel, None, None
 
 
 def account(stream: Stream) -> ReplayResult:
@@ -288,7 +275,7 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     accounted = accounted or stream.accounted
     res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
                                                               phases=dict(accounted.phases), extras={})
-    if expandable_segments and (capacity_bytes is None or _allocator_classes()[1] is None):
+    if expandable_segments and capacity_bytes is None:
         # uncapped, the stand-in's perfect page reuse; under a card's limit the allocator model's expandable
         # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
         _replay_expandable(stream, res, capacity_bytes)
@@ -299,12 +286,11 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
 
 def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
                     expandable_segments: bool = False) -> None:
-    Model, Config, OOM = _allocator_classes()
-    if Config is not None:
-        alloc = Model(capacity_bytes, config=Config(expandable_segments=expandable_segments), on_oom="raise")
-    else:
-        alloc = Model(capacity_bytes)
-    if not _FULL_REPLAY and Config is not None:
+    from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel
+
+    alloc = CachingAllocatorModel(capacity_bytes, config=AllocatorConfig(expandable_segments=expandable_segments),
+                                  on_oom="raise")
+    if not _FULL_REPLAY:
         i = alloc.run(stream.ops)
         if i >= 0:
             op = stream.ops[i]
@@ -322,12 +308,9 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         kind = op[0]
         if kind == _ALLOC:
             try:
-                before = alloc.oom_requests if Config is None else 0
                 blocks[op[1]] = malloc(op[2])
-                failed = Config is None and alloc.oom_requests > before
-            except Exception as exc:  # noqa: BLE001 - only the allocator's out-of-memory is expected here
-                if OOM is None or not isinstance(exc, OOM):
-                    raise
+                failed = False
+            except AllocatorOutOfMemory:
                 failed = True
             if failed:
                 res.completed = False
@@ -351,10 +334,11 @@ def _phase_at(ops: list[tuple], end: int) -> str:
 
 
 def _replay_expandable(stream: Stream, res: ReplayResult, capacity_bytes: int | None) -> None:
-    """Stand-in for ``expandable_segments:True`` until :mod:`memfit.allocator` models it: large blocks live in
-    one segment that grows page by page, so the reserve is the live large blocks rounded up to whole 2 MiB
-    pages plus the small pool's 2 MiB segments (what the allocator reaches after it unmaps free pages)."""
-    from ..tracer.allocator import SMALL_REQUEST_BYTES, SMALL_SEGMENT_BYTES, round_size
+    """The uncapped reserve under ``expandable_segments:True``: large blocks live in one segment that grows page
+    by page, so the reserve is the live large blocks rounded up to whole 2 MiB pages plus the small pool's 2 MiB
+    segments (what the allocator reaches after it unmaps free pages). Under a card's limit the replay uses the
+    allocator model's own expandable mode instead (:func:`replay`)."""
+    from ..allocator import SMALL_REQUEST_BYTES, SMALL_SEGMENT_BYTES, round_size
 
     size: dict[int, int] = {}
     large = small = 0
