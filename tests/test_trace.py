@@ -290,3 +290,33 @@ def test_opt_traces_past_its_layerdrop_coin():
     bd = trace(Job(model="opt-125m", batch_size=1, seq_len=128, precision="bf16-true"))
     assert bd.engine == "trace", bd.notes
     assert bd.peak_allocated_bytes > 0
+
+
+def test_the_math_kernel_emulation_computes_16_bit_attention_in_fp32():
+    """torch's ``_scaled_dot_product_attention_math`` upcasts 16-bit q, k and v to fp32 and runs both products in
+    fp32 (its own composite, op by op on the CPU); the trace's emulation must too, or a bf16 model on the math
+    path traces half its score bytes (Falcon-7B LoRA: 35.97 instead of 46.51 GiB)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memfit.tracer.cuda_emulation import SdpaEmulation
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten._safe_softmax.default):
+                self.seen.append((str(func), out.dtype))
+            return out
+
+    q = torch.randn(1, 2, 4, 8, dtype=torch.bfloat16)
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    with Dtypes() as mine:
+        out = SdpaEmulation(torch)._math(q, q.clone(), q.clone(), mask, False, None, False)
+    with Dtypes() as theirs:
+        ref = torch.ops.aten._scaled_dot_product_attention_math(q, q.clone(), q.clone(), mask, 0.0, False, None)[0]
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert mine.seen == theirs.seen and {d for _, d in mine.seen} == {torch.float32}
