@@ -72,7 +72,8 @@ def measure(job_dict: dict, mem: int, steps: int, timeout: int) -> dict:
     return {"status": rec.get("status", "ok"), "fits": fitsv, "oom": fitsv is False,
             "tokens_per_s": ex.get("tokens_per_s"), "step_time_s": ex.get("step_time_s"),
             "peak_allocated_bytes": b.get("peak_allocated_bytes"), "peak_reserved_bytes": b.get("peak_reserved_bytes"),
-            "device_total_bytes": b.get("device_total_bytes"), "gpu_name": ex.get("gpu_name"), "wall_s": wall}
+            "device_total_bytes": b.get("device_total_bytes"), "gpu_name": ex.get("gpu_name"),
+            "num_alloc_retries": (ex.get("allocator") or {}).get("num_alloc_retries"), "wall_s": wall}
 
 
 def measure_here(job_dict: dict, mem: int, steps: int) -> dict:
@@ -94,7 +95,8 @@ def measure_here(job_dict: dict, mem: int, steps: int) -> dict:
         out = {"status": "ok", "fits": fitsv, "oom": fitsv is False, "tokens_per_s": ex.get("tokens_per_s"),
                "step_time_s": ex.get("step_time_s"), "peak_allocated_bytes": b.peak_allocated_bytes,
                "peak_reserved_bytes": b.peak_reserved_bytes, "device_total_bytes": b.device_total_bytes,
-               "gpu_name": ex.get("gpu_name"), "wall_s": round(time.time() - t0, 1), "in_process": True}
+               "gpu_name": ex.get("gpu_name"), "num_alloc_retries": (ex.get("allocator") or {}).get("num_alloc_retries"),
+               "wall_s": round(time.time() - t0, 1), "in_process": True}
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -7,6 +7,10 @@ free its cache and retry (``num_alloc_retries > 0``): those ran at a memory cap 
 nor when another process held more than 1 GiB of the GPU during the run (NVML's device use less this
 process's use): concurrent runs share the SMs and the time is not the job's. Where a record ran a batch
 other than its job's (the boundary runner's largest batch), the batch is ``tokens_per_step / seq_len``.
+
+The planning scenarios' runs (``*plan-scenarios*.json``, :mod:`run_plan_scenarios`: each candidate measured
+one at a time on an H200 under the card's cap) are timing runs too, held out by the same rule (H200); one whose
+allocator retried (``num_alloc_retries > 0``, recorded from 2026-12-02 on) or that ran out of memory is dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ def timed_runs(pattern: str = "records/*.json") -> list[dict]:
         try:
             data = json.loads(Path(f).read_text())
         except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "scenarios" in data:
+            out.extend(_scenario_runs(data, Path(f).name))
             continue
         recs = data if isinstance(data, list) else data.get("records", [])
         for r in recs:
@@ -46,4 +53,20 @@ def timed_runs(pattern: str = "records/*.json") -> list[dict]:
             held = bool(r.get("holdout")) or name.startswith("h200-") or gpu != "h100-80gb"
             out.append({"name": r["name"], "file": name, "job": job, "seconds": float(t), "gpu": gpu,
                         "held_out": held})
+    return out
+
+
+def _scenario_runs(data: dict, name: str) -> list[dict]:
+    """The timing runs of one planning-scenarios file (see the module note)."""
+    out = []
+    for sc in data.get("scenarios", []):
+        for c in sc.get("candidates", []):
+            m = c.get("measured") or {}
+            if m.get("status") != "ok" or m.get("fits") is not True or not m.get("step_time_s"):
+                continue
+            if (m.get("num_alloc_retries") or 0) > 0:
+                continue
+            gpu = "h200" if "H200" in str(m.get("gpu_name", "")) else "h100-80gb"
+            out.append({"name": f"plan:{sc['name']}#{c.get('rank')}", "file": name, "job": dict(c["job"]),
+                        "seconds": float(m["step_time_s"]), "gpu": gpu, "held_out": True})
     return out
