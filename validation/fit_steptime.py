@@ -1,7 +1,8 @@
 """Fit the step-time model's factors (one per kind of work) on the fitted runs; writes
-src/memfit/plan/steptime_fit.json. Start: relative least squares with factors >= 0 (projected coordinate
-descent); then minimise the squared log error (over- and under-estimates by the same ratio cost the
-same) by a multiplicative coordinate search. Usage: PYTHONPATH=src python validation/fit_steptime.py"""
+src/memfit/plan/steptime_fit.json. Start: relative least squares with each factor inside its physical range
+(:data:`BOUNDS`; projected coordinate descent); then minimise the squared log error (over- and under-estimates
+by the same ratio cost the same) by a multiplicative coordinate search kept inside the same ranges.
+Usage: PYTHONPATH=src python validation/fit_steptime.py"""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ from steptime_data import timed_runs  # noqa: E402
 from memfit.gpus import get_gpu  # noqa: E402
 from memfit.job import Job  # noqa: E402
 from memfit.models import load_model  # noqa: E402
-from memfit.plan.steptime import KINDS, _DEFAULT, features  # noqa: E402
+from memfit.plan.steptime import KINDS, _DEFAULT, combine, features  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "src/memfit/plan/steptime_fit.json"
+
+#: Each factor's range (factor = 1 / efficiency for the rate-based kinds; seconds per unit for the counts).
+#: Without them the least squares trades one kind for another that grows the same way with the tokens (the
+#: 2026-12-01 fit put the matmuls above the card's peak and attention at zero), which ranks candidates that
+#: differ in exactly those kinds wrongly. A dense matmul reaches at most ~80% of the datasheet rate
+#: (788 of 989 TFLOP/s measured on the H200, 8192^3 bf16); memory-bound kernels at most ~90% of the bandwidth;
+#: a kernel launch with its Python costs some 5-100 us.
+BOUNDS = {"matmul16": (1 / 0.8, 10.0), "matmul32": (1 / 0.9, 10.0), "attention": (1 / 0.8, 20.0),
+          "elementwise": (1 / 0.9, 20.0), "optimizer": (1 / 0.9, 20.0), "dequant": (1 / 0.9, 50.0),
+          "launch": (0.0, 5e-3), "decode": (1 / 0.9, 10.0), "decode_launch": (0.0, 5e-3),
+          "module_launch": (0.0, 1e-4), "adapter": (1 / 0.9, 50.0), "quant_io": (1 / 0.9, 50.0),
+          "step": (0.0, 0.05), "overlap": (1.0, 8.0)}
 
 
 def rows(runs):
@@ -30,11 +43,16 @@ def rows(runs):
     return X, y
 
 
+def _clamp(j, v):
+    lo, hi = BOUNDS.get(KINDS[j], (0.0, float("inf")))
+    return min(max(v, lo), hi)
+
+
 def nnls(X, y, iters=20000):
-    """min sum (X w - y)^2 over w >= 0 by cyclic coordinate descent."""
+    """min sum (X w - y)^2 over w inside :data:`BOUNDS` by cyclic coordinate descent."""
     n = len(X[0])
-    w = [0.0] * n
-    r = [-yi for yi in y]  # residual X w - y
+    w = [_clamp(j, 0.0) for j in range(n)]
+    r = [sum(a * b for a, b in zip(row, w)) - yi for row, yi in zip(X, y)]  # residual X w - y
     for _ in range(iters):
         moved = 0.0
         for j in range(n):
@@ -43,7 +61,7 @@ def nnls(X, y, iters=20000):
             if d == 0:
                 continue
             g = sum(c * ri for c, ri in zip(col, r))
-            new = max(0.0, w[j] - g / d)
+            new = _clamp(j, w[j] - g / d)
             delta = new - w[j]
             if delta:
                 w[j] = new
@@ -54,37 +72,52 @@ def nnls(X, y, iters=20000):
     return w
 
 
-def log_refine(X, w, rounds=80):
-    """Coordinate search on sum(log(X w)^2) (X rows are features / measured seconds), factors kept > 0."""
+def _loss(F, w, p):
+    """Sum of squared log errors; ``F`` rows are feature dicts divided by the measured seconds."""
     import math
 
-    def loss(v):
-        return sum(math.log(max(sum(a * b for a, b in zip(row, v)), 1e-12)) ** 2 for row in X)
+    k = dict(zip(KINDS, w))
+    return sum(math.log(max(combine({n: row[n] * k[n] for n in KINDS}, p), 1e-12)) ** 2 for row in F)
 
-    w = [max(x, 1e-12) for x in w]
+
+def log_refine(F, w, p=1.0, rounds=60):
+    """Multiplicative coordinate search on the squared log error, the factors and ``overlap`` inside
+    :data:`BOUNDS` (the model is not linear in ``overlap``: see memfit.plan.steptime.combine)."""
+    w = [_clamp(j, max(x, 1e-12)) for j, x in enumerate(w)]
+    lo, hi = BOUNDS["overlap"]
+    best = _loss(F, w, p)
     for _ in range(rounds):
-        for j in range(len(w)):
-            best, bv = loss(w), w[j]
+        improved = False
+        for j in range(len(w) + 1):
             for m in (0.5, 0.7, 0.85, 0.95, 1.05, 1.2, 1.5, 2.0):
-                trial = list(w)
-                trial[j] = bv * m
-                lv = loss(trial)
-                if lv < best:
-                    best, w[j] = lv, bv * m
-    return w
+                if j == len(w):
+                    tp, tw = min(max(p * m, lo), hi), w
+                else:
+                    tw = list(w)
+                    tw[j] = _clamp(j, w[j] * m)
+                    tp = p
+                lv = _loss(F, tw, tp)
+                if lv < best - 1e-12:
+                    best, w, p, improved = lv, tw, tp, True
+        if not improved:
+            break
+    return w, p
 
 
 def main() -> int:
     runs = [r for r in timed_runs() if not r["held_out"]]
     X, y = rows(runs)
-    w = nnls(X, y)
-    w = log_refine(X, [x if x > 0 else 1e-6 for x in w])
+    w = nnls(X, y)  # the plain sum (overlap 1) by least squares: the start
+    F = [{k: x for k, x in zip(KINDS, row)} for row in X]
+    w, p = log_refine(F, [x if x > 0 else 1e-6 for x in w], p=2.0)
+    w = [_clamp(j, x) for j, x in enumerate(w)]
     factors = {k: (w[i] if w[i] > 1e-9 else 0.0) for i, k in enumerate(KINDS)}
+    factors["overlap"] = p
     # a kind no fitted run exercises keeps its default factor
     for i, k in enumerate(KINDS):
         if all(row[i] == 0 for row in X):
             factors[k] = _DEFAULT[k]
-    OUT.write_text(json.dumps({"note": "fitted by validation/fit_steptime.py on the non-held-out H100 records",
+    OUT.write_text(json.dumps({"note": "fitted by validation/fit_steptime.py on the non-held-out records (H100 records, and the H200 planning-scenario runs of steptime_data.FITTED_SCENARIO_FILES)", "bounds": BOUNDS,
                                "fitted_on": sorted(r["name"] for r in runs), "factors": factors}, indent=1) + "\n")
     for k, v in factors.items():
         print(f"{k:12s} {v:.4g}")

@@ -20,7 +20,20 @@ by ``validation/fit_steptime.py``, stored in ``steptime_fit.json``):
 - ``decode``: generation reads every weight and the KV cache once per new token; ``decode_launch`` is
   its per-layer, per-token launch cost (one token's kernels are tiny, so launches dominate small models).
 - ``module_launch``: per LoRA-wrapped or bitsandbytes linear and pass, the extra small kernels they run.
+- ``adapter``: per token, the memory traffic of each LoRA-wrapped linear's side branch (peft's ``Linear.forward``:
+  the input read again for ``lora_A``, the rank-sized product, ``lora_B``'s output and its add into the base
+  output; backward twice that), over HBM bandwidth. It grows with the tokens, unlike ``module_launch``.
+- ``quant_io``: per token, what a bitsandbytes linear moves beyond a 16-bit one: QLoRA's fp32 norms and
+  layer-norm outputs (``prepare_model_for_kbit_training``) make the quantized linears' inputs and outputs
+  fp32 (``Linear4bit.forward`` casts the input to the compute dtype and the output back), counted as the
+  in- and out-features' fp32 bytes per token and pass.
 - ``step``: a fixed cost per step.
+
+The host and the GPU work at the same time (kernels are queued asynchronously): the launch-bound kinds
+(``launch``, ``decode_launch``, ``module_launch``: the host's time) and the rate-bound kinds (the GPU's) do not
+add up but overlap; a micro-batch takes ``(host**p + gpu**p) ** (1/p)`` (``p`` = the fitted ``overlap``: 1 is a
+plain sum, large ``p`` the larger of the two), so a small batch is as slow as its launches and a large one as
+its arithmetic. The optimizer step, the fixed cost, collectives and offload are added.
 
 Multi-GPU collectives and offload are not fitted (no timed multi-GPU runs yet): DDP and ZeRO-1/2 reduce
 gradients ring-wise (2(n-1)/n of the gradient bytes), overlapped with backward as the bucketed reducer
@@ -38,11 +51,15 @@ from pathlib import Path
 
 __all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
-KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch", "module_launch", "step")
+KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch",
+         "module_launch", "adapter", "quant_io", "step")
+_HOST = ("launch", "decode_launch", "module_launch")  # the host's time per micro-batch
+_ONCE = ("optimizer", "step")  # once per optimizer step, whatever the accumulation
 _FIT = Path(__file__).with_name("steptime_fit.json")
 # defaults before any fit: efficiencies people usually see (factor = 1/efficiency)
 _DEFAULT = {"matmul16": 1 / 0.6, "matmul32": 1 / 0.8, "attention": 1 / 0.4, "elementwise": 1 / 0.6,
-            "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "step": 5e-3}
+            "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "adapter": 1 / 0.6, "quant_io": 1 / 0.6,
+            "step": 5e-3, "overlap": 1.0}
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,26 @@ class StepTime:
             return ""
         k = max(self.parts, key=self.parts.get)
         return f"{k} {100 * self.parts[k] / self.seconds:.0f}%"
+
+
+def combine(parts: dict[str, float], overlap: float) -> float:
+    """Seconds of one step from its parts (see the module note): host and GPU time per micro-batch overlap
+    (``overlap`` is the exponent ``p``), the once-per-step kinds and anything else (collectives, offload) add."""
+    host = gpu = other = 0.0
+    for n, v in parts.items():
+        if n in _HOST:
+            host += v
+        elif n in _ONCE or n not in KINDS:
+            other += v
+        else:
+            gpu += v
+    p = overlap if overlap and overlap > 0 else 1.0
+    if p == 1.0 or host <= 0.0 or gpu <= 0.0:
+        micro = host + gpu
+    else:
+        m = max(host, gpu)
+        micro = m * ((host / m) ** p + (gpu / m) ** p) ** (1.0 / p)
+    return micro + other
 
 
 @lru_cache(maxsize=1)
@@ -150,7 +187,10 @@ def features(job, spec, gpu) -> dict[str, float]:
             deq *= 2  # LLM.int8 also splits outlier columns and rescales its int32 accumulators
     layer_passes = L * passes
     wrapped = 0.0  # linears that LoRA wraps or bitsandbytes replaces: each adds its own small kernels
-    if lora or job.quantization in ("nf4", "fp4", "int8"):
+    adapter_io = 0.0  # per token: in + 2 x out features of each LoRA-wrapped linear (see ``adapter``)
+    quant_io = 0.0  # per token: in + out features of each bitsandbytes linear (see ``quant_io``)
+    quantized = job.quantization in ("nf4", "fp4", "int8")
+    if lora or quantized:
         from ..estimator import states as st
 
         targets = st.lora_targets(spec, job) if lora else frozenset()
@@ -158,9 +198,16 @@ def features(job, spec, gpu) -> dict[str, float]:
             for ln in b.linears:
                 if not ln.is_module:
                     continue
-                hit = (ln.name in targets) + (job.quantization in ("nf4", "fp4", "int8"))
-                wrapped += hit * (1 if ln.role.startswith("expert") else ln.count) * b.count
+                n = (1 if ln.role.startswith("expert") else ln.count) * b.count
+                hit = (ln.name in targets) + quantized
+                wrapped += hit * n
+                if ln.name in targets:
+                    adapter_io += (ln.in_features + 2 * ln.out_features) * n
+                if quantized:
+                    quant_io += (ln.in_features + ln.out_features) * n
     module_passes = wrapped * passes
+    adapter_bytes = T * adapter_io * act * passes
+    quant_bytes = T * quant_io * 4 * passes if train else T * quant_io * act
     decode = 0.0
     decode_passes = 0.0
     if not train and job.new_tokens:
@@ -184,6 +231,8 @@ def features(job, spec, gpu) -> dict[str, float]:
         "decode": decode,
         "decode_launch": float(decode_passes),
         "module_launch": float(module_passes),
+        "adapter": adapter_bytes / bw,
+        "quant_io": quant_bytes / bw,
         "step": 1.0,
     }
 
@@ -232,8 +281,8 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
     f = features(job, spec, gpu)
     k = factors or load_factors()
     parts = {name: f[name] * k[name] for name in KINDS}
-    per_micro = {n: v for n, v in parts.items() if n not in ("optimizer", "step")}
-    micro = sum(per_micro.values())
+    per_micro = {n: v for n, v in parts.items() if n not in _ONCE}
+    micro = combine(per_micro, k.get("overlap", 1.0))
     a = max(1, int(accumulation))
     parts = {n: (v * a if n in per_micro else v) for n, v in parts.items()}
     backward = micro * 0.6
@@ -242,7 +291,7 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
         parts["collectives"] = comm
     if off:
         parts["offload"] = off
-    total = sum(parts.values())
+    total = combine(parts, k.get("overlap", 1.0))
     tokens = job.batch_size * (job.seq_len if job.task == "train" else (job.prompt_len + job.new_tokens)) * a
     return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
 
@@ -272,8 +321,8 @@ class BatchTimer:
         parts = {}
         for n in KINDS:
             v = (self.fixed[n] + self.per[n] * batch) * self.k[n]
-            parts[n] = v if n in ("optimizer", "step") else v * a
-        total = sum(parts.values())
+            parts[n] = v if n in _ONCE else v * a
+        total = combine(parts, self.k.get("overlap", 1.0))
         j = self.job
         tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a
         return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
