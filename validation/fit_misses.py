@@ -3,6 +3,10 @@
 
     PYTHONPATH=src python validation/fit_misses.py [--trace]
 
+0. **First trials against later ones.** ``measure --find-max-batch`` runs its trials one after another in one
+   process, emptying the cache between them; the replay describes a fresh process (the model loaded, then one
+   run). Every trial of every record (default allocator setting) is replayed at the record's measured allocator
+   limit and its verdict set against the measured one, the first trial of each search apart from the later ones.
 1. **Address tie-breaks** (llama-3.1-8b prefill-2k, qwen2.5-1.5b decode-512, qwen3-1.7b generate-512). When a
    request has two or more cached free blocks of the same, smallest fitting size, ``get_free_block`` takes the
    one with the lowest address (``BlockComparatorSize``: size, then pointer). Which one that is depends on the
@@ -81,6 +85,26 @@ def records() -> dict[str, dict]:
             if r.get("kind") == "boundary":
                 out[r["name"]] = r
     return out
+
+
+def first_and_later(recs: dict[str, dict]) -> None:
+    print("0. the replay's verdict at every measured trial (default allocator setting, the record's measured limit)")
+    count = {True: [0, []], False: [0, []]}
+    for name, rec in recs.items():
+        fm = rec.get("find_max_batch") or {}
+        job = Job.from_dict(rec["job"])
+        if not fm.get("trials") or job.expandable_segments:
+            continue
+        spec = _spec(job, None)
+        for k, t in enumerate(fm["trials"]):
+            r = replay(_stream(spec, job.replace(batch_size=t["batch_size"]), fit=True)[0],
+                       capacity_bytes=fm["card"]["allocator_limit_bytes"])
+            count[k == 0][0] += 1
+            if r.completed != t["ok"]:
+                count[k == 0][1].append(f"{name} B={t['batch_size']} (trial {k})")
+    for first, label in ((True, "first trials"), (False, "later trials")):
+        n, off = count[first]
+        print(f"  {label}: {n - len(off)} of {n} agree" + (f"; not: {', '.join(off)}" if off else ""))
 
 
 def tie_breaks(recs: dict[str, dict]) -> None:
@@ -189,6 +213,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true", help="also trace mistral-7b generate padded and unpadded")
     args = ap.parse_args(argv)
     recs = records()
+    first_and_later(recs)
     tie_breaks(recs)
     parity(recs)
     if args.trace:
