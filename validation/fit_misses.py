@@ -157,6 +157,11 @@ def parity(recs: dict[str, dict]) -> None:
         print(f"    B={b}: {' '.join(made)}")
     print("    (at 230 a 2.00 request - the fp32 copy in layer 0's post-attention norm - finds no block: the two freed halves "
           "of that size sit in different segments, while at 229 and 232 they are neighbours and merge)")
+    from memfit.estimator import fits_on
+
+    card = rec["gpu_memory_bytes"]
+    marks = " ".join(f"{b}:{'Y' if fits_on(job.replace(batch_size=b), card) else 'n'}" for b in range(216, 236))
+    print(f"    memfit's verdict on the {card / GiB:.0f} GiB card: {marks}")
 
 
 @contextlib.contextmanager
