@@ -407,6 +407,28 @@ def test_scorer_reads_a_boundary_record(tmp_path):
     row = sf.score_pair(sf.load_records([p])[0])
     assert row["diff"] == 0 and row["reserved_error"] == pytest.approx(1 / 1.01 - 1) and row["device_error"] == 0
     assert sf.score_pair(sf.load_records([p])[1]) is None
+    assert row["trials"] == 0 and row["trials_disagree"] == []
+
+
+def test_scorer_checks_the_verdict_at_every_measured_trial(tmp_path):
+    sf = _scorer()
+    from memfit.estimator import max_batch_size
+    from memfit.job import Job
+
+    job = Job(model="llama-3.2-1b", precision="bf16-true", seq_len=1024)
+    card = 24 * GiB
+    b = max_batch_size(job, card)
+    rec = {"kind": "boundary", "name": "x", "status": "ok", "job": job.to_dict(), "gpu_memory_bytes": card,
+           "max_batch_size": b, "find_max_batch": {"trials": [{"batch_size": b, "ok": True},
+                                                              {"batch_size": b + 1, "ok": False}]}}
+    row = sf.score_pair(rec)
+    assert row["trials"] == 2 and row["trials_disagree"] == []
+    rec["find_max_batch"]["trials"][1]["ok"] = True  # a trial memfit's verdict contradicts
+    row = sf.score_pair(rec)
+    assert row["trials_disagree"] == [b + 1]
+    s = sf.summarize([row])
+    assert (s["trials"], s["trials_agree"]) == (2, 1)
+    assert "agrees with 1 of 2 measured trials; not with x B=%d" % (b + 1) in sf.render([row], [])
 
 
 BOUNDARY_RECORDS = sorted((REPO / "validation" / "records").glob("*boundar*.json"))

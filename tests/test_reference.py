@@ -203,6 +203,25 @@ def test_infer_phases_and_the_kv_cache_seen_while_decoding():
     assert one.seen == ["prefill", "end"]
 
 
+def test_generate_runs_unpadded_even_when_the_prompt_holds_the_pad_id():
+    # generate() infers a padding mask from pad_token_id=0 when token 0 occurs in the prompt; the reference
+    # prompt is unpadded, so every call of the model sees an all-ones mask (no padded sdpa path)
+    j = job(task="infer", prompt_len=8, new_tokens=2, precision="bf16-true")
+    m = R.build_model(j, spec(), "cpu")
+    batch = R.make_batch(j, spec(), "cpu")
+    batch["input_ids"][0, 3] = 0
+    batch["input_ids"][1, 0] = 0
+    masks = []
+    handle = m.register_forward_pre_hook(lambda mod, args, kw: masks.append(kw.get("attention_mask")),
+                                         with_kwargs=True)
+    try:
+        R.infer(j, m, batch)
+    finally:
+        handle.remove()
+    assert len(masks) == 2  # the prefill and one decode step
+    assert all(mk is not None and bool((mk == 1).all()) for mk in masks)
+
+
 def test_forward_loss_protocol_for_plain_modules():
     class Plain(torch.nn.Module):
         def __init__(self):

@@ -12,6 +12,12 @@ For every record with a measured boundary B (the largest micro-batch that ran on
 - device total: the estimate's device total at B against the measured one (this process's CUDA context,
   measured at start, + peak reserved). Bar: median |error| <= 2.5 %.
 
+- trial verdicts (no bar): memfit's fits / does-not-fit (``memfit.fits_on``) at every batch the record's search
+  measured, against that trial's outcome. The answer compares two searches' end points, which need not be the
+  same boundary where fitting is not monotone in the batch (a replay that fits at 232 between failing 230 and 233
+  answers 232 from its own search, while every trial the measured search made agrees with it); the trials
+  compare the verdicts themselves.
+
 Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
 before any result existed) are printed separately; the bars are asserted on all pairs together.
 Records with an error or timeout are listed and not scored. Exit status 1 when a bar is missed.
@@ -32,7 +38,7 @@ SRC = REPO / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from memfit.estimator import estimate, max_batch_size  # noqa: E402
+from memfit.estimator import estimate, fits_on, max_batch_size  # noqa: E402
 from memfit.job import Job  # noqa: E402
 
 GiB = 1 << 30
@@ -64,6 +70,10 @@ def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
     row: dict[str, Any] = {"name": rec.get("name", job.model), "holdout": bool(rec.get("holdout")),
                            "card_gib": card / GiB, "expandable_segments": job.expandable_segments,
                            "measured": measured, "memfit": answer, "diff": answer - measured}
+    trials = (rec.get("find_max_batch") or {}).get("trials") or []
+    row["trials"] = len(trials)
+    row["trials_disagree"] = [t["batch_size"] for t in trials
+                              if fits_on(job.replace(batch_size=t["batch_size"]), card) != bool(t["ok"])]
     bd = rec.get("breakdown")
     if measured and bd:
         est = _estimate(job.replace(batch_size=measured), card)
@@ -92,6 +102,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "reserved_worst": max(res) if res else None,
         "device_median": statistics.median(dev) if dev else None,
         "device_worst": max(dev) if dev else None,
+        "trials": sum(r.get("trials", 0) for r in rows),
+        "trials_agree": sum(r.get("trials", 0) - len(r.get("trials_disagree", ())) for r in rows),
     }
 
 
@@ -129,6 +141,10 @@ def render(rows: list[dict[str, Any]], skipped: list[str]) -> str:
                      f"below {s['further_below']}, above {s['above']}; reserved |err| median "
                      f"{_pct(s['reserved_median'])} worst {_pct(s['reserved_worst'])}; device total |err| median "
                      f"{_pct(s['device_median'])} worst {_pct(s['device_worst'])}")
+    s = summarize(rows)
+    off = [f"{r['name']} B={','.join(map(str, r['trials_disagree']))}" for r in rows if r.get("trials_disagree")]
+    lines.append(f"trial verdicts: memfit agrees with {s['trials_agree']} of {s['trials']} measured trials"
+                 + (f"; not with {'; '.join(off)}" if off else ""))
     if skipped:
         lines.append("not scored: " + ", ".join(skipped))
     return "\n".join(lines)

@@ -675,6 +675,15 @@ def infer(job: Job, model: Any, batch: dict[str, Any], hooks: Any = None) -> Non
     ``new_tokens == 0``: one forward over the prompt without a cache, its logits kept alive to the end.
     ``new_tokens > 0``: greedy ``generate()`` of exactly ``new_tokens`` tokens with the default dynamic
     cache. ``*-mixed`` precisions run under autocast over fp32 weights; ``*-true`` in that dtype.
+
+    The prompt is unpadded, so ``generate()`` gets an all-ones attention mask: without one it infers the
+    mask from ``pad_token_id`` (``transformers`` 5.17 ``generation/utils.py``
+    ``_prepare_attention_mask_for_generation``: ``inputs.ne(pad_token_id)`` when the pad id occurs in the
+    inputs and differs from eos), so a random prompt that happens to contain token 0 would run the padded
+    path - a ``[B, 1, P, P]`` boolean mask built for sdpa, k and v repeated to every head (``repeat_kv``), the
+    memory-efficient kernel instead of cuDNN/flash - which is not the reference run (measured: the
+    mistral-7b-generate boundary record, 5 zeros among its random prompt ids, peak allocated +1032 bytes a
+    prompt token, reserved -2 GiB at batch 112 against the unpadded stream).
     """
     torch = require_torch()
     ids = batch["input_ids"]
@@ -692,7 +701,8 @@ def infer(job: Job, model: Any, batch: dict[str, Any], hooks: Any = None) -> Non
         transformers = _transformers()
         probe = _generation_probe(hooks, model)
         try:
-            out = model.generate(input_ids=ids, max_new_tokens=job.new_tokens, min_new_tokens=job.new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=job.new_tokens, min_new_tokens=job.new_tokens,
                                  do_sample=False, use_cache=True, pad_token_id=0,
                                  logits_processor=transformers.LogitsProcessorList([probe]))
         finally:
