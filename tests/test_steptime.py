@@ -60,13 +60,17 @@ def test_batch_timer_is_step_time():
     from memfit.plan.steptime import BatchTimer
 
     for model, kw in (("llama-3.2-1b", {}), ("qwen3-4b", {"method": "qlora", "quantization": "nf4",
-                                                           "precision": "bf16-true", "gradient_checkpointing": True})):
+                                                           "precision": "bf16-true", "gradient_checkpointing": True}),
+                      ("llama-3.2-1b", {"gpus": 4, "gpus_per_node": 4, "strategy": "ddp"}),
+                      ("llama-3.1-8b", {"gpus": 16, "gpus_per_node": 8, "strategy": "zero3", "offload": "optimizer"})):
         spec = load_model(model)
         j = Job(model=model, seq_len=1024, **kw)
         t = BatchTimer(j, spec, "rtx-4090")
         for b, a in ((1, 1), (3, 2), (8, 4)):
-            want = step_time(j.replace(batch_size=b), spec, "rtx-4090", accumulation=a).seconds
-            assert abs(t(b, a).seconds / want - 1) < 1e-9
+            want = step_time(j.replace(batch_size=b), spec, "rtx-4090", accumulation=a)
+            got = t(b, a)
+            assert abs(got.seconds / want.seconds - 1) < 1e-9
+            assert set(got.parts) == set(want.parts)  # collectives and offload where step_time has them
 
 
 def test_annotate_fills_the_breakdown():

@@ -4,9 +4,15 @@ Memory comes only from the estimator (:func:`fits` calls :func:`memfit.estimator
 verdict of :mod:`memfit.verdict`); speed from :mod:`memfit.plan.steptime`. The search keeps the global
 batch (micro-batch x accumulation x data-parallel ranks) and moves the levers it is allowed to:
 method, precision, optimizer, checkpointing, micro-batch, strategy, offload, tensor parallelism, the
-attention kernel and the allocator setting. Memory never falls when the micro-batch falls, so for each
-setting of the other levers a binary search over the micro-batches finds the largest that fits, and every
-smaller one fits too (the top candidates are checked again with :func:`fits` before they are returned).
+attention kernel and the allocator setting.
+
+Every candidate (a setting of the levers at one micro-batch) is timed first, in arithmetic; then the
+candidates are walked fastest first, and the estimator is asked only about settings the walk reaches before
+the list is full. A setting whose persistent states alone pass the card is out without a replay (a sound
+floor). On its first visit a setting's fit boundary is looked for at the last reached setting's answer,
+else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
+micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
+fitting has its own estimate with its capped replay (:func:`fits`), which gives its device total.
 """
 
 from __future__ import annotations
@@ -350,10 +356,12 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         s = _Setting(base, sizes, per_rank)
         settings.append(s)
         si = len(settings) - 1
+        n_fields = len(_describe(job, base, 1)[0]) - (base.batch_size != job.batch_size)  # the levers it moves
         for i, mb in enumerate(sizes):
             acc = per_rank // mb
             t = timer(mb, acc)
-            n_changes = len(_describe(job, s.at(i), acc)[0])
+            # as len(_describe(job, s.at(i), acc)[0]): the levers, and the micro-batch line where it changes
+            n_changes = n_fields + (mb != job.batch_size or acc != 1)
             entries.append((-t.tokens_per_second, n_changes, si, i, t))
     # fastest first; among equals fewer changes, then the order the settings were built in (a stable sort)
     entries.sort(key=lambda e: (e[0], e[1]))
@@ -389,6 +397,21 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             s.fail_from = min(s.fail_from, i)
         return v[0]
 
+    def decide(s: _Setting, i: int) -> bool:
+        """Whether index ``i`` of ``s`` fits, by its own estimate; on the setting's first visit its fit boundary
+        is looked for first, at the last setting's answer (neighbours in the walk usually agree: two calls
+        when it is right), else by bisection."""
+        if not s.searched:
+            s.searched = True
+            n = len(s.sizes)
+            h = hint.get(n)
+            best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), n, h)
+            if best >= 0:
+                hint[n] = best
+            if i >= s.fail_from:
+                return False
+        return judge(s, i)
+
     # 2. the fastest first, each recommendation confirmed by its own estimate
     out: list[Candidate] = []
     hint: dict[int, int] = {}
@@ -408,22 +431,8 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         if any(o.job.batch_size == mb and abs(o.tokens_per_second - tps) <= 1e-9 * tps
                and set(o.changes) < set(changes) for o in out):
             continue
-        if not s.searched:
-            # where the setting stops fitting: first at the last setting's answer (neighbours in the
-            # walk usually agree: two calls when it is right), else by bisection
-            s.searched = True
-            n = len(s.sizes)
-            h = hint.get(n)
-            try:
-                best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), n, h)
-            except _Broken:
-                continue
-            if best >= 0:
-                hint[n] = best
-            if i >= s.fail_from:
-                continue
         try:
-            if not judge(s, i):
+            if not decide(s, i):
                 continue
         except _Broken:
             continue
