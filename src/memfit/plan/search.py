@@ -8,8 +8,9 @@ attention kernel and the allocator setting.
 
 Every candidate (a setting of the levers at one micro-batch) is timed first, in arithmetic; then the
 candidates are walked fastest first, and the estimator is asked only about settings the walk reaches before
-the list is full. A setting whose persistent states alone pass the card is out without a replay (a sound
-floor). On its first visit a setting's fit boundary is looked for at the last reached setting's answer,
+the list is full. A candidate whose floor (weights, optimizer states, gradients or the loss's fp32 scores:
+bytes the event stream holds at one moment) plus the CUDA context passes the card is out without a replay.
+On its first visit a setting's fit boundary is looked for at the last reached setting's answer,
 else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
 micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
 fitting has its own estimate with its capped replay (:func:`fits`), which gives its device total.
@@ -241,27 +242,35 @@ def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[
     return changes, numerics
 
 
-def _states_floor_bytes(job: Job, spec) -> int:
-    """A floor under the bytes live at one moment of ``job``'s event stream, whatever its micro-batch: single
-    GPU only (0 otherwise). The stream (:func:`memfit.estimator._train`) loads the weights and never frees them
-    (:func:`memfit.estimator.states.weight_bytes`, the adapters apart); in full fine-tuning every gradient
-    (:func:`~memfit.estimator.states.gradient_bytes`) and the optimizer states
-    (:func:`~memfit.estimator.states.optimizer_state_bytes`) are alive together at the optimizer step.
+def _floor_bytes(job: Job, spec) -> int:
+    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise).
+    The stream (:func:`memfit.estimator._train`) loads the weights and never frees them
+    (:func:`memfit.estimator.states.weight_bytes`; the adapters apart, to stay a floor); the optimizer
+    states (:func:`~memfit.estimator.states.optimizer_state_bytes`), made at the first step, stay. In full
+    fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`) is alive with them at the
+    optimizer step. With a language-model head, at the start of the second step's backward the loss holds
+    at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the
+    scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32 gradient).
     Inference loads the same weights. The capped replay cannot complete when this plus the CUDA context
-    passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the whole-byte
-    rounding of each tensor in the stream."""
+    passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
+    whole-byte rounding of each tensor in the stream."""
     from ..estimator import states as st
 
     if job.strategy != "single" or job.gpus > 1:
         return 0
-    floor = st.weight_bytes(spec, job)
-    if job.task == "train" and job.is_lora:
-        floor -= st.lora_adapter_params(spec, job) * 4
+    weights = st.weight_bytes(spec, job)
+    if job.task != "train":
+        return max(0, weights - 2**20)
+    if job.is_lora:
+        weights -= st.lora_adapter_params(spec, job) * 4
         if spec.head == "seq_cls":
-            floor -= spec.head_params * st.param_bytes(job.precision)
-    elif job.task == "train":
-        floor += st.gradient_bytes(spec, job) + st.optimizer_state_bytes(spec, job)
-    return max(0, floor - 2**20)
+            weights -= spec.head_params * st.param_bytes(job.precision)
+    states = st.optimizer_state_bytes(spec, job)
+    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
+    at_loss = weights + states
+    if spec.head in ("causal_lm", "masked_lm"):
+        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
+    return max(0, max(at_step, at_loss) - 2**20)
 
 
 class _Broken(Exception):
@@ -306,8 +315,8 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
     The search times every candidate first (pure arithmetic), then walks them fastest first and asks the
     estimator only about the ones that could still make the list: each recommended candidate has its own
-    capped replay (:func:`fits`); a candidate is passed over without one when a sound floor (the persistent
-    states plus the CUDA context pass the card) or a smaller micro-batch of its setting that does not fit
+    capped replay (:func:`fits`); a candidate is passed over without one when a sound floor (bytes its
+    stream holds at one moment, plus the CUDA context, pass the card) or a smaller micro-batch of its setting that does not fit
     rules it out (memory does not fall as the micro-batch grows; where that fails, the candidate is only
     missed, never recommended)."""
     from ..checks import check_job_for_model
@@ -367,16 +376,24 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     entries.sort(key=lambda e: (e[0], e[1]))
 
     def floor_fails(s: _Setting) -> bool:
-        """Whether the setting's persistent states alone pass the card (then no micro-batch fits)."""
+        """Settle by the floor (:func:`_floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
+        the micro-batch, so those are the ones from the first that fails. Whether none is left."""
         if not s.floor_checked:
             s.floor_checked = True
             b = s.base
-            need = _states_floor_bytes(b, spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b)
-            if need > budget:
-                stats["exact"] += len(s.sizes) - len(s.verdicts)
-                for i in range(len(s.sizes)):
-                    s.verdicts.setdefault(i, (False, None))
-                s.fail_from = 0
+            room = budget - cuda_context_bytes(b.task) - paged_optimizer_host_bytes(spec, b)
+            lo, hi = 0, len(s.sizes)  # the first index whose floor passes the room
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _floor_bytes(s.at(mid), spec) > room:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            for i in range(lo, len(s.sizes)):
+                if i not in s.verdicts:
+                    stats["exact"] += 1
+                    s.verdicts[i] = (False, None)
+            s.fail_from = min(s.fail_from, lo)
         return s.fail_from == 0
 
     def judge(s: _Setting, i: int, breakdown: bool = True) -> bool:
@@ -405,7 +422,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             s.searched = True
             n = len(s.sizes)
             h = hint.get(n)
-            best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), n, h)
+            best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), s.fail_from, h)
             if best >= 0:
                 hint[n] = best
             if i >= s.fail_from:
@@ -419,7 +436,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         if len(out) >= top:
             break
         s = settings[si]
-        if s.broken or i >= s.fail_from or floor_fails(s):
+        if s.broken or floor_fails(s) or i >= s.fail_from:
             continue
         mb = s.sizes[i]
         acc = s.per_rank // mb
@@ -453,7 +470,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, budget: int, top: int,
              min_headroom: float, stats: dict[str, int]) -> list[Candidate]:
     """When nothing fits: the settings' smallest micro-batches with the smallest device totals (by their
-    estimates), each saying by how much it misses. A setting whose states floor plus the CUDA context is
+    estimates), each saying by how much it misses. A setting whose floor (:func:`_floor_bytes`) plus the CUDA context is
     above the ``top``-th smallest total found so far cannot be among them (the device total is at least
     that), so it is not estimated."""
     import bisect
@@ -467,7 +484,7 @@ def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, bu
         if s.broken or (v is not None and v[0]):
             continue
         b = s.base
-        pool.append((_states_floor_bytes(b, spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
+        pool.append((_floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
                      order, s))
     pool.sort(key=lambda t: (t[0], t[1]))
     found: list[tuple[int, int, _Setting]] = []
