@@ -280,7 +280,7 @@ class _Broken(Exception):
 class _Setting:
     """One setting of the levers: its micro-batches, their step times, and what is known of their fit."""
 
-    __slots__ = ("base", "sizes", "per_rank", "jobs", "verdicts", "fail_from", "floor_checked", "broken", "searched")
+    __slots__ = ("base", "sizes", "per_rank", "jobs", "verdicts", "fail_from", "floor_checked", "broken", "searched", "expect")
 
     def __init__(self, base: Job, sizes: list[int], per_rank: int):
         self.base, self.sizes, self.per_rank = base, sizes, per_rank
@@ -290,6 +290,7 @@ class _Setting:
         self.floor_checked = False
         self.broken = False  # the estimator refused the setting (JobError): no candidates
         self.searched = False  # its fit boundary has been looked for
+        self.expect = -1  # where its boundary is expected, not yet estimated (-1: none)
 
     def at(self, i: int) -> Job:
         j = self.jobs.get(i)
@@ -414,17 +415,37 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             s.fail_from = min(s.fail_from, i)
         return v[0]
 
+    def search(s: _Setting, h: int | None) -> None:
+        """The setting's fit boundary below ``s.fail_from``: from the hint ``h`` (two calls when it is right),
+        else by bisection. The estimate where a candidate is expected to fit, the cheaper verdict elsewhere."""
+        best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), s.fail_from, h)
+        if best >= 0:
+            hint[len(s.sizes)] = best
+
     def decide(s: _Setting, i: int) -> bool:
-        """Whether index ``i`` of ``s`` fits, by its own estimate; on the setting's first visit its fit boundary
-        is looked for first, at the last setting's answer (neighbours in the walk usually agree: two calls
-        when it is right), else by bisection."""
+        """Whether index ``i`` of ``s`` fits, by its own estimate. On the setting's first visit the index above
+        the last settled setting's boundary ``h`` is tried (neighbours in the walk usually agree): where it
+        does not fit, ``h`` is expected to be the boundary and is estimated only when the walk gets to it
+        (the list is often full before); where it fits, or there is no ``h``, the boundary is searched for."""
+        n = len(s.sizes)
         if not s.searched:
             s.searched = True
-            n = len(s.sizes)
             h = hint.get(n)
-            best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), s.fail_from, h)
-            if best >= 0:
-                hint[n] = best
+            if h is not None and h + 1 < s.fail_from and not judge(s, h + 1, breakdown=False):
+                s.expect = h
+            else:
+                search(s, h if h is not None and h < s.fail_from else None)
+        if i >= s.fail_from:
+            return False
+        if s.expect >= 0:
+            e, s.expect = s.expect, -1
+            if i == e and s.fail_from == e + 1:
+                if judge(s, i):
+                    hint[n] = i
+                    return True
+                search(s, None)  # not where expected: below it
+                return False
+            search(s, e)  # the walk came elsewhere first: settle the boundary now
             if i >= s.fail_from:
                 return False
         return judge(s, i)
