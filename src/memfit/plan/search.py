@@ -415,12 +415,15 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             s.fail_from = min(s.fail_from, i)
         return v[0]
 
+    def remember(s: _Setting, best: int) -> None:
+        hint[len(s.sizes)] = best
+
     def search(s: _Setting, h: int | None) -> None:
         """The setting's fit boundary below ``s.fail_from``: from the hint ``h`` (two calls when it is right),
         else by bisection. The estimate where a candidate is expected to fit, the cheaper verdict elsewhere."""
         best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), s.fail_from, h)
         if best >= 0:
-            hint[len(s.sizes)] = best
+            remember(s, best)
 
     def decide(s: _Setting, i: int) -> bool:
         """Whether index ``i`` of ``s`` fits, by its own estimate. On the setting's first visit the index above
@@ -441,9 +444,9 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             e, s.expect = s.expect, -1
             if i == e and s.fail_from == e + 1:
                 if judge(s, i):
-                    hint[n] = i
+                    remember(s, i)
                     return True
-                search(s, None)  # not where expected: below it
+                search(s, e - 1 if e > 0 else None)  # not where expected: most likely just below
                 return False
             search(s, e)  # the walk came elsewhere first: settle the boundary now
             if i >= s.fail_from:
@@ -452,7 +455,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
     # 2. the fastest first, each recommendation confirmed by its own estimate
     out: list[Candidate] = []
-    hint: dict[int, int] = {}
+    hint: dict[int, int] = {}  # micro-batch count -> the last boundary settled
     for neg_tps, _, si, i, t in entries:
         if len(out) >= top:
             break
