@@ -418,10 +418,12 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     def remember(s: _Setting, best: int) -> None:
         hint[len(s.sizes)] = best
 
-    def search(s: _Setting, h: int | None) -> None:
+    def search(s: _Setting, h: int | None, sure: bool = True) -> None:
         """The setting's fit boundary below ``s.fail_from``: from the hint ``h`` (two calls when it is right),
-        else by bisection. The estimate where a candidate is expected to fit, the cheaper verdict elsewhere."""
-        best = _largest_fitting(lambda j: judge(s, j, breakdown=j == h), s.fail_from, h)
+        else by bisection. The estimate at the hint when it is expected to fit (``sure``), the cheaper verdict
+        elsewhere (an estimate that fails costs two or three replays, :func:`memfit.estimator.fits_on` one or
+        none)."""
+        best = _largest_fitting(lambda j: judge(s, j, breakdown=sure and j == h), s.fail_from, h)
         if best >= 0:
             remember(s, best)
 
@@ -446,7 +448,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
                 if judge(s, i):
                     remember(s, i)
                     return True
-                search(s, e - 1 if e > 0 else None)  # not where expected: most likely just below
+                search(s, e - 1 if e > 0 else None, sure=False)  # not where expected: most likely just below
                 return False
             search(s, e)  # the walk came elsewhere first: settle the boundary now
             if i >= s.fail_from:
