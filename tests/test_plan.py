@@ -107,3 +107,73 @@ def test_divisors_match_the_definition_and_stay_quick_for_huge_batches():
 def test_plan_answers_for_the_largest_batch_a_job_allows():
     res = plan(Job(model="gpt2", batch_size=2**31 - 1), gpu_memory_bytes=24 * GiB, vary=["batch"], top=3)
     assert all(c.job.batch_size in (1, 2**31 - 1) for c in res.candidates)
+
+
+def test_floor_is_below_the_peak():
+    # the floor the search rules candidates out by (no replay) must never pass what the stream allocates
+    from memfit.estimator import estimate
+    from memfit.models import load_model
+    from memfit.plan.search import _floor_bytes
+
+    for model in ("gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-2-2b", "bert-base-uncased"):
+        spec = load_model(model)
+        for kw in ({}, {"precision": "bf16-true"}, {"optimizer": "adamw-8bit"}, {"optimizer": "paged-adamw-8bit"},
+                   {"optimizer": "sgd", "precision": "32-true"}, {"optimizer": "adafactor"},
+                   {"gradient_checkpointing": True}, {"method": "lora"}, {"method": "lora", "precision": "bf16-true"},
+                   {"method": "qlora", "quantization": "nf4", "precision": "bf16-true"},
+                   {"task": "infer", "prompt_len": 128, "new_tokens": 16}):
+            for batch in (1, 3):
+                job = Job(model=model, batch_size=batch, seq_len=256, **kw)
+                floor = _floor_bytes(job, spec)
+                peak = estimate(job, spec).peak_allocated_bytes
+                assert 0 < floor <= peak, (model, kw, batch)
+    # where the loss's vocabulary-sized tensors are most of the peak (a large vocabulary, a small model,
+    # checkpointed activations): the floor's 8 bytes per token and entry must stay below what is allocated
+    for model in ("qwen2.5-0.5b", "gemma-2-2b"):
+        spec = load_model(model)
+        for kw in ({"method": "lora"}, {"optimizer": "sgd"}):
+            job = Job(model=model, batch_size=16, seq_len=1024, gradient_checkpointing=True, **kw)
+            assert _floor_bytes(job, spec) <= estimate(job, spec).peak_allocated_bytes, (model, kw)
+    assert _floor_bytes(Job(model="gpt2", gpus=2, strategy="ddp"), load_model("gpt2")) == 0  # single GPU only
+
+
+def _every_candidate(job, mem, vary, top):
+    """The plan by brute force: every setting at every micro-batch judged by its own estimate, ranked as
+    plan() ranks (its step-time arithmetic, fewer changes first on ties, the same de-duplication)."""
+    from memfit.models import load_model
+    from memfit.plan.search import _describe, _divisors, _levers, _settings
+    from memfit.plan.steptime import BatchTimer
+
+    spec = load_model(job.model)
+    budget = int(mem * 0.97)
+    rows = []
+    for ch in _settings(job, *_levers(vary, None)):
+        base = job.replace(**ch)
+        timer = BatchTimer(base, spec, "h100-80gb")
+        for mb in _divisors(job.batch_size):
+            cj = base.replace(batch_size=mb)
+            ok, b = fits(cj, budget, spec)
+            t = timer(mb, job.batch_size // mb)
+            if ok:
+                rows.append((cj, job.batch_size // mb, t.tokens_per_second, b.device_total_bytes))
+    rows.sort(key=lambda r: (-r[2], len(_describe(job, r[0], r[1])[0])))
+    out = []
+    for cj, acc, tps, dev in rows:
+        changes = _describe(job, cj, acc)[0]
+        if len(out) < top and not any(o[0].batch_size == cj.batch_size and abs(o[2] - tps) <= 1e-9 * tps
+                                       and set(o[4]) < set(changes) for o in out):
+            out.append((cj, acc, tps, dev, changes))
+    return [(c[0].to_dict(), c[1], c[3]) for c in out]
+
+
+def test_the_walk_returns_what_judging_every_candidate_returns():
+    # the search asks the estimator about few candidates; where memory grows with the micro-batch (these
+    # jobs) its answer is the brute-force one: same candidates, order and device totals
+    for job, gib, vary in ((Job(model="qwen2.5-0.5b", batch_size=32, seq_len=1024), 12, ["batch", "checkpointing", "expandable"]),
+                           (Job(model="llama-3.2-1b", batch_size=16, seq_len=2048, method="lora"), 16,
+                            ["batch", "checkpointing", "optimizer"]),
+                           (Job(model="gpt2", batch_size=64, seq_len=1024), 8, None)):
+        res = plan(job, gpu_memory_bytes=gib * GiB, vary=vary, top=6)
+        got = [(c.job.to_dict(), c.accumulation, c.device_total_bytes) for c in res.candidates]
+        assert got == _every_candidate(job, gib * GiB, vary, 6)
+        assert res.evaluated <= res.judged <= res.timed and res.estimator_calls < res.timed

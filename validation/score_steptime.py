@@ -1,7 +1,8 @@
 """Score the step-time model: estimated vs measured seconds per step on each timing run, with the
 held-out runs (never fitted on; see steptime_data.py for the rule) reported on their own.
 Bars (issue 11) on held-out runs: median |error| <= 15% and >= 80% within 30%.
-Usage: PYTHONPATH=src python validation/score_steptime.py [--all]"""
+Usage: PYTHONPATH=src python validation/score_steptime.py [--all] [RECORDS.json ...]
+(record files named on the command line, e.g. new runs kept outside records/, are scored as held out)"""
 
 from __future__ import annotations
 
@@ -35,8 +36,20 @@ def summary(rows: list[dict]) -> dict:
     return {"n": len(errs), "median": statistics.median(errs), "within30": sum(e <= 0.30 for e in errs) / len(errs)}
 
 
+def extra_runs(paths: list[str]) -> list[dict]:
+    """Timing runs from record files named on the command line (paths or globs), outside the fitted set:
+    all held out. Files already among ``records/*.json`` are scored once, by the rule of steptime_data."""
+    have = {str(Path(f).resolve()) for f in (Path(__file__).resolve().parent / "records").glob("*.json")}
+    out = []
+    for p in paths:
+        for r in timed_runs(str(Path(p).resolve())):
+            if str((Path(p).resolve().parent / r["file"]).resolve()) not in have:
+                out.append({**r, "held_out": True})
+    return out
+
+
 def main(argv: list[str]) -> int:
-    rows = scored()
+    rows = scored() + scored(extra_runs([a for a in argv if not a.startswith("--")]))
     print(f"{'run':48s} {'gpu':10s} {'set':8s} {'measured s':>11s} {'estimate s':>11s} {'error':>7s}")
     for r in sorted(rows, key=lambda r: (r["held_out"], r["gpu"], r["name"])):
         if r["held_out"] or "--all" in argv:

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not res.any_fits:
         print(f"{head}: nothing fits; closest:")
     else:
-        print(f"{head}; {res.evaluated} candidates, best first (* changes the numerics)")
+        print(f"{head}; {res.timed} candidates timed, best first (* changes the numerics)")
     print(f"{'#':>2} {'tokens/s':>9} {'step s':>7} {'device GiB':>10} {'headroom':>8}  changes  (cost)")
     for i, c in enumerate(res.candidates, 1):
         mark = "*" if c.numerics else " "

@@ -4,9 +4,16 @@ Memory comes only from the estimator (:func:`fits` calls :func:`memfit.estimator
 verdict of :mod:`memfit.verdict`); speed from :mod:`memfit.plan.steptime`. The search keeps the global
 batch (micro-batch x accumulation x data-parallel ranks) and moves the levers it is allowed to:
 method, precision, optimizer, checkpointing, micro-batch, strategy, offload, tensor parallelism, the
-attention kernel and the allocator setting. Memory never falls when the micro-batch falls, so for each
-setting of the other levers a binary search over the micro-batches finds the largest that fits, and every
-smaller one fits too (the top candidates are checked again with :func:`fits` before they are returned).
+attention kernel and the allocator setting.
+
+Every candidate (a setting of the levers at one micro-batch) is timed first, in arithmetic; then the
+candidates are walked fastest first, and the estimator is asked only about settings the walk reaches before
+the list is full. A candidate whose floor (weights, optimizer states, gradients or the loss's fp32 scores:
+bytes the event stream holds at one moment) plus the CUDA context passes the card is out without a replay.
+On its first visit a setting's fit boundary is looked for at the last reached setting's answer,
+else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
+micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
+fitting has its own estimate with its capped replay (:func:`fits`), which gives its device total.
 """
 
 from __future__ import annotations
@@ -85,9 +92,17 @@ class PlanResult:
     gpu: str | None
     global_batch: int
     evaluated: int
-    """(setting, micro-batch) pairs that fit and were timed."""
+    """Candidates (a setting of the levers at one micro-batch) with a step time and an exact fit verdict:
+    their own estimate (capped replay), or a floor (persistent states plus the CUDA context above the card)
+    that proves no micro-batch of the setting fits."""
     judged: int = 0
-    """(setting, micro-batch) pairs given a verdict, by the estimator or by monotonicity."""
+    """Those plus the candidates given "does not fit" because a smaller micro-batch of their setting does not
+    (memory does not fall as the micro-batch grows; never used to recommend one)."""
+    timed: int = 0
+    """Candidates given a step time: every setting at every micro-batch the global batch allows. The ones not
+    judged are slower than every candidate returned."""
+    estimator_calls: int = 0
+    """Estimates (capped allocator replays) the search ran."""
 
     @property
     def any_fits(self) -> bool:
@@ -96,6 +111,7 @@ class PlanResult:
     def to_dict(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "gpu_memory_bytes": self.gpu_memory_bytes, "global_batch": self.global_batch,
                 "fits": self.any_fits, "evaluated": self.evaluated, "judged": self.judged,
+                "timed": self.timed, "estimator_calls": self.estimator_calls,
                 "candidates": [c.to_dict() for c in self.candidates]}
 
 
@@ -226,6 +242,65 @@ def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[
     return changes, numerics
 
 
+def _floor_bytes(job: Job, spec) -> int:
+    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise).
+    The stream (:func:`memfit.estimator._train`) loads the weights and never frees them
+    (:func:`memfit.estimator.states.weight_bytes`; the adapters apart, to stay a floor); the optimizer
+    states (:func:`~memfit.estimator.states.optimizer_state_bytes`), made at the first step, stay. In full
+    fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`) is alive with them at the
+    optimizer step. With a language-model head, at the start of the second step's backward the loss holds
+    at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the
+    scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32 gradient).
+    Inference loads the same weights. The capped replay cannot complete when this plus the CUDA context
+    passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
+    whole-byte rounding of each tensor in the stream."""
+    from ..estimator import states as st
+
+    if job.strategy != "single" or job.gpus > 1:
+        return 0
+    weights = st.weight_bytes(spec, job)
+    if job.task != "train":
+        return max(0, weights - 2**20)
+    if job.is_lora:
+        weights -= st.lora_adapter_params(spec, job) * 4
+        if spec.head == "seq_cls":
+            weights -= spec.head_params * st.param_bytes(job.precision)
+    states = st.optimizer_state_bytes(spec, job)
+    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
+    at_loss = weights + states
+    if spec.head in ("causal_lm", "masked_lm"):
+        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
+    return max(0, max(at_step, at_loss) - 2**20)
+
+
+class _Broken(Exception):
+    """The estimator refused a setting (a JobError): it has no candidates."""
+
+
+class _Setting:
+    """One setting of the levers: its micro-batches, their step times, and what is known of their fit."""
+
+    __slots__ = ("base", "sizes", "per_rank", "jobs", "verdicts", "fail_from", "floor_checked", "broken", "searched", "expect")
+
+    def __init__(self, base: Job, sizes: list[int], per_rank: int):
+        self.base, self.sizes, self.per_rank = base, sizes, per_rank
+        self.jobs: dict[int, Job] = {}
+        self.verdicts: dict[int, tuple[bool, Any]] = {}  # index -> (fits, Breakdown or None)
+        self.fail_from = len(sizes)  # this index and every larger one do not fit (proven or by monotonicity)
+        self.floor_checked = False
+        self.broken = False  # the estimator refused the setting (JobError): no candidates
+        self.searched = False  # its fit boundary has been looked for
+        self.expect = -1  # where its boundary is expected, not yet estimated (-1: none)
+
+    def at(self, i: int) -> Job:
+        j = self.jobs.get(i)
+        if j is None:
+            j = copy.copy(self.base)  # only the micro-batch changes: a divisor of a validated batch, >= 1
+            j.batch_size = self.sizes[i]
+            self.jobs[i] = j
+        return j
+
+
 def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batch: int | None = None,
          vary: Iterable[str] | None = None, keep: Iterable[str] | None = None, top: int = 10,
          spec=None, timing_gpu=None, min_headroom: float = 0.03) -> PlanResult:
@@ -237,7 +312,18 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     change what is trained). ``timing_gpu``: time on this card instead (rehearsing a small card on a big one).
     ``min_headroom``: a candidate must leave this fraction of the card free by the estimate (default 3%: in
     the first H200 rehearsal of the planning scenarios, validation/records/h200-plan-scenarios.json, the two
-    candidates that ran out of memory had 2.1% and 2.6% estimated headroom; none with more failed)."""
+    candidates that ran out of memory had 2.1% and 2.6% estimated headroom; none with more failed).
+
+    The search times every candidate first (pure arithmetic), then walks them fastest first and asks the
+    estimator only about the ones that could still make the list: each recommended candidate has its own
+    capped replay (:func:`fits`); a candidate is passed over without one when a sound floor (bytes its
+    stream holds at one moment, plus the CUDA context, pass the card) or a smaller micro-batch of its setting that does not fit
+    rules it out (memory does not fall as the micro-batch grows; where that fails, the candidate is only
+    missed, never recommended)."""
+    from ..checks import check_job_for_model
+    from ..estimator import fits_on
+    from ..estimator.events import cuda_context_bytes
+    from ..estimator.states import paged_optimizer_host_bytes
     from ..gpus import GPU, get_gpu
     from ..models import load_model
 
@@ -256,91 +342,210 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     spec = spec or load_model(job.model)
     levers, explicit = _levers(vary, keep)
     train = job.task == "train"
-    settings = _settings(job, levers, explicit)
-    found: list[Candidate] = []
-    closest: list[tuple[int, Job, int]] = []
-    evaluated = judged = 0
-    hint: dict[int, int] = {}  # the last setting's answer: neighbours in the search usually agree
-    for ch in settings:
+    gb = global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel))
+    stats = {"replays": 0, "exact": 0, "inferred": 0}
+
+    # 1. every setting and micro-batch, timed (no memory work yet)
+    settings: list[_Setting] = []
+    entries: list[tuple[float, int, int, int, Any]] = []
+    for ch in _settings(job, levers, explicit):
         try:
             base = job.replace(**ch)
         except JobError:
             continue
         dp = max(1, base.gpus // (base.tensor_parallel * base.pipeline_parallel))
-        gb = global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel))
         if gb % dp:
             continue
         per_rank = gb // dp
         sizes = _divisors(per_rank) if ("batch" in levers and train) else [base.batch_size]
-        cache: dict[int, Any] = {}
-        jobs: dict[int, Job] = {}
-
-        def at(i: int) -> Job:
-            if i not in jobs:
-                j = copy.copy(base)  # only the micro-batch changes: a divisor of a validated batch, >= 1
-                j.batch_size = sizes[i]
-                jobs[i] = j
-            return jobs[i]
-
-        def judge(i: int) -> bool:
-            ok, b = fits(at(i), budget, spec)
-            cache[i] = b
-            return ok
-
         try:
-            best = _largest_fitting(judge, len(sizes), hint.get(len(sizes)))
+            check_job_for_model(base, spec)  # what it looks at does not depend on the micro-batch
+            timer = BatchTimer(base, spec, timing_card)
         except JobError:
             continue
-        if best >= 0:
-            hint[len(sizes)] = best
-        judged += len(sizes)
-        if best < 0:
-            b0 = cache[0]
-            closest.append((b0.device_total_bytes, at(0), per_rank // sizes[0]))
-            continue
-        timer = BatchTimer(base, spec, timing_card)
-        for i in range(best + 1):
-            evaluated += 1
-            mb = sizes[i]
+        s = _Setting(base, sizes, per_rank)
+        settings.append(s)
+        si = len(settings) - 1
+        n_fields = len(_describe(job, base, 1)[0]) - (base.batch_size != job.batch_size)  # the levers it moves
+        for i, mb in enumerate(sizes):
             acc = per_rank // mb
-            cj = at(i)
-            st = timer(mb, acc)
-            dev = cache[i].device_total_bytes if i in cache else None
-            found.append(Candidate(job=cj, fits=True, device_total_bytes=dev if dev is not None else -1,
-                                   headroom_bytes=mem - dev if dev is not None else -1, accumulation=acc,
-                                   step_time_seconds=st.seconds, tokens_per_second=st.tokens_per_second,
-                                   reason=st.reason))
-    found.sort(key=lambda c: (-c.tokens_per_second, len(_describe(job, c.job, c.accumulation)[0])))
+            t = timer(mb, acc)
+            # as len(_describe(job, s.at(i), acc)[0]): the levers, and the micro-batch line where it changes
+            n_changes = n_fields + (mb != job.batch_size or acc != 1)
+            entries.append((-t.tokens_per_second, n_changes, si, i, t))
+    # fastest first; among equals fewer changes, then the order the settings were built in (a stable sort)
+    entries.sort(key=lambda e: (e[0], e[1]))
+
+    def floor_fails(s: _Setting) -> bool:
+        """Settle by the floor (:func:`_floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
+        the micro-batch, so those are the ones from the first that fails. Whether none is left."""
+        if not s.floor_checked:
+            s.floor_checked = True
+            b = s.base
+            room = budget - cuda_context_bytes(b.task) - paged_optimizer_host_bytes(spec, b)
+            lo, hi = 0, len(s.sizes)  # the first index whose floor passes the room
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _floor_bytes(s.at(mid), spec) > room:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            for i in range(lo, len(s.sizes)):
+                if i not in s.verdicts:
+                    stats["exact"] += 1
+                    s.verdicts[i] = (False, None)
+            s.fail_from = min(s.fail_from, lo)
+        return s.fail_from == 0
+
+    def judge(s: _Setting, i: int, breakdown: bool = True) -> bool:
+        """The fit answer for micro-batch index ``i`` of ``s``: the estimate with its capped replay
+        (``breakdown``; what a recommendation needs), else :func:`memfit.estimator.fits_on`."""
+        v = s.verdicts.get(i)
+        if v is None or (breakdown and v[0] and v[1] is None):
+            stats["replays"] += 1
+            try:
+                v = fits(s.at(i), budget, spec) if breakdown else (fits_on(s.at(i), budget, spec), None)
+            except JobError:
+                s.broken = True
+                raise _Broken from None
+            if i not in s.verdicts:
+                stats["exact"] += 1
+            s.verdicts[i] = v
+        if not v[0]:
+            s.fail_from = min(s.fail_from, i)
+        return v[0]
+
+    def remember(s: _Setting, best: int) -> None:
+        hint[len(s.sizes)] = best
+
+    def search(s: _Setting, h: int | None, sure: bool = True) -> None:
+        """The setting's fit boundary below ``s.fail_from``: from the hint ``h`` (two calls when it is right),
+        else by bisection. The estimate at the hint when it is expected to fit (``sure``), the cheaper verdict
+        elsewhere (an estimate that fails costs two or three replays, :func:`memfit.estimator.fits_on` one or
+        none)."""
+        best = _largest_fitting(lambda j: judge(s, j, breakdown=sure and j == h), s.fail_from, h)
+        if best >= 0:
+            remember(s, best)
+
+    def decide(s: _Setting, i: int) -> bool:
+        """Whether index ``i`` of ``s`` fits, by its own estimate. On the setting's first visit the index above
+        the last settled setting's boundary ``h`` is tried (neighbours in the walk usually agree): where it
+        does not fit, ``h`` is expected to be the boundary and is estimated only when the walk gets to it
+        (the list is often full before); where it fits, or there is no ``h``, the boundary is searched for."""
+        n = len(s.sizes)
+        if not s.searched:
+            s.searched = True
+            h = hint.get(n)
+            if h is not None and h + 1 < s.fail_from and not judge(s, h + 1, breakdown=False):
+                s.expect = h
+            else:
+                search(s, h if h is not None and h < s.fail_from else None)
+        if i >= s.fail_from:
+            return False
+        if s.expect >= 0:
+            e, s.expect = s.expect, -1
+            if i == e and s.fail_from == e + 1:
+                if judge(s, i):
+                    remember(s, i)
+                    return True
+                search(s, e - 1 if e > 0 else None, sure=False)  # not where expected: most likely just below
+                return False
+            search(s, e)  # the walk came elsewhere first: settle the boundary now
+            if i >= s.fail_from:
+                return False
+        return judge(s, i)
+
+    # 2. the fastest first, each recommendation confirmed by its own estimate
     out: list[Candidate] = []
-    for c in found:
+    hint: dict[int, int] = {}  # micro-batch count -> the last boundary settled
+    for neg_tps, _, si, i, t in entries:
         if len(out) >= top:
             break
-        c.changes, c.numerics = _describe(job, c.job, c.accumulation)
+        s = settings[si]
+        if s.broken or floor_fails(s) or i >= s.fail_from:
+            continue
+        mb = s.sizes[i]
+        acc = s.per_rank // mb
+        cj = s.at(i)
+        changes, numerics = _describe(job, cj, acc)
         # the same speed and micro-batch with extra changes adds nothing (e.g. an allocator setting that
         # the estimate does not need)
-        if any(o.job.batch_size == c.job.batch_size and abs(o.tokens_per_second - c.tokens_per_second)
-               <= 1e-9 * c.tokens_per_second and set(o.changes) < set(c.changes) for o in out):
+        tps = -neg_tps
+        if any(o.job.batch_size == mb and abs(o.tokens_per_second - tps) <= 1e-9 * tps
+               and set(o.changes) < set(changes) for o in out):
             continue
-        if c.device_total_bytes < 0:  # fit inferred by monotonicity: ask the estimator before recommending it
-            ok, b = fits(c.job, budget, spec)
-            if not ok:
+        try:
+            if not decide(s, i):
                 continue
-            c.device_total_bytes, c.headroom_bytes = b.device_total_bytes, mem - b.device_total_bytes
-        out.append(c)
+        except _Broken:
+            continue
+        b = s.verdicts[i][1]
+        out.append(Candidate(job=cj, fits=True, device_total_bytes=b.device_total_bytes,
+                             headroom_bytes=mem - b.device_total_bytes, accumulation=acc,
+                             step_time_seconds=t.seconds, tokens_per_second=t.tokens_per_second,
+                             changes=changes, numerics=numerics, reason=t.reason))
     if not out:
-        closest.sort(key=lambda t: t[0])
-        for dev, cj, acc in closest[:top]:
-            st = step_time(cj, spec, timing_card, accumulation=acc)
-            ch, nu = _describe(job, cj, acc)
-            out.append(Candidate(job=cj, fits=False, device_total_bytes=dev, headroom_bytes=mem - dev,
-                                 accumulation=acc, step_time_seconds=st.seconds,
-                                 tokens_per_second=st.tokens_per_second, changes=ch, numerics=nu,
-                                 reason=(f"too big by {(dev - mem) / 2**30:.2f} GiB" if dev > mem else
-                                         f"fits with {(mem - dev) / 2**30:.2f} GiB, less than the "
-                                         f"{100 * min_headroom:.0f}% margin")))
-    return PlanResult(candidates=out, gpu_memory_bytes=mem, gpu=card.name if card else None,
-                      global_batch=global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel)),
-                      evaluated=evaluated, judged=judged)
+        out = _closest(job, settings, spec, timing_card, mem, budget, top, min_headroom, stats)
+    for s in settings:
+        stats["inferred"] += sum(1 for i in range(s.fail_from, len(s.sizes)) if i not in s.verdicts)
+    return PlanResult(candidates=out, gpu_memory_bytes=mem, gpu=card.name if card else None, global_batch=gb,
+                      evaluated=stats["exact"], judged=stats["exact"] + stats["inferred"], timed=len(entries),
+                      estimator_calls=stats["replays"])
+
+
+def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, budget: int, top: int,
+             min_headroom: float, stats: dict[str, int]) -> list[Candidate]:
+    """When nothing fits: the settings' smallest micro-batches with the smallest device totals (by their
+    estimates), each saying by how much it misses. A setting whose floor (:func:`_floor_bytes`) plus the CUDA context is
+    above the ``top``-th smallest total found so far cannot be among them (the device total is at least
+    that), so it is not estimated."""
+    import bisect
+
+    from ..estimator.events import cuda_context_bytes
+    from ..estimator.states import paged_optimizer_host_bytes
+
+    pool = []
+    for order, s in enumerate(settings):
+        v = s.verdicts.get(0)
+        if s.broken or (v is not None and v[0]):
+            continue
+        b = s.base
+        pool.append((_floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
+                     order, s))
+    pool.sort(key=lambda t: (t[0], t[1]))
+    found: list[tuple[int, int, _Setting]] = []
+    devs: list[int] = []
+    for floor, order, s in pool:
+        if len(devs) >= top and floor > devs[top - 1]:
+            break
+        v = s.verdicts.get(0)
+        if v is None or v[1] is None:
+            stats["replays"] += 1
+            try:
+                v = fits(s.at(0), budget, spec)
+            except JobError:
+                s.broken = True
+                continue
+            if 0 not in s.verdicts:
+                stats["exact"] += 1
+            s.verdicts[0] = v
+        if v[0]:
+            continue
+        found.append((v[1].device_total_bytes, order, s))
+        bisect.insort(devs, v[1].device_total_bytes)
+    found.sort(key=lambda t: (t[0], t[1]))
+    out = []
+    for dev, _, s in found[:top]:
+        cj, acc = s.at(0), s.per_rank // s.sizes[0]
+        st = step_time(cj, spec, timing_card, accumulation=acc)
+        ch, nu = _describe(job, cj, acc)
+        out.append(Candidate(job=cj, fits=False, device_total_bytes=dev, headroom_bytes=mem - dev,
+                             accumulation=acc, step_time_seconds=st.seconds,
+                             tokens_per_second=st.tokens_per_second, changes=ch, numerics=nu,
+                             reason=(f"too big by {(dev - mem) / 2**30:.2f} GiB" if dev > mem else
+                                     f"fits with {(mem - dev) / 2**30:.2f} GiB, less than the "
+                                     f"{100 * min_headroom:.0f}% margin")))
+    return out
 
 
 def max_seq_len(job: Job, gpu_memory_bytes: int, *, spec=None, limit: int = 1 << 20) -> int:

@@ -296,10 +296,21 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
     return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
 
 
+def _at_batch(job, batch: int):
+    """``job`` at another micro-batch, without validating it again (only the batch, a whole number >= 1,
+    changes; :func:`features` reads the fields)."""
+    import copy
+
+    j = copy.copy(job)
+    j.batch_size = batch
+    return j
+
+
 class BatchTimer:
     """:func:`step_time` of one job at many micro-batches, cheaply: every feature is affine in the
     micro-batch (tokens scale with it; launches, optimizer and dequantization do not), so the features at
-    batch 1 and 2 give all others exactly. Collectives and offload are added as in :func:`step_time`."""
+    batch 1 and 2 give all others exactly. Collectives and offload are added as in :func:`step_time` (they
+    depend on the layout and on the compute time, not on the micro-batch itself)."""
 
     def __init__(self, job, spec, gpu, factors: dict[str, float] | None = None):
         from ..gpus import GPU, get_gpu
@@ -307,21 +318,30 @@ class BatchTimer:
         self.gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
         self.job, self.spec = job, spec
         self.k = factors or load_factors()
-        f1 = features(job.replace(batch_size=1), spec, self.gpu)
-        f2 = features(job.replace(batch_size=2), spec, self.gpu)
+        f1 = features(_at_batch(job, 1), spec, self.gpu)
+        f2 = features(_at_batch(job, 2), spec, self.gpu)
         self.per = {n: f2[n] - f1[n] for n in KINDS}
         self.fixed = {n: f1[n] - self.per[n] for n in KINDS}
         self.multi = job.gpus > 1 or job.offload != "none"
 
     def __call__(self, batch: int, accumulation: int = 1) -> StepTime:
-        if self.multi:
-            return step_time(self.job.replace(batch_size=batch), self.spec, self.gpu, factors=self.k,
-                             accumulation=accumulation)
         a = max(1, int(accumulation))
         parts = {}
         for n in KINDS:
             v = (self.fixed[n] + self.per[n] * batch) * self.k[n]
-            parts[n] = v if n in _ONCE else v * a
+            if n in _ONCE:
+                parts[n] = v
+            else:
+                parts[n] = v * a
+        if self.multi:
+            # what step_time adds for several GPUs or offload: it depends on the job's layout and on the
+            # micro-batch's compute time (how much of the collectives it hides), not on the batch itself
+            micro = combine({n: v / a for n, v in parts.items() if n not in _ONCE}, self.k.get("overlap", 1.0))
+            comm, off = _parallel_seconds(self.job, self.spec, self.gpu, micro, micro * 0.6)
+            if comm:
+                parts["collectives"] = comm
+            if off:
+                parts["offload"] = off
         total = combine(parts, self.k.get("overlap", 1.0))
         j = self.job
         tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a

@@ -195,7 +195,7 @@
         + `<td>${esc(c.changes.join(", ") || "as is")}</td><td class="num">${gib(c.device_total_bytes)}</td>`
         + `<td class="num">${gib(c.headroom_bytes)}</td><td class="num">${c.gradient_accumulation}</td>`
         + `<td class="num">${Math.round(c.tokens_per_second)}</td></tr>`).join("");
-      $("plan").innerHTML = `<h2>Plan on ${esc(res.gpu || gib(res.gpu_memory_bytes) + " GiB")} (${res.evaluated} timed)</h2>`
+      $("plan").innerHTML = `<h2>Plan on ${esc(res.gpu || gib(res.gpu_memory_bytes) + " GiB")} (${res.timed} timed)</h2>`
         + `<table id="plan-table"><thead><tr><th>#</th><th></th><th>changes</th><th>GiB</th><th>headroom GiB</th><th>accum.</th><th>tokens/s</th></tr></thead><tbody>${rows}</tbody></table>`
         + "<p>click a row to load it into the form</p>";
       $("plan").querySelectorAll("tbody tr").forEach((tr) => tr.addEventListener("click", () => {
