@@ -529,10 +529,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 hooks.pre_backward(s, i)
             pre: list[int] = []
             if ckpt:  # recompute the layer's forward, keeping what backward needs
-                # the gradient arriving at the layer's output (and the residual's other part) exists before the
-                # recompute starts: traced, QLoRA mistral-7b's two (B, S, H) gradients alive through each
-                # layer's recompute (torch.utils.checkpoint recomputes when backward first unpacks a saved tensor)
-                pre = [s.alloc(x, "temporaries") for x in transient[-2:]]
+                # The gradient arriving at the layer's output exists before the recompute starts
+                # (torch.utils.checkpoint recomputes when backward first unpacks a saved tensor). Traced: under
+                # QLoRA's fp32 stream two (B, S, H) fp32 gradients are alive through each layer's recompute
+                # (mistral-7b, whose peak is the recomputed math-kernel attention). Only there: a 16-bit full
+                # fine-tuning trace keeps one 16-bit gradient, and that stream is outside this rule's evidence.
+                if job.quantization != "none" and job.is_lora and amode == "32":
+                    pre = [s.alloc(x, "temporaries") for x in transient[-2:]]
                 s.free_all(live)
                 live = []
                 pending, held, scoped = -1, [], {}
@@ -553,7 +556,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     s.free_all(left)
                 s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
-            tmp = pre + [s.alloc(x, "temporaries") for x in (transient[:-2] if pre else transient) + frozen_casts[i]
+            tmp = pre + [s.alloc(x, "temporaries") for x in (transient[:-len(pre)] if pre else transient) + frozen_casts[i]
                          + dq_back.get(bi, [])]
             grads += [s.alloc(x, "gradients") for x in layer_grads[i]] if hooks is None else hooks.layer_grads(s, i)
             s.free_all(tmp)
