@@ -133,10 +133,14 @@ def _lora_4bit_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def build_qlora_model(job: Any, spec: Any, device: Any) -> Any:
+def build_qlora_model(job: Any, spec: Any, device: Any, empty_cache: Any = None) -> Any:
     """The reference QLoRA model of ``job`` (nf4 / fp4, training) with emulated 4-bit linears (see the module
     docstring). Built on the meta device and materialized on ``device`` module by module, so the load makes the
-    packed weights, not the 16-bit ones they replace."""
+    packed weights, not the 16-bit ones they replace.
+
+    ``empty_cache``: called where ``peft.prepare_model_for_kbit_training`` (peft 0.21 ``utils/other.py``,
+    ``auto_clear_cache=True``) calls ``torch.cuda.empty_cache()`` after upcasting the 16-bit parameters to fp32 -
+    on the GPU only (``torch.cuda.is_available()``), so a trace on the CPU passes its allocator model's release."""
     import torch
 
     from .. import reference as ref
@@ -163,6 +167,8 @@ def build_qlora_model(job: Any, spec: Any, device: Any) -> Any:
         model.tie_weights()
     model.config.use_cache = False
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if empty_cache is not None:
+        empty_cache()
     if job.gradient_checkpointing:
         ref._enable_checkpointing(model)
     model = ref._apply_lora(job, spec, model, device)
