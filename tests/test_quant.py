@@ -110,3 +110,9 @@ def test_qlora_dequantized_weights_are_temporaries_of_each_call(batch, seq, forw
     phases = {p for _, p, _ in dq}
     assert "backward" in phases
     assert ("forward" in phases) is forward
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 64, 65, 200, 320, 321, 1536, 1537, 40960])
+def test_bnb_row_tier_answers_as_the_rows(m):
+    for n, k in ((14336, 4096), (3072, 768), (1024, 1024)):
+        assert quant.bnb_dequantizes(quant.bnb_row_tier(m), n, k) == quant.bnb_dequantizes(m, n, k)

@@ -267,7 +267,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     # forward (layers._Replay.dequant4_scratch, quant.bnb_dequantizes) and backward (dq_back below)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
                 attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
-                quant4=quant4, rows=T if quant4 else 0, double_quant=bool(job.double_quant) and quant4,
+                quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0, double_quant=bool(job.double_quant) and quant4,
                 quant_block=job.quant_group_size)
     layer_tensors = {bi: [(bpt * T * act_share + fixed * tp_share, saved, held, until)
                           for bpt, saved, held, until, fixed in layer_forward_tensors(spec, bi, mode)]

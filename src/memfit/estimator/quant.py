@@ -98,6 +98,19 @@ def bnb_dequantizes(m: int, n: int, k: int) -> bool:
     return m > 64
 
 
+#: The row counts where :func:`bnb_dequantizes` changes its answer (any m answers as the first of these >= m).
+BNB_ROW_TIERS = (4, 64, 320, 1536)
+
+
+def bnb_row_tier(m: int) -> int:
+    """``m`` rounded up to the tier :func:`bnb_dequantizes` answers the same for (past the last: 1537): a cache
+    key that does not grow with the batch."""
+    for t in BNB_ROW_TIERS:
+        if m <= t:
+            return t
+    return BNB_ROW_TIERS[-1] + 1
+
+
 def linear_bytes(in_features: int, out_features: int, quantization: str, *, group_size: int = 128,
                  double_quant: bool = False, element_bytes: int = 2) -> int:
     """Bytes of one quantized linear weight in its real layout: the packed values of
