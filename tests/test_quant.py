@@ -64,3 +64,55 @@ def test_adam_8bit_states():
     assert st.paged_optimizer_host_bytes(spec, job.replace(optimizer="paged-adamw")) == 8 * spec.parameters
     bd = estimate(paged)
     assert bd.device_total_bytes - bd.peak_reserved_bytes > states  # resident on the GPU while it fits
+
+
+def test_bnb_dequantizes_follows_its_sm90_tiers():
+    """bitsandbytes 0.50 gemm_4bit on an H100/H200: its own kernel for few rows, the whole weight dequantized past
+    1536 rows, and between, the widest caps of ``_gemm_4bit_use_custom_cuda``'s sm90 tiers."""
+    big = (14336, 4096)  # (n, k): a 7B MLP weight
+    assert not quant.bnb_dequantizes(4, *big)
+    assert not quant.bnb_dequantizes(64, *big)
+    assert quant.bnb_dequantizes(65, *big)
+    assert quant.bnb_dequantizes(1537, 768, 3072)  # past custom_max_m whatever the weight
+    short_k = (3072, 768)  # n * k < 4 Mi and 2 k < n: the kernel wins further
+    assert not quant.bnb_dequantizes(320, *short_k)
+    assert quant.bnb_dequantizes(321, *short_k)
+
+
+def _allocs(stream):
+    """(size, phase, freed in the same phase) of every allocation of the stream."""
+    phase, born, out = "", {}, []
+    for op in stream.ops:
+        if op[0] == 2:
+            phase = op[1]
+        elif op[0] == 0:
+            born[op[1]] = len(out)
+            out.append([op[2], phase, False])
+        elif op[0] == 1 and op[1] in born:
+            k = born.pop(op[1])
+            out[k][2] = out[k][1] == phase
+    return out
+
+
+@pytest.mark.parametrize("batch, seq, forward", [(1, 2048, True), (1, 16, False)])
+def test_qlora_dequantized_weights_are_temporaries_of_each_call(batch, seq, forward):
+    """A 4-bit matmul dequantizes its weight (2 bytes a weight) for the call only: in forward where bitsandbytes
+    takes the dequantize-then-linear path (not for 16 rows), in backward always (MatMul4Bit.backward); nothing
+    weight-sized is held through the step."""
+    from memfit.estimator import _spec, _stream
+
+    job = Job(model="qwen2.5-0.5b", method="qlora", batch_size=batch, seq_len=seq, gradient_checkpointing=True)
+    spec = _spec(job, None)
+    mlp = 2 * 896 * 4864  # gate/up/down of Qwen2.5-0.5B, dequantized to bf16
+    stream, *_ = _stream(spec, job)
+    dq = [a for a in _allocs(stream) if a[0] == mlp]
+    assert dq and all(freed for _, _, freed in dq)
+    phases = {p for _, p, _ in dq}
+    assert "backward" in phases
+    assert ("forward" in phases) is forward
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 64, 65, 200, 320, 321, 1536, 1537, 40960])
+def test_bnb_row_tier_answers_as_the_rows(m):
+    for n, k in ((14336, 4096), (3072, 768), (1024, 1024)):
+        assert quant.bnb_dequantizes(quant.bnb_row_tier(m), n, k) == quant.bnb_dequantizes(m, n, k)

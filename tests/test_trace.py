@@ -263,6 +263,21 @@ def test_qlora_is_traced_with_emulated_4bit_linears(llama_path):
         assert bd.peak_allocated_bytes == pytest.approx(est.peak_allocated_bytes, rel=0.15)
 
 
+def test_qlora_load_empties_the_cache_where_peft_does(llama_path):
+    """peft 0.21 prepare_model_for_kbit_training calls torch.cuda.empty_cache() after upcasting the 16-bit
+    parameters to fp32 (auto_clear_cache): the emulated build calls its release there, once, after the upcast."""
+    import torch
+
+    from memfit.tracer.bnb_emulation import build_qlora_model
+
+    seen = []
+    job = _job(llama_path, method="qlora", precision="bf16-true", gradient_checkpointing=True)
+    model = build_qlora_model(job, _spec(), "cpu", empty_cache=lambda: seen.append("empty_cache"))
+    assert seen == ["empty_cache"]
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+
+
 def test_without_torch_it_says_how_to_install(llama_path, monkeypatch):
     from memfit.errors import MissingDependencyError
 

@@ -240,7 +240,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
 
     weights = st.weight_bytes(spec, job)
     qstate = quant.quant_state_bytes(spec, job) if job.quantization != "none" else 0
-    qtemp = quant.dequant_temp_bytes(spec, job, T) if job.quantization != "none" else 0
+    # LLM.int8's scratch, held through the step (4-bit linears make theirs per call, in the layer chains)
+    qtemp = quant.dequant_temp_bytes(spec, job, T) if job.quantization not in ("none", "nf4", "fp4") else 0
     if job.quantization != "none" and amode == "32" and job.precision != "32-true":
         notes.append("the QLoRA recipe (prepare_model_for_kbit_training) upcasts embeddings, norms and the "
                      f"LM head to fp32: {(spec.parameters - quant.quantized_weight_params(spec)) * 2 / 2**30:.2f} GiB "
@@ -261,11 +262,15 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     ckpt = job.gradient_checkpointing
 
     key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
+    quant4 = job.quantization in ("nf4", "fp4")
+    # bitsandbytes dequantizes a 4-bit weight whole for a matmul of training shapes: a temporary of each call,
+    # forward (layers._Replay.dequant4_scratch, quant.bnb_dequantizes) and backward (dq_back below)
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
                 attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
-                quant4=job.quantization in ("nf4", "fp4"))
-    layer_tensors = {bi: [(bpt * T * act_share, saved, held, until)
-                          for bpt, saved, held, until in layer_forward_tensors(spec, bi, mode)]
+                quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0, double_quant=bool(job.double_quant) and quant4,
+                quant_block=job.quant_group_size)
+    layer_tensors = {bi: [(bpt * T * act_share + fixed * tp_share, saved, held, until)
+                          for bpt, saved, held, until, fixed in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
     merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) * tp_share for bi in set(layers)}
     layer_input = T * H * res * seq_share
@@ -282,6 +287,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width) * act_share
     # final norm output kept for the head, and its fp32 input
     final_saved = [x * seq_share for x in [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])]
+    if job.is_lora and spec.head == "causal_lm" and amode != "mixed":
+        # A frozen LM head (PEFT's "all-linear" leaves the output layer out; prepare_model_for_kbit_training
+        # freezes every base parameter) keeps its weight for the input gradient, not its input, and the norm's
+        # ``weight * h.to(input_dtype)`` with a frozen weight keeps the weight: only the norm's fp32 input stays
+        # (``hidden_states.to(torch.float32)``, the stream itself under QLoRA's fp32 stream). Traced: QLoRA
+        # mistral-7b keeps one (B, S, H) fp32 tensor after the last layer; measured: the end-of-forward
+        # allocation of the three checkpointed QLoRA records was over by one such tensor with the second.
+        final_saved = [T * H * 4 * seq_share]
     if spec.model_type in _ENCODERS and spec.head == "seq_cls":
         # no final norm: the pooler (BERT, RoBERTa's classifier dense) or pre_classifier (DistilBERT) takes
         # hidden_states[:, 0], a view whose Linear keeps the whole last hidden state - except under autocast,
@@ -335,6 +348,17 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                                      for bi in _layer_order(spec) for lin in spec.blocks[bi].linears)
         cache_layers = [[x * tp_share for x in c] for c in cache_layers]
         cache_head = cache_head * tp_share if has_head else 0
+    dq_back: dict[int, list[float]] = {}
+    if quant4:
+        # MatMul4Bit.backward (bitsandbytes 0.50 autograd/_functions.py): ``grad_output @ dequantize_4bit(B)``, the
+        # weight dequantized again whatever the rows (functional.dequantize_4bit: the nested absmax to fp32 - the
+        # offset added in place - and the weight in the compute dtype), one linear at a time: the layer's largest
+        for bi in set(layers):
+            lins = [lin for lin in spec.blocks[bi].linears if lin.is_module]
+            if lins:
+                numel = max(lin.in_features * lin.out_features for lin in lins)
+                blocks = -(-numel // job.quant_group_size)
+                dq_back[bi] = ([4 * blocks * tp_share] if job.double_quant else []) + [2 * numel * tp_share]
     mw = mlp_width(spec)
     # a layer's backward scratch: MLP-wide gradients and two hidden-sized ones (see _mlp_backward_widths)
     transient = [T * e * mw * tp_share] * _mlp_backward_widths(spec) + [T * e * H * seq_share, T * e * H * seq_share]
@@ -503,7 +527,15 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             live = kept[i]
             if hooks is not None:
                 hooks.pre_backward(s, i)
+            pre: list[int] = []
             if ckpt:  # recompute the layer's forward, keeping what backward needs
+                # The gradient arriving at the layer's output exists before the recompute starts
+                # (torch.utils.checkpoint recomputes when backward first unpacks a saved tensor). Traced: under
+                # QLoRA's fp32 stream two (B, S, H) fp32 gradients are alive through each layer's recompute
+                # (mistral-7b, whose peak is the recomputed math-kernel attention). Only there: a 16-bit full
+                # fine-tuning trace keeps one 16-bit gradient, and that stream is outside this rule's evidence.
+                if job.quantization != "none" and job.is_lora and amode == "32":
+                    pre = [s.alloc(x, "temporaries") for x in transient[-2:]]
                 s.free_all(live)
                 live = []
                 pending, held, scoped = -1, [], {}
@@ -524,7 +556,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     s.free_all(left)
                 s.free_all(held)
                 live.append(s.alloc(merged[bi], "activations"))
-            tmp = [s.alloc(x, "temporaries") for x in transient + frozen_casts[i]]
+            tmp = pre + [s.alloc(x, "temporaries") for x in (transient[:-len(pre)] if pre else transient) + frozen_casts[i]
+                         + dq_back.get(bi, [])]
             grads += [s.alloc(x, "gradients") for x in layer_grads[i]] if hooks is None else hooks.layer_grads(s, i)
             s.free_all(tmp)
             s.free_all(live)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..models.spec import Block, ModelSpec
+from .quant import bnb_dequantizes
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,9 @@ class Mode:
     seq_len: int
     dropout: float  # training dropout probability of the residual/attention dropouts
     quant4: bool = False  # the layer's linears are bitsandbytes Linear4bit (nf4/fp4): a 16-bit compute copy each way
+    rows: int = 0  # rows of a 4-bit matmul's input (batch x sequence): whether bitsandbytes dequantizes the weight
+    double_quant: bool = False  # 4-bit absmax are themselves 8-bit (nested), dequantized to fp32 per call
+    quant_block: int = 64  # weights per 4-bit absmax
 
     @property
     def act_bytes(self) -> int:
@@ -59,6 +63,8 @@ class _Replay:
         self.q_from_cat = False  # the model builds q with torch.cat (partial rotary, MLA): a contiguous (B, H, S, D)
         self.out_bshd = False  # the last attention's output is (B, S, H, D) in memory: o_proj takes it as is
         self.window_mask = False  # a sliding-window (or chunked) layer whose window the sequence reaches
+        self.fixed: dict[str, float] = {}  # temporaries of a fixed size, not per token (a dequantized weight)
+        self.math_inputs: list[str] = []  # q, k, v of the last math-kernel attention (its caller's locals)
 
     # -- helpers --------------------------------------------------------------
     def new(self, name: str, size: float, dtype: int) -> str:
@@ -71,6 +77,29 @@ class _Replay:
     def tmp(self, size: float, dtype: int) -> str:
         self._n += 1
         return self.new(f"_t{self._n}", size, dtype)
+
+    def wtmp(self, nbytes: float) -> str:
+        """A temporary whose size does not scale with the tokens (a 4-bit weight dequantized for one matmul)."""
+        name = self.tmp(0.0, 1)
+        self.fixed[name] = nbytes
+        return name
+
+    def dequant4_scratch(self, in_features: float, out_features: float) -> list[str]:
+        """What a 4-bit matmul of training shapes allocates besides its output and frees when it returns.
+
+        bitsandbytes 0.50 ``backends/cuda/ops.py``: ``gemm_4bit`` for more than ``_gemm_4bit_custom_max_m``
+        (1536) rows takes ``_dequant_linear_fallback``: under double quantization the nested absmax dequantized
+        to fp32 (``absmax_dq``, then ``absmax = absmax_dq + absmax_offset``: two fp32 tensors, one value per
+        block of ``blocksize`` weights), then ``B_dq = torch.empty(shapeB, dtype=A.dtype)`` (the whole weight in
+        the 16-bit compute dtype) and ``F.linear(A, B_dq)``; the locals go when the call returns. Below that,
+        :func:`memfit.estimator.quant.bnb_dequantizes` says where its own kernel (no dequantized weight) runs instead."""
+        if not bnb_dequantizes(self.m.rows, int(out_features), int(in_features)):
+            return []
+        numel = in_features * out_features
+        blocks = -(-numel // self.m.quant_block)
+        out = [self.wtmp(4 * blocks), self.wtmp(4 * blocks)] if self.m.double_quant else []
+        out.append(self.wtmp(2 * numel))
+        return out
 
     def save(self, name: str) -> None:
         owner = self.base[name]
@@ -122,13 +151,17 @@ class _Replay:
             # that cast back exists
             out_dtype = self.dtype[x]
             x16 = self.cast(x, 2)
+            scratch = self.dequant4_scratch(self.size[x], out)
             if out_dtype == 2:
                 base = self.new(y, out, 2) if not lora else self.tmp(out, 2)
+                o16 = base
             else:
                 o16 = self.tmp(out, 2)
                 base = self.new(y, out, out_dtype) if not lora else self.tmp(out, out_dtype)
                 self.until[o16] = base
                 self.until[x16] = base
+            for t in scratch:  # freed when the matmul returns its 16-bit output
+                self.until[t] = o16
         else:
             base = self.new(y, out, out_dtype) if not lora else self.tmp(out, out_dtype)
         if not lora:
@@ -278,6 +311,15 @@ class _Replay:
             # allow_fp16_bf16_reduction_math_sdp is set) and keeps scaled q and k, repeated (or broadcast)
             # k and v, and the softmax output
             kv_heads = kvh if broadcast_kv else nh
+            # the kernel's locals until it returns (ATen attention.cpp _scaled_dot_product_attention_math):
+            # ``query * sqrt(scale)``, the causal mask ``is_causal`` makes (``ones(L, S, bool).tril()`` made an
+            # fp32 additive mask: (S, S), per call, not per token), and the keys repeated for the query groups
+            # (``pre_process_group_query_attention_input``: repeat_interleave); traced: QLoRA mistral-7b
+            local = [self.tmp(nh * dqk, 4)] if e == 4 else []
+            if not self.materialized_mask:
+                local.append(self.wtmp(4 * S * S))
+            if kvh < nh and not broadcast_kv:
+                local.append(self.tmp(nh * dqk, 4))
             self.save(self.tmp(nh * dqk, 4))
             self.save(self.tmp(kv_heads * dqk, 4))
             self.save(self.tmp(kv_heads * dv, 4))
@@ -291,6 +333,11 @@ class _Replay:
             for t in (scores, soft, masked):
                 self.until[t] = probs
             self.new(o, nh * dv, e)
+            for t in local:
+                self.until[t] = o
+            # q, k and v themselves are the attention module's locals (``query_states``...) until it returns,
+            # after o_proj (transformers 5.17 modeling_llama.py / modeling_mistral.py Attention.forward)
+            self.math_inputs = [t for t in (q, k, v) if self.base.get(t) == t]
             return
         # eager: repeat_kv, q @ k^T, softmax in fp32, cast back, (dropout), @ v
         krep = k if kvh == nh else self.tmp(nh * dqk, self.dtype[k])
@@ -438,6 +485,9 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
         else:  # (B, H, S, D) from the math or eager product, or a cat-built q: transpose(1, 2).contiguous() copies
             r.copy("o", "oc")
             r.linear("oc", "ao", names.get("o", "o_proj"), H)
+        for t in r.math_inputs:
+            r.until.setdefault(t, "ao")
+        r.math_inputs = []
         if spec.model_type == "distilbert":
             # no dropout after out_lin: transformers 5.17 modeling_distilbert.py MultiHeadSelfAttention.forward
             # returns out_lin's output and TransformerBlock.forward adds it to the residual directly
@@ -517,11 +567,13 @@ def _held(spec: ModelSpec, block: Block) -> set[str]:
 
 
 @lru_cache(maxsize=4096)
-def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool, int | None], ...]:
-    """:func:`layer_tensors_per_token` with two more fields: whether a Python name holds the tensor until the layer
-    returns (:func:`_held`), and where the op that makes it scopes its lifetime (a LoRA linear's chain, a 4-bit
-    linear's 16-bit copies): the index of the later tensor right after whose allocation it is freed (unless
-    saved for backward under autograd), else None. The others live until the op after the one that consumes them."""
+def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tuple[tuple[float, bool, bool, int | None, float], ...]:
+    """:func:`layer_tensors_per_token` with three more fields: whether a Python name holds the tensor until the
+    layer returns (:func:`_held`), where the op that makes it scopes its lifetime (a LoRA linear's chain, a 4-bit
+    linear's 16-bit copies and dequantized weight): the index of the later tensor right after whose allocation it
+    is freed (unless saved for backward under autograd), else None - the others live until the op after the one
+    that consumes them -, and bytes that do not scale with the tokens (a 4-bit linear's dequantized weight and
+    absmax, :meth:`_Replay.dequant4_scratch`; 0 for the others)."""
     block = spec.blocks[block_index]
     r = _run_layer(spec, block, mode)
     held = _held(spec, block)
@@ -531,9 +583,9 @@ def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tupl
     for key in keys:
         until = index.get(r.until[key]) if key in r.until else None
         if key in r.saved:
-            out.append((r.saved[key], True, key in held, until))
+            out.append((r.saved[key], True, key in held, until, 0.0))
         else:
-            out.append((r.size[key] * r.dtype[key], False, key in held, until))
+            out.append((r.size[key] * r.dtype[key], False, key in held, until, r.fixed.get(key, 0.0)))
     return tuple(out)
 
 
@@ -549,6 +601,6 @@ def layer_tensors_per_token(spec: ModelSpec, block_index: int, mode: Mode) -> tu
     for key in r.order:
         if key in r.saved:
             out.append((r.saved[key], True))
-        elif r.base.get(key) == key:
+        elif r.base.get(key) == key and key not in r.fixed:
             out.append((r.size[key] * r.dtype[key], False))
     return tuple(out)

@@ -82,6 +82,35 @@ def dequant_temp_bytes(spec: ModelSpec, job: Job, tokens: int) -> int:
     return max(2 * i * o for i, o, _ in shapes)
 
 
+def bnb_dequantizes(m: int, n: int, k: int) -> bool:
+    """Whether bitsandbytes 0.50's ``gemm_4bit`` on an H100/H200 (sm90, the measured cards) multiplies an (m, k)
+    input by an (n, k) 4-bit weight through ``_dequant_linear_fallback`` (the whole weight dequantized to 16 bits)
+    rather than its own kernel. ``backends/cuda/ops.py``: always past ``_gemm_4bit_custom_max_m`` (1536) rows,
+    never at 4 rows or fewer; between, ``_gemm_4bit_use_custom_cuda``'s sm90 tiers, whose widest caps are kept
+    here: small weights (n * k < 4 Mi) with a short inner dimension (2 k < n) keep the kernel to 320 rows
+    (512 below one wave of blocks), everything else to 64 at most."""
+    if m > 1536:
+        return True
+    if m <= 4:
+        return False
+    if n * k < 4 * 1024 * 1024 and 2 * k < n:
+        return m > 320
+    return m > 64
+
+
+#: The row counts where :func:`bnb_dequantizes` changes its answer (any m answers as the first of these >= m).
+BNB_ROW_TIERS = (4, 64, 320, 1536)
+
+
+def bnb_row_tier(m: int) -> int:
+    """``m`` rounded up to the tier :func:`bnb_dequantizes` answers the same for (past the last: 1537): a cache
+    key that does not grow with the batch."""
+    for t in BNB_ROW_TIERS:
+        if m <= t:
+            return t
+    return BNB_ROW_TIERS[-1] + 1
+
+
 def linear_bytes(in_features: int, out_features: int, quantization: str, *, group_size: int = 128,
                  double_quant: bool = False, element_bytes: int = 2) -> int:
     """Bytes of one quantized linear weight in its real layout: the packed values of

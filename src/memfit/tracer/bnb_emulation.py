@@ -11,7 +11,8 @@ bitsandbytes 0.50 (the version the measured records ran; read from its source, n
   under double quantization).
 - ``autograd/_functions.py`` ``MatMul4Bit``: forward keeps no activation (``ctx.tensors = (None, B)``: the
   packed weight only); backward makes ``grad_A = grad_output @ dequantize_4bit(B).to(grad_output.dtype)``.
-- ``backends/cuda/ops.py`` ``gemm_4bit`` for more than 1536 rows (training shapes) takes
+- ``backends/cuda/ops.py`` ``gemm_4bit`` for more than 1536 rows, and on an H100/H200 for most shapes past 64
+  rows (``_gemm_4bit_use_custom_cuda``'s sm90 tiers: :func:`memfit.estimator.quant.bnb_dequantizes`), takes
   ``_dequant_linear_fallback``: the nested absmax dequantized to fp32 (``empty_like`` then ``+ offset``: two
   tensors), the whole weight dequantized into ``torch.empty(shape, dtype=A.dtype)``, then ``F.linear``; both are
   freed when the call returns. ``functional.dequantize_4bit`` (backward) makes the fp32 absmax (nested: one
@@ -32,14 +33,14 @@ import math
 import types
 from typing import Any
 
+from ..estimator.quant import bnb_dequantizes
+
 __all__ = ["build_qlora_model", "BLOCKSIZE"]
 
 #: Weights per absmax block (bitsandbytes' default ``blocksize`` for 4-bit, the QLoRA paper's).
 BLOCKSIZE = 64
 #: Absmax values per fp32 constant under double quantization (``state2.blocksize``).
 NESTED_BLOCKSIZE = 256
-#: Rows above which ``gemm_4bit`` dequantizes the whole weight and calls ``F.linear`` (``_gemm_4bit_custom_max_m``).
-CUSTOM_MAX_ROWS = 1536
 
 
 def _classes(torch: Any):
@@ -96,7 +97,7 @@ def _classes(torch: Any):
 
         def _dequant_linear(self, a):
             rows = a.numel() // max(1, a.shape[-1])
-            if rows > CUSTOM_MAX_ROWS:
+            if bnb_dequantizes(rows, self.out_features, self.in_features):
                 absmax = self._absmax_fp32()  # noqa: F841 - alive until the call returns, as in bitsandbytes
                 w = torch.empty(self.out_features, self.in_features, dtype=a.dtype, device=a.device)
                 return torch.nn.functional.linear(a, w, self.bias)
@@ -132,10 +133,14 @@ def _lora_4bit_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def build_qlora_model(job: Any, spec: Any, device: Any) -> Any:
+def build_qlora_model(job: Any, spec: Any, device: Any, empty_cache: Any = None) -> Any:
     """The reference QLoRA model of ``job`` (nf4 / fp4, training) with emulated 4-bit linears (see the module
     docstring). Built on the meta device and materialized on ``device`` module by module, so the load makes the
-    packed weights, not the 16-bit ones they replace."""
+    packed weights, not the 16-bit ones they replace.
+
+    ``empty_cache``: called where ``peft.prepare_model_for_kbit_training`` (peft 0.21 ``utils/other.py``,
+    ``auto_clear_cache=True``) calls ``torch.cuda.empty_cache()`` after upcasting the 16-bit parameters to fp32 -
+    on the GPU only (``torch.cuda.is_available()``), so a trace on the CPU passes its allocator model's release."""
     import torch
 
     from .. import reference as ref
@@ -162,6 +167,8 @@ def build_qlora_model(job: Any, spec: Any, device: Any) -> Any:
         model.tie_weights()
     model.config.use_cache = False
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if empty_cache is not None:
+        empty_cache()
     if job.gradient_checkpointing:
         ref._enable_checkpointing(model)
     model = ref._apply_lora(job, spec, model, device)

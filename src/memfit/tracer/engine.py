@@ -353,7 +353,7 @@ class _TraceRun:
         if job.quantization in ("nf4", "fp4") and user is None:
             from .bnb_emulation import build_qlora_model
 
-            self.model = build_qlora_model(build_job, self.spec, "cpu")
+            self.model = build_qlora_model(build_job, self.spec, "cpu", empty_cache=tr.sim.release_cached)
         else:
             self.model = ref.build_model(build_job, self.spec, "cpu", user_model=user)
         del user
