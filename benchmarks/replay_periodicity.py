@@ -4,10 +4,11 @@ The idea evaluated: N identical decoder layers emit the same block of ops N time
 handles). If the allocator's decision-relevant state before block k is the state before an earlier block k - q
 up to a relabelling of blocks, block k makes the same decisions, and the rest of the run of identical blocks
 could be applied without simulating each op. This script finds the runs of identical blocks in each benchmark
-stream (ops compared by kind and size; the smallest period that repeats at least 3 times) and replays the
-stream through the allocator model, comparing at each block boundary the relevant state with the state 1..8
-blocks earlier, for each pool: the segments that hold a free block or a block the coming block frees, in
-address order, each as its blocks' (size, free / allocated / freed by op j of the block).
+stream (ops compared by kind and size; at each op the smallest period that repeats, kept when its block comes
+at least 3 times in a row) and replays the stream through the allocator model, comparing at each block
+boundary the relevant state with the state 1..8 blocks earlier, for each pool: the segments that hold a free
+block or a block the coming block frees, in address order, each as its blocks' (size, free / allocated /
+freed by op j of the block).
 
 Prints, for each stream: the events in runs of identical blocks, and the events in blocks whose state matched
 an earlier boundary in both pools (the most such a shortcut could skip, before the cost of checking and of
@@ -33,7 +34,8 @@ CASES = (("llama-3.1-8b", {}), ("qwen3-30b-a3b", {"method": "lora"}), ("deepseek
 
 
 def runs_of_identical_blocks(ops: list[tuple], max_period: int = 400) -> list[tuple[int, int, int]]:
-    """(start, period, repeats) of each maximal run of >= 3 identical blocks, scanning left to right."""
+    """(start, period, repeats) of the runs of >= 3 identical blocks, scanning left to right: at each op the
+    smallest period whose block comes twice in a row, then as many repeats of it as follow."""
     size: dict[int, int] = {}
     sig = []
     for op in ops:
