@@ -13,7 +13,9 @@ prefill and ``generate()`` incl. sliding-window and MoE models, both allocator s
   notes with the failed request and phase, extras);
 - ``replay(stream, capacity_bytes=...)`` field by field at caps around the run's own peak reserve (just
   under, at, just over) and the cards' caps;
-- ``fits_on`` for each card, and ``max_batch_size`` on several cards (a subset: it is the slow part).
+- ``fits_on`` for each card, and ``max_batch_size`` on several cards (a subset: it is the slow part);
+- multi-GPU jobs (DDP, FSDP2, ZeRO-2 with offload, ZeRO-3, tensor and pipeline parallel): their estimates and
+  ``fits_on`` (every rank's stream, accounted and replayed).
 
 Prints the number of cases and of mismatches (must be 0), and the time of both paths.
 ``--quick`` runs a smaller grid; ``--dump FILE`` writes every fast-path answer as JSON (to compare two
@@ -89,6 +91,17 @@ def jobs(quick: bool):
     # sliding-window prompts longer than the window (gemma-3's 512, mistral v0.1's 4096)
     for model, p in (("gemma-3-1b", 2048), ("mistral-7b-v0.1", 4608), ("gemma-2-2b", 4608)):
         yield dict(model=model, task="infer", precision="bf16-true", prompt_len=p, new_tokens=24, batch_size=2)
+    # multi-GPU: each rank's stream is built through the same Stream (its side lists feed the fast account)
+    # and replayed under the card's cap by fits_parallel
+    par_models = ("llama-3.2-1b", "olmoe-1b-7b") if quick else ("llama-3.2-1b", "olmoe-1b-7b", "qwen2.5-0.5b",
+                                                                  "gemma-3-1b")
+    for model in par_models:
+        for par in (dict(strategy="ddp", gpus=2), dict(strategy="fsdp2", gpus=4), dict(strategy="zero3", gpus=8),
+                    dict(strategy="zero2", gpus=2, offload="optimizer"), dict(gpus=8, tensor_parallel=8),
+                    dict(gpus=4, pipeline_parallel=2, tensor_parallel=2)):
+            for ckpt in (False, True):
+                yield dict(model=model, precision="bf16-mixed", gradient_checkpointing=ckpt, batch_size=2,
+                           seq_len=1024, **par)
 
 
 def answers(job: Job, spec, mbs_cards: tuple[int, ...]) -> dict:

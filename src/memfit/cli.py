@@ -96,13 +96,14 @@ def job_from_args(args: argparse.Namespace):
     data: dict[str, Any] = {}
     if args.job:
         data = load_job(args.job).to_dict()
-    # engine configs (estimate --deepspeed / --accelerate-config): their fields, then the flags on top
-    from .deepspeed_config import read_accelerate_config, read_deepspeed_config
-
-    for attr, reader in (("accelerate_config", read_accelerate_config), ("deepspeed", read_deepspeed_config)):
+    # engine configs (estimate --deepspeed / --accelerate-config): their fields, then the flags on top (the
+    # readers imported only when a file is named: a plain estimate starts without them)
+    for attr, reader in (("accelerate_config", "read_accelerate_config"), ("deepspeed", "read_deepspeed_config")):
         path = getattr(args, attr, None)
         if path:
-            data.update(reader(path))
+            from . import deepspeed_config
+
+            data.update(getattr(deepspeed_config, reader)(path))
     if args.model:
         data["model"] = args.model
     for name in list(_JOB_FLAGS) + list(_JOB_BOOLS):

@@ -336,6 +336,8 @@ class CachingAllocatorModel:
         num_device_alloc = self.num_device_alloc
         next_addr, down_addr = self._next_addr, self._down_addr
         small_gc, large_gc = self._small.gc_calls, self._large.gc_calls
+        bisect_left_, insort_, Block_ = bisect_left, insort, Block  # locals: the loop's hot names
+        min_block, small_request, small_segment = MIN_BLOCK_BYTES, SMALL_REQUEST_BYTES, SMALL_SEGMENT_BYTES
 
         def sync() -> None:  # locals -> model (before a call into the general path, and at the end)
             self.allocated, self.reserved, self.requested = allocated, reserved, requested
@@ -349,18 +351,18 @@ class CachingAllocatorModel:
             kind = op[0]
             if kind == 0:
                 nbytes = op[2]
-                size = MIN_BLOCK_BYTES if nbytes < MIN_BLOCK_BYTES else (nbytes + 511) & ~511
-                small = size <= SMALL_REQUEST_BYTES
+                size = min_block if nbytes < min_block else (nbytes + 511) & ~511
+                small = size <= small_request
                 if small:
                     keys, by_key = skeys, sby
                 else:
                     keys, by_key = lkeys, lby
-                i = bisect_left(keys, size << 64)
+                i = bisect_left_(keys, size << 64)
                 if i < len(keys):
                     block = by_key.pop(keys.pop(i))
                 else:
                     if small:
-                        alloc_size = SMALL_SEGMENT_BYTES
+                        alloc_size = small_segment
                     elif size < MIN_LARGE_ALLOC_BYTES:
                         alloc_size = large_segment
                     else:
@@ -386,11 +388,11 @@ class CachingAllocatorModel:
                         continue
                     # _alloc_block: a new segment
                     if small:
-                        block = Block(alloc_size, next_addr, True)
+                        block = Block_(alloc_size, next_addr, True)
                         next_addr += alloc_size
                     else:
                         down_addr -= alloc_size
-                        block = Block(alloc_size, down_addr, False)
+                        block = Block_(alloc_size, down_addr, False)
                     segments[block.addr] = block
                     reserved += alloc_size
                     if reserved > peak_reserved:
@@ -402,9 +404,9 @@ class CachingAllocatorModel:
                 # _alloc_found_block
                 remaining = block.size - size
                 was_split = block.prev is not None or block.next is not None
-                if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_REQUEST_BYTES:
+                if remaining >= min_block if small else remaining > small_request:
                     nxt = block.next
-                    rest = Block(remaining, block.addr + size, small)
+                    rest = Block_(remaining, block.addr + size, small)
                     rest.prev = block
                     rest.next = nxt
                     if nxt is not None:
@@ -412,7 +414,7 @@ class CachingAllocatorModel:
                     block.next = rest
                     block.size = size
                     k = remaining << 64 | rest.addr
-                    insort(keys, k)
+                    insort_(keys, k)
                     by_key[k] = rest
                     rest.gc_base = small_gc if small else large_gc
                     if was_split:
@@ -452,7 +454,7 @@ class CachingAllocatorModel:
                 prev = block.prev
                 if prev is not None and not prev.allocated:  # try_merge_blocks(block, prev)
                     k = prev.size << 64 | prev.addr
-                    del keys[bisect_left(keys, k)]
+                    del keys[bisect_left_(keys, k)]
                     del by_key[k]
                     block.addr = prev.addr
                     p = block.prev = prev.prev
@@ -465,7 +467,7 @@ class CachingAllocatorModel:
                 nxt = block.next
                 if nxt is not None and not nxt.allocated:  # try_merge_blocks(block, next)
                     k = nxt.size << 64 | nxt.addr
-                    del keys[bisect_left(keys, k)]
+                    del keys[bisect_left_(keys, k)]
                     del by_key[k]
                     n = block.next = nxt.next
                     if n is not None:
@@ -473,7 +475,7 @@ class CachingAllocatorModel:
                     block.size += nxt.size
                     merged += 1
                 k = block.size << 64 | block.addr
-                insort(keys, k)
+                insort_(keys, k)
                 by_key[k] = block
                 block.gc_base = gc
                 if block.prev is not None or block.next is not None:

@@ -48,15 +48,26 @@ def cuda_context_bytes(task: str = "train") -> int:
 
 
 class Stream:
-    """Allocations and frees of one run, in order. ``alloc`` returns a handle to pass to ``free``."""
+    """Allocations and frees of one run, in order. ``alloc`` returns a handle to pass to ``free``.
 
-    __slots__ = ("ops", "_n", "phase_name", "accounted")
+    ``ops`` is the stream as the allocator model replays it: ``(0, handle, bytes, component)``, ``(1, handle)``,
+    ``(2, phase name)``, ``(3,)`` (the reset). Handles count the allocations from 0. Alongside, for
+    :func:`account`, the stream keeps what a walk by tensor bytes needs without looking at every op again: each
+    handle's bytes and component, each op's change of the live bytes, and where the phase marks and resets are.
+    Build a stream through these methods only (the side lists follow ``ops``)."""
+
+    __slots__ = ("ops", "_n", "phase_name", "accounted", "_size", "_comp", "_delta", "_marks", "_resets")
 
     def __init__(self) -> None:
         self.accounted: ReplayResult | None = None
         self.ops: list[tuple] = []
         self._n = 0
         self.phase_name = ""
+        self._size: list[int] = []  # by handle
+        self._comp: list[str] = []  # by handle
+        self._delta: list[int] = []  # by op: + bytes (alloc), - bytes (free), 0 (mark, reset)
+        self._marks: list[int] = []  # op index of each phase mark
+        self._resets: list[int] = []  # op index of each reset
 
     def alloc(self, nbytes: float, component: str) -> int:
         """One tensor of ``nbytes`` (rounded to whole bytes; a zero-byte tensor is skipped: handle -1)."""
@@ -64,26 +75,36 @@ class Stream:
         if n <= 0:
             return -1
         h = self._n
-        self._n += 1
+        self._n = h + 1
         self.ops.append((_ALLOC, h, n, component))
+        self._size.append(n)
+        self._comp.append(component)
+        self._delta.append(n)
         return h
 
     def free(self, handle: int) -> None:
         if handle >= 0:
             self.ops.append((_FREE, handle))
+            self._delta.append(-self._size[handle])
 
     def free_all(self, handles) -> None:
+        ops, delta, size = self.ops, self._delta, self._size
         for h in handles:
             if h >= 0:
-                self.ops.append((_FREE, h))
+                ops.append((_FREE, h))
+                delta.append(-size[h])
 
     def phase(self, name: str) -> None:
         self.phase_name = name
+        self._marks.append(len(self.ops))
         self.ops.append((_PHASE, name))
+        self._delta.append(0)
 
     def reset_peaks(self) -> None:
         """``torch.cuda.reset_peak_memory_stats()``: the peaks that count start here."""
+        self._resets.append(len(self.ops))
         self.ops.append((_RESET,))
+        self._delta.append(0)
 
     def __len__(self) -> int:
         return len(self.ops)
@@ -120,32 +141,33 @@ def account(stream: Stream) -> ReplayResult:
 
 def _account_fast(stream: Stream) -> ReplayResult:
     """:func:`account` with the walk done by list operations instead of one Python step per event: the live
-    bytes after each event are a running sum (``itertools.accumulate``) of the events' signed sizes; the peak is
-    the first maximum of that sum after the last reset, each phase's peak the maximum over its stretch, the
-    components those of the tensors alive at the peak. Same results as :func:`_account_full`, field by field."""
+    bytes after each event are a running sum (``itertools.accumulate``) of the events' signed sizes (kept by the
+    stream as it is built); the peak is the first maximum of that sum after the last reset, each phase's peak
+    the maximum over its stretch, the components those of the tensors alive at the peak. Same results as
+    :func:`_account_full`, field by field.
+
+    Without a reset the peak is the first maximum over all events, not only the allocations: a free or a mark
+    never raises the live bytes, so the first event that reaches the maximum is an allocation (the live bytes
+    before the first allocation are 0, and every allocation is at least one byte)."""
     ops = stream.ops
     n_ops = len(ops)
-    kinds = [op[0] for op in ops]
-    alloc_size = {op[1]: op[2] for op in ops if op[0] == _ALLOC}
-    deltas = [op[2] if op[0] == _ALLOC else (-alloc_size[op[1]] if op[0] == _FREE else 0) for op in ops]
-    live = list(accumulate(deltas))
-    try:
-        r = n_ops - 1 - kinds[::-1].index(_RESET)  # the last reset
-        reset_at = r
-    except ValueError:
-        r, reset_at = 0, -1
-    # the peak: the reset itself (its live bytes), else the first allocation that reaches the maximum after it
-    if reset_at >= 0:
+    delta = stream._delta
+    if len(delta) != n_ops:  # ops added to the list directly, not through the stream's methods
+        return _account_full(stream)
+    live = list(accumulate(delta))
+    resets = stream._resets
+    if resets:
+        r = reset_at = resets[-1]  # the last reset: the peak is its live bytes or a later maximum
         peak = max(live[r:])
         peak_at = live.index(peak, r)
     else:
-        ats = [i for i, k in enumerate(kinds) if k == _ALLOC]
-        if ats:
-            peak = max(live[i] for i in ats)
-            peak_at = next(i for i in ats if live[i] == peak)
+        r, reset_at = 0, -1
+        if stream._n:
+            peak = max(live)
+            peak_at = live.index(peak)
         else:
             peak, peak_at = -1, -1
-    marks = [i for i, k in enumerate(kinds) if k == _PHASE]
+    marks = stream._marks
     # phase peaks: each stretch from a phase mark to the next counts the live bytes at its mark and after each
     # allocation in it; the stretch the reset falls in counts only its allocations after the reset
     phases: dict[str, int] = {}
@@ -159,33 +181,35 @@ def _account_fast(stream: Stream) -> ReplayResult:
         name = names[j]
         if start <= peak_at < end:
             peak_phase = name
-        if (reset_at >= 0 and start <= r) or j == 0:
-            # only the allocations count here (not the live bytes at the reset, nor at the start of the stream)
-            lo = r + 1 if reset_at >= 0 and start <= r else 0
-            best = max(compress(live[lo:end], [k == _ALLOC for k in kinds[lo:end]]), default=-1)
+        if name == "":
+            continue  # the stretch before the first mark (or a mark without a name): not reported
+        if reset_at >= 0 and start <= r:
+            # only the allocations after the reset count here (not the live bytes at the reset)
+            best = max(compress(live[r + 1:end], [op[0] == _ALLOC for op in ops[r + 1:end]]), default=-1)
         else:
             # the mark and the allocations: a free or a mark never raises the live bytes, so the stretch's
             # maximum is one of them
             best = max(live[start:end])
         if best >= 0 and best > phases.get(name, -1):
             phases[name] = best
-    phases.pop("", None)
     comps: dict[str, int] = {}
     if peak_at >= 0:
-        head = ops[:peak_at + 1]
-        alive = {op[1] for op in head if op[0] == _ALLOC}
-        alive.difference_update([op[1] for op in head if op[0] == _FREE])
-        comp_of = {op[1]: op[3] for op in head if op[0] == _ALLOC and op[1] in alive}
-        for h, c in comp_of.items():
-            comps[c] = comps.get(c, 0) + alloc_size[h]
-        comps = {c: comps[c] for c in _first_seen(head) if comps.get(c)}
+        nh = 0  # the handles allocated by the peak: the last allocation at or before it, plus one
+        for i in range(peak_at, -1, -1):
+            op = ops[i]
+            if op[0] == _ALLOC:
+                nh = op[1] + 1
+                break
+        alive = [True] * nh
+        for h in [op[1] for op in ops[:peak_at + 1] if op[0] == _FREE]:
+            alive[h] = False
+        size, comp = stream._size, stream._comp
+        for h in compress(range(nh), alive):
+            c = comp[h]
+            comps[c] = comps.get(c, 0) + size[h]
+        comps = {c: comps[c] for c in dict.fromkeys(comp[:nh]) if comps.get(c)}
     return ReplayResult(peak_allocated_bytes=max(peak, 0), components=comps, peak_phase=peak_phase,
                         phases=phases, events=n_ops)
-
-
-def _first_seen(ops: list[tuple]) -> list[str]:
-    """Components in the order their first allocation comes (the order :func:`_account_full` reports them in)."""
-    return list(dict.fromkeys(op[3] for op in ops if op[0] == _ALLOC))
 
 
 def _account_full(stream: Stream) -> ReplayResult:
