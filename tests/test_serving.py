@@ -446,3 +446,58 @@ def test_v0_08_profiles_mla_multimodal_and_sliding_models_without_chunked_prefil
     assert default_limits(cfg, llama, (0, 8, 0), "v0", 131072)[1] == 512
     assert default_limits(cfg, load_model("gemma-3-4b"), (0, 8, 0), "v0", 131072)[1] == 131072
     assert default_limits(cfg, load_model("gemma-3-4b"), (0, 8, 0), "v0", 1024)[1] == 2048
+
+
+# ------------------------------------------------------------------ LoRA slots and data parallelism
+def test_lora_slots_by_hand_and_where_vllm_charges_them():
+    """Llama-2-7B, 4 slots of rank 16 (vllm/lora/layers.py ``create_lora_weights``): per layer qkv stacks
+    3 slices (a: 3 x 16 x 4096, b: 12288 x 16), o (16 x 4096 + 4096 x 16), gate_up 2 slices (2 x 16 x 4096
+    + 22016 x 16), down (16 x 11008 + 4096 x 16); the embedding (256 x 4096 extra rows, (32000 + 256) x 16,
+    4096 x 16) and logits processor (16 x 4096, 32000 padded to 256 -> 32000 x 16, 256 x 4096), x 4 slots
+    x 2 bytes. V1 counts them in the weights; V0 builds them after measuring the weights, so its KV cache
+    is the same as without LoRA."""
+    from memfit.serve.memory import lora_bytes_on_rank
+
+    spec = load_model("llama-2-7b")
+    layer = (3 * 16 * 4096 + 12288 * 16) + (16 * 4096 + 4096 * 16) + (2 * 16 * 4096 + 22016 * 16) + \
+        (16 * 11008 + 4096 * 16)
+    emb = 256 * 4096 + (32000 + 256) * 16 + 4096 * 16
+    head = 16 * 4096 + 32000 * 16 + 256 * 4096
+    want = (32 * layer + emb + head) * 4 * 2
+    assert lora_bytes_on_rank(spec, max_loras=4, max_lora_rank=16) == want
+    # TP 2: column-parallel outputs and row-parallel inputs halve, the rest stays
+    assert lora_bytes_on_rank(spec, tp=2, max_loras=4, max_lora_rank=16) < want
+    kw = dict(gpu_memory="79.19GiB", max_model_len=4096)
+    v1 = serve(spec, engine_version="0.9", **kw)
+    v1_lora = serve(spec, engine_version="0.9", enable_lora=True, max_loras=4, max_lora_rank=16, **kw)
+    assert v1_lora.weights_bytes - v1.weights_bytes == want
+    assert v1_lora.kv_cache_bytes == v1.kv_cache_bytes - want
+    v0 = serve(spec, engine_version="0.7", **kw)
+    v0_lora = serve(spec, engine_version="0.7", enable_lora=True, max_loras=4, **kw)
+    assert (v0_lora.weights_bytes, v0_lora.num_gpu_blocks) == (v0.weights_bytes, v0.num_gpu_blocks)
+    assert any("LoRA" in n for n in v0_lora.notes)
+    # Qwen2 lists no embedding modules for LoRA: linears only
+    qwen = load_model("qwen2.5-0.5b")
+    per = (3 * 8 * 896 + (896 + 2 * 128) * 8) + (8 * 896 + 896 * 8) + (2 * 8 * 896 + 2 * 4864 * 8) + \
+        (8 * 4864 + 896 * 8)
+    assert lora_bytes_on_rank(qwen, max_loras=1, max_lora_rank=8) == 24 * per * 2
+
+
+def test_data_parallel_splits_only_the_experts():
+    """DP 8 with expert parallelism: every rank keeps the attention and embeddings whole and 1/8 of each
+    MoE layer's experts; a dense model's DP ranks are plain copies (the same KV cache as one engine)."""
+    moe = load_model("qwen3-30b-a3b")
+    one = weights_on_rank(moe, quantization="none", element_bytes=2)
+    ep8 = weights_on_rank(moe, quantization="none", element_bytes=2, moe_ranks=8, expert_parallel=True)
+    tp8_experts = weights_on_rank(moe, quantization="none", element_bytes=2, moe_ranks=8)
+    experts = sum(lin.count * lin.in_features * lin.out_features for b in moe.blocks for lin in b.linears
+                  if lin.role.startswith("expert")) * 2 * moe.num_layers // len(moe.blocks)
+    assert one - ep8 == experts - experts // 8  # 128 experts: 16 whole ones per rank
+    assert tp8_experts == ep8  # widths split 8 ways hold the same bytes (768 / 8 = 96 rows)
+    dense = serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.10", max_model_len=8192)
+    dp = serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.10", max_model_len=8192, data_parallel=4)
+    assert (dp.weights_bytes, dp.num_gpu_blocks) == (dense.weights_bytes, dense.num_gpu_blocks)
+    with pytest.raises(JobError):
+        serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.7", data_parallel=2)
+    with pytest.raises(JobError):
+        serve("llama-3.1-8b", engine="sglang", gpu="h100-80gb", enable_lora=True)

@@ -150,6 +150,9 @@ def serve_config(model: str | ModelSpec, cfg: ServeConfig) -> ServeEstimate:
     if spec.head != "causal_lm":
         raise JobError(f"{spec.name} is not a causal LM; vLLM/SGLang serving of encoders has no KV cache")
     _check_version(cfg)
+    if cfg.engine == "sglang" and (cfg.data_parallel > 1 or cfg.enable_lora):
+        raise JobError("memfit serve models data parallelism and LoRA for vLLM only (SGLang's DP attention and "
+                       "LoRA pools are not counted)")
     at = spec.blocks[0].attention
     if at.num_heads % cfg.tensor_parallel:
         raise JobError(f"{spec.name} has {at.num_heads} attention heads, not divisible by tensor_parallel "

@@ -25,7 +25,7 @@ from __future__ import annotations
 from ..models.spec import ModelSpec
 from ..units import GiB, MiB
 from . import kv as K
-from .memory import layer_peak_per_token, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
+from .memory import layer_peak_per_token, lora_bytes_on_rank, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
 from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
@@ -147,20 +147,43 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     cg_deducted = mode == "v1" and version >= (0, 19, 0) and cg > 0
     multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
     single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
-    non_torch = single if tp * pp == 1 else multi
+    dp = cfg.data_parallel
+    if dp > 1 and mode == "v0":
+        from ..errors import JobError
+
+        raise JobError("data parallelism needs vLLM's V1 engine (engine_mode v1, vLLM 0.8+)")
+    moe = any(b.moe is not None for b in spec.blocks)
+    # DP ranks of a MoE model hold an EP/TP group's communicators (NCCL) across all dp x tp ranks
+    non_torch = single if tp * pp * (dp if moe else 1) == 1 else multi
     if rule == "v0-torch-peak":
         non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
     profile_seqs = min(seqs, tokens)
+    if dp > 1:
+        notes.append(f"data_parallel {dp}: {dp} engines of {tp * pp} GPU(s) each, every one with this KV cache"
+                     + (f"; MoE layers split over {dp * tp} ranks"
+                        f"{' by experts' if cfg.enable_expert_parallel else ''}" if moe else ""))
+    lora_charged = cfg.enable_lora and mode == "v1"
+    if cfg.enable_lora and not lora_charged:
+        notes.append("LoRA: V0 builds the adapter slots after measuring the weights and resets the peak before "
+                     "profiling (worker/model_runner.py::load_model, worker/worker.py), so they are not "
+                     "deducted from the KV cache (they still take memory beyond gpu_memory_utilization)")
 
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
+                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only,
+                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
         if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
             w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
+        if lora_charged:
+            # V1 gpu_model_runner.py::load_model (v0.8-v0.11) builds the LoRA model inside the
+            # DeviceMemoryProfiler of the weights: "Model loading took" includes the adapter slots
+            w += lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
+                                    max_lora_rank=cfg.max_lora_rank, element_bytes=e)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
-                                   element_bytes=e, sampler="v0" if mode == "v0" else "v1")
+                                   element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
+                                   expert_parallel=cfg.enable_expert_parallel)
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
