@@ -501,3 +501,21 @@ def test_data_parallel_splits_only_the_experts():
         serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.7", data_parallel=2)
     with pytest.raises(JobError):
         serve("llama-3.1-8b", engine="sglang", gpu="h100-80gb", enable_lora=True)
+
+
+def test_kimi_k2_int4_experts_keep_the_rest_in_16_bits():
+    """Kimi-K2-Thinking's compressed-tensors INT4 (group 32) covers the routed experts only: its ignore list
+    (self_attn, shared_experts, mlp.(gate|up|gate_up|down)_proj, lm_head) keeps every other linear 16-bit."""
+    from memfit.serve import resolve_quantization
+    from memfit.serve import skipped_roles
+
+    spec = load_model("moonshotai/Kimi-K2-Thinking")
+    assert spec.parameters == 1_026_408_209_408
+    assert resolve_quantization(spec, None) == ("awq", 32, "w4a16")
+    skip = skipped_roles(spec)
+    assert {"gate", "up", "down", "shared_gate", "shared_up", "shared_down", "q_a", "kv_b", "o"} <= skip
+    assert not any(r.startswith("expert") for r in skip)
+    int4 = weights_on_rank(spec, tp=8, quantization="awq", group_size=32, skip_roles=skip)
+    everything = weights_on_rank(spec, tp=8, quantization="awq", group_size=32)
+    dense_mlp = 3 * 7168 * 18432 // 8  # layer 0's MLP on one rank
+    assert int4 - everything > dense_mlp  # attention, shared experts and the dense MLP stay bf16

@@ -88,7 +88,8 @@ _MLP_ROLES = frozenset({"gate", "up", "gate_up", "down", "shared_gate", "shared_
 def skipped_roles(spec: ModelSpec) -> frozenset[str]:
     """Linear roles a quantized checkpoint keeps in 16 bits: its ``quantization_config``'s
     ``modules_to_not_convert`` / ``ignore`` patterns (``model.layers.*.self_attn``: attention projections;
-    ``mlp.router`` / ``mlp.gate``: routers, which are never quantized anyway)."""
+    ``shared_experts``; ``mlp.(gate|up|down)_proj``: dense MLPs; ``mlp.router`` / ``mlp.gate``: routers, which
+    are never quantized anyway)."""
     qc = (spec.config or {}).get("quantization_config") or {}
     if not isinstance(qc, dict):
         return frozenset()
@@ -99,6 +100,9 @@ def skipped_roles(spec: ModelSpec) -> frozenset[str]:
             roles |= _ATTN_ROLES
         if p.endswith("shared_expert") or "shared_experts" in p:
             roles |= {"shared_gate", "shared_up", "shared_down"}
+        if "mlp" in p and "_proj" in p and "expert" not in p:
+            # ``re:.*mlp\.(gate|up|gate_up|down)_proj.*`` (Kimi-K2's INT4 checkpoints): the dense MLPs
+            roles |= {"gate", "up", "gate_up", "down"}
     return frozenset(roles)
 
 
