@@ -519,3 +519,16 @@ def test_kimi_k2_int4_experts_keep_the_rest_in_16_bits():
     everything = weights_on_rank(spec, tp=8, quantization="awq", group_size=32)
     dense_mlp = 3 * 7168 * 18432 // 8  # layer 0's MLP on one rank
     assert int4 - everything > dense_mlp  # attention, shared experts and the dense MLP stay bf16
+
+
+def test_v1_before_0_9_charges_the_cuda_context():
+    """V1's determine_available_memory before PR #17122 adds all non-torch memory in use (the CUDA context
+    too) to the torch peak, as V0 v0.6.3 did; from v0.9 the memory_profiling snapshot leaves it out."""
+    from memfit.serve.vllm import CUDA_CONTEXT_V063_BYTES, NON_TORCH_TP1_BYTES
+
+    old = serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.8.5", max_model_len=8192)
+    new = serve("llama-3.1-8b", gpu="h100-80gb", engine_version="0.9", max_model_len=8192)
+    assert (old.rule, new.rule) == ("v1-torch-peak", "memory-profiling")
+    assert (old.non_torch_bytes, new.non_torch_bytes) == (CUDA_CONTEXT_V063_BYTES, NON_TORCH_TP1_BYTES)
+    assert old.activation_peak_bytes == new.activation_peak_bytes
+    assert abs(new.kv_cache_bytes - old.kv_cache_bytes - (CUDA_CONTEXT_V063_BYTES - NON_TORCH_TP1_BYTES)) <= 1

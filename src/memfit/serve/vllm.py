@@ -7,8 +7,10 @@ Sources (github.com/vllm-project/vllm, by tag):
   profile peak, NCCL), ``num_gpu_blocks = (total x gpu_memory_utilization - peak) // cache_block_size``;
 - v0.6.3-v0.6.4 (same function, PR #9352): ``peak = torch allocated peak + (total used - torch allocated)``,
   so the CUDA context (and any other process on the card) is charged too;
-- v0.6.5+ (PR #10511, ``vllm/utils.py::memory_profiling`` / ``MemorySnapshot``) and V1
-  (``v1/worker/gpu_worker.py::determine_available_memory``, v0.8-v0.11): ``available = total x util -
+- V1 v0.7-v0.8.5 (``v1/worker/gpu_worker.py::determine_available_memory`` before PR #17122): like
+  v0.6.3, the torch peak plus all non-torch memory in use, the CUDA context included;
+- v0.6.5+ V0 (PR #10511, ``vllm/utils.py::memory_profiling`` / ``MemorySnapshot``) and V1
+  (``v1/worker/gpu_worker.py::determine_available_memory``, v0.9-v0.11): ``available = total x util -
   (weights + torch peak increase of the profile run + non-torch increase since the worker started)``;
   the CUDA context made before the first snapshot is not charged;
 - MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
@@ -43,7 +45,8 @@ NON_TORCH_TP1_CONSUMER_BYTES = int(0.06 * GiB)
 NON_TORCH_TP_BYTES = int(0.55 * GiB)
 NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: vLLM v0.6.3-v0.6.4 charge everything not allocated by torch, the CUDA context included: 0.35 GiB in the
-#: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b).
+#: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b). V1 before v0.9 charges the
+#: same (``rule_of``); the constant is reused there, not refitted.
 CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 #: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
 #: An assumption (a few MiB per graph); only deducted from the KV cache by v0.19+.
@@ -65,10 +68,17 @@ def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
 
 
 def rule_of(version: tuple[int, int, int], mode: str) -> str:
+    """Which accounting the worker applies (module docstring). V1 before v0.9
+    (``v1/worker/gpu_worker.py::determine_available_memory``, v0.7-v0.8.5) adds to the torch peak
+    everything in use on the device that torch has not allocated (``mem_get_info`` used minus
+    ``allocated_bytes.all.current``), the CUDA context included, as V0 v0.6.3-v0.6.4 did; its switch to
+    ``memory_profiling`` came with the "Available KV cache memory" log line (PR #17122)."""
     if mode == "v0" and version < (0, 6, 3):
         return "v0-free-delta"
     if mode == "v0" and version < (0, 6, 5):
         return "v0-torch-peak"
+    if mode == "v1" and version < (0, 9, 0):
+        return "v1-torch-peak"
     return "memory-profiling"
 
 
@@ -155,7 +165,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     moe = any(b.moe is not None for b in spec.blocks)
     # DP ranks of a MoE model hold an EP/TP group's communicators (NCCL) across all dp x tp ranks
     non_torch = single if tp * pp * (dp if moe else 1) == 1 else multi
-    if rule == "v0-torch-peak":
+    if rule in ("v0-torch-peak", "v1-torch-peak"):
         non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
     profile_seqs = min(seqs, tokens)
     if dp > 1:
