@@ -532,3 +532,16 @@ def test_v1_before_0_9_charges_the_cuda_context():
     assert (old.non_torch_bytes, new.non_torch_bytes) == (CUDA_CONTEXT_V063_BYTES, NON_TORCH_TP1_BYTES)
     assert old.activation_peak_bytes == new.activation_peak_bytes
     assert abs(new.kv_cache_bytes - old.kv_cache_bytes - (CUDA_CONTEXT_V063_BYTES - NON_TORCH_TP1_BYTES)) <= 1
+
+
+def test_v0_mla_cache_alignment_pads_entries_to_256_bytes():
+    """VLLM_MLA_CUDA_MEM_ALIGN_KV_CACHE=1 (V0, PR #12676): a 576-element bf16 MLA entry (1152 B) is padded
+    to 1280 B, so blocks shrink by 576/640; the same run without it (PR #14842) keeps 576."""
+    spec = load_model("deepseek-v2-lite")
+    layers = K.layer_kv_specs(spec, tp=1, element_bytes=2)
+    assert {x.head_size for x in K.aligned_mla(layers)} == {640}
+    kw = dict(gpu_memory="79.19GiB", engine_version="0.7.3", max_model_len=8192)
+    plain = serve(spec, **kw)
+    padded = serve(spec, mla_cuda_mem_align_kv_cache=True, **kw)
+    assert padded.num_gpu_blocks == plain.kv_cache_bytes // (16 * 27 * 640 * 2)
+    assert plain.num_gpu_blocks == plain.kv_cache_bytes // (16 * 27 * 576 * 2)

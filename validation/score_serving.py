@@ -60,7 +60,7 @@ _FLAG_MAP = {
     "enforce_eager": "enforce_eager", "block_size": "block_size", "page_size": "block_size",
     "cuda_graph_max_bs": "cuda_graph_max_bs", "data_parallel_size": "data_parallel",
     "enable_expert_parallel": "enable_expert_parallel", "enable_lora": "enable_lora", "max_loras": "max_loras",
-    "max_lora_rank": "max_lora_rank",
+    "max_lora_rank": "max_lora_rank", "mla_cuda_mem_align_kv_cache": "mla_cuda_mem_align_kv_cache",
 }
 _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
                 "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "mxfp4": "mxfp4", "none": "none"}

@@ -47,6 +47,10 @@ class ServeConfig:
     every LoRA-capable linear (:func:`memfit.serve.memory.lora_bytes_on_rank`)."""
     max_loras: int = 1
     max_lora_rank: int = 16
+    mla_cuda_mem_align_kv_cache: bool = False
+    """vLLM V0 ``VLLM_MLA_CUDA_MEM_ALIGN_KV_CACHE=1`` (PR #12676, on by default in the V0 releases between it
+    and PR #14842): every MLA cache entry starts on a 256-byte boundary, so a 576-element bf16 latent takes
+    640 elements (``worker/cache_engine.py::get_cache_block_size``). Off by default here."""
     gpu_memory_utilization: float | None = None
     mem_fraction_static: float | None = None
     max_model_len: int | None = None

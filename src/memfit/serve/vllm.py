@@ -181,6 +181,8 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
+        if cfg.mla_cuda_mem_align_kv_cache and mode == "v0":
+            layers = K.aligned_mla(layers)
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
                             group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only,
                             moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
