@@ -23,7 +23,7 @@ __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_g
            "SUPPORTED_VERSIONS", "claims_version"]
 
 #: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19+
-#: is accepted (its CUDA-graph deduction is applied) but not claimed: the CUDA-graph estimate is unchecked.
+#: is accepted but not claimed (from 0.21 its CUDA-graph deduction is applied; the estimate is unchecked).
 SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 18)), "sglang": ((0, 3), (0, 5))}
 ACCEPTED_VERSIONS = {"vllm": ((0, 5), (99, 99)), "sglang": ((0, 3), (99, 99))}
 
