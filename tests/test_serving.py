@@ -480,6 +480,9 @@ def test_lora_slots_by_hand_and_where_vllm_charges_them():
     v0_lora = serve(spec, engine_version="0.7", enable_lora=True, max_loras=4, **kw)
     assert (v0_lora.weights_bytes, v0_lora.num_gpu_blocks) == (v0.weights_bytes, v0.num_gpu_blocks)
     assert any("LoRA" in n for n in v0_lora.notes)
+    # before v0.6.5 V0 measured the free-memory drop / the torch peak, both of which include the slots
+    old, old_lora = (serve(spec, engine_version="0.6.3", enable_lora=e, max_loras=4, **kw) for e in (False, True))
+    assert old.kv_cache_bytes - old_lora.kv_cache_bytes == want
     # Qwen2 lists no embedding modules for LoRA: linears only
     qwen = load_model("qwen2.5-0.5b")
     per = (3 * 8 * 896 + (896 + 2 * 128) * 8) + (8 * 896 + 896 * 8) + (2 * 8 * 896 + 2 * 4864 * 8) + \

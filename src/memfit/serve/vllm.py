@@ -173,7 +173,10 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
         notes.append(f"data_parallel {dp}: {dp} engines of {tp * pp} GPU(s) each, every one with this KV cache"
                      + (f"; MoE layers split over {dp * tp} ranks"
                         f"{' by experts' if cfg.enable_expert_parallel else ''}" if moe else ""))
-    lora_charged = cfg.enable_lora and mode == "v1"
+    # V0 v0.6.5+ builds the slots after measuring the weights and measures the profile's peak from a snapshot
+    # taken after them; before v0.6.5 the free-memory delta (v0.5-v0.6.2) and the torch allocated peak
+    # (v0.6.3-v0.6.4) both include them
+    lora_charged = cfg.enable_lora and (mode == "v1" or rule in ("v0-free-delta", "v0-torch-peak"))
     if cfg.enable_lora and not lora_charged:
         notes.append("LoRA: V0 builds the adapter slots after measuring the weights and resets the peak before "
                      "profiling (worker/model_runner.py::load_model, worker/worker.py), so they are not "
