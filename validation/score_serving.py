@@ -58,7 +58,9 @@ _FLAG_MAP = {
     "max_num_batched_tokens": "max_num_batched_tokens", "chunked_prefill_size": "max_num_batched_tokens",
     "kv_cache_dtype": "kv_cache_dtype", "quantization": "quantization", "dtype": "dtype",
     "enforce_eager": "enforce_eager", "block_size": "block_size", "page_size": "block_size",
-    "cuda_graph_max_bs": "cuda_graph_max_bs",
+    "cuda_graph_max_bs": "cuda_graph_max_bs", "data_parallel_size": "data_parallel",
+    "enable_expert_parallel": "enable_expert_parallel", "enable_lora": "enable_lora", "max_loras": "max_loras",
+    "max_lora_rank": "max_lora_rank", "mla_cuda_mem_align_kv_cache": "mla_cuda_mem_align_kv_cache",
 }
 _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
                 "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "mxfp4": "mxfp4", "none": "none"}
@@ -112,9 +114,9 @@ def resolve_gpu(name: str):
 
 
 #: Flags that change the memory split in ways memfit.serve does not model: such logs are skipped.
-UNMODELLED = ("enable_lora", "speculative_model", "speculative_config", "speculative_algorithm",
+UNMODELLED = ("speculative_model", "speculative_config", "speculative_algorithm",
               "kv_transfer_config", "cpu_offload_gb", "kv_cache_memory_bytes", "num_gpu_blocks_override",
-              "data_parallel_size", "enable_dp_attention", "max_total_tokens")
+              "enable_dp_attention", "max_total_tokens")
 
 
 def _kwargs(log: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -122,7 +124,7 @@ def _kwargs(log: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     flags = log.get("flags") or {}
     for name in UNMODELLED:
         v = flags.get(name)
-        if v not in (None, False, 0, 1, "") or (name in ("enable_lora",) and v):
+        if v not in (None, False, 0, 1, ""):
             return kw, f"{name}={v!r} is not modelled by memfit serve"
     for name, value in flags.items():
         if value is None or name not in _FLAG_MAP:

@@ -23,7 +23,7 @@ __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_g
            "SUPPORTED_VERSIONS", "claims_version"]
 
 #: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19+
-#: is accepted (its CUDA-graph deduction is applied) but not claimed: the CUDA-graph estimate is unchecked.
+#: is accepted but not claimed (from 0.21 its CUDA-graph deduction is applied; the estimate is unchecked).
 SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 18)), "sglang": ((0, 3), (0, 5))}
 ACCEPTED_VERSIONS = {"vllm": ((0, 5), (99, 99)), "sglang": ((0, 3), (99, 99))}
 
@@ -88,7 +88,8 @@ _MLP_ROLES = frozenset({"gate", "up", "gate_up", "down", "shared_gate", "shared_
 def skipped_roles(spec: ModelSpec) -> frozenset[str]:
     """Linear roles a quantized checkpoint keeps in 16 bits: its ``quantization_config``'s
     ``modules_to_not_convert`` / ``ignore`` patterns (``model.layers.*.self_attn``: attention projections;
-    ``mlp.router`` / ``mlp.gate``: routers, which are never quantized anyway)."""
+    ``shared_experts``; ``mlp.(gate|up|down)_proj``: dense MLPs; ``mlp.router`` / ``mlp.gate``: routers, which
+    are never quantized anyway)."""
     qc = (spec.config or {}).get("quantization_config") or {}
     if not isinstance(qc, dict):
         return frozenset()
@@ -99,6 +100,9 @@ def skipped_roles(spec: ModelSpec) -> frozenset[str]:
             roles |= _ATTN_ROLES
         if p.endswith("shared_expert") or "shared_experts" in p:
             roles |= {"shared_gate", "shared_up", "shared_down"}
+        if "mlp" in p and "_proj" in p and "expert" not in p:
+            # ``re:.*mlp\.(gate|up|gate_up|down)_proj.*`` (Kimi-K2's INT4 checkpoints): the dense MLPs
+            roles |= {"gate", "up", "gate_up", "down"}
     return frozenset(roles)
 
 
@@ -150,6 +154,9 @@ def serve_config(model: str | ModelSpec, cfg: ServeConfig) -> ServeEstimate:
     if spec.head != "causal_lm":
         raise JobError(f"{spec.name} is not a causal LM; vLLM/SGLang serving of encoders has no KV cache")
     _check_version(cfg)
+    if cfg.engine == "sglang" and (cfg.data_parallel > 1 or cfg.enable_lora):
+        raise JobError("memfit serve models data parallelism and LoRA for vLLM only (SGLang's DP attention and "
+                       "LoRA pools are not counted)")
     at = spec.blocks[0].attention
     if at.num_heads % cfg.tensor_parallel:
         raise JobError(f"{spec.name} has {at.num_heads} attention heads, not divisible by tensor_parallel "

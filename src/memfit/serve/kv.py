@@ -15,7 +15,7 @@ from ..models.spec import Attention, ModelSpec
 
 __all__ = ["LayerKV", "layer_kv_specs", "kv_element_bytes", "page_bytes", "KVGroups", "v1_groups",
            "v1_num_blocks", "v1_reported_tokens", "v1_max_concurrency", "v1_max_model_len",
-           "v0_block_bytes", "sglang_cell_bytes", "layers_on_stage"]
+           "v0_block_bytes", "sglang_cell_bytes", "layers_on_stage", "aligned_mla"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,18 @@ def layer_kv_specs(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2,
     if layers is not None:
         order = [order[i] for i in layers]
     return [_layer_kv(spec.blocks[bi].attention, tp, element_bytes) for bi in order]
+
+
+def aligned_mla(layers: list[LayerKV], alignment: int = 256) -> list[LayerKV]:
+    """MLA layers with each token's entry padded to ``alignment`` bytes (vLLM V0's
+    ``CacheEngine._align_cache`` / ``align_to_256bytes``, PR #12676): 576 bf16 elements -> 640."""
+    out = []
+    for x in layers:
+        if x.kind == "mla":
+            entry = -(-x.head_size * x.element_bytes // alignment) * alignment
+            x = LayerKV(x.kind, x.num_kv_heads, entry // x.element_bytes, x.element_bytes, x.sliding_window)
+        out.append(x)
+    return out
 
 
 def page_bytes(layer: LayerKV, block_size: int) -> int:

@@ -66,19 +66,28 @@ def mxfp4_bytes(in_features: int, out_features: int) -> int:
 
 
 def linear_bytes_on_rank(lin, block: Block, tp: int, quantization: str, e: int, group_size: int,
-                         skip_roles: frozenset[str] = frozenset()) -> int:
+                         skip_roles: frozenset[str] = frozenset(), *, moe_ranks: int | None = None,
+                         expert_parallel: bool = False) -> int:
     """One linear's bytes on one rank (all ``lin.count`` instances: the routed experts), weight and bias.
-    Experts split their intermediate size over TP (vLLM ``FusedMoE``; with expert parallelism each rank
-    holds 1/tp of the experts instead, the same bytes). ``skip_roles`` stay unquantized (the checkpoint's
-    ``modules_to_not_convert``)."""
+    Experts split their intermediate size over the MoE ranks (vLLM ``FusedMoE``: ``moe_ranks`` =
+    data_parallel x tensor_parallel, ``tp`` by default); with ``expert_parallel`` each rank holds
+    ``ceil(count / moe_ranks)`` whole experts instead (``FusedMoEParallelConfig``, v0.9+). ``skip_roles``
+    stay unquantized (the checkpoint's ``modules_to_not_convert``)."""
     q = "none" if lin.role in _NOT_QUANTIZED or lin.role in skip_roles else quantization
+    count = lin.count
+    if lin.role.startswith("expert") and (moe_ranks or expert_parallel):
+        ranks = moe_ranks or tp
+        if expert_parallel:
+            count, tp = math.ceil(lin.count / ranks), 1
+        else:
+            tp = ranks
     i, o = _in_on_rank(lin, tp), _out_on_rank(lin, block, tp)
     if q == "mxfp4":
         w = mxfp4_bytes(i, o) if lin.role.startswith("expert") else i * o * e
     else:
         w = quant.linear_bytes(i, o, q, group_size=group_size, element_bytes=e)
     bias = o * e if lin.bias and lin.role not in ("o", "down") else (lin.out_features * e if lin.bias else 0)
-    return (w + bias) * lin.count
+    return (w + bias) * count
 
 
 def rope_cache_bytes(spec: ModelSpec, e: int) -> int:
@@ -111,7 +120,7 @@ def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2
 
 def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
                     element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset(),
-                    vision: bool = True) -> int:
+                    vision: bool = True, moe_ranks: int | None = None, expert_parallel: bool = False) -> int:
     """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
     end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
     vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
@@ -130,7 +139,8 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
             b = spec.blocks[bi]
             n = b.other_params * e
             for lin in b.linears:
-                n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles)
+                n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles,
+                                          moe_ranks=moe_ranks, expert_parallel=expert_parallel)
                 if lin.role == "kv_b" and b.attention.kind == "mla":
                     n += math.ceil(lin.in_features * lin.out_features / tp) * e
             per_block[bi] = n
@@ -146,6 +156,61 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
         if spec.head == "causal_lm" and (not spec.tie_word_embeddings or not first):
             total += table
     return total + rope_cache_bytes(spec, e)
+
+
+# ------------------------------------------------------------------------------------------------- LoRA
+#: Roles vLLM wraps with a LoRA layer (``supported_lora_modules`` / ``packed_modules_mapping`` of the
+#: decoder models: qkv_proj, o_proj, gate_up_proj, down_proj), and how many slices each fused one stacks.
+_LORA_SLICES = {"q": 1, "k": 1, "v": 1, "qkv": 3, "o": 1, "gate": 1, "up": 1, "gate_up": 2, "down": 1}
+#: Families whose vLLM model class also lists ``embed_tokens`` and ``lm_head`` in its LoRA modules
+#: (``LlamaForCausalLM.embedding_modules``, inherited by Mistral and Phi-3/4), v0.5-v0.10.
+_LORA_EMBEDDING_FAMILIES = ("llama", "mistral", "phi3")
+#: ``LoRAConfig.lora_extra_vocab_size`` (default 256) and the logits padding (``lora_vocab_padding_size``).
+LORA_EXTRA_VOCAB = 256
+
+
+def lora_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, max_loras: int = 1,
+                       max_lora_rank: int = 16, element_bytes: int = 2) -> int:
+    """The stacked adapter buffers vLLM allocates when LoRA is enabled, on one rank (``vllm/lora/layers.py``,
+    v0.6-v0.8, ``create_lora_weights``; ``LoRAModelManager._create_lora_modules`` wraps every supported
+    module of the model once, whatever adapters are later loaded):
+
+    - each linear of attention and the dense MLP, per slice of a fused one (qkv 3, gate_up 2):
+      ``lora_a_stacked`` ``(max_loras, 1, max_lora_rank, input_size)`` and ``lora_b_stacked``
+      ``(max_loras, 1, output_size, max_lora_rank)``, input split for row-parallel layers and output for
+      column-parallel ones, in the model dtype (``lora_dtype`` auto);
+    - Llama-family models also wrap the embedding (``embeddings_tensors`` ``(max_loras, 256, hidden)``,
+      ``lora_a`` ``(max_loras, vocab + 256, rank)``, ``lora_b`` ``(max_loras, 1, hidden, rank)``) and the
+      logits processor (``lora_a`` ``(max_loras, 1, rank, hidden)``, ``lora_b`` over the vocabulary padded
+      to 256 and split over TP, ``embeddings_tensors`` ``(max_loras, 256, hidden)``).
+
+    Routed experts are not LoRA layers in these versions. Where vLLM charges these bytes depends on the
+    engine (:func:`memfit.serve.vllm.estimate`)."""
+    e, r, n = element_bytes, max_lora_rank, max_loras
+    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
+        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    per_block: dict[int, int] = {}
+    total = 0
+    for li in layers_on_stage(len(order), pp, stage):
+        bi = order[li]
+        if bi not in per_block:
+            b = spec.blocks[bi]
+            elems = 0
+            for lin in b.linears:
+                slices = _LORA_SLICES.get(lin.role)
+                if slices is None or lin.count != 1:
+                    continue
+                elems += slices * r * _in_on_rank(lin, tp) + _out_on_rank(lin, b, tp) * r
+            per_block[bi] = elems * n * e
+        total += per_block[bi]
+    if spec.model_type in _LORA_EMBEDDING_FAMILIES:
+        H, V = spec.hidden_size, spec.vocab_size
+        if stage == 0:
+            total += n * (LORA_EXTRA_VOCAB * H + (V + LORA_EXTRA_VOCAB) * r + H * r) * e
+        if stage == pp - 1:
+            padded = math.ceil(V / LORA_EXTRA_VOCAB) * LORA_EXTRA_VOCAB
+            total += n * (r * H + math.ceil(padded / tp) * r + LORA_EXTRA_VOCAB * H) * e
+    return total
 
 
 # ------------------------------------------------------------------------------------------ profile run
@@ -200,11 +265,16 @@ def sampler_bytes_per_logit(version: str, e: int) -> float:
 
 
 def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,
-                 element_bytes: int = 2, sampler: str = "v1") -> tuple[int, str]:
+                 element_bytes: int = 2, sampler: str = "v1", dp: int = 1,
+                 expert_parallel: bool = False) -> tuple[int, str]:
     """The torch peak of the profile run on one rank over the weights: the larger of the widest layer's
     moment (``tokens`` at once; the fused MoE caches capped at ``FUSED_MOE_CHUNK_TOKENS``) and, on the last
     stage, the sampler's moment (``seqs`` logit rows over the padded vocabulary, with the hidden states of
-    all tokens still alive). Returns (bytes, which moment)."""
+    all tokens still alive). Returns (bytes, which moment).
+
+    With data parallelism (``dp`` > 1) every rank's MoE layers see the tokens of all ``dp`` ranks (vLLM's
+    default ``naive`` all-to-all gathers the DP group's hidden states before the experts, v0.9-v0.11), each
+    expert split over ``dp x tp`` ranks, or whole with ``expert_parallel``."""
     e, H = element_bytes, spec.hidden_size
     order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
         else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
@@ -213,7 +283,13 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
     for bi in mine:
         b = spec.blocks[bi]
         per = layer_peak_per_token(b, tp, e, H)
-        if b.moe is not None and tokens > FUSED_MOE_CHUNK_TOKENS:
+        if b.moe is not None and dp > 1:
+            m = b.moe
+            width = m.expert_intermediate_size // tp if expert_parallel else math.ceil(m.expert_intermediate_size / (tp * dp))
+            routed_now = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H) * e
+            routed = m.top_k * (3 * width + H) * e
+            val = (per - routed_now) * tokens + routed * min(tokens * dp, FUSED_MOE_CHUNK_TOKENS)
+        elif b.moe is not None and tokens > FUSED_MOE_CHUNK_TOKENS:
             m = b.moe
             routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H) * e
             val = (per - routed) * tokens + routed * FUSED_MOE_CHUNK_TOKENS

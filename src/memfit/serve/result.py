@@ -37,6 +37,20 @@ class ServeConfig:
     gpu_name: str = ""
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    data_parallel: int = 1
+    """vLLM ``--data-parallel-size``: independent engines of ``tensor_parallel x pipeline_parallel`` GPUs
+    each, with the same accounting; their MoE layers are split over all ``data_parallel x tensor_parallel``
+    ranks (by experts with ``enable_expert_parallel``, else by each expert's width)."""
+    enable_expert_parallel: bool = False
+    enable_lora: bool = False
+    """vLLM ``--enable-lora``: ``max_loras`` adapter slots of rank ``max_lora_rank`` are stacked beside
+    every LoRA-capable linear (:func:`memfit.serve.memory.lora_bytes_on_rank`)."""
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    mla_cuda_mem_align_kv_cache: bool = False
+    """vLLM V0 ``VLLM_MLA_CUDA_MEM_ALIGN_KV_CACHE=1`` (PR #12676, on by default in the V0 releases between it
+    and PR #14842): every MLA cache entry starts on a 256-byte boundary, so a 576-element bf16 latent takes
+    640 elements (``worker/cache_engine.py::get_cache_block_size``). Off by default here."""
     gpu_memory_utilization: float | None = None
     mem_fraction_static: float | None = None
     max_model_len: int | None = None
@@ -58,7 +72,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise JobError(f"engine must be vllm or sglang; got {self.engine!r}")
-        for name in ("tensor_parallel", "pipeline_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise JobError(f"{name} must be a whole number >= 1; got {v!r}")

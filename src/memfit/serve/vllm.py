@@ -7,15 +7,18 @@ Sources (github.com/vllm-project/vllm, by tag):
   profile peak, NCCL), ``num_gpu_blocks = (total x gpu_memory_utilization - peak) // cache_block_size``;
 - v0.6.3-v0.6.4 (same function, PR #9352): ``peak = torch allocated peak + (total used - torch allocated)``,
   so the CUDA context (and any other process on the card) is charged too;
-- v0.6.5+ (PR #10511, ``vllm/utils.py::memory_profiling`` / ``MemorySnapshot``) and V1
-  (``v1/worker/gpu_worker.py::determine_available_memory``, v0.8-v0.11): ``available = total x util -
+- V1 v0.7-v0.8.5 (``v1/worker/gpu_worker.py::determine_available_memory`` before PR #17122): like
+  v0.6.3, the torch peak plus all non-torch memory in use, the CUDA context included;
+- v0.6.5+ V0 (PR #10511, ``vllm/utils.py::memory_profiling`` / ``MemorySnapshot``) and V1
+  (``v1/worker/gpu_worker.py::determine_available_memory``, v0.9-v0.11): ``available = total x util -
   (weights + torch peak increase of the profile run + non-torch increase since the worker started)``;
   the CUDA context made before the first snapshot is not charged;
 - MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
   (:func:`memfit.serve.memory.mxfp4_moe_extra_bytes`); other cards' MXFP4 backends (Marlin on Ampere,
   FlashInfer on Blackwell) lay the experts out differently and are counted as the checkpoint;
-- v0.19+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
-  (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default; earlier versions only log it).
+- v0.21+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
+  (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default "since v0.21", as vLLM's start-up hint quoted in
+  eugr/spark-vllm-docker#396 and the kvcache-lab notes put it; earlier versions only log it).
 
 ``gpu_memory_utilization`` is a fraction of the card's *total* memory in every version.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 from ..models.spec import ModelSpec
 from ..units import GiB, MiB
 from . import kv as K
-from .memory import layer_peak_per_token, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
+from .memory import layer_peak_per_token, lora_bytes_on_rank, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
 from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
@@ -43,10 +46,11 @@ NON_TORCH_TP1_CONSUMER_BYTES = int(0.06 * GiB)
 NON_TORCH_TP_BYTES = int(0.55 * GiB)
 NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: vLLM v0.6.3-v0.6.4 charge everything not allocated by torch, the CUDA context included: 0.35 GiB in the
-#: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b).
+#: log of issue #10517 (RTX 3090, TP 1): "used for fitting" (vllm-gh10517-a/b). V1 before v0.9 charges the
+#: same (``rule_of``); the constant is reused there, not refitted.
 CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 #: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
-#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.19+.
+#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.21+.
 CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
 
 
@@ -65,10 +69,17 @@ def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
 
 
 def rule_of(version: tuple[int, int, int], mode: str) -> str:
+    """Which accounting the worker applies (module docstring). V1 before v0.9
+    (``v1/worker/gpu_worker.py::determine_available_memory``, v0.7-v0.8.5) adds to the torch peak
+    everything in use on the device that torch has not allocated (``mem_get_info`` used minus
+    ``allocated_bytes.all.current``), the CUDA context included, as V0 v0.6.3-v0.6.4 did; its switch to
+    ``memory_profiling`` came with the "Available KV cache memory" log line (PR #17122)."""
     if mode == "v0" and version < (0, 6, 3):
         return "v0-free-delta"
     if mode == "v0" and version < (0, 6, 5):
         return "v0-torch-peak"
+    if mode == "v1" and version < (0, 9, 0):
+        return "v1-torch-peak"
     return "memory-profiling"
 
 
@@ -144,23 +155,51 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     total = cfg.gpu_memory_bytes
     hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
     cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
-    cg_deducted = mode == "v1" and version >= (0, 19, 0) and cg > 0
+    cg_deducted = mode == "v1" and version >= (0, 21, 0) and cg > 0
     multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
     single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
-    non_torch = single if tp * pp == 1 else multi
-    if rule == "v0-torch-peak":
+    dp = cfg.data_parallel
+    if dp > 1 and mode == "v0":
+        from ..errors import JobError
+
+        raise JobError("data parallelism needs vLLM's V1 engine (engine_mode v1, vLLM 0.8+)")
+    moe = any(b.moe is not None for b in spec.blocks)
+    # DP ranks of a MoE model hold an EP/TP group's communicators (NCCL) across all dp x tp ranks
+    non_torch = single if tp * pp * (dp if moe else 1) == 1 else multi
+    if rule in ("v0-torch-peak", "v1-torch-peak"):
         non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
     profile_seqs = min(seqs, tokens)
+    if dp > 1:
+        notes.append(f"data_parallel {dp}: {dp} engines of {tp * pp} GPU(s) each, every one with this KV cache"
+                     + (f"; MoE layers split over {dp * tp} ranks"
+                        f"{' by experts' if cfg.enable_expert_parallel else ''}" if moe else ""))
+    # V0 v0.6.5+ builds the slots after measuring the weights and measures the profile's peak from a snapshot
+    # taken after them; before v0.6.5 the free-memory delta (v0.5-v0.6.2) and the torch allocated peak
+    # (v0.6.3-v0.6.4) both include them
+    lora_charged = cfg.enable_lora and (mode == "v1" or rule in ("v0-free-delta", "v0-torch-peak"))
+    if cfg.enable_lora and not lora_charged:
+        notes.append("LoRA: V0 builds the adapter slots after measuring the weights and resets the peak before "
+                     "profiling (worker/model_runner.py::load_model, worker/worker.py), so they are not "
+                     "deducted from the KV cache (they still take memory beyond gpu_memory_utilization)")
 
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
+        if cfg.mla_cuda_mem_align_kv_cache and mode == "v0":
+            layers = K.aligned_mla(layers)
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
-                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only)
+                            group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only,
+                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
         if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
             w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
+        if lora_charged:
+            # V1 gpu_model_runner.py::load_model (v0.8-v0.11) builds the LoRA model inside the
+            # DeviceMemoryProfiler of the weights: "Model loading took" includes the adapter slots
+            w += lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
+                                    max_lora_rank=cfg.max_lora_rank, element_bytes=e)
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
-                                   element_bytes=e, sampler="v0" if mode == "v0" else "v1")
+                                   element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
+                                   expert_parallel=cfg.enable_expert_parallel)
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
