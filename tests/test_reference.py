@@ -278,3 +278,21 @@ def test_seq_cls_lora_all_linear_leaves_the_head_to_modules_to_save():
     assert lora and not any("classifier" in n for n in lora)
     assert any("classifier" in n and p.requires_grad for n, p in m.named_parameters())
     R.train_step(j, m, R.make_optimizer(j, m), R.make_batch(j, s, "cpu"))
+
+
+def test_a_gemma2_training_copy_saves(tmp_path):
+    # the QLoRA load saves a 16-bit copy and reloads it quantized; Gemma 2's hybrid-cache generation config
+    # with training's use_cache=False made save_pretrained refuse (the gemma-2-2b QLoRA plan candidate failed)
+    from memfit.job import Job
+    from memfit.models import load_model
+    from memfit.reference import _head_class, build_config, savable_generation_config
+
+    job = Job(model="gemma-2-2b", method="qlora", batch_size=1, seq_len=64)
+    spec = load_model("gemma-2-2b")
+    cfg = build_config(job, spec)
+    cfg.num_hidden_layers, cfg.layer_types = 2, cfg.layer_types[:2]
+    cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size = 256, 64, 128
+    model = _head_class(spec).from_config(cfg)
+    savable_generation_config(model)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists()

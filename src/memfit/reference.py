@@ -412,6 +412,7 @@ def _build_quantized_base(job: Job, spec: Any, device: Any):
             with torch.device(device):
                 fp_model = cls.from_config(config, dtype=compute if dtype == torch.float32 else dtype,
                                            attn_implementation=attn)
+            savable_generation_config(fp_model)
             fp_model.save_pretrained(tmp)
             del fp_model
             if torch.device(device).type == "cuda":
@@ -424,6 +425,16 @@ def _build_quantized_base(job: Job, spec: Any, device: Any):
     if job.task == "train":
         model.config.use_cache = False
     return model
+
+
+def savable_generation_config(model) -> None:
+    """Let ``save_pretrained`` write a model built for training: Gemma 2's generation config names the hybrid
+    cache, and with training's ``use_cache=False`` it no longer validates (transformers refuses to save it:
+    "cache_implementation will have no effect"). The QLoRA load's copy exists only to be reloaded quantized,
+    so the cache setting, which holds no memory, is dropped."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "cache_implementation", None) is not None:
+        gen.cache_implementation = None
 
 
 # --------------------------------------------------------------------------------------------- optimizer
