@@ -18,7 +18,11 @@ For every record with a measured boundary B (the largest micro-batch that ran on
   answers 232 from its own search, while every trial the measured search made agrees with it); the trials
   compare the verdicts themselves.
 
-Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
+Probes (``kind: probe`` entries, e.g. validation/records/h200-fit-probes.json): a single batch of a pair's job
+run on the same card as the first and only trial of a fresh process, as a user runs it. They add to the pair's
+trials, and where one ran at a batch above the search's B, that batch is the real boundary (the largest
+micro-batch measured to run; every batch between it and the search's failing trials failed) and its run gives the
+reserved and device-total figures. Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
 before any result existed) are printed separately; the bars are asserted on all pairs together.
 Records with an error or timeout are listed and not scored. Exit status 1 when a bar is missed.
 """
@@ -52,11 +56,29 @@ def _estimate(job: Job, card: int):
 
 
 def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The boundary records of ``paths``, each with the probes of its pair (``rec["probes"]``) attached."""
     out: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
     for p in paths:
         data = json.loads(Path(p).read_text())
-        out.extend(r for r in (data if isinstance(data, list) else [data]) if r.get("kind") == "boundary")
+        items = data if isinstance(data, list) else [data]
+        out.extend(r for r in items if r.get("kind") == "boundary")
+        probes.extend(r for r in items if r.get("kind") == "probe")
+    for rec in out:
+        mine = [pr for pr in probes if pr.get("pair") == rec.get("name") and _same_job(pr, rec)]
+        if mine:
+            rec.setdefault("probes", []).extend(mine)
     return out
+
+
+def _same_job(probe: dict[str, Any], rec: dict[str, Any]) -> bool:
+    """A probe counts for a pair only when it ran the pair's job (its batch apart) on the pair's card."""
+    bd = (probe.get("record") or {}).get("breakdown") or {}
+    pj = dict(bd.get("job") or (probe.get("record") or {}).get("job") or {})
+    rj = dict(rec["job"])
+    pj.pop("batch_size", None)
+    rj.pop("batch_size", None)
+    return pj == rj and int(bd.get("gpu_memory_bytes") or -1) == int(rec["gpu_memory_bytes"])
 
 
 def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,15 +88,20 @@ def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
     job = Job.from_dict(rec["job"])
     card = int(rec["gpu_memory_bytes"])
     measured = int(rec["max_batch_size"])
+    bd = rec.get("breakdown")
+    trials = list((rec.get("find_max_batch") or {}).get("trials") or [])
+    for pr in rec.get("probes", ()):
+        trials.append({"batch_size": int(pr["batch_size"]), "ok": bool(pr["ok"])})
+        if pr["ok"] and int(pr["batch_size"]) > measured:
+            measured, bd = int(pr["batch_size"]), (pr.get("record") or {}).get("breakdown")
     answer = max_batch_size(job, card)
     row: dict[str, Any] = {"name": rec.get("name", job.model), "holdout": bool(rec.get("holdout")),
                            "card_gib": card / GiB, "expandable_segments": job.expandable_segments,
                            "measured": measured, "memfit": answer, "diff": answer - measured}
-    trials = (rec.get("find_max_batch") or {}).get("trials") or []
+    row["probes"] = len(rec.get("probes", ()))
     row["trials"] = len(trials)
     row["trials_disagree"] = [t["batch_size"] for t in trials
                               if fits_on(job.replace(batch_size=t["batch_size"]), card) != bool(t["ok"])]
-    bd = rec.get("breakdown")
     if measured and bd:
         est = _estimate(job.replace(batch_size=measured), card)
         row["reserved_measured"] = bd["peak_reserved_bytes"]
