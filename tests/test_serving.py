@@ -552,3 +552,45 @@ def test_v0_mla_cache_alignment_pads_entries_to_256_bytes():
     padded = serve(spec, mla_cuda_mem_align_kv_cache=True, **kw)
     assert padded.num_gpu_blocks == plain.kv_cache_bytes // (16 * 27 * 640 * 2)
     assert plain.num_gpu_blocks == plain.kv_cache_bytes // (16 * 27 * 576 * 2)
+
+
+def test_cli_lora_and_data_parallel_flags_reach_the_estimate():
+    """`memfit serve --enable-lora --max-loras N --max-lora-rank R` and `--data-parallel N` give what the
+    library gives for the same keywords; the LoRA sizes without --enable-lora, and --fewest-gpus with DP,
+    are one-line errors; --requests with DP spreads the requests over the engines."""
+    from memfit.serve import min_utilization
+
+    base = ("serve", "llama-2-7b", "--gpu", "h100-80gb", "--max-model-len", "4096", "--engine-version", "0.9")
+    r = _cli(*base, "--enable-lora", "--max-loras", "4", "--max-lora-rank", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = serve("llama-2-7b", gpu="h100-80gb", max_model_len=4096, engine_version="0.9", enable_lora=True,
+                 max_loras=4, max_lora_rank=32)
+    plain = serve("llama-2-7b", gpu="h100-80gb", max_model_len=4096, engine_version="0.9")
+    assert out["kv_cache_tokens"] == want.kv_cache_tokens < plain.kv_cache_tokens
+    assert out["lora_bytes"] == want.lora_bytes == want.weights_bytes - plain.weights_bytes > 0
+    assert out["lora_in_weights"] is True
+    text = _cli(*base, "--enable-lora", "--max-loras", "4")
+    assert text.returncode == 0 and "LoRA slots" in text.stdout and "included in the weights" in text.stdout
+    r = _cli(*base, "--max-loras", "4")
+    assert r.returncode == 2 and "--enable-lora" in r.stderr and r.stderr.count("\n") == 1
+
+    moe = ("serve", "qwen3-30b-a3b", "--gpu", "h100-80gb", "--max-model-len", "8192", "--engine-version", "0.10")
+    r = _cli(*moe, "--data-parallel", "4", "--enable-expert-parallel", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = serve("qwen3-30b-a3b", gpu="h100-80gb", max_model_len=8192, engine_version="0.10", data_parallel=4,
+                 enable_expert_parallel=True)
+    one = serve("qwen3-30b-a3b", gpu="h100-80gb", max_model_len=8192, engine_version="0.10")
+    assert out["data_parallel"] == 4 and out["kv_cache_tokens"] == want.kv_cache_tokens
+    assert out["weights_bytes"] == want.weights_bytes < one.weights_bytes  # a quarter of the experts per rank
+    text = _cli(*moe, "--data-parallel", "4")
+    assert "on 4 GPU(s)" in text.stdout and "DP 4" in text.stdout, text.stdout
+    r = _cli(*moe, "--data-parallel", "2", "--requests", "8", "--tokens", "8192", "--fewest-gpus")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    # 8 requests over 2 engines: each engine holds 4 (the smallest utilization where one engine fits 4)
+    kw = dict(gpu="h100-80gb", engine_version="0.10", max_model_len=8192, data_parallel=2)
+    two = min_utilization("qwen3-30b-a3b", requests=8, tokens=8192, **kw)
+    u = two["utilization"]
+    assert serve("qwen3-30b-a3b", gpu_memory_utilization=u, **kw).max_concurrency >= 4
+    assert serve("qwen3-30b-a3b", gpu_memory_utilization=round(u - 0.001, 3), **kw).max_concurrency < 4

@@ -192,11 +192,12 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
                             moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
         if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
             w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
+        lora = lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
+                                  max_lora_rank=cfg.max_lora_rank, element_bytes=e) if cfg.enable_lora else 0
         if lora_charged:
             # V1 gpu_model_runner.py::load_model (v0.8-v0.11) builds the LoRA model inside the
             # DeviceMemoryProfiler of the weights: "Model loading took" includes the adapter slots
-            w += lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
-                                    max_lora_rank=cfg.max_lora_rank, element_bytes=e)
+            w += lora
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
                                    expert_parallel=cfg.enable_expert_parallel)
@@ -207,13 +208,13 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             blocks = max(0, available // blk) if blk else 0
             ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
                           "num_gpu_blocks": int(blocks), "block_bytes": blk, "moment": moment,
-                          "kv_bytes_per_token": per_tok})
+                          "kv_bytes_per_token": per_tok, "lora_bytes": lora})
         else:
             g = K.v1_groups(layers, block_size, hybrid=hybrid)
             blocks = K.v1_num_blocks(available, g)
             ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
                           "num_gpu_blocks": int(blocks), "block_bytes": g.page_bytes * g.group_size, "moment": moment,
-                          "kv_bytes_per_token": per_tok, "_groups": g})
+                          "kv_bytes_per_token": per_tok, "lora_bytes": lora, "_groups": g})
     worst = min(ranks, key=lambda r: r["num_gpu_blocks"])
     per_token = worst["kv_bytes_per_token"]
     blocks = worst["num_gpu_blocks"]
@@ -245,7 +246,9 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
         non_torch_bytes=non_torch, cuda_graph_bytes=cg, cuda_graph_deducted=cg_deducted,
         kv_cache_bytes=max(0, worst["kv_cache_bytes"]), kv_bytes_per_token=int(per_token), block_size=block_size,
         num_gpu_blocks=blocks, kv_cache_tokens=kv_tokens, max_concurrency=round(concurrency, 4),
-        max_model_len_fits=fits_len, fits=fits, rule=rule, ranks=ranks, notes=notes)
+        max_model_len_fits=fits_len, fits=fits, rule=rule, data_parallel=dp, lora_bytes=worst["lora_bytes"],
+        lora_in_weights=bool(lora_charged and worst["lora_bytes"]),
+        ranks=ranks, notes=notes)
 
 
 def non_kv_bytes(est: ServeEstimate) -> int:
