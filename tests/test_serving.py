@@ -594,3 +594,14 @@ def test_cli_lora_and_data_parallel_flags_reach_the_estimate():
     u = two["utilization"]
     assert serve("qwen3-30b-a3b", gpu_memory_utilization=u, **kw).max_concurrency >= 4
     assert serve("qwen3-30b-a3b", gpu_memory_utilization=round(u - 0.001, 3), **kw).max_concurrency < 4
+
+
+def test_unified_memory_gb10_takes_the_small_card_defaults():
+    """vLLM sizes its V1 defaults from NVML's device memory, which a GB10 (DGX Spark, unified memory) does not
+    report: 2048 batched tokens and 256 sequences there (vllm-guardkit-qwen3-30b-a3b-fp8-gb10 prints the 2048),
+    while torch's 119.63 GiB is still the card's total for gpu_memory_utilization."""
+    spark = serve("qwen3-8b", gpu="gb10", engine_version="0.13", max_model_len=8192)
+    h200 = serve("qwen3-8b", gpu="h200", engine_version="0.13", max_model_len=8192)
+    assert (spark.max_num_batched_tokens, spark.max_num_seqs) == (2048, 256)
+    assert (h200.max_num_batched_tokens, h200.max_num_seqs) == (8192, 1024)
+    assert spark.gpu_memory_bytes > 119 * 2 ** 30

@@ -61,6 +61,15 @@ def hopper(gpu_name: str) -> bool:
     return bool(re.search(r"\b(g?h(100|200|800|20))\b", gpu_name.lower().replace("-", " ")))
 
 
+def unified_memory(gpu_name: str) -> bool:
+    """Whether the card shares its memory with the CPU (GB10 / DGX Spark), where NVML reports no device memory:
+    vLLM's per-card defaults then see 0 bytes (``engine/arg_utils.py`` v0.19.0: ``device_memory = 0`` when
+    ``get_device_total_memory`` raises). Seen in vllm-guardkit-qwen3-30b-a3b-fp8-gb10 (tuning): its
+    ``max_num_batched_tokens=2048`` is the small-card default."""
+    low = gpu_name.lower()
+    return "gb10" in low or "dgx spark" in low
+
+
 def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
     """V1 is the default engine from v0.8 (``VLLM_USE_V1=1``) and the only one from v0.11."""
     if cfg.engine_mode:
@@ -92,7 +101,11 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
       (``_set_default_args_v0``) leave it off for MLA, multimodal and sliding-window models;
     - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
       other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
-      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
+      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024). The card's
+      memory is NVML's (``CudaPlatform.get_device_total_memory``: ``nvmlDeviceGetMemoryInfo``, v0.19.0
+      ``platforms/cuda.py``), and ``_set_default_args`` takes 0 when that raises, as it does on the unified
+      memory of a GB10 (DGX Spark): the small-card defaults apply there whatever the 119 GiB torch reports
+      (:func:`unified_memory`).
     """
     if mode == "v0":
         seqs = cfg.max_num_seqs or 256
@@ -113,7 +126,7 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
-    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower()
+    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower() and not unified_memory(cfg.gpu_name)
     seqs = cfg.max_num_seqs or (1024 if big or version < (0, 10, 0) else 256)
     tokens = cfg.max_num_batched_tokens or (8192 if big else 2048)
     return seqs, tokens, "flag" if cfg.max_num_batched_tokens else "V1 default for vllm serve"
