@@ -197,9 +197,11 @@ def test_v1_kv_is_total_times_util_minus_the_rest():
     assert est.kv_cache_bytes == int(est.gpu_memory_bytes * 0.9 - rest)
     assert est.num_gpu_blocks == est.kv_cache_bytes // (16 * 131072)
     assert not est.cuda_graph_deducted and est.cuda_graph_bytes > 0
-    # the CUDA-graph estimate is deducted by default from v0.21, not before
+    # the CUDA-graph estimate is deducted by default from v0.20 (envs.py default "1"), not in v0.19 (default "0")
     assert not serve("llama-3.1-8b", engine="vllm", gpu="h100-80gb", max_model_len=8192,
-                     engine_version="0.20").cuda_graph_deducted
+                     engine_version="0.19").cuda_graph_deducted
+    assert serve("llama-3.1-8b", engine="vllm", gpu="h100-80gb", max_model_len=8192,
+                 engine_version="0.20").cuda_graph_deducted
     new = serve("llama-3.1-8b", engine="vllm", gpu="h100-80gb", max_model_len=8192, engine_version="0.21")
     assert new.cuda_graph_deducted
     assert new.kv_cache_bytes == pytest.approx(est.kv_cache_bytes - new.cuda_graph_bytes, abs=2)

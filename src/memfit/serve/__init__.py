@@ -22,9 +22,13 @@ from .result import ServeConfig, ServeEstimate, parse_version
 __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_gpus", "resolve_quantization",
            "SUPPORTED_VERSIONS", "claims_version"]
 
-#: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19+
-#: is accepted but not claimed (from 0.21 its CUDA-graph deduction is applied; the estimate is unchecked).
-SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 18)), "sglang": ((0, 3), (0, 5))}
+#: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19
+#: is claimed: its wheel's ``gpu_worker.determine_available_memory``, ``memory_profiling``, ``request_memory``
+#: (total x utilization), ``kv_cache_utils._report_kv_cache_config`` / ``get_max_concurrency_for_kv_cache_config``,
+#: ``_dummy_sampler_run`` and the per-card defaults of ``EngineArgs`` are what memfit follows for 0.9-0.18, and
+#: its CUDA-graph estimate is logged, not deducted. vLLM 0.20+ is accepted but not claimed: it deducts vLLM's
+#: measured CUDA-graph estimate, which memfit only approximates (:func:`memfit.serve.vllm.cuda_graph_estimate`).
+SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 19)), "sglang": ((0, 3), (0, 5))}
 ACCEPTED_VERSIONS = {"vllm": ((0, 5), (99, 99)), "sglang": ((0, 3), (99, 99))}
 
 

@@ -16,9 +16,13 @@ Sources (github.com/vllm-project/vllm, by tag):
 - MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
   (:func:`memfit.serve.memory.mxfp4_moe_extra_bytes`); other cards' MXFP4 backends (Marlin on Ampere,
   FlashInfer on Blackwell) lay the experts out differently and are counted as the checkpoint;
-- v0.21+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
-  (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default "since v0.21", as vLLM's start-up hint quoted in
-  eugr/spark-vllm-docker#396 and the kvcache-lab notes put it; earlier versions only log it).
+- v0.20+ V1: the CUDA-graph memory estimate (``GPUModelRunner.profile_cudagraph_memory``) is deducted as
+  well: ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` defaults to "1" in ``vllm/envs.py`` of the v0.20.0,
+  v0.21.0 and v0.26.0 wheels and to "0" in v0.19.0, whose ``v1/worker/gpu_worker.py::determine_available_memory``
+  measures the estimate but only logs it ("This will become the default in v0.19", a hint that shipped one
+  release early). vLLM's estimate is a measurement (two graphs of each capture mode captured into a scratch
+  pool, ``mem_get_info`` before and after); memfit's :func:`cuda_graph_estimate` is a rough model of it,
+  which is why v0.20+ is accepted but not claimed (:data:`memfit.serve.SUPPORTED_VERSIONS`).
 
 ``gpu_memory_utilization`` is a fraction of the card's *total* memory in every version.
 """
@@ -50,7 +54,7 @@ NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: same (``rule_of``); the constant is reused there, not refitted.
 CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 #: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
-#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.21+.
+#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.20+.
 CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
 
 
@@ -168,7 +172,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     total = cfg.gpu_memory_bytes
     hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
     cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
-    cg_deducted = mode == "v1" and version >= (0, 21, 0) and cg > 0
+    cg_deducted = mode == "v1" and version >= (0, 20, 0) and cg > 0
     multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
     single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
     dp = cfg.data_parallel
