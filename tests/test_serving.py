@@ -607,3 +607,24 @@ def test_unified_memory_gb10_takes_the_small_card_defaults():
     assert (spark.max_num_batched_tokens, spark.max_num_seqs) == (2048, 256)
     assert (h200.max_num_batched_tokens, h200.max_num_seqs) == (8192, 1024)
     assert spark.gpu_memory_bytes > 119 * 2 ** 30
+
+
+def test_vllm_07_keeps_mlas_absorbed_matrices():
+    """vLLM v0.7.1-v0.7.3 (mla/utils.py process_weights_after_loading, absorption on by default) keep, per
+    DeepSeek-R1 layer at TP 8 (16 heads, Lq 1536, Lkv 512, rope 64, hidden 7168, FP8 weights): the float32
+    dequantized kv_b (512 x 16 x 256 x 4), W_QR in bf16 (1536 x 1024 x 2), and W_Q_UK (1536 x 8192) and W_UV_O
+    (8192 x 7168) re-quantized to FP8 with float32 128 x 128 block scales; v0.8 keeps bf16 copies of kv_b."""
+    from memfit.serve.memory import mla_absorbed_bytes
+
+    spec = load_model("deepseek-ai/DeepSeek-R1")
+    block = next(b for b in spec.blocks if b.attention.kind == "mla")
+    want = 512 * 16 * 256 * 4 + 1536 * 1024 * 2 + (1536 * 8192 + 12 * 64 * 4) + (8192 * 7168 + 64 * 56 * 4)
+    assert mla_absorbed_bytes(block, 8, "fp8", 2, 7168) == want
+    # unquantized: kv_b is a view of the parameter, the absorbed matrices are in the model dtype
+    assert mla_absorbed_bytes(block, 8, "none", 2, 7168) == 1536 * 1024 * 2 + (1536 * 8192 + 8192 * 7168) * 2
+    kw = dict(gpu="h200", tensor_parallel=8, max_model_len=32768, engine_mode="v0")
+    old, new = serve(spec, engine_version="0.7.3", **kw), serve(spec, engine_version="0.8.0", **kw)
+    kv_b = 512 * 128 * 256 // 8 * 2  # v0.8's bf16 W_UK_T / W_UV copies, per layer
+    assert old.weights_bytes - new.weights_bytes == 61 * (want - kv_b)
+    assert old.num_gpu_blocks < new.num_gpu_blocks
+    assert serve(spec, engine_version="0.7.0", **kw).weights_bytes == new.weights_bytes

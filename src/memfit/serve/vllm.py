@@ -199,6 +199,16 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
                      "profiling (worker/model_runner.py::load_model, worker/worker.py), so they are not "
                      "deducted from the KV cache (they still take memory beyond gpu_memory_utilization)")
 
+    # vLLM v0.7.1-v0.7.3 materialize MLA's absorbed W_Q_UK / W_UV_O after loading (memory.mla_absorbed_bytes);
+    # PR #14770 removed them before v0.8.0. Only unquantized and FP8 MLA layers take that path.
+    absorbed = (0, 7, 1) <= version < (0, 8, 0) and any(b.attention.kind == "mla" for b in spec.blocks)
+    if absorbed and quantization not in ("none", "fp8"):
+        notes.append(f"MLA with {quantization} weights: vLLM 0.7.x supports MLA only for unquantized and FP8 "
+                     "layers (others need VLLM_MLA_DISABLE=1, a full per-head cache memfit does not model)")
+        absorbed = False
+    if absorbed:
+        notes.append("vLLM 0.7.1-0.7.3 keep MLA's absorbed W_Q_UK / W_UV_O matrices beside the weights "
+                     "(VLLM_MLA_PERFORM_MATRIX_ABSORPTION=1, removed in v0.8.0)")
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
@@ -206,7 +216,8 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             layers = K.aligned_mla(layers)
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
                             group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only,
-                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
+                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel,
+                            mla_absorbed=absorbed)
         if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
             w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
         lora = lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
