@@ -629,3 +629,27 @@ def test_vllm_07_keeps_mlas_absorbed_matrices():
     assert old.weights_bytes - new.weights_bytes == 61 * (want - kv_b)
     assert old.num_gpu_blocks < new.num_gpu_blocks
     assert serve(spec, engine_version="0.7.0", **kw).weights_bytes == new.weights_bytes
+
+
+def test_v0_mla_prefill_moment_from_the_source():
+    """V0's MLA prefill (mla/common.py _forward_prefill, v0.8.0) at o_proj, DeepSeek-R1 at TP 8 (16 heads,
+    qk 192 = 128 + 64, v 128, Lkv 512, Lq 1536, hidden 7168), per token: residual, normed input, output buffer
+    and o_proj's output (4 x 7168), q_a out and its norm (2 x 1536), kv_a out (576), the latent and its norm
+    (2 x 512), q (16 x 192), kv_b out (16 x 256), k and padded v (2 x 16 x 192), the cut output (16 x 128);
+    v0.7.x has no output buffer. V1 and non-MLA models keep the generic moment."""
+    from memfit.serve.memory import layer_peak_per_token, mla_v0_prefill_elements
+
+    spec = load_model("deepseek-ai/DeepSeek-R1")
+    block = next(b for b in spec.blocks if b.attention.kind == "mla")
+    want = 4 * 7168 + 2 * 1536 + 576 + 2 * 512 + 16 * 192 + 16 * 256 + 2 * 16 * 192 + 16 * 128
+    assert mla_v0_prefill_elements(block, 8, 7168, output_buffer=True) == want == 48704
+    assert mla_v0_prefill_elements(block, 8, 7168, output_buffer=False) == want - 7168
+    dense = next(b for b in spec.blocks if b.moe is None)  # the first dense layers: attention dominates there
+    assert layer_peak_per_token(dense, 8, 2, 7168, "0.8") == max(
+        layer_peak_per_token(dense, 8, 2, 7168), want * 2)
+    kw = dict(gpu="h200", tensor_parallel=8, max_model_len=163840, block_size=64)
+    v0 = serve(spec, engine_version="0.8.0", engine_mode="v0", **kw)
+    assert v0.activation_peak_moment == "layer" and v0.activation_peak_bytes >= 163840 * want * 2
+    llama = load_model("llama-3.1-8b")
+    b = llama.blocks[0]
+    assert layer_peak_per_token(b, 1, 2, 4096, "0.8") == layer_peak_per_token(b, 1, 2, 4096)

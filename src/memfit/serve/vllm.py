@@ -209,6 +209,10 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     if absorbed:
         notes.append("vLLM 0.7.1-0.7.3 keep MLA's absorbed W_Q_UK / W_UV_O matrices beside the weights "
                      "(VLLM_MLA_PERFORM_MATRIX_ABSORPTION=1, removed in v0.8.0)")
+    # V0's MLA backend (v0.7.1+) runs the compute-friendly prefill over the whole profile batch
+    mla_prefill = None
+    if mode == "v0" and version >= (0, 7, 1) and any(b.attention.kind == "mla" for b in spec.blocks):
+        mla_prefill = "0.8" if version >= (0, 8, 0) else "0.7"
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
@@ -228,7 +232,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             w += lora
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
-                                   expert_parallel=cfg.enable_expert_parallel)
+                                   expert_parallel=cfg.enable_expert_parallel, mla_v0_prefill=mla_prefill)
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
