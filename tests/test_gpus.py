@@ -42,3 +42,21 @@ def test_aliases_and_unknown_names():
     assert get_gpu("A100").name == "a100-80gb"
     with pytest.raises(MemfitError):
         get_gpu("h1000")
+
+
+def test_serving_cards_of_the_published_logs():
+    """The cards the published vLLM logs name (validation/serving/logs): the 96 GB H20 is `h20` (what
+    nvidia-smi calls both variants), the 141 GB one `h20-141gb` (the H200's 139.80 GiB, which the DP8 logs'
+    pair of utilizations implies); GB10 reports its unified 119.63 GiB; the China-market A800 / H800 / L20
+    keep their siblings' memory and tensor rates with the narrower NVLink."""
+    from memfit.gpus import get_gpu
+
+    GiB = 2 ** 30
+    assert get_gpu("h20").memory_bytes < 96 * GiB < get_gpu("H20 141GB").memory_bytes
+    assert get_gpu("h20-141gb").memory_bytes == get_gpu("h200").memory_bytes
+    assert get_gpu("h20").bf16_flops == 148e12 and get_gpu("h20").fp8_flops == 296e12
+    assert round(get_gpu("dgx-spark").memory_bytes / GiB, 2) == 119.63
+    for card, sibling in (("a800", "a100-80gb"), ("h800", "h100-80gb"), ("l20", "l40s")):
+        a, b = get_gpu(card), get_gpu(sibling)
+        assert a.memory_bytes == b.memory_bytes and not a.memory_reported
+    assert get_gpu("h800").interconnect_bytes_per_s < get_gpu("h100-80gb").interconnect_bytes_per_s

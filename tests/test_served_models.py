@@ -26,7 +26,7 @@ NEW_ENTRIES = [
     "granite-3.1-2b", "granite-3.1-8b", "granite-3.1-1b-a400m", "granite-3.1-3b-a800m",
     "deepseek-r1-distill-qwen-1.5b", "deepseek-r1-distill-qwen-7b", "deepseek-r1-distill-qwen-14b",
     "deepseek-r1-distill-qwen-32b", "deepseek-r1-distill-llama-8b", "deepseek-r1-distill-llama-70b",
-    "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout-17b-16e", "mixtral-8x22b-instruct",
+    "gpt-oss-20b", "gpt-oss-120b", "llama-4-scout-17b-16e", "mixtral-8x22b-instruct", "qwen3-coder-480b-a35b",
 ]
 PROMPT = 9216  # longer than gpt-oss's 128-token window and Llama 4's 8192-token chunks
 

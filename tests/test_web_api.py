@@ -214,3 +214,16 @@ def test_serve_endpoint_bad_input_is_one_line_4xx(client):
         r = c.post("/api/serve", json=body)
         assert 400 <= r.status_code < 500, (body, r.status_code, r.text)
         assert "\n" not in r.json()["detail"]
+
+
+def test_serve_endpoint_takes_the_lora_and_data_parallel_flags(client):
+    """/api/serve's flags include vLLM's LoRA slots and data parallelism, with the library's numbers."""
+    from memfit.serve import serve
+
+    flags = {"max_model_len": 8192, "enable_lora": True, "max_loras": 2, "max_lora_rank": 8, "data_parallel": 2}
+    r = client.post("/api/serve", json={"model": "qwen3-30b-a3b", "gpu": "h100-80gb", "flags": flags})
+    assert r.status_code == 200, r.text
+    want = serve("qwen3-30b-a3b", gpu="h100-80gb", **flags).to_dict()
+    assert (r.json()["kv_cache_tokens"], r.json()["lora_bytes"], r.json()["data_parallel"]) == \
+        (want["kv_cache_tokens"], want["lora_bytes"], 2)
+    assert want["lora_bytes"] > 0

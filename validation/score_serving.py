@@ -37,6 +37,8 @@ FITTING = {
     "vllm-llmd-qwen3-0.6b-h100": "SAMPLER_V1_BYTES_PER_LOGIT (V1 profile-run sampler peak)",
     "vllm-rldecision-qwen25-05b-bnb-3090": "NON_TORCH_TP1_CONSUMER_BYTES (V0/V1 non-torch memory at TP 1, consumer cards)",
     "vllm-llmd-qwen3-32b-2xh100-tp2": "NON_TORCH_TP_BYTES (V1 non-torch memory at TP > 1, data-centre cards)",
+    "vllm-guardkit-qwen3-30b-a3b-fp8-gb10": "vllm.unified_memory (GB10 takes the small-card defaults: its printed "
+                                            "max_num_batched_tokens=2048)",
 }
 
 HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"

@@ -38,6 +38,16 @@ def add_parser(sub) -> None:
     p.add_argument("--block-size", "--page-size", dest="block_size", type=int)
     p.add_argument("--cuda-graph-max-bs", dest="cuda_graph_max_bs", type=int)
     p.add_argument("--disable-hybrid-kv-cache-manager", dest="disable_hybrid_kv_cache_manager", action="store_true")
+    p.add_argument("--data-parallel", "--data-parallel-size", "--dp", dest="data_parallel", type=int,
+                   help="vLLM --data-parallel-size: engines of TP x PP GPUs each (default 1); MoE layers are "
+                        "split over all DP x TP ranks")
+    p.add_argument("--enable-expert-parallel", dest="enable_expert_parallel", action="store_true",
+                   help="vLLM: MoE layers hold whole experts, spread over the DP x TP ranks")
+    p.add_argument("--enable-lora", dest="enable_lora", action="store_true",
+                   help="vLLM: stack --max-loras adapter slots of rank --max-lora-rank beside every LoRA layer")
+    p.add_argument("--max-loras", dest="max_loras", type=int, help="vLLM LoRA slots (default 1; needs --enable-lora)")
+    p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int,
+                   help="vLLM largest LoRA rank (default 16; needs --enable-lora)")
     p.add_argument("--text-only", dest="text_only", action="store_true",
                    help="multimodal checkpoint served without its vision tower (vLLM --limit-mm-per-prompt all 0)")
     p.add_argument("--requests", type=int, help="with --tokens: the smallest utilization (or --fewest-gpus) for "
@@ -52,7 +62,8 @@ def add_parser(sub) -> None:
 _FLAGS = ("engine_version", "engine_mode", "tensor_parallel", "pipeline_parallel", "gpu_memory_utilization",
           "mem_fraction_static", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
           "quantization", "dtype", "enforce_eager", "block_size", "cuda_graph_max_bs",
-          "disable_hybrid_kv_cache_manager", "text_only")
+          "disable_hybrid_kv_cache_manager", "text_only", "data_parallel", "enable_expert_parallel", "enable_lora",
+          "max_loras", "max_lora_rank")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     common = dict(engine=args.engine, gpu=args.gpu, gpu_memory=args.gpu_memory)
     if args.gpu is None and args.gpu_memory is None:
         raise JobError("name the card: --gpu h100-80gb (memfit gpus) or --gpu-memory 79.19GiB")
+    if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
+        raise JobError("--max-loras and --max-lora-rank size vLLM's LoRA slots: add --enable-lora")
     if (args.requests is None) != (args.tokens is None):
         raise JobError("--requests and --tokens go together (N concurrent requests of L tokens)")
     if args.requests is not None:
@@ -104,12 +117,20 @@ def render(est) -> str:
     g = 2 ** 30
     knob = "gpu_memory_utilization" if est.engine == "vllm" else "mem_fraction_static"
     mode = f" {est.engine_mode}" if est.engine_mode else ""
+    dp = getattr(est, "data_parallel", 1)
+    gpus = est.tensor_parallel * est.pipeline_parallel * dp
+    layout = f"TP {est.tensor_parallel}, PP {est.pipeline_parallel}" + (f", DP {dp}" if dp > 1 else "")
     lines = [
         f"{est.engine} {est.engine_version}{mode} ({est.rule}) serving {est.model} on "
-        f"{est.tensor_parallel * est.pipeline_parallel} GPU(s) of {est.gpu_memory_bytes / g:.2f} GiB "
-        f"(TP {est.tensor_parallel}, PP {est.pipeline_parallel}), {knob} {est.utilization} ({est.utilization_source})",
-        "per rank (the most constrained one):",
+        f"{gpus} GPU(s) of {est.gpu_memory_bytes / g:.2f} GiB "
+        f"({layout}), {knob} {est.utilization} ({est.utilization_source})",
+        "per rank (the most constrained one)" + (f"; each of the {dp} engines has this KV cache:" if dp > 1 else ":"),
         f"  weights                 {est.weights_bytes / g:9.2f} GiB  ({est.quantization})",
+    ]
+    if est.lora_bytes:
+        where = "included in the weights" if est.lora_in_weights else "beside the weights, not deducted"
+        lines.append(f"  LoRA slots              {est.lora_bytes / g:9.2f} GiB  ({where})")
+    lines += [
         f"  profile activation peak {est.activation_peak_bytes / g:9.2f} GiB  ({est.activation_peak_moment}; "
         f"{est.max_num_batched_tokens} tokens)",
         f"  non-torch memory        {est.non_torch_bytes / g:9.2f} GiB",
@@ -124,3 +145,4 @@ def render(est) -> str:
     ]
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
+

@@ -22,9 +22,13 @@ from .result import ServeConfig, ServeEstimate, parse_version
 __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_gpus", "resolve_quantization",
            "SUPPORTED_VERSIONS", "claims_version"]
 
-#: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19+
-#: is accepted but not claimed (from 0.21 its CUDA-graph deduction is applied; the estimate is unchecked).
-SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 18)), "sglang": ((0, 3), (0, 5))}
+#: Versions whose accounting memfit follows from their source (inclusive ranges of (major, minor)). vLLM 0.19
+#: is claimed: its wheel's ``gpu_worker.determine_available_memory``, ``memory_profiling``, ``request_memory``
+#: (total x utilization), ``kv_cache_utils._report_kv_cache_config`` / ``get_max_concurrency_for_kv_cache_config``,
+#: ``_dummy_sampler_run`` and the per-card defaults of ``EngineArgs`` are what memfit follows for 0.9-0.18, and
+#: its CUDA-graph estimate is logged, not deducted. vLLM 0.20+ is accepted but not claimed: it deducts vLLM's
+#: measured CUDA-graph estimate, which memfit only approximates (:func:`memfit.serve.vllm.cuda_graph_estimate`).
+SUPPORTED_VERSIONS = {"vllm": ((0, 5), (0, 19)), "sglang": ((0, 3), (0, 5))}
 ACCEPTED_VERSIONS = {"vllm": ((0, 5), (99, 99)), "sglang": ((0, 3), (99, 99))}
 
 
@@ -209,11 +213,15 @@ def min_utilization(model: str | ModelSpec, *, requests: int, tokens: int, engin
                     gpu: str | None = None, gpu_memory: int | str | None = None, **flags: Any) -> dict[str, Any]:
     """The smallest ``gpu_memory_utilization`` (vLLM) or ``mem_fraction_static`` (SGLang), in steps of 0.001,
     whose KV cache holds ``requests`` concurrent requests of ``tokens`` tokens (``max_model_len = tokens``).
-    ``utilization`` is None when even 1.0 is not enough."""
+    With ``data_parallel`` N the requests are spread over the N engines (vLLM's DP load balancing), so each
+    engine holds ``ceil(requests / N)``. ``utilization`` is None when even 1.0 is not enough."""
     from ..models import load_model
 
     if requests < 1 or tokens < 1:
         raise JobError("requests and tokens must be >= 1")
+    dp = flags.get("data_parallel") or 1
+    if isinstance(dp, int) and dp > 1:
+        requests = math.ceil(requests / dp)
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     key = "gpu_memory_utilization" if engine == "vllm" else "mem_fraction_static"
     flags = {**flags, "max_model_len": tokens, key: 1.0}
@@ -248,6 +256,9 @@ def fewest_gpus(model: str | ModelSpec, *, requests: int, tokens: int, engine: s
     ``requests`` concurrent requests of ``tokens`` tokens at the given utilization."""
     from ..models import load_model
 
+    if (flags.get("data_parallel") or 1) != 1:
+        raise JobError("fewest_gpus searches tensor and pipeline parallel layouts of one engine; leave "
+                       "data_parallel out (or ask min_utilization for a data-parallel layout)")
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     heads = spec.blocks[0].attention.num_heads
     layouts = [(t, 1) for t in (1, 2, 4, 8) if heads % t == 0]

@@ -118,15 +118,49 @@ def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2
     return tower.params_on_rank(tp) * element_bytes if tower is not None else 0
 
 
+def mla_absorbed_bytes(block: Block, tp: int, quantization: str, e: int, hidden: int) -> int:
+    """What one MLA layer of vLLM v0.7.1-v0.7.3 keeps on a rank after loading, instead of v0.8's bf16
+    ``W_UK_T`` / ``W_UV`` copies of ``kv_b_proj`` (``attention/backends/mla/utils.py``,
+    ``MLACommonImpl.process_weights_after_loading``, read from the v0.7.1 and v0.7.3 wheels; removed by PR
+    #14770 before v0.8.0, whose ``mla/common.py`` keeps the two bf16 copies instead). With
+    ``VLLM_MLA_PERFORM_MATRIX_ABSORPTION`` on (its default "1" in ``envs.py``):
+
+    - ``self.W_UK, self.W_UV`` are views of the dequantized ``kv_b_proj`` weight: a float32 copy for FP8
+      checkpoints (``scaled_dequantize``'s default ``out_dtype``), none for 16-bit ones (a view of the
+      parameter);
+    - ``W_QR``, the rope columns of ``q_b_proj`` (``q_proj`` without query compression), ``(Lq, N/tp x R)``
+      in the model dtype;
+    - ``W_Q_UK = einsum(W_Q, W_UK)``, ``(Lq, N/tp x Lkv)``, and ``W_UV_O = einsum(W_UV, W_O)``,
+      ``(N/tp x Lkv, hidden)``: re-quantized to FP8 with the checkpoint's 128 x 128 block scales (float32)
+      for FP8 weights (``VLLM_MLA_DISABLE_REQUANTIZATION`` off by default), else in the model dtype.
+
+    ``Lq`` is ``q_lora_rank``, or ``hidden`` for models without query compression (DeepSeek-V2-Lite)."""
+    at = block.attention
+    n = at.num_heads // tp
+    lq = at.q_lora_rank or hidden
+    lkv, rope = at.kv_lora_rank, at.qk_rope_head_dim
+    kv_b = lkv * n * ((at.head_dim - rope) + at.v_head_dim)
+    fp8 = quantization == "fp8"
+    total = (kv_b * 4 if fp8 else 0) + lq * n * rope * e
+    for rows, cols in ((lq, n * lkv), (n * lkv, hidden)):
+        if fp8:
+            total += rows * cols + math.ceil(rows / 128) * math.ceil(cols / 128) * 4
+        else:
+            total += rows * cols * e
+    return total
+
+
 def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0, quantization: str = "none",
                     element_bytes: int = 2, group_size: int = 128, skip_roles: frozenset[str] = frozenset(),
-                    vision: bool = True, moe_ranks: int | None = None, expert_parallel: bool = False) -> int:
+                    vision: bool = True, moe_ranks: int | None = None, expert_parallel: bool = False,
+                    mla_absorbed: bool = False) -> int:
     """Weight bytes one rank loads (what vLLM prints as "Model loading took X GiB", SGLang as "Load weight
     end ... mem usage"): its layers' linears (sharded, quantized), norms and other small parameters, the
     vocab-parallel embedding on the first stage, the head and final norm on the last stage (a tied head on
     a later stage is a second copy), the rope cache, and on the first stage a multimodal checkpoint's
     vision tower and projector unless ``vision`` is False (:func:`vision_bytes_on_rank`). MLA layers also keep the absorbed ``W_UK``/``W_UV``
-    copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``)."""
+    copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``),
+    or with ``mla_absorbed`` (vLLM v0.7.1-v0.7.3) the materialized matrices of :func:`mla_absorbed_bytes`."""
     e = element_bytes
     order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
         else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
@@ -142,7 +176,10 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
                 n += linear_bytes_on_rank(lin, b, tp, quantization, e, group_size, skip_roles,
                                           moe_ranks=moe_ranks, expert_parallel=expert_parallel)
                 if lin.role == "kv_b" and b.attention.kind == "mla":
-                    n += math.ceil(lin.in_features * lin.out_features / tp) * e
+                    if mla_absorbed:
+                        n += mla_absorbed_bytes(b, tp, quantization, e, spec.hidden_size)
+                    else:
+                        n += math.ceil(lin.in_features * lin.out_features / tp) * e
             per_block[bi] = n
         total += per_block[bi]
     table = padded_vocab(spec.vocab_size, tp) * spec.hidden_size * e
@@ -214,7 +251,25 @@ def lora_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int 
 
 
 # ------------------------------------------------------------------------------------------ profile run
-def layer_peak_per_token(b: Block, tp: int, e: int, H: int) -> float:
+def mla_v0_prefill_elements(b: Block, tp: int, H: int, output_buffer: bool) -> int:
+    """Elements per token alive when an MLA layer of vLLM's V0 engine runs ``o_proj`` in its compute-friendly
+    prefill (no chunked prefill; ``attention/backends/mla/utils.py::_forward_prefill_flash`` v0.7.1-v0.7.3,
+    ``mla/common.py::_forward_prefill`` v0.8.0; ``DeepseekV2MLAAttention.forward``): the residual and the
+    normed input (2 x hidden); ``q_a_proj``'s output and its norm (2 x q_lora_rank, with query
+    compression); ``kv_a_proj``'s output (Lkv + R), the contiguous latent and its norm (2 x Lkv); the query
+    (N x qk_head); ``kv_b_proj``'s output (N x (P + V)); ``k = cat(k_nope, k_pe)`` and ``v`` padded to the
+    query width (2 x N x qk_head); the attention output cut to N x V; ``o_proj``'s output (hidden); and from
+    v0.8.0 the output buffer ``MLACommonImpl.forward`` allocates first (hidden). N = heads per rank."""
+    at = b.attention
+    n = at.num_heads // tp
+    lkv, rope = at.kv_lora_rank, at.qk_rope_head_dim
+    nope = at.head_dim - rope
+    q_lora = 2 * at.q_lora_rank if at.q_lora_rank else 0
+    return ((4 if output_buffer else 3) * H + q_lora + (lkv + rope) + 2 * lkv + n * at.head_dim
+            + n * (nope + at.v_head_dim) + 2 * n * at.head_dim + n * at.v_head_dim)
+
+
+def layer_peak_per_token(b: Block, tp: int, e: int, H: int, mla_v0_prefill: str | None = None) -> float:
     """Bytes per token alive at a decoder layer's peak in the engine's forward (vLLM model code, e.g.
     ``models/llama.py`` v0.6): the residual, the normed input and the output (3 x hidden), plus
 
@@ -225,11 +280,14 @@ def layer_peak_per_token(b: Block, tp: int, e: int, H: int) -> float:
       ``cache2`` (I_e/tp) and ``cache3`` (hidden), plus the shared experts' MLP and output.
 
     Checked against two V0 logs (vllm-gh10517-a/b: 20000 and 29000 profiled tokens of Llama-3.1-8B, within
-    0.5%)."""
+    0.5%). ``mla_v0_prefill`` ("0.7" or "0.8"): the MLA layers' moment is V0's prefill path
+    (:func:`mla_v0_prefill_elements`) where it is larger."""
     at = b.attention
     q = at.num_heads // tp * at.head_dim
     kv = max(1, at.num_kv_heads // tp) * at.head_dim if at.kind != "mla" else at.kv_lora_rank + at.qk_rope_head_dim
     attn = 3 * H + q + 2 * kv + at.num_heads // tp * at.v_head_dim
+    if at.kind == "mla" and mla_v0_prefill:
+        attn = max(attn, mla_v0_prefill_elements(b, tp, H, output_buffer=mla_v0_prefill == "0.8"))
     if b.moe is not None:
         m = b.moe
         routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H)
@@ -266,7 +324,7 @@ def sampler_bytes_per_logit(version: str, e: int) -> float:
 
 def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,
                  element_bytes: int = 2, sampler: str = "v1", dp: int = 1,
-                 expert_parallel: bool = False) -> tuple[int, str]:
+                 expert_parallel: bool = False, mla_v0_prefill: str | None = None) -> tuple[int, str]:
     """The torch peak of the profile run on one rank over the weights: the larger of the widest layer's
     moment (``tokens`` at once; the fused MoE caches capped at ``FUSED_MOE_CHUNK_TOKENS``) and, on the last
     stage, the sampler's moment (``seqs`` logit rows over the padded vocabulary, with the hidden states of
@@ -282,7 +340,7 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
     layer = 0.0
     for bi in mine:
         b = spec.blocks[bi]
-        per = layer_peak_per_token(b, tp, e, H)
+        per = layer_peak_per_token(b, tp, e, H, mla_v0_prefill)
         if b.moe is not None and dp > 1:
             m = b.moe
             width = m.expert_intermediate_size // tp if expert_parallel else math.ceil(m.expert_intermediate_size / (tp * dp))

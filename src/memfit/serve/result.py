@@ -137,6 +137,14 @@ class ServeEstimate:
     """One request of ``max_model_len`` fits (vLLM refuses to start otherwise)."""
     rule: str
     """Which version's accounting was applied."""
+    data_parallel: int = 1
+    """vLLM ``--data-parallel-size``: this many engines, each with this estimate's KV cache (GPUs in all:
+    ``data_parallel x tensor_parallel x pipeline_parallel``)."""
+    lora_bytes: int = 0
+    """vLLM ``--enable-lora``: the adapter slots' bytes on the worst rank (in ``weights_bytes`` where the
+    engine measures them with the weights, V1 and V0 before v0.6.5; beside them in V0 v0.6.5+)."""
+    lora_in_weights: bool = False
+    """Whether ``lora_bytes`` is part of ``weights_bytes`` (deducted from the KV cache)."""
     ranks: list[dict[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

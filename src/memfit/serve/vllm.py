@@ -16,9 +16,13 @@ Sources (github.com/vllm-project/vllm, by tag):
 - MXFP4 MoE weights on Hopper (v0.10.1+): padded, swizzled, with the checkpoint's scales kept
   (:func:`memfit.serve.memory.mxfp4_moe_extra_bytes`); other cards' MXFP4 backends (Marlin on Ampere,
   FlashInfer on Blackwell) lay the experts out differently and are counted as the checkpoint;
-- v0.21+ V1: the CUDA-graph memory estimate (``profile_cudagraph_memory``) is deducted as well
-  (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` on by default "since v0.21", as vLLM's start-up hint quoted in
-  eugr/spark-vllm-docker#396 and the kvcache-lab notes put it; earlier versions only log it).
+- v0.20+ V1: the CUDA-graph memory estimate (``GPUModelRunner.profile_cudagraph_memory``) is deducted as
+  well: ``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS`` defaults to "1" in ``vllm/envs.py`` of the v0.20.0,
+  v0.21.0 and v0.26.0 wheels and to "0" in v0.19.0, whose ``v1/worker/gpu_worker.py::determine_available_memory``
+  measures the estimate but only logs it ("This will become the default in v0.19", a hint that shipped one
+  release early). vLLM's estimate is a measurement (two graphs of each capture mode captured into a scratch
+  pool, ``mem_get_info`` before and after); memfit's :func:`cuda_graph_estimate` is a rough model of it,
+  which is why v0.20+ is accepted but not claimed (:data:`memfit.serve.SUPPORTED_VERSIONS`).
 
 ``gpu_memory_utilization`` is a fraction of the card's *total* memory in every version.
 """
@@ -50,7 +54,7 @@ NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: same (``rule_of``); the constant is reused there, not refitted.
 CUDA_CONTEXT_V063_BYTES = int(0.35 * GiB)
 #: CUDA graphs: per captured batch size, the graph's own bookkeeping on top of the shared memory pool.
-#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.21+.
+#: An assumption (a few MiB per graph); only deducted from the KV cache by v0.20+.
 CUDA_GRAPH_PER_SIZE_BYTES = 4 * MiB
 
 
@@ -59,6 +63,15 @@ def hopper(gpu_name: str) -> bool:
     import re
 
     return bool(re.search(r"\b(g?h(100|200|800|20))\b", gpu_name.lower().replace("-", " ")))
+
+
+def unified_memory(gpu_name: str) -> bool:
+    """Whether the card shares its memory with the CPU (GB10 / DGX Spark), where NVML reports no device memory:
+    vLLM's per-card defaults then see 0 bytes (``engine/arg_utils.py`` v0.19.0: ``device_memory = 0`` when
+    ``get_device_total_memory`` raises). Seen in vllm-guardkit-qwen3-30b-a3b-fp8-gb10 (tuning): its
+    ``max_num_batched_tokens=2048`` is the small-card default."""
+    low = gpu_name.lower()
+    return "gb10" in low or "dgx spark" in low
 
 
 def mode_of(cfg: ServeConfig, version: tuple[int, int, int]) -> str:
@@ -92,7 +105,11 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
       (``_set_default_args_v0``) leave it off for MLA, multimodal and sliding-window models;
     - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
       other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
-      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024).
+      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024). The card's
+      memory is NVML's (``CudaPlatform.get_device_total_memory``: ``nvmlDeviceGetMemoryInfo``, v0.19.0
+      ``platforms/cuda.py``), and ``_set_default_args`` takes 0 when that raises, as it does on the unified
+      memory of a GB10 (DGX Spark): the small-card defaults apply there whatever the 119 GiB torch reports
+      (:func:`unified_memory`).
     """
     if mode == "v0":
         seqs = cfg.max_num_seqs or 256
@@ -113,7 +130,7 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
-    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower()
+    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower() and not unified_memory(cfg.gpu_name)
     seqs = cfg.max_num_seqs or (1024 if big or version < (0, 10, 0) else 256)
     tokens = cfg.max_num_batched_tokens or (8192 if big else 2048)
     return seqs, tokens, "flag" if cfg.max_num_batched_tokens else "V1 default for vllm serve"
@@ -155,7 +172,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     total = cfg.gpu_memory_bytes
     hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
     cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
-    cg_deducted = mode == "v1" and version >= (0, 21, 0) and cg > 0
+    cg_deducted = mode == "v1" and version >= (0, 20, 0) and cg > 0
     multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
     single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
     dp = cfg.data_parallel
@@ -182,6 +199,20 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
                      "profiling (worker/model_runner.py::load_model, worker/worker.py), so they are not "
                      "deducted from the KV cache (they still take memory beyond gpu_memory_utilization)")
 
+    # vLLM v0.7.1-v0.7.3 materialize MLA's absorbed W_Q_UK / W_UV_O after loading (memory.mla_absorbed_bytes);
+    # PR #14770 removed them before v0.8.0. Only unquantized and FP8 MLA layers take that path.
+    absorbed = (0, 7, 1) <= version < (0, 8, 0) and any(b.attention.kind == "mla" for b in spec.blocks)
+    if absorbed and quantization not in ("none", "fp8"):
+        notes.append(f"MLA with {quantization} weights: vLLM 0.7.x supports MLA only for unquantized and FP8 "
+                     "layers (others need VLLM_MLA_DISABLE=1, a full per-head cache memfit does not model)")
+        absorbed = False
+    if absorbed:
+        notes.append("vLLM 0.7.1-0.7.3 keep MLA's absorbed W_Q_UK / W_UV_O matrices beside the weights "
+                     "(VLLM_MLA_PERFORM_MATRIX_ABSORPTION=1, removed in v0.8.0)")
+    # V0's MLA backend (v0.7.1+) runs the compute-friendly prefill over the whole profile batch
+    mla_prefill = None
+    if mode == "v0" and version >= (0, 7, 1) and any(b.attention.kind == "mla" for b in spec.blocks):
+        mla_prefill = "0.8" if version >= (0, 8, 0) else "0.7"
     ranks = []
     for stage in range(pp):
         layers = K.layer_kv_specs(spec, tp=tp, element_bytes=kv_e, layers=K.layers_on_stage(spec.num_layers, pp, stage))
@@ -189,17 +220,19 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             layers = K.aligned_mla(layers)
         w = weights_on_rank(spec, tp=tp, pp=pp, stage=stage, quantization=quantization, element_bytes=e,
                             group_size=group_size, skip_roles=skip_roles, vision=not cfg.text_only,
-                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel)
+                            moe_ranks=tp * dp if dp > 1 else None, expert_parallel=cfg.enable_expert_parallel,
+                            mla_absorbed=absorbed)
         if quantization == "mxfp4" and hopper(cfg.gpu_name) and version >= (0, 10, 1):
             w += mxfp4_moe_extra_bytes(spec, tp=tp, pp=pp, stage=stage)
+        lora = lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
+                                  max_lora_rank=cfg.max_lora_rank, element_bytes=e) if cfg.enable_lora else 0
         if lora_charged:
             # V1 gpu_model_runner.py::load_model (v0.8-v0.11) builds the LoRA model inside the
             # DeviceMemoryProfiler of the weights: "Model loading took" includes the adapter slots
-            w += lora_bytes_on_rank(spec, tp=tp, pp=pp, stage=stage, max_loras=cfg.max_loras,
-                                    max_lora_rank=cfg.max_lora_rank, element_bytes=e)
+            w += lora
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
-                                   expert_parallel=cfg.enable_expert_parallel)
+                                   expert_parallel=cfg.enable_expert_parallel, mla_v0_prefill=mla_prefill)
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
@@ -207,13 +240,13 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             blocks = max(0, available // blk) if blk else 0
             ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
                           "num_gpu_blocks": int(blocks), "block_bytes": blk, "moment": moment,
-                          "kv_bytes_per_token": per_tok})
+                          "kv_bytes_per_token": per_tok, "lora_bytes": lora})
         else:
             g = K.v1_groups(layers, block_size, hybrid=hybrid)
             blocks = K.v1_num_blocks(available, g)
             ranks.append({"stage": stage, "weights_bytes": w, "activation_peak_bytes": act, "kv_cache_bytes": available,
                           "num_gpu_blocks": int(blocks), "block_bytes": g.page_bytes * g.group_size, "moment": moment,
-                          "kv_bytes_per_token": per_tok, "_groups": g})
+                          "kv_bytes_per_token": per_tok, "lora_bytes": lora, "_groups": g})
     worst = min(ranks, key=lambda r: r["num_gpu_blocks"])
     per_token = worst["kv_bytes_per_token"]
     blocks = worst["num_gpu_blocks"]
@@ -245,7 +278,9 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
         non_torch_bytes=non_torch, cuda_graph_bytes=cg, cuda_graph_deducted=cg_deducted,
         kv_cache_bytes=max(0, worst["kv_cache_bytes"]), kv_bytes_per_token=int(per_token), block_size=block_size,
         num_gpu_blocks=blocks, kv_cache_tokens=kv_tokens, max_concurrency=round(concurrency, 4),
-        max_model_len_fits=fits_len, fits=fits, rule=rule, ranks=ranks, notes=notes)
+        max_model_len_fits=fits_len, fits=fits, rule=rule, data_parallel=dp, lora_bytes=worst["lora_bytes"],
+        lora_in_weights=bool(lora_charged and worst["lora_bytes"]),
+        ranks=ranks, notes=notes)
 
 
 def non_kv_bytes(est: ServeEstimate) -> int:

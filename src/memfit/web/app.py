@@ -116,7 +116,8 @@ def create_app(*, root: str | Path | None = None, allow_hub: bool = False):
         gpu_memory: Optional[str] = Field(None, description="the total the driver reports: 79.19GiB")
         config: Optional[dict[str, Any]] = Field(None, description="a pasted config.json (replaces model)")
         flags: Optional[dict[str, Any]] = Field(None, description="engine flags: tensor_parallel, max_model_len, "
-                                                "gpu_memory_utilization, kv_cache_dtype, ...")
+                                                "gpu_memory_utilization, kv_cache_dtype, data_parallel, "
+                                                "enable_lora, max_loras, max_lora_rank, ...")
 
     app = FastAPI(title="memfit", version=__version__,
                   description="GPU memory of LLM jobs: the estimate, the fit verdict and the plan.")
