@@ -332,7 +332,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         embed_grads = [late] if late > 0 else []
     # optimizer states and the foreach scratch follow ``model.parameters()``: embeddings, layers, final norm, head
     all_grads = embed_grads + [x for g in layer_grads for x in g] + head_grads[::-1]
-    n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "adafactor": 2}.get(job.optimizer, 1)
+    n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "paged-adamw-8bit": 2, "paged-adamw": 2,
+                "adafactor": 2}.get(job.optimizer, 1)
     state_tensors = _scaled([x for x in all_grads for _ in range(n_states)], opt_states)
     step_temp = st.optimizer_step_temp_bytes(spec, job)
     if job.optimizer in ("adamw", "adam"):
