@@ -284,7 +284,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             at = b.attention
             width = (b.moe.routed_copies * b.moe.expert_intermediate_size if b.moe is not None
                      else (b.mlp.intermediate_size if b.mlp is not None else 0))
-            stash[bi] = T * res * (2 * H + at.num_heads * at.v_head_dim + width) * act_share
+            stash[bi] = [T * res * x * act_share for x in (H, at.num_heads * at.v_head_dim, H, width)]
     # final norm output kept for the head, and its fp32 input
     final_saved = [x * seq_share for x in [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])]
     final_norm_temps = (spec.head == "causal_lm" and has_head and bool(layers)
@@ -416,7 +416,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             for _ in range(rank.in_flight - 1):
                 for bi in layers:
                     if ckpt:
-                        waiting.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
+                        waiting.append(s.alloc(layer_input + sum(stash.get(bi, ())), "activations"))
                     else:
                         waiting += [s.alloc(n, "activations") for n, saved, _held, _until in layer_tensors[bi] if saved]
         if hooks is not None:
@@ -431,7 +431,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             caches.append([s.alloc(c, "autocast_cache") for c in cache_layers[i]])
             mine: list[int] = []
             if ckpt:
-                mine.append(s.alloc(layer_input + stash.get(bi, 0), "activations"))
+                mine.append(s.alloc(layer_input, "activations"))
             pending, held, scoped = -1, [], {}
             for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                 if i == 0 and j == 0 and emb_out >= 0 and emb_first:
@@ -454,6 +454,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.free_all(held)
             if not ckpt:
                 mine.append(s.alloc(merged[bi], "activations"))
+            # the int8 linears' stashed inputs, one tensor each (made within the layer, kept past its return)
+            mine += [s.alloc(x, "activations") for x in stash.get(bi, ())]
             kept.append(mine)
             if hooks is not None:
                 hooks.post_forward(s, i)
@@ -909,7 +911,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     peak = sum(comps.values())
     expandable = bool(getattr(job, "expandable_segments", False))
     run = replay(stream, expandable_segments=expandable)
-    ctx = cuda_context_bytes(job.task)
+    ctx = cuda_context_bytes(job.task, job.quantization)
     # paged optimizer state is CUDA unified memory: resident on the GPU while there is room, so nvidia-smi
     # counts it even though PyTorch's allocator does not
     paged = st.paged_optimizer_host_bytes(spec, job)
@@ -972,7 +974,7 @@ def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec) -> bool:
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
     stream, comps, *_ = _stream(spec, job, fit=True)
-    cap = gpu_memory_bytes - cuda_context_bytes(job.task) - st.paged_optimizer_host_bytes(spec, job)
+    cap = gpu_memory_bytes - cuda_context_bytes(job.task, job.quantization) - st.paged_optimizer_host_bytes(spec, job)
     if sum(comps.values()) > cap:
         return False  # the tensors alone do not fit: no replay needed
     return replay(stream, capacity_bytes=cap,
