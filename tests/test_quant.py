@@ -131,3 +131,36 @@ def test_qlora_dequantized_weights_are_temporaries_of_each_call(batch, seq, forw
 def test_bnb_row_tier_answers_as_the_rows(m):
     for n, k in ((14336, 4096), (3072, 768), (1024, 1024)):
         assert quant.bnb_dequantizes(quant.bnb_row_tier(m), n, k) == quant.bnb_dequantizes(m, n, k)
+
+
+def _record(file: str, name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    recs = json.loads((Path(__file__).resolve().parents[1] / "validation" / "records" / file).read_text())
+    return next(r for r in recs if r.get("name") == name)
+
+
+@pytest.mark.parametrize("file,name", [
+    ("h100-quant.json", "full-paged8bit-qwen2.5-0.5b"),  # -12.2% before the backward thread's cuBLAS workspace
+    ("h100-single-a.json", "llama-3.2-1b-full-sgd"),  # +12.0% with it but without the final norm's fp32 transients
+])
+def test_reserve_follows_the_backward_workspace(file, name):
+    """The reserve a paged optimizer leaves to PyTorch is the plain run's: its step-0 reserve plus the vocab-sized
+    segment that the backward thread's cuBLAS workspace pins (traced: 16.90 GiB for the same stream under SGD).
+    Tolerance 3%: the layer layout of the estimate still differs from the trace by ~2% on this model."""
+    rec = _record(file, name)
+    bd = estimate(Job.from_dict(rec["job"]))
+    measured = rec["breakdown"]["peak_reserved_bytes"]
+    assert abs(bd.peak_reserved_bytes - measured) / measured < 0.03
+
+
+def test_int8_device_total_counts_bitsandbytes_context():
+    """LLM.int8's own cuBLASLt context is outside PyTorch's allocator: nvidia-smi's total less the reserve is the
+    measured 816.8 MiB for int8 training (h100-quant.json, both runs), 50 MiB over an unquantized run."""
+    job = Job(model="llama-3.2-1b", method="lora", quantization="int8", precision="bf16-true", batch_size=1,
+              seq_len=256)
+    bd = estimate(job)
+    plain = estimate(job.replace(quantization="none"))
+    assert bd.device_total_bytes - bd.peak_reserved_bytes == (plain.device_total_bytes - plain.peak_reserved_bytes
+                                                              + (50 << 20))
