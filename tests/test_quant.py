@@ -58,12 +58,27 @@ def test_adam_8bit_states():
     # ~2 bytes per parameter (+ fp32 absmax per 256); the 2048-wide norm vectors keep fp32 states
     assert 2.0 < states / spec.parameters < 2.1
     paged = job.replace(optimizer="paged-adamw-8bit")
-    assert st.optimizer_state_bytes(spec, paged) == 0  # not in PyTorch's allocator ...
-    host = st.paged_optimizer_host_bytes(spec, paged)  # ... but in unified memory, as many bytes per parameter
-    assert 2.0 < host / spec.parameters < 2.1
-    assert st.paged_optimizer_host_bytes(spec, job.replace(optimizer="paged-adamw")) == 8 * spec.parameters
+    # bitsandbytes' get_state_buffer pages only the states of tensors of >= 1e5 elements; the absmax and the small
+    # tensors' states stay in PyTorch's allocator. Same bytes in all, split between the two.
+    device = st.optimizer_state_bytes(spec, paged)
+    host = st.paged_optimizer_host_bytes(spec, paged)
+    assert device + host == states
+    assert 0.031 < device / spec.parameters < 0.033  # 2 x 4 bytes of absmax per 256 values, the norms in fp32
+    assert 1.99 < host / spec.parameters < 2.0
+    p32 = job.replace(optimizer="paged-adamw")
+    assert st.paged_optimizer_host_bytes(spec, p32) + st.optimizer_state_bytes(spec, p32) == 8 * spec.parameters
     bd = estimate(paged)
-    assert bd.device_total_bytes - bd.peak_reserved_bytes > states  # resident on the GPU while it fits
+    assert bd.device_total_bytes - bd.peak_reserved_bytes > host  # resident on the GPU while it fits
+
+
+def test_paged_state_split_matches_the_measured_run():
+    """full-paged8bit-qwen2.5-0.5b (validation/records/h100-quant.json): the measure engine found 987922432 bytes
+    of paged state (tensors with ``is_paged``) and 16010752 bytes of state in PyTorch's allocator. The paged part
+    is exact; the device part within 2 KiB (absmax blocks are rounded up per tensor, here over the total)."""
+    spec = load_model("qwen2.5-0.5b")
+    job = Job(model="qwen2.5-0.5b", precision="bf16-true", optimizer="paged-adamw-8bit", batch_size=4, seq_len=1024)
+    assert st.paged_optimizer_host_bytes(spec, job) == 987922432
+    assert abs(st.optimizer_state_bytes(spec, job) - 16010752) <= 4096
 
 
 def test_bnb_dequantizes_follows_its_sm90_tiers():
@@ -116,3 +131,36 @@ def test_qlora_dequantized_weights_are_temporaries_of_each_call(batch, seq, forw
 def test_bnb_row_tier_answers_as_the_rows(m):
     for n, k in ((14336, 4096), (3072, 768), (1024, 1024)):
         assert quant.bnb_dequantizes(quant.bnb_row_tier(m), n, k) == quant.bnb_dequantizes(m, n, k)
+
+
+def _record(file: str, name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    recs = json.loads((Path(__file__).resolve().parents[1] / "validation" / "records" / file).read_text())
+    return next(r for r in recs if r.get("name") == name)
+
+
+@pytest.mark.parametrize("file,name", [
+    ("h100-quant.json", "full-paged8bit-qwen2.5-0.5b"),  # -12.2% before the backward thread's cuBLAS workspace
+    ("h100-single-a.json", "llama-3.2-1b-full-sgd"),  # +12.0% with it but without the final norm's fp32 transients
+])
+def test_reserve_follows_the_backward_workspace(file, name):
+    """The reserve a paged optimizer leaves to PyTorch is the plain run's: its step-0 reserve plus the vocab-sized
+    segment that the backward thread's cuBLAS workspace pins (traced: 16.90 GiB for the same stream under SGD).
+    Tolerance 3%: the layer layout of the estimate still differs from the trace by ~2% on this model."""
+    rec = _record(file, name)
+    bd = estimate(Job.from_dict(rec["job"]))
+    measured = rec["breakdown"]["peak_reserved_bytes"]
+    assert abs(bd.peak_reserved_bytes - measured) / measured < 0.03
+
+
+def test_int8_device_total_counts_bitsandbytes_context():
+    """LLM.int8's own cuBLASLt context is outside PyTorch's allocator: nvidia-smi's total less the reserve is the
+    measured 816.8 MiB for int8 training (h100-quant.json, both runs), 50 MiB over an unquantized run."""
+    job = Job(model="llama-3.2-1b", method="lora", quantization="int8", precision="bf16-true", batch_size=1,
+              seq_len=256)
+    bd = estimate(job)
+    plain = estimate(job.replace(quantization="none"))
+    assert bd.device_total_bytes - bd.peak_reserved_bytes == (plain.device_total_bytes - plain.peak_reserved_bytes
+                                                              + (50 << 20))
