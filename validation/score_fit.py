@@ -20,9 +20,10 @@ For every record with a measured boundary B (the largest micro-batch that ran on
 
 Probes (``kind: probe`` entries, e.g. validation/records/h200-fit-probes.json): a single batch of a pair's job
 run on the same card as the first and only trial of a fresh process, as a user runs it. They add to the pair's
-trials, and where one ran at a batch above the search's B, that batch is the real boundary (the largest
-micro-batch measured to run; every batch between it and the search's failing trials failed) and its run gives the
-reserved and device-total figures. Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
+trials and decide the verdict at their batch (the search's later trials run on an address space the earlier ones
+left, which changes where equal-sized free blocks lie); the real boundary is then the largest batch measured to
+run, and its run gives the reserved and device-total figures. A probe marked ``supersedes_search`` replaces the
+search's trials altogether (the search ran another job: see its note). Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
 before any result existed) are printed separately; the bars are asserted on all pairs together.
 Records with an error or timeout are listed and not scored. Exit status 1 when a bar is missed.
 """
@@ -74,11 +75,16 @@ def load_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
 def _same_job(probe: dict[str, Any], rec: dict[str, Any]) -> bool:
     """A probe counts for a pair only when it ran the pair's job (its batch apart) on the pair's card."""
     bd = (probe.get("record") or {}).get("breakdown") or {}
-    pj = dict(bd.get("job") or (probe.get("record") or {}).get("job") or {})
-    rj = dict(rec["job"])
+    if bd:
+        pj = Job.from_dict(bd["job"]).to_dict()
+        card = bd.get("gpu_memory_bytes")
+    else:  # a probe whose record did not come back: its job and card as it states them
+        pj = Job.from_dict(probe["job"]).to_dict()
+        card = probe.get("gpu_memory_bytes")
+    rj = Job.from_dict(rec["job"]).to_dict()
     pj.pop("batch_size", None)
     rj.pop("batch_size", None)
-    return pj == rj and int(bd.get("gpu_memory_bytes") or -1) == int(rec["gpu_memory_bytes"])
+    return pj == rj and int(card or -1) == int(rec["gpu_memory_bytes"])
 
 
 def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
@@ -89,11 +95,22 @@ def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
     card = int(rec["gpu_memory_bytes"])
     measured = int(rec["max_batch_size"])
     bd = rec.get("breakdown")
-    trials = list((rec.get("find_max_batch") or {}).get("trials") or [])
-    for pr in rec.get("probes", ()):
-        trials.append({"batch_size": int(pr["batch_size"]), "ok": bool(pr["ok"])})
-        if pr["ok"] and int(pr["batch_size"]) > measured:
-            measured, bd = int(pr["batch_size"]), (pr.get("record") or {}).get("breakdown")
+    probes = rec.get("probes", ())
+    search = list((rec.get("find_max_batch") or {}).get("trials") or [])
+    if any(pr.get("supersedes_search") for pr in probes):
+        search = []  # the search ran another job (see the probe's note): only the probes count
+    verdict = {int(t["batch_size"]): (bool(t["ok"]), t) for t in search}
+    for pr in probes:  # a first trial in a fresh process is how a user runs the job: it decides its batch
+        rb = (pr.get("record") or {}).get("breakdown")
+        verdict[int(pr["batch_size"])] = (bool(pr["ok"]), rb)
+    trials = [{"batch_size": b, "ok": ok} for b, (ok, _) in sorted(verdict.items())]
+    ran = [b for b, (ok, _) in verdict.items() if ok]
+    if probes:
+        measured = max(ran) if ran else 0
+        src = verdict[measured][1] if ran else None
+        if measured != rec["max_batch_size"] or any(int(p["batch_size"]) == measured for p in probes):
+            # the run at the real boundary: a probe's breakdown, or the search's trial at that batch
+            bd = src if (src is None or "peak_reserved_bytes" in src) else None
     answer = max_batch_size(job, card)
     row: dict[str, Any] = {"name": rec.get("name", job.model), "holdout": bool(rec.get("holdout")),
                            "card_gib": card / GiB, "expandable_segments": job.expandable_segments,
