@@ -479,6 +479,12 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
                 continue
         except _Broken:
             continue
+        if budget < mem:
+            # a capped replay is not monotone in the cap either (a lower cap frees the cache earlier and can
+            # pack better): what fits the card less the margin must also fit the card itself
+            stats["replays"] += 1
+            if not fits_on(cj, mem, spec):
+                continue
         b = s.verdicts[i][1]
         out.append(Candidate(job=cj, fits=True, device_total_bytes=b.device_total_bytes,
                              headroom_bytes=mem - b.device_total_bytes, accumulation=acc,
