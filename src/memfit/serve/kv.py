@@ -70,6 +70,26 @@ def _layer_kv(at: Attention, tp: int, e: int, *, mla_enabled: bool = True) -> La
     return LayerKV(kind, max(1, heads // tp), head, e, at.sliding_window)
 
 
+def block_order(spec: ModelSpec) -> list[int]:
+    """The block index of each layer of ``spec``, in model order (``layer_blocks`` where the spec has them)."""
+    if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers:
+        return list(spec.layer_blocks)
+    return [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+
+
+def sum_over_stage(spec: ModelSpec, pp: int, stage: int, per_block) -> int:
+    """``per_block(block)`` summed over the layers of pipeline ``stage`` (each block's value computed once)."""
+    order = block_order(spec)
+    cache: dict[int, int] = {}
+    total = 0
+    for li in layers_on_stage(len(order), pp, stage):
+        bi = order[li]
+        if bi not in cache:
+            cache[bi] = per_block(spec.blocks[bi])
+        total += cache[bi]
+    return total
+
+
 def layers_on_stage(num_layers: int, pp: int, stage: int) -> range:
     """Layer indices held by pipeline stage ``stage``: ``num_layers // pp`` each, the remainder going one
     each to the stages before the last (vLLM ``vllm/distributed/utils.py::get_pp_indices``, v0.6-v0.11)."""
@@ -83,8 +103,7 @@ def layers_on_stage(num_layers: int, pp: int, stage: int) -> range:
 def layer_kv_specs(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2,
                    layers: range | None = None) -> list[LayerKV]:
     """The KV spec of every attention layer of ``spec`` on one rank, in model order."""
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    order = block_order(spec)
     if layers is not None:
         order = [order[i] for i in layers]
     return [_layer_kv(spec.blocks[bi].attention, tp, element_bytes) for bi in order]

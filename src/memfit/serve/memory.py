@@ -17,7 +17,7 @@ import math
 
 from ..estimator import quant
 from ..models.spec import Block, ModelSpec
-from .kv import layers_on_stage
+from .kv import block_order, layers_on_stage, sum_over_stage
 
 #: vLLM's ``DEFAULT_VOCAB_PADDING_SIZE`` (``vocab_parallel_embedding.py``): the vocabulary is padded to a
 #: multiple of 64 before it is split over the TP ranks.
@@ -162,8 +162,7 @@ def weights_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int = 0
     copies of ``kv_b_proj`` that vLLM builds after loading (``MLACommonImpl.process_weights_after_loading``),
     or with ``mla_absorbed`` (vLLM v0.7.1-v0.7.3) the materialized matrices of :func:`mla_absorbed_bytes`."""
     e = element_bytes
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    order = block_order(spec)
     mine = layers_on_stage(len(order), pp, stage)
     per_block: dict[int, int] = {}
     total = 0
@@ -224,22 +223,17 @@ def lora_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: int 
     Routed experts are not LoRA layers in these versions. Where vLLM charges these bytes depends on the
     engine (:func:`memfit.serve.vllm.estimate`)."""
     e, r, n = element_bytes, max_lora_rank, max_loras
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
-    per_block: dict[int, int] = {}
-    total = 0
-    for li in layers_on_stage(len(order), pp, stage):
-        bi = order[li]
-        if bi not in per_block:
-            b = spec.blocks[bi]
-            elems = 0
-            for lin in b.linears:
-                slices = _LORA_SLICES.get(lin.role)
-                if slices is None or lin.count != 1:
-                    continue
-                elems += slices * r * _in_on_rank(lin, tp) + _out_on_rank(lin, b, tp) * r
-            per_block[bi] = elems * n * e
-        total += per_block[bi]
+
+    def block_bytes(b: Block) -> int:
+        elems = 0
+        for lin in b.linears:
+            slices = _LORA_SLICES.get(lin.role)
+            if slices is None or lin.count != 1:
+                continue
+            elems += slices * r * _in_on_rank(lin, tp) + _out_on_rank(lin, b, tp) * r
+        return elems * n * e
+
+    total = sum_over_stage(spec, pp, stage, block_bytes)
     if spec.model_type in _LORA_EMBEDDING_FAMILIES:
         H, V = spec.hidden_size, spec.vocab_size
         if stage == 0:
@@ -334,8 +328,7 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
     default ``naive`` all-to-all gathers the DP group's hidden states before the experts, v0.9-v0.11), each
     expert split over ``dp x tp`` ranks, or whole with ``expert_parallel``."""
     e, H = element_bytes, spec.hidden_size
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    order = block_order(spec)
     mine = {order[i] for i in layers_on_stage(len(order), pp, stage)}
     layer = 0.0
     for bi in mine:
@@ -379,8 +372,7 @@ def weight_tensors_on_rank(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: 
     Quantized weights count as one tensor with their scales (a simplification: a few extra allocations of
     scales are not modelled). The sizes add up to :func:`weights_on_rank` (with the same rope dtype)."""
     e = element_bytes
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
+    order = block_order(spec)
     per_block: dict[int, list[int]] = {}
     sizes: list[int] = []
     first, last = stage == 0, stage == pp - 1
@@ -454,30 +446,25 @@ def mxfp4_moe_extra_bytes(spec: ModelSpec, *, tp: int = 1, pp: int = 1, stage: i
       registered, so every scale byte is held twice (the swizzled copy is taken as the same size);
     - the bf16 expert biases become float32 (two more bytes each).
     """
-    order = list(spec.layer_blocks) if spec.layer_blocks and len(spec.layer_blocks) == spec.num_layers \
-        else [i for i, b in enumerate(spec.blocks) for _ in range(b.count)]
-    per_block: dict[int, int] = {}
-    total = 0
-    for li in layers_on_stage(len(order), pp, stage):
-        bi = order[li]
-        if bi not in per_block:
-            b = spec.blocks[bi]
-            extra = 0
-            if b.moe is not None:
-                width = math.ceil(b.moe.expert_intermediate_size / tp)
-                padded = math.ceil(width / 64) * 64
-                for lin in b.linears:
-                    if not lin.role.startswith("expert"):
-                        continue
-                    if lin.role == "expert_down":  # row-parallel: the width is the input
-                        i_now, o_now, i_pad, o_pad = width, lin.out_features, padded, lin.out_features
-                    else:  # gate_up (2 x width rows), or a separate gate / up
-                        mult = 2 if lin.role == "expert_gate_up" else 1
-                        i_now, o_now, i_pad, o_pad = lin.in_features, mult * width, lin.in_features, mult * padded
-                    pad = mxfp4_bytes(i_pad, o_pad) - mxfp4_bytes(i_now, o_now)
-                    scales = o_pad * math.ceil(i_pad / 32)
-                    bias = 2 * o_pad if lin.bias else 0
-                    extra += (pad + scales + bias) * lin.count
-            per_block[bi] = extra
-        total += per_block[bi]
-    return total
+
+    def block_bytes(b: Block) -> int:
+        if b.moe is None:
+            return 0
+        extra = 0
+        width = math.ceil(b.moe.expert_intermediate_size / tp)
+        padded = math.ceil(width / 64) * 64
+        for lin in b.linears:
+            if not lin.role.startswith("expert"):
+                continue
+            if lin.role == "expert_down":  # row-parallel: the width is the input
+                i_now, o_now, i_pad, o_pad = width, lin.out_features, padded, lin.out_features
+            else:  # gate_up (2 x width rows), or a separate gate / up
+                mult = 2 if lin.role == "expert_gate_up" else 1
+                i_now, o_now, i_pad, o_pad = lin.in_features, mult * width, lin.in_features, mult * padded
+            pad = mxfp4_bytes(i_pad, o_pad) - mxfp4_bytes(i_now, o_now)
+            scales = o_pad * math.ceil(i_pad / 32)
+            bias = 2 * o_pad if lin.bias else 0
+            extra += (pad + scales + bias) * lin.count
+        return extra
+
+    return sum_over_stage(spec, pp, stage, block_bytes)
