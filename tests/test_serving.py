@@ -653,3 +653,13 @@ def test_v0_mla_prefill_moment_from_the_source():
     llama = load_model("llama-3.1-8b")
     b = llama.blocks[0]
     assert layer_peak_per_token(b, 1, 2, 4096, "0.8") == layer_peak_per_token(b, 1, 2, 4096)
+
+
+@pytest.mark.parametrize("flag", ["--data-parallel", "--tensor-parallel", "--max-model-len"])
+def test_cli_zero_is_refused_not_read_as_unset(flag, capsys):
+    # 0 used to be dropped with the flags not given (a falsy value), so `--data-parallel 0` ran as 1
+    from memfit.cli import main
+
+    assert main(["serve", "llama-3.1-8b", "--gpu", "h100-80gb", flag, "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must be a whole number >= 1; got 0" in err[0]

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import JobError
     from ..serve import fewest_gpus, min_utilization, serve
 
-    flags = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) not in (None, False)}
+    # `is` checks: a 0 the user typed (--data-parallel 0) must reach the check, not read as "not given"
+    flags = {k: v for k in _FLAGS if (v := getattr(args, k)) is not None and v is not False}
     common = dict(engine=args.engine, gpu=args.gpu, gpu_memory=args.gpu_memory)
     if args.gpu is None and args.gpu_memory is None:
         raise JobError("name the card: --gpu h100-80gb (memfit gpus) or --gpu-memory 79.19GiB")
