@@ -14,11 +14,10 @@ run() { # name record batch limit(or 0) [env]
 # wave 1: about 118 GiB together
 run olmoe-b110-cap h3-olmoe-1b-7b-generate 110 50830770176 &
 run qwen7b-prefill-b21-cap h3-qwen2.5-7b-prefill-4k 21 42240835584 &
-run llama1b-lora-4k-b2 h3-llama-3.2-1b-lora-attn-ckpt-4k 2 0 &
-run phi3-prefill-b47-exp h3-phi-3-mini-prefill-2k-exp 47 0 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True &
+run llama1b-lora-4k-b2-cap h3-llama-3.2-1b-lora-attn-ckpt-4k 2 16471031808 &
 wait
 # wave 2
-run llama8b-lora-b2 h3-llama-3.1-8b-lora-ckpt-24g 2 0 &
+run llama8b-lora-b2-cap h3-llama-3.1-8b-lora-ckpt-24g 2 25060966400 &
 run llama3b-gen-b173-cap h3-llama-3.2-3b-generate-256 173 16471031808 &
 run olmoe-b109-cap h3-olmoe-1b-7b-generate 109 50830770176 &
 wait

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
 
     job = dict(json.loads(a.job))
     job["batch_size"] = a.batch
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.init()
     total = torch.cuda.get_device_properties(dev).total_memory
     if a.limit_bytes:
