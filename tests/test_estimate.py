@@ -248,3 +248,39 @@ def test_layer_replay_matches_the_traced_layer(model, kw, traced):
     second = spec.layer_blocks[1] if spec.layer_blocks else len(spec.blocks) - 1
     got = saved_bytes_per_token(spec, second, mode)
     assert abs(got - traced) <= 0.002 * traced, (got, traced)
+
+
+def test_moe_decode_gathers_expert_weights_as_batched_mm():
+    """generate() decodes fused-expert MoE models with batched_mm on a GPU: each (token, expert) pair copies
+    that expert's gate/up and down weights, and the decode step's peak holds both copies of one layer."""
+    from memfit.estimator import _decode_expert_gathers
+    from memfit.models import load_model
+
+    spec = load_model("olmoe-1b-7b")
+    moe = next(b for b in spec.blocks if b.moe is not None)
+    m = moe.moe
+    up, down = _decode_expert_gathers(spec, moe, 8, 2)
+    assert up == 8 * m.top_k * 2 * m.expert_intermediate_size * spec.hidden_size * 2
+    assert down == 8 * m.top_k * m.expert_intermediate_size * spec.hidden_size * 2
+    assert _decode_expert_gathers(load_model("llama-3.2-1b"), load_model("llama-3.2-1b").blocks[0], 8, 2) == ()
+    job = Job(model="olmoe-1b-7b", task="infer", precision="bf16-true", batch_size=64, prompt_len=128,
+              new_tokens=4)
+    bd = estimate(job)
+    # the decode phase peaks above the weights and the cache by at least both copies of one layer
+    assert bd.phases["decode"] - bd.components["weights"] - bd.components["kv_cache"] >= up / 8 * 64 + down / 8 * 64
+    prefill_only = estimate(job.replace(new_tokens=0))
+    assert bd.phases["decode"] > prefill_only.peak_allocated_bytes
+
+
+def test_prefill_only_sliding_mask_is_not_per_sequence():
+    """A forward without an attention mask broadcasts the sliding-window mask ([1, 1, P, P], expanded to the
+    batch as a view); generate() passes a mask and materialises [B, 1, P, P]."""
+    from memfit.estimator import _sliding_mask_bytes
+    from memfit.models import load_model
+
+    spec = load_model("phi-3-mini")
+    prefill = Job(model="phi-3-mini", task="infer", precision="bf16-true", batch_size=47, prompt_len=2048,
+                  new_tokens=0)
+    assert _sliding_mask_bytes(spec, prefill, 47, 2048) == 2048 * 2048
+    assert _sliding_mask_bytes(spec, prefill.replace(new_tokens=8), 47, 2048) == 47 * 2048 * 2048
+    assert _sliding_mask_bytes(spec, prefill, 47, 1024) == 0  # within the window: the causal mask is skipped

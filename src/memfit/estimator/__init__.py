@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from ..breakdown import Breakdown
 from ..job import Job
-from ..models.spec import ModelSpec
+from ..models.spec import Block, ModelSpec
 from . import quant
 from . import states as st
 from . import forward as fw
@@ -646,13 +646,19 @@ def _sliding_mask_bytes(spec: ModelSpec, job: Job, batch: int, prompt_len: int) 
     """The boolean sliding-window mask the prefill builds for SDPA when the prompt is longer than a layer's
     window: ``[batch, 1, P, P]`` one byte each, alive through the prefill (``transformers`` 5.17
     ``masking_utils.create_sliding_window_causal_mask`` -> ``sdpa_mask``: a causal mask without padding may be
-    skipped for ``is_causal``, a window narrower than the prompt cannot). Eager attention is not counted here."""
+    skipped for ``is_causal``, a window narrower than the prompt cannot). Eager attention is not counted here.
+
+    Only ``generate()`` passes an attention mask (all ones): its padding term makes the mask depend on the batch,
+    so ``[batch, 1, P, P]`` is materialised. A forward without one (the prefill-only reference call) evaluates
+    the mask function by broadcasting to ``[1, 1, P, P]`` and ``expand``s it to the batch, a view (``sdpa_mask``,
+    "Option 1"): ``P x P`` bytes. Measured: phi-3-mini prefill of 2048 tokens at batch 47 holds one 4 MiB mask
+    (validation/probes/memory_history.py), not 47 of them."""
     if job.attention != "sdpa":
         return 0
     windows = [b.attention.sliding_window for b in spec.blocks if b.attention.sliding_window]
     if not windows or prompt_len <= min(windows):
         return 0
-    return batch * prompt_len * prompt_len
+    return (batch if job.new_tokens > 0 else 1) * prompt_len * prompt_len
 
 
 def _kv_stored_len(window: int | None, total_len: int, prefill: bool) -> int:
@@ -676,6 +682,27 @@ def _kv_layer_bytes(spec: ModelSpec, job: Job, bi: int, total_len: int, prefill:
     kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
     length = _kv_stored_len(at.sliding_window, total_len, prefill)
     return kvh * at.head_dim * e * length, kvh * at.v_head_dim * e * length
+
+
+def _decode_expert_gathers(spec: ModelSpec, b: Block, batch: int, e: int) -> tuple[int, ...]:
+    """The expert-weight copies one decode step of an MoE block makes on a GPU: ``()`` where none.
+
+    ``generate()`` swaps the default ``grouped_mm`` experts for ``batched_mm`` around its decode loop on any
+    non-CPU device (``transformers`` 5.17 ``generation/utils.py`` ``_optimize_model_for_decode``), and
+    ``integrations/moe.py`` ``batched_mm_experts_forward`` gathers the weights of every (token, expert) pair:
+    ``gate_up_proj[expert_ids]`` (``up_proj`` without a gate), then ``down_proj[expert_ids]`` while the first
+    copy is still bound. Returns (the gate/up copy, the down copy) in bytes; the prefill keeps ``grouped_mm``.
+    Measured: OLMoE-1B-7B generate at batch 110 on a 48 GiB card ran out of memory asking for the 3.44 GiB down
+    copy with the 6.88 GiB gate/up copy alive (validation/probes/memory_history.py, fit-miss histories)."""
+    m = b.moe
+    if m is None or m.all_experts or not any(lin.role.startswith("expert_") and not lin.is_module
+                                             for lin in b.linears):
+        return ()
+    rows = batch * m.top_k
+    inter = m.expert_intermediate_size
+    gated = any(lin.role in ("expert_gate_up", "expert_gate") for lin in b.linears)
+    H = spec.hidden_size
+    return rows * (2 * inter if gated else inter) * H * e, rows * H * inter * e
 
 
 def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
@@ -738,6 +765,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     moe_width = {bi: (max(b.moe.expert_intermediate_size * 3 * (b.moe.num_experts if b.moe.all_experts else 1),
                           b.moe.shared_intermediate_size * 3) if b.moe is not None else 0)
                  for bi, b in enumerate(spec.blocks)}
+    decode_gathers = {bi: _decode_expert_gathers(spec, b, B, e) for bi, b in enumerate(spec.blocks)}
     final_norm = spec.blocks[layers[-1]].norm if layers else "rms"
     vocab_out = V if spec.head in ("causal_lm", "masked_lm") else 0
     s.phase("load")
@@ -808,6 +836,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                 new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
                 s.free_all(kv[i])
                 kv[i] = new
+                if decode_gathers[bi]:
+                    up, down = decode_gathers[bi]
+                    a = s.alloc(up, "activations")
+                    d = s.alloc(down, "activations")  # down_proj[expert_ids] while the gate/up copy is alive
+                    s.free(a)
+                    s.free(d)
             s.free_all(tmp)
             s.free_all(out)
             out = [s.alloc(x, "logits_and_loss") for x in (B * V * e, B * V * 4)]

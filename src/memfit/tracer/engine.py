@@ -327,6 +327,7 @@ class _TraceRun:
             if self.cuda:
                 stack.enter_context(cuda_autocast_policy(torch))
                 stack.enter_context(cuda_foreach_default(torch))
+                stack.enter_context(_decode_experts_as_cuda())
                 force = "flash" if self.job.attention == "flash" else None
                 self.sdpa = SdpaEmulation(torch, prefer=self.sdpa_prefer, force=force,
                                           workspace=self.tracker.workspace)
@@ -553,6 +554,43 @@ def _generation_stop(run: "_TraceRun") -> Iterator[None]:
         yield
     finally:
         stop_cls.__call__ = original
+
+
+@contextlib.contextmanager
+def _decode_experts_as_cuda() -> Iterator[None]:
+    """``generate()`` decodes MoE models with ``batched_mm`` experts on a GPU: ``transformers`` 5.17
+    ``generation/utils.py`` ``_optimize_model_for_decode`` swaps every ``grouped_mm`` experts implementation
+    for ``batched_mm`` around the decode loop when ``self.device.type != "cpu"`` (``batched_mm_experts_forward``
+    gathers each routed token's expert weights, ``gate_up_proj[expert_ids]`` then ``down_proj[expert_ids]``:
+    top_k weight copies a token). The trace's device is the fake ``cpu``, so it makes the swap itself."""
+    try:
+        from transformers.generation import utils as gen
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    mixin = getattr(gen, "GenerationMixin", None)
+    original = getattr(mixin, "_optimize_model_for_decode", None)
+    if original is None:
+        yield
+        return
+
+    @contextlib.contextmanager
+    def as_on_cuda(self):
+        before = self.get_experts_implementation()
+        switch = "grouped_mm" in before.values()
+        if switch:
+            self.set_experts_implementation({k: "batched_mm" if v == "grouped_mm" else v for k, v in before.items()})
+        try:
+            yield
+        finally:
+            if switch:
+                self.set_experts_implementation(before)
+
+    mixin._optimize_model_for_decode = as_on_cuda
+    try:
+        yield
+    finally:
+        mixin._optimize_model_for_decode = original
 
 
 @contextlib.contextmanager
