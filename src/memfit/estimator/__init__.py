@@ -18,7 +18,7 @@ from . import states as st
 from . import forward as fw
 from .layers import Mode, layer_forward_tensors, saved_bytes_per_token
 
-__all__ = ["estimate", "max_batch_size", "fits_on", "model_states", "Memo"]
+__all__ = ["estimate", "max_batch_size", "fits_on", "model_states", "Memo", "floor_bytes"]
 
 _MIXED = {"16-mixed": "mixed", "bf16-mixed": "mixed", "32-true": "32", "bf16-true": "true", "16-true": "true"}
 
@@ -852,6 +852,37 @@ def _spec_job_for_single(job: Job) -> Job:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def floor_bytes(job: Job, spec: ModelSpec) -> int:
+    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise),
+    from the counts the stream is built from, without building it: what the planner rules a micro-batch out
+    by (with the CUDA context, past the card) before any stream or replay.
+
+    The stream (:func:`_train`) loads the weights and never frees them (:func:`~memfit.estimator.states.weight_bytes`;
+    the adapters apart, to stay a floor); the optimizer states (:func:`~memfit.estimator.states.optimizer_state_bytes`),
+    made at the first step, stay. In full fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`)
+    is alive with them at the optimizer step. With a language-model head, at the start of the second step's
+    backward the loss holds at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's
+    fp32 copy of the scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32
+    gradient). Inference loads the same weights. The capped replay cannot complete when this plus the CUDA
+    context passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
+    whole-byte rounding of each tensor in the stream."""
+    if job.strategy != "single" or job.gpus > 1:
+        return 0
+    weights = st.weight_bytes(spec, job)
+    if job.task != "train":
+        return max(0, weights - 2**20)
+    if job.is_lora:
+        weights -= st.lora_adapter_params(spec, job) * 4
+        if spec.head == "seq_cls":
+            weights -= spec.head_params * st.param_bytes(job.precision)
+    states = st.optimizer_state_bytes(spec, job)
+    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
+    at_loss = weights + states
+    if spec.head in ("causal_lm", "masked_lm"):
+        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
+    return max(0, max(at_step, at_loss) - 2**20)
 
 
 class Memo:

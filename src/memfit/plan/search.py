@@ -14,6 +14,12 @@ On its first visit a setting's fit boundary is looked for at the last reached se
 else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
 micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
 fitting has its own estimate with its capped replay (:func:`fits`), which gives its device total.
+
+The questions one call asks share a :class:`memfit.estimator.Memo` (dropped when the call returns): a job's
+event stream is built once, each replay made once, and a replay under the card less the margin that never
+reached its limit answers for the card itself; the verdict is asked before the breakdown, which then reuses
+its replay. Settings that differ only in the allocator setting share their step times (the step-time model
+does not read it).
 """
 
 from __future__ import annotations
@@ -258,37 +264,6 @@ def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[
     return changes, numerics
 
 
-def _floor_bytes(job: Job, spec) -> int:
-    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise).
-    The stream (:func:`memfit.estimator._train`) loads the weights and never frees them
-    (:func:`memfit.estimator.states.weight_bytes`; the adapters apart, to stay a floor); the optimizer
-    states (:func:`~memfit.estimator.states.optimizer_state_bytes`), made at the first step, stay. In full
-    fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`) is alive with them at the
-    optimizer step. With a language-model head, at the start of the second step's backward the loss holds
-    at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the
-    scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32 gradient).
-    Inference loads the same weights. The capped replay cannot complete when this plus the CUDA context
-    passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
-    whole-byte rounding of each tensor in the stream."""
-    from ..estimator import states as st
-
-    if job.strategy != "single" or job.gpus > 1:
-        return 0
-    weights = st.weight_bytes(spec, job)
-    if job.task != "train":
-        return max(0, weights - 2**20)
-    if job.is_lora:
-        weights -= st.lora_adapter_params(spec, job) * 4
-        if spec.head == "seq_cls":
-            weights -= spec.head_params * st.param_bytes(job.precision)
-    states = st.optimizer_state_bytes(spec, job)
-    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
-    at_loss = weights + states
-    if spec.head in ("causal_lm", "masked_lm"):
-        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
-    return max(0, max(at_step, at_loss) - 2**20)
-
-
 def _timing_key(changes: dict[str, Any]) -> tuple:
     """What the step-time model (:mod:`memfit.plan.steptime`) reads of a setting (its field changes from the
     starting job): every change but the allocator setting (``expandable_segments`` decides where tensors land,
@@ -346,7 +321,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     rules it out (memory does not fall as the micro-batch grows; where that fails, the candidate is only
     missed, never recommended)."""
     from ..checks import check_job_for_model
-    from ..estimator import Memo, fits_on
+    from ..estimator import Memo, fits_on, floor_bytes
     from ..estimator.events import cuda_context_bytes
     from ..estimator.states import paged_optimizer_host_bytes
     from ..gpus import GPU, get_gpu
@@ -410,7 +385,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     entries.sort(key=lambda e: (e[0], e[1]))
 
     def floor_fails(s: _Setting) -> bool:
-        """Settle by the floor (:func:`_floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
+        """Settle by the floor (:func:`memfit.estimator.floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
         the micro-batch, so those are the ones from the first that fails. Whether none is left."""
         if not s.floor_checked:
             s.floor_checked = True
@@ -419,7 +394,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             lo, hi = 0, len(s.sizes)  # the first index whose floor passes the room
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _floor_bytes(s.at(mid), spec) > room:
+                if floor_bytes(s.at(mid), spec) > room:
                     hi = mid
                 else:
                     lo = mid + 1
@@ -536,11 +511,12 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, budget: int, top: int,
              min_headroom: float, stats: dict[str, int], memo=None) -> list[Candidate]:
     """When nothing fits: the settings' smallest micro-batches with the smallest device totals (by their
-    estimates), each saying by how much it misses. A setting whose floor (:func:`_floor_bytes`) plus the CUDA context is
+    estimates), each saying by how much it misses. A setting whose floor (:func:`memfit.estimator.floor_bytes`) plus the CUDA context is
     above the ``top``-th smallest total found so far cannot be among them (the device total is at least
     that), so it is not estimated."""
     import bisect
 
+    from ..estimator import floor_bytes
     from ..estimator.events import cuda_context_bytes
     from ..estimator.states import paged_optimizer_host_bytes
 
@@ -550,7 +526,7 @@ def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, bu
         if s.broken or (v is not None and v[0]):
             continue
         b = s.base
-        pool.append((_floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
+        pool.append((floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
                      order, s))
     pool.sort(key=lambda t: (t[0], t[1]))
     found: list[tuple[int, int, _Setting]] = []
