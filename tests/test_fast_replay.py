@@ -220,7 +220,7 @@ def test_memo_gives_the_answers_without_it():
     without it."""
     from memfit.estimator import Memo
 
-    memo = Memo()
+    memos: dict[str, Memo] = {}  # one per model
     cases = [("llama-3.2-1b", dict(method="lora", seq_len=1024, batch_size=4)),
              ("llama-3.2-1b", dict(method="lora", seq_len=1024, batch_size=4, expandable_segments=True)),
              ("qwen2.5-0.5b", dict(seq_len=512, batch_size=8, optimizer="paged-adamw-8bit")),
@@ -229,6 +229,7 @@ def test_memo_gives_the_answers_without_it():
              ("qwen2.5-0.5b", dict(gpus=4, strategy="fsdp2", seq_len=512, batch_size=4, expandable_segments=True))]
     for model, kw in cases:
         spec = load_model(model)
+        memo = memos.setdefault(model, Memo())
         job = Job(model=model, **kw)
         total = estimate(job, spec).device_total_bytes
         cards = [total - (256 << 20), total - (1 << 20), total, total + (1 << 20), total + GiB]
@@ -238,3 +239,5 @@ def test_memo_gives_the_answers_without_it():
             ref = (estimate(job, spec, gpu_memory_bytes=card).to_dict(), fits_on(job, card, spec))
             assert got == ref, (model, kw, card)
         assert estimate(job, spec, memo=memo).to_dict() == estimate(job, spec).to_dict()
+    with pytest.raises(ValueError):  # jobs are keyed by their fields: a Memo is for one model
+        fits_on(Job(model="qwen2.5-0.5b", seq_len=512), 8 * GiB, load_model("qwen2.5-0.5b"), memo=memos["llama-3.2-1b"])

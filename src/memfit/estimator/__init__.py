@@ -899,7 +899,7 @@ class Memo:
     the default setting the unlimited reserve never falls, and each check asks for the reserve it then reaches,
     so the unlimited peak reserve ``P`` says it outright: every limit of at least ``P`` is never reached."""
 
-    __slots__ = ("_streams", "_ranks", "_replays", "_free", "_keep", "_peaks")
+    __slots__ = ("_streams", "_ranks", "_replays", "_free", "_keep", "_peaks", "_spec")
 
     #: streams (and multi-GPU jobs' rank streams) kept at once, the most recently made: a stream of a large
     #: model holds tens of thousands of events, and a caller's questions about one job come together
@@ -912,6 +912,7 @@ class Memo:
         self._replays: dict = {}  # (stream key, expandable, limit or None) -> ReplayResult
         self._free: dict = {}  # (stream key, expandable) -> a replay under a limit it never reached (or unlimited)
         self._peaks: dict = {}  # stream key -> its peak allocated bytes
+        self._spec: ModelSpec | None = None  # the one model it is for (jobs are keyed by their fields only)
 
     @staticmethod
     def key(job: Job, **extra) -> tuple:
@@ -922,10 +923,17 @@ class Memo:
 
     def stream(self, spec: ModelSpec, job: Job, fit: bool = False):
         """:func:`_stream`, once per job (the caller copies what it changes: the notes)."""
+        self._for(spec)
         k = self.key(job, fit=fit and job.task != "train")
         r = self._kept(self._streams, k, lambda: _stream(spec, job, fit=fit))
         self._peaks[k] = sum(r[1][1].values())
         return r
+
+    def _for(self, spec: ModelSpec) -> None:
+        if self._spec is None:
+            self._spec = spec
+        elif spec is not self._spec:
+            raise ValueError("a Memo serves one model (one ModelSpec); make another for another model")
 
     def _kept(self, made: dict, k, make):
         """``(k, made[k])``, made now if it is not kept; the least recently used one beyond
@@ -942,10 +950,12 @@ class Memo:
         """:func:`memfit.estimator.parallel._rank_streams`, once per job."""
         from .parallel import _rank_streams
 
+        self._for(spec)
         return self._kept(self._ranks, self.key(job), lambda: _rank_streams(job, spec))
 
     def peak_allocated(self, spec: ModelSpec, job: Job, fit: bool = False) -> tuple[tuple, int]:
         """(key, the stream's peak allocated bytes), kept after the stream itself is let go."""
+        self._for(spec)
         k = self.key(job, fit=fit and job.task != "train")
         peak = self._peaks.get(k)
         if peak is None:
