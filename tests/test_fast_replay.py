@@ -193,3 +193,51 @@ def test_shared_search_tries_what_the_doubling_loops_tried():
         best, tried = largest_passing(trial, limit=limit)
         ref_best, ref_seen = old(trial, limit)
         assert best == ref_best and [b for b, _ in tried] == ref_seen
+
+
+@pytest.mark.parametrize("expandable", [False, True])
+def test_a_limit_never_reached_is_the_run_under_every_larger_one(full_replay, expandable):
+    """What :class:`memfit.estimator.Memo` skips replays by: a capped replay that never reached its limit
+    (``limit_reached`` false) is, field by field, the full replay under every larger limit; with the default
+    setting that is so exactly from the stream's unlimited peak reserve up."""
+    full_replay(True)
+    for s in list(_streams())[:3]:
+        peak = events.replay(s, expandable_segments=expandable).peak_reserved_bytes  # its own unlimited reserve
+        caps = sorted({peak - (64 << 20), peak - (2 << 20), peak - 1, peak, peak + 1, peak + (20 << 20), 2 * peak})
+        runs = {c: events.replay(s, capacity_bytes=c, expandable_segments=expandable) for c in caps}
+        if not expandable:
+            assert [not runs[c].limit_reached for c in caps] == [c >= peak for c in caps]
+        assert any(r.limit_reached for r in runs.values()) and not runs[2 * peak].limit_reached
+        for c in caps:
+            if runs[c].completed and not runs[c].limit_reached:
+                for larger in (x for x in caps if x > c):
+                    assert asdict(runs[larger]) == asdict(runs[c]), (c, larger)
+
+
+def test_memo_gives_the_answers_without_it():
+    """estimate() and fits_on() with one Memo shared by many questions (jobs differing only in the allocator
+    setting share a stream; limits asked rising and falling around each job's own boundary) answer as they do
+    without it."""
+    from memfit.estimator import Memo
+
+    memos: dict[str, Memo] = {}  # one per model
+    cases = [("llama-3.2-1b", dict(method="lora", seq_len=1024, batch_size=4)),
+             ("llama-3.2-1b", dict(method="lora", seq_len=1024, batch_size=4, expandable_segments=True)),
+             ("qwen2.5-0.5b", dict(seq_len=512, batch_size=8, optimizer="paged-adamw-8bit")),
+             ("gemma-3-1b", dict(task="infer", prompt_len=512, new_tokens=8, batch_size=4)),
+             ("qwen2.5-0.5b", dict(gpus=2, strategy="ddp", seq_len=512, batch_size=4)),
+             ("qwen2.5-0.5b", dict(gpus=4, strategy="fsdp2", seq_len=512, batch_size=4, expandable_segments=True))]
+    for model, kw in cases:
+        spec = load_model(model)
+        memo = memos.setdefault(model, Memo())
+        job = Job(model=model, **kw)
+        total = estimate(job, spec).device_total_bytes
+        cards = [total - (256 << 20), total - (1 << 20), total, total + (1 << 20), total + GiB]
+        for card in cards + cards[::-1]:
+            got = (estimate(job, spec, gpu_memory_bytes=card, memo=memo).to_dict(),
+                   fits_on(job, card, spec, memo=memo))
+            ref = (estimate(job, spec, gpu_memory_bytes=card).to_dict(), fits_on(job, card, spec))
+            assert got == ref, (model, kw, card)
+        assert estimate(job, spec, memo=memo).to_dict() == estimate(job, spec).to_dict()
+    with pytest.raises(ValueError):  # jobs are keyed by their fields: a Memo is for one model
+        fits_on(Job(model="qwen2.5-0.5b", seq_len=512), 8 * GiB, load_model("qwen2.5-0.5b"), memo=memos["llama-3.2-1b"])

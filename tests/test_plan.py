@@ -112,8 +112,8 @@ def test_plan_answers_for_the_largest_batch_a_job_allows():
 def test_floor_is_below_the_peak():
     # the floor the search rules candidates out by (no replay) must never pass what the stream allocates
     from memfit.estimator import estimate
+    from memfit.estimator import floor_bytes as _floor_bytes
     from memfit.models import load_model
-    from memfit.plan.search import _floor_bytes
 
     for model in ("gpt2", "qwen2.5-0.5b", "llama-3.2-1b", "gemma-2-2b", "bert-base-uncased"):
         spec = load_model(model)

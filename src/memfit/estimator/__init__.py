@@ -18,7 +18,7 @@ from . import states as st
 from . import forward as fw
 from .layers import Mode, layer_forward_tensors, saved_bytes_per_token
 
-__all__ = ["estimate", "max_batch_size", "fits_on", "model_states"]
+__all__ = ["estimate", "max_batch_size", "fits_on", "model_states", "Memo", "floor_bytes"]
 
 _MIXED = {"16-mixed": "mixed", "bf16-mixed": "mixed", "32-true": "32", "bf16-true": "true", "16-true": "true"}
 
@@ -888,16 +888,166 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int | None = None) -> Breakdown:
+def floor_bytes(job: Job, spec: ModelSpec) -> int:
+    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise),
+    from the counts the stream is built from, without building it: what the planner rules a micro-batch out
+    by (with the CUDA context, past the card) before any stream or replay.
+
+    The stream (:func:`_train`) loads the weights and never frees them (:func:`~memfit.estimator.states.weight_bytes`;
+    the adapters apart, to stay a floor); the optimizer states (:func:`~memfit.estimator.states.optimizer_state_bytes`),
+    made at the first step, stay. In full fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`)
+    is alive with them at the optimizer step. With a language-model head, at the start of the second step's
+    backward the loss holds at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's
+    fp32 copy of the scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32
+    gradient). Inference loads the same weights. The capped replay cannot complete when this plus the CUDA
+    context passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
+    whole-byte rounding of each tensor in the stream."""
+    if job.strategy != "single" or job.gpus > 1:
+        return 0
+    weights = st.weight_bytes(spec, job)
+    if job.task != "train":
+        return max(0, weights - 2**20)
+    if job.is_lora:
+        weights -= st.lora_adapter_params(spec, job) * 4
+        if spec.head == "seq_cls":
+            weights -= spec.head_params * st.param_bytes(job.precision)
+    states = st.optimizer_state_bytes(spec, job)
+    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
+    at_loss = weights + states
+    if spec.head in ("causal_lm", "masked_lm"):
+        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
+    return max(0, max(at_step, at_loss) - 2**20)
+
+
+class Memo:
+    """What the estimates of several jobs of one model share, for a caller that asks about many (the planner
+    keeps one per ``plan()`` call; nothing is kept between calls): each job's event stream and accounting, made
+    once (the allocator setting is not part of the stream: jobs differing only in ``expandable_segments`` share
+    it), and each replay of it, by allocator setting and limit. Pass it to :func:`estimate` and
+    :func:`fits_on`; their answers are the ones they give without it, field by field.
+
+    A replay under a limit that never reached it (:attr:`~memfit.estimator.events.ReplayResult.limit_reached`
+    false) is the unlimited run, and so it is the run under every larger limit: the limit enters the allocator
+    model only where a new segment (or mapping) is asked for, ``alloc_block``'s check, and the estimate's
+    allocator setting has no garbage-collection threshold (the one rule that reads the limit elsewhere). With
+    the default setting the unlimited reserve never falls, and each check asks for the reserve it then reaches,
+    so the unlimited peak reserve ``P`` says it outright: every limit of at least ``P`` is never reached."""
+
+    __slots__ = ("_streams", "_ranks", "_replays", "_free", "_keep", "_peaks", "_spec")
+
+    #: streams (and multi-GPU jobs' rank streams) kept at once, the most recently made: a stream of a large
+    #: model holds tens of thousands of events, and a caller's questions about one job come together
+    KEEP_STREAMS = 16
+
+    def __init__(self) -> None:
+        self._keep = self.KEEP_STREAMS
+        self._streams: dict = {}
+        self._ranks: dict = {}
+        self._replays: dict = {}  # (stream key, expandable, limit or None) -> ReplayResult
+        self._free: dict = {}  # (stream key, expandable) -> a replay under a limit it never reached (or unlimited)
+        self._peaks: dict = {}  # stream key -> its peak allocated bytes
+        self._spec: ModelSpec | None = None  # the one model it is for (jobs are keyed by their fields only)
+
+    @staticmethod
+    def key(job: Job, **extra) -> tuple:
+        """The job's fields but the allocator setting (what its stream depends on), with ``extra``."""
+        d = job.to_dict()
+        d.pop("expandable_segments", None)
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()) + tuple(sorted(extra.items()))
+
+    def stream(self, spec: ModelSpec, job: Job, fit: bool = False):
+        """:func:`_stream`, once per job (the caller copies what it changes: the notes)."""
+        self._for(spec)
+        k = self.key(job, fit=fit and job.task != "train")
+        r = self._kept(self._streams, k, lambda: _stream(spec, job, fit=fit))
+        self._peaks[k] = sum(r[1][1].values())
+        return r
+
+    def _for(self, spec: ModelSpec) -> None:
+        if self._spec is None:
+            self._spec = spec
+        elif spec is not self._spec:
+            raise ValueError("a Memo serves one model (one ModelSpec); make another for another model")
+
+    def _kept(self, made: dict, k, make):
+        """``(k, made[k])``, made now if it is not kept; the least recently used one beyond
+        :attr:`KEEP_STREAMS` is let go (its replays' results stay)."""
+        r = made.pop(k, None)
+        if r is None:
+            r = (k, make())
+            while len(made) >= self._keep:
+                del made[next(iter(made))]
+        made[k] = r
+        return r
+
+    def ranks(self, spec: ModelSpec, job: Job):
+        """:func:`memfit.estimator.parallel._rank_streams`, once per job."""
+        from .parallel import _rank_streams
+
+        self._for(spec)
+        return self._kept(self._ranks, self.key(job), lambda: _rank_streams(job, spec))
+
+    def peak_allocated(self, spec: ModelSpec, job: Job, fit: bool = False) -> tuple[tuple, int]:
+        """(key, the stream's peak allocated bytes), kept after the stream itself is let go."""
+        self._for(spec)
+        k = self.key(job, fit=fit and job.task != "train")
+        peak = self._peaks.get(k)
+        if peak is None:
+            self.stream(spec, job, fit)
+            peak = self._peaks[k]
+        return k, peak
+
+    def known(self, key, capacity_bytes: int | None, expandable: bool):
+        """The replay of the stream under ``key`` with this limit if it was made, or is known without making it
+        (the class note); else None."""
+        from . import events
+
+        if capacity_bytes is not None:
+            capacity_bytes = max(0, int(capacity_bytes))
+        r = self._replays.get((key, expandable, capacity_bytes))
+        if r is None and capacity_bytes is not None and not events._FULL_REPLAY:
+            free = self._free.get((key, expandable))
+            if free is not None and free[0] <= capacity_bytes:
+                r = free[1]
+        return r
+
+    def replay(self, key, stream, capacity_bytes: int | None, expandable: bool):
+        """:func:`memfit.estimator.events.replay` of the stream under ``key``, once per limit, and not at all
+        under a limit that a run already replayed shows is never reached (the class note). A copy."""
+        from dataclasses import replace as replace_
+
+        from .events import replay
+
+        if capacity_bytes is not None:
+            capacity_bytes = max(0, int(capacity_bytes))
+        r = self.known(key, capacity_bytes, expandable)
+        if r is None:
+            uncapped = None if expandable else self._replays.get((key, False, None))
+            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable, uncapped=uncapped)
+            self._replays[(key, expandable, capacity_bytes)] = r
+            if r.completed and not r.limit_reached:
+                # the smallest limit known never to be reached: the peak reserve (default setting, the class
+                # note), else the limit this run had (expandable segments map less than they check; the
+                # unlimited expandable replay is a stand-in, not the capped mode's run: none)
+                at = r.peak_reserved_bytes if not expandable else capacity_bytes
+                old = self._free.get((key, expandable))
+                if at is not None and (old is None or at < old[0]):
+                    self._free[(key, expandable)] = (at, r)
+        return replace_(r, components=dict(r.components), phases=dict(r.phases), extras=dict(r.extras))
+
+
+def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int | None = None,
+             memo: Memo | None = None) -> Breakdown:
     """Estimate the per-GPU memory of ``job`` (single GPU) without torch.
 
     The run's event stream (:mod:`memfit.estimator.events`) gives peak allocated and its components; its
     replay through the caching-allocator model gives peak reserved, and the device total is that plus the CUDA
     context. With ``gpu_memory_bytes`` (a card's total memory) the replay is also run with the allocator capped
     at the card less the CUDA context: ``fits`` says whether the run completes, ``headroom_bytes`` what is left.
-    ``spec`` skips the model lookup (the planner passes it when it sweeps batch sizes).
+    ``spec`` skips the model lookup (the planner passes it when it sweeps batch sizes); ``memo`` (a
+    :class:`Memo`) reuses streams and replays already made for it.
     """
-    from .events import cuda_context_bytes, replay
+    from .events import cuda_context_bytes
 
     spec = _spec(job, spec)
     from ..checks import check_job_for_model
@@ -906,35 +1056,40 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     if job.strategy != "single" or job.gpus > 1:
         from .parallel import estimate_parallel  # DDP, FSDP, ZeRO, offload, TP/PP/SP/EP: per rank
 
-        bd = estimate_parallel(job, spec, gpu_memory_bytes=gpu_memory_bytes)
+        bd = estimate_parallel(job, spec, gpu_memory_bytes=gpu_memory_bytes, memo=memo)
         bd.notes.extend(remarks)
         return bd
     # Gemma 2 under sdpa runs transformers 5.17's sdpa path, training and inference alike
     # (Gemma2PreTrainedModel._supports_sdpa = True; integrations/sdpa_attention.py drops the soft-capping), as traced
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
-    stream, comps, phase, phases, notes = _stream(spec, job)
+    memo = memo if memo is not None else Memo()
+    key, (stream, comps, phase, phases, notes) = memo.stream(spec, job)
+    comps, phases, notes = dict(comps), dict(phases), list(notes)
     peak = sum(comps.values())
     expandable = bool(getattr(job, "expandable_segments", False))
-    run = replay(stream, expandable_segments=expandable)
     ctx = cuda_context_bytes(job.task, job.quantization)
     # paged optimizer state is CUDA unified memory: resident on the GPU while there is room, so nvidia-smi
     # counts it even though PyTorch's allocator does not
     paged = st.paged_optimizer_host_bytes(spec, job)
-    reserved = run.peak_reserved_bytes
     extras: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
                     "largest_component": max(comps, key=comps.get) if comps else ""}
     fits = headroom = None
-    if gpu_memory_bytes is not None:
-        fit_stream = _stream(spec, job, fit=True)[0] if job.task != "train" else stream
-        # the uncapped replay stands in for the capped one only for the same stream (see events.replay)
-        capped = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable,
-                        uncapped=run if fit_stream is stream else None)
+    if gpu_memory_bytes is None:
+        reserved = memo.replay(key, stream, None, expandable).peak_reserved_bytes
+    else:
+        fkey, fit_stream = key, stream
+        if job.task != "train":
+            fkey, (fit_stream, *_) = memo.stream(spec, job, fit=True)
+        # the capped replay first: where it completes its reserve is the answer and the unlimited one is not
+        # needed (where that one stays within the cap the two are the same run, events.replay)
+        capped = memo.replay(fkey, fit_stream, gpu_memory_bytes - ctx - paged, expandable)
         fits = capped.completed
         if fits:
             reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
             extras["decided_by"] = extras["largest_component"]
         else:
+            reserved = memo.replay(key, stream, None, expandable).peak_reserved_bytes
             extras.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                           failed_phase=capped.failed_phase)
             notes.append(f"out of memory in {capped.failed_phase or 'load'}: a {_gib(capped.failed_request_bytes)} "
@@ -943,8 +1098,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
                 line = (f"fails through fragmentation only: peak allocated {_gib(peak)} plus the CUDA context fits "
                         f"the card, but the caching allocator's free blocks do not fit the next request")
                 if not expandable:
-                    alt = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged,
-                                 expandable_segments=True)
+                    alt = memo.replay(fkey, fit_stream, gpu_memory_bytes - ctx - paged, True)
                     extras["fits_with_expandable_segments"] = alt.completed
                     line += ("; with expandable_segments: true it " +
                              ("runs" if alt.completed else "still does not fit"))
@@ -959,32 +1113,40 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
         extras=extras)
 
 
-def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None) -> bool:
+def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None, *, memo: Memo | None = None) -> bool:
     """Whether the reference run of ``job`` completes with the allocator capped at the card less the CUDA
-    context (the replay of the estimate's event stream, not a comparison of totals)."""
+    context (the replay of the estimate's event stream, not a comparison of totals). ``memo``: as :func:`estimate`."""
     from ..checks import check_job_for_model
 
     spec = _spec(job, spec)
     check_job_for_model(job, spec)  # an impossible job is an error here as in estimate(), not a verdict
-    return _fits_on(job, gpu_memory_bytes, spec)
+    return _fits_on(job, gpu_memory_bytes, spec, memo)
 
 
-def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec) -> bool:
+def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec, memo: Memo | None = None) -> bool:
     """:func:`fits_on` for a job already checked against ``spec``."""
     from .events import cuda_context_bytes, replay
 
     if job.strategy != "single" or job.gpus > 1:  # every rank's stream, replayed under the cap
         from .parallel import fits_parallel
 
-        return fits_parallel(job, spec, gpu_memory_bytes)
+        return fits_parallel(job, spec, gpu_memory_bytes, memo=memo)
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")
-    stream, comps, *_ = _stream(spec, job, fit=True)
     cap = gpu_memory_bytes - cuda_context_bytes(job.task, job.quantization) - st.paged_optimizer_host_bytes(spec, job)
+    expandable = bool(getattr(job, "expandable_segments", False))
+    if memo is not None:
+        key, peak = memo.peak_allocated(spec, job, fit=True)
+        if peak > cap:
+            return False  # the tensors alone do not fit: no replay needed
+        r = memo.known(key, cap, expandable)
+        if r is None:
+            r = memo.replay(key, memo.stream(spec, job, fit=True)[1][0], cap, expandable)
+        return r.completed
+    stream, comps, *_ = _stream(spec, job, fit=True)
     if sum(comps.values()) > cap:
         return False  # the tensors alone do not fit: no replay needed
-    return replay(stream, capacity_bytes=cap,
-                  expandable_segments=bool(getattr(job, "expandable_segments", False))).completed
+    return replay(stream, capacity_bytes=cap, expandable_segments=expandable).completed
 
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:

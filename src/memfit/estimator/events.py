@@ -139,6 +139,10 @@ class ReplayResult:
     failed_phase: str = ""
     allocated_at_failure_bytes: int = 0
     reserved_at_failure_bytes: int = 0
+    limit_reached: bool = False
+    """A replay under a limit: whether a request would have taken the reserve past it (the allocator then frees
+    its cache and retries, ``num_alloc_retries``, or fails). When it never did the limit changed nothing: the run
+    is the unlimited one, and it is the run under any larger limit too (the limit enters only that check)."""
     events: int = 0
     extras: dict = field(default_factory=dict)
 
@@ -335,6 +339,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
             res.allocated_at_failure_bytes = alloc.allocated
             res.reserved_at_failure_bytes = alloc.reserved
         res.peak_reserved_bytes = alloc.peak_reserved
+        res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
         return
     blocks: dict[int, object] = {}
     phase = ""
@@ -358,6 +363,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         elif kind == _PHASE:
             phase = op[1]
     res.peak_reserved_bytes = alloc.peak_reserved
+    res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
 
 
 def _phase_at(ops: list[tuple], end: int) -> str:

@@ -1026,42 +1026,58 @@ def _rank_overhead_bytes(job: Job) -> int:
     return cuda_context_bytes(job.task) + (NCCL_CONTEXT_BYTES if job.gpus > 1 else 0)
 
 
-def _capped_replays(ranks, capacity_bytes: int, expandable: bool):
-    """Replay every stage's stream under the cap, most loaded first: (None, None) when all complete, else the
-    first that fails and its replay. A stage whose tensors alone pass the cap fails without a replay."""
+def _capped_replays(ranks, capacity_bytes: int, expandable: bool, memo=None, key=None):
+    """Replay every stage's stream under the cap, most loaded first: (None, None, replays by stage index) when
+    all complete, else the first that fails and its replay. A stage whose tensors alone pass the cap fails
+    without a replay. ``memo`` / ``key``: a :class:`memfit.estimator.Memo` and the job's key in it."""
     from .events import replay
 
+    done = {}
     for stage, stream, acc in sorted(ranks, key=lambda r: -r[2].peak_allocated_bytes):
         if acc.peak_allocated_bytes > capacity_bytes:
-            return stage, None
-        r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable)
+            return stage, None, done
+        if memo is not None:
+            r = memo.replay((key, stage.index), stream, capacity_bytes, expandable)
+        else:
+            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable)
+        done[stage.index] = r
         if not r.completed:
-            return stage, r
-    return None, None
+            return stage, r, done
+    return None, None, done
 
 
-def fits_parallel(job: Job, spec: ModelSpec, gpu_memory_bytes: int) -> bool:
+def _ranks_of(job: Job, spec: ModelSpec, memo):
+    """(key in ``memo`` or None, layout, ranks): :func:`_rank_streams`, through the memo when there is one."""
+    if memo is None:
+        return (None, *_rank_streams(job, spec))
+    key, (lay, ranks) = memo.ranks(spec, job)
+    return key, lay, ranks
+
+
+def fits_parallel(job: Job, spec: ModelSpec, gpu_memory_bytes: int, memo=None) -> bool:
     """Whether every rank of a multi-GPU job completes its steps with the allocator capped at the card less
-    the CUDA context and NCCL's buffers (the capped replay of each pipeline stage's stream)."""
+    the CUDA context and NCCL's buffers (the capped replay of each pipeline stage's stream). ``memo``: a
+    :class:`memfit.estimator.Memo`."""
     job = _parallel_job(job, spec)
-    _, ranks = _rank_streams(job, spec)
-    failed, _ = _capped_replays(ranks, gpu_memory_bytes - _rank_overhead_bytes(job),
-                                bool(getattr(job, "expandable_segments", False)))
+    key, _, ranks = _ranks_of(job, spec, memo)
+    failed, _, _ = _capped_replays(ranks, gpu_memory_bytes - _rank_overhead_bytes(job),
+                                   bool(getattr(job, "expandable_segments", False)), memo, key)
     return failed is None
 
 
-def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None) -> Breakdown:
+def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None = None, memo=None) -> Breakdown:
     """Per-GPU estimate of a multi-GPU training job: the most loaded rank's :class:`Breakdown`.
 
     Each pipeline stage's rank is an event stream (:func:`rank_stream`): its accounting gives peak allocated
     and the components at that moment, its replay through the caching-allocator model gives peak reserved
     (the most loaded rank's are reported). With ``gpu_memory_bytes`` every stage's stream is replayed again
     with the allocator capped at the card less the CUDA context and NCCL's buffers: ``fits`` says whether
-    every rank completes its steps."""
-    from .events import replay
+    every rank completes its steps. ``memo`` (a :class:`memfit.estimator.Memo`) reuses streams and replays."""
+    from . import Memo
 
     job = _parallel_job(job, spec)
-    lay, ranks = _rank_streams(job, spec)
+    memo = memo if memo is not None else Memo()
+    key, lay, ranks = _ranks_of(job, spec, memo)
     per_stage = [{"stage": stage.index, "layers": len(stage.layers), "peak_allocated_bytes": acc.peak_allocated_bytes,
                   "peak_phase": acc.peak_phase} for stage, _, acc in ranks]
     stage, stream, acc = max(ranks, key=lambda r: r[2].peak_allocated_bytes)
@@ -1070,25 +1086,27 @@ def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None
     phase = acc.peak_phase
     phases = {k: v for k, v in acc.phases.items() if k in ("forward", "backward", "optimizer_step")}
     expandable = bool(getattr(job, "expandable_segments", False))
-    run = replay(stream, expandable_segments=expandable)
-    reserved = run.peak_reserved_bytes
+    skey = (key, stage.index)
     nccl = NCCL_CONTEXT_BYTES if job.gpus > 1 else 0
     ctx = _rank_overhead_bytes(job)
     extras_fit: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
                         "largest_component": max(comps, key=comps.get) if comps else ""}
     fit_notes: list[str] = []
     fits = headroom = None
-    if gpu_memory_bytes is not None:
-        failed, capped = _capped_replays(ranks, gpu_memory_bytes - ctx, expandable)
+    if gpu_memory_bytes is None:
+        reserved = memo.replay(skey, stream, None, expandable).peak_reserved_bytes
+    else:
+        failed, capped, done = _capped_replays(ranks, gpu_memory_bytes - ctx, expandable, memo, key)
         fits = failed is None
         if fits:
-            reserved = replay(stream, capacity_bytes=gpu_memory_bytes - ctx,
-                              expandable_segments=expandable).peak_reserved_bytes
+            # the most loaded stage's capped replay, made above (every stage completed)
+            reserved = done[stage.index].peak_reserved_bytes
             extras_fit["decided_by"] = extras_fit["largest_component"]
         else:
+            reserved = memo.replay(skey, stream, None, expandable).peak_reserved_bytes
             _, fstream, facc = next(r for r in ranks if r[0] is failed)
             if capped is None:  # the tensors alone pass the cap: replay to find the request that fails
-                capped = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=expandable)
+                capped = memo.replay((key, failed.index), fstream, gpu_memory_bytes - ctx, expandable)
             where = f" (pipeline stage {failed.index + 1} of {lay.pp})" if lay.pp > 1 else ""
             extras_fit.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                               failed_phase=capped.failed_phase)
@@ -1101,7 +1119,7 @@ def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None
                         "context and NCCL fits the card, but the caching allocator's free blocks do not fit the "
                         "next request")
                 if not expandable:
-                    alt = replay(fstream, capacity_bytes=gpu_memory_bytes - ctx, expandable_segments=True)
+                    alt = memo.replay((key, failed.index), fstream, gpu_memory_bytes - ctx, True)
                     extras_fit["fits_with_expandable_segments"] = alt.completed
                     line += "; with expandable_segments: true it " + ("runs" if alt.completed else "still does not fit")
                 fit_notes.append(line)

@@ -14,6 +14,12 @@ On its first visit a setting's fit boundary is looked for at the last reached se
 else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
 micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
 fitting has its own estimate with its capped replay (:func:`fits`), which gives its device total.
+
+The questions one call asks share a :class:`memfit.estimator.Memo` (dropped when the call returns): a job's
+event stream is built once, each replay made once, and a replay under the card less the margin that never
+reached its limit answers for the card itself; the verdict is asked before the breakdown, which then reuses
+its replay. Settings that differ only in the allocator setting share their step times (the step-time model
+does not read it).
 """
 
 from __future__ import annotations
@@ -48,17 +54,33 @@ def _accepts_gpu_memory() -> bool:
 _GPU_ARG: bool | None = None
 
 
-def fits(job: Job, gpu_memory_bytes: int, spec=None):
+def fits(job: Job, gpu_memory_bytes: int, spec=None, memo=None):
     """``(fits, breakdown)``: the estimator's answer for ``job`` on a card of ``gpu_memory_bytes``
-    (``Breakdown.fits`` where the estimator fills it, else device total <= card, via :func:`memfit.verdict.verdict`)."""
+    (``Breakdown.fits`` where the estimator fills it, else device total <= card, via :func:`memfit.verdict.verdict`).
+    ``memo``: a :class:`memfit.estimator.Memo` (streams and replays shared with other questions about the model)."""
     global _GPU_ARG
     from ..estimator import estimate
     from ..verdict import verdict
 
     if _GPU_ARG is None:
         _GPU_ARG = _accepts_gpu_memory()
-    b = estimate(job, spec, gpu_memory_bytes=gpu_memory_bytes) if _GPU_ARG else estimate(job, spec)
+    if not _GPU_ARG:
+        b = estimate(job, spec)
+    elif memo is not None:
+        b = estimate(job, spec, gpu_memory_bytes=gpu_memory_bytes, memo=memo)
+    else:
+        b = estimate(job, spec, gpu_memory_bytes=gpu_memory_bytes)
     return bool(verdict(b, gpu_memory_bytes)["fits"]), b
+
+
+def _fits_first(job: Job, gpu_memory_bytes: int, spec, memo):
+    """:func:`fits`, the verdict asked first (:func:`memfit.estimator.fits_on`, the same capped replay, without
+    the rest of the estimate where it does not fit: ``(False, None)``); the estimate then reuses its replay."""
+    from ..estimator import fits_on
+
+    if not fits_on(job, gpu_memory_bytes, spec, memo=memo):
+        return False, None
+    return fits(job, gpu_memory_bytes, spec, memo)
 
 
 @dataclass
@@ -242,35 +264,13 @@ def _describe(start: Job, job: Job, accumulation: int) -> tuple[list[str], list[
     return changes, numerics
 
 
-def _floor_bytes(job: Job, spec) -> int:
-    """A floor under the bytes live at one moment of ``job``'s event stream (single GPU only; 0 otherwise).
-    The stream (:func:`memfit.estimator._train`) loads the weights and never frees them
-    (:func:`memfit.estimator.states.weight_bytes`; the adapters apart, to stay a floor); the optimizer
-    states (:func:`~memfit.estimator.states.optimizer_state_bytes`), made at the first step, stay. In full
-    fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`) is alive with them at the
-    optimizer step. With a language-model head, at the start of the second step's backward the loss holds
-    at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the
-    scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32 gradient).
-    Inference loads the same weights. The capped replay cannot complete when this plus the CUDA context
-    passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
-    whole-byte rounding of each tensor in the stream."""
-    from ..estimator import states as st
-
-    if job.strategy != "single" or job.gpus > 1:
-        return 0
-    weights = st.weight_bytes(spec, job)
-    if job.task != "train":
-        return max(0, weights - 2**20)
-    if job.is_lora:
-        weights -= st.lora_adapter_params(spec, job) * 4
-        if spec.head == "seq_cls":
-            weights -= spec.head_params * st.param_bytes(job.precision)
-    states = st.optimizer_state_bytes(spec, job)
-    at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
-    at_loss = weights + states
-    if spec.head in ("causal_lm", "masked_lm"):
-        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
-    return max(0, max(at_step, at_loss) - 2**20)
+def _timing_key(changes: dict[str, Any]) -> tuple:
+    """What the step-time model (:mod:`memfit.plan.steptime`) reads of a setting (its field changes from the
+    starting job): every change but the allocator setting (``expandable_segments`` decides where tensors land,
+    not how long a step takes; neither steptime nor the :mod:`memfit.estimator.states` counts it calls read
+    it), so a setting and its twin that differs only there share their step times (the same micro-batches:
+    the layout is the same)."""
+    return tuple(sorted((k, v) for k, v in changes.items() if k != "expandable_segments"))
 
 
 class _Broken(Exception):
@@ -321,7 +321,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     rules it out (memory does not fall as the micro-batch grows; where that fails, the candidate is only
     missed, never recommended)."""
     from ..checks import check_job_for_model
-    from ..estimator import fits_on
+    from ..estimator import Memo, fits_on, floor_bytes
     from ..estimator.events import cuda_context_bytes
     from ..estimator.states import paged_optimizer_host_bytes
     from ..gpus import GPU, get_gpu
@@ -344,13 +344,17 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     train = job.task == "train"
     gb = global_batch or job.batch_size * max(1, job.gpus // (job.tensor_parallel * job.pipeline_parallel))
     stats = {"replays": 0, "exact": 0, "inferred": 0}
+    memo = Memo()  # streams and replays shared by the questions about this plan's jobs (only this call)
 
     # 1. every setting and micro-batch, timed (no memory work yet)
     settings: list[_Setting] = []
     entries: list[tuple[float, int, int, int, Any]] = []
+    timed: dict[tuple, list] = {}  # step times of a setting's micro-batches, shared by its allocator-setting twin
+    start = job.to_dict()
     for ch in _settings(job, levers, explicit):
         try:
-            base = job.replace(**ch)
+            # job.replace(**ch) with the start's fields read once (its lists copied, as to_dict does)
+            base = Job.from_dict({**{k: list(v) if isinstance(v, list) else v for k, v in start.items()}, **ch})
         except JobError:
             continue
         dp = max(1, base.gpus // (base.tensor_parallel * base.pipeline_parallel))
@@ -360,7 +364,11 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         sizes = _divisors(per_rank) if ("batch" in levers and train) else [base.batch_size]
         try:
             check_job_for_model(base, spec)  # what it looks at does not depend on the micro-batch
-            timer = BatchTimer(base, spec, timing_card)
+            tkey = _timing_key(ch)
+            times = timed.get(tkey)
+            if times is None:
+                timer = BatchTimer(base, spec, timing_card)
+                times = timed[tkey] = [timer(mb, per_rank // mb) for mb in sizes]
         except JobError:
             continue
         s = _Setting(base, sizes, per_rank)
@@ -369,7 +377,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         n_fields = len(_describe(job, base, 1)[0]) - (base.batch_size != job.batch_size)  # the levers it moves
         for i, mb in enumerate(sizes):
             acc = per_rank // mb
-            t = timer(mb, acc)
+            t = times[i]
             # as len(_describe(job, s.at(i), acc)[0]): the levers, and the micro-batch line where it changes
             n_changes = n_fields + (mb != job.batch_size or acc != 1)
             entries.append((-t.tokens_per_second, n_changes, si, i, t))
@@ -377,7 +385,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
     entries.sort(key=lambda e: (e[0], e[1]))
 
     def floor_fails(s: _Setting) -> bool:
-        """Settle by the floor (:func:`_floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
+        """Settle by the floor (:func:`memfit.estimator.floor_bytes`) every micro-batch of ``s`` that cannot fit: it grows with
         the micro-batch, so those are the ones from the first that fails. Whether none is left."""
         if not s.floor_checked:
             s.floor_checked = True
@@ -386,7 +394,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             lo, hi = 0, len(s.sizes)  # the first index whose floor passes the room
             while lo < hi:
                 mid = (lo + hi) // 2
-                if _floor_bytes(s.at(mid), spec) > room:
+                if floor_bytes(s.at(mid), spec) > room:
                     hi = mid
                 else:
                     lo = mid + 1
@@ -404,7 +412,8 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
         if v is None or (breakdown and v[0] and v[1] is None):
             stats["replays"] += 1
             try:
-                v = fits(s.at(i), budget, spec) if breakdown else (fits_on(s.at(i), budget, spec), None)
+                v = (_fits_first(s.at(i), budget, spec, memo) if breakdown
+                     else (fits_on(s.at(i), budget, spec, memo=memo), None))
             except JobError:
                 s.broken = True
                 raise _Broken from None
@@ -483,7 +492,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
             # a capped replay is not monotone in the cap either (a lower cap frees the cache earlier and can
             # pack better): what fits the card less the margin must also fit the card itself
             stats["replays"] += 1
-            if not fits_on(cj, mem, spec):
+            if not fits_on(cj, mem, spec, memo=memo):
                 continue
         b = s.verdicts[i][1]
         out.append(Candidate(job=cj, fits=True, device_total_bytes=b.device_total_bytes,
@@ -491,7 +500,7 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
                              step_time_seconds=t.seconds, tokens_per_second=t.tokens_per_second,
                              changes=changes, numerics=numerics, reason=t.reason))
     if not out:
-        out = _closest(job, settings, spec, timing_card, mem, budget, top, min_headroom, stats)
+        out = _closest(job, settings, spec, timing_card, mem, budget, top, min_headroom, stats, memo)
     for s in settings:
         stats["inferred"] += sum(1 for i in range(s.fail_from, len(s.sizes)) if i not in s.verdicts)
     return PlanResult(candidates=out, gpu_memory_bytes=mem, gpu=card.name if card else None, global_batch=gb,
@@ -500,13 +509,14 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
 
 def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, budget: int, top: int,
-             min_headroom: float, stats: dict[str, int]) -> list[Candidate]:
+             min_headroom: float, stats: dict[str, int], memo=None) -> list[Candidate]:
     """When nothing fits: the settings' smallest micro-batches with the smallest device totals (by their
-    estimates), each saying by how much it misses. A setting whose floor (:func:`_floor_bytes`) plus the CUDA context is
+    estimates), each saying by how much it misses. A setting whose floor (:func:`memfit.estimator.floor_bytes`) plus the CUDA context is
     above the ``top``-th smallest total found so far cannot be among them (the device total is at least
     that), so it is not estimated."""
     import bisect
 
+    from ..estimator import floor_bytes
     from ..estimator.events import cuda_context_bytes
     from ..estimator.states import paged_optimizer_host_bytes
 
@@ -516,7 +526,7 @@ def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, bu
         if s.broken or (v is not None and v[0]):
             continue
         b = s.base
-        pool.append((_floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
+        pool.append((floor_bytes(s.at(0), spec) + cuda_context_bytes(b.task) + paged_optimizer_host_bytes(spec, b),
                      order, s))
     pool.sort(key=lambda t: (t[0], t[1]))
     found: list[tuple[int, int, _Setting]] = []
@@ -528,7 +538,7 @@ def _closest(job: Job, settings: list[_Setting], spec, timing_card, mem: int, bu
         if v is None or v[1] is None:
             stats["replays"] += 1
             try:
-                v = fits(s.at(0), budget, spec)
+                v = fits(s.at(0), budget, spec, memo)
             except JobError:
                 s.broken = True
                 continue
