@@ -589,7 +589,12 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = pre + [s.alloc(x, "temporaries") for x in (transient[:-len(pre)] if pre else transient) + frozen_casts[i]
                          + dq_back.get(bi, [])]
-            grads += [s.alloc(x, "gradients") for x in layer_grads[i]] if hooks is None else hooks.layer_grads(s, i)
+            # the layer's weight gradients in the order its backward makes them: the last-used module's first
+            # (down_proj before q_proj; LoRA's B before its A), the reverse of ``model.parameters()``. Traced
+            # (llama-3.1-8b full, B6 S2048): the step's optimizer states then fill the same holes the trace's do
+            # (its capped replay passes the card the measured run passes; forward order left it failing)
+            grads += ([s.alloc(x, "gradients") for x in layer_grads[i][::-1]] if hooks is None
+                      else hooks.layer_grads(s, i))
             s.free_all(tmp)
             s.free_all(live)
             if not ckpt:
