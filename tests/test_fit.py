@@ -447,7 +447,7 @@ def _replay_judges_the_card() -> bool:
 
 
 @pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
-@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 44 of 46 boundaries exactly, none "
+@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 43 of 46 boundaries exactly, none "
                    "above, but reserved worst is 12.2% (h2-qwen3-1.7b-generate-512; validation/fit-vs-boundaries-2.txt); "
                    "this flags the day the bars are met")
 def test_fit_answers_meet_the_bars_on_the_committed_boundaries():

@@ -248,6 +248,29 @@ def test_bitsandbytes_jobs_fall_back_to_the_estimate(llama_path):
         trace(job, spec=_spec(), fallback=False)
 
 
+@pytest.mark.parametrize("optimizer", ["paged-adamw", "paged-adamw-8bit", "adamw-8bit"])
+def test_bitsandbytes_optimizers_are_traced_with_their_device_states(tmp_path, optimizer):
+    """A bitsandbytes Adam is traced with its fused kernels emulated: what it puts in PyTorch's allocator (the
+    states of small tensors, uint8 states and absmax) is the estimate's device state to the block, a paged one's
+    unified memory is outside the reserve and in ``host_bytes`` (the same bytes as the estimate's), and the
+    reserve the paged run leaves to PyTorch is the stateless SGD run's plus those blocks."""
+    from memfit.estimator import estimate
+
+    config = dict(TINY_LLAMA, vocab_size=2048)  # embedding and head of 131072 elements: paged (>= 1e5)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    job = _job(str(path), precision="bf16-true", optimizer=optimizer)
+    bd = trace(job, spec=_spec(config), fallback=False)
+    est = estimate(job)
+    assert bd.engine == "trace"
+    assert bd.host_bytes == est.host_bytes
+    assert (bd.host_bytes > 0) is optimizer.startswith("paged")
+    assert bd.components["optimizer_states"] == pytest.approx(est.components["optimizer_states"], rel=0.02,
+                                                              abs=16 << 10)
+    sgd = trace(job.replace(optimizer="sgd"), spec=_spec(config), fallback=False)
+    assert bd.device_total_bytes - bd.peak_reserved_bytes == sgd.device_total_bytes - sgd.peak_reserved_bytes + bd.host_bytes
+
+
 def test_qlora_is_traced_with_emulated_4bit_linears(llama_path):
     """nf4 QLoRA training runs on fake tensors with bitsandbytes' 4-bit linears emulated: the packed weights
     and their quantization state are what the estimate counts, the matmuls' dequantized weights are temporaries."""

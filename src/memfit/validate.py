@@ -145,7 +145,8 @@ def calibrate(rows: list[Scored]) -> dict[str, float]:
     """The one runtime constant of ``memfit.estimator.events``, refitted on records that are not held out: the
     median CUDA context (device total minus reserved) for training and inference. (Reserved comes from the
     allocator replay: nothing to fit.)"""
-    fit = [r for r in rows if not r.holdout and r.group == "single"]
+    fit = [r for r in rows if not r.holdout and r.group == "single" and not r.concurrent]  # their device totals
+    # are not theirs when another process shared the GPU
     out: dict[str, float] = {}
     for task in ("train", "infer"):
         ctx = [r.measured.device_total_bytes - r.measured.peak_reserved_bytes for r in fit if r.job.task == task]

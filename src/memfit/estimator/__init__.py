@@ -287,6 +287,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             stash[bi] = [T * res * x * act_share for x in (H, at.num_heads * at.v_head_dim, H, width)]
     # final norm output kept for the head, and its fp32 input
     final_saved = [x * seq_share for x in [T * H * 4, T * H * res] + ([T * H * 2] if amode == "mixed" else [])]
+    final_norm_temps = (spec.head == "causal_lm" and has_head and bool(layers)
+                        and spec.blocks[layers[-1]].norm == "rms" and amode != "32")
     if job.is_lora and spec.head == "causal_lm" and amode != "mixed":
         # A frozen LM head (PEFT's "all-linear" leaves the output layer out; prepare_model_for_kbit_training
         # freezes every base parameter) keeps its weight for the input gradient, not its input, and the norm's
@@ -400,8 +402,11 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.reset_peaks()
         s.phase("forward")
         if step == 0:
-            s.alloc(ws / 2, "temporaries")  # cuBLAS and cuBLASLt workspaces at the first matmul
+            # the cuBLAS workspace of the forward's thread, at its first matmul; the backward runs on autograd's
+            # device thread, whose handle gets its own at the first backward matmul (below)
             s.alloc(ws / 2, "temporaries")
+            if hooks is not None:
+                s.alloc(ws / 2, "temporaries")
         q = s.alloc(qtemp, "temporaries")
         waiting: list[int] = []
         if rank is not None:
@@ -456,7 +461,17 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 hooks.post_forward(s, i)
         if hooks is not None:
             hooks.pre_head(s)
-        fin = [s.alloc(x, "activations") for x in final_saved]
+        fin = [s.alloc(x, "activations") for x in final_saved[:1]]
+        norm32 = []
+        if final_norm_temps:
+            # LlamaRMSNorm (transformers 5.17): ``hidden_states.pow(2).mean(-1)`` frees its fp32 square once the mean
+            # exists; ``hidden_states * torch.rsqrt(variance)`` is fp32 too, freed after its cast back. Traced (llama-3.2-1b
+            # full bf16): the freed (B, S, H) fp32 block is where the backward thread's cuBLAS workspace lands
+            # when it is that size, instead of the head's vocab-sized block.
+            s.free(s.alloc(T * H * 4 * seq_share, "temporaries"))
+            norm32.append(s.alloc(T * H * 4 * seq_share, "temporaries"))
+        fin += [s.alloc(x, "activations") for x in final_saved[1:]]
+        s.free_all(norm32)
         s.free(emb_out)
         ch = s.alloc(cache_head, "autocast_cache")
         plain = lm and _plain_ce_mlm(spec, job)
@@ -491,6 +506,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.free(ch)
             for c in caches:
                 s.free_all(c)
+        logit_grad = -1
         if plain:  # one fp32 gradient of the scores, then its cast back to 16 bits
             g1 = s.alloc(TV * 4, "logits_and_loss")
             s.free(logsm)
@@ -516,14 +532,26 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     if k == 1:  # tanh's backward has used its saved output
                         s.free(tanh)
             s.free(g2)
-            s.free(g3)
+            logit_grad = g3
         elif has_head:
             g1 = s.alloc(T * spec.num_labels * 4, "logits_and_loss")
             s.free(g1)
             s.free(logsm)
         if not ckpt:
             s.free(ch)
+        # The head's weight gradient (``grad_logits^T @ hidden``, aten.mm) is made while the logits' gradient is
+        # alive: the linear's backward reads it for the input gradient and the weight gradient alike. Traced
+        # (qwen2.5-0.5b full bf16, tied head): the mm lands in the vocab-sized block the log_softmax backward
+        # has just freed, splitting it; the next step's log_softmax backward then needs a new segment
+        # (trace 16.90 GiB reserved, measured 16.92 for the same stream under a paged optimizer).
         grads = [s.alloc(x, "gradients") for x in head_grads] if hooks is None else hooks.head_grads(s)
+        if step == 0 and hooks is None:
+            # The backward thread's cuBLAS workspace (``CublasHandlePool.cpp``: one per handle and stream, kept),
+            # requested by the first backward matmul after its output exists: the head's weight gradient. It
+            # stays where it lands, often in a vocab-sized block just freed, which a later step then cannot
+            # reuse whole (traced, as the tracer's ``_cublas`` does; the reserve it explains is measured).
+            s.alloc(ws / 2, "temporaries")
+        s.free(logit_grad)
         s.free_all(fin)
         for i in range(L - 1, -1, -1):
             bi = layers[i]
@@ -561,7 +589,12 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 live.append(s.alloc(merged[bi], "activations"))
             tmp = pre + [s.alloc(x, "temporaries") for x in (transient[:-len(pre)] if pre else transient) + frozen_casts[i]
                          + dq_back.get(bi, [])]
-            grads += [s.alloc(x, "gradients") for x in layer_grads[i]] if hooks is None else hooks.layer_grads(s, i)
+            # the layer's weight gradients in the order its backward makes them: the last-used module's first
+            # (down_proj before q_proj; LoRA's B before its A), the reverse of ``model.parameters()``. Traced
+            # (llama-3.1-8b full, B6 S2048): the step's optimizer states then fill the same holes the trace's do
+            # (its capped replay passes the card the measured run passes; forward order left it failing)
+            grads += ([s.alloc(x, "gradients") for x in layer_grads[i][::-1]] if hooks is None
+                      else hooks.layer_grads(s, i))
             s.free_all(tmp)
             s.free_all(live)
             if not ckpt:

@@ -129,14 +129,41 @@ class _Replay:
             self.save_bytes(y + ".stats", 8)  # mean and rstd, fp32, per token
             self.new(y, n, 4 if self.mixed else dt)
             return
+        # transformers 5.17 LlamaRMSNorm.forward (Qwen2/3, Mistral, Phi-3, OLMo alike): ``hidden_states.to(float32)``,
+        # ``variance = hidden_states.pow(2).mean(-1, keepdim=True)`` (the fp32 square is freed once the mean
+        # exists), ``hidden_states = hidden_states * torch.rsqrt(variance + eps)`` (fp32; ``rsqrt`` keeps its
+        # output), ``return self.weight * hidden_states.to(input_dtype)``: the locals (the variance, the fp32
+        # product) live until the norm returns. Gemma's ``_norm(x.float()) * (1.0 + self.weight.float())`` then
+        # ``type_as(x)``: the fp32 product and its scaled copy. Traced: the fp32 square and product are where
+        # later same-sized requests land, which sets how the layer's segments are cut.
         x32 = x if dt == 4 else self.tmp(n, 4)
         self.save(x32)  # pow / mul(x, rsqrt) keep the fp32 input
+        sq = self.tmp(n, 4)
+        var = self.tmp(1, 4)
+        self.until[sq] = var
+        rs = self.tmp(1, 4)
+        self.save(rs)
+        h = self.tmp(n, 4)  # x * rsqrt, fp32
         if kind == "gemma_rms":
             if trainable:
-                self.save(self.tmp(n, 4))  # normed fp32, kept for the (1 + w) gradient
-        elif trainable:
-            self.save(self.tmp(n, dt))  # normed, cast back, kept for the weight gradient
-        self.new(y, n, dt)
+                self.save(h)  # normed fp32, kept for the (1 + w) gradient
+            if dt == 4:
+                last = self.new(y, n, dt)
+            else:
+                scaled = self.tmp(n, 4)
+                last = self.new(y, n, dt)
+                self.until[scaled] = last
+            self.until.setdefault(h, self.order[-1] if dt == 4 else scaled)
+        else:
+            if dt == 4:
+                if trainable:
+                    self.save(h)  # normed, kept for the weight gradient
+            elif trainable:
+                self.save(self.tmp(n, dt))  # normed, cast back, kept for the weight gradient
+            last = self.new(y, n, dt)
+            if h not in self.saved:
+                self.until[h] = last
+        self.until[var] = last
 
     def linear(self, x: str, y: str, name: str, out: float, trainable: bool | None = None) -> None:
         trainable = self.m.trainable_base if trainable is None else trainable

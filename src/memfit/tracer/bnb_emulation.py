@@ -17,6 +17,8 @@ bitsandbytes 0.50 (the version the measured records ran; read from its source, n
   tensors), the whole weight dequantized into ``torch.empty(shape, dtype=A.dtype)``, then ``F.linear``; both are
   freed when the call returns. ``functional.dequantize_4bit`` (backward) makes the fp32 absmax (nested: one
   tensor, the offset added in place) and the weight in the quant state's dtype.
+- ``optim/optimizer.py`` ``Optimizer2State`` (``AdamW8bit``, ``PagedAdamW8bit``, ``PagedAdamW``): see
+  :func:`make_bnb_optimizer`.
 - peft 0.21 ``tuners/lora/bnb.py`` ``Linear4bit.forward``: ``result = base_layer(x).clone()``, then per adapter
   ``output = lora_B(lora_A(dropout(x))) * scaling`` (the input first cast to the adapters' dtype and the output to
   the result's when autocast is off) and ``result = result + output``.
@@ -35,7 +37,7 @@ from typing import Any
 
 from ..estimator.quant import bnb_dequantizes
 
-__all__ = ["build_qlora_model", "BLOCKSIZE"]
+__all__ = ["build_qlora_model", "make_bnb_optimizer", "BLOCKSIZE"]
 
 #: Weights per absmax block (bitsandbytes' default ``blocksize`` for 4-bit, the QLoRA paper's).
 BLOCKSIZE = 64
@@ -177,3 +179,60 @@ def build_qlora_model(job: Any, spec: Any, device: Any, empty_cache: Any = None)
             mod.forward = types.MethodType(_lora_4bit_forward, mod)
     model.train(True)
     return model
+
+
+def make_bnb_optimizer(job: Any, model: Any) -> Any:
+    """A stand-in for the bitsandbytes Adam of ``job`` (``adamw-8bit``, ``paged-adamw-8bit``, ``paged-adamw``) that
+    makes the state tensors the real one makes in PyTorch's allocator, when it makes them, and updates nothing.
+
+    bitsandbytes 0.50 ``optim/optimizer.py``: ``Optimizer8bit.step`` walks the parameters with a gradient in order
+    and, the first time, ``Optimizer2State.init_state``: two states per parameter, uint8 for 8-bit optimizers where
+    the tensor has at least ``min_8bit_size`` (4096) elements (with an fp32 ``absmax`` per block each, plain
+    ``torch.zeros`` on the device), fp32 otherwise and for the 32-bit ``PagedAdamW``. Each state comes from
+    ``get_state_buffer``: ``torch.zeros_like`` on the device, unless the optimizer is paged and the tensor has at
+    least 1e5 elements - then ``F.get_paged`` (``cudaMallocManaged``): unified memory outside PyTorch's allocator,
+    which a trace does not count (its bytes are returned in ``host_bytes``). ``update_step`` runs fused in-place
+    kernels (``optimizer_update_32bit`` / ``optimizer_update_8bit_blockwise``), no PyTorch tensors. The absmax
+    block (256 values) and the size thresholds are the estimate's (:mod:`memfit.estimator.states`), which the
+    measured paged run's device state bytes confirm."""
+    import torch
+
+    from ..estimator.states import PAGED_MIN_NUMEL
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    paged = job.optimizer.startswith("paged")
+    eight_bit = job.optimizer.endswith("8bit")
+
+    class BnbAdamEmulation(torch.optim.Optimizer):
+        def __init__(self, params_: Any) -> None:
+            super().__init__(params_, dict(lr=1e-5))
+            self.host_bytes = 0
+
+        def _buffer(self, p: Any, dtype: Any) -> Any:
+            if paged and p.numel() >= PAGED_MIN_NUMEL:
+                self.host_bytes += p.numel() * torch.empty((), dtype=dtype).element_size()
+                return torch.empty(p.shape, dtype=dtype, device="meta")  # unified memory: not in the allocator
+            return torch.zeros_like(p, dtype=dtype)
+
+        @torch.no_grad()
+        def step(self, closure: Any = None) -> Any:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if state:
+                        continue  # the update itself: in-place kernels
+                    state["step"] = 0
+                    if eight_bit and p.numel() >= 4096:
+                        state["state1"] = self._buffer(p, torch.uint8)
+                        state["state2"] = self._buffer(p, torch.uint8)
+                        blocks = -(-p.numel() // 256)
+                        state["absmax1"] = torch.zeros((blocks,), dtype=torch.float32, device=p.device)
+                        state["absmax2"] = torch.zeros((blocks,), dtype=torch.float32, device=p.device)
+                    else:
+                        state["state1"] = self._buffer(p, torch.float32)
+                        state["state2"] = self._buffer(p, torch.float32)
+            return None
+
+    return BnbAdamEmulation(params)

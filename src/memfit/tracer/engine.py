@@ -185,8 +185,6 @@ def _unsupported(job: Job, model: Any) -> str:
         return f"{job.quantization} weights run bitsandbytes' CUDA kernels, which fake tensors cannot execute"
     if job.quantization in ("fp8", "gptq", "awq"):
         return f"{job.quantization} weights need a pre-quantized checkpoint and its CUDA kernels"
-    if job.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
-        return f"the {job.optimizer} optimizer runs bitsandbytes' CUDA kernels, which fake tensors cannot execute"
     if job.task == "infer" and job.kv_cache_dtype not in ("auto", {"32-true": "fp32", "16-mixed": "fp16",
                                                                    "16-true": "fp16"}.get(job.precision, "bf16")):
         return f"the reference run keeps the dynamic cache in the compute dtype, not {job.kv_cache_dtype}"
@@ -371,7 +369,12 @@ class _TraceRun:
             if id(rec) not in known and rec.category == "weights":
                 rec.category = "other"
         if self.training:
-            self.optimizer = ref.make_optimizer(job, self.model)
+            if job.optimizer in ("adamw-8bit", "paged-adamw-8bit", "paged-adamw"):
+                from .bnb_emulation import make_bnb_optimizer  # its fused kernels emulated: the states it makes
+
+                self.optimizer = make_bnb_optimizer(job, self.model)
+            else:
+                self.optimizer = ref.make_optimizer(job, self.model)
             self.scaler = ref.make_grad_scaler(job, "cpu")
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         config = getattr(inner, "config", None)
@@ -411,9 +414,11 @@ class _TraceRun:
         comps = {k: v for k, v in sorted(tr.components_at(peak_event).items()) if v}
         requested = tr.requested_at(peak_event)
         peak = tr.peak
+        paged = int(getattr(self.optimizer, "host_bytes", 0) or 0)
         if self.cuda:
             reserved = max(tr.sim.peak_reserved, peak)
-            total = reserved + CUDA_CONTEXT_BYTES
+            # a paged optimizer's states are CUDA unified memory: resident while there is room, counted by nvidia-smi
+            total = reserved + CUDA_CONTEXT_BYTES + paged
         else:
             # The plain CPU run: no caching allocator, tensor bytes as a CPU count sees them.
             comps = _requested_components(tr, peak_event)
@@ -477,7 +482,8 @@ class _TraceRun:
         return Breakdown(engine="trace", model=job.model, job=job.to_dict(), parameters=base,
                          trainable_parameters=trainable, components=comps, peak_allocated_bytes=int(peak),
                          peak_reserved_bytes=int(reserved), device_total_bytes=int(total), peak_phase=peak_phase,
-                         phases={k: int(v) for k, v in phases.items()}, measurement="fake-tensors", notes=notes,
+                         phases={k: int(v) for k, v in phases.items()}, host_bytes=paged,
+                         measurement="fake-tensors", notes=notes,
                          extras=extras)
 
 
