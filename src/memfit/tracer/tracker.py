@@ -213,10 +213,15 @@ class Tracker:
         return _TrackAllocations()
 
     def _is_composite(self, func: Any) -> bool:
+        """Whether the device runs ``func`` as its ``CompositeImplicitAutograd`` decomposition: an op with a kernel
+        of its own for the backend runs that instead (``silu_backward``, ``mish_backward``: one fused kernel on
+        CUDA, the CPU build's registration standing for it; decomposed, SiLU's backward made six MLP-wide
+        temporaries - traced: checkpointed QLoRA mistral-7b at 4 x 1024 tokens 5.4 % over, peaking there)."""
         known = self._composite.get(func)
         if known is None:
+            has = self.torch._C._dispatch_has_kernel_for_dispatch_key
             try:
-                known = self.torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+                known = has(func.name(), "CompositeImplicitAutograd") and not has(func.name(), "CPU")
             except (RuntimeError, AttributeError):
                 known = False
             self._composite[func] = known
