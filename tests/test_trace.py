@@ -358,3 +358,33 @@ def test_the_math_kernel_emulation_computes_16_bit_attention_in_fp32():
         ref = torch.ops.aten._scaled_dot_product_attention_math(q, q.clone(), q.clone(), mask, 0.0, False, None)[0]
     assert out.dtype == ref.dtype == torch.bfloat16
     assert mine.seen == theirs.seen and {d for _, d in mine.seen} == {torch.float32}
+
+
+@pytest.mark.parametrize("keys, backward_tensors", [(2048, 4), (1024, 3)])
+def test_the_math_kernels_softmax_allocates_as_on_cuda(keys, backward_tensors):
+    """``_safe_softmax`` as the device runs it (its CompositeExplicitAutograd kernel, torch 2.13 op by op):
+    softmax, a bool ``isneginf`` mask and a ``where`` written into the softmax output: beyond its input 1.25
+    score-sized tensors at once, one when it returns. Its backward on CUDA makes ``grad * output`` before the
+    kernel where rows exceed the persistent kernel's 1024 elements: with the kept output, the incoming gradient
+    and the result four, else three (fake tensors' kernels make none of the temporaries)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memfit.tracer.tracker import Tracker
+
+    tr = Tracker(torch, cuda=True)
+    n = 2 * 8 * keys * 4  # bytes of one (1, 2, 8, keys) fp32 tensor
+    with FakeTensorMode():
+        x = torch.empty(1, 2, 8, keys, requires_grad=True)  # made before the tracker: not counted
+        with tr.mode():
+            tr.start_window()
+            y = torch.ops.aten._safe_softmax(x, -1)
+            forward, held = tr.peak, tr.current()
+            g = torch.ones_like(y)
+            tr.start_window()
+            y.backward(g)
+            backward = tr.peak
+    # the row mask (B, H, L, 1) and the scalar zero take one 512-byte block each
+    assert forward == n + n // 4 + 2 * 512
+    assert held == n
+    assert backward == backward_tensors * n

@@ -16,7 +16,7 @@ from ..models.spec import Block, ModelSpec
 from . import quant
 from . import states as st
 from . import forward as fw
-from .layers import Mode, layer_forward_tensors, saved_bytes_per_token
+from .layers import Mode, layer_forward_tensors, math_softmax_backward, saved_bytes_per_token
 
 __all__ = ["estimate", "max_batch_size", "fits_on", "model_states", "Memo", "floor_bytes"]
 
@@ -273,6 +273,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                           for bpt, saved, held, until, fixed in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
     merged = {bi: st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]) * tp_share for bi in set(layers)}
+    # the math attention kernel's softmax backward (layers.math_softmax_backward): the saved tensors released by
+    # then, by index into the layer's tensors, and the tensors made there
+    math_back = {bi: mb for bi in set(layers) if (mb := math_softmax_backward(spec, bi, mode)) is not None}
     layer_input = T * H * res * seq_share
     stash = {}
     if ckpt and job.quantization == "int8":
@@ -424,12 +427,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         emb = [s.alloc(x, "activations") for x in emb_saved]
         emb_out = s.alloc(emb_held, "temporaries") if emb_held and not (ckpt and emb_first) else -1
         kept: list[list[int]] = []
+        kept_at: list[dict[int, int]] = []  # each layer's saved tensors (non-checkpointed): index -> handle
         caches: list[list[int]] = []
         for i, bi in enumerate(layers):
             if hooks is not None:
                 hooks.pre_forward(s, i)
             caches.append([s.alloc(c, "autocast_cache") for c in cache_layers[i]])
             mine: list[int] = []
+            mine_at: dict[int, int] = {}
             if ckpt:
                 mine.append(s.alloc(layer_input, "activations"))
             pending, held, scoped = -1, [], {}
@@ -439,6 +444,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 if saved and not ckpt:
                     h = s.alloc(n, "activations")
                     mine.append(h)
+                    mine_at[j] = h
                 elif hold:  # a Python name keeps it until the layer returns
                     held.append(s.alloc(n, "temporaries"))
                 elif until is not None:  # its op frees it once a later tensor exists (see layer_forward_tensors)
@@ -457,6 +463,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             # the int8 linears' stashed inputs, one tensor each (made within the layer, kept past its return)
             mine += [s.alloc(x, "activations") for x in stash.get(bi, ())]
             kept.append(mine)
+            kept_at.append(mine_at)
             if hooks is not None:
                 hooks.post_forward(s, i)
         if hooks is not None:
@@ -556,6 +563,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         for i in range(L - 1, -1, -1):
             bi = layers[i]
             live = kept[i]
+            live_at = kept_at[i]
             if hooks is not None:
                 hooks.pre_backward(s, i)
             pre: list[int] = []
@@ -569,11 +577,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                     pre = [s.alloc(x, "temporaries") for x in transient[-2:]]
                 s.free_all(live)
                 live = []
+                live_at = {}
                 pending, held, scoped = -1, [], {}
                 for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                     h = s.alloc(n, "activations" if saved else "temporaries")
                     if saved:
                         live.append(h)
+                        live_at[j] = h
                     elif hold:
                         held.append(h)
                     elif until is not None:
@@ -595,7 +605,27 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             # (its capped replay passes the card the measured run passes; forward order left it failing)
             grads += ([s.alloc(x, "gradients") for x in layer_grads[i][::-1]] if hooks is None
                       else hooks.layer_grads(s, i))
-            s.free_all(tmp)
+            mb = math_back.get(bi)
+            if mb is None:
+                s.free_all(tmp)
+            else:
+                # the softmax backward of the math attention kernel, after the later ops' backward: their saved
+                # tensors released, the two hidden-sized gradients still alive (the residual's and the one
+                # arriving at the layer), the probabilities' gradient, CUDA's ``grad * output`` and the result
+                hidden = pre or tmp[len(transient) - 2:len(transient)]
+                s.free_all([h for h in tmp if h not in hidden])
+                released, v_at, p_at, made = mb
+                v_exp, probs = live_at.get(v_at, -1), live_at.get(p_at, -1)
+                gone = [live_at[j] for j in released if j in live_at]
+                s.free_all(gone)
+                g_probs, g_v = (s.alloc(x * T * act_share, "temporaries") for x in made[:2])
+                s.free(v_exp)  # the second bmm's node releases the repeated v
+                g_scores, g_tmp = (s.alloc(x * T * act_share, "temporaries") for x in made[2:])
+                s.free_all((g_tmp, g_probs, probs))  # the softmax node is done
+                s.free_all((g_scores, g_v))
+                gone = set(gone) | {v_exp, probs}
+                live = [h for h in live if h not in gone]
+                s.free_all(hidden)
             s.free_all(live)
             if not ckpt:
                 s.free_all(caches[i])

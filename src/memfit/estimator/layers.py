@@ -46,6 +46,28 @@ def _promote(a: int, b: int) -> int:
     return max(a, b)
 
 
+#: Rows the persistent (warp-per-row) softmax kernels of CUDA take: at most 1024 elements and 4096 bytes
+#: (aten/src/ATen/native/cuda/SoftMax.cu ``host_softmax_backward``: ``dim_size <= 1024 && dim_size*sizeof(scalar_t)
+#: <= 4096``, softmax over the innermost dimension).
+PERSISTENT_SOFTMAX_ELEMENTS = 1024
+PERSISTENT_SOFTMAX_BYTES = 4096
+
+
+def softmax_backward_scratch(row_elements: int, itemsize: int, innermost: bool = True) -> bool:
+    """Whether CUDA's softmax backward materializes ``tmp = grad * output`` (a gradient-sized temporary) before
+    its kernel. aten/src/ATen/native/cuda/SoftMax.cu ``softmax_backward_cuda_out`` (an older revision; torch
+    2.11's was not at hand) makes it for every row: ``Tensor tmp = grad * output``, which the block kernel's
+    ``SoftMaxBackwardEpilogue`` reads as "gradOutput * output". The torch 2.11 runs on the H200 show it only for
+    rows the persistent (warp-per-row) kernel cannot take - over 1024 elements or 4096 bytes, or not the innermost
+    dimension -, consistent with persistent kernels that form ``sum(grad * output)`` themselves (as a port of a
+    later PersistentSoftmax.cuh does): the math attention kernel of checkpointed QLoRA mistral-7b peaks at four
+    score-sized tensors in its softmax backward with 2048 keys, at three with 1024 (traced with the temporary
+    there: 5.4 % over)."""
+    if not innermost:
+        return True
+    return row_elements > PERSISTENT_SOFTMAX_ELEMENTS or row_elements * itemsize > PERSISTENT_SOFTMAX_BYTES
+
+
 class _Replay:
     """Replays ops over named tensors (sizes in elements per token) and collects what is saved."""
 
@@ -65,6 +87,8 @@ class _Replay:
         self.window_mask = False  # a sliding-window (or chunked) layer whose window the sequence reaches
         self.fixed: dict[str, float] = {}  # temporaries of a fixed size, not per token (a dequantized weight)
         self.math_inputs: list[str] = []  # q, k, v of the last math-kernel attention (its caller's locals)
+        # the math kernel's softmax backward: (probabilities, repeated v, bytes per token of the tensors made there)
+        self.math_backward: tuple[str, str, tuple[float, ...]] | None = None
 
     # -- helpers --------------------------------------------------------------
     def new(self, name: str, size: float, dtype: int) -> str:
@@ -349,16 +373,24 @@ class _Replay:
                 local.append(self.tmp(nh * dqk, 4))
             self.save(self.tmp(nh * dqk, 4))
             self.save(self.tmp(kv_heads * dqk, 4))
-            self.save(self.tmp(kv_heads * dv, 4))
+            v_exp = self.tmp(kv_heads * dv, 4)
+            self.save(v_exp)
             # the scores (``attn = q @ k^T``, the mask added in place), then ``_safe_softmax`` as it runs on the
-            # device (attention.cpp, CompositeExplicitAutograd): the softmax, ``self.eq(-inf)`` (bool) and
-            # ``where(masked_rows, 0, softmax)``, the tensor autograd keeps; the others go when it returns
-            # (traced with the device's kernel: qlora-mistral-7b's peak is this moment of a recomputed layer)
-            scores, soft, masked = self.tmp(nh * S, 4), self.tmp(nh * S, 4), self.tmp(nh * S, 1)
-            probs = self.tmp(nh * S, 4)
+            # device (attention.cpp, CompositeExplicitAutograd): the softmax, ``isneginf`` (bool) and
+            # ``where(masked_rows, 0, out, out=out)`` written into the softmax output, the tensor autograd keeps;
+            # the scores and the mask go when it returns (torch 2.13 op by op on the CPU; measured under torch
+            # 2.11: the checkpointed QLoRA forward peaks at 2.25 score-sized tensors in a layer, not 3.25)
+            scores, probs, masked = self.tmp(nh * S, 4), self.tmp(nh * S, 4), self.tmp(nh * S, 1)
             self.save(probs)
-            for t in (scores, soft, masked):
-                self.until[t] = probs
+            self.until[scores] = masked
+            self.until[masked] = masked
+            # backward through it (autograd, after o_proj's): the second bmm's backward makes the gradients of
+            # the probabilities and of the repeated v and releases v; ``_softmax_backward_data`` makes its result
+            # and, on CUDA for rows over 1024 keys, ``tmp = grad * output`` (softmax_backward_scratch): four
+            # score-sized tensors with the kept probabilities, the saved tensors of the layer's later ops already
+            # released (see :func:`math_softmax_backward`)
+            tmp = nh * S * 4 if softmax_backward_scratch(S, 4) else 0.0
+            self.math_backward = (probs, v_exp, (nh * S * 4, kv_heads * dv * 4, nh * S * 4, tmp))
             self.new(o, nh * dv, e)
             for t in local:
                 self.until[t] = o
@@ -614,6 +646,34 @@ def layer_forward_tensors(spec: ModelSpec, block_index: int, mode: Mode) -> tupl
         else:
             out.append((r.size[key] * r.dtype[key], False, key in held, until, r.fixed.get(key, 0.0)))
     return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def math_softmax_backward(spec: ModelSpec, block_index: int,
+                          mode: Mode) -> tuple[tuple[int, ...], int, int, tuple[float, ...]] | None:
+    """The moment a layer's backward through the math attention kernel peaks, or None where it has none: the
+    softmax backward. As indices into :func:`layer_forward_tensors` - of the saved tensors released before it, of
+    the repeated v and of the probabilities - and the bytes per token of the gradient of the probabilities, of the
+    repeated v, of the scores and of CUDA's ``tmp``, in the order they are made.
+
+    Autograd runs the layer's ops backward from its output: by the time it reaches the attention, the nodes of
+    every later op (o_proj, the residual add, the MLP and its norm) have run and released what they saved. The
+    second bmm's backward (``attn @ v``) makes the gradients of the probabilities and of the repeated v, then
+    releases v (the probabilities stay: the softmax node keeps them). ``_softmax_backward_data`` allocates its
+    result, then on CUDA, for rows of more than 1024 keys, ``tmp = grad * output`` for its kernel
+    (:func:`softmax_backward_scratch`; the CPU kernel makes the result only): with the kept probabilities four
+    score-sized fp32 tensors (B x heads x S x S) at once, after which the gradient of the probabilities, ``tmp``
+    and the probabilities go. The layer's input, its attention input and the saved q and k are still alive (the
+    first bmm's backward needs them). Measured on the H200 (torch 2.11): the checkpointed QLoRA runs of
+    mistral-7b at 2048 tokens peak here."""
+    r = _run_layer(spec, spec.blocks[block_index], mode)
+    if r.math_backward is None:
+        return None
+    probs, v_exp, made = r.math_backward
+    keys = [k for k in r.order if k in r.saved or r.base.get(k) == k]
+    at = keys.index(probs)
+    released = tuple(i for i, k in enumerate(keys) if k in r.saved and i > at)
+    return released, keys.index(v_exp), at, made
 
 
 @lru_cache(maxsize=4096)
