@@ -804,8 +804,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
             # scales k^T: three context-long tensors)
             tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
+            sizes_of: dict[int, list] = {}  # the layers of one block grow by the same sizes: computed once a step
             for i, bi in enumerate(layers):
-                new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
+                sizes = sizes_of.get(bi)
+                if sizes is None:
+                    sizes = sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]
+                new = [s.alloc(x, "kv_cache") for x in sizes]
                 s.free_all(kv[i])
                 kv[i] = new
             s.free_all(tmp)
@@ -882,25 +886,27 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     stream, comps, phase, phases, notes = _stream(spec, job)
     peak = sum(comps.values())
     expandable = bool(getattr(job, "expandable_segments", False))
-    run = replay(stream, expandable_segments=expandable)
     ctx = cuda_context_bytes(job.task, job.quantization)
     # paged optimizer state is CUDA unified memory: resident on the GPU while there is room, so nvidia-smi
     # counts it even though PyTorch's allocator does not
     paged = st.paged_optimizer_host_bytes(spec, job)
-    reserved = run.peak_reserved_bytes
     extras: dict = {"events": len(stream), "allocator": "expandable_segments" if expandable else "default",
                     "largest_component": max(comps, key=comps.get) if comps else ""}
     fits = headroom = None
-    if gpu_memory_bytes is not None:
+    # the uncapped replay's reserve is the answer unless a card's capped run completes (then that one is): with
+    # a card the capped replay runs first and the uncapped one only when it fails (the same two figures as
+    # replaying both, one replay fewer where the run fits)
+    if gpu_memory_bytes is None:
+        reserved = replay(stream, expandable_segments=expandable).peak_reserved_bytes
+    else:
         fit_stream = _stream(spec, job, fit=True)[0] if job.task != "train" else stream
-        # the uncapped replay stands in for the capped one only for the same stream (see events.replay)
-        capped = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable,
-                        uncapped=run if fit_stream is stream else None)
+        capped = replay(fit_stream, capacity_bytes=gpu_memory_bytes - ctx - paged, expandable_segments=expandable)
         fits = capped.completed
         if fits:
             reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
             extras["decided_by"] = extras["largest_component"]
         else:
+            reserved = replay(stream, expandable_segments=expandable).peak_reserved_bytes
             extras.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                           failed_phase=capped.failed_phase)
             notes.append(f"out of memory in {capped.failed_phase or 'load'}: a {_gib(capped.failed_request_bytes)} "
