@@ -81,6 +81,19 @@ def test_run_is_malloc_and_free_one_by_one(seed, setting):
     assert stopped[None] == -1 and stopped[600 << 20] >= 0  # both ends: a run that completes, one that fails
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_run_with_a_physical_limit_is_malloc_and_free_one_by_one(seed):
+    """Under ``physical_bytes`` (alone, or with a capacity above or below it) ``run`` leaves the model where the
+    calls one by one do: the loop's one limit check stands for both of ``alloc_block``'s."""
+    ops = _random_ops(seed)
+    for cap, physical in ((None, 900 << 20), (2000 << 20, 900 << 20), (700 << 20, 900 << 20)):
+        a = CachingAllocatorModel(cap, on_oom="raise", physical_bytes=physical)
+        b = CachingAllocatorModel(cap, on_oom="raise", physical_bytes=physical)
+        assert a.run(ops) == _one_by_one(b, ops)
+        assert a.memory_stats() == b.memory_stats()
+        assert a.segments() == b.segments()
+
+
 def _streams():
     spec = load_model("llama-3.2-1b")
     yield _stream(spec, Job(model="llama-3.2-1b", batch_size=2, seq_len=512))[0]

@@ -103,13 +103,13 @@ class Block:
     __slots__ = ("size", "addr", "small", "allocated", "prev", "next", "requested", "mapped", "seg", "gc_base")
 
     def __init__(self, size: int, addr: int, small: bool, seg: ExpandableSegment | None = None,
-                 mapped: bool = True) -> None:
+                 mapped: bool = True, prev: Block | None = None, nxt: Block | None = None) -> None:
         self.size = size
         self.addr = addr
         self.small = small
         self.allocated = False
-        self.prev: Block | None = None
-        self.next: Block | None = None
+        self.prev = prev
+        self.next = nxt
         self.requested = 0
         self.mapped = mapped
         self.seg = seg
@@ -318,7 +318,9 @@ class CachingAllocatorModel:
         event stream of :mod:`memfit.estimator.events` is replayed this way): for the default setting the plain
         best-fit path of both is written out here, with the counters held in locals, because a replay of tens
         of thousands of events spends most of its time in call overhead; whatever leaves that path (a new
-        segment that would pass the limit, any other setting) goes through :meth:`malloc` itself."""
+        segment that would pass the limit, any other setting) goes through :meth:`malloc` itself. One figure is
+        not followed event by event: ``inactive_split`` (and its bytes), which no decision reads, is recounted
+        from the pools when the loop hands over to :meth:`malloc` and at the end (the same counts)."""
         if blocks is None:
             blocks = {}
         if not self._plain:
@@ -328,11 +330,13 @@ class CachingAllocatorModel:
         segments = self._segments
         cap = self.capacity_bytes
         physical = self.physical_bytes
+        # the largest reserve a new segment may reach without leaving this loop (the limit's check, and
+        # cudaMalloc's against physical_bytes): one comparison per new segment
+        limit = min(x for x in (cap, physical, 1 << 126) if x is not None)
         large_segment = self._large_segment
         allocated, reserved, requested = self.allocated, self.reserved, self.requested
         peak_allocated, peak_reserved, peak_requested = self.peak_allocated, self.peak_reserved, self.peak_requested
         num_allocations, num_segments, peak_segments = self.num_allocations, self.num_segments, self.peak_segments
-        inactive_split, inactive_split_bytes = self.inactive_split, self.inactive_split_bytes
         num_device_alloc = self.num_device_alloc
         next_addr, down_addr = self._next_addr, self._down_addr
         small_gc, large_gc = self._small.gc_calls, self._large.gc_calls
@@ -343,9 +347,11 @@ class CachingAllocatorModel:
             self.allocated, self.reserved, self.requested = allocated, reserved, requested
             self.peak_allocated, self.peak_reserved, self.peak_requested = peak_allocated, peak_reserved, peak_requested
             self.num_allocations, self.num_segments, self.peak_segments = num_allocations, num_segments, peak_segments
-            self.inactive_split, self.inactive_split_bytes = inactive_split, inactive_split_bytes
             self.num_device_alloc = num_device_alloc
             self._next_addr, self._down_addr = next_addr, down_addr
+            # inactive_split (the cached blocks of split segments) steers no decision: not counted event by event
+            # here, but recounted from the pools
+            self._recount_inactive_split()
 
         for idx, op in enumerate(ops):
             kind = op[0]
@@ -367,8 +373,7 @@ class CachingAllocatorModel:
                         alloc_size = large_segment
                     else:
                         alloc_size = (size + ROUND_LARGE_BYTES - 1) // ROUND_LARGE_BYTES * ROUND_LARGE_BYTES
-                    if ((cap is not None and reserved + alloc_size > cap)
-                            or (physical is not None and reserved + alloc_size > physical)):
+                    if reserved + alloc_size > limit:
                         # past the limit: release the cache and retry, or fail, as malloc does
                         sync()
                         try:
@@ -382,7 +387,6 @@ class CachingAllocatorModel:
                         peak_requested = self.peak_requested
                         num_allocations, num_segments = self.num_allocations, self.num_segments
                         peak_segments = self.peak_segments
-                        inactive_split, inactive_split_bytes = self.inactive_split, self.inactive_split_bytes
                         num_device_alloc = self.num_device_alloc
                         next_addr, down_addr = self._next_addr, self._down_addr
                         continue
@@ -403,12 +407,9 @@ class CachingAllocatorModel:
                     num_device_alloc += 1
                 # _alloc_found_block
                 remaining = block.size - size
-                was_split = block.prev is not None or block.next is not None
                 if remaining >= min_block if small else remaining > small_request:
                     nxt = block.next
-                    rest = Block_(remaining, block.addr + size, small)
-                    rest.prev = block
-                    rest.next = nxt
+                    rest = Block_(remaining, block.addr + size, small, None, True, block, nxt)
                     if nxt is not None:
                         nxt.prev = rest
                     block.next = rest
@@ -417,14 +418,6 @@ class CachingAllocatorModel:
                     insort_(keys, k)
                     by_key[k] = rest
                     rest.gc_base = small_gc if small else large_gc
-                    if was_split:
-                        inactive_split_bytes -= size
-                    else:
-                        inactive_split_bytes += remaining
-                        inactive_split += 1
-                elif was_split:
-                    inactive_split_bytes -= block.size
-                    inactive_split -= 1
                 block.allocated = True
                 block.requested = nbytes
                 allocated += block.size
@@ -441,8 +434,8 @@ class CachingAllocatorModel:
                     sync()
                     raise ValueError("block freed twice")
                 block.allocated = False
-                freed_size = block.size
-                allocated -= freed_size
+                size = block.size
+                allocated -= size
                 requested -= block.requested
                 num_allocations -= 1
                 block.requested = 0
@@ -450,42 +443,54 @@ class CachingAllocatorModel:
                     keys, by_key, gc = skeys, sby, small_gc
                 else:
                     keys, by_key, gc = lkeys, lby, large_gc
-                merged = 0
                 prev = block.prev
                 if prev is not None and not prev.allocated:  # try_merge_blocks(block, prev)
-                    k = prev.size << 64 | prev.addr
+                    psize = prev.size
+                    addr = prev.addr
+                    k = psize << 64 | addr
                     del keys[bisect_left_(keys, k)]
                     del by_key[k]
-                    block.addr = prev.addr
+                    block.addr = addr
                     p = block.prev = prev.prev
                     if p is None:
-                        segments[prev.addr] = block
+                        segments[addr] = block
                     else:
                         p.next = block
-                    block.size += prev.size
-                    merged = 1
+                    size += psize
+                    merged = True
+                else:
+                    addr = block.addr
+                    merged = False
                 nxt = block.next
                 if nxt is not None and not nxt.allocated:  # try_merge_blocks(block, next)
-                    k = nxt.size << 64 | nxt.addr
+                    nsize = nxt.size
+                    k = nsize << 64 | nxt.addr
                     del keys[bisect_left_(keys, k)]
                     del by_key[k]
                     n = block.next = nxt.next
                     if n is not None:
                         n.prev = block
-                    block.size += nxt.size
-                    merged += 1
-                k = block.size << 64 | block.addr
+                    size += nsize
+                    merged = True
+                if merged:
+                    block.size = size
+                k = size << 64 | addr
                 insort_(keys, k)
                 by_key[k] = block
                 block.gc_base = gc
-                if block.prev is not None or block.next is not None:
-                    inactive_split += 1 - merged
-                    inactive_split_bytes += freed_size
-                else:
-                    inactive_split -= merged
-                    inactive_split_bytes -= block.size - freed_size
         sync()
         return -1
+
+    def _recount_inactive_split(self) -> None:
+        """``inactive_split`` / ``inactive_split_bytes`` from the pools: the cached blocks that share their segment
+        with other blocks (expandable segments' blocks are left out, as :meth:`free` leaves them out)."""
+        n = nbytes = 0
+        for pool in (self._small, self._large):
+            for b in pool.by_key.values():
+                if b.seg is None and (b.prev is not None or b.next is not None):
+                    n += 1
+                    nbytes += b.size
+        self.inactive_split, self.inactive_split_bytes = n, nbytes
 
     def _run_generic(self, ops, blocks: dict) -> int:
         """:meth:`run` for any setting: one :meth:`malloc` / :meth:`free` call per operation."""

@@ -895,8 +895,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
             # scales k^T: three context-long tensors)
             tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
+            sizes_of: dict[int, list] = {}  # the layers of one block grow by the same sizes: computed once a step
             for i, bi in enumerate(layers):
-                new = [s.alloc(B * x, "kv_cache") for x in _kv_layer_bytes(spec, job, bi, length)]
+                sizes = sizes_of.get(bi)
+                if sizes is None:
+                    sizes = sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]
+                new = [s.alloc(x, "kv_cache") for x in sizes]
                 s.free_all(kv[i])
                 kv[i] = new
                 if decode_gathers[bi]:

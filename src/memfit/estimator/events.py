@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from dataclasses import replace as replace_
 from itertools import accumulate, compress
+from operator import itemgetter
 
 __all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
@@ -200,7 +201,8 @@ def _account_fast(stream: Stream) -> ReplayResult:
             continue  # the stretch before the first mark (or a mark without a name): not reported
         if reset_at >= 0 and start <= r:
             # only the allocations after the reset count here (not the live bytes at the reset)
-            best = max(compress(live[r + 1:end], [op[0] == _ALLOC for op in ops[r + 1:end]]), default=-1)
+            # (an allocation is the one event whose delta is > 0: a free's is < 0, a mark's 0)
+            best = max(compress(live[r + 1:end], map((0).__lt__, delta[r + 1:end])), default=-1)
         else:
             # the mark and the allocations: a free or a mark never raises the live bytes, so the stretch's
             # maximum is one of them
@@ -216,7 +218,7 @@ def _account_fast(stream: Stream) -> ReplayResult:
                 nh = op[1] + 1
                 break
         alive = [True] * nh
-        for h in [op[1] for op in ops[:peak_at + 1] if op[0] == _FREE]:
+        for h in map(itemgetter(1), compress(ops[:peak_at + 1], map((0).__gt__, delta[:peak_at + 1]))):  # frees
             alive[h] = False
         size, comp = stream._size, stream._comp
         for h in compress(range(nh), alive):

@@ -15,7 +15,6 @@ imported here.
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import replace
 from functools import lru_cache
@@ -189,6 +188,8 @@ def _from_hub(ref: str) -> Path | None:
 
 
 def _not_found(ref: str) -> ModelNotFoundError:
+    import difflib  # only for an unknown name: not on every start
+
     close = difflib.get_close_matches(ref.lower(), list(_aliases()), n=3, cutoff=0.5) if len(ref) < 200 else []
     names = list(dict.fromkeys(_aliases()[c] for c in close))
     hint = f"; close built-in names: {', '.join(names)}" if names else "; run `memfit models` to list built-in names"
