@@ -85,15 +85,20 @@ def measure(job: Job | dict[str, Any], model: Any = None, *, steps: int = 3, out
         check_host_memory(job, spec)
     from .meters import CpuMeter, CudaMeter
 
-    meter = CudaMeter(dev) if dev.type == "cuda" else CpuMeter()
     card = allocator = None
     if gpu_memory_bytes is not None and dev.type != "cuda":
         raise MemfitError("rehearsing a card (--gpu-memory / gpu_memory_bytes) needs a CUDA GPU; on the CPU "
                           "measure without it")
     if dev.type == "cuda":
-        from .card import apply_allocator_setting, rehearse_card, release_card
+        from .card import apply_allocator_setting
 
+        # before anything initialises CUDA (the meter asks for the current device): the allocator's setting can
+        # only be chosen then (measured: `memfit measure --expandable-segments` refused itself when it came after)
         allocator = apply_allocator_setting(torch, job.expandable_segments)
+    meter = CudaMeter(dev) if dev.type == "cuda" else CpuMeter()
+    if dev.type == "cuda":
+        from .card import rehearse_card, release_card
+
         if gpu_memory_bytes is not None:
             card = rehearse_card(torch, meter, _card_bytes(gpu_memory_bytes))
     try:
@@ -175,8 +180,8 @@ def find_max_batch(job: Job | dict[str, Any], gpu_memory_bytes: int, *, start: i
     from .fit import search_max_batch
     from .meters import CudaMeter, Nvml
 
+    allocator = apply_allocator_setting(torch, job.expandable_segments)  # before the meter initialises CUDA
     meter = CudaMeter(dev)
-    allocator = apply_allocator_setting(torch, job.expandable_segments)
     card = rehearse_card(torch, meter, cap)
     nvml = Nvml(dev)
     result: dict[str, Any] = {"gpu_memory_bytes": cap, "card": card, "allocator_setting": allocator,
