@@ -757,15 +757,12 @@ def _decode_expert_gathers(spec: ModelSpec, b: Block, batch: int, e: int) -> tup
     copy is still bound. Returns (the gate/up copy, the down copy) in bytes; the prefill keeps ``grouped_mm``.
     Measured: OLMoE-1B-7B generate at batch 110 on a 48 GiB card ran out of memory asking for the 3.44 GiB down
     copy with the 6.88 GiB gate/up copy alive (validation/probes/memory_history.py, fit-miss histories)."""
-    m = b.moe
-    if m is None or m.all_experts or not any(lin.role.startswith("expert_") and not lin.is_module
-                                             for lin in b.linears):
+    if not fw.fused_experts(b):
         return ()
-    rows = batch * m.top_k
-    inter = m.expert_intermediate_size
-    gated = any(lin.role in ("expert_gate_up", "expert_gate") for lin in b.linears)
+    rows = batch * b.moe.top_k
+    inter = b.moe.expert_intermediate_size
     H = spec.hidden_size
-    return rows * (2 * inter if gated else inter) * H * e, rows * H * inter * e
+    return rows * (2 * inter if fw.experts_gated(b) else inter) * H * e, rows * H * inter * e
 
 
 def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
@@ -1192,7 +1189,7 @@ def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None, *, m
 
 def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec, memo: Memo | None = None) -> bool:
     """:func:`fits_on` for a job already checked against ``spec``."""
-    from .events import cuda_context_bytes, replay
+    from .events import cuda_context_bytes
 
     if job.strategy != "single" or job.gpus > 1:  # every rank's stream, replayed under the cap
         from .parallel import fits_parallel
@@ -1202,18 +1199,14 @@ def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec, memo: Memo | None
         job = job.replace(attention="eager")
     cap = gpu_memory_bytes - cuda_context_bytes(job.task, job.quantization) - st.paged_optimizer_host_bytes(spec, job)
     expandable = bool(getattr(job, "expandable_segments", False))
-    if memo is not None:
-        key, peak = memo.peak_allocated(spec, job, fit=True)
-        if peak > cap:
-            return False  # the tensors alone do not fit: no replay needed
-        r = memo.known(key, cap, expandable)
-        if r is None:
-            r = memo.replay(key, memo.stream(spec, job, fit=True)[1][0], cap, expandable)
-        return r.completed
-    stream, comps, *_ = _stream(spec, job, fit=True)
-    if sum(comps.values()) > cap:
+    memo = memo if memo is not None else Memo()
+    key, peak = memo.peak_allocated(spec, job, fit=True)
+    if peak > cap:
         return False  # the tensors alone do not fit: no replay needed
-    return replay(stream, capacity_bytes=cap, expandable_segments=expandable).completed
+    r = memo.known(key, cap, expandable)
+    if r is None:
+        r = memo.replay(key, memo.stream(spec, job, fit=True)[1][0], cap, expandable)
+    return r.completed
 
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:

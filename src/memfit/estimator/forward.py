@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from ..models.spec import Block, ModelSpec
 
-__all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder_layer", "logits_head", "math_sdpa"]
+__all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder_layer", "logits_head", "math_sdpa",
+           "fused_experts", "experts_gated"]
 
 #: model types whose rotary embedding is computed once per layer type (global and sliding: two cos/sin pairs;
 #: transformers 5.17 ``Gemma3TextModel.forward``: ``position_embeddings[layer_type] = self.rotary_emb(...)``).
@@ -286,8 +287,7 @@ def _post_norm(s, x: int, n_elems: float, sh: PrefillShape, kind: str) -> int:
 def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: float) -> int:
     """The MLP over the normed input (not freed): returns the down projection's output."""
     T, H, e = sh.tokens, spec.hidden_size, sh.e
-    if b.moe is not None and not b.moe.all_experts and any(
-            lin.role.startswith("expert_") and not lin.is_module for lin in b.linears):
+    if fused_experts(b):
         return _grouped_experts(s, spec, b, sh, x)
     if b.moe is not None or b.mlp is None:
         # experts: their widest moment as one tensor (the closed form's rule), then the combined output
@@ -322,6 +322,19 @@ def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: floa
     return d
 
 
+def fused_experts(b: Block) -> bool:
+    """Whether an MoE block's routed experts are fused parameters (one tensor per projection over all experts),
+    which ``transformers`` 5.17 runs through its experts interface (``grouped_mm`` by default; ``batched_mm`` in
+    ``generate()``'s decode on a GPU), rather than one module per expert or every expert at once (Llama 4)."""
+    return b.moe is not None and not b.moe.all_experts and any(
+        lin.role.startswith("expert_") and not lin.is_module for lin in b.linears)
+
+
+def experts_gated(b: Block) -> bool:
+    """Whether the routed experts have a gate (a fused gate/up projection or a separate gate)."""
+    return any(lin.role in ("expert_gate_up", "expert_gate") for lin in b.linears)
+
+
 def _grouped_experts(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int) -> int:
     """An MoE block whose experts are fused parameters, run by ``transformers`` 5.17's default ``grouped_mm``
     experts (``integrations/moe.py`` ``grouped_mm_experts_forward``): the router and its fp32 softmax/top-k;
@@ -333,8 +346,7 @@ def _grouped_experts(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int) -> 
     T, H, e = sh.tokens, spec.hidden_size, sh.e
     S = T * m.top_k
     inter = m.expert_intermediate_size
-    gated = any(lin.role == "expert_gate_up" for lin in b.linears) or any(
-        lin.role == "expert_gate" for lin in b.linears)
+    gated = experts_gated(b)
     shared = -1
     if m.shared_intermediate_size:
         n = T * m.shared_intermediate_size
