@@ -28,8 +28,9 @@ OUT = Path(__file__).resolve().parents[1] / "src/memfit/plan/steptime_fit.json"
 #: a kernel launch with its Python costs some 5-100 us.
 BOUNDS = {"matmul16": (1 / 0.8, 10.0), "matmul32": (1 / 0.9, 10.0), "attention": (1 / 0.8, 20.0),
           "elementwise": (1 / 0.9, 20.0), "optimizer": (1 / 0.9, 20.0), "dequant": (1 / 0.9, 50.0),
-          "launch": (0.0, 5e-3), "decode": (1 / 0.9, 10.0), "decode_launch": (0.0, 5e-3),
+          "launch": (0.0, 2e-4), "decode": (1 / 0.9, 10.0), "decode_launch": (0.0, 5e-3),
           "module_launch": (0.0, 1e-4), "adapter": (1 / 0.9, 50.0), "quant_io": (1 / 0.9, 50.0),
+          "int8_launch": (0.0, 1e-3), "optimizer_launch": (0.0, 2e-4), "paged": (0.0, 20.0),
           "step": (0.0, 0.05), "overlap": (1.0, 8.0)}
 
 
@@ -117,7 +118,7 @@ def main() -> int:
     for i, k in enumerate(KINDS):
         if all(row[i] == 0 for row in X):
             factors[k] = _DEFAULT[k]
-    OUT.write_text(json.dumps({"note": "fitted by validation/fit_steptime.py on the non-held-out records (H100 records, and the H200 planning-scenario runs of steptime_data.FITTED_SCENARIO_FILES)", "bounds": BOUNDS,
+    OUT.write_text(json.dumps({"note": "fitted by validation/fit_steptime.py on the non-held-out runs (steptime_data: since session 5 every run except those of HELD_OUT_FILES)", "bounds": BOUNDS,
                                "fitted_on": sorted(r["name"] for r in runs), "factors": factors}, indent=1) + "\n")
     for k, v in factors.items():
         print(f"{k:12s} {v:.4g}")

@@ -27,7 +27,20 @@ by ``validation/fit_steptime.py``, stored in ``steptime_fit.json``):
   layer-norm outputs (``prepare_model_for_kbit_training``) make the quantized linears' inputs and outputs
   fp32 (``Linear4bit.forward`` casts the input to the compute dtype and the output back), counted as the
   in- and out-features' fp32 bytes per token and pass.
+- ``int8_launch``: per LLM.int8 linear and pass, what bitsandbytes' ``MatMul8bitLt`` runs beyond one GEMM
+  (row-wise quantization of the input, the int8 GEMM into int32, the dequantization of its output, the
+  outlier columns): a host cost per call, like ``module_launch`` but several kernels more.
+- ``optimizer_launch``: per trainable parameter tensor, the host's share of ``optimizer.step()``: PyTorch's
+  foreach AdamW / SGD / Adam group ~100 tensors per kernel (counted as 1/20 of a tensor each), while
+  bitsandbytes' 8-bit and paged optimizers, Adafactor and Lion update one tensor at a time.
+- ``paged``: bitsandbytes' paged optimizers keep their states in CUDA managed memory; the step touches them
+  through the unified-memory driver, counted as the state bytes over the PCIe rate (the page-migration path).
 - ``step``: a fixed cost per step.
+
+``launch`` counts the kernels of one layer pass from the block's structure (:func:`_layer_kernels`: each
+RMSNorm is several elementwise kernels in eager PyTorch, a LayerNorm one; q/k norms; each linear; the rotary
+embedding; attention; the activation; residual adds), so a layer with four norms and q/k norms (Gemma 3)
+costs more host time than a Llama layer of the same width.
 
 The host and the GPU work at the same time (kernels are queued asynchronously): the launch-bound kinds
 (``launch``, ``decode_launch``, ``module_launch``: the host's time) and the rate-bound kinds (the GPU's) do not
@@ -52,14 +65,14 @@ from pathlib import Path
 __all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
 KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch",
-         "module_launch", "adapter", "quant_io", "step")
-_HOST = ("launch", "decode_launch", "module_launch")  # the host's time per micro-batch
-_ONCE = ("optimizer", "step")  # once per optimizer step, whatever the accumulation
+         "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "step")
+_HOST = ("launch", "decode_launch", "module_launch", "int8_launch")  # the host's time per micro-batch
+_ONCE = ("optimizer", "optimizer_launch", "paged", "step")  # once per optimizer step, whatever the accumulation
 _FIT = Path(__file__).with_name("steptime_fit.json")
 # defaults before any fit: efficiencies people usually see (factor = 1/efficiency)
 _DEFAULT = {"matmul16": 1 / 0.6, "matmul32": 1 / 0.8, "attention": 1 / 0.4, "elementwise": 1 / 0.6,
             "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "adapter": 1 / 0.6, "quant_io": 1 / 0.6,
-            "step": 5e-3, "overlap": 1.0}
+            "int8_launch": 1e-4, "optimizer_launch": 2e-5, "paged": 1.0, "step": 5e-3, "overlap": 1.0}
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,43 @@ def _linear_params(spec) -> tuple[float, float]:
     return total, total
 
 
+_FOREACH = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
+
+
+def _layer_kernels(b) -> float:
+    """Kernels one forward pass of a layer of block ``b`` launches in eager PyTorch (a count for the host's
+    time, see ``launch``): RMSNorm ~6 (pow, mean, add, rsqrt, mul, cast), LayerNorm 1, each linear module 1
+    (+1 with bias), rotary 6, attention 3, the activation 2 (3 gated), 2 residual adds; a MoE router ~8 plus
+    per active expert its 3 linears."""
+    norm = 6 if b.norm == "rms" else 1
+    n = norm * (b.norms_per_layer + (2 if b.attention.qk_norm else 0))
+    n += sum((1 + lin.bias) * (lin.count if lin.is_module else 1) for lin in b.linears
+             if not lin.role.startswith("expert"))
+    n += (6 if b.attention.rope else 0) + 3 + 2
+    if b.mlp is not None:
+        n += 3 if b.mlp.gated else 2
+    if b.moe is not None:
+        n += 8 + 3 * b.moe.top_k
+    return float(n)
+
+
+def _param_tensors(spec, job) -> float:
+    """Trainable parameter tensors: per layer each linear's weight (and bias) and each norm; the embeddings
+    and final norm; for LoRA two adapter matrices per wrapped linear."""
+    from ..estimator import states as st
+
+    if job.method in ("lora", "qlora"):
+        targets = st.lora_targets(spec, job)
+        return float(sum(2 * (lin.count if lin.is_module else 1) * b.count
+                         for b in spec.blocks for lin in b.linears if lin.name in targets))
+    n = 3.0
+    for b in spec.blocks:
+        per = b.norms_per_layer + (2 if b.attention.qk_norm else 0)
+        per += sum((1 + lin.bias) * (1 if not lin.is_module else lin.count) for lin in b.linears)
+        n += per * b.count
+    return n
+
+
 def features(job, spec, gpu) -> dict[str, float]:
     """Seconds of each kind of work at the card's peak rates (before the fitted factors), per micro-batch
     step of ``job`` with model ``spec`` on ``gpu``."""
@@ -170,6 +220,7 @@ def features(job, spec, gpu) -> dict[str, float]:
     if head:
         elem += T * spec.vocab_size * 4 * (6 if train else 1)
     opt_bytes = 0.0
+    paged_bytes = 0.0
     if train:
         from ..estimator import states as st
 
@@ -179,13 +230,15 @@ def features(job, spec, gpu) -> dict[str, float]:
                "paged-adamw-8bit": 2 * pb + pb + 4, "paged-adamw": 2 * pb + pb + 16, "sgd": 2 * pb + pb,
                "sgd-momentum": 2 * pb + pb + 8, "adafactor": 2 * pb + pb + 8, "lion": 2 * pb + pb + 8}
         opt_bytes = p * per.get(job.optimizer, 3 * pb + 16)
+        if job.optimizer.startswith("paged"):
+            paged_bytes = p * (2 if "8bit" in job.optimizer else 8)
     deq = 0.0
     if job.quantization in ("nf4", "fp4", "int8"):
         uses = (1 + (1 if ckpt else 0) + 1) if train else 1
         deq = lin * (2 + 2 + (0.5 if job.quantization != "int8" else 1)) * uses
         if job.quantization == "int8":
             deq *= 2  # LLM.int8 also splits outlier columns and rescales its int32 accumulators
-    layer_passes = L * passes
+    layer_passes = sum(_layer_kernels(b) * b.count for b in spec.blocks) * passes
     wrapped = 0.0  # linears that LoRA wraps or bitsandbytes replaces: each adds its own small kernels
     adapter_io = 0.0  # per token: in + 2 x out features of each LoRA-wrapped linear (see ``adapter``)
     quant_io = 0.0  # per token: in + out features of each bitsandbytes linear (see ``quant_io``)
@@ -206,6 +259,13 @@ def features(job, spec, gpu) -> dict[str, float]:
                 if quantized:
                     quant_io += (ln.in_features + ln.out_features) * n
     module_passes = wrapped * passes
+    int8_passes = 0.0
+    if job.quantization == "int8":
+        int8_passes = sum((1 if ln.role.startswith("expert") else ln.count) * b.count
+                          for b in spec.blocks for ln in b.linears if ln.is_module) * passes
+    opt_tensors = 0.0
+    if train:
+        opt_tensors = _param_tensors(spec, job) * (0.05 if job.optimizer in _FOREACH else 1.0)
     adapter_bytes = T * adapter_io * act * passes
     quant_bytes = T * quant_io * 4 * passes if train else T * quant_io * act
     decode = 0.0
@@ -233,6 +293,9 @@ def features(job, spec, gpu) -> dict[str, float]:
         "module_launch": float(module_passes),
         "adapter": adapter_bytes / bw,
         "quant_io": quant_bytes / bw,
+        "int8_launch": float(int8_passes),
+        "optimizer_launch": opt_tensors,
+        "paged": paged_bytes / gpu.pcie_bytes_per_s,
         "step": 1.0,
     }
 
