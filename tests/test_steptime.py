@@ -81,3 +81,19 @@ def test_annotate_fills_the_breakdown():
     j = Job(model="gpt2", batch_size=2, seq_len=512)
     b = annotate(estimate(j), j, "a100-80gb")
     assert b.step_time_seconds > 0 and abs(b.tokens_per_second * b.step_time_seconds - 1024) < 1e-6
+
+
+def test_tensor_parallel_and_replicas():
+    # a TP group splits the matmuls (a step of the same micro-batch is faster per replica, with its all-reduces
+    # on top); tokens/s is the whole job's: replicas x a replica's tokens
+    from memfit.models import load_model
+
+    spec = load_model("llama-3.1-8b")
+    one = Job(model="llama-3.1-8b", batch_size=2, seq_len=2048, gradient_checkpointing=True)
+    dp8 = one.replace(gpus=8, strategy="fsdp2")
+    tp2 = dp8.replace(tensor_parallel=2)
+    a, b, c = (step_time(j, spec, "h100-80gb") for j in (one, dp8, tp2))
+    assert c.seconds < b.seconds and c.parts["tp_comm"] > 0 and "tp_comm" not in {k for k, v in b.parts.items() if v}
+    assert abs(b.tokens_per_second * b.seconds - 8 * 2 * 2048) < 1e-6 * b.tokens_per_second
+    assert abs(c.tokens_per_second * c.seconds - 4 * 2 * 2048) < 1e-6 * c.tokens_per_second
+    assert b.parts["optimizer"] < a.parts["optimizer"] / 7  # FSDP: each rank steps 1/8 of the states

@@ -30,7 +30,7 @@ BOUNDS = {"matmul16": (1 / 0.8, 10.0), "matmul32": (1 / 0.9, 10.0), "attention":
           "elementwise": (1 / 0.9, 20.0), "optimizer": (1 / 0.9, 20.0), "dequant": (1 / 0.9, 50.0),
           "launch": (0.0, 2e-4), "decode": (1 / 0.9, 10.0), "decode_launch": (0.0, 5e-3),
           "module_launch": (0.0, 1e-4), "adapter": (1 / 0.9, 50.0), "quant_io": (1 / 0.9, 50.0),
-          "int8_launch": (0.0, 1e-3), "optimizer_launch": (0.0, 2e-4), "paged": (0.0, 20.0),
+          "int8_launch": (0.0, 1e-3), "optimizer_launch": (0.0, 2e-4), "paged": (0.0, 20.0), "tp_comm": (1.0, 1.0),
           "step": (0.0, 0.05), "overlap": (1.0, 8.0)}
 
 

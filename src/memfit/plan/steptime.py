@@ -48,6 +48,16 @@ add up but overlap; a micro-batch takes ``(host**p + gpu**p) ** (1/p)`` (``p`` =
 plain sum, large ``p`` the larger of the two), so a small batch is as slow as its launches and a large one as
 its arithmetic. The optimizer step, the fixed cost, collectives and offload are added.
 
+Tensor parallelism (``tensor_parallel`` t > 1, Megatron-style as the memory estimate lays it out): each GPU
+does 1/t of the linear layers' and attention's arithmetic, of the MLP's and the vocabulary's elementwise
+traffic and of the optimizer's bytes (the norms and residual adds are replicated), and the layer's outputs
+are summed over the t GPUs: two all-reduces of the activations (``T x hidden``) per layer forward, two in
+backward, two more in a checkpointed layer's recompute, ring-wise (2(t-1)/t of the bytes) over the card's
+link and on the critical path (``tp_comm``: not overlapped, unfitted). ``tokens_per_second`` is the whole
+job's: a replica's tokens times the data-parallel replicas (``gpus / (tensor_parallel x pipeline_parallel)``),
+what ``memfit measure`` records for a multi-GPU run; the planner ranks candidates by it (they all keep one
+global batch).
+
 Multi-GPU collectives and offload are not fitted (no timed multi-GPU runs yet): DDP and ZeRO-1/2 reduce
 gradients ring-wise (2(n-1)/n of the gradient bytes), overlapped with backward as the bucketed reducer
 does; FSDP/ZeRO-3 also all-gather parameters in forward and backward, prefetched (overlapped with the
@@ -65,14 +75,14 @@ from pathlib import Path
 __all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
 KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch",
-         "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "step")
+         "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "tp_comm", "step")
 _HOST = ("launch", "decode_launch", "module_launch", "int8_launch")  # the host's time per micro-batch
 _ONCE = ("optimizer", "optimizer_launch", "paged", "step")  # once per optimizer step, whatever the accumulation
 _FIT = Path(__file__).with_name("steptime_fit.json")
 # defaults before any fit: efficiencies people usually see (factor = 1/efficiency)
 _DEFAULT = {"matmul16": 1 / 0.6, "matmul32": 1 / 0.8, "attention": 1 / 0.4, "elementwise": 1 / 0.6,
             "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "adapter": 1 / 0.6, "quant_io": 1 / 0.6,
-            "int8_launch": 1e-4, "optimizer_launch": 2e-5, "paged": 1.0, "step": 5e-3, "overlap": 1.0}
+            "int8_launch": 1e-4, "optimizer_launch": 2e-5, "paged": 1.0, "tp_comm": 1.0, "step": 5e-3, "overlap": 1.0}
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,8 @@ def _linear_params(spec) -> tuple[float, float]:
 
 
 _FOREACH = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
+#: strategies whose ranks each update 1/dp of the optimizer states (ZeRO-1/2/3, FSDP)
+_SHARDED_STEP = frozenset({"zero1", "zero2", "zero3", "fsdp", "fsdp2"})
 
 
 def _layer_kernels(b) -> float:
@@ -193,6 +205,7 @@ def features(job, spec, gpu) -> dict[str, float]:
     ckpt = train and job.gradient_checkpointing
     lora = job.method in ("lora", "qlora")
     fp32 = job.precision == "32-true"
+    tp = max(1, int(getattr(job, "tensor_parallel", 1) or 1))
     peak16 = gpu.bf16_flops if job.precision.startswith("bf16") else gpu.fp16_flops
     if not peak16:  # no native bf16 (T4, V100): emulated at about the fp32 rate
         peak16 = gpu.fp32_flops
@@ -213,12 +226,12 @@ def features(job, spec, gpu) -> dict[str, float]:
         m = next(b.moe for b in spec.blocks if b.moe)
         inter = max(inter, m.expert_intermediate_size * m.top_k)
     passes = (1 + (1 if ckpt else 0) + 2) if train else 1
-    elem = T * L * (24 * h + 6 * inter) * act * passes
+    elem = T * L * (24 * h + 6 * inter / tp) * act * passes
     if job.attention == "eager":
         nh = max(b.attention.num_heads for b in spec.blocks)
         elem += T * S * nh * L * act * 4 * passes
     if head:
-        elem += T * spec.vocab_size * 4 * (6 if train else 1)
+        elem += T * spec.vocab_size * 4 * (6 if train else 1) / tp
     opt_bytes = 0.0
     paged_bytes = 0.0
     if train:
@@ -229,7 +242,9 @@ def features(job, spec, gpu) -> dict[str, float]:
         per = {"adamw": 2 * pb + pb + 16, "adam": 2 * pb + pb + 16, "adamw-8bit": 2 * pb + pb + 4,
                "paged-adamw-8bit": 2 * pb + pb + 4, "paged-adamw": 2 * pb + pb + 16, "sgd": 2 * pb + pb,
                "sgd-momentum": 2 * pb + pb + 8, "adafactor": 2 * pb + pb + 8, "lion": 2 * pb + pb + 8}
-        opt_bytes = p * per.get(job.optimizer, 3 * pb + 16)
+        opt_bytes = p * per.get(job.optimizer, 3 * pb + 16) / tp
+        if job.strategy in _SHARDED_STEP:  # each rank steps only its shard of the states
+            opt_bytes /= _replicas(job)
         if job.optimizer.startswith("paged"):
             paged_bytes = p * (2 if "8bit" in job.optimizer else 8)
     deq = 0.0
@@ -280,6 +295,12 @@ def features(job, spec, gpu) -> dict[str, float]:
         decode_passes = L * job.new_tokens
         mm += 2.0 * (lin + head) * B * job.new_tokens  # decode matmuls (usually hidden under the reads)
     bw = gpu.memory_bandwidth_bytes_per_s
+    tp_comm = 0.0
+    if tp > 1:
+        mm /= tp
+        att /= tp
+        reduces = (2 + (2 if ckpt else 0) + 2) if train else 2
+        tp_comm = reduces * L * T * h * act * 2.0 * (tp - 1) / tp / gpu.interconnect_bytes_per_s
     return {
         "matmul16": 0.0 if fp32 else mm / peak_mm,
         "matmul32": mm / peak_mm if fp32 else 0.0,
@@ -296,6 +317,7 @@ def features(job, spec, gpu) -> dict[str, float]:
         "int8_launch": float(int8_passes),
         "optimizer_launch": opt_tensors,
         "paged": paged_bytes / gpu.pcie_bytes_per_s,
+        "tp_comm": tp_comm,
         "step": 1.0,
     }
 
@@ -356,7 +378,13 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
         parts["offload"] = off
     total = combine(parts, k.get("overlap", 1.0))
     tokens = job.batch_size * (job.seq_len if job.task == "train" else (job.prompt_len + job.new_tokens)) * a
+    tokens *= _replicas(job)
     return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
+
+
+def _replicas(job) -> int:
+    """Data-parallel replicas of ``job``: its GPUs over the tensor- and pipeline-parallel group."""
+    return max(1, job.gpus // max(1, job.tensor_parallel * job.pipeline_parallel))
 
 
 def _at_batch(job, batch: int):
@@ -407,7 +435,7 @@ class BatchTimer:
                 parts["offload"] = off
         total = combine(parts, self.k.get("overlap", 1.0))
         j = self.job
-        tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a
+        tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a * _replicas(j)
         return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
 
 
