@@ -39,6 +39,14 @@ FITTING = {
     "vllm-llmd-qwen3-32b-2xh100-tp2": "NON_TORCH_TP_BYTES (V1 non-torch memory at TP > 1, data-centre cards)",
     "vllm-guardkit-qwen3-30b-a3b-fp8-gb10": "vllm.unified_memory (GB10 takes the small-card defaults: its printed "
                                             "max_num_batched_tokens=2048)",
+    # held out until issue 13's brief printed their errors (2026-12-02, branch serve-fix); used there to check the
+    # FlashInfer sampler moment and which cards take NON_TORCH_TP_BYTES
+    "vllm-dennislee-qwen2-7b-a100-80gb-u25": "memory.sampler_bytes_per_logit (V1 FlashInfer top-k/top-p, A100, TP 1)",
+    "vllm-dennislee-qwen2-7b-a100-80gb-u50": "memory.sampler_bytes_per_logit (V1 FlashInfer top-k/top-p, A100, TP 1)",
+    "vllm-dennislee-qwen2-7b-2xa100-80gb-tp2-u25": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2, FlashInfer sampler)",
+    "vllm-dennislee-qwen2-7b-2xa100-80gb-tp2-u50": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2, FlashInfer sampler)",
+    "vllm-dennislee-qwen2-7b-2xa100-40gb-tp2-2nodes": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2 over two nodes, "
+                                                      "native sampler)",
 }
 
 HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"
@@ -63,6 +71,7 @@ _FLAG_MAP = {
     "cuda_graph_max_bs": "cuda_graph_max_bs", "data_parallel_size": "data_parallel",
     "enable_expert_parallel": "enable_expert_parallel", "enable_lora": "enable_lora", "max_loras": "max_loras",
     "max_lora_rank": "max_lora_rank", "mla_cuda_mem_align_kv_cache": "mla_cuda_mem_align_kv_cache",
+    "sampler": "sampler",
 }
 _QUANT_NAMES = {"fp8": "fp8", "awq": "awq", "awq_marlin": "awq", "gptq": "gptq", "gptq_marlin": "gptq",
                 "bitsandbytes": "bitsandbytes", "compressed-tensors": None, "mxfp4": "mxfp4", "none": "none"}

@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-loras", dest="max_loras", type=int, help="vLLM LoRA slots (default 1; needs --enable-lora)")
     p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int,
                    help="vLLM largest LoRA rank (default 16; needs --enable-lora)")
+    p.add_argument("--sampler", choices=("native", "flashinfer"),
+                   help="vLLM V1's top-k/top-p sampler: flashinfer where the log says 'Using FlashInfer for "
+                        "top-p & top-k sampling' (default native, the PyTorch sort)")
     p.add_argument("--text-only", dest="text_only", action="store_true",
                    help="multimodal checkpoint served without its vision tower (vLLM --limit-mm-per-prompt all 0)")
     p.add_argument("--requests", type=int, help="with --tokens: the smallest utilization (or --fewest-gpus) for "
@@ -63,7 +66,7 @@ _FLAGS = ("engine_version", "engine_mode", "tensor_parallel", "pipeline_parallel
           "mem_fraction_static", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_dtype",
           "quantization", "dtype", "enforce_eager", "block_size", "cuda_graph_max_bs",
           "disable_hybrid_kv_cache_manager", "text_only", "data_parallel", "enable_expert_parallel", "enable_lora",
-          "max_loras", "max_lora_rank")
+          "max_loras", "max_lora_rank", "sampler")
 
 
 def run(args: argparse.Namespace) -> int:

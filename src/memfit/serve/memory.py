@@ -302,7 +302,7 @@ def layer_peak_per_token(b: Block, tp: int, e: int, H: int, mla_v0_prefill: str 
 SAMPLER_V1_BYTES_PER_LOGIT = 38.4
 
 
-def sampler_bytes_per_logit(version: str, e: int) -> float:
+def sampler_bytes_per_logit(version: str, e: int, backend: str = "native") -> float:
     """Bytes per (sequence, vocab) element at the sampler's peak in the profile run.
 
     - ``v0`` (vLLM v0.5-v0.6 ``layers/sampler.py``; the profile run samples with ``top_p=0.99,
@@ -310,15 +310,28 @@ def sampler_bytes_per_logit(version: str, e: int) -> float:
       int64 indices), softmax and cumsum (fp32), two bool masks, the int64 inverse index and the gathered
       fp32 logits: e + 4 + 12 + 8 + 2 + 8 + 4 (checked: 1.26 GiB printed in PR #10511 for 256 x 128256 logits,
       1.28 modelled);
-    - ``v1`` (vLLM V1 ``v1/sample/sampler.py`` with its top-k/top-p path, v0.9-v0.11): the fitted
-      :data:`SAMPLER_V1_BYTES_PER_LOGIT` (the logits are fp32 by then whatever the model dtype).
+    - ``v1`` with the PyTorch-native top-k/top-p (``v1/sample/ops/topk_topp_sampler.py::apply_top_k_top_p``,
+      v0.9-v0.11: a full ``sort`` of the fp32 logits, values and int64 indices, then ``scatter`` back): the
+      fitted :data:`SAMPLER_V1_BYTES_PER_LOGIT`;
+    - ``v1`` with ``backend="flashinfer"`` (``TopKTopPSampler.forward_cuda`` -> ``flashinfer_sample`` ->
+      ``flashinfer.sampling.top_k_top_p_sampling_from_logits``, read in the v0.10.1.1 and v0.11.0 wheels;
+      ``_dummy_sampler_run`` passes both ``top_k = vocab - 1`` and ``top_p = 0.9``): no sort. Alive at once:
+      the model-dtype logits ``_dummy_sampler_run`` holds (e), ``Sampler.forward``'s fp32 copy (4),
+      FlashInfer's ``top_k_mask_logits`` output (4) and its ``softmax`` (4): e + 12. Checked on the
+      vllm-dennislee-qwen2-7b A100 logs (v0.10.1.1, "Using FlashInfer for top-p & top-k sampling."): 256 x
+      152064 logits, 0.55 GiB of profile peak and non-torch memory printed in all, 0.52 GiB modelled for the
+      sampler moment alone; the same setup without FlashInfer (the two-node TP 2 log, "FlashInfer is not
+      available") deducts 1.60 GiB, what the native figure gives.
     """
-    return e + 38 if version == "v0" else SAMPLER_V1_BYTES_PER_LOGIT
+    if version == "v0":
+        return e + 38
+    return e + 12 if backend == "flashinfer" else SAMPLER_V1_BYTES_PER_LOGIT
 
 
 def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,
                  element_bytes: int = 2, sampler: str = "v1", dp: int = 1,
-                 expert_parallel: bool = False, mla_v0_prefill: str | None = None) -> tuple[int, str]:
+                 expert_parallel: bool = False, mla_v0_prefill: str | None = None,
+                 sampler_backend: str = "native") -> tuple[int, str]:
     """The torch peak of the profile run on one rank over the weights: the larger of the widest layer's
     moment (``tokens`` at once; the fused MoE caches capped at ``FUSED_MOE_CHUNK_TOKENS``) and, on the last
     stage, the sampler's moment (``seqs`` logit rows over the padded vocabulary, with the hidden states of
@@ -326,7 +339,8 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
 
     With data parallelism (``dp`` > 1) every rank's MoE layers see the tokens of all ``dp`` ranks (vLLM's
     default ``naive`` all-to-all gathers the DP group's hidden states before the experts, v0.9-v0.11), each
-    expert split over ``dp x tp`` ranks, or whole with ``expert_parallel``."""
+    expert split over ``dp x tp`` ranks, or whole with ``expert_parallel``. ``sampler_backend``: vLLM V1's
+    top-k/top-p implementation (``native`` or ``flashinfer``, :func:`sampler_bytes_per_logit`)."""
     e, H = element_bytes, spec.hidden_size
     order = block_order(spec)
     mine = {order[i] for i in layers_on_stage(len(order), pp, stage)}
@@ -350,7 +364,7 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
     samp = 0.0
     if stage == pp - 1 and spec.head == "causal_lm":
         V = padded_vocab(spec.vocab_size, 1)
-        samp = tokens * H * e + seqs * V * sampler_bytes_per_logit(sampler, e)
+        samp = tokens * H * e + seqs * V * sampler_bytes_per_logit(sampler, e, sampler_backend)
     return (int(layer), "layer") if layer >= samp else (int(samp), "sampler")
 
 

@@ -64,6 +64,11 @@ class ServeConfig:
     block_size: int | None = None
     cuda_graph_max_bs: int | None = None
     disable_hybrid_kv_cache_manager: bool = False
+    sampler: str | None = None
+    """vLLM V1's top-k/top-p sampler in the profile run: ``native`` (PyTorch sort, what V1 falls back to when
+    FlashInfer is not installed; the pip wheels of 0.10-0.11 do not require it) or ``flashinfer``
+    (``Using FlashInfer for top-p & top-k sampling.`` in the log). None: ``native``. Only the profile's
+    sampler moment moves (:func:`memfit.serve.memory.sampler_bytes_per_logit`); V0 and SGLang ignore it."""
     text_only: bool = False
     """A multimodal checkpoint served without its vision tower (vLLM ``--limit-mm-per-prompt`` with every
     modality at 0, in versions whose model code then skips building the tower): only the text model's
@@ -92,6 +97,8 @@ class ServeConfig:
             raise JobError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "half", "bf16", "fp16", "float32"):
             raise JobError(f"dtype must be auto, bfloat16, float16 or float32; got {self.dtype!r}")
+        if self.sampler not in (None, "native", "flashinfer"):
+            raise JobError(f"sampler must be native or flashinfer; got {self.sampler!r}")
         parse_version(self.engine_version, "0.0")
 
     def replace(self, **changes: Any) -> "ServeConfig":

@@ -43,10 +43,14 @@ DEFAULT_VERSION = "0.11"
 #: vllm-rldecision-qwen25-05b-bnb-3090 (RTX 3090, v0.10). "Used for fitting".
 NON_TORCH_TP1_BYTES = int(0.13 * GiB)
 NON_TORCH_TP1_CONSUMER_BYTES = int(0.06 * GiB)
-#: ... with TP > 1: NCCL communicators and vLLM's custom all-reduce buffers (the latter only between
-#: NVLink-connected data-centre cards). Data-centre cards (>= 40 GiB): 0.55 GiB per rank from
-#: vllm-llmd-qwen3-32b-2xh100-tp2 (H100, TP 2, v0.9+); consumer cards: 0.20 GiB from the log of PR #14447
-#: (RTX 3090s, v0.8). Both "used for fitting".
+#: ... with TP > 1: NCCL communicators and the all-reduce buffers. Hopper boards (H100/H200/H20, :func:`nvswitch_board`):
+#: 0.55 GiB per rank from vllm-llmd-qwen3-32b-2xh100-tp2 (H100, TP 2, v0.11; "used for fitting"; the
+#: llm-d table prints 0.54-0.55 for both of its TP 2 runs). Other cards: 0.20 GiB from the log of PR #14447
+#: (RTX 3090s, v0.8; "used for fitting"). The A100 logs of dennislee22/vLLM-benchmarking (v0.10.1.1, TP 2,
+#: custom all-reduce disabled there: "your platform lacks GPU P2P capability" on one node, "spans across
+#: nodes" on two) leave 0.15 and 0.19 GiB per rank besides their profile peak, the consumer figure, not
+#: Hopper's: what the extra ~0.35 GiB on Hopper is (NCCL's NVLink-SHARP buffers on NVSwitch systems, vLLM
+#: 0.11's symmetric-memory all-reduce, ``all_reduce_utils.py``'s 64 MiB for SM 9.0) is not established.
 NON_TORCH_TP_BYTES = int(0.55 * GiB)
 NON_TORCH_TP_CONSUMER_BYTES = int(0.20 * GiB)
 #: vLLM v0.6.3-v0.6.4 charge everything not allocated by torch, the CUDA context included: 0.35 GiB in the
@@ -63,6 +67,15 @@ def hopper(gpu_name: str) -> bool:
     import re
 
     return bool(re.search(r"\b(g?h(100|200|800|20))\b", gpu_name.lower().replace("-", " ")))
+
+
+def nvswitch_board(gpu_name: str) -> bool:
+    """Hopper or Blackwell data-centre cards (H100/H200/H800/H20, B100/B200/B300, GB200/GB300), the boards
+    whose TP ranks memfit charges :data:`NON_TORCH_TP_BYTES` (fitted on H100s; Blackwell is assumed alike,
+    no log checks it)."""
+    import re
+
+    return hopper(gpu_name) or bool(re.search(r"\b(g?b(100|200|300))\b", gpu_name.lower().replace("-", " ")))
 
 
 def unified_memory(gpu_name: str) -> bool:
@@ -173,7 +186,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     hybrid = mode == "v1" and version >= (0, 10, 0) and not cfg.disable_hybrid_kv_cache_manager
     cg = cuda_graph_estimate(spec, cfg, seqs, e, mode)
     cg_deducted = mode == "v1" and version >= (0, 20, 0) and cg > 0
-    multi = NON_TORCH_TP_BYTES if total >= 40 * GiB else NON_TORCH_TP_CONSUMER_BYTES
+    multi = NON_TORCH_TP_BYTES if nvswitch_board(cfg.gpu_name) else NON_TORCH_TP_CONSUMER_BYTES
     single = NON_TORCH_TP1_BYTES if total >= 40 * GiB else NON_TORCH_TP1_CONSUMER_BYTES
     dp = cfg.data_parallel
     if dp > 1 and mode == "v0":
@@ -186,6 +199,12 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
     if rule in ("v0-torch-peak", "v1-torch-peak"):
         non_torch = CUDA_CONTEXT_V063_BYTES + (0 if tp * pp == 1 else multi)
     profile_seqs = min(seqs, tokens)
+    # V1's TopKTopPSampler takes FlashInfer when it is installed (v1/sample/ops/topk_topp_sampler.py,
+    # v0.8-v0.11: VLLM_USE_FLASHINFER_SAMPLER None means on in V1); V0's sampler never does by default
+    sampler = cfg.sampler or "native"
+    if mode == "v1" and cfg.sampler:
+        notes.append(f"sampler {sampler}: the profile's top-k/top-p moment uses "
+                     f"{'FlashInfer (no sort)' if sampler == 'flashinfer' else 'the PyTorch sort'}")
     if dp > 1:
         notes.append(f"data_parallel {dp}: {dp} engines of {tp * pp} GPU(s) each, every one with this KV cache"
                      + (f"; MoE layers split over {dp * tp} ranks"
@@ -232,7 +251,8 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
             w += lora
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
-                                   expert_parallel=cfg.enable_expert_parallel, mla_v0_prefill=mla_prefill)
+                                   expert_parallel=cfg.enable_expert_parallel, mla_v0_prefill=mla_prefill,
+                                   sampler_backend=sampler)
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
