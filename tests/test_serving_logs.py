@@ -127,7 +127,22 @@ def test_holdout_split_is_the_written_rule():
     import score_serving
 
     split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
-    ids = [p.stem for p in FILES]
+    later = json.loads((LOG_DIR.parent / "holdout-2.json").read_text())["held_out"]
+    ids = [p.stem for p in FILES if p.stem not in later]
     assert sorted(split["held_out"]) == sorted(i for i in ids if score_serving.is_held_out(i))
     assert sorted(split["tuning"]) == sorted(i for i in ids if not score_serving.is_held_out(i))
     assert set(score_serving.FITTING) <= set(split["tuning"])
+
+
+def test_later_holdout_is_disjoint_and_complete():
+    """holdout-2.json (session 5) holds out every log collected after holdout.json was written; together the
+    two files place every log exactly once, and a log named in holdout.json cannot be moved into the later set."""
+    split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
+    later = json.loads((LOG_DIR.parent / "holdout-2.json").read_text())
+    assert set(later) == {"decided", "rule", "held_out"}
+    first = set(split["held_out"]) | set(split["tuning"])
+    ids = {p.stem for p in FILES}
+    assert len(later["held_out"]) == len(set(later["held_out"]))
+    assert not first & set(later["held_out"])
+    assert set(later["held_out"]) <= ids
+    assert first | set(later["held_out"]) == ids
