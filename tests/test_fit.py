@@ -571,3 +571,44 @@ def test_allocator_setting_cannot_switch_once_cuda_runs(monkeypatch):
     import os
 
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+HISTORIES_5 = REPO / "validation" / "probes" / "histories-5"
+
+
+@pytest.mark.skipif(not (HISTORIES_5 / "phi3-prefill4k-b44-cap.json.gz").exists(), reason="no allocator history")
+@pytest.mark.parametrize("name", ["phi3-prefill4k-b44-cap", "phi3-prefill4k-b42-cap"])
+def test_phi3_prefill_replay_follows_the_real_allocator_history(name):
+    """Phi-3's fused ``qkv_proj`` output is one tensor that q, k and v are views of, alive until the attention
+    returns (the real history: one 3168 MiB segment per layer 0 at batch 44, where the MLP's 2816 MiB ``silu``
+    output later lands). The estimate's one-call stream replayed under the history's own allocator limit
+    completes, frees its cache and retries twice as the real allocator did (``num_alloc_retries`` 2: once in
+    layer 1's MLP, once for the 11 GiB logits), and peaks within 16 MiB of the real reserve (the real one also
+    caches the two 16 MiB sliding-window mask segments, which the stream keeps as one)."""
+    import gzip
+
+    from memfit.allocator import CachingAllocatorModel
+    from memfit.estimator import _spec, _stream
+    from memfit.job import Job
+
+    rec = json.loads(gzip.open(HISTORIES_5 / f"{name}.json.gz", "rt").read())
+    job = Job.from_dict(rec["job"])
+    stream = _stream(_spec(job, None), job, fit=True)[0]
+    alloc = CachingAllocatorModel(rec["limit_bytes"], on_oom="raise")
+    assert alloc.run(stream.ops) == -1
+    real = rec["breakdown"]
+    assert alloc.num_alloc_retries == real["extras"]["allocator"]["num_alloc_retries"] == 2
+    assert 0 <= real["peak_reserved_bytes"] - alloc.peak_reserved <= 16 << 20
+    assert abs(alloc.peak_allocated - real["peak_allocated_bytes"]) <= 1 << 20
+
+
+def test_phi3_prefill_4k_boundary_on_a_24gib_card():
+    """h4-phi-3-mini-prefill-4k (validation/records/h200-boundaries-4.json, h200-fit-probes-4.json): batch 44
+    runs on a rehearsed 24 GiB card, 45 does not; the replay used to stop at 42 (q, k and v as three tensors)."""
+    from memfit.estimator import fits_on, max_batch_size
+    from memfit.job import Job
+
+    job = Job.from_dict({"model": "phi-3-mini", "task": "infer", "precision": "bf16-true", "prompt_len": 4096,
+                         "new_tokens": 0, "batch_size": 1})
+    assert max_batch_size(job, 24 << 30) == 44
+    assert not fits_on(job.replace(batch_size=45), 24 << 30)

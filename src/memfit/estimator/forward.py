@@ -39,6 +39,11 @@ __all__ = ["PrefillShape", "rope_sets", "embed", "rope_tables", "norm", "decoder
 _ROPE_PER_LAYER_TYPE = ("gemma3", "gemma3_text", "olmo3")
 #: model types without rotary embeddings (learned or no positions).
 _NO_ROPE = ("gpt2", "opt", "bert", "roberta", "distilbert", "bloom", "mpt")
+#: model types whose ``apply_rotary_pos_emb`` rotates ``q[..., :rotary_dim]`` and ``torch.cat``s the rest back
+#: (transformers 5.17 ``modeling_phi3.py``: ``q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin),
+#: q_pass], dim=-1)``), a copy even where ``q_pass`` is empty. Phi-3's rotary dimension is the head's in every
+#: registry entry (no ``partial_rotary_factor``); GPT-NeoX's partial rotary is not modelled here.
+_ROPE_CAT_PASS = ("phi3",)
 #: model types whose embedding output is multiplied by ``sqrt(hidden_size)`` (a second tensor).
 _SCALED_EMBEDDING = ("gemma", "gemma2", "gemma3", "gemma3_text")
 
@@ -147,8 +152,10 @@ def _linear(s, sh: PrefillShape, x_elems: float, out_elems: float) -> int:
     return y
 
 
-def _rope(s, n: float, e: int) -> int:
-    """``x * cos + rotate_half(x) * sin`` over ``n`` elements: returns the rotated tensor."""
+def _rope(s, n: float, e: int, cat_pass: bool = False) -> int:
+    """``x * cos + rotate_half(x) * sin`` over ``n`` elements: returns the rotated tensor. ``cat_pass``: the
+    partial-rotary form (:data:`_ROPE_CAT_PASS`), whose result is ``torch.cat``-ed with the part left unrotated
+    (none where the rotary dimension is the head's): one more copy, the sum freed."""
     m1 = s.alloc(n * e, "activations")
     half = s.alloc(n * e / 2, "activations")  # -x2
     cat = s.alloc(n * e, "activations")
@@ -158,6 +165,10 @@ def _rope(s, n: float, e: int) -> int:
     out = s.alloc(n * e, "activations")
     s.free(m1)
     s.free(m2)
+    if cat_pass:
+        whole = s.alloc(n * e, "activations")  # cat([rotated, x_pass], dim=-1)
+        s.free(out)
+        out = whole
     return out
 
 
@@ -170,22 +181,30 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
     nh = at.num_heads
     kvh = at.num_heads if at.kind == "mla" else at.num_kv_heads
     nq, nk, nv = T * nh * at.head_dim, T * kvh * at.head_dim, T * kvh * at.v_head_dim
-    q = _linear(s, sh, T * H, nq)
-    if at.qk_norm:  # q_norm(q_proj(x)), k_norm(k_proj(x)): each projection freed once normed
-        qn = norm(s, nq, sh, b.norm, out_bytes=e)
-        s.free(q)
-        q = qn
-    k = _linear(s, sh, T * H, nk)
-    if at.qk_norm:
-        kn = norm(s, nk, sh, b.norm, out_bytes=e)
-        s.free(k)
-        k = kn
-    v = _linear(s, sh, T * H, nv)
+    qkv = -1
+    if fused_qkv(b):
+        # one projection for q, k and v (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``): q, k
+        # and v are slices of its output, which they keep alive until the attention returns
+        qkv = _linear(s, sh, T * H, nq + nk + nv)
+        q = k = v = -1
+    else:
+        q = _linear(s, sh, T * H, nq)
+        if at.qk_norm:  # q_norm(q_proj(x)), k_norm(k_proj(x)): each projection freed once normed
+            qn = norm(s, nq, sh, b.norm, out_bytes=e)
+            s.free(q)
+            q = qn
+        k = _linear(s, sh, T * H, nk)
+        if at.qk_norm:
+            kn = norm(s, nk, sh, b.norm, out_bytes=e)
+            s.free(k)
+            k = kn
+        v = _linear(s, sh, T * H, nv)
     if at.rope and rope_sets(spec):
         # cos/sin carry the compute dtype except under autocast, where they stay fp32 (the product promotes)
         re = 4 if sh.mixed else e
-        qr = _rope(s, nq, re)
-        kr = _rope(s, nk, re)
+        cat_pass = spec.model_type in _ROPE_CAT_PASS
+        qr = _rope(s, nq, re, cat_pass)
+        kr = _rope(s, nk, re, cat_pass)
         s.free(q)
         s.free(k)
         q, k = qr, kr
@@ -203,7 +222,7 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
         out = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # sdpa's output
     o = _linear(s, sh, T * nh * at.v_head_dim, T * H)
     s.free(out)
-    s.free_all((q, k, v))
+    s.free_all((q, k, v, qkv))
     return o, cached
 
 
@@ -320,6 +339,13 @@ def _mlp(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, moe_width: floa
     d = _linear(s, sh, n, T * H)
     s.free(m)
     return d
+
+
+def fused_qkv(b: Block) -> bool:
+    """Whether the block projects q, k and v with one linear (role ``qkv``): its output is one tensor and q, k
+    and v are views of it (transformers 5.17 ``Phi3Attention.forward``: ``qkv[..., :query_pos]``; GPT-2
+    ``c_attn(...).split``; GPT-NeoX ``.chunk(3)``), as :mod:`memfit.estimator.layers` counts it for training."""
+    return b.attention.kind != "mla" and any(lin.role == "qkv" for lin in b.linears)
 
 
 def fused_experts(b: Block) -> bool:
