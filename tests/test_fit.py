@@ -446,16 +446,33 @@ def _replay_judges_the_card() -> bool:
     return "gpu_memory_bytes" in inspect.signature(estimate).parameters
 
 
-@pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
-@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 66 of 73 boundaries exactly, none "
-                   "above, but 2 more than one below and reserved worst over 8% where memfit says a boundary batch "
-                   "does not fit (validation/fit-vs-boundaries-3.txt, -4-heldout.txt); this flags the day the bars are met")
-def test_fit_answers_meet_the_bars_on_the_committed_boundaries():
-    """Bars (issue): never above the real boundary, exact on >= 85 % (the rest one below); reserved at the
-    boundary median |error| <= 2 %, worst <= 8 %; device total median <= 2.5 %."""
+@pytest.fixture(scope="module")
+def committed_rows():
     sf = _scorer()
     rows = [r for r in (sf.score_pair(x) for x in sf.load_records(BOUNDARY_RECORDS + FIT_PROBES)) if r is not None]
     assert len(rows) >= 20
+    return sf, rows
+
+
+@pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
+def test_fit_answers_no_worse_than_today(committed_rows):
+    """A guard on the committed boundaries (89 pairs, session 5): exact on 79, above on 2 (held-out
+    boundaries-5 pairs at 0.36% and ~2% predicted headroom whose fresh reruns at that batch fit:
+    validation/probes/histories-5b), more than one below on 1 (Llama-3.2-3B generate-256)."""
+    sf, rows = committed_rows
+    s = sf.summarize(rows)
+    assert s["exact"] >= 79 and s["above"] <= 2 and s["further_below"] <= 1, s
+
+
+@pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
+@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 79 of 89 boundaries exactly, 2 above "
+                   "(coin flips at the edge on held-out boundaries-5), 1 more than one below, and reserved worst over 8% "
+                   "where memfit says a boundary batch does not fit (validation/fit-vs-boundaries-*.txt); this flags the "
+                   "day the bars are met")
+def test_fit_answers_meet_the_bars_on_the_committed_boundaries(committed_rows):
+    """Bars (issue): never above the real boundary, exact on >= 85 % (the rest one below); reserved at the
+    boundary median |error| <= 2 %, worst <= 8 %; device total median <= 2.5 %."""
+    sf, rows = committed_rows
     assert sf.bars_missed(sf.summarize(rows)) == []
 
 
