@@ -648,14 +648,34 @@ def test_v0_mla_prefill_moment_from_the_source():
     assert mla_v0_prefill_elements(block, 8, 7168, output_buffer=True) == want == 48704
     assert mla_v0_prefill_elements(block, 8, 7168, output_buffer=False) == want - 7168
     dense = next(b for b in spec.blocks if b.moe is None)  # the first dense layers: attention dominates there
+    # at TP 8 o_proj's all-reduce adds its out-of-place result (one more 7168-wide row)
     assert layer_peak_per_token(dense, 8, 2, 7168, "0.8") == max(
-        layer_peak_per_token(dense, 8, 2, 7168), want * 2)
+        layer_peak_per_token(dense, 8, 2, 7168), (want + 7168) * 2)
     kw = dict(gpu="h200", tensor_parallel=8, max_model_len=163840, block_size=64)
     v0 = serve(spec, engine_version="0.8.0", engine_mode="v0", **kw)
     assert v0.activation_peak_moment == "layer" and v0.activation_peak_bytes >= 163840 * want * 2
     llama = load_model("llama-3.1-8b")
     b = llama.blocks[0]
     assert layer_peak_per_token(b, 1, 2, 4096, "0.8") == layer_peak_per_token(b, 1, 2, 4096)
+
+
+def test_tp_all_reduce_is_out_of_place():
+    """vLLM's TP all-reduce returns a new tensor (parallel_state.py GroupCoordinator.all_reduce, pynccl.py
+    all_reduce's empty_like): at TP > 1 the o_proj and down_proj moments hold one more hidden-wide row per
+    token; at TP 1 nothing changes. A MoE block at TP > 1 also has the combine moment after the experts."""
+    from memfit.serve.memory import layer_peak_per_token, moe_combine_per_token
+
+    llama = load_model("llama-3.1-8b")
+    b = llama.blocks[0]
+    H, I = 4096, 14336
+    # TP 1: the MLP moment, 3H + 3 x I (gate_up and the activation)
+    assert layer_peak_per_token(b, 1, 2, H) == (3 * H + 3 * I) * 2
+    # TP 2: I/2 per rank, plus the reduced copy of down_proj's output
+    assert layer_peak_per_token(b, 2, 2, H) == (3 * H + 3 * I // 2 + H) * 2
+    r1 = load_model("deepseek-ai/DeepSeek-R1")
+    moe = next(x for x in r1.blocks if x.moe is not None)
+    assert moe_combine_per_token(moe, 1, 2, 7168) == 0
+    assert moe_combine_per_token(moe, 8, 2, 7168) == 5 * 7168 * 2  # with shared experts
 
 
 @pytest.mark.parametrize("flag", ["--data-parallel", "--tensor-parallel", "--max-model-len"])
