@@ -271,7 +271,7 @@ def mla_v0_prefill_elements(b: Block, tp: int, H: int, output_buffer: bool) -> i
 
 
 #: Hidden-wide tensors an all-reduce adds while it runs: vLLM's tensor-parallel all-reduce is out of place in
-#: every version memfit follows (``distributed/parallel_state.py::GroupCoordinator.all_reduce``, v0.6-v0.13:
+#: the versions read (``distributed/parallel_state.py::GroupCoordinator.all_reduce``, v0.8.0-v0.13.0, assumed earlier:
 #: "we always make the all-reduce operation out-of-place"; ``device_communicators/pynccl.py::all_reduce``
 #: returns ``torch.empty_like(in_tensor)`` filled by NCCL, and the custom all-reduce returns a new tensor too,
 #: read in the v0.8.0, v0.9.2 and v0.13.0 wheels): the row-parallel layer's partial output and the reduced
