@@ -130,4 +130,8 @@ def linear_bytes(in_features: int, out_features: int, quantization: str, *, grou
         groups = math.ceil(in_features / group_size)
         state = groups * out_features * 2 + math.ceil(groups * out_features / 2)
         return math.ceil(numel / 2) + state + (in_features * 4 if quantization == "gptq" else 0)
+    if quantization == "int4-sym":
+        # symmetric 4-bit groups (compressed-tensors pack-quantized with ``symmetric: true``): packed values
+        # and one 16-bit scale per group, no zero points and no act-order index
+        return math.ceil(numel / 2) + math.ceil(in_features / group_size) * out_features * 2
     raise ValueError(f"unknown quantization {quantization!r}")

@@ -58,13 +58,21 @@ def resolve_quantization(spec: ModelSpec, flag: str | None) -> tuple[str, int, s
         elif method == "compressed-tensors":
             groups = qc.get("config_groups") or {}
             bits = 8
+            symmetric = False
             for g in groups.values() if isinstance(groups, dict) else ():
                 w = (g or {}).get("weights") or {}
                 bits = int(w.get("num_bits", bits))
                 group = int(w.get("group_size") or group)
+                symmetric = bool(w.get("symmetric"))
                 if w.get("type") == "float":
                     bits = -8
             name = {8: "w8a8", 4: "w4a16", -8: "fp8"}.get(bits, "w8a8")
+            if name == "w4a16" and symmetric:
+                # vLLM's WNA16 layers of a symmetric checkpoint hold the packed int32 values and the group
+                # scales in the model dtype, no zero point (compressed_tensors_moe.py
+                # CompressedTensorsWNA16MarlinMoEMethod.create_weights, v0.11.0 wheel: weight_packed,
+                # weight_scale, weight_shape, and g_idx / sort_indices emptied without act order)
+                return "int4-sym", group, name
         elif method in ("modelopt", "fbgemm_fp8"):
             name = "fp8"
         else:

@@ -26,6 +26,13 @@ VOCAB_PADDING = 64
 #: vLLM's ``VLLM_FUSED_MOE_CHUNK_SIZE`` default (``envs.py``, v0.6-v0.11): the fused MoE kernel works on at
 #: most this many tokens at a time, so its intermediate caches stop growing there.
 FUSED_MOE_CHUNK_TOKENS = 32768
+#: ... halved to ``16 * 1024`` from v0.12 (``envs.py`` of the v0.12.0 and v0.13.0 wheels; v0.11.0 has 32768).
+FUSED_MOE_CHUNK_TOKENS_V012 = 16384
+
+
+def fused_moe_chunk_tokens(version: tuple[int, int, int]) -> int:
+    """The fused MoE chunk of a vLLM version (:data:`FUSED_MOE_CHUNK_TOKENS`)."""
+    return FUSED_MOE_CHUNK_TOKENS_V012 if version >= (0, 12, 0) else FUSED_MOE_CHUNK_TOKENS
 
 _REPLICATED = ("router", "shared_router", "q_a", "kv_a")
 _NOT_QUANTIZED = ("router", "shared_router")
@@ -263,6 +270,26 @@ def mla_v0_prefill_elements(b: Block, tp: int, H: int, output_buffer: bool) -> i
             + n * (nope + at.v_head_dim) + 2 * n * at.head_dim + n * at.v_head_dim)
 
 
+#: Hidden-wide tensors an all-reduce adds while it runs: vLLM's tensor-parallel all-reduce is out of place in
+#: the versions read (``distributed/parallel_state.py::GroupCoordinator.all_reduce``, v0.8.0-v0.13.0, assumed earlier:
+#: "we always make the all-reduce operation out-of-place"; ``device_communicators/pynccl.py::all_reduce``
+#: returns ``torch.empty_like(in_tensor)`` filled by NCCL, and the custom all-reduce returns a new tensor too,
+#: read in the v0.8.0, v0.9.2 and v0.13.0 wheels): the row-parallel layer's partial output and the reduced
+#: copy are alive together.
+ALL_REDUCE_COPIES = 1
+
+
+def moe_combine_per_token(b: Block, tp: int, e: int, H: int) -> float:
+    """Bytes per token alive when a MoE block's output is all-reduced over ``tp`` > 1 ranks (the fused
+    kernel's chunk caches are freed by then; ``models/deepseek_v2.py::DeepseekV2MoE.forward`` v0.8.0,
+    ``qwen3_moe.py`` alike): the residual, the normed input, the experts' output and its reduced copy
+    (4 x hidden), and with shared experts their output (one hidden more: the scaled routed output is
+    dropped when the sum replaces it). 0 at TP 1."""
+    if b.moe is None or tp <= 1:
+        return 0.0
+    return ((3 + ALL_REDUCE_COPIES) * H + (H if b.moe.shared_intermediate_size else 0)) * e
+
+
 def layer_peak_per_token(b: Block, tp: int, e: int, H: int, mla_v0_prefill: str | None = None) -> float:
     """Bytes per token alive at a decoder layer's peak in the engine's forward (vLLM model code, e.g.
     ``models/llama.py`` v0.6): the residual, the normed input and the output (3 x hidden), plus
@@ -273,15 +300,19 @@ def layer_peak_per_token(b: Block, tp: int, e: int, H: int, mla_v0_prefill: str 
     - MoE (the fused kernel, per chunk): per routed copy of the token, ``intermediate_cache1`` (2 x I_e/tp),
       ``cache2`` (I_e/tp) and ``cache3`` (hidden), plus the shared experts' MLP and output.
 
+    With ``tp`` > 1 the row-parallel ``o_proj`` and ``down_proj`` end in an all-reduce that returns a new
+    tensor (:data:`ALL_REDUCE_COPIES`), so their moments hold one more hidden-wide row per token.
+
     Checked against two V0 logs (vllm-gh10517-a/b: 20000 and 29000 profiled tokens of Llama-3.1-8B, within
     0.5%). ``mla_v0_prefill`` ("0.7" or "0.8"): the MLA layers' moment is V0's prefill path
     (:func:`mla_v0_prefill_elements`) where it is larger."""
     at = b.attention
+    reduced = ALL_REDUCE_COPIES * H if tp > 1 else 0
     q = at.num_heads // tp * at.head_dim
     kv = max(1, at.num_kv_heads // tp) * at.head_dim if at.kind != "mla" else at.kv_lora_rank + at.qk_rope_head_dim
-    attn = 3 * H + q + 2 * kv + at.num_heads // tp * at.v_head_dim
+    attn = 3 * H + q + 2 * kv + at.num_heads // tp * at.v_head_dim + reduced
     if at.kind == "mla" and mla_v0_prefill:
-        attn = max(attn, mla_v0_prefill_elements(b, tp, H, output_buffer=mla_v0_prefill == "0.8"))
+        attn = max(attn, mla_v0_prefill_elements(b, tp, H, output_buffer=mla_v0_prefill == "0.8") + reduced)
     if b.moe is not None:
         m = b.moe
         routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H)
@@ -289,7 +320,7 @@ def layer_peak_per_token(b: Block, tp: int, e: int, H: int, mla_v0_prefill: str 
         mlp = 3 * H + routed + shared
     elif b.mlp is not None:
         width = math.ceil(b.mlp.intermediate_size / tp)
-        mlp = 3 * H + (3 if b.mlp.gated else 2) * width
+        mlp = 3 * H + (3 if b.mlp.gated else 2) * width + reduced
     else:
         mlp = 0
     return max(attn, mlp) * e
@@ -331,9 +362,10 @@ def sampler_bytes_per_logit(version: str, e: int, backend: str = "native") -> fl
 def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 1, stage: int = 0,
                  element_bytes: int = 2, sampler: str = "v1", dp: int = 1,
                  expert_parallel: bool = False, mla_v0_prefill: str | None = None,
-                 sampler_backend: str = "native") -> tuple[int, str]:
+                 sampler_backend: str = "native", moe_chunk: int = FUSED_MOE_CHUNK_TOKENS) -> tuple[int, str]:
     """The torch peak of the profile run on one rank over the weights: the larger of the widest layer's
-    moment (``tokens`` at once; the fused MoE caches capped at ``FUSED_MOE_CHUNK_TOKENS``) and, on the last
+    moment (``tokens`` at once; the fused MoE caches capped at ``moe_chunk`` tokens, the engine's
+    ``VLLM_FUSED_MOE_CHUNK_SIZE``, :func:`fused_moe_chunk_tokens`) and, on the last
     stage, the sampler's moment (``seqs`` logit rows over the padded vocabulary, with the hidden states of
     all tokens still alive). Returns (bytes, which moment).
 
@@ -353,13 +385,14 @@ def profile_peak(spec: ModelSpec, *, tokens: int, seqs: int, tp: int, pp: int = 
             width = m.expert_intermediate_size // tp if expert_parallel else math.ceil(m.expert_intermediate_size / (tp * dp))
             routed_now = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H) * e
             routed = m.top_k * (3 * width + H) * e
-            val = (per - routed_now) * tokens + routed * min(tokens * dp, FUSED_MOE_CHUNK_TOKENS)
-        elif b.moe is not None and tokens > FUSED_MOE_CHUNK_TOKENS:
+            val = (per - routed_now) * tokens + routed * min(tokens * dp, moe_chunk)
+        elif b.moe is not None and tokens > moe_chunk:
             m = b.moe
             routed = m.top_k * (3 * math.ceil(m.expert_intermediate_size / tp) + H) * e
-            val = (per - routed) * tokens + routed * FUSED_MOE_CHUNK_TOKENS
+            val = (per - routed) * tokens + routed * moe_chunk
         else:
             val = per * tokens
+        val = max(val, moe_combine_per_token(b, tp, e, H) * tokens)
         layer = max(layer, val)
     samp = 0.0
     if stage == pp - 1 and spec.head == "causal_lm":

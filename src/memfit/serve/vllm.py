@@ -32,7 +32,8 @@ from __future__ import annotations
 from ..models.spec import ModelSpec
 from ..units import GiB, MiB
 from . import kv as K
-from .memory import layer_peak_per_token, lora_bytes_on_rank, mxfp4_moe_extra_bytes, profile_peak, weights_on_rank
+from .memory import (fused_moe_chunk_tokens, layer_peak_per_token, lora_bytes_on_rank, mxfp4_moe_extra_bytes,
+                     profile_peak, weights_on_rank)
 from .result import ServeConfig, ServeEstimate, parse_version
 
 DEFAULT_VERSION = "0.11"
@@ -252,7 +253,7 @@ def estimate(spec: ModelSpec, cfg: ServeConfig, *, quantization: str, element_by
         act, moment = profile_peak(spec, tokens=tokens, seqs=profile_seqs, tp=tp, pp=pp, stage=stage,
                                    element_bytes=e, sampler="v0" if mode == "v0" else "v1", dp=dp,
                                    expert_parallel=cfg.enable_expert_parallel, mla_v0_prefill=mla_prefill,
-                                   sampler_backend=sampler)
+                                   sampler_backend=sampler, moe_chunk=fused_moe_chunk_tokens(version))
         per_tok = sum(x.per_token_bytes for x in layers)
         available = int(total * util - w - act - non_torch - (cg if cg_deducted else 0))
         if mode == "v0":
