@@ -46,6 +46,10 @@ _NO_ROPE = ("gpt2", "opt", "bert", "roberta", "distilbert", "bloom", "mpt")
 _ROPE_CAT_PASS = ("phi3",)
 #: model types whose embedding output is multiplied by ``sqrt(hidden_size)`` (a second tensor).
 _SCALED_EMBEDDING = ("gemma", "gemma2", "gemma3", "gemma3_text")
+#: Granite divides the head's output by ``config.logits_scaling`` whatever its value (transformers 5.17
+#: modeling_granite.py ``GraniteForCausalLM.forward``, modeling_granitemoe*.py): a second vocab-sized tensor,
+#: alive with the first while the division runs.
+LOGITS_SCALED = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 
 
 class PrefillShape:
@@ -461,10 +465,14 @@ def decoder_layer(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_byt
 
 def logits_head(s, spec: ModelSpec, sh: PrefillShape, rows: int, vocab_out: int) -> int:
     """The head over ``rows`` positions (all of them for a plain forward, the last one per sequence in
-    ``generate()``): ``lm_head`` and Gemma's final soft-capping (``/ cap``, ``tanh``, ``* cap``: each a new
+    ``generate()``): ``lm_head``, Granite's ``/ logits_scaling`` (:data:`LOGITS_SCALED`) and Gemma's final soft-capping (``/ cap``, ``tanh``, ``* cap``: each a new
     tensor, the previous freed, so two are alive at once). Returns the logits' handle."""
     n = rows * vocab_out * sh.e
     logits = s.alloc(n, "logits_and_loss")
+    if spec.model_type in LOGITS_SCALED and spec.head == "causal_lm":
+        nxt = s.alloc(n, "logits_and_loss")
+        s.free(logits)
+        logits = nxt
     if spec.final_logit_softcapping and spec.head == "causal_lm":
         for _ in range(3):
             nxt = s.alloc(n, "logits_and_loss")
