@@ -11,9 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .breakdown import Breakdown
 from .errors import ConfigError, JobError, MemfitError, MissingDependencyError, ModelNotFoundError
-from .job import Job, load_job
 
 __all__ = [
     "Breakdown", "Job", "load_job", "ModelSpec", "load_model", "estimate", "max_batch_size", "measure", "trace", "plan",
@@ -21,7 +19,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: importing memfit stays cheap and torch-free
+def __getattr__(name: str):  # lazy: importing memfit stays cheap and torch-free (a cold start pays per module)
+    if name == "Breakdown":
+        from .breakdown import Breakdown
+
+        return Breakdown
+    if name in ("Job", "load_job"):
+        from . import job as _j
+
+        return getattr(_j, name)
     if name in ("estimate", "max_batch_size"):
         from . import estimator as _e
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Breakdown", "COMPONENT_NOTES", "INFERENCE_NOTES"]
 

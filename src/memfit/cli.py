@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
 
 from .errors import MemfitError
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any, Callable, Sequence
 
 # Job fields settable from flags: flag name -> (type, help)
 _JOB_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -159,19 +162,46 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, built without asking the terminal for its size.
+
+    ``add_argument`` makes a help formatter to check each flag's metavar (``HelpFormatter._format_args``, which
+    does not read the width), and a formatter made without a width imports shutil and asks the terminal for its
+    size: once per flag, some fifty times for a job command. While :func:`build_parser` runs, that check gets a
+    formatter of a fixed width; help, usage and error lines are formatted later, by argparse's own formatter at
+    the terminal's width, so they read as before. Subcommand parsers are of this class too (argparse makes them
+    of the parent parser's class)."""
+
+    _building = False
+
+    def _get_formatter(self):
+        if _Parser._building:
+            return self.formatter_class(prog=self.prog, width=80)
+        return super()._get_formatter()
+
+
 _COMMAND_MODULES = ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or with ``only`` (a command's name) of that one alone: ``memfit estimate``
     then imports no other command's module (a cold start counts every module it loads)."""
+    _Parser._building = True
+    try:
+        return _build_parser(only)
+    finally:
+        _Parser._building = False
+
+
+def _build_parser(only: str | None) -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="memfit",
         description="How much GPU memory will this LLM job take, where does it go, and what would make it fit.")
     parser.add_argument("--version", action="version", version=f"memfit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # prog given: what argparse would format from the usage line (the parser has no positionals), without a formatter
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", prog="memfit")
 
     if only in (None, "estimate"):
         from .commands import estimate as c_estimate

@@ -12,10 +12,13 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
 
 from .errors import JobError, brief
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 __all__ = ["Job", "load_job", "default_lengths", "DEFAULT_SEQ_LEN", "DEFAULT_PROMPT_LEN", "PRECISIONS", "OPTIMIZERS", "ATTENTIONS", "QUANTIZATIONS", "STRATEGIES"]
 
@@ -391,6 +394,8 @@ def read_config_file(path: str | Path, what: str, *, default_format: str, not_ut
     ``default_format``, ``"yaml"`` or ``"json"``). Every way the file can be missing, unreadable, not text or
     not parseable is a one-line :class:`JobError` naming it as ``what`` (``job file``, ``DeepSpeed config``);
     ``not_utf8`` ends the line for a file that is not UTF-8 text."""
+    from pathlib import Path  # here, not at the top: a start-up without a file to read does without pathlib
+
     p = Path(path)
     try:
         if not p.is_file():

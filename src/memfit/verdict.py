@@ -7,9 +7,12 @@ allocator replay does, when given the card); otherwise it judges provisionally b
 
 from __future__ import annotations
 
-from typing import Any
 
 from .breakdown import Breakdown
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["verdict"]
 

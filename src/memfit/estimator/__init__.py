@@ -10,13 +10,19 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..breakdown import Breakdown
-from ..job import Job
 from ..models.spec import Block, ModelSpec
 from . import quant
 from . import states as st
 from . import forward as fw
-from .layers import Mode, layer_forward_tensors, math_softmax_backward, saved_bytes_per_token
+
+# Job and Breakdown are named in annotations only, and the layer tables (.layers) are built only for a training
+# stream: imported where they are used, so `memfit serve` (which reaches .quant through this package) does not
+# create their dataclasses at start-up. (``TYPE_CHECKING = False``: type checkers read the block, and the
+# interpreter does not import typing for it.)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..breakdown import Breakdown
+    from ..job import Job
 
 __all__ = ["estimate", "max_batch_size", "fits_on", "model_states", "Memo", "floor_bytes"]
 
@@ -52,6 +58,8 @@ def _act_mode(job: Job) -> str:
 
 @lru_cache(maxsize=8192)
 def _layer_saved(spec: ModelSpec, job_key: tuple) -> tuple[float, ...]:
+    from .layers import Mode, saved_bytes_per_token
+
     precision, is_lora, targets, rank, attention, seq = job_key
     mode = Mode(precision=precision, trainable_base=not is_lora, lora_targets=targets, lora_rank=rank,
                 attention=attention, seq_len=seq, dropout=_dropout(spec))
@@ -265,6 +273,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     quant4 = job.quantization in ("nf4", "fp4")
     # bitsandbytes dequantizes a 4-bit weight whole for a matmul of training shapes: a temporary of each call,
     # forward (layers._Replay.dequant4_scratch, quant.bnb_dequantizes) and backward (dq_back below)
+    from .layers import Mode, layer_forward_tensors, math_softmax_backward
+
     mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
                 attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
                 quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0, double_quant=bool(job.double_quant) and quant4,
@@ -1115,6 +1125,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     ``spec`` skips the model lookup (the planner passes it when it sweeps batch sizes); ``memo`` (a
     :class:`Memo`) reuses streams and replays already made for it.
     """
+    from ..breakdown import Breakdown
     from .events import cuda_context_bytes
 
     spec = _spec(job, spec)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 
-from ..job import Job
 from ..models.spec import ModelSpec
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from ..job import Job
 
 
 def quantized_linears(spec: ModelSpec):

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import math
 
-from ..job import Job
 from ..models.spec import ModelSpec
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from ..job import Job
 
 #: bytes per element of each storage dtype
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}

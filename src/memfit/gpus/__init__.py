@@ -8,16 +8,19 @@ than the marketing size; the planner's step-time model reads the FLOP/s and band
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
 
 from ..errors import JobError
 
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
+
 __all__ = ["GPU", "get_gpu", "all_gpus"]
 
-_CATALOG = Path(__file__).with_name("catalog.json")
+_CATALOG = os.path.join(os.path.dirname(__file__), "catalog.json")  # (os.path: no pathlib at start-up)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,7 +59,8 @@ class GPU:
 
 @lru_cache(maxsize=1)
 def _load() -> dict[str, GPU]:
-    data = json.loads(_CATALOG.read_text())
+    with open(_CATALOG, encoding="utf-8") as f:
+        data = json.load(f)
     out: dict[str, GPU] = {}
     for entry in data["gpus"]:
         gpu = GPU(**{**entry, "aliases": tuple(entry.get("aliases", ()))})

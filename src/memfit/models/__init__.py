@@ -16,14 +16,18 @@ imported here.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError, ModelNotFoundError, brief
 from .families import SUPPORTED_MODEL_TYPES, spec_from_config
 from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
+    from pathlib import Path
 
 __all__ = [
     "ModelSpec", "Block", "Attention", "MLP", "MoE", "Linear",
@@ -36,21 +40,35 @@ __all__ = [
 #: fails. Rotary (and ALiBi) families have no table: past ``max_position_embeddings`` they only extrapolate.
 LEARNED_POSITIONS = ("gpt2", "opt", "bert", "roberta", "distilbert")
 
-_REGISTRY_DIR = Path(__file__).parent / "registry"
+#: the registry's folder, a str (os.path): a start-up that reads built-in models does without pathlib;
+#: ``_REGISTRY_DIR`` is the same folder as a Path (made on first use, :func:`__getattr__`)
+_REGISTRY = os.path.join(os.path.dirname(__file__), "registry")
+
+
+def __getattr__(name: str):
+    if name == "_REGISTRY_DIR":
+        from pathlib import Path
+
+        return Path(_REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _registry_file(name: str) -> str:
+    return os.path.join(_REGISTRY, name + ".json")
 _HUB_URL = "https://huggingface.co/{}"
 
 
 @lru_cache(maxsize=1)
 def _index() -> dict[str, dict[str, str]]:
     """``registry/index.json``: {name: {hf_id, source, note, aliases (optional)}}."""
-    with open(_REGISTRY_DIR / "index.json", encoding="utf-8") as f:
+    with open(_registry_file("index"), encoding="utf-8") as f:
         return json.load(f)
 
 
 @lru_cache(maxsize=1)
 def _hub_alias_table() -> dict[str, dict[str, Any]]:
     """``registry/aliases.json``: {hub id: {model, source, quantization?, overrides?, multimodal?, note?}}."""
-    with open(_REGISTRY_DIR / "aliases.json", encoding="utf-8") as f:
+    with open(_registry_file("aliases"), encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -106,7 +124,7 @@ def registry_names() -> list[str]:
     return list(_index())
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: str | Path) -> dict[str, Any]:
     """A config.json as a dict; every way it can be unreadable is a one-line ConfigError."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -127,7 +145,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _hub_reachable() -> bool:
     """Whether the Hub's host resolves at all (offline machines fail fast instead of retrying)."""
-    import os
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
@@ -162,6 +179,8 @@ def _from_hub(ref: str) -> Path | None:
 
         raise MissingDependencyError(f"{ref!r} looks like a Hugging Face Hub id, and reading it needs huggingface_hub: "
                                      "pip install 'memfit[hub]' (or point memfit at a local config.json)") from None
+    from pathlib import Path
+
     hub_logging.set_verbosity_error()
     try:  # the cache answers offline too
         return Path(hf_hub_download(repo_id=ref, filename="config.json", local_files_only=True))
@@ -208,8 +227,6 @@ def load_model(ref: str | Path) -> ModelSpec:
     Raises :class:`~memfit.errors.ModelNotFoundError` when none of these resolves, and
     :class:`~memfit.errors.ConfigError` when the config cannot be counted.
     """
-    import os
-
     if isinstance(ref, os.PathLike):
         ref = os.fspath(ref)
     if not isinstance(ref, str):
@@ -221,6 +238,8 @@ def load_model(ref: str | Path) -> ModelSpec:
 def _local_config(key: str) -> Path | None:
     """The config.json a local path names (a file, or a folder holding one), or None when the path does
     not exist. Names the OS refuses (too long, a NUL byte, ``~user`` of no such user) are not paths."""
+    from pathlib import Path  # here: a built-in name never reaches this
+
     try:
         path = Path(key).expanduser()
     except RuntimeError:  # ~nosuchuser: expanduser cannot resolve the home folder
@@ -241,7 +260,7 @@ def _load_model(ref: str) -> ModelSpec:
     key = ref.strip()
     name = _aliases().get(key.lower())
     if name is not None:
-        config = _read_json(_REGISTRY_DIR / f"{name}.json")
+        config = _read_json(_registry_file(name))
         alias = hub_alias(key) if key.lower() not in _registry_keys() else None
         if alias is None:
             return spec_from_config(config, name=name, source=_index()[name].get("source", ""))
@@ -303,7 +322,7 @@ def position_limit(ref: str) -> tuple[int, bool] | None:
             from huggingface_hub import hf_hub_download
         except ImportError:
             return None
-        path = Path(hf_hub_download(repo_id=key, filename="config.json", local_files_only=True))
+        path = hf_hub_download(repo_id=key, filename="config.json", local_files_only=True)
         return spec_position_limit(spec_from_config(_read_json(path), name=key))
     except Exception:  # noqa: BLE001 - see above
         return None
@@ -317,7 +336,7 @@ def checkpoint_dtype(ref: str) -> str | None:
     try:
         key = ref.strip()
         name = _aliases().get(key.lower())
-        path = _REGISTRY_DIR / f"{name}.json" if name is not None else _local_config(key)
+        path = _registry_file(name) if name is not None else _local_config(key)
         if path is None:
             return None
         config = _read_json(path)

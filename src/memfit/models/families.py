@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import replace
-from typing import Any
 
 from ..errors import ConfigError, brief
 from .spec import MLP, Attention, Block, Linear, ModelSpec, MoE
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["spec_from_config", "SUPPORTED_MODEL_TYPES"]
 

@@ -11,7 +11,10 @@ registry entry with ``transformers`` on the meta device and compares.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Linear", "Attention", "MLP", "MoE", "Block", "ModelSpec"]
 

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ConfigError
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["VisionTower", "vision_tower", "VISION_MODEL_TYPES"]
 

@@ -13,11 +13,14 @@ their source (file and version in each docstring) on a :class:`~memfit.models.Mo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from ..errors import ConfigError, JobError
 from ..models.spec import ModelSpec
 from .result import ServeConfig, ServeEstimate, parse_version
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["serve", "ServeEstimate", "ServeConfig", "min_utilization", "fewest_gpus", "resolve_quantization",
            "SUPPORTED_VERSIONS", "claims_version"]

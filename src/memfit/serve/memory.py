@@ -119,6 +119,8 @@ def vision_bytes_on_rank(spec: ModelSpec, *, tp: int = 1, element_bytes: int = 2
     SGLang build them: ``*ForConditionalGeneration`` holds the tower next to the text model's first layers):
     16-bit whatever the text model's quantization, linears split over TP (:mod:`memfit.models.vision`).
     0 for a text-only model, and for a vision model memfit does not count (the estimate notes it)."""
+    if not (spec.multimodal or {}).get("vision_config"):
+        return 0  # no tower (vision_tower's own first answer, without importing its tables)
     from ..models.vision import vision_tower
 
     tower = vision_tower(spec.multimodal, spec.hidden_size, strict=False)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..errors import JobError
+
+TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
+if TYPE_CHECKING:
+    from typing import Any
 
 ENGINES = ("vllm", "sglang")
 QUANTIZATIONS = ("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "int8", "nf4", "mxfp4")
