@@ -153,8 +153,6 @@ def _linear_params(spec) -> tuple[float, float]:
 
 
 _FOREACH = frozenset({"adamw", "adam", "sgd", "sgd-momentum"})
-#: strategies whose ranks each update 1/dp of the optimizer states (ZeRO-1/2/3, FSDP)
-_SHARDED_STEP = frozenset({"zero1", "zero2", "zero3", "fsdp", "fsdp2"})
 
 
 def _layer_kernels(b) -> float:
@@ -243,8 +241,7 @@ def features(job, spec, gpu) -> dict[str, float]:
                "paged-adamw-8bit": 2 * pb + pb + 4, "paged-adamw": 2 * pb + pb + 16, "sgd": 2 * pb + pb,
                "sgd-momentum": 2 * pb + pb + 8, "adafactor": 2 * pb + pb + 8, "lion": 2 * pb + pb + 8}
         opt_bytes = p * per.get(job.optimizer, 3 * pb + 16) / tp
-        if job.strategy in _SHARDED_STEP:  # each rank steps only its shard of the states
-            opt_bytes /= _replicas(job)
+        opt_bytes /= _layout(job).shard  # ZeRO / FSDP: each rank steps only its shard of the states
         if job.optimizer.startswith("paged"):
             paged_bytes = p * (2 if "8bit" in job.optimizer else 8)
     deq = 0.0
@@ -382,9 +379,16 @@ def step_time(job, spec=None, gpu=None, *, factors: dict[str, float] | None = No
     return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
 
 
+def _layout(job):
+    """The job's GPU layout as the memory estimate divides it (:func:`memfit.estimator.parallel.layout`)."""
+    from ..estimator.parallel import layout
+
+    return layout(job)
+
+
 def _replicas(job) -> int:
-    """Data-parallel replicas of ``job``: its GPUs over the tensor- and pipeline-parallel group."""
-    return max(1, job.gpus // max(1, job.tensor_parallel * job.pipeline_parallel))
+    """Data-parallel replicas of ``job`` (the layout's ``dp``)."""
+    return _layout(job).dp
 
 
 def _at_batch(job, batch: int):
