@@ -77,6 +77,7 @@ def test_no_traceback(surface):
     (["estimate", "~nosuchuser/config.json"], "unknown model"),
     (["estimate", "gpt2", "--method", "lora", "--lora-rank", "99999999999999999999"], "lora_rank must be at most"),
     (["estimate", "gpt2", "--batch-size", "99999999999999999999"], "batch_size must be at most"),
+    (["serve", "llama-3.1-8b", "--gpu", "h100-80gb", "--sampler", "sort"], "sampler must be native or flashinfer"),
 ])
 def test_real_subprocess_is_one_line_exit_2(argv, message, tmp_path):
     """A real process: the first line of stderr is memfit's error, there is no second, the exit is 2."""

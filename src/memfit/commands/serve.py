@@ -48,8 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-loras", dest="max_loras", type=int, help="vLLM LoRA slots (default 1; needs --enable-lora)")
     p.add_argument("--max-lora-rank", dest="max_lora_rank", type=int,
                    help="vLLM largest LoRA rank (default 16; needs --enable-lora)")
-    p.add_argument("--sampler", choices=("native", "flashinfer"),
-                   help="vLLM V1's top-k/top-p sampler: flashinfer where the log says 'Using FlashInfer for "
+    p.add_argument("--sampler",  # checked by ServeConfig: a bad value is memfit's one-line error
+                   help="native or flashinfer: vLLM V1's top-k/top-p sampler; flashinfer where the log says 'Using FlashInfer for "
                         "top-p & top-k sampling' (default native, the PyTorch sort)")
     p.add_argument("--text-only", dest="text_only", action="store_true",
                    help="multimodal checkpoint served without its vision tower (vLLM --limit-mm-per-prompt all 0)")
