@@ -14,6 +14,7 @@ Run: PYTHONPATH=src python validation/score_serving.py [--json OUT] [--logs DIR]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -56,6 +57,7 @@ FITTING = {
 HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"
 
 
+@functools.lru_cache(maxsize=1)
 def _later_held_out() -> frozenset[str]:
     """The logs of ``holdout-2.json`` (session 5): every log collected after holdout.json was written, all held out."""
     p = Path(__file__).resolve().parent / "serving" / "holdout-2.json"
