@@ -439,6 +439,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         kept: list[list[int]] = []
         kept_at: list[dict[int, int]] = []  # each layer's saved tensors (non-checkpointed): index -> handle
         caches: list[list[int]] = []
+        carry = -1  # checkpointing: the previous layer's output, which is this layer's saved input
         for i, bi in enumerate(layers):
             if hooks is not None:
                 hooks.pre_forward(s, i)
@@ -446,11 +447,24 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             mine: list[int] = []
             mine_at: dict[int, int] = {}
             if ckpt:
-                mine.append(s.alloc(layer_input, "activations"))
+                mine.append(carry if carry >= 0 else s.alloc(layer_input, "activations"))
+                carry = -1
             pending, held, scoped = -1, [], {}
+            last = len(layer_tensors[bi]) - 1
             for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                 if i == 0 and j == 0 and emb_out >= 0 and emb_first:
                     continue  # the first layer's input is the embedding output, held above
+                if (ckpt and j == last and rank is None and hooks is None and not saved and not hold and until is None
+                        and abs(n - layer_input) < 1):
+                    # the layer's output (the second residual sum) is the tensor the next checkpointed layer keeps
+                    # as its input: made while the sum's operands are alive, freed after it (traced, transformers
+                    # 5.17 decoder layers: the output, then the MLP output and the first residual sum freed), not
+                    # freed and made again at the next layer's start
+                    carry = s.alloc(n, "activations")
+                    s.free(pending)
+                    pending = -1
+                    s.free_all(scoped.pop(j, ()))
+                    continue
                 if saved and not ckpt:
                     h = s.alloc(n, "activations")
                     mine.append(h)
@@ -489,6 +503,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             norm32.append(s.alloc(T * H * 4 * seq_share, "temporaries"))
         fin += [s.alloc(x, "activations") for x in final_saved[1:]]
         s.free_all(norm32)
+        s.free(carry)  # the last layer's output: the final norm's input, dropped once the norm returns
         s.free(emb_out)
         ch = s.alloc(cache_head, "autocast_cache")
         plain = lm and _plain_ce_mlm(spec, job)
