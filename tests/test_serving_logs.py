@@ -127,7 +127,9 @@ def test_holdout_split_is_the_written_rule():
     import score_serving
 
     split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
-    later = json.loads((LOG_DIR.parent / "holdout-2.json").read_text())["held_out"]
+    later = set()
+    for name in ("holdout-2.json", "holdout-3.json"):
+        later |= set(json.loads((LOG_DIR.parent / name).read_text())["held_out"])
     ids = [p.stem for p in FILES if p.stem not in later]
     assert sorted(split["held_out"]) == sorted(i for i in ids if score_serving.is_held_out(i))
     assert sorted(split["tuning"]) == sorted(i for i in ids if not score_serving.is_held_out(i))
@@ -135,14 +137,29 @@ def test_holdout_split_is_the_written_rule():
 
 
 def test_later_holdout_is_disjoint_and_complete():
-    """holdout-2.json (session 5) holds out every log collected after holdout.json was written; together the
-    two files place every log exactly once, and a log named in holdout.json cannot be moved into the later set."""
+    """holdout-2.json (session 5) and holdout-3.json (session serve6) hold out every log collected after holdout.json
+    was written; together the three files place every log exactly once, and a log named in an earlier file cannot be
+    moved into a later one."""
     split = json.loads((LOG_DIR.parent / "holdout.json").read_text())
-    later = json.loads((LOG_DIR.parent / "holdout-2.json").read_text())
-    assert set(later) == {"decided", "rule", "held_out"}
-    first = set(split["held_out"]) | set(split["tuning"])
+    seen = set(split["held_out"]) | set(split["tuning"])
     ids = {p.stem for p in FILES}
-    assert len(later["held_out"]) == len(set(later["held_out"]))
-    assert not first & set(later["held_out"])
-    assert set(later["held_out"]) <= ids
-    assert first | set(later["held_out"]) == ids
+    for name in ("holdout-2.json", "holdout-3.json"):
+        later = json.loads((LOG_DIR.parent / name).read_text())
+        assert set(later) == {"decided", "rule", "held_out"}
+        assert len(later["held_out"]) == len(set(later["held_out"]))
+        assert not seen & set(later["held_out"]), name
+        assert set(later["held_out"]) <= ids
+        seen |= set(later["held_out"])
+    assert seen == ids
+
+
+def test_later_holdouts_are_held_out_by_the_scorer():
+    """score_serving.is_held_out treats every id of the later files as held out, whatever its SHA-256."""
+    import sys
+
+    sys.path.insert(0, str(LOG_DIR.parents[1]))
+    import score_serving
+
+    for name in ("holdout-2.json", "holdout-3.json"):
+        for log_id in json.loads((LOG_DIR.parent / name).read_text())["held_out"]:
+            assert score_serving.is_held_out(log_id), log_id

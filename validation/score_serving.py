@@ -57,10 +57,27 @@ FITTING = {
 HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"
 
 
+#: Later collections, each written before any of its logs was scored: every log listed there is held out.
+LATER_HOLDOUTS = ("holdout-2.json", "holdout-3.json")
+
+
 @functools.lru_cache(maxsize=1)
 def _later_held_out() -> frozenset[str]:
-    """The logs of ``holdout-2.json`` (session 5): every log collected after holdout.json was written, all held out."""
-    p = Path(__file__).resolve().parent / "serving" / "holdout-2.json"
+    """The logs of ``holdout-2.json`` (session 5) and ``holdout-3.json`` (session serve6): every log collected after
+    holdout.json was written, all held out."""
+    out: set[str] = set()
+    for name in LATER_HOLDOUTS:
+        p = Path(__file__).resolve().parent / "serving" / name
+        try:
+            out.update(json.loads(p.read_text())["held_out"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return frozenset(out)
+
+
+def later_held_out_set(name: str) -> frozenset[str]:
+    """The ids one later holdout file lists (``holdout-3.json``): to report a collection on its own."""
+    p = Path(__file__).resolve().parent / "serving" / name
     try:
         return frozenset(json.loads(p.read_text())["held_out"])
     except (OSError, ValueError, KeyError):
@@ -69,7 +86,7 @@ def _later_held_out() -> frozenset[str]:
 
 def is_held_out(log_id: str) -> bool:
     """The split rule written down in holdout.json before scoring: a log outside ``FITTING`` whose id's
-    SHA-256 is even; and every log of holdout-2.json (collected later, all held out)."""
+    SHA-256 is even; and every log of holdout-2.json / holdout-3.json (collected later, all held out)."""
     import hashlib
 
     if log_id in _later_held_out():
