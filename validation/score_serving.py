@@ -347,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
         else:
             print(f"{name}: no scored logs")
+    for name in LATER_HOLDOUTS[1:]:
+        ids = later_held_out_set(name)
+        st = summarize([r for r in result["rows"] if r.get("id") in ids])["held_out"]
+        if st["count"]:
+            print(f"held_out ({name} alone): {st['count']} logs, KV tokens median |error| {st['median_abs_error']:.2%}, "
+                  f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
     km = s["kv_memory_held_out"]
     if km["count"]:
         print(f"KV cache memory (GiB), held out: {km['count']} logs, median |error| {km['median_abs_error']:.2%}, "
