@@ -48,6 +48,10 @@ FITTING = {
     "vllm-dennislee-qwen2-7b-2xa100-80gb-tp2-u50": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2, FlashInfer sampler)",
     "vllm-dennislee-qwen2-7b-2xa100-40gb-tp2-2nodes": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2 over two nodes, "
                                                       "native sampler)",
+    # held out by holdout-3.json until its first score (-21.65%) sent session serve6 to vLLM's per-card default
+    # sequence count (``_set_default_args_v1``, read from the v0.8.0-v0.9.2 wheels); holdout-3.json "moved"
+    "vllm-tokenkaki-qwen3-8b-a100-40gb-v092": "vllm.default_limits (V1 per-card max_num_seqs: 256 on cards below "
+                                              "70 GiB from v0.8.4, read from the wheels; found through this log)",
     # held out until issue 13's brief (2026-12-02, branch serve-moe) printed its error (-5.5%); used there to check
     # the symmetric INT4 layout (no zero points) of compressed-tensors W4A16 experts
     "vllm-recipes-kimi-k2-thinking-tp8": "serve.resolve_quantization int4-sym (compressed-tensors W4A16, symmetric: "
