@@ -383,16 +383,22 @@ def test_published_held_out_logs_no_worse_than_today(published):
     2.70% / 93% before the FlashInfer-sampler and TP non-torch rules, 3.49% / 93% after (the held-out
     gpt-oss-120b TP 4 log's record now carries its printed FlashInfer sampler). The same brief printed the
     Kimi-K2 TP 8 error, used to check the symmetric INT4 layout, so it moved too: 13 scored, 3.34% / 92%.
-    A regression guard a little below today's level."""
+    Session serve6 added eight logs, all held out by holdout-3.json before they were scored: 21 scored,
+    2.07% / 90% (the eight alone 1.35% / 88%). The per-card default sequence count read from vLLM's
+    ``_set_default_args_v1`` (v0.8.4+: 256 below 70 GiB) was found through one of the eight
+    (vllm-tokenkaki-qwen3-8b-a100-40gb-v092, -21.65% -> +0.68%), which therefore moved to the tuning half
+    (holdout-3.json "moved"): 20 scored, 1.73% / 95%. A regression guard a little below today's level."""
     held = published["held_out"]
-    assert held["count"] >= 13
-    assert held["median_abs_error"] <= 0.042
-    assert held["within_10pct"] >= 0.80
+    assert held["count"] >= 20
+    assert held["median_abs_error"] <= 0.022
+    assert held["within_10pct"] >= 0.90
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 bars not reached yet: held-out median 3.34%, 92% within 10% (13 logs)")
 def test_published_held_out_logs_meet_the_bars(published):
-    """The issue's bars on the held-out logs: median |error| <= 3% and >= 90% within 10%."""
+    """The issue's bars on the held-out logs: median |error| <= 3% and >= 90% within 10%. Met since the eight
+    logs of holdout-3.json (session serve6) were added: 21 scored, 2.07%, 90% (19 of 21; the two beyond 10% were
+    vllm-gh21348-qwen3-235b-fp8, +21.7%, and vllm-tokenkaki-qwen3-8b-a100-40gb-v092, -21.7%, since moved to tuning
+    after it led to the per-card sequence default): 20 scored, 1.73%, 95%."""
     held = published["held_out"]
     assert held["median_abs_error"] <= 0.03 and held["within_10pct"] >= 0.90
 
@@ -615,6 +621,26 @@ def test_unified_memory_gb10_takes_the_small_card_defaults():
     assert (spark.max_num_batched_tokens, spark.max_num_seqs) == (2048, 256)
     assert (h200.max_num_batched_tokens, h200.max_num_seqs) == (8192, 1024)
     assert spark.gpu_memory_bytes > 119 * 2 ** 30
+
+
+def test_v1_serve_defaults_follow_each_versions_arg_utils():
+    """``EngineArgs._set_default_args_v1`` as the wheels have it: v0.8.0-v0.8.3 test the device name for "h100" /
+    "h200" (8192 tokens) and always take 1024 sequences; v0.8.4 gives the other cards 256; v0.8.5 tests
+    ``>= 70 GiB`` instead of the name; v0.9.0+ excludes A100s from the large defaults (PR #17885)."""
+    def limits(gpu, version):
+        est = serve("qwen3-8b", gpu=gpu, engine_version=version, max_model_len=8192)
+        return est.max_num_batched_tokens, est.max_num_seqs
+
+    assert limits("a100-40gb", "0.8.0") == (2048, 1024)
+    assert limits("a100-40gb", "0.8.4") == (2048, 256)
+    assert limits("a100-40gb", "0.9.2") == (2048, 256)
+    assert limits("h100-80gb", "0.8.0") == limits("h100-80gb", "0.9.2") == (8192, 1024)
+    # an 80 GiB card that is neither H100 nor H200 nor A100: by name before v0.8.5, by memory after
+    assert limits("a800-80gb", "0.8.4") == (2048, 256)
+    assert limits("a800-80gb", "0.8.5") == limits("a800-80gb", "0.9.2") == (8192, 1024)
+    # the A100 exclusion arrives with v0.9.0
+    assert limits("a100-80gb", "0.8.5") == (8192, 1024)
+    assert limits("a100-80gb", "0.9.0") == (2048, 256)
 
 
 def test_vllm_07_keeps_mlas_absorbed_matrices():

@@ -48,6 +48,10 @@ FITTING = {
     "vllm-dennislee-qwen2-7b-2xa100-80gb-tp2-u50": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2, FlashInfer sampler)",
     "vllm-dennislee-qwen2-7b-2xa100-40gb-tp2-2nodes": "NON_TORCH_TP_CONSUMER_BYTES off Hopper (A100 TP 2 over two nodes, "
                                                       "native sampler)",
+    # held out by holdout-3.json until its first score (-21.65%) sent session serve6 to vLLM's per-card default
+    # sequence count (``_set_default_args_v1``, read from the v0.8.0-v0.9.2 wheels); holdout-3.json "moved"
+    "vllm-tokenkaki-qwen3-8b-a100-40gb-v092": "vllm.default_limits (V1 per-card max_num_seqs: 256 on cards below "
+                                              "70 GiB from v0.8.4, read from the wheels; found through this log)",
     # held out until issue 13's brief (2026-12-02, branch serve-moe) printed its error (-5.5%); used there to check
     # the symmetric INT4 layout (no zero points) of compressed-tensors W4A16 experts
     "vllm-recipes-kimi-k2-thinking-tp8": "serve.resolve_quantization int4-sym (compressed-tensors W4A16, symmetric: "
@@ -57,10 +61,27 @@ FITTING = {
 HOLDOUT = ROOT / "validation" / "serving" / "holdout.json"
 
 
+#: Later collections, each written before any of its logs was scored: every log listed there is held out.
+LATER_HOLDOUTS = ("holdout-2.json", "holdout-3.json")
+
+
 @functools.lru_cache(maxsize=1)
 def _later_held_out() -> frozenset[str]:
-    """The logs of ``holdout-2.json`` (session 5): every log collected after holdout.json was written, all held out."""
-    p = Path(__file__).resolve().parent / "serving" / "holdout-2.json"
+    """The logs of ``holdout-2.json`` (session 5) and ``holdout-3.json`` (session serve6): every log collected after
+    holdout.json was written, all held out."""
+    out: set[str] = set()
+    for name in LATER_HOLDOUTS:
+        p = Path(__file__).resolve().parent / "serving" / name
+        try:
+            out.update(json.loads(p.read_text())["held_out"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return frozenset(out)
+
+
+def later_held_out_set(name: str) -> frozenset[str]:
+    """The ids one later holdout file lists (``holdout-3.json``): to report a collection on its own."""
+    p = Path(__file__).resolve().parent / "serving" / name
     try:
         return frozenset(json.loads(p.read_text())["held_out"])
     except (OSError, ValueError, KeyError):
@@ -69,7 +90,7 @@ def _later_held_out() -> frozenset[str]:
 
 def is_held_out(log_id: str) -> bool:
     """The split rule written down in holdout.json before scoring: a log outside ``FITTING`` whose id's
-    SHA-256 is even; and every log of holdout-2.json (collected later, all held out)."""
+    SHA-256 is even; and every log of holdout-2.json / holdout-3.json (collected later, all held out)."""
     import hashlib
 
     if log_id in _later_held_out():
@@ -330,6 +351,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
         else:
             print(f"{name}: no scored logs")
+    for name in LATER_HOLDOUTS[1:]:
+        ids = later_held_out_set(name)
+        st = summarize([r for r in result["rows"] if r.get("id") in ids])["held_out"]
+        if st["count"]:
+            print(f"held_out ({name} alone): {st['count']} logs, KV tokens median |error| {st['median_abs_error']:.2%}, "
+                  f"within 10%: {st['within_10pct']:.0%}, max {st['max_abs_error']:.2%}")
     km = s["kv_memory_held_out"]
     if km["count"]:
         print(f"KV cache memory (GiB), held out: {km['count']} logs, median |error| {km['median_abs_error']:.2%}, "

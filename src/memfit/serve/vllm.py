@@ -117,13 +117,16 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
       chunked prefill is on by default when ``max_model_len > 32768`` with 512 tokens per step, else a step
       takes ``max(max_model_len, 2048)`` tokens; v0.7 turns chunked prefill off for MLA models, and v0.8-v0.10
       (``_set_default_args_v0``) leave it off for MLA, multimodal and sliding-window models;
-    - V1 (``EngineArgs._set_default_args_v1``, v0.8+): for the API server, 8192 tokens on cards of >= 70 GiB
-      other than A100, else 2048; 1024 sequences, cut to 256 on the smaller cards from v0.10 (memfit's reading
-      of when the per-card sequence default arrived: an L40S log of v0.8.5, vllm-pr17122, fits 1024). The card's
-      memory is NVML's (``CudaPlatform.get_device_total_memory``: ``nvmlDeviceGetMemoryInfo``, v0.19.0
-      ``platforms/cuda.py``), and ``_set_default_args`` takes 0 when that raises, as it does on the unified
-      memory of a GB10 (DGX Spark): the small-card defaults apply there whatever the 119 GiB torch reports
-      (:func:`unified_memory`).
+    - V1 (``EngineArgs._set_default_args_v1``), for the API server, read from the published wheels:
+      v0.8.0: 8192 tokens when the device name contains "h100" or "h200", else 2048, and always 1024
+      sequences; v0.8.4: the same name test for both, 8192 tokens / 1024 sequences, else 2048 / 256; v0.8.5:
+      ``device_memory >= 70 GiB`` instead of the name; v0.9.0, v0.9.2, v0.10.1.1, v0.11.0: ``>= 70 GiB and
+      "a100" not in device_name`` (PR #17885). v0.8.1-v0.8.3 were not read; memfit keeps v0.8.0's rule for them.
+      (memfit had applied 1024 sequences to the smaller cards before v0.10, from a fit to the L40S log of PR
+      #17122, vllm-pr17122; the source gives that v0.8.4+ PR branch 256.) The card's memory is NVML's
+      (``CudaPlatform.get_device_total_memory``: ``nvmlDeviceGetMemoryInfo``, v0.19.0 ``platforms/cuda.py``), and
+      ``_set_default_args`` takes 0 when that raises, as it does on the unified memory of a GB10 (DGX Spark):
+      the small-card defaults apply there whatever the 119 GiB torch reports (:func:`unified_memory`).
     """
     if mode == "v0":
         seqs = cfg.max_num_seqs or 256
@@ -144,8 +147,14 @@ def default_limits(cfg: ServeConfig, spec: ModelSpec, version, mode: str, max_mo
         if max_model_len > 32768:
             return seqs, 512, "V0 default: chunked prefill on above 32K context, 512 tokens"
         return seqs, max(max_model_len, 2048), "V0 default: max(max_model_len, 2048) without chunked prefill"
-    big = cfg.gpu_memory_bytes >= 70 * GiB and "a100" not in cfg.gpu_name.lower() and not unified_memory(cfg.gpu_name)
-    seqs = cfg.max_num_seqs or (1024 if big or version < (0, 10, 0) else 256)
+    name = cfg.gpu_name.lower()
+    if version < (0, 8, 5):
+        big = "h100" in name or "h200" in name
+    else:
+        big = cfg.gpu_memory_bytes >= 70 * GiB and not unified_memory(cfg.gpu_name)
+        if version >= (0, 9, 0):
+            big = big and "a100" not in name
+    seqs = cfg.max_num_seqs or (1024 if big or version < (0, 8, 4) else 256)
     tokens = cfg.max_num_batched_tokens or (8192 if big else 2048)
     return seqs, tokens, "flag" if cfg.max_num_batched_tokens else "V1 default for vllm serve"
 
