@@ -42,8 +42,16 @@ _NO_ROPE = ("gpt2", "opt", "bert", "roberta", "distilbert", "bloom", "mpt")
 #: model types whose ``apply_rotary_pos_emb`` rotates ``q[..., :rotary_dim]`` and ``torch.cat``s the rest back
 #: (transformers 5.17 ``modeling_phi3.py``: ``q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin),
 #: q_pass], dim=-1)``), a copy even where ``q_pass`` is empty. Phi-3's rotary dimension is the head's in every
-#: registry entry (no ``partial_rotary_factor``); GPT-NeoX's partial rotary is not modelled here.
+#: registry entry (no ``partial_rotary_factor``). GPT-NeoX (:data:`_ROPE_NEOX`) orders its ops differently.
 _ROPE_CAT_PASS = ("phi3",)
+#: transformers 5.17 ``modeling_gpt_neox.py`` ``apply_rotary_pos_emb``: ``q_embed`` and ``k_embed`` rotate
+#: ``x[..., :rotary_dim]`` (Pythia: a quarter of the head; the cos/sin are that wide), then both are
+#: ``torch.cat``-ed with their pass-through parts; the concatenated q is a contiguous (B, H, S, D) tensor, so
+#: the fused attention kernel's output (q's layout) is copied by ``transpose(1, 2).contiguous()``
+#: (``integrations/sdpa_attention.py``); the layer's parallel residual norms the stream twice, the second norm
+#: after the attention returned (``GPTNeoXLayer.forward``). Measured: the allocator history of Pythia-1B
+#: ``generate()`` at batch 67 on a capped H200 (``validation/probes/histories-7/``).
+_ROPE_NEOX = ("gpt_neox",)
 #: model types whose embedding output is multiplied by ``sqrt(hidden_size)`` (a second tensor).
 _SCALED_EMBEDDING = ("gemma", "gemma2", "gemma3", "gemma3_text")
 #: Granite divides the head's output by ``config.logits_scaling`` whatever its value (transformers 5.17
@@ -91,7 +99,7 @@ def embed(s, spec: ModelSpec, sh: PrefillShape) -> int:
 def rope_tables(s, spec: ModelSpec, sh: PrefillShape) -> list[int]:
     """The rotary cos/sin of every rope type (live until the forward returns), built through fp32 scratch."""
     out: list[int] = []
-    hd = max((b.attention.qk_rope_head_dim or b.attention.head_dim) for b in spec.blocks)
+    hd = max((b.attention.qk_rope_head_dim or b.attention.rotary_dim or b.attention.head_dim) for b in spec.blocks)
     # generate() passes position_ids built from its attention mask ([B, P]); a plain forward builds them from
     # cache_position ([1, P]), so there the tables are one sequence's
     tokens = sh.tokens if sh.use_cache else sh.prompt
@@ -206,9 +214,17 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
     if at.rope and rope_sets(spec):
         # cos/sin carry the compute dtype except under autocast, where they stay fp32 (the product promotes)
         re = 4 if sh.mixed else e
-        cat_pass = spec.model_type in _ROPE_CAT_PASS
-        qr = _rope(s, nq, re, cat_pass)
-        kr = _rope(s, nk, re, cat_pass)
+        if spec.model_type in _ROPE_NEOX:
+            f = (at.rotary_dim or at.head_dim) / at.head_dim
+            qe, ke = _rope(s, nq * f, re), _rope(s, nk * f, re)
+            qr = s.alloc(nq * re, "activations")  # cat([q_embed, q_pass], dim=-1)
+            s.free(qe)
+            kr = s.alloc(nk * re, "activations")
+            s.free(ke)
+        else:
+            cat_pass = spec.model_type in _ROPE_CAT_PASS
+            qr = _rope(s, nq, re, cat_pass)
+            kr = _rope(s, nk, re, cat_pass)
         s.free(q)
         s.free(k)
         q, k = qr, kr
@@ -224,9 +240,14 @@ def _attention(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_bytes:
         out = _math_sdpa(s, b, sh)
     else:
         out = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # sdpa's output
+        if spec.model_type in _ROPE_NEOX and at.rope and rope_sets(spec):
+            copy = s.alloc(T * nh * at.v_head_dim * (2 if sh.mixed else e), "activations")  # .contiguous()
+            s.free(out)
+            out = copy
     o = _linear(s, sh, T * nh * at.v_head_dim, T * H)
     s.free(out)
-    s.free_all((q, k, v, qkv))
+    # GPT-NeoX's forward drops the fused projection (kept by the value view) before the concatenated q
+    s.free_all((qkv, q, k, v) if spec.model_type in _ROPE_NEOX else (q, k, v, qkv))
     return o, cached
 
 
@@ -438,7 +459,17 @@ def decoder_layer(s, spec: ModelSpec, b: Block, sh: PrefillShape, x: int, kv_byt
     sandwich = b.norms_per_layer >= 4  # Gemma 2/3: post-attention and pre/post-feed-forward norms
     n1 = norm(s, T * H, sh, b.norm)
     o, cached = _attention(s, spec, b, sh, n1, kv_bytes, masks)
-    if b.parallel:
+    if b.parallel and spec.model_type in _ROPE_NEOX:
+        # mlp(post_attention_layernorm(x)) once the attention returned; mlp + attn + x, one sum at a time
+        s.free(n1)
+        n2 = norm(s, T * H, sh, b.norm)
+        d = _mlp(s, spec, b, sh, n2, moe_width)
+        s.free(n2)
+        t = s.alloc(T * H * sh.r, "activations")
+        out = s.alloc(T * H * sh.r, "activations")
+        s.free(t)
+        s.free_all((d, o))
+    elif b.parallel:
         d = _mlp(s, spec, b, sh, n1, moe_width)
         t = s.alloc(T * H * sh.r, "activations")  # attn + mlp
         s.free_all((o, d))

@@ -101,6 +101,13 @@ def _as_int(key: str, value: Any, minimum: int, maximum: int = MAX_CONFIG_SIZE) 
     return value
 
 
+def _as_fraction(key: str, value: Any) -> float:
+    """``value`` as a fraction in (0, 1] (a config's ``rotary_pct``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"config.json: {key} must be a number in (0, 1], got {brief(value)}")
+    return float(value)
+
+
 def _hidden_size(c: _Config) -> int:
     if c.get("hidden_size", "n_embd", "d_model", "dim", default=None) is None:
         raise ConfigError(
@@ -600,7 +607,16 @@ def _parse_gpt_neox(c: _Config, family: str, head: str, num_labels: int) -> _Par
     inter = c.int("intermediate_size")
     bias = c.flag("attention_bias")
     tie = c.flag("tie_word_embeddings")
-    block = _plain_mlp_block(c, n_layers, _mha(heads, hidden), hidden=hidden, inter=inter, act_key="hidden_act",
+    att = _mha(heads, hidden)
+    rope_params = c.get("rope_parameters", default=None)
+    frac = c.get("partial_rotary_factor", "rotary_pct", default=None)
+    if frac is None and isinstance(rope_params, dict):
+        frac = rope_params.get("partial_rotary_factor")
+    frac = _as_fraction("rotary_pct", 1.0 if frac is None else frac)
+    rot = int(att.head_dim * frac)  # GPTNeoXRotaryEmbedding: dim = int(head_dim * partial_rotary_factor)
+    if 0 < rot < att.head_dim:
+        att = replace(att, rotary_dim=rot)
+    block = _plain_mlp_block(c, n_layers, att, hidden=hidden, inter=inter, act_key="hidden_act",
                              parallel=c.flag("use_parallel_residual"), linears=(
                                  _lin("query_key_value", hidden, 3 * hidden, bias, "qkv"),
                                  _lin("dense", hidden, hidden, bias, "o"),

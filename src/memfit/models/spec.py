@@ -79,6 +79,9 @@ class Attention:
     (transformers 5.17 ``cache_utils.DYNAMIC_LAYER_TYPE_MAPPING["chunked_attention"]``)."""
     rope: bool = True
     """False for NoPE layers (Llama 4's global-attention layers apply no rotary embedding)."""
+    rotary_dim: int = 0
+    """The rotated part of each head where the rotary embedding is partial (GPT-NeoX ``rotary_pct`` /
+    ``partial_rotary_factor``: Pythia rotates a quarter); 0: the whole head (or MLA's ``qk_rope_head_dim``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
