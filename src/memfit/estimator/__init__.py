@@ -454,7 +454,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             for j, (n, saved, hold, until) in enumerate(layer_tensors[bi]):
                 if i == 0 and j == 0 and emb_out >= 0 and emb_first:
                     continue  # the first layer's input is the embedding output, held above
-                if (ckpt and j == last and rank is None and hooks is None and not saved and not hold and until is None
+                if (ckpt and j == last and not saved and not hold and until is None
                         and abs(n - layer_input) < 1):
                     # the layer's output (the second residual sum) is the tensor the next checkpointed layer keeps
                     # as its input: made while the sum's operands are alive, freed after it (traced, transformers
