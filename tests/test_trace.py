@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from memfit import Job
+from memfit.errors import JobError
 from memfit.tracer.allocator import (LARGE_SEGMENT_BYTES, SMALL_SEGMENT_BYTES, CachingAllocatorModel, round_size,
                                      segment_size)
 
@@ -388,3 +389,38 @@ def test_the_math_kernels_softmax_allocates_as_on_cuda(keys, backward_tensors):
     assert forward == n + n // 4 + 2 * 512
     assert held == n
     assert backward == backward_tensors * n
+
+
+def test_trace_judges_a_card_through_the_capped_allocator(llama_path):
+    """trace(job, gpu_memory_bytes=card): the traced step's allocations go through the allocator model capped at
+    the card less the CUDA context; fits is whether every request was served there, with the first refused one."""
+    from memfit.estimator.events import cuda_context_bytes
+
+    job = _job(llama_path, precision="bf16-true")
+    free = trace(job, spec=_spec(), fallback=False)
+    ctx = cuda_context_bytes("train", "none")
+    big = ctx + 4 * free.peak_reserved_bytes
+    roomy = trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=big)
+    assert roomy.fits is True and roomy.gpu_memory_bytes == big
+    assert roomy.device_total_bytes == roomy.peak_reserved_bytes + ctx
+    assert roomy.headroom_bytes == big - roomy.device_total_bytes > 0
+    assert roomy.peak_allocated_bytes == free.peak_allocated_bytes
+    tight = trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=ctx + free.peak_allocated_bytes // 2)
+    assert tight.fits is False and tight.headroom_bytes < 0
+    oom = tight.extras["first_oom"]
+    assert oom["bytes"] > 0 and oom["reserved_bytes"] <= free.peak_allocated_bytes // 2
+    assert tight.notes[0].startswith("does not fit a ") and oom["phase"] in tight.notes[0]
+    with pytest.raises(JobError):
+        trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=0)
+
+
+def test_trace_cli_prints_the_verdict_and_exits_1_when_it_does_not_fit(llama_path, capsys):
+    from memfit.cli import main
+
+    from memfit.estimator.events import cuda_context_bytes
+
+    card = cuda_context_bytes("train", "none") + (64 << 10)  # 64 KiB past the context: not even the weights
+    assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", f"{card}B", "--no-chart"]) == 1
+    assert "DOES NOT FIT on a 0.75 GiB card" in capsys.readouterr().out
+    assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", "24GiB", "--no-chart"]) == 0
+    assert "FITS on a 24.00 GiB card" in capsys.readouterr().out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import add_job_command, job_from_args
+from ..cli import add_card_arguments, add_job_command, card_from_args, job_from_args
 
 
 def add_parser(sub) -> None:
@@ -22,13 +22,29 @@ def add_parser(sub) -> None:
     p.add_argument("--sdpa", choices=("cudnn", "flash"), default=None,
                    help="fused attention kernel torch tries first on the GPU (default cudnn, as torch >= 2.10 with "
                         "cuDNN > 9.15 on an H100)")
+    add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): run the traced step through the "
+                          "caching allocator capped at that card and say whether it fits")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..tracer import trace
 
     job = job_from_args(args)
-    bd = trace(job, fallback=not args.no_fallback, sdpa=args.sdpa)
+    card = card_from_args(args)
+    if card is not None:
+        from ..tracer import TraceUnsupportedError
+
+        try:
+            bd = trace(job, fallback=False, sdpa=args.sdpa, gpu_memory_bytes=card)
+        except TraceUnsupportedError as exc:
+            if args.no_fallback:
+                raise
+            from .estimate import estimate_with_verdict  # the estimate judges the card where the trace cannot run
+
+            bd = estimate_with_verdict(job, card)[0]
+            bd.notes.insert(0, f"the trace cannot run this job ({exc}); showing the estimate")
+    else:
+        bd = trace(job, fallback=not args.no_fallback, sdpa=args.sdpa)
     if bd.engine != "trace":
         print(f"memfit: {bd.notes[0] if bd.notes else 'trace could not run; showing the estimate'}",
               file=sys.stderr)
@@ -44,9 +60,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"timeline drawn to {path}", file=sys.stderr)
         else:
             print("memfit: no timeline to draw (the job was estimated, not traced)", file=sys.stderr)
+    v = None
+    if card is not None:
+        from ..verdict import verdict
+
+        v = verdict(bd, card)
     if args.json:
         print(bd.to_json(indent=1))
-        return 0
+        return 0 if v is None or v["fits"] else 1
     from ..render import print_breakdown
 
     print_breakdown(bd)
@@ -56,4 +77,9 @@ def run(args: argparse.Namespace) -> int:
 
         print()
         print(ascii_timeline(timeline))
+    if v is not None:
+        from .estimate import fit_line
+
+        print(fit_line(v))
+        return 0 if v["fits"] else 1
     return 0

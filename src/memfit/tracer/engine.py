@@ -76,7 +76,8 @@ def check_versions(installed: dict[str, str | None], *, allow: bool = False) -> 
 
 # --------------------------------------------------------------------------------------------- public
 def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fallback: bool = True,
-          sdpa: str | None = None, cuda: bool = True, steps: int = 2) -> Breakdown:
+          sdpa: str | None = None, cuda: bool = True, steps: int = 2,
+          gpu_memory_bytes: int | None = None) -> Breakdown:
     """Trace ``job`` on fake tensors and return its :class:`~memfit.breakdown.Breakdown` (``engine="trace"``).
 
     ``model``: your own ``nn.Module`` (real, meta or fake weights; it is not modified) instead of the job's
@@ -94,6 +95,14 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
     :data:`memfit.tracer.cuda_emulation.DEFAULT_SDPA_PREFERENCE`); ``cuda=False`` traces the plain CPU run (no CUDA
     emulation, no allocator rounding: what ``measure`` counts on the CPU); ``steps`` is the number of
     steps, the last one measured.
+
+    ``gpu_memory_bytes``: judge the run on a card of that size (its driver-reported total). The traced
+    allocations then go through the caching-allocator model capped at the card less the CUDA context (as
+    ``measure --gpu-memory`` caps the real allocator), cached segments freed and the request retried where a new
+    segment would pass the cap; ``fits`` is False when a request is still refused, and the Breakdown carries
+    ``gpu_memory_bytes`` and ``headroom_bytes``. Slower than :func:`memfit.estimate` with a card (the model code
+    runs), and it follows every op of the real step, which the estimate's event stream abstracts in places (its
+    backward under LoRA with checkpointing): see validation/trace_fit.py for how the two verdicts compare.
     """
     if isinstance(job, dict):
         job = Job.from_dict(job)
@@ -105,6 +114,11 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         from .cuda_emulation import DEFAULT_SDPA_PREFERENCE as sdpa
     if sdpa not in ("flash", "cudnn"):
         raise JobError(f"sdpa must be 'flash' or 'cudnn'; got {sdpa!r}")
+    if gpu_memory_bytes is not None:
+        if isinstance(gpu_memory_bytes, bool) or not isinstance(gpu_memory_bytes, int) or gpu_memory_bytes <= 0:
+            raise JobError(f"gpu_memory_bytes must be a whole number of bytes > 0; got {gpu_memory_bytes!r}")
+        if not cuda:
+            raise JobError("a card (gpu_memory_bytes) is judged on the CUDA emulation; drop cuda=False")
     try:
         reason = _unsupported(job, model)
         if reason:
@@ -113,7 +127,8 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         if spec is None:
             spec = _resolve_spec(job, model)
         _check_lengths(job, spec)
-        return _TraceRun(torch, job, spec, model, cuda=cuda, sdpa=sdpa, steps=steps).execute()
+        return _TraceRun(torch, job, spec, model, cuda=cuda, sdpa=sdpa, steps=steps,
+                         gpu_memory_bytes=gpu_memory_bytes).execute()
     except TraceUnsupportedError as exc:
         if not fallback:
             raise
@@ -269,14 +284,23 @@ def _state_tensors(torch: Any, optimizer: Any) -> Iterator[Any]:
 
 class _TraceRun:
     def __init__(self, torch: Any, job: Job, spec: Any, user_model: Any, *, cuda: bool, sdpa: str,
-                 steps: int) -> None:
+                 steps: int, gpu_memory_bytes: int | None = None) -> None:
         from .tracker import Tracker
 
         self.torch, self.job, self.spec, self.user_model = torch, job, spec, user_model
         self.cuda, self.sdpa_prefer, self.steps = cuda, sdpa, steps
         self.training = job.task == "train"
         vocab = int(getattr(spec, "vocab_size", 0) or 0) if spec is not None else 0
-        capacity = DEVICE_MEMORY_BYTES - CUDA_CONTEXT_BYTES if cuda else None
+        self.card = gpu_memory_bytes
+        if gpu_memory_bytes is not None:
+            # the card's allocator limit, as estimate() and measure --gpu-memory set it: the card less this
+            # task's CUDA context (and a paged optimizer's unified-memory states, which live outside the allocator)
+            from ..estimator.events import cuda_context_bytes
+
+            self.card_context = cuda_context_bytes(job.task, job.quantization)
+            capacity = gpu_memory_bytes - self.card_context - _paged_host_bytes(job, spec)
+        else:
+            capacity = DEVICE_MEMORY_BYTES - CUDA_CONTEXT_BYTES if cuda else None
         from ..allocator import AllocatorConfig
 
         alloc_config = AllocatorConfig(expandable_segments=bool(getattr(job, "expandable_segments", False)))
@@ -418,7 +442,7 @@ class _TraceRun:
         if self.cuda:
             reserved = max(tr.sim.peak_reserved, peak)
             # a paged optimizer's states are CUDA unified memory: resident while there is room, counted by nvidia-smi
-            total = reserved + CUDA_CONTEXT_BYTES + paged
+            total = reserved + (CUDA_CONTEXT_BYTES if self.card is None else self.card_context) + paged
         else:
             # The plain CPU run: no caching allocator, tensor bytes as a CPU count sees them.
             comps = _requested_components(tr, peak_event)
@@ -435,7 +459,21 @@ class _TraceRun:
         else:
             notes.insert(0, "fake tensors on the CPU, counted as a CPU run counts tensors (no CUDA emulation, no "
                             "allocator rounding)")
-        if self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES):
+        card_fields: dict[str, Any] = {}
+        if self.card is not None:
+            fits = not tr.sim.oom_requests
+            card_fields = {"gpu_memory_bytes": int(self.card), "fits": fits, "headroom_bytes": int(self.card - total)}
+            if not fits:
+                o = tr.first_oom or {}
+                notes.insert(0, f"does not fit a {self.card / 2**30:.2f} GiB card: out of memory in "
+                                f"{o.get('phase') or 'load'}, a {o.get('bytes', 0) / 2**30:.2f} GiB request "
+                                f"({o.get('category', '?')}, {o.get('op') or 'an allocation'}) with "
+                                f"{o.get('reserved_bytes', 0) / 2**30:.2f} GiB reserved; the figures are the run "
+                                "past that point, over the limit")
+                if peak + self.card_context + paged <= self.card:
+                    notes.insert(1, "fails through fragmentation only: the live tensors at the peak fit the card, "
+                                    "the caching allocator's free blocks do not fit that request")
+        elif self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES):
             notes.insert(0, f"does not fit: needs {total / 2**30:.2f} GiB on the device, an 80 GB H100 has "
                             f"{DEVICE_MEMORY_BYTES / 2**30:.2f} GiB")
         if comps.get("logits_and_loss", 0) > 0.2 * peak:
@@ -459,11 +497,15 @@ class _TraceRun:
             "allocator": {"segments": tr.sim.num_segments, "reserved_at_end_bytes": tr.sim.reserved,
                           "allocations": len(tr.records)},
             "device": "H100 (emulated on fake CPU tensors)" if self.cuda else "cpu (fake tensors)",
-            "fits": not (self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES)),
+            "fits": (card_fields["fits"] if card_fields else
+                     not (self.cuda and (tr.sim.oom_requests or total > DEVICE_MEMORY_BYTES))),
             "torch": torch.__version__,
         }
+        if tr.first_oom is not None:
+            extras["first_oom"] = tr.first_oom
+            extras["decided_by"] = tr.first_oom["category"]
         if self.cuda:
-            extras["cuda_context_bytes"] = CUDA_CONTEXT_BYTES
+            extras["cuda_context_bytes"] = CUDA_CONTEXT_BYTES if self.card is None else self.card_context
             extras["cublas_workspace_bytes"] = CUBLAS_WORKSPACE_BYTES
         if sdpa_calls:
             extras["sdpa_backends"] = sdpa_calls
@@ -484,7 +526,20 @@ class _TraceRun:
                          peak_reserved_bytes=int(reserved), device_total_bytes=int(total), peak_phase=peak_phase,
                          phases={k: int(v) for k, v in phases.items()}, host_bytes=paged,
                          measurement="fake-tensors", notes=notes,
-                         extras=extras)
+                         extras=extras, **card_fields)
+
+
+def _paged_host_bytes(job: Job, spec: Any) -> int:
+    """A paged optimizer's states held in CUDA unified memory (outside the allocator's limit), as the estimator
+    counts them; 0 for other optimizers or where the model is not a memfit ModelSpec."""
+    if job.optimizer not in ("paged-adamw-8bit", "paged-adamw"):
+        return 0
+    try:
+        from ..estimator import states as st
+
+        return int(st.paged_optimizer_host_bytes(spec, job))
+    except Exception:  # a user's model or a config spec: the trace counts what its optimizer really pages
+        return 0
 
 
 def _requested_components(tr: Any, event: int) -> dict[str, int]:

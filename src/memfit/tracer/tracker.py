@@ -83,6 +83,7 @@ class Tracker:
         self.vocab_size = int(vocab_size or 0)
         self.sim = CachingAllocatorModel(capacity_bytes, config=allocator_config)
         self.records: list[Record] = []
+        self.first_oom: dict | None = None
         self._live: dict[int, tuple[Record, Any]] = {}  # id(storage) -> (record, weakref)
         self.event = 0
         self.phase = "load"
@@ -299,9 +300,16 @@ class Tracker:
 
     def _alloc(self, st: Any, key: int, nbytes: int, category: str, shape: tuple = (), dtype: str = "",
                op: str = "") -> Record:
+        ooms, allocated, reserved = self.sim.oom_requests, self.sim.allocated, self.sim.reserved
         block = self.sim.malloc(nbytes)
         self.event += 1
         rec = Record(block, nbytes, category, self.event, self.phase, shape, dtype, op)
+        if self.sim.oom_requests != ooms and self.first_oom is None:
+            # the first request the capped allocator refused (the run goes on past it, over the limit, so the
+            # rest of the step is still traced): what a real run would have raised OutOfMemoryError on, with the
+            # allocated and reserved bytes just before it
+            self.first_oom = {"bytes": int(nbytes), "category": category, "phase": self.phase, "op": op,
+                              "allocated_bytes": int(allocated), "reserved_bytes": int(reserved)}
         self.records.append(rec)
         ref = weakref.ref(st, lambda r, key=key: self._on_free(key, r)) if st is not None else None
         if st is not None:
