@@ -76,7 +76,7 @@ def check_versions(installed: dict[str, str | None], *, allow: bool = False) -> 
 
 # --------------------------------------------------------------------------------------------- public
 def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fallback: bool = True,
-          sdpa: str | None = None, cuda: bool = True, steps: int = 2,
+          sdpa: str | None = None, cuda: bool = True, steps: int | None = None,
           gpu_memory_bytes: int | None = None) -> Breakdown:
     """Trace ``job`` on fake tensors and return its :class:`~memfit.breakdown.Breakdown` (``engine="trace"``).
 
@@ -94,7 +94,9 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
     (``cudnn``, as torch >= 2.10 does with cuDNN > 9.15, or ``flash``; default
     :data:`memfit.tracer.cuda_emulation.DEFAULT_SDPA_PREFERENCE`); ``cuda=False`` traces the plain CPU run (no CUDA
     emulation, no allocator rounding: what ``measure`` counts on the CPU); ``steps`` is the number of
-    steps, the last one measured.
+    steps, the last one measured (default 2: a warm-up and the measured step; 1 for an inference job judged on a
+    card, as the estimate's verdict and ``measure --find-max-batch`` take a user's first ``generate()`` call:
+    under a cap the warm-up call's cached logits segment changes where the next call's tensors land).
 
     ``gpu_memory_bytes``: judge the run on a card of that size (its driver-reported total). The traced
     allocations then go through the caching-allocator model capped at the card less the CUDA context (as
@@ -108,6 +110,8 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
         job = Job.from_dict(job)
     if not isinstance(job, Job):
         raise JobError(f"trace needs a Job (or a dict of job fields), not {type(job).__name__}")
+    if steps is None:
+        steps = 1 if gpu_memory_bytes is not None and job.task == "infer" else 2
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise JobError(f"steps must be a whole number >= 1; got {steps!r}")
     if sdpa is None:
