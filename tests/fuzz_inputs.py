@@ -413,22 +413,191 @@ def _call_engine_config(rnd: random.Random) -> Callable[[], Any]:
     return run
 
 
-_CLI_FLAGS = ("--task", "--method", "--lora-rank", "--lora-targets", "--precision", "--optimizer",
-              "--batch-size", "--seq-len", "--attention", "--prompt-len", "--new-tokens", "--kv-cache-dtype",
-              "--quantization", "--gpus", "--gpus-per-node", "--strategy", "--offload", "--offload-device",
-              "--fsdp-sharding", "--tensor-parallel", "--pipeline-parallel", "--expert-parallel",
-              "--stage3-param-persistence-threshold", "--quant-group-size", "--bucket-cap-mb")
-_CLI_BOOLS = ("--gradient-checkpointing", "--no-gradient-checkpointing", "--double-quant", "--no-double-quant",
-              "--sequence-parallel", "--json")
+# ---------------------------------------------------------------------------------------------- CLI
+def command_parsers() -> dict[str, Any]:
+    """Every subcommand's parser, as ``memfit.cli`` builds them (name -> parser)."""
+    import argparse
+
+    from memfit.cli import build_parser
+
+    top = build_parser()
+    sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def value_actions(parser: Any) -> list[Any]:
+    """The parser's arguments that take a value (flags and positionals; not -h, switches or --version)."""
+    return [a for a in parser._actions if a.nargs != 0 and a.dest != "help"]
+
+
+def value_kind(action: Any) -> str:
+    """What an argument takes, read from its own ``type`` and ``choices``: choice, int, float or text."""
+    if action.choices is not None:
+        return "choice"
+    t = action.type
+    if t is None or t is str:
+        return "text"
+    for probe, kind in (("0.5", "float"), ("1", "int")):
+        try:
+            v = t(probe)
+        except Exception:  # noqa: BLE001 - a type that refuses the probe is not of this kind
+            continue
+        if isinstance(v, float if kind == "float" else int) and not isinstance(v, bool):
+            return kind
+    return "text"
+
+
+#: Values no argument of a kind takes: each must be memfit's one-line error. Text is never empty or blank
+#: (``--host ''`` would bind every interface); counts are whole numbers below 10**20 (every count has a
+#: ceiling, so a typo cannot make a search run for hours); floats are finite.
+MALFORMED = {
+    "text": ("", " ", "\t"),
+    "choice": ("no-such-choice", "", " "),
+    "int": ("abc", "", " ", "1.5", "1e3", "0x10", "nan", "99999999999999999999"),
+    "float": ("abc", "", " ", "nan", "inf", "1e999"),
+}
+#: Numbers at and past the edges: each must end, soon, in an answer or a one-line error.
+EXTREME = ("-1", "0", "99999999999999999999", "1e300")
+
+
+def base_argv(command: str, parser: Any) -> list[str]:
+    """The shortest valid argv of ``command``: a small model where it takes one, a card where it names one."""
+    argv = [command]
+    if any(a.dest == "model" and not a.option_strings for a in parser._actions):
+        argv.append("gpt2")
+    if "--gpu" in parser._option_string_actions:
+        argv += ["--gpu", "h100-80gb"]
+    return argv
+
+
+def _with(base: list[str], action: Any, flag: str | None, value: str | None) -> list[str]:
+    if action.option_strings:
+        return base + ([flag] if value is None else [flag, value])
+    if action.dest == "model":  # the positional model: replace the base's
+        return [base[0], value, *base[2:]]
+    return [base[0], value, *base[1:]]
+
+
+def malformed_cases(command: str) -> list[tuple[list[str], tuple[str, ...]]]:
+    """(argv, names the error should mention) for every argument of ``command`` that takes a value: each
+    malformed value of its kind, each of its spellings, the flag with no value, and an unknown flag."""
+    parser = command_parsers()[command]
+    base = base_argv(command, parser)
+    cases: list[tuple[list[str], tuple[str, ...]]] = []
+    for a in value_actions(parser):
+        names = (*a.option_strings, a.dest, a.dest.replace("_", "-"))
+        flags = a.option_strings or [None]
+        for i, v in enumerate(MALFORMED[value_kind(a)]):
+            cases.append((_with(base, a, flags[i % len(flags)], v), names))
+        for f in a.option_strings[1:]:  # the aliases (--tp, --context-length, ...) are parsed as the flag
+            cases.append((_with(base, a, f, MALFORMED[value_kind(a)][0]), names))
+        if a.option_strings and a.nargs is None:
+            cases.append((_with(base, a, a.option_strings[0], None), names))  # the value left out
+    cases.append((base + ["--no-such-flag"], ("--no-such-flag",)))
+    cases.append((base + ["--no-such-flag", "1"], ("--no-such-flag",)))
+    return cases
+
+
+def extreme_cases(command: str) -> list[list[str]]:
+    """argv with each numeric argument of ``command`` at each :data:`EXTREME` value."""
+    parser = command_parsers()[command]
+    base = base_argv(command, parser)
+    return [_with(base, a, (a.option_strings or [None])[0], v)
+            for a in value_actions(parser) if value_kind(a) in ("int", "float") for v in EXTREME]
+
+
+class _Hang(Exception):
+    pass
+
+
+def run_cli(argv: list[str], seconds: int = 0) -> tuple[str, Any, str, str]:
+    """``memfit.cli.main(argv)`` in this process: ("cli", exit code, stdout, stderr). ``seconds``: fail a call
+    that runs longer (SIGALRM; 0: no limit). A web server is never started: ``uvicorn.run`` raises here."""
+    import signal
+
+    from memfit.cli import main
+
+    uvicorn = None
+    if argv[:1] == ["web"]:
+        try:
+            import uvicorn
+        except ImportError:  # pragma: no cover - without memfit[web] the command stops before serving
+            pass
+    saved = uvicorn.run if uvicorn else None
+
+    def no_server(*a: Any, **k: Any) -> None:
+        raise AssertionError(f"memfit {' '.join(argv)} would start a web server")
+
+    def hang(*a: Any) -> None:
+        raise _Hang(f"memfit {' '.join(argv)!s:.300} ran past {seconds} s")
+
+    out, err = io.StringIO(), io.StringIO()
+    old = signal.signal(signal.SIGALRM, hang) if seconds else None
+    if uvicorn:
+        uvicorn.run = no_server
+    try:
+        if seconds:
+            signal.alarm(seconds)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # main returns its code; a SystemExit here is a bug the check reports
+                code = f"SystemExit({exc.code!r})"
+    finally:
+        if seconds:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+        if uvicorn:
+            uvicorn.run = saved
+    return ("cli", code, out.getvalue(), err.getvalue())
+
+
+def one_line_error(result: Any, names: tuple[str, ...] = ()) -> str | None:
+    """None when ``result`` (:func:`run_cli`'s) is memfit's usage or job error: a non-zero int exit, stderr
+    exactly one non-empty line starting with ``memfit``, no traceback, and (``names``) one of the names
+    in it; else what is wrong."""
+    _, code, out, err = result
+    if "Traceback" in err or "Traceback" in out:
+        return "traceback in output"
+    if not isinstance(code, int) or isinstance(code, bool) or code == 0:
+        return f"exit {code!r}, not an error"
+    lines = err.strip("\n").split("\n") if err.strip() else []
+    if len(lines) != 1 or not lines[0].strip():
+        return f"exit {code} with {len(lines)} stderr lines: {err[:300]!r}"
+    if not lines[0].startswith("memfit"):
+        return f"stderr does not start with 'memfit': {lines[0][:200]!r}"
+    if names and not any(n in lines[0] for n in names):
+        return f"the error names none of {names}: {lines[0][:200]!r}"
+    return None
+
+
+# the random CLI surface: estimate's own flags, read from its parser (flags that write files are drawn
+# through the file branch below, or not at all: --plot would draw with matplotlib)
+_CLI_FILE_FLAGS = ("--job", "--deepspeed", "--accelerate-config", "--plot")
+_CLI_FLAGS: tuple[str, ...] = ()
+_CLI_BOOLS: tuple[str, ...] = ()
+
+
+def _cli_flags() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    global _CLI_FLAGS, _CLI_BOOLS
+    if not _CLI_FLAGS:
+        p = command_parsers()["estimate"]
+        _CLI_FLAGS = tuple(a.option_strings[0] for a in value_actions(p)
+                           if a.option_strings and a.option_strings[0] not in _CLI_FILE_FLAGS)
+        _CLI_BOOLS = tuple(f for a in p._actions if a.nargs == 0 and a.dest not in ("help", "max_batch_size")
+                           for f in a.option_strings)
+    return _CLI_FLAGS, _CLI_BOOLS
 
 
 def _cli_value(rnd: random.Random, flag: str) -> str:
     name = flag[2:].replace("-", "_")
     if rnd.random() < 0.6:
-        v = _valid_value(rnd, name)
+        v = {"gpu": rnd.choice(("h100-80gb", "rtx-4090", "a100-40gb")),
+             "gpu_memory": rnd.choice(("24GiB", "80GB", "16GiB"))}.get(name, _valid_value(rnd, name))
         if v is not None:
             return str(v)
-    return rnd.choice(("0", "-1", "1e300", "99999999999999999999", "abc", "", "2", "nan", "all-linear", "x" * 300))
+    return rnd.choice(("0", "-1", "1e300", "99999999999999999999", "abc", "", " ", "2", "nan", "all-linear",
+                       "x" * 300, "80", "1KiB"))
 
 
 def cli_argv(rnd: random.Random) -> list[str]:
@@ -436,10 +605,11 @@ def cli_argv(rnd: random.Random) -> list[str]:
     k = rnd.random()
     if k < 0.05:
         return rnd.choice((["models", "--json"], [], ["estimate"], ["nosuchcommand"], ["--version"]))
+    flags, bools = _cli_flags()
     argv = ["estimate", str(_model_ref(rnd)) if rnd.random() < 0.3 else rnd.choice(_SMALL_MODELS)]
-    for flag in rnd.sample(_CLI_FLAGS, rnd.randint(0, 5)):
+    for flag in rnd.sample(flags, rnd.randint(0, 5)):
         argv += [flag, _cli_value(rnd, flag)]
-    for flag in rnd.sample(_CLI_BOOLS, rnd.randint(0, 2)):
+    for flag in rnd.sample(bools, rnd.randint(0, 2)):
         argv.append(flag)
     r = rnd.random()
     if r < 0.15:
@@ -462,15 +632,7 @@ def _call_cli(rnd: random.Random) -> Callable[[], Any]:
     argv = cli_argv(rnd)
 
     def run():
-        from memfit.cli import main
-
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse's own usage errors: exit 2 with a usage line
-                code = exc.code
-        return ("cli", code, out.getvalue(), err.getvalue())
+        return run_cli(argv)
     run.input = argv  # type: ignore[attr-defined]
     return run
 
@@ -490,19 +652,14 @@ SURFACES: dict[str, tuple[Callable[[random.Random], Callable[[], Any]], float]] 
 
 def cli_output_ok(result: Any) -> str | None:
     """For a CLI outcome: None when it is clean, else what is wrong. Clean: no traceback anywhere; exit 0;
-    exit 1 with an answer on stdout ("does not fit"); exit 2 with one line on stderr (argparse: its usage
-    and one error line)."""
+    exit 1 with an answer on stdout ("does not fit"); any other exit with exactly one line on stderr, memfit's
+    (argparse's usage errors too: one line, not the usage block)."""
     _, code, out, err = result
     if "Traceback" in err or "Traceback" in out:
         return "traceback in output"
-    if code == 1 and out.strip():
+    if code == 0 or (code == 1 and out.strip()):
         return None
-    if code not in (0, None):
-        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-        usage = err.lstrip().startswith("usage:")  # argparse: usage line + one error line
-        if not usage and len(lines) != 1:
-            return f"exit {code} with {len(lines)} stderr lines"
-    return None
+    return one_line_error(result)
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at a few inputs

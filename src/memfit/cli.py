@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import MemfitError
+from .errors import MemfitError, brief
 
 TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
 if TYPE_CHECKING:
@@ -163,21 +163,72 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, built without asking the terminal for its size.
+    """argparse's parser, built without asking the terminal for its size, whose errors are one line.
 
     ``add_argument`` makes a help formatter to check each flag's metavar (``HelpFormatter._format_args``, which
     does not read the width), and a formatter made without a width imports shutil and asks the terminal for its
     size: once per flag, some fifty times for a job command. While :func:`build_parser` runs, that check gets a
-    formatter of a fixed width; help, usage and error lines are formatted later, by argparse's own formatter at
-    the terminal's width, so they read as before. Subcommand parsers are of this class too (argparse makes them
-    of the parent parser's class)."""
+    formatter of a fixed width; help lines are formatted later, by argparse's own formatter at the terminal's
+    width, so they read as before. Subcommand parsers are of this class too (argparse makes them of the parent
+    parser's class), so what follows holds for every command:
+
+    - a usage error (a bad type or choice, a missing value, an unknown flag) is one line on stderr,
+      ``memfit: error: <what argparse says> (see memfit CMD --help)``, and exit 2, not the usage block;
+    - a flag's or positional's text value may not be empty or blank (``--host ''`` would bind every
+      interface, ``--gpu ''`` read as no card, ``--job ''`` as no file)."""
 
     _building = False
+    #: the command whose help the error line points at (set by :func:`main`: an unknown flag after the
+    #: command is reported by the top parser, whose own prog is plain ``memfit``)
+    help_prog: str | None = None
 
     def _get_formatter(self):
         if _Parser._building:
             return self.formatter_class(prog=self.prog, width=80)
         return super()._get_formatter()
+
+    def _get_value(self, action, arg_string):
+        if (action.type is None or action.type is str) and not isinstance(action, argparse._SubParsersAction) \
+                and isinstance(arg_string, str) and not arg_string.strip():
+            raise argparse.ArgumentError(action, f"must not be empty or blank; got {arg_string!r}")
+        return super()._get_value(action, arg_string)
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook; never returns
+        line = " ".join(str(message).split())  # one line whatever argparse put together
+        if len(line) > 400:  # argparse quotes the value whole: a pasted 5,000-digit number stays readable
+            line = line[:397] + "..."
+        self.exit(2, f"memfit: error: {line} (see {self.help_prog or self.prog} --help)\n")
+
+
+#: Largest count a flag takes where nothing else bounds it (as :class:`memfit.job.Job`'s counts).
+MAX_COUNT = (1 << 31) - 1
+
+
+def whole(minimum: int = 1, maximum: int = MAX_COUNT) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``minimum`` to ``maximum`` (outside, the parser's one-line
+    error, worded as the job's own checks: ``must be a whole number >= 1; got 0``)."""
+
+    def int_(text: str) -> int:
+        n = int(text)  # a ValueError is argparse's "invalid int value: 'abc'"
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}; got {n}")
+        if n > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:,}; got {brief(n)}")
+        return n
+
+    int_.__name__ = "int"
+    return int_
+
+
+def finite(text: str) -> float:
+    """An argparse ``type``: a number that is not NaN or infinite."""
+    v = float(text)  # a ValueError is argparse's "invalid float value: 'abc'"
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text.strip()!r}")
+    return v
+
+
+finite.__name__ = "float"
 
 
 _COMMAND_MODULES = ("measure", "trace", "compare", "validate", "gpus", "plan", "serve", "web")
@@ -228,10 +279,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     only = words[0] if words and words[0] in ("estimate", "models", *_COMMAND_MODULES) else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    parser.help_prog = f"memfit {only}" if only else None
+    try:
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # --help, --version (0) or a usage error, already one line on stderr (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
-        print("memfit: error: name a command (estimate, models, trace, measure, compare, validate)", file=sys.stderr)
+        print(f"memfit: error: name a command ({', '.join(('estimate', 'models', *_COMMAND_MODULES))})",
+              file=sys.stderr)
         return 2
     try:
         code = int(args.func(args) or 0)

@@ -12,10 +12,14 @@ import sys
 from typing import Any
 
 from ..breakdown import COMPONENT_NOTES, Breakdown
-from ..cli import add_card_arguments, add_job_command, card_from_args, job_from_args
+from ..cli import add_card_arguments, add_job_command, card_from_args, job_from_args, whole
 from ..units import GiB
 
 __all__ = ["add_parser", "run", "render", "render_sweep"]
+
+#: Most steps one measurement runs: the steady state shows after the warm-up; beyond this a typo (10**20)
+#: would run until interrupted.
+MAX_STEPS = 10_000
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -26,7 +30,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "and report what PyTorch's allocator saw, by component and phase. Steps after the "
                     "first are the steady state. A job that runs out of memory prints 'does not fit' and "
                     "exits 1.")
-    p.add_argument("--steps", type=int, default=3, help="steps to run, the first a warm-up (default 3)")
+    p.add_argument("--steps", type=whole(1, MAX_STEPS), default=3,
+                   help="steps to run, the first a warm-up (default 3)")
     p.add_argument("--out", metavar="FILE", help="write the record JSON (job, breakdown, env) to FILE")
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON")
     p.add_argument("--sweep", choices=("precision",),
@@ -37,9 +42,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "the card less this process's CUDA context")
     p.add_argument("--find-max-batch", action="store_true", dest="find_max_batch",
                    help="with --gpu/--gpu-memory: find the largest micro-batch that really runs (double, then bisect)")
-    p.add_argument("--start", type=int, default=None,
+    p.add_argument("--start", type=whole(1), default=None,
                    help="--find-max-batch: batch size to begin the search at (a hint; the answer is still proven)")
-    p.add_argument("--limit", type=int, default=4096, help="--find-max-batch: largest batch to try (default 4096)")
+    p.add_argument("--limit", type=whole(1), default=4096, help="--find-max-batch: largest batch to try (default 4096)")
     return p
 
 

@@ -13,24 +13,37 @@ GiB = 1 << 30
 
 
 def add_parser(sub: Any) -> None:
-    from ..cli import add_card_arguments, add_job_command
+    from ..cli import add_card_arguments, add_job_command, whole
 
     p = add_job_command(sub, "plan", run, help="what would make a job fit a card, ranked by estimated speed",
                         description="Search micro-batch x accumulation, checkpointing, precision, optimizer, method, "
                                     "strategy, offload, tensor parallelism and the allocator setting for jobs that "
                                     "fit.")
     add_card_arguments(p, "card memory, e.g. 24GiB (timed as an H100 unless --gpu names the card)")
-    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step to keep")
+    p.add_argument("--global-batch", type=whole(1), default=None, help="sequences per optimizer step to keep")
     p.add_argument("--global-batch-tokens", default=None, help="tokens per optimizer step to keep (e.g. 1M)")
     p.add_argument("--vary", default=None, help="levers that may move, comma-separated (also allows method changes)")
     p.add_argument("--keep", default=None, help="levers that must not move, comma-separated")
-    p.add_argument("--top", type=int, default=10, help="candidates to show")
-    p.add_argument("--min-headroom", type=float, default=3.0,
+    p.add_argument("--top", type=whole(1), default=10, help="candidates to show")
+    p.add_argument("--min-headroom", type=_percent, default=3.0,
                    help="percent of the card a candidate must leave free by the estimate (default 3)")
     p.add_argument("--max-seq-len", action="store_true", help="longest sequence that fits at this micro-batch")
     p.add_argument("--max-batch", action="store_true", help="largest micro-batch that fits, for this layout")
     p.add_argument("--min-gpus", action="store_true", help="fewest GPUs of this card that fit, and the layout")
     p.add_argument("--json", action="store_true")
+
+
+def _percent(text: str) -> float:
+    """``--min-headroom``: a percent of the card, 0 to below 100."""
+    from ..cli import finite
+
+    v = finite(text)
+    if not 0 <= v < 100:
+        raise argparse.ArgumentTypeError(f"must be a percent of the card from 0 to below 100; got {text.strip()}")
+    return v
+
+
+_percent.__name__ = "float"
 
 
 def _tokens(text: str) -> int:
@@ -39,13 +52,16 @@ def _tokens(text: str) -> int:
     t = str(text).strip().upper()
     mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
+        n = float(t[:-1] if mult > 1 else t) * mult
     except ValueError:
-        raise JobError(f"--global-batch-tokens must be a number like 1M or 524288; got {text!r}") from None
+        n = float("nan")
+    if not 1 <= n < float("inf"):  # NaN, inf, 0 and negatives too
+        raise JobError(f"--global-batch-tokens must be a number of tokens >= 1 like 1M or 524288; got {text!r}")
+    return int(n)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import card_from_args, job_from_args
+    from ..cli import MAX_COUNT, card_from_args, job_from_args
     from ..errors import JobError
     from ..plan import max_batch, max_seq_len, min_gpus, plan
 
@@ -73,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     gb = args.global_batch
     if args.global_batch_tokens:
         gb = max(1, _tokens(args.global_batch_tokens) // job.seq_len)
+        if gb > MAX_COUNT:
+            raise JobError(f"--global-batch-tokens {args.global_batch_tokens} is more than {MAX_COUNT:,} sequences "
+                           f"of {job.seq_len} tokens, the most a plan takes")
     if gb is not None and gb < 1:
         raise JobError("--global-batch must be >= 1")
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731

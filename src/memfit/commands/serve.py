@@ -8,7 +8,7 @@ import json
 
 def _fraction(text: str) -> float:
     try:
-        return float(text)
+        return float(text)  # NaN, inf and values outside (0, 1] are ServeConfig's one-line error, naming the setting
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.9; got {text!r}") from None
 
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--engine-version", dest="engine_version", help="e.g. 0.6.3, 0.8, 0.11 (vLLM); 0.4, 0.5 (SGLang)")
     p.add_argument("--engine-mode", dest="engine_mode", choices=("v0", "v1"), help="vLLM engine (default by version)")
     p.add_argument("--gpu", help="card name from the GPU catalog (h100-80gb, a100-80gb, rtx-4090, ...)")
-    p.add_argument("--gpu-memory", dest="gpu_memory", help="total memory the driver reports, e.g. 79.19GiB")
+    p.add_argument("--gpu-memory", dest="gpu_memory", help="total memory the driver reports, with its unit: 79.19GiB")
     p.add_argument("--tensor-parallel", "--tensor-parallel-size", "--tp", dest="tensor_parallel", type=int, default=1)
     p.add_argument("--pipeline-parallel", "--pipeline-parallel-size", "--pp", dest="pipeline_parallel", type=int,
                    default=1)
@@ -72,12 +72,15 @@ _FLAGS = ("engine_version", "engine_mode", "tensor_parallel", "pipeline_parallel
 def run(args: argparse.Namespace) -> int:
     from ..errors import JobError
     from ..serve import fewest_gpus, min_utilization, serve
+    from ..units import parse_card_memory
 
     # `is` checks: a 0 the user typed (--data-parallel 0) must reach the check, not read as "not given"
     flags = {k: v for k in _FLAGS if (v := getattr(args, k)) is not None and v is not False}
-    common = dict(engine=args.engine, gpu=args.gpu, gpu_memory=args.gpu_memory)
     if args.gpu is None and args.gpu_memory is None:
         raise JobError("name the card: --gpu h100-80gb (memfit gpus) or --gpu-memory 79.19GiB")
+    # the size as estimate and plan read it: with its unit (a bare 80 is refused, not taken as 80 bytes)
+    gpu_memory = None if args.gpu_memory is None else parse_card_memory(args.gpu_memory)
+    common = dict(engine=args.engine, gpu=args.gpu, gpu_memory=gpu_memory)
     if not args.enable_lora and (args.max_loras is not None or args.max_lora_rank is not None):
         raise JobError("--max-loras and --max-lora-rank size vLLM's LoRA slots: add --enable-lora")
     if (args.requests is None) != (args.tokens is None):

@@ -29,7 +29,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..errors import JobError
+from ..errors import JobError, brief
 from ..job import Job
 from .steptime import BatchTimer, step_time
 
@@ -161,6 +161,11 @@ def _largest_fitting(judge, n: int, hint: int | None) -> int:
         else:
             hi = mid - 1
     return lo
+
+
+#: Largest global batch a plan takes (as a job's micro-batch): 2**31 sequences have at most a few thousand
+#: divisors, found in some 46,000 trial divisions; 10**20 would take hours.
+_MAX_GLOBAL_BATCH = (1 << 31) - 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -329,6 +334,13 @@ def plan(job: Job, gpu=None, *, gpu_memory_bytes: int | None = None, global_batc
 
     if not isinstance(job, Job):
         raise JobError("plan() needs a memfit.Job")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise JobError(f"top (candidates to show) must be a whole number >= 1; got {brief(top)}")
+    if global_batch is not None:
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+            raise JobError(f"global_batch must be a whole number >= 1; got {brief(global_batch)}")
+        if global_batch > _MAX_GLOBAL_BATCH:  # its divisors are found by trial division to the square root
+            raise JobError(f"global_batch must be at most {_MAX_GLOBAL_BATCH:,} sequences; got {brief(global_batch)}")
     card = gpu if isinstance(gpu, GPU) else (get_gpu(gpu) if gpu else None)
     mem = int(gpu_memory_bytes) if gpu_memory_bytes else (card.memory_bytes if card else None)
     if not mem or mem <= 0:

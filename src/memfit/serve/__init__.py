@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError, JobError
+from ..errors import ConfigError, JobError, brief
 from ..models.spec import ModelSpec
-from .result import ServeConfig, ServeEstimate, parse_version
+from .result import MAX_COUNT, ServeConfig, ServeEstimate, parse_version
 
 TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def serve(model: str | ModelSpec, *, engine: str = "vllm", gpu: str | None = Non
     ``gpu`` is a catalog name (:func:`memfit.gpus.get_gpu`); ``gpu_memory`` the total the driver reports
     (bytes or a size such as ``"79.19GiB"``). Other keywords are :class:`ServeConfig` fields (the engines'
     flag names: ``tensor_parallel``, ``gpu_memory_utilization``, ``max_model_len``, ...)."""
-    from ..units import parse_bytes
+    from ..units import parse_bytes, parse_card_memory
 
     if gpu_memory is None and gpu is None:
         raise JobError("give the card: gpu='h100-80gb' (memfit gpus lists them) or gpu_memory='79.19GiB'")
@@ -155,8 +155,8 @@ def serve(model: str | ModelSpec, *, engine: str = "vllm", gpu: str | None = Non
         card = get_gpu(gpu)
         gpu_name = card.title or card.name
         total = card.memory_bytes
-    if gpu_memory is not None:
-        total = parse_bytes(gpu_memory)
+    if gpu_memory is not None:  # a size as a person types it needs its unit (80GiB); numbers from code are bytes
+        total = parse_card_memory(gpu_memory, "gpu_memory") if isinstance(gpu_memory, str) else parse_bytes(gpu_memory)
     cfg = ServeConfig(engine=engine, gpu_memory_bytes=int(total), gpu_name=flags.pop("gpu_name", gpu_name), **flags)
     return serve_config(model, cfg)
 
@@ -220,6 +220,15 @@ def _kv_needed(est: ServeEstimate, model: ModelSpec, cfg: ServeConfig, requests:
     return blocks * g.page_bytes * g.group_size
 
 
+def _check_load(requests: Any, tokens: Any) -> None:
+    """``requests`` concurrent requests of ``tokens`` tokens: whole numbers from 1 to 2**31 - 1."""
+    for name, v in (("requests", requests), ("tokens", tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise JobError(f"{name} must be a whole number >= 1; got {brief(v)}")
+        if v > MAX_COUNT:
+            raise JobError(f"{name} must be at most {MAX_COUNT:,}; got {brief(v)}")
+
+
 def min_utilization(model: str | ModelSpec, *, requests: int, tokens: int, engine: str = "vllm",
                     gpu: str | None = None, gpu_memory: int | str | None = None, **flags: Any) -> dict[str, Any]:
     """The smallest ``gpu_memory_utilization`` (vLLM) or ``mem_fraction_static`` (SGLang), in steps of 0.001,
@@ -228,8 +237,7 @@ def min_utilization(model: str | ModelSpec, *, requests: int, tokens: int, engin
     engine holds ``ceil(requests / N)``. ``utilization`` is None when even 1.0 is not enough."""
     from ..models import load_model
 
-    if requests < 1 or tokens < 1:
-        raise JobError("requests and tokens must be >= 1")
+    _check_load(requests, tokens)
     dp = flags.get("data_parallel") or 1
     if isinstance(dp, int) and dp > 1:
         requests = math.ceil(requests / dp)
@@ -267,6 +275,7 @@ def fewest_gpus(model: str | ModelSpec, *, requests: int, tokens: int, engine: s
     ``requests`` concurrent requests of ``tokens`` tokens at the given utilization."""
     from ..models import load_model
 
+    _check_load(requests, tokens)
     if (flags.get("data_parallel") or 1) != 1:
         raise JobError("fewest_gpus searches tensor and pipeline parallel layouts of one engine; leave "
                        "data_parallel out (or ask min_utilization for a data-parallel layout)")

@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..errors import JobError
+from ..errors import JobError, brief
 
 TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
 if TYPE_CHECKING:
     from typing import Any
 
 ENGINES = ("vllm", "sglang")
+#: Largest count a setting takes (tokens, sequences, slots, ranks), as :class:`memfit.job.Job`'s; parallel
+#: degrees stop at 2**20 GPUs, as the job's do.
+MAX_COUNT = (1 << 31) - 1
+MAX_PARALLEL = 1 << 20
 QUANTIZATIONS = ("none", "fp8", "awq", "gptq", "bitsandbytes", "w8a8", "w4a16", "int8", "nf4", "mxfp4")
 
 
@@ -83,7 +87,10 @@ class ServeConfig:
         for name in ("tensor_parallel", "pipeline_parallel", "data_parallel", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise JobError(f"{name} must be a whole number >= 1; got {v!r}")
+                raise JobError(f"{name} must be a whole number >= 1; got {brief(v)}")
+            top = MAX_COUNT if name == "max_lora_rank" else MAX_PARALLEL
+            if v > top:
+                raise JobError(f"{name} must be at most {top:,}; got {brief(v)}")
         if not isinstance(self.gpu_memory_bytes, int) or self.gpu_memory_bytes <= 0:
             raise JobError(f"gpu memory must be a positive size; got {self.gpu_memory_bytes!r}")
         for name in ("gpu_memory_utilization", "mem_fraction_static"):
@@ -93,7 +100,9 @@ class ServeConfig:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "cuda_graph_max_bs"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise JobError(f"{name} must be a whole number >= 1; got {v!r}")
+                raise JobError(f"{name} must be a whole number >= 1; got {brief(v)}")
+            if v is not None and v > MAX_COUNT:
+                raise JobError(f"{name} must be at most {MAX_COUNT:,}; got {brief(v)}")
         if self.engine_mode not in (None, "v0", "v1"):
             raise JobError(f"engine_mode must be v0 or v1; got {self.engine_mode!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
