@@ -424,3 +424,32 @@ def test_trace_cli_prints_the_verdict_and_exits_1_when_it_does_not_fit(llama_pat
     assert "DOES NOT FIT on a 0.75 GiB card" in capsys.readouterr().out
     assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", "24GiB", "--no-chart"]) == 0
     assert "FITS on a 24.00 GiB card" in capsys.readouterr().out
+
+
+def test_verified_max_batch_size_is_the_traces_boundary_searched_from_the_estimate(llama_path, tmp_path):
+    """--max-batch-size --verify: the trace runs its answer and not one more, and the search starts at the estimate's
+    answer (so an estimate that is right costs two traces)."""
+    from memfit.estimator import max_batch_size
+    from memfit.estimator.events import cuda_context_bytes
+    from memfit.tracer.verify import verified_max_batch_size
+
+    job = _job(llama_path, precision="bf16-true", seq_len=256)
+    one = trace(job, spec=_spec(), fallback=False)
+    card = cuda_context_bytes("train", "none") + 3 * one.peak_reserved_bytes
+    v = verified_max_batch_size(job, card)
+    b = v["max_batch_size"]
+    assert b >= 1 and v["estimate_max_batch_size"] == max_batch_size(job, card)
+    assert v["trials"][0][0] == v["estimate_max_batch_size"]
+    assert trace(job.replace(batch_size=b), fallback=False, gpu_memory_bytes=card).fits
+    assert not trace(job.replace(batch_size=b + 1), fallback=False, gpu_memory_bytes=card).fits
+    assert v["first_oom"] is not None and v["first_oom"]["bytes"] > 0
+    with pytest.raises(JobError, match="training jobs only"):
+        verified_max_batch_size(_job(llama_path, task="infer", prompt_len=32, new_tokens=2), card)
+
+
+def test_verify_needs_max_batch_size(llama_path, capsys):
+    from memfit.cli import main
+
+    assert main(["estimate", "llama-3.2-1b", "--verify"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-batch-size" in err[0]

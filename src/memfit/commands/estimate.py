@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the Breakdown as JSON")
     p.add_argument("--max-batch-size", action="store_true",
                    help="find the largest micro-batch that fits the card (default card: 80GiB)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --max-batch-size, training jobs: check the answer with the trace (the real model "
+                        "code on fake tensors, capped at the card; needs pip install 'memfit[trace]', 10-60 s)")
     add_card_arguments(p, "the card's memory, with its unit (24GiB or 24GB): say whether the job fits it")
     p.add_argument("--plot", metavar="FILE", help="draw the breakdown and the phases to FILE (.png or .svg; "
                    "needs matplotlib)")
@@ -61,13 +64,41 @@ def fit_line(v: dict) -> str:
     return f"{word} on a {v['gpu_memory_bytes'] / GiB:.2f} GiB card: {room_txt}{comp}"
 
 
+def _verified(job, cap: int, as_json: bool) -> int:
+    """``--max-batch-size --verify``: the estimate's answer checked (and corrected) by the capped trace."""
+    from ..tracer.verify import verified_max_batch_size
+
+    v = verified_max_batch_size(job, cap)
+    n = v["max_batch_size"]
+    if as_json:
+        print(json.dumps({"max_batch_size": n, "gpu_memory_bytes": cap, "verified_by": "trace",
+                          "estimate_max_batch_size": v["estimate_max_batch_size"],
+                          "trials": [{"batch_size": b, "fits": ok} for b, ok in v["trials"]],
+                          "first_oom": v["first_oom"], "job": job.to_dict()}))
+        return 0 if n else 1
+    tried = ", ".join(f"{b} {'runs' if ok else 'OOM'}" for b, ok in v["trials"])
+    if n == 0:
+        print(f"does not fit: the trace runs out of memory at batch 1 on {cap / GiB:.2f} GiB (traced: {tried})")
+    else:
+        est = v["estimate_max_batch_size"]
+        same = "the estimate's answer" if est == n else f"the estimate said {est}"
+        print(f"largest micro-batch that fits in {cap / GiB:.2f} GiB: {n} (checked by the trace: {tried}; {same})")
+    return 0 if n else 1
+
+
 def run(args: argparse.Namespace) -> int:
     from ..estimator import max_batch_size
 
     job = job_from_args(args)
     card = card_from_args(args)
+    if getattr(args, "verify", False) and not args.max_batch_size:
+        from ..errors import JobError
+
+        raise JobError("--verify checks the --max-batch-size answer: add --max-batch-size (and a card)")
     if args.max_batch_size:
         cap = card if card is not None else 80 * GiB
+        if getattr(args, "verify", False):
+            return _verified(job, cap, args.json)
         n = max_batch_size(job, cap)
         if args.json:
             print(json.dumps({"max_batch_size": n, "gpu_memory_bytes": cap, "job": job.to_dict()}))

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""`memfit estimate --max-batch-size --verify` against the rehearsed boundaries: the estimate's answer checked by
+the capped trace (memfit.tracer.verify.verified_max_batch_size) on every training pair with a measured boundary
+(inference is refused by --verify). Prints, per pair, the real boundary, the estimate's answer and the verified one,
+then the counts (exact / one below / further below / above) for both answers, on all pairs and on the held-out ones.
+
+    PYTHONPATH=src python validation/verify_fit.py [--out validation/verify-fit.json] [--only NAME ...]
+
+Each pair's traces are written to the output as they finish, so a rerun skips pairs already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "validation"))
+
+import score_fit  # noqa: E402
+from memfit.job import Job  # noqa: E402
+
+
+def _kind(diff: int) -> str:
+    return "exact" if diff == 0 else "one below" if diff == -1 else "further below" if diff < -1 else "above"
+
+
+def summary(rows: list[dict], key: str) -> str:
+    counts = {k: 0 for k in ("exact", "one below", "further below", "above")}
+    for r in rows:
+        counts[_kind(r[key] - r["measured"])] += 1
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(REPO / "validation" / "verify-fit.json"))
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    from memfit.tracer.verify import verified_max_batch_size
+
+    paths = sorted((REPO / "validation" / "records").glob("*boundar*.json")) + \
+        sorted((REPO / "validation" / "records").glob("*fit-probes*.json"))
+    recs = [r for r in score_fit.load_records(paths) if r.get("job", {}).get("task", "train") == "train"]
+    out_path = Path(args.out)
+    done = {r["name"]: r for r in json.loads(out_path.read_text())} if out_path.exists() else {}
+    rows = []
+    for rec in recs:
+        row = score_fit.score_pair(rec)
+        if row is None or row["measured"] <= 0:
+            continue
+        if args.only and row["name"] not in args.only:
+            continue
+        if row["name"] in done:
+            rows.append(done[row["name"]])
+            continue
+        job, card = Job.from_dict(rec["job"]), int(rec["gpu_memory_bytes"])
+        t0 = time.perf_counter()
+        v = verified_max_batch_size(job, card)
+        r = {"name": row["name"], "holdout": row["holdout"], "card_gib": card / (1 << 30), "measured": row["measured"],
+             "estimate": v["estimate_max_batch_size"], "verified": v["max_batch_size"],
+             "trials": v["trials"], "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(r)
+        done[r["name"]] = r
+        out_path.write_text(json.dumps(list(done.values()), indent=1))
+        print(f"{r['name']:44s} card {r['card_gib']:5.1f}  real {r['measured']:4d}  estimate {r['estimate']:4d}  "
+              f"verified {r['verified']:4d}  traces {len(r['trials'])}  ({r['seconds']} s)", flush=True)
+    held = [r for r in rows if r["holdout"]]
+    print(f"training pairs: {len(rows)}")
+    print(f"  estimate: {summary(rows, 'estimate')}")
+    print(f"  verified: {summary(rows, 'verified')}")
+    print(f"held out: {len(held)}")
+    print(f"  estimate: {summary(held, 'estimate')}")
+    print(f"  verified: {summary(held, 'verified')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
