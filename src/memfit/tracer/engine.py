@@ -466,6 +466,10 @@ class _TraceRun:
         card_fields: dict[str, Any] = {}
         if self.card is not None:
             fits = not tr.sim.oom_requests
+            if not self.training:
+                notes.append("the trace's verdict on a card is checked for training, not inference: on the rehearsed "
+                             "prefill boundaries it said out of memory where the real runs fit "
+                             "(validation/trace_fit.py); memfit estimate --gpu-memory gives the checked verdict")
             card_fields = {"gpu_memory_bytes": int(self.card), "fits": fits, "headroom_bytes": int(self.card - total)}
             if not fits:
                 o = tr.first_oom or {}
