@@ -427,8 +427,8 @@ def test_trace_cli_prints_the_verdict_and_exits_1_when_it_does_not_fit(llama_pat
 
 
 def test_verified_max_batch_size_is_the_traces_boundary_searched_from_the_estimate(llama_path, tmp_path):
-    """--max-batch-size --verify: the trace runs its answer and not one more, and the search starts at the estimate's
-    answer (so an estimate that is right costs two traces)."""
+    """--max-batch-size --verify: the largest batch both engines run; the trace checks the estimate's answer first
+    and, where it fails there, the search goes down with the trace (never above the estimate)."""
     from memfit.estimator import max_batch_size
     from memfit.estimator.events import cuda_context_bytes
     from memfit.tracer.verify import verified_max_batch_size
@@ -440,11 +440,41 @@ def test_verified_max_batch_size_is_the_traces_boundary_searched_from_the_estima
     b = v["max_batch_size"]
     assert b >= 1 and v["estimate_max_batch_size"] == max_batch_size(job, card)
     assert v["trials"][0][0] == v["estimate_max_batch_size"]
-    assert trace(job.replace(batch_size=b), fallback=False, gpu_memory_bytes=card).fits
-    assert not trace(job.replace(batch_size=b + 1), fallback=False, gpu_memory_bytes=card).fits
-    assert v["first_oom"] is not None and v["first_oom"]["bytes"] > 0
+    est = v["estimate_max_batch_size"]
+    assert b <= est and trace(job.replace(batch_size=b), fallback=False, gpu_memory_bytes=card).fits
+    if b < est:
+        assert not trace(job.replace(batch_size=b + 1), fallback=False, gpu_memory_bytes=card).fits
+        assert v["first_oom"] is not None and v["first_oom"]["bytes"] > 0
+    else:
+        assert v["trials"] == [(est, True)]
     with pytest.raises(JobError, match="training jobs only"):
         verified_max_batch_size(_job(llama_path, task="infer", prompt_len=32, new_tokens=2), card)
+
+
+def test_verify_goes_down_where_the_trace_vetoes_and_never_above_the_estimate(monkeypatch):
+    """The search logic on its own: a stand-in trace that runs up to batch 3, against estimates of 7 and 2."""
+    from memfit.breakdown import Breakdown
+    from memfit.tracer import engine, verify
+    import memfit.estimator as est_mod
+
+    def fake_trace(job, fallback=False, gpu_memory_bytes=None):
+        ok = job.batch_size <= 3
+        return Breakdown(engine="trace", model=job.model, job=job.to_dict(), parameters=1, trainable_parameters=1,
+                         components={}, peak_allocated_bytes=1, peak_reserved_bytes=1, device_total_bytes=1,
+                         peak_phase="backward", phases={}, fits=ok,
+                         extras={} if ok else {"first_oom": {"bytes": job.batch_size}})
+
+    monkeypatch.setattr(engine, "trace", fake_trace)
+    job = Job(model="llama-3.2-1b", seq_len=256)
+    for est, want, traced in ((7, 3, [(7, False), (6, False), (5, False), (4, False), (3, True)]),
+                              (2, 2, [(2, True)])):
+        monkeypatch.setattr(est_mod, "max_batch_size", lambda *a, _e=est, **k: _e)
+        v = verify.verified_max_batch_size(job, 24 << 30)
+        assert v["max_batch_size"] == want and v["estimate_max_batch_size"] == est
+        assert (want, True) in v["trials"] and (est == want or (want + 1, False) in v["trials"])
+        assert v["trials"][0] == traced[0]
+        assert all(b <= est for b, _ in v["trials"])
+        assert (v["first_oom"] is None) == (est <= 3)
 
 
 def test_verify_needs_max_batch_size(llama_path, capsys):

@@ -2,7 +2,10 @@
 """`memfit estimate --max-batch-size --verify` against the rehearsed boundaries: the estimate's answer checked by
 the capped trace (memfit.tracer.verify.verified_max_batch_size) on every training pair with a measured boundary
 (inference is refused by --verify). Prints, per pair, the real boundary, the estimate's answer and the verified one,
-then the counts (exact / one below / further below / above) for both answers, on all pairs and on the held-out ones.
+then the counts (exact / one below / further below / above) for the estimate, for the trace's own boundary searched
+from the estimate (``search``: what --verify answered before the veto) and for --verify's answer, the largest batch
+both engines run (``veto`` = min(estimate, search)), on all pairs, on the held-out ones and on boundaries-9 (written
+after the veto was chosen on the 81 earlier pairs).
 
     PYTHONPATH=src python validation/verify_fit.py [--out validation/verify-fit.json] [--only NAME ...]
 
@@ -69,13 +72,14 @@ def main() -> int:
         out_path.write_text(json.dumps(list(done.values()), indent=1))
         print(f"{r['name']:44s} card {r['card_gib']:5.1f}  real {r['measured']:4d}  estimate {r['estimate']:4d}  "
               f"verified {r['verified']:4d}  traces {len(r['trials'])}  ({r['seconds']} s)", flush=True)
-    held = [r for r in rows if r["holdout"]]
-    print(f"training pairs: {len(rows)}")
-    print(f"  estimate: {summary(rows, 'estimate')}")
-    print(f"  verified: {summary(rows, 'verified')}")
-    print(f"held out: {len(held)}")
-    print(f"  estimate: {summary(held, 'estimate')}")
-    print(f"  verified: {summary(held, 'verified')}")
+    for r in rows:
+        r["veto"] = min(r["estimate"], r["verified"])
+    for label, rs in (("training pairs", rows), ("held out", [r for r in rows if r["holdout"]]),
+                      ("boundaries-9 (after the veto was chosen)", [r for r in rows if r["name"].startswith("h9-")])):
+        print(f"{label}: {len(rs)}")
+        print(f"  estimate:         {summary(rs, 'estimate')}")
+        print(f"  trace's search:   {summary(rs, 'verified')}")
+        print(f"  --verify (veto):  {summary(rs, 'veto')}")
     return 0
 
 
