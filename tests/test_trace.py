@@ -449,6 +449,8 @@ def test_verified_max_batch_size_is_the_traces_boundary_searched_from_the_estima
         assert v["trials"] == [(est, True)]
     with pytest.raises(JobError, match="training jobs only"):
         verified_max_batch_size(_job(llama_path, task="infer", prompt_len=32, new_tokens=2), card)
+    with pytest.raises(JobError, match="single-GPU"):
+        verified_max_batch_size(_job(llama_path, gpus=2, strategy="ddp"), card)
 
 
 def test_verify_goes_down_where_the_trace_vetoes_and_never_above_the_estimate(monkeypatch):

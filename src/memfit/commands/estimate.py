@@ -77,7 +77,9 @@ def _verified(job, cap: int, as_json: bool) -> int:
                           "first_oom": v["first_oom"], "job": job.to_dict()}))
         return 0 if n else 1
     tried = ", ".join(f"{b} {'runs' if ok else 'OOM'}" for b, ok in v["trials"])
-    if n == 0:
+    if v["estimate_max_batch_size"] == 0:
+        print(f"does not fit: even batch 1 needs more than {cap / GiB:.2f} GiB (the estimate; nothing to trace)")
+    elif n == 0:
         print(f"does not fit: the trace runs out of memory at batch 1 on {cap / GiB:.2f} GiB (traced: {tried})")
     else:
         est = v["estimate_max_batch_size"]

@@ -32,6 +32,8 @@ def verified_max_batch_size(job: Any, gpu_memory_bytes: int, *, limit: int = 1 <
     if job.task != "train":
         raise JobError("--verify checks training jobs only: the trace's verdict for inference is not validated "
                        "(validation/trace_fit.py); drop --verify")
+    if job.strategy != "single" or job.gpus > 1:
+        raise JobError("--verify checks single-GPU jobs: the trace does not run multi-GPU layouts; drop --verify")
     limit = max(1, int(limit))
     est = max_batch_size(job, gpu_memory_bytes, limit=limit, spec=spec)
     ooms: dict[int, Any] = {}
