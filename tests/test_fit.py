@@ -631,3 +631,28 @@ def test_phi3_prefill_4k_boundary_on_a_24gib_card():
                          "new_tokens": 0, "batch_size": 1})
     assert max_batch_size(job, 24 << 30) == 44
     assert not fits_on(job.replace(batch_size=45), 24 << 30)
+
+
+def test_the_lora_checkpointing_note_states_the_committed_figures(capsys):
+    """The --max-batch-size note for LoRA with checkpointing cites counts: they must be what the committed
+    validation/verify-fit.json and boundary records say (this test fails when new pairs change them)."""
+    import re
+
+    from memfit.cli import main
+
+    jobs = {}
+    for f in BOUNDARY_RECORDS:
+        for r in json.loads(f.read_text()):
+            if isinstance(r, dict) and "name" in r and "job" in r:
+                jobs[r["name"]] = r["job"]
+    rows = json.loads((REPO / "validation" / "verify-fit.json").read_text())
+    kind = [r for r in rows if jobs[r["name"]]["method"] in ("lora", "qlora") and jobs[r["name"]]["gradient_checkpointing"]]
+    above = [r for r in kind if r["estimate"] > r["measured"]]
+    veto_above = [r for r in kind if min(r["estimate"], r["verified"]) > r["measured"]]
+    main(["estimate", "qwen3-8b", "--method", "lora", "--gradient-checkpointing", "--precision", "bf16-true",
+          "--gpu-memory", "40GiB", "--max-batch-size"])
+    note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: LoRA with checkpointing")]
+    assert note, "the note is printed"
+    m = re.search(r"on (\d+) of (\d+) rehearsed pairs", note[0])
+    assert (int(m.group(1)), int(m.group(2))) == (len(above), len(kind))
+    assert "none above" in note[0] and not veto_above
