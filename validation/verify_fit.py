@@ -4,8 +4,8 @@ the capped trace (memfit.tracer.verify.verified_max_batch_size) on every trainin
 (inference is refused by --verify). Prints, per pair, the real boundary, the estimate's answer and the verified one,
 then the counts (exact / one below / further below / above) for the estimate, for the trace's own boundary searched
 from the estimate (``search``: what --verify answered before the veto) and for --verify's answer, the largest batch
-both engines run (``veto`` = min(estimate, search)), on all pairs, on the held-out ones and on boundaries-9 (written
-after the veto was chosen on the 81 earlier pairs).
+both engines run (``veto`` = min(estimate, search)), on all pairs, on the held-out ones and on boundaries-9 and -10
+(written and measured after the veto was chosen on the 81 earlier pairs).
 
     PYTHONPATH=src python validation/verify_fit.py [--out validation/verify-fit.json] [--only NAME ...]
 
@@ -75,7 +75,8 @@ def main() -> int:
     for r in rows:
         r["veto"] = min(r["estimate"], r["verified"])
     for label, rs in (("training pairs", rows), ("held out", [r for r in rows if r["holdout"]]),
-                      ("boundaries-9 (after the veto was chosen)", [r for r in rows if r["name"].startswith("h9-")])):
+                      ("boundaries-9 and -10 (measured after the veto was chosen)",
+                       [r for r in rows if r["name"].startswith(("h9-", "h10-"))])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")
         print(f"  trace's search:   {summary(rs, 'verified')}")

@@ -112,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
             if (job.task == "train" and job.is_lora and job.gradient_checkpointing and job.gpus == 1
                     and job.strategy == "single"):
-                # validation/verify-fit.json: the LoRA / QLoRA pairs with checkpointing (44 of the rehearsed ones)
-                print("note: LoRA with checkpointing: on 7 of 44 rehearsed pairs of this kind (every MoE one) this "
+                # validation/verify-fit.json: the LoRA / QLoRA pairs with checkpointing (51 of the rehearsed ones)
+                print("note: LoRA with checkpointing: on 10 of 51 rehearsed pairs of this kind (every MoE one) this "
                       "answer was one above the real boundary; --verify checks it with the trace (none above)")
         return 0 if n else 1
     bd, v = estimate_with_verdict(job, card)
