@@ -15,6 +15,7 @@ from .errors import ConfigError, JobError, MemfitError, MissingDependencyError, 
 
 __all__ = [
     "Breakdown", "Job", "load_job", "ModelSpec", "load_model", "estimate", "max_batch_size", "measure", "trace", "plan",
+    "verified_max_batch_size",
     "MemfitError", "JobError", "ConfigError", "ModelNotFoundError", "MissingDependencyError", "__version__",
 ]
 
@@ -48,4 +49,8 @@ def __getattr__(name: str):  # lazy: importing memfit stays cheap and torch-free
         from .tracer import trace
 
         return trace
+    if name == "verified_max_batch_size":  # the estimate's answer checked by the capped trace (training)
+        from .tracer.verify import verified_max_batch_size
+
+        return verified_max_batch_size
     raise AttributeError(f"module 'memfit' has no attribute {name!r}")
