@@ -410,6 +410,8 @@ def test_trace_judges_a_card_through_the_capped_allocator(llama_path):
     oom = tight.extras["first_oom"]
     assert oom["bytes"] > 0 and oom["reserved_bytes"] <= free.peak_allocated_bytes // 2
     assert tight.notes[0].startswith("does not fit a ") and oom["phase"] in tight.notes[0]
+    below = trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=ctx // 2)  # smaller than the context
+    assert below.fits is False and below.extras["first_oom"]["reserved_bytes"] == 0
     with pytest.raises(JobError):
         trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=0)
 
@@ -422,6 +424,8 @@ def test_trace_cli_prints_the_verdict_and_exits_1_when_it_does_not_fit(llama_pat
     card = cuda_context_bytes("train", "none") + (64 << 10)  # 64 KiB past the context: not even the weights
     assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", f"{card}B", "--no-chart"]) == 1
     assert "DOES NOT FIT on a 0.75 GiB card" in capsys.readouterr().out
+    assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", "512MiB", "--no-chart"]) == 1  # < context
+    assert "DOES NOT FIT on a 0.50 GiB card" in capsys.readouterr().out
     assert main(["trace", llama_path, "--seq-len", "64", "--gpu-memory", "24GiB", "--no-chart"]) == 0
     assert "FITS on a 24.00 GiB card" in capsys.readouterr().out
 

@@ -302,7 +302,8 @@ class _TraceRun:
             from ..estimator.events import cuda_context_bytes
 
             self.card_context = cuda_context_bytes(job.task, job.quantization)
-            capacity = gpu_memory_bytes - self.card_context - _paged_host_bytes(job, spec)
+            # a card smaller than the context leaves no room at all: every request is refused (not an error)
+            capacity = max(0, gpu_memory_bytes - self.card_context - _paged_host_bytes(job, spec))
         else:
             capacity = DEVICE_MEMORY_BYTES - CUDA_CONTEXT_BYTES if cuda else None
         from ..allocator import AllocatorConfig
