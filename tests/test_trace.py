@@ -410,6 +410,9 @@ def test_trace_judges_a_card_through_the_capped_allocator(llama_path):
     oom = tight.extras["first_oom"]
     assert oom["bytes"] > 0 and oom["reserved_bytes"] <= free.peak_allocated_bytes // 2
     assert tight.notes[0].startswith("does not fit a ") and oom["phase"] in tight.notes[0]
+    # where the trace cannot run (multi-GPU), its fallback is the estimate judged on the same card
+    ddp = trace(Job(model="llama-3.2-1b", gpus=2, strategy="ddp"), gpu_memory_bytes=24 << 30)
+    assert ddp.engine == "estimate" and ddp.gpu_memory_bytes == 24 << 30 and ddp.fits is False
     below = trace(job, spec=_spec(), fallback=False, gpu_memory_bytes=ctx // 2)  # smaller than the context
     assert below.fits is False and below.extras["first_oom"]["reserved_bytes"] == 0
     with pytest.raises(JobError):

@@ -31,20 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     job = job_from_args(args)
     card = card_from_args(args)
-    if card is not None:
-        from ..tracer import TraceUnsupportedError
-
-        try:
-            bd = trace(job, fallback=False, sdpa=args.sdpa, gpu_memory_bytes=card)
-        except TraceUnsupportedError as exc:
-            if args.no_fallback:
-                raise
-            from .estimate import estimate_with_verdict  # the estimate judges the card where the trace cannot run
-
-            bd = estimate_with_verdict(job, card)[0]
-            bd.notes.insert(0, f"the trace cannot run this job ({exc}); showing the estimate")
-    else:
-        bd = trace(job, fallback=not args.no_fallback, sdpa=args.sdpa)
+    bd = trace(job, fallback=not args.no_fallback, sdpa=args.sdpa, gpu_memory_bytes=card)
     if bd.engine != "trace":
         print(f"memfit: {bd.notes[0] if bd.notes else 'trace could not run; showing the estimate'}",
               file=sys.stderr)

@@ -136,11 +136,11 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
     except TraceUnsupportedError as exc:
         if not fallback:
             raise
-        return _fallback(job, str(exc), spec)
+        return _fallback(job, str(exc), spec, gpu_memory_bytes)
 
 
-def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
-    """The estimate, with one line saying why it is not a trace."""
+def _fallback(job: Job, reason: str, spec: Any = None, gpu_memory_bytes: int | None = None) -> Breakdown:
+    """The estimate (judged on the card where one is given), with one line saying why it is not a trace."""
     try:
         from ..estimator import estimate
     except ImportError:
@@ -154,7 +154,7 @@ def _fallback(job: Job, reason: str, spec: Any = None) -> Breakdown:
         except (ImportError, MemfitError):
             model_spec = None
     try:
-        bd = estimate(job, model_spec) if model_spec is not None else estimate(job)
+        bd = estimate(job, model_spec, gpu_memory_bytes=gpu_memory_bytes)
     except Exception as exc:  # noqa: BLE001 - a fallback that fails says so in one line, never a traceback
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceUnsupportedError(f"{reason}; and the estimate cannot run either: {text}") from None
@@ -541,14 +541,11 @@ class _TraceRun:
 def _paged_host_bytes(job: Job, spec: Any) -> int:
     """A paged optimizer's states held in CUDA unified memory (outside the allocator's limit), as the estimator
     counts them; 0 for other optimizers or where the model is not a memfit ModelSpec."""
-    if job.optimizer not in ("paged-adamw-8bit", "paged-adamw"):
-        return 0
-    try:
-        from ..estimator import states as st
+    if job.optimizer not in ("paged-adamw-8bit", "paged-adamw") or spec is None or _is_config_spec(spec):
+        return 0  # a user's model or a config read by the reference: the trace counts what its optimizer pages
+    from ..estimator import states as st
 
-        return int(st.paged_optimizer_host_bytes(spec, job))
-    except Exception:  # a user's model or a config spec: the trace counts what its optimizer really pages
-        return 0
+    return int(st.paged_optimizer_host_bytes(spec, job))
 
 
 def _requested_components(tr: Any, event: int) -> dict[str, int]:
