@@ -1,94 +1,107 @@
 #!/usr/bin/env python3
-"""The trace's verdict on a card against the rehearsed boundaries: does the traced step, its allocations
-replayed through the allocator model capped at the card (``trace(job, gpu_memory_bytes=card)``), run at the
-real boundary B and fail at B + 1, where the estimate's event stream answers wrongly?
+"""Replay the trace engine's op-level allocation stream of a boundary record's job under the record's cap.
 
-The pairs are chosen by rule before any trace verdict is seen: every training or prefill pair (decode traces
-of hundreds of tokens are left out for time) whose estimate answer differs from the measured boundary, and a
-control of 8 pairs the estimate answers exactly (a seeded draw among the training and prefill pairs), to see
-that the trace is not wrong where the estimate is right. Both batches are traced in one process each.
+    python validation/trace_fit.py NAME BATCH[,BATCH...] [--new-tokens N] [--steps 1] [--estimate]
 
-    PYTHONPATH=src python validation/trace_fit.py [--out validation/trace-fit.json] [--only NAME ...]
+NAME is a record of validation/records/h200-boundaries.json. For each batch the job is traced on fake tensors
+(``memfit trace``), its allocations and frees are rebuilt in order as a :class:`memfit.estimator.events.Stream`
+and replayed through the allocator model at the record's allocator limit (card less the measured CUDA
+context). ``--steps`` defaults to what a ``measure --find-max-batch`` trial runs (two training steps, one inference
+call); QLoRA (nf4/fp4) jobs trace with bitsandbytes' 4-bit linears emulated; ``--new-tokens`` trims a long
+decode (every boundary of these records is decided in the prefill). ``--estimate`` prints the estimate's own
+one-call stream replayed the same way, for comparison. The record's trials are printed first.
 
-Prints one line per pair: the real boundary, the estimate's answer, and the trace's verdicts at B and B + 1.
+This is how the op-by-op prefill stream of the estimate was checked (issue 9): the trace's stream reproduces
+the measured verdicts and reserves, and the estimate's stream was made to follow it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "validation"))
 
-import score_fit  # noqa: E402
+from memfit.estimator import _spec, _stream  # noqa: E402
+from memfit.estimator.events import Stream, replay  # noqa: E402
 from memfit.job import Job  # noqa: E402
 
-GiB = 1 << 30
-CONTROL = 8
-SEED = 9
 
-
-def _traceable(job: Job) -> bool:
-    return job.task == "train" or job.new_tokens == 0
-
-
-def select(rows: list[dict], records: dict[str, dict]) -> list[dict]:
-    eligible = [r for r in rows if r["measured"] > 0 and _traceable(Job.from_dict(records[r["name"]]["job"]))]
-    misses = [r for r in eligible if r["diff"] != 0]
-    exact = sorted((r for r in eligible if r["diff"] == 0), key=lambda r: r["name"])
-    control = random.Random(SEED).sample(exact, min(CONTROL, len(exact)))
-    return [dict(r, group="miss") for r in misses] + [dict(r, group="control") for r in control]
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(REPO / "validation" / "trace-fit.json"))
-    ap.add_argument("--only", nargs="*", default=None, help="pair names to trace (default: the rule's selection)")
-    args = ap.parse_args()
+def traced_stream(job: Job, steps: int) -> Stream:
+    """The trace's allocations and frees of ``job`` as a Stream (a reset where the measured window starts)."""
     from memfit.tracer import trace
+    from memfit.tracer import tracker as trk
 
-    paths = sorted((REPO / "validation" / "records").glob("*boundar*.json")) + \
-        sorted((REPO / "validation" / "records").glob("*fit-probes*.json"))
-    recs = score_fit.load_records(paths)
-    by_name = {r.get("name"): r for r in recs}
-    rows = [x for x in (score_fit.score_pair(r) for r in recs) if x is not None]
-    chosen = select(rows, by_name)
-    if args.only:
-        chosen = [r for r in chosen if r["name"] in set(args.only)]
-    out = []
-    for r in chosen:
-        rec = by_name[r["name"]]
-        job, card, b = Job.from_dict(rec["job"]), int(rec["gpu_memory_bytes"]), r["measured"]
-        verdicts = {}
-        t0 = time.perf_counter()
-        for batch in (b, b + 1):
-            bd = trace(job.replace(batch_size=batch), fallback=False, gpu_memory_bytes=card)
-            verdicts[batch] = {"fits": bool(bd.fits), "peak_reserved_bytes": bd.peak_reserved_bytes,
-                               "first_oom": bd.extras.get("first_oom")}
-        right = verdicts[b]["fits"] and not verdicts[b + 1]["fits"]
-        row = {"name": r["name"], "group": r["group"], "card_gib": card / GiB, "measured": b,
-               "estimate": r["memfit"], "trace_fits_at_B": verdicts[b]["fits"],
-               "trace_fits_at_B_plus_1": verdicts[b + 1]["fits"], "trace_right": right,
-               "trace_reserved_at_B": verdicts[b]["peak_reserved_bytes"],
-               "measured_reserved_at_B": r.get("reserved_measured"), "seconds": round(time.perf_counter() - t0, 1),
-               "first_oom_at_B_plus_1": verdicts[b + 1]["first_oom"]}
-        out.append(row)
-        print(f"{r['name']:44s} {r['group']:7s} card {card / GiB:5.1f}  real {b:4d}  estimate {r['memfit']:4d}  "
-              f"trace: B {'fits' if row['trace_fits_at_B'] else 'OOM '}  B+1 "
-              f"{'fits' if row['trace_fits_at_B_plus_1'] else 'OOM '}  {'right' if right else 'WRONG'}  "
-              f"({row['seconds']} s)", flush=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
-    for g in ("miss", "control"):
-        rs = [x for x in out if x["group"] == g]
-        est_right = sum(x["estimate"] == x["measured"] for x in rs)
-        print(f"{g}: {len(rs)} pairs; trace right at both batches on {sum(x['trace_right'] for x in rs)}, "
-              f"the estimate's answer right on {est_right}")
+    kept: dict = {}
+    close = trk.Tracker.close
+
+    def keep(self):  # the records stay readable after the trace closes its tracker
+        kept["t"] = self
+        close(self)
+
+    trk.Tracker.close = keep
+    try:
+        trace(job, fallback=False, steps=steps)
+    finally:
+        trk.Tracker.close = close
+    t = kept["t"]
+    events = []
+    for i, r in enumerate(t.records):
+        events.append((r.born, 0, i))
+        if r.died is not None:
+            events.append((r.died, 1, i))
+    events.sort()
+    s, handles, phase, reset = Stream(), {}, None, False
+    for event, kind, i in events:
+        r = t.records[i]
+        if not reset and event > t.window_start_event:
+            s.reset_peaks()
+            reset = True
+        if kind == 0:
+            if r.phase != phase:
+                s.phase(r.phase)
+                phase = r.phase
+            handles[i] = s.alloc(max(r.nbytes, 1), r.category)
+        else:
+            s.free(handles.pop(i))
+    return s
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("name")
+    ap.add_argument("batches")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps traced; default as measure --find-max-batch runs a trial: 2 for training, 1 call for "
+                         "inference")
+    ap.add_argument("--estimate", action="store_true")
+    ap.add_argument("--records", type=Path, default=REPO / "validation" / "records" / "h200-boundaries.json")
+    args = ap.parse_args(argv)
+    rec = next(r for r in json.loads(args.records.read_text()) if r.get("name") == args.name)
+    fm = rec["find_max_batch"]
+    limit = fm["card"]["allocator_limit_bytes"]
+    job = Job.from_dict(rec["job"])
+    if args.steps is None:
+        args.steps = 2 if job.task == "train" else 1
+    if args.new_tokens is not None:
+        job = job.replace(new_tokens=min(job.new_tokens, args.new_tokens))
+    print(f"{args.name}: measured boundary {rec['max_batch_size']}, allocator limit {limit / 2**30:.3f} GiB")
+    for tr in sorted(fm["trials"], key=lambda x: x["batch_size"]):
+        print(f"  measured B={tr['batch_size']:5} ok={tr['ok']!s:5} reserved {tr['peak_reserved_bytes'] / 2**30:7.3f} GiB"
+              f" request {(tr.get('oom_request_bytes') or 0) / 2**20:9.1f} MiB")
+    spec = _spec(job, None) if args.estimate else None
+    for b in (int(x) for x in args.batches.split(",")):
+        streams = [("trace", traced_stream(job.replace(batch_size=b), args.steps))]
+        if args.estimate:
+            streams.append(("estimate", _stream(spec, job.replace(batch_size=b), fit=True)[0]))
+        for label, s in streams:
+            r = replay(s, capacity_bytes=limit, expandable_segments=job.expandable_segments)
+            print(f"  {label:8} B={b:5} ok={r.completed!s:5} reserved {r.peak_reserved_bytes / 2**30:7.3f} GiB"
+                  f" request {r.failed_request_bytes / 2**20:9.1f} MiB {r.failed_phase}")
     return 0
 
 

@@ -104,7 +104,7 @@ def trace(job: Job | dict[str, Any], model: Any = None, *, spec: Any = None, fal
     segment would pass the cap; ``fits`` is False when a request is still refused, and the Breakdown carries
     ``gpu_memory_bytes`` and ``headroom_bytes``. Slower than :func:`memfit.estimate` with a card (the model code
     runs), and it follows every op of the real step, which the estimate's event stream abstracts in places (its
-    backward under LoRA with checkpointing): see validation/trace_fit.py for how the two verdicts compare.
+    backward under LoRA with checkpointing): see validation/trace_verdicts.py for how the two verdicts compare.
     """
     if isinstance(job, dict):
         job = Job.from_dict(job)
@@ -470,7 +470,7 @@ class _TraceRun:
             if not self.training:
                 notes.append("the trace's verdict on a card is checked for training, not inference: on the rehearsed "
                              "prefill boundaries it said out of memory where the real runs fit "
-                             "(validation/trace_fit.py); memfit estimate --gpu-memory gives the checked verdict")
+                             "(validation/trace_verdicts.py); memfit estimate --gpu-memory gives the checked verdict")
             card_fields = {"gpu_memory_bytes": int(self.card), "fits": fits, "headroom_bytes": int(self.card - total)}
             if not fits:
                 o = tr.first_oom or {}

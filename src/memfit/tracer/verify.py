@@ -1,5 +1,5 @@
 """The estimate's largest micro-batch, checked by the trace: the fit answer for training jobs where the estimate's
-event stream is coarser than the real step (LoRA with checkpointing above all, validation/trace_fit.py).
+event stream is coarser than the real step (LoRA with checkpointing above all, validation/trace_verdicts.py).
 
 :func:`verified_max_batch_size` answers the largest micro-batch that both engines run on the card: the estimate's
 capped replay (:func:`memfit.estimator.max_batch_size`) and the trace's capped run of the real model code's step
@@ -31,7 +31,7 @@ def verified_max_batch_size(job: Any, gpu_memory_bytes: int, *, limit: int = 1 <
 
     if job.task != "train":
         raise JobError("--verify checks training jobs only: the trace's verdict for inference is not validated "
-                       "(validation/trace_fit.py); drop --verify")
+                       "(validation/trace_verdicts.py); drop --verify")
     if job.strategy != "single" or job.gpus > 1:
         raise JobError("--verify checks single-GPU jobs: the trace does not run multi-GPU layouts; drop --verify")
     limit = max(1, int(limit))
