@@ -19,6 +19,12 @@ layer, per-tensor optimizer launches, paged and LLM.int8 costs) was refitted on 
 (:data:`REFIT_ALL` true: every run is fitted) and a new held-out set was measured afterwards: the files of
 :data:`HELD_OUT_FILES`, written (jobs and scenarios) before the refit and run after it, are held out and
 never fitted on.
+
+Session 8 (2026-12-03): the held-out scenario files 4 and 5 showed one ranking error five times over (the planner
+put checkpointing at a large micro-batch ahead of no checkpointing at a small one; the runs said the opposite).
+The model then counted backward kernels apart from forward ones (``launch_bwd``) and the fit weighs the ratios
+between candidates of one scenario (:mod:`fit_steptime`); those two files drove that change and are fitted on
+from then on. :data:`HELD_OUT_FILES` is now the scenario file measured after that refit.
 """
 
 
@@ -33,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 FITTED_SCENARIO_FILES = ("h200-plan-scenarios-2.json",)
 #: Session 5: every run of the files present before it is fitted on; these (measured after the refit) are held out.
 REFIT_ALL = True
-HELD_OUT_FILES = ("h200-plan-scenarios-4.json", "h200-steptime-5.json", "h200-plan-scenarios-5.json")
+#: Session 8: measured after the session-8 refit (jobs written before it ran), never fitted on.
+HELD_OUT_FILES = ("h200-plan-scenarios-6.json",)
 
 
 def _held(name: str, old_rule: bool) -> bool:

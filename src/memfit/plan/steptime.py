@@ -74,14 +74,15 @@ from pathlib import Path
 
 __all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
-KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "decode", "decode_launch",
+KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "launch_bwd", "decode",
+         "decode_launch",
          "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "tp_comm", "step")
-_HOST = ("launch", "decode_launch", "module_launch", "int8_launch")  # the host's time per micro-batch
+_HOST = ("launch", "launch_bwd", "decode_launch", "module_launch", "int8_launch")  # the host's time per micro-batch
 _ONCE = ("optimizer", "optimizer_launch", "paged", "step")  # once per optimizer step, whatever the accumulation
 _FIT = Path(__file__).with_name("steptime_fit.json")
 # defaults before any fit: efficiencies people usually see (factor = 1/efficiency)
 _DEFAULT = {"matmul16": 1 / 0.6, "matmul32": 1 / 0.8, "attention": 1 / 0.4, "elementwise": 1 / 0.6,
-            "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "adapter": 1 / 0.6, "quant_io": 1 / 0.6,
+            "optimizer": 1 / 0.5, "dequant": 1 / 0.5, "launch": 3e-4, "launch_bwd": 1e-4, "decode": 1 / 0.6, "decode_launch": 3e-4, "module_launch": 1e-5, "adapter": 1 / 0.6, "quant_io": 1 / 0.6,
             "int8_launch": 1e-4, "optimizer_launch": 2e-5, "paged": 1.0, "tp_comm": 1.0, "step": 5e-3, "overlap": 1.0}
 
 
@@ -250,7 +251,8 @@ def features(job, spec, gpu) -> dict[str, float]:
         deq = lin * (2 + 2 + (0.5 if job.quantization != "int8" else 1)) * uses
         if job.quantization == "int8":
             deq *= 2  # LLM.int8 also splits outlier columns and rescales its int32 accumulators
-    layer_passes = sum(_layer_kernels(b) * b.count for b in spec.blocks) * passes
+    layer_kernels = sum(_layer_kernels(b) * b.count for b in spec.blocks)
+    fwd_passes = (1 + (1 if ckpt else 0)) if train else 1
     wrapped = 0.0  # linears that LoRA wraps or bitsandbytes replaces: each adds its own small kernels
     adapter_io = 0.0  # per token: in + 2 x out features of each LoRA-wrapped linear (see ``adapter``)
     quant_io = 0.0  # per token: in + out features of each bitsandbytes linear (see ``quant_io``)
@@ -305,7 +307,8 @@ def features(job, spec, gpu) -> dict[str, float]:
         "elementwise": elem / bw,
         "optimizer": opt_bytes / bw,
         "dequant": deq / bw,
-        "launch": float(layer_passes),
+        "launch": float(layer_kernels * fwd_passes),
+        "launch_bwd": float(layer_kernels * 2) if train else 0.0,
         "decode": decode,
         "decode_launch": float(decode_passes),
         "module_launch": float(module_passes),
