@@ -59,7 +59,10 @@ def main() -> int:
         if args.only and row["name"] not in args.only:
             continue
         if row["name"] in done:
-            rows.append(done[row["name"]])
+            r = done[row["name"]]
+            rows.append(r)
+            print(f"{r['name']:44s} card {r['card_gib']:5.1f}  real {r['measured']:4d}  estimate {r['estimate']:4d}  "
+                  f"verified {r['verified']:4d}  traces {len(r['trials'])}  (kept from {out_path.name})", flush=True)
             continue
         job, card = Job.from_dict(rec["job"]), int(rec["gpu_memory_bytes"])
         t0 = time.perf_counter()
@@ -76,7 +79,9 @@ def main() -> int:
         r["veto"] = min(r["estimate"], r["verified"])
     for label, rs in (("training pairs", rows), ("held out", [r for r in rows if r["holdout"]]),
                       ("boundaries-9 and -10 (measured after the veto was chosen)",
-                       [r for r in rows if r["name"].startswith(("h9-", "h10-"))])):
+                       [r for r in rows if r["name"].startswith(("h9-", "h10-"))]),
+                      ("boundaries-11 (held out, measured after the session-8 layer change)",
+                       [r for r in rows if r["name"].startswith("h11-")])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")
         print(f"  trace's search:   {summary(rs, 'verified')}")
