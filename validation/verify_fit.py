@@ -80,8 +80,8 @@ def main() -> int:
     for label, rs in (("training pairs", rows), ("held out", [r for r in rows if r["holdout"]]),
                       ("boundaries-9 and -10 (measured after the veto was chosen)",
                        [r for r in rows if r["name"].startswith(("h9-", "h10-"))]),
-                      ("boundaries-11 (held out, measured after the session-8 layer change)",
-                       [r for r in rows if r["name"].startswith("h11-")])):
+                      ("boundaries-11 and -12 (held out, measured in session 8)",
+                       [r for r in rows if r["name"].startswith(("h11-", "h12-"))])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")
         print(f"  trace's search:   {summary(rs, 'verified')}")

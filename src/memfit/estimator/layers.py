@@ -461,24 +461,16 @@ class _Replay:
                 self.linear(x, y + ".gu", names[0], 2 * inter)
                 self.view(y + ".gu", y + ".g", inter)
                 self.view(y + ".gu", y + ".u", inter)
-                self.act(y + ".g", y + ".a", act)
             else:
-                # ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (transformers 5.17 LlamaMLP and its copies):
-                # Python evaluates the activation before up_proj, so without autograd the gate's output is gone
-                # before up_proj's exists
                 self.linear(x, y + ".g", names[0], inter)
-                self.act(y + ".g", y + ".a", act)
                 self.linear(x, y + ".u", names[1], inter)
+            self.act(y + ".g", y + ".a", act)
             self.mul(y + ".a", y + ".u", y + ".p")
             self.linear(y + ".p", y, names[-1], self.size[x])
         else:
             self.linear(x, y + ".h", names[0], inter)
             self.act(y + ".h", y + ".a", act)
             self.linear(y + ".a", y, names[-1], self.size[x])
-
-
-#: Decoder layers that scale each sub-layer's output before the residual sum (``residual_multiplier``).
-_RESIDUAL_SCALED = frozenset({"granite", "granitemoe", "granitemoeshared"})
 
 
 def _names(block: Block) -> dict[str, str]:
@@ -598,36 +590,18 @@ def _run_layer(spec: ModelSpec, block: Block, mode: Mode) -> _Replay:
     elif block.norms_per_layer >= 4:  # Gemma 2/3: pre and post norms around both sublayers
         r.norm(x, "y1", norm)
         a = attention_part("y1")
-        r.until.setdefault("y1", a)  # rebound to the sub-layer's result, as below
         r.norm(a, "ap", norm)
         r.add(x, "ap", "h")
         r.norm("h", "y2", norm)
         m = mlp_part("y2")
-        r.until.setdefault("y2", m)
         r.norm(m, "mp", norm)
         r.add("h", "mp", "out")
     else:
-        # the decoder layer rebinds ``hidden_states`` to each sub-layer's result (transformers 5.17
-        # modeling_llama.py LlamaDecoderLayer.forward: ``hidden_states = self.self_attn(...)``, ``hidden_states =
-        # self.mlp(hidden_states)``): a normed input nothing saved goes when its sub-layer returns, before the
-        # residual sum, not once the next op has consumed it (traced, qwen3-8b LoRA checkpointed: the MLP input
-        # is freed after down_proj's output exists)
         r.norm(x, "y1", norm)
         a = attention_part("y1")
-        r.until.setdefault("y1", a)
-        if spec.model_type in _RESIDUAL_SCALED:
-            # GraniteDecoderLayer (transformers 5.17): ``residual + hidden_states * self.residual_multiplier``: the
-            # scaled copy of each sub-layer's output is a tensor of its own (a product with a Python scalar saves
-            # nothing for backward)
-            r.copy(a, "as")
-            a = "as"
         r.add(x, a, "h")
         r.norm("h", "y2", norm)
         m = mlp_part("y2")
-        r.until.setdefault("y2", m)
-        if spec.model_type in _RESIDUAL_SCALED:
-            r.copy(m, "ms")
-            m = "ms"
         r.add("h", m, "out")
     return r
 
