@@ -98,3 +98,19 @@ def test_tensor_parallel_and_replicas():
     assert abs(b.tokens_per_second * b.seconds - 8 * 2 * 2048) < 1e-6 * b.tokens_per_second
     assert abs(c.tokens_per_second * c.seconds - 4 * 2 * 2048) < 1e-6 * c.tokens_per_second
     assert b.parts["optimizer"] < a.parts["optimizer"] / 7  # FSDP: each rank steps 1/8 of the states
+
+
+def test_backward_launches_are_their_own_kind():
+    # the forward (and a checkpointed recompute) count into ``launch``, the backward into ``launch_bwd`` (x2);
+    # inference has no backward
+    from memfit.gpus import get_gpu
+    from memfit.models import load_model
+    from memfit.plan.steptime import features
+
+    spec, gpu = load_model("llama-3.2-1b"), get_gpu("h100-80gb")
+    j = Job(model="llama-3.2-1b", batch_size=2, seq_len=1024)
+    f, fc = features(j, spec, gpu), features(j.replace(gradient_checkpointing=True), spec, gpu)
+    assert f["launch"] > 0 and f["launch_bwd"] == 2 * f["launch"]
+    assert fc["launch"] == 2 * f["launch"] and fc["launch_bwd"] == f["launch_bwd"]
+    inf = features(Job(model="llama-3.2-1b", task="infer", batch_size=2, prompt_len=512, new_tokens=0), spec, gpu)
+    assert inf["launch_bwd"] == 0 and inf["launch"] == f["launch"]

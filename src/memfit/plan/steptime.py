@@ -16,7 +16,10 @@ by ``validation/fit_steptime.py``, stored in ``steptime_fit.json``):
   exp_avg, exp_avg_sq) over HBM bandwidth.
 - ``dequant``: bitsandbytes 4/8-bit layers rebuild a 16-bit weight on every use (forward, backward,
   recompute): written and read once per use, over HBM bandwidth.
-- ``launch``: a per-layer-pass cost (kernel launches and Python between them), the floor small models hit.
+- ``launch``: a per-layer-pass cost (kernel launches and Python between them), the floor small models hit: the
+  forward and a checkpointed layer's recompute.
+- ``launch_bwd``: the same kernels counted twice for the backward, at their own cost: autograd's engine launches
+  them from C++, without the forward's Python between ops.
 - ``decode``: generation reads every weight and the KV cache once per new token; ``decode_launch`` is
   its per-layer, per-token launch cost (one token's kernels are tiny, so launches dominate small models).
 - ``module_launch``: per LoRA-wrapped or bitsandbytes linear and pass, the extra small kernels they run.
@@ -75,8 +78,7 @@ from pathlib import Path
 __all__ = ["StepTime", "step_time", "features", "KINDS", "load_factors", "BatchTimer", "annotate"]
 
 KINDS = ("matmul16", "matmul32", "attention", "elementwise", "optimizer", "dequant", "launch", "launch_bwd", "decode",
-         "decode_launch",
-         "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "tp_comm", "step")
+         "decode_launch", "module_launch", "adapter", "quant_io", "int8_launch", "optimizer_launch", "paged", "tp_comm", "step")
 _HOST = ("launch", "launch_bwd", "decode_launch", "module_launch", "int8_launch")  # the host's time per micro-batch
 _ONCE = ("optimizer", "optimizer_launch", "paged", "step")  # once per optimizer step, whatever the accumulation
 _FIT = Path(__file__).with_name("steptime_fit.json")
