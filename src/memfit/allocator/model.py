@@ -52,13 +52,15 @@ large-pool cases drift from the real allocator after a few hundred steps).
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left, insort
+from dataclasses import dataclass
 
 from ..errors import MemfitError
 from .config import (MIN_BLOCK_BYTES, MIN_LARGE_ALLOC_BYTES, ROUND_LARGE_BYTES, SMALL_REQUEST_BYTES,
                      SMALL_SEGMENT_BYTES, AllocatorConfig, format_size, round_size)
 
-__all__ = ["CachingAllocatorModel", "Block", "AllocatorOutOfMemory", "ExpandableSegment"]
+__all__ = ["CachingAllocatorModel", "Block", "AllocatorOutOfMemory", "ExpandableSegment", "ReplayStats", "replay_ops"]
 
 _DEFAULT_DEVICE_BYTES = 1 << 40
 """Device memory assumed for an expandable segment's address space (1 1/8 of it) when none is given: only
@@ -187,7 +189,8 @@ class CachingAllocatorModel:
         self._large_segment = cfg.large_segment_bytes
         self._power2 = cfg.rounds_power2
         self._gc = cfg.garbage_collection_threshold  # acts only while a capacity is set (set_fraction)
-        self._plain = not (self._expandable or self._split_limited or self._gc)
+        # run()'s written-out path: best fit with 512-byte rounding, nothing else
+        self._plain = not (self._expandable or self._split_limited or self._gc or self._power2)
         # memory_stats() figures
         self.allocated = 0
         self.reserved = 0
@@ -883,3 +886,75 @@ class CachingAllocatorModel:
         pool.unmapped[b.addr] = b
         self.reserved -= length
         self.num_device_free += 1
+
+
+_STATS = ("allocated", "reserved", "requested", "peak_allocated", "peak_reserved", "peak_requested", "num_segments",
+          "peak_segments", "num_allocations", "num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")
+
+
+@dataclass
+class ReplayStats:
+    """What :func:`replay_ops` leaves: the index of the request that ran out of memory (-1: every operation
+    ran) and the model's ``memory_stats()`` figures after the run, by the :class:`CachingAllocatorModel`
+    attribute names; ``compiled``: whether the compiled replay made them."""
+
+    index: int
+    allocated: int
+    reserved: int
+    requested: int
+    peak_allocated: int
+    peak_reserved: int
+    peak_requested: int
+    num_segments: int
+    peak_segments: int
+    num_allocations: int
+    num_alloc_retries: int
+    num_ooms: int
+    num_device_alloc: int
+    num_device_free: int
+    compiled: bool = False
+
+
+def _load_compiled():
+    """``memfit.allocator._replay`` (src/memfit/allocator/_replay.c, built by ``pip install``), or None where it
+    was not built or ``MEMFIT_PURE_PYTHON=1`` asks for the Python model only."""
+    if os.environ.get("MEMFIT_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _replay
+    except ImportError:
+        return None
+    return _replay
+
+
+#: the compiled replay (None: the Python model replays everything); tests set it to compare the two
+COMPILED = _load_compiled()
+
+#: limits at or above this are no limit for the compiled replay (its figures are 64-bit)
+_NO_LIMIT = 1 << 62
+
+
+def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: AllocatorConfig | None = None,
+               device_total_bytes: int | None = None) -> ReplayStats:
+    """A fresh :class:`CachingAllocatorModel` (``on_oom="raise"``) after :meth:`~CachingAllocatorModel.run` of
+    ``ops``: where the request that ran out of memory is, and the figures.
+
+    For the default setting and for ``expandable_segments`` (without ``max_split_size``, a garbage-collection
+    threshold or power-of-two rounding) the compiled replay of ``_replay.c`` does it when it is built: the same
+    rules, checked against this model figure for figure by tests/test_allocator_fast.py, some 10-40 times
+    faster; otherwise the model itself. ``ops``: a list of operation tuples (:meth:`~CachingAllocatorModel.run`)
+    whose malloc handles are ints >= 0. ``device_total_bytes``: as :class:`CachingAllocatorModel`."""
+    cfg = config if config is not None else AllocatorConfig()
+    compiled = not (cfg.max_split_size_bytes is not None or cfg.garbage_collection_threshold or cfg.rounds_power2)
+    if COMPILED is not None and compiled and isinstance(ops, list):
+        limit = None if capacity_bytes is None or capacity_bytes >= _NO_LIMIT else max(0, int(capacity_bytes))
+        total = device_total_bytes or _DEFAULT_DEVICE_BYTES
+        try:
+            r = COMPILED.replay(ops, limit, cfg.large_segment_bytes, bool(cfg.expandable_segments), total + total // 8)
+        except OverflowError:
+            pass  # sizes past 64 bits (a request of more than 2**56 bytes): the model's exact integers
+        else:
+            return ReplayStats(*r, compiled=True)
+    model = CachingAllocatorModel(capacity_bytes, config=cfg, on_oom="raise", device_total_bytes=device_total_bytes)
+    index = model.run(ops)
+    return ReplayStats(index, *(getattr(model, k) for k in _STATS))

@@ -215,6 +215,10 @@ def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) ->
 #: measure engine), the next is the steady state the reference peak is taken over.
 TRAIN_STEPS = 2
 
+#: copy identical layers' stretches of the training stream instead of building each (off: every layer built;
+#: the tests compare the two)
+_REPEAT_LAYERS = True
+
 
 def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
            rank=None) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
@@ -381,14 +385,27 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     if rank is not None and rank.grad_views:  # DDP gradient_as_bucket_view: the .grad are views into the buckets
         head_grads, layer_grads, embed_grads = [], [[] for _ in layers], []
 
+    # Identical layers emit identical stretches of the stream, their handles offset: a layer whose inputs are
+    # those of the layer before it (same block data, same per-layer tensors, the same shape of kept handles) is
+    # copied from that layer's stretch (events.Stream.repeat) instead of being built again, the same stream
+    # (tests/test_stream_repeat.py builds every registry model both ways). ``layer_class``: one int per
+    # distinct block data.
+    classes: dict[str, int] = {}
+    layer_class = {bi: classes.setdefault(repr((layer_tensors[bi], merged[bi], stash.get(bi), math_back.get(bi),
+                                                dq_back.get(bi))), len(classes)) for bi in set(layers)}
+    repeat = hooks is None and _REPEAT_LAYERS
+    if repeat:  # what else a layer's forward and backward read, by position
+        fwd_static = [(layer_class[bi], tuple(cache_layers[i])) for i, bi in enumerate(layers)]
+        bwd_static = [(tuple(frozen_casts[i]), tuple(layer_grads[i])) for i in range(L)]
+        fwd_sigs: list = [None] * L
+
     # ---------------------------------------------------------------------------------------- load
     s.phase("load")
     lora = st.lora_adapter_params(spec, job) * 4 if job.is_lora else 0
     if hooks is not None:
         hooks.load(s)
     else:
-        for w in _weight_tensors(spec, job, layers, weights - lora):
-            s.alloc(w, "weights")
+        s.alloc_all(_weight_tensors(spec, job, layers, weights - lora), "weights")
         if spec.tie_word_embeddings and spec.head == "causal_lm" and job.quantization == "none":
             # building the model makes the head's own weight before tie_weights() points it at the embedding: one
             # embedding-sized tensor, freed, its segment left cached (as inference's load; measured: the load peak
@@ -440,7 +457,25 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         kept_at: list[dict[int, int]] = []  # each layer's saved tensors (non-checkpointed): index -> handle
         caches: list[list[int]] = []
         carry = -1  # checkpointing: the previous layer's output, which is this layer's saved input
+        fwd = None  # the layer before, for repeat: (signature, mark, caches, kept, kept_at, carry in, carry out)
         for i, bi in enumerate(layers):
+            if repeat:
+                sig = fwd_sigs[i] = (fwd_static[i], carry >= 0, i == 0)
+                at = s.mark()
+                if fwd is not None and fwd[0] == sig:
+                    d = s.repeat(fwd[1], {})
+                    if d is not None:
+                        # the template layer's handles -> this layer's: made in the layer, offset by d; its
+                        # carried input (made before it), this layer's; -1 (no tensor) stays
+                        _, _, c_t, mine_t, at_t, cin_t, cout_t = fwd
+                        cin = carry
+                        caches.append([h + d if h >= 0 else -1 for h in c_t])
+                        kept.append([cin if h == cin_t else (h + d if h >= 0 else -1) for h in mine_t])
+                        kept_at.append({j: h + d if h >= 0 else -1 for j, h in at_t.items()})
+                        carry = cout_t + d if cout_t >= 0 else -1
+                        fwd = (sig, at, caches[-1], kept[-1], kept_at[-1], cin, carry)
+                        continue
+                cin = carry
             if hooks is not None:
                 hooks.pre_forward(s, i)
             caches.append([s.alloc(c, "autocast_cache") for c in cache_layers[i]])
@@ -488,6 +523,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             mine += [s.alloc(x, "activations") for x in stash.get(bi, ())]
             kept.append(mine)
             kept_at.append(mine_at)
+            if repeat:
+                fwd = (sig, at, caches[-1], mine, mine_at, cin, carry)
             if hooks is not None:
                 hooks.post_forward(s, i)
         if hooks is not None:
@@ -580,7 +617,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         # (qwen2.5-0.5b full bf16, tied head): the mm lands in the vocab-sized block the log_softmax backward
         # has just freed, splitting it; the next step's log_softmax backward then needs a new segment
         # (trace 16.90 GiB reserved, measured 16.92 for the same stream under a paged optimizer).
-        grads = [s.alloc(x, "gradients") for x in head_grads] if hooks is None else hooks.head_grads(s)
+        grads = s.alloc_all(head_grads, "gradients") if hooks is None else hooks.head_grads(s)
         if step == 0 and hooks is None:
             # The backward thread's cuBLAS workspace (``CublasHandlePool.cpp``: one per handle and stream, kept),
             # requested by the first backward matmul after its output exists: the head's weight gradient. It
@@ -589,10 +626,26 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.alloc(ws / 2, "temporaries")
         s.free(logit_grad)
         s.free_all(fin)
+        bwd = None  # the layer after, for repeat: (signature, mark, kept, kept_at, caches, gradients made)
         for i in range(L - 1, -1, -1):
             bi = layers[i]
             live = kept[i]
             live_at = kept_at[i]
+            if repeat:
+                # the forward's signature fixes the shape of the handles it kept (where a -1 is, kept_at's keys)
+                sig = (fwd_sigs[i], bwd_static[i])
+                at = s.mark()
+                n_grads = len(grads)
+                if bwd is not None and bwd[0] == sig:
+                    # the tensors of the forward it frees: the template layer's, position by position
+                    # (kept_at's handles are among kept's)
+                    outside = dict(zip(bwd[2] + bwd[4], live + caches[i]))
+                    outside.pop(-1, None)
+                    d = s.repeat(bwd[1], outside)
+                    if d is not None:
+                        grads += [h + d if h >= 0 else -1 for h in bwd[5]]
+                        bwd = (sig, at, live, live_at, caches[i], grads[n_grads:])
+                        continue
             if hooks is not None:
                 hooks.pre_backward(s, i)
             pre: list[int] = []
@@ -632,7 +685,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             # (down_proj before q_proj; LoRA's B before its A), the reverse of ``model.parameters()``. Traced
             # (llama-3.1-8b full, B6 S2048): the step's optimizer states then fill the same holes the trace's do
             # (its capped replay passes the card the measured run passes; forward order left it failing)
-            grads += ([s.alloc(x, "gradients") for x in layer_grads[i][::-1]] if hooks is None
+            grads += (s.alloc_all(layer_grads[i][::-1], "gradients") if hooks is None
                       else hooks.layer_grads(s, i))
             mb = math_back.get(bi)
             if mb is None:
@@ -658,12 +711,14 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.free_all(live)
             if not ckpt:
                 s.free_all(caches[i])
+            if repeat:
+                bwd = (sig, at, kept[i], kept_at[i], caches[i], grads[n_grads:])
             if hooks is not None:
                 hooks.post_backward(s, i)
         s.free_all(emb)
         # end of backward: the embedding gradient arrives last
         t = s.alloc(T * H * e * seq_share, "temporaries")
-        grads += [s.alloc(x, "gradients") for x in embed_grads] if hooks is None else hooks.end_grads(s)
+        grads += s.alloc_all(embed_grads, "gradients") if hooks is None else hooks.end_grads(s)
         s.free(t)
         s.free(q)
         s.free_all(waiting)
@@ -674,9 +729,8 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             hooks.step(s, step)
         else:
             if step == 0:
-                for x in state_tensors:
-                    s.alloc(x, "optimizer_states")
-            sc = [s.alloc(x, "temporaries") for x in scratch]
+                s.alloc_all(state_tensors, "optimizer_states")
+            sc = s.alloc_all(scratch, "temporaries")
             s.free_all(sc)
         s.free_all(grads)  # zero_grad(set_to_none=True)
         s.phase("end")
@@ -855,11 +909,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                           b.moe.shared_intermediate_size * 3) if b.moe is not None else 0)
                  for bi, b in enumerate(spec.blocks)}
     decode_gathers = {bi: _decode_expert_gathers(spec, b, B, e) for bi, b in enumerate(spec.blocks)}
+    gathers = any(decode_gathers[bi] for bi in layers)  # else each step's cache growth is one Stream.regrow
+    blocks_used = sorted(set(layers), key=list(layers).index)
     final_norm = spec.blocks[layers[-1]].norm if layers else "rms"
     vocab_out = V if spec.head in ("causal_lm", "masked_lm") else 0
     s.phase("load")
-    for w in _weight_tensors(spec, job, list(layers), weights):
-        s.alloc(w, "weights")
+    s.alloc_all(_weight_tensors(spec, job, list(layers), weights), "weights")
     if qstate:
         for _ in layers:
             s.alloc(qstate / max(1, L), "weights")
@@ -922,7 +977,11 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             # scales k^T: three context-long tensors)
             tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
             sizes_of: dict[int, list] = {}  # the layers of one block grow by the same sizes: computed once a step
-            for i, bi in enumerate(layers):
+            if not gathers:
+                for bi in blocks_used:
+                    sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]
+                s.regrow(kv, [sizes_of[bi] for bi in layers], "kv_cache")
+            for i, bi in enumerate(layers if gathers else ()):
                 sizes = sizes_of.get(bi)
                 if sizes is None:
                     sizes = sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]

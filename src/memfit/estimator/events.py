@@ -43,6 +43,22 @@ _ALLOC, _FREE, _PHASE, _RESET = 0, 1, 2, 3
 _FULL_REPLAY = os.environ.get("MEMFIT_FULL_REPLAY", "") not in ("", "0")
 
 
+def _load_compiled():
+    """``memfit.estimator._events`` (``_events.c``, built by ``pip install``), or None where it was not built or
+    ``MEMFIT_PURE_PYTHON=1`` asks for Python only."""
+    if os.environ.get("MEMFIT_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from . import _events
+    except ImportError:
+        return None
+    return _events
+
+
+#: the compiled stream helpers (None: their Python versions); tests set it to compare the two
+_COMPILED = _load_compiled()
+
+
 #: bitsandbytes' LLM.int8 matmul runs through its own cuBLASLt context (``functional.CUBLAS_Context.get_context``:
 #: ``lib.get_context()``, made at the first int8 matmul and kept), with its int8 kernels: memory outside PyTorch's
 #: allocator that ``nvidia-smi`` counts. Device total minus peak reserve, h100-quant.json: int8 training 816.8 MiB
@@ -99,12 +115,91 @@ class Stream:
             self.ops.append((_FREE, handle))
             self._delta.append(-self._size[handle])
 
+    def alloc_all(self, sizes, component: str) -> list[int]:
+        """:meth:`alloc` of each of ``sizes``, in order; their handles (-1 for a zero-byte one)."""
+        if _COMPILED is not None:
+            held: list[list[int]] = [[]]
+            self._n = _COMPILED.regrow(self.ops, self._size, self._comp, self._delta, held, [list(sizes)],
+                                       component, self._n)
+            return held[0]
+        return [self.alloc(x, component) for x in sizes]
+
     def free_all(self, handles) -> None:
         ops, delta, size = self.ops, self._delta, self._size
+        if _COMPILED is not None and type(handles) is list and len(handles) > 8:  # long lists: one C call
+            self._n = _COMPILED.regrow(ops, size, self._comp, delta, [handles], [[]], "", self._n)
+            return
         for h in handles:
             if h >= 0:
                 ops.append((_FREE, h))
                 delta.append(-size[h])
+
+    def regrow(self, held: list[list[int]], sizes: list[list[float]], component: str) -> None:
+        """For each ``i`` in order: allocate the tensors of ``sizes[i]``, then free those of ``held[i]``, which
+        become the new ones (``torch.cat`` growing a cache: the longer tensor made while the old one is
+        alive). The same stream as :meth:`alloc` and :meth:`free_all` called so, in one loop."""
+        ops, size, comp, delta = self.ops, self._size, self._comp, self._delta
+        if _COMPILED is not None and type(held) is list and type(sizes) is list:
+            self._n = _COMPILED.regrow(ops, size, comp, delta, held, sizes, component, self._n)
+            return
+        h = self._n
+        for i, want in enumerate(sizes):
+            new = []
+            for x in want:
+                n = int(round(x))
+                if n <= 0:
+                    new.append(-1)
+                    continue
+                ops.append((_ALLOC, h, n, component))
+                size.append(n)
+                comp.append(component)
+                delta.append(n)
+                new.append(h)
+                h += 1
+            for old in held[i]:
+                if old >= 0:
+                    ops.append((_FREE, old))
+                    delta.append(-size[old])
+            held[i] = new
+        self._n = h
+
+    def mark(self) -> tuple[int, int]:
+        """Where the stream is: (ops so far, handles so far), the start of a stretch for :meth:`repeat`."""
+        return len(self.ops), self._n
+
+    def repeat(self, start: tuple[int, int], outside: dict[int, int]) -> int | None:
+        """Append the stretch from ``start`` (a :meth:`mark`) to the end again, as the code that made it would
+        emit it once more for the next of several identical layers: each tensor it made is made again (a new
+        handle, as many allocations later), each tensor from before the stretch that it frees is replaced by
+        ``outside[handle]`` (which must have the same bytes). Returns that handle offset, or None with nothing
+        appended when the stretch frees a tensor from before it that ``outside`` does not map (or maps to one of
+        other bytes), or holds a phase mark or reset. The result is the stream the code would have built."""
+        o0, h0 = start
+        if (self._marks and self._marks[-1] >= o0) or (self._resets and self._resets[-1] >= o0):
+            return None
+        if _COMPILED is not None:  # the same, in one C call (_events.c)
+            d = _COMPILED.repeat_into(self.ops, self._size, self._comp, self._delta, o0, h0, outside)
+            if d is not None:
+                self._n += d
+            return d
+        ops, size = self.ops, self._size
+        h1 = self._n
+        d = h1 - h0
+        n_stretch = len(ops) - o0
+        for h, m in outside.items():
+            if m < 0 or size[h] != size[m]:
+                return None
+        try:
+            new = [(_ALLOC, op[1] + d, op[2], op[3]) if op[0] == _ALLOC else
+                   (_FREE, op[1] + d if op[1] >= h0 else outside[op[1]]) for op in ops[o0:]]
+        except KeyError:
+            return None
+        ops.extend(new)
+        size.extend(size[h0:h1])
+        self._comp.extend(self._comp[h0:h1])
+        self._delta.extend(self._delta[o0:o0 + n_stretch])
+        self._n = h1 + d
+        return d
 
     def phase(self, name: str) -> None:
         self.phase_name = name
@@ -170,6 +265,12 @@ def _account_fast(stream: Stream) -> ReplayResult:
     delta = stream._delta
     if len(delta) != n_ops:  # ops added to the list directly, not through the stream's methods
         return _account_full(stream)
+    if _COMPILED is not None:  # the same walk in C (_events.c); None: a figure past 64 bits
+        got = _COMPILED.account(ops, delta, stream._size, stream._comp, stream._marks, stream._resets)
+        if got is not None:
+            peak, _, peak_phase, phases, comps = got
+            return ReplayResult(peak_allocated_bytes=max(peak, 0), components=comps, peak_phase=peak_phase,
+                                phases=phases, events=n_ops)
     live = list(accumulate(delta))
     resets = stream._resets
     if resets:
@@ -327,12 +428,12 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
 
 def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
                     expandable_segments: bool = False) -> None:
-    from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel
+    from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel, replay_ops
 
-    alloc = CachingAllocatorModel(capacity_bytes, config=AllocatorConfig(expandable_segments=expandable_segments),
-                                  on_oom="raise")
+    config = AllocatorConfig(expandable_segments=expandable_segments)
     if not _FULL_REPLAY:
-        i = alloc.run(stream.ops)
+        alloc = replay_ops(stream.ops, capacity_bytes, config=config)  # compiled where it is built
+        i = alloc.index
         if i >= 0:
             op = stream.ops[i]
             res.completed = False
@@ -343,6 +444,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         res.peak_reserved_bytes = alloc.peak_reserved
         res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
         return
+    alloc = CachingAllocatorModel(capacity_bytes, config=config, on_oom="raise")
     blocks: dict[int, object] = {}
     phase = ""
     malloc, free = alloc.malloc, alloc.free

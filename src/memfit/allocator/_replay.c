@@ -1,0 +1,787 @@
+/* The replay of memfit.allocator.model.CachingAllocatorModel.run, compiled.
+
+   CachingAllocatorModel (model.py) is the allocator model; this file is the same rules for the two settings
+   the estimator replays (the default, and expandable_segments; no max_split_size, no garbage-collection
+   threshold, no power-of-two rounding, no physical limit), written in C because a replay of tens of
+   thousands of events spends most of its time in the interpreter. It keeps no Python object per block:
+   blocks live in arrays, each pool's free blocks in an array sorted by (size, address) (what the Python model
+   keeps as size << 64 | address in a sorted list), the unmapped blocks of expandable segments in one sorted
+   by address. Function by function it follows model.py (whose docstrings cite the PyTorch source lines):
+
+     do_malloc        malloc: round to 512 bytes (at least 512); <= 1 MiB the small pool, else the large;
+                      get_free_block; if none, a new segment (2 MiB small; large: the large segment below
+                      10 MiB, else the request rounded up to 2 MiB) unless the reserve would pass the limit:
+                      then release_cached_blocks, num_alloc_retries += 1, the same check again, and failing
+                      it out of memory (num_ooms += 1: the replay stops at that event); alloc_found_block's
+                      split (the rest >= 512 B in the small pool or with expandable segments, > 1 MiB in the
+                      large pool);
+     get_free_block   best fit, lowest address among equal sizes; expandable blocks compare by the size
+                      they could grow to;
+     do_free          free_block / try_merge_blocks with mapped free neighbours;
+     release_cached   release_cached_blocks: whole-segment cached blocks given back; expandable: the whole
+                      free pages of every cached block unmapped, a segment left wholly unmapped dropped;
+     find_expandable_block, alloc_expandable (try_allocate_expandable_block), map_block, unmap_block:
+                      expandable segments as model.py has them (1 1/8 of the device's memory of address
+                      space each, pages of 2 MiB small / the large segment size large).
+   New ordinary small segments take increasing addresses, large ones decreasing (model.py says why).
+
+   tests/test_allocator_fast.py replays random streams and the estimator's own through both under many
+   limits and compares every figure; MEMFIT_PURE_PYTHON=1 makes memfit use the Python model only. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MIN_BLOCK 512LL
+#define SMALL_REQUEST (1LL << 20)
+#define SMALL_SEGMENT (2LL << 20)
+#define MIN_LARGE_ALLOC (10LL << 20)
+#define ROUND_LARGE (2LL << 20)
+#define MAX_REQUEST (1LL << 56)
+#define MAX_RESERVE (1LL << 61)
+
+typedef struct {
+    int64_t size, addr, requested;
+    int32_t prev, next; /* block ids, -1: none */
+    int32_t seg;        /* expandable segment index, -1: an ordinary segment's block */
+    int32_t tl, tr;     /* a free block's children in its pool's tree */
+    uint32_t pri;       /* its priority there (a hash of its id) */
+    uint8_t small, allocated, mapped;
+} Blk;
+
+typedef struct {
+    int64_t base, page, size;
+} Seg;
+
+typedef struct State State;
+
+typedef struct {
+    int64_t size, addr;
+    int32_t id;
+} Ent;
+
+/* a pool's free blocks ordered by (size, address): a sorted array while they are few (the common case: tens;
+   moving its tail is cheaper than any tree), a treap once they pass TREAP_FROM (O(log n) per operation:
+   thousands of free blocks, a model of hundreds of layers, would make the array quadratic) */
+#define TREAP_FROM 1024
+typedef struct {
+    State *owner;
+    int32_t root; /* the treap's root (-1: empty), once treap is set */
+    int treap;
+    Ent *a; /* the sorted array before that */
+    Py_ssize_t cap;
+    Py_ssize_t n;
+    int32_t *unm; /* expandable segments: the unmapped blocks, by address */
+    Py_ssize_t nunm, capunm;
+} Pool;
+
+struct State {
+    Blk *b;
+    Py_ssize_t n, cap;
+    Pool small, large;
+    int32_t *handle; /* handle -> block id, -1: none */
+    Py_ssize_t nhandles;
+    int64_t allocated, reserved, requested;
+    int64_t peak_allocated, peak_reserved, peak_requested;
+    int64_t num_segments, peak_segments, num_allocations;
+    int64_t num_alloc_retries, num_ooms, num_device_alloc, num_device_free;
+    int64_t next_addr, down_addr;
+    int expandable;
+    int64_t address_space; /* an expandable segment's address space (1 1/8 of the device's memory) */
+    Seg *segs;
+    Py_ssize_t nsegs, capsegs;
+};
+
+static inline int key_less(const Blk *b, int32_t x, int64_t size, int64_t addr) {
+    return b[x].size < size || (b[x].size == size && b[x].addr < addr);
+}
+
+/* split tree t into keys < (size, addr) and keys >= it */
+static void t_split(Blk *b, int32_t t, int64_t size, int64_t addr, int32_t *l, int32_t *r) {
+    if (t < 0) {
+        *l = *r = -1;
+    } else if (key_less(b, t, size, addr)) {
+        *l = t;
+        t_split(b, b[t].tr, size, addr, &b[t].tr, r);
+    } else {
+        *r = t;
+        t_split(b, b[t].tl, size, addr, l, &b[t].tl);
+    }
+}
+
+/* join trees x and y, every key of x below every key of y */
+static int32_t t_merge(Blk *b, int32_t x, int32_t y) {
+    if (x < 0) return y;
+    if (y < 0) return x;
+    if (b[x].pri > b[y].pri) {
+        b[x].tr = t_merge(b, b[x].tr, y);
+        return x;
+    }
+    b[y].tl = t_merge(b, x, b[y].tl);
+    return y;
+}
+
+/* first array index whose (size, addr) is >= (size, addr) */
+static Py_ssize_t arr_lower(const Pool *p, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = p->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        const Ent *e = &p->a[mid];
+        if (e->size < size || (e->size == size && e->addr < addr))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* the array's blocks into a treap (built by inserting them in order) */
+static void to_treap(Pool *p) {
+    Blk *b = p->owner->b;
+    int32_t root = -1;
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        int32_t id = p->a[i].id;
+        b[id].tl = b[id].tr = -1;
+        root = t_merge(b, root, id); /* every key above the tree's: merge places it */
+    }
+    p->root = root;
+    p->treap = 1;
+    PyMem_Free(p->a);
+    p->a = NULL;
+    p->cap = 0;
+}
+
+/* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
+static int pool_insert(Pool *p, int32_t id) {
+    Blk *b = p->owner->b;
+    if (!p->treap) {
+        if (p->n >= TREAP_FROM) {
+            to_treap(p);
+        } else {
+            if (p->n == p->cap) {
+                Py_ssize_t cap = p->cap ? p->cap * 2 : 64;
+                Ent *a = PyMem_Realloc(p->a, (size_t)cap * sizeof(Ent));
+                if (!a) return -1;
+                p->a = a;
+                p->cap = cap;
+            }
+            Py_ssize_t i = arr_lower(p, b[id].size, b[id].addr);
+            memmove(p->a + i + 1, p->a + i, (size_t)(p->n - i) * sizeof(Ent));
+            p->a[i].size = b[id].size;
+            p->a[i].addr = b[id].addr;
+            p->a[i].id = id;
+            p->n++;
+            return 0;
+        }
+    }
+    int32_t l, r;
+    b[id].tl = b[id].tr = -1;
+    t_split(b, p->root, b[id].size, b[id].addr, &l, &r);
+    p->root = t_merge(b, t_merge(b, l, id), r);
+    p->n++;
+    return 0;
+}
+
+static void pool_remove(Pool *p, int32_t id) {
+    Blk *b = p->owner->b;
+    if (!p->treap) {
+        Py_ssize_t i = arr_lower(p, b[id].size, b[id].addr);
+        memmove(p->a + i, p->a + i + 1, (size_t)(p->n - i - 1) * sizeof(Ent));
+        p->n--;
+        return;
+    }
+    int32_t l, m, r;
+    t_split(b, p->root, b[id].size, b[id].addr, &l, &m);
+    t_split(b, m, b[id].size, b[id].addr + 1, &m, &r); /* m: the block alone (keys are unique) */
+    p->root = t_merge(b, l, r);
+    p->n--;
+}
+
+/* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
+static int32_t pool_lower(const Pool *p, int64_t size) {
+    if (!p->treap) {
+        Py_ssize_t i = arr_lower(p, size, INT64_MIN);
+        return i < p->n ? p->a[i].id : -1;
+    }
+    const Blk *b = p->owner->b;
+    int32_t t = p->root, best = -1;
+    while (t >= 0) {
+        if (!key_less(b, t, size, INT64_MIN)) {
+            best = t;
+            t = b[t].tl;
+        } else {
+            t = b[t].tr;
+        }
+    }
+    return best;
+}
+
+/* the block after x (in the pool) in the pool's order, -1: none */
+static int32_t pool_next(const Pool *p, int32_t x) {
+    const Blk *b = p->owner->b;
+    if (!p->treap) {
+        Py_ssize_t i = arr_lower(p, b[x].size, b[x].addr) + 1;
+        return i < p->n ? p->a[i].id : -1;
+    }
+    int32_t t = p->root, best = -1;
+    while (t >= 0) {
+        if (key_less(b, x, b[t].size, b[t].addr)) {
+            best = t;
+            t = b[t].tl;
+        } else {
+            t = b[t].tr;
+        }
+    }
+    return best;
+}
+
+/* the pool's blocks in order into out (room for p->n), with stack (as much room); returns their count */
+static Py_ssize_t pool_ids(const Pool *p, int32_t *out, int32_t *stack) {
+    if (!p->treap) {
+        for (Py_ssize_t i = 0; i < p->n; i++) out[i] = p->a[i].id;
+        return p->n;
+    }
+    const Blk *b = p->owner->b;
+    Py_ssize_t n = 0, depth = 0;
+    int32_t t = p->root;
+    while (t >= 0 || depth) {
+        while (t >= 0) {
+            stack[depth++] = t;
+            t = b[t].tl;
+        }
+        t = stack[--depth];
+        out[n++] = t;
+        t = b[t].tr;
+    }
+    return n;
+}
+
+static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_t prev, int32_t next, int32_t seg,
+                         int mapped) {
+    if (s->n == s->cap) {
+        Py_ssize_t cap = s->cap ? s->cap * 2 : 1024;
+        Blk *b = PyMem_Realloc(s->b, (size_t)cap * sizeof(Blk));
+        if (!b) return -1;
+        s->b = b;
+        s->cap = cap;
+    }
+    Blk *k = &s->b[s->n];
+    k->size = size;
+    k->addr = addr;
+    k->requested = 0;
+    k->prev = prev;
+    k->next = next;
+    k->seg = seg;
+    k->tl = k->tr = -1;
+    uint32_t x = (uint32_t)s->n + 0x9E3779B9u; /* a mixed hash of the id: the treap's priority */
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    x ^= x >> 16;
+    k->pri = x;
+    k->small = (uint8_t)small;
+    k->allocated = 0;
+    k->mapped = (uint8_t)mapped;
+    return (int32_t)s->n++;
+}
+
+/* ------------------------------------------------------------------ expandable segments' unmapped blocks */
+static Py_ssize_t unm_lower(const State *s, const Pool *p, int64_t addr) {
+    Py_ssize_t lo = 0, hi = p->nunm;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (s->b[p->unm[mid]].addr < addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+static int unm_insert(State *s, Pool *p, int32_t id) {
+    if (p->nunm == p->capunm) {
+        Py_ssize_t cap = p->capunm ? p->capunm * 2 : 16;
+        int32_t *a = PyMem_Realloc(p->unm, (size_t)cap * sizeof(int32_t));
+        if (!a) return -1;
+        p->unm = a;
+        p->capunm = cap;
+    }
+    Py_ssize_t i = unm_lower(s, p, s->b[id].addr);
+    memmove(p->unm + i + 1, p->unm + i, (size_t)(p->nunm - i) * sizeof(int32_t));
+    p->unm[i] = id;
+    p->nunm++;
+    return 0;
+}
+
+/* del pool.unmapped[addr]; -1 when no unmapped block is there (a state the model never reaches) */
+static int unm_remove(State *s, Pool *p, int64_t addr) {
+    Py_ssize_t i = unm_lower(s, p, addr);
+    if (i >= p->nunm || s->b[p->unm[i]].addr != addr) {
+        PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped block at that address");
+        return -1;
+    }
+    memmove(p->unm + i, p->unm + i + 1, (size_t)(p->nunm - i - 1) * sizeof(int32_t));
+    p->nunm--;
+    return 0;
+}
+
+/* _merge: dst absorbs its free neighbour src (mapped like it) */
+static int merge(State *s, int32_t dst, int32_t src, Pool *p) {
+    Blk *d = &s->b[dst], *q = &s->b[src];
+    if (q->mapped)
+        pool_remove(p, src);
+    else if (unm_remove(s, p, q->addr) < 0)
+        return -1;
+    if (d->prev == src) {
+        d->addr = q->addr;
+        d->prev = q->prev;
+        if (q->prev >= 0) s->b[q->prev].next = dst;
+    } else {
+        d->next = q->next;
+        if (q->next >= 0) s->b[q->next].prev = dst;
+    }
+    d->size += q->size;
+    return 0;
+}
+
+static int try_merge(State *s, int32_t dst, int32_t src, Pool *p) {
+    if (src < 0 || s->b[src].allocated || s->b[src].mapped != s->b[dst].mapped) return 0;
+    return merge(s, dst, src, p);
+}
+
+/* map_block: map the pages covering the first `size` bytes of unmapped block `id`; 0 when none (nbytes 0) */
+static int map_block(State *s, int32_t id, int64_t size, Pool *p) {
+    Blk *k = &s->b[id];
+    const Seg *g = &s->segs[k->seg];
+    int64_t off = k->addr - g->base, page = g->page;
+    int64_t begin = off / page, end = (off + size + page - 1) / page;
+    int64_t nbytes = (end - begin) * page;
+    if (nbytes == 0) return 0;
+    if (unm_remove(s, p, k->addr) < 0) return -1;
+    k->mapped = 1;
+    if (nbytes < k->size) {
+        int32_t rest = new_block(s, k->size - nbytes, k->addr + nbytes, k->small, id, k->next, k->seg, 0);
+        if (rest < 0) return -2;
+        k = &s->b[id];
+        if (k->next >= 0) s->b[k->next].prev = rest;
+        k->next = rest;
+        if (unm_insert(s, p, rest) < 0) return -2;
+        k->size = nbytes;
+    }
+    int32_t prev = k->prev;
+    if (prev >= 0 && !s->b[prev].allocated && s->b[prev].mapped && merge(s, id, prev, p) < 0) return -1;
+    int32_t nxt = s->b[id].next;
+    if (nxt >= 0 && !s->b[nxt].allocated && s->b[nxt].mapped && merge(s, id, nxt, p) < 0) return -1;
+    k = &s->b[id];
+    if (pool_insert(p, id) < 0) return -2;
+    s->reserved += nbytes;
+    if (s->reserved > s->peak_reserved) s->peak_reserved = s->reserved;
+    s->num_device_alloc++;
+    return 1;
+}
+
+/* unmap_block: unmap the whole pages inside free block `id`; what is left either side stays free */
+static int unmap_block(State *s, int32_t id, Pool *p) {
+    Blk *k = &s->b[id];
+    const Seg *g = &s->segs[k->seg];
+    int64_t page = g->page, off = k->addr - g->base;
+    int64_t begin = (off + page - 1) / page, end = (off + k->size) / page;
+    if (begin >= end) return 0;
+    pool_remove(p, id);
+    int64_t start = g->base + begin * page, length = (end - begin) * page;
+    int64_t before = start - k->addr, after = k->size - before - length;
+    if (before > 0) {
+        int32_t bf = new_block(s, before, k->addr, k->small, k->prev, id, k->seg, 1);
+        if (bf < 0) return -2;
+        k = &s->b[id];
+        if (k->prev >= 0) s->b[k->prev].next = bf;
+        k->prev = bf;
+        if (pool_insert(p, bf) < 0) return -2;
+    }
+    if (after > 0) {
+        int32_t af = new_block(s, after, start + length, k->small, id, k->next, k->seg, 1);
+        if (af < 0) return -2;
+        k = &s->b[id];
+        if (k->next >= 0) s->b[k->next].prev = af;
+        k->next = af;
+        if (pool_insert(p, af) < 0) return -2;
+    }
+    k = &s->b[id];
+    k->addr = start;
+    k->size = length;
+    k->mapped = 0;
+    if (try_merge(s, id, k->prev, p) < 0) return -1;
+    if (try_merge(s, id, s->b[id].next, p) < 0) return -1;
+    if (unm_insert(s, p, id) < 0) return -2;
+    s->reserved -= length;
+    s->num_device_free++;
+    return 0;
+}
+
+/* find_expandable_block: the lowest unmapped range (with the free block before it) with room for `size`;
+   else a new expandable segment */
+static int32_t find_expandable_block(State *s, Pool *p, int64_t size, int small, int64_t large_segment) {
+    for (Py_ssize_t i = 0; i < p->nunm; i++) {
+        int32_t c = p->unm[i];
+        int32_t q = s->b[c].prev;
+        if (q >= 0 && !s->b[q].allocated) c = q;
+        int64_t room = 0;
+        int32_t b = c;
+        while (room < size && b >= 0 && !s->b[b].allocated) {
+            room += s->b[b].size;
+            b = s->b[b].next;
+        }
+        if (room >= size) return c;
+    }
+    int64_t page = small ? SMALL_SEGMENT : large_segment;
+    if (s->nsegs == s->capsegs) {
+        Py_ssize_t cap = s->capsegs ? s->capsegs * 2 : 8;
+        Seg *a = PyMem_Realloc(s->segs, (size_t)cap * sizeof(Seg));
+        if (!a) return -2;
+        s->segs = a;
+        s->capsegs = cap;
+    }
+    Seg *g = &s->segs[s->nsegs];
+    g->base = s->next_addr;
+    g->page = page;
+    g->size = page * ((s->address_space + page - 1) / page);
+    s->next_addr += g->size + page;
+    int32_t c = new_block(s, g->size, g->base, small, -1, -1, (int32_t)s->nsegs, 0);
+    s->nsegs++;
+    if (c < 0 || unm_insert(s, p, c) < 0) return -2;
+    return c;
+}
+
+/* try_allocate_expandable_block: map pages at the lowest address with room; the block, out of the pool */
+static int32_t alloc_expandable(State *s, Pool *p, int64_t size, int small, int64_t large_segment) {
+    int32_t c = find_expandable_block(s, p, size, small, large_segment);
+    if (c < 0) return c;
+    if (!s->b[c].mapped) {
+        int64_t want = s->b[c].size < size ? s->b[c].size : size;
+        int r = map_block(s, c, want, p);
+        if (r == 0) PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map");
+        if (r <= 0) return r == -2 ? -2 : -1;
+    }
+    while (s->b[c].size < size) {
+        int32_t nxt = s->b[c].next;
+        if (nxt < 0 || s->b[nxt].mapped) {
+            PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped pages after the block");
+            return -1;
+        }
+        int64_t want = size - s->b[c].size;
+        if (s->b[nxt].size < want) want = s->b[nxt].size;
+        int r = map_block(s, nxt, want, p);
+        if (r == 0) PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map");
+        if (r <= 0) return r == -2 ? -2 : -1;
+        c = nxt;
+    }
+    pool_remove(p, c);
+    return c;
+}
+
+/* release_cached_blocks: give back every cached block that is a whole segment; with expandable segments,
+   unmap the whole free pages of every cached block (and drop a segment left wholly unmapped) */
+static int release_cached(State *s) {
+    Pool *pools[2] = {&s->large, &s->small};
+    for (int j = 0; j < 2; j++) {
+        Pool *p = pools[j];
+        Py_ssize_t n = p->n;
+        if (n == 0) continue;
+        int32_t *ids = PyMem_Malloc((size_t)n * 2 * sizeof(int32_t)); /* the blocks in order, and a stack */
+        if (!ids) return -2;
+        pool_ids(p, ids, ids + n);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int32_t id = ids[i];
+            if (!s->expandable) {
+                Blk *k = &s->b[id];
+                if (k->prev < 0 && k->next < 0) {
+                    pool_remove(p, id);
+                    s->reserved -= k->size;
+                    s->num_segments--;
+                    s->num_device_free++;
+                }
+                continue;
+            }
+            int r = unmap_block(s, id, p);
+            if (r < 0) {
+                PyMem_Free(ids);
+                return r;
+            }
+            Blk *k = &s->b[id];
+            if (k->prev < 0 && k->next < 0 && !k->mapped && unm_remove(s, p, k->addr) < 0) {
+                PyMem_Free(ids);
+                return -1;
+            }
+        }
+        PyMem_Free(ids);
+    }
+    return 0;
+}
+
+static int set_handle(State *s, int64_t h, int32_t id) {
+    if (h < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative handle");
+        return -1;
+    }
+    if (h >= s->nhandles) {
+        Py_ssize_t n = s->nhandles ? s->nhandles : 1024;
+        while (n <= h) n *= 2;
+        int32_t *a = PyMem_Realloc(s->handle, (size_t)n * sizeof(int32_t));
+        if (!a) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = s->nhandles; i < n; i++) a[i] = -1;
+        s->handle = a;
+        s->nhandles = n;
+    }
+    s->handle[h] = id;
+    return 0;
+}
+
+static void free_state(State *s) {
+    PyMem_Free(s->b);
+    PyMem_Free(s->small.a);
+    PyMem_Free(s->large.a);
+    PyMem_Free(s->small.unm);
+    PyMem_Free(s->large.unm);
+    PyMem_Free(s->handle);
+    PyMem_Free(s->segs);
+}
+
+/* get_free_block: the smallest free block large enough; expandable blocks compare by the size they could grow
+   to (themselves plus the unmapped pages right after them): one before unmapped pages is passed over when
+   a tighter one follows */
+static int32_t get_free_block(State *s, Pool *p, int64_t size) {
+    int32_t b = pool_lower(p, size);
+    if (b < 0 || !s->expandable) return b;
+#define GROW(x) (s->b[x].size + (s->b[x].next >= 0 && !s->b[s->b[x].next].mapped ? s->b[s->b[x].next].size : 0))
+    int64_t grow = GROW(b);
+    for (int32_t c = pool_next(p, b); c >= 0; c = pool_next(p, c)) {
+        int64_t cgrow = GROW(c);
+        if (cgrow >= grow) break;
+        b = c;
+        grow = cgrow;
+    }
+#undef GROW
+    return b;
+}
+
+static int nomem(int r) {
+    if (r == -2) PyErr_NoMemory();
+    return -1;
+}
+
+/* malloc of one request; returns 0, 1 when out of memory under the limit, -1 on error */
+static int do_malloc(State *s, int64_t h, int64_t nbytes, int64_t limit, int64_t large_segment) {
+    if (nbytes < 0 || nbytes > MAX_REQUEST || s->reserved > MAX_RESERVE) {
+        /* past what 64-bit figures hold safely: the caller falls back to the Python model (exact integers) */
+        PyErr_SetString(PyExc_OverflowError, "allocator replay: request or reserve too large for the compiled replay");
+        return -1;
+    }
+    int64_t size = nbytes < MIN_BLOCK ? MIN_BLOCK : (nbytes + 511) & ~511LL;
+    int small = size <= SMALL_REQUEST;
+    Pool *p = small ? &s->small : &s->large;
+    int32_t id;
+    id = get_free_block(s, p, size);
+    if (id >= 0) {
+        pool_remove(p, id);
+    } else {
+        int64_t alloc_size;
+        if (small)
+            alloc_size = SMALL_SEGMENT;
+        else if (size < MIN_LARGE_ALLOC)
+            alloc_size = large_segment;
+        else
+            alloc_size = (size + ROUND_LARGE - 1) / ROUND_LARGE * ROUND_LARGE;
+        if (s->reserved + alloc_size > limit) {
+            int r = release_cached(s);
+            if (r < 0) return nomem(r);
+            s->num_alloc_retries++;
+            if (s->reserved + alloc_size > limit) {
+                s->num_ooms++;
+                return 1;
+            }
+        }
+        if (s->expandable) {
+            id = alloc_expandable(s, p, size, small, large_segment);
+            if (id < 0) return nomem(id);
+        } else {
+            int64_t addr;
+            if (small) {
+                addr = s->next_addr;
+                s->next_addr += alloc_size;
+            } else {
+                s->down_addr -= alloc_size;
+                addr = s->down_addr;
+            }
+            id = new_block(s, alloc_size, addr, small, -1, -1, -1, 1);
+            if (id < 0) return nomem(-2);
+            s->reserved += alloc_size;
+            if (s->reserved > s->peak_reserved) s->peak_reserved = s->reserved;
+            s->num_segments++;
+            if (s->num_segments > s->peak_segments) s->peak_segments = s->num_segments;
+            s->num_device_alloc++;
+        }
+    }
+    Blk *k = &s->b[id];
+    int64_t remaining = k->size - size;
+    if ((small || s->expandable) ? remaining >= MIN_BLOCK : remaining > SMALL_REQUEST) {
+        int32_t nxt = k->next;
+        int32_t rest = new_block(s, remaining, k->addr + size, small, id, nxt, k->seg, 1);
+        if (rest < 0) return nomem(-2);
+        k = &s->b[id]; /* the array may have moved */
+        if (nxt >= 0) s->b[nxt].prev = rest;
+        k->next = rest;
+        k->size = size;
+        if (pool_insert(p, rest) < 0) return nomem(-2);
+    }
+    k->allocated = 1;
+    k->requested = nbytes;
+    s->allocated += k->size;
+    s->requested += nbytes;
+    s->num_allocations++;
+    if (s->allocated > s->peak_allocated) s->peak_allocated = s->allocated;
+    if (s->requested > s->peak_requested) s->peak_requested = s->requested;
+    return set_handle(s, h, id);
+}
+
+static int do_free(State *s, int64_t h) {
+    if (h < 0 || h >= s->nhandles || s->handle[h] < 0) {
+        PyErr_Format(PyExc_KeyError, "%lld", (long long)h);
+        return -1;
+    }
+    int32_t id = s->handle[h];
+    s->handle[h] = -1;
+    Blk *k = &s->b[id];
+    if (!k->allocated) {
+        PyErr_SetString(PyExc_ValueError, "block freed twice");
+        return -1;
+    }
+    Pool *p = k->small ? &s->small : &s->large;
+    k->allocated = 0;
+    s->allocated -= k->size;
+    s->requested -= k->requested;
+    s->num_allocations--;
+    k->requested = 0;
+    int32_t prev = k->prev;
+    if (prev >= 0 && !s->b[prev].allocated && s->b[prev].mapped) {
+        Blk *q = &s->b[prev];
+        pool_remove(p, prev);
+        k->addr = q->addr;
+        k->size += q->size;
+        k->prev = q->prev;
+        if (q->prev >= 0) s->b[q->prev].next = id;
+    }
+    int32_t nxt = k->next;
+    if (nxt >= 0 && !s->b[nxt].allocated && s->b[nxt].mapped) {
+        Blk *q = &s->b[nxt];
+        pool_remove(p, nxt);
+        k->size += q->size;
+        k->next = q->next;
+        if (q->next >= 0) s->b[q->next].prev = id;
+    }
+    if (pool_insert(p, id) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int64_t item_int(PyObject *t, Py_ssize_t i) {
+    return PyLong_AsLongLong(PyTuple_GET_ITEM(t, i));
+}
+
+PyDoc_STRVAR(replay_doc,
+"replay(ops, limit, large_segment_bytes, expandable, address_space_bytes) -> (index, allocated, reserved,\n"
+"requested, peak_allocated, peak_reserved, peak_requested, num_segments, peak_segments, num_allocations,\n"
+"num_alloc_retries, num_ooms, num_device_alloc, num_device_free)\n\n"
+"CachingAllocatorModel(limit, on_oom='raise').run(ops) for the default allocator setting, or with\n"
+"expandable_segments (an expandable segment spanning address_space_bytes): index is that of the request\n"
+"that ran out of memory under limit (None: no limit), -1 when every operation ran.");
+
+static PyObject *replay(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ops, *limit_obj;
+    long long large_segment, address_space;
+    int expandable;
+    if (!PyArg_ParseTuple(args, "O!OLpL", &PyList_Type, &ops, &limit_obj, &large_segment, &expandable,
+                          &address_space))
+        return NULL;
+    if (large_segment <= MIN_LARGE_ALLOC || address_space <= 0) {
+        PyErr_SetString(PyExc_ValueError, "large_segment_bytes must be over 10 MiB and address_space_bytes > 0");
+        return NULL;
+    }
+    int64_t limit = INT64_MAX;
+    if (limit_obj != Py_None) {
+        limit = PyLong_AsLongLong(limit_obj);
+        if (limit == -1 && PyErr_Occurred()) return NULL;
+    }
+    State s;
+    memset(&s, 0, sizeof s);
+    s.next_addr = 1LL << 20;
+    s.down_addr = 1LL << 62;
+    s.expandable = expandable;
+    s.small.owner = s.large.owner = &s;
+    s.small.root = s.large.root = -1;
+    s.address_space = address_space;
+    Py_ssize_t n = PyList_GET_SIZE(ops), idx, failed = -1;
+    for (idx = 0; idx < n; idx++) {
+        PyObject *op = PyList_GET_ITEM(ops, idx);
+        if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) < 1) {
+            PyErr_SetString(PyExc_TypeError, "an operation must be a tuple (kind, ...)");
+            goto error;
+        }
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
+        if (kind == 0) {
+            if (PyTuple_GET_SIZE(op) < 3) {
+                PyErr_SetString(PyExc_TypeError, "a malloc is (0, handle, bytes, ...)");
+                goto error;
+            }
+            int64_t h = item_int(op, 1), nbytes = item_int(op, 2);
+            if (PyErr_Occurred()) goto error;
+            int r = do_malloc(&s, h, nbytes, limit, large_segment);
+            if (r < 0) goto error;
+            if (r == 1) {
+                failed = idx;
+                break;
+            }
+        } else if (kind == 1) {
+            if (PyTuple_GET_SIZE(op) < 2) {
+                PyErr_SetString(PyExc_TypeError, "a free is (1, handle)");
+                goto error;
+            }
+            int64_t h = item_int(op, 1);
+            if (PyErr_Occurred()) goto error;
+            if (do_free(&s, h) < 0) goto error;
+        } else if (kind == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+    }
+    free_state(&s);
+    return Py_BuildValue("(nLLLLLLLLLLLLL)", failed, (long long)s.allocated, (long long)s.reserved,
+                         (long long)s.requested, (long long)s.peak_allocated, (long long)s.peak_reserved,
+                         (long long)s.peak_requested, (long long)s.num_segments, (long long)s.peak_segments,
+                         (long long)s.num_allocations, (long long)s.num_alloc_retries, (long long)s.num_ooms,
+                         (long long)s.num_device_alloc, (long long)s.num_device_free);
+error:
+    free_state(&s);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"replay", replay, METH_VARARGS, replay_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "memfit.allocator._replay",
+    "The allocator model's replay, compiled, for the default setting and expandable segments (see _replay.c).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__replay(void) {
+    return PyModule_Create(&module);
+}
