@@ -10,7 +10,8 @@ at each start).
     python benchmarks/estimate_speed.py [--src DIR] [--repeats N] [--cpu-time]
 
 ``--src`` times another checkout's ``src`` (to compare before/after under the same load);
-``MEMFIT_FULL_REPLAY=1`` times the full event-by-event replay. ``--cpu-time`` reports the CPU time of the
+``MEMFIT_FULL_REPLAY=1`` times the full event-by-event replay; ``MEMFIT_PURE_PYTHON=1`` the Python versions of the
+compiled parts (the allocator replay of ``allocator/_replay.c``, the stream helpers of ``estimator/_events.c``). ``--cpu-time`` reports the CPU time of the
 process (and of the cold shells, their CPU time) instead of the wall clock: on a machine shared with other
 work, time spent waiting for a core is left out, so two checkouts compare more steadily.
 """

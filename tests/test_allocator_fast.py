@@ -170,3 +170,42 @@ def test_thousands_of_free_blocks_match_the_model(setting):
     for frac in (0.3, 0.7, 0.9, 0.99):
         cap = int(peak * frac)
         assert _compiled(ops, cap, cfg) == _python(ops, cap, cfg), frac
+
+
+def _recorded_runs():
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "validation" / "records" / "allocator-cases-h200.json"
+    rec = json.loads(path.read_text())
+    steps = {c["name"]: c["steps"] for c in rec["cases"]}
+    for run in rec["runs"]:
+        if run["alloc_conf"] not in ("", "expandable_segments:True"):
+            continue
+        for case in run["cases"]:
+            if any(s[0] == "e" for s in steps[case["name"]]):  # empty_cache(): not an operation of a stream
+                continue
+            yield run, case, steps[case["name"]]
+
+
+@needs_compiled
+def test_the_compiled_replay_is_the_real_allocator_on_the_h200_record():
+    """validation/records/allocator-cases-h200.json: PyTorch's allocator (torch 2.11, H200) on scripted
+    sequences, with and without a cap. The compiled replay ends where the real run first ran out of memory,
+    with its allocated and reserved bytes and retries there; without one, with its final figures and peak."""
+    seen = 0
+    for run, case, steps in _recorded_runs():
+        ops = [(0, s[1], s[2], "x") if s[0] == "a" else (1, s[1]) for s in steps]
+        r = replay_ops(ops, case["allowed_bytes"], config=AllocatorConfig.from_env_string(run["alloc_conf"]),
+                       device_total_bytes=run["device_total_bytes"])
+        assert r.compiled
+        rows = case["rows"]  # allocated, reserved, segments, retries, ..., oom: after each step
+        oom = next((i for i, row in enumerate(rows) if row[-1]), None)
+        where = (run["config_name"], run["capped"], case["name"])
+        if oom is None:
+            assert (r.index, r.allocated, r.reserved, r.peak_reserved) == (
+                -1, rows[-1][0], rows[-1][1], case["peaks"]["reserved_bytes.all.peak"]), where
+        else:
+            assert (r.index, r.allocated, r.reserved, r.num_alloc_retries) == (
+                oom, rows[oom][0], rows[oom][1], rows[oom][3]), where
+        seen += 1
+    assert seen == 24

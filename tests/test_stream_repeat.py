@@ -20,7 +20,8 @@ from memfit.models import list_models, load_model
 
 MODELS = [m["name"] if isinstance(m, dict) else m for m in list_models()]
 JOBS = [dict(), dict(method="lora", gradient_checkpointing=True), dict(method="qlora", gradient_checkpointing=True),
-        dict(precision="bf16-true", attention="eager"), dict(task="infer", new_tokens=6, batch_size=3)]
+        dict(precision="bf16-true", attention="eager"), dict(task="infer", new_tokens=6, batch_size=3),
+        dict(task="infer", new_tokens=0, precision="bf16-true", attention="eager")]
 
 
 def _built(spec, job):

@@ -336,11 +336,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     # gradients, tensor by tensor, and the moment each arrives in backward
     if job.is_lora:
         per_layer = st.trainable_bytes(spec, job) / max(1, L)
-        layer_grads = [_scaled([x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])], per_layer) for bi in layers]
+        by_block = {bi: _scaled([x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])], per_layer) for bi in set(layers)}
+        layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
         head_grads: list[float] = []
         embed_grads: list[float] = []
     else:
-        layer_grads = [[x * pb for x in _block_param_elems(spec, spec.blocks[bi])] for bi in layers]
+        by_block = {bi: [x * pb for x in _block_param_elems(spec, spec.blocks[bi])] for bi in set(layers)}
+        layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
         head_grads = [x * pb for x in ([spec.head_params] if spec.head_params else []) +
                       ([spec.final_params] if spec.final_params else [])]
         if spec.tie_word_embeddings and lm:
@@ -471,7 +473,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                         cin = carry
                         caches.append([h + d if h >= 0 else -1 for h in c_t])
                         kept.append([cin if h == cin_t else (h + d if h >= 0 else -1) for h in mine_t])
-                        kept_at.append({j: h + d if h >= 0 else -1 for j, h in at_t.items()})
+                        # kept_at is read by the math kernel's softmax backward only (the template's, unread, else)
+                        kept_at.append({j: h + d if h >= 0 else -1 for j, h in at_t.items()} if bi in math_back
+                                       else at_t)
                         carry = cout_t + d if cout_t >= 0 else -1
                         fwd = (sig, at, caches[-1], kept[-1], kept_at[-1], cin, carry)
                         continue
@@ -947,11 +951,29 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         rope = fw.rope_tables(s, spec, sh)
         x = emb
         kv: list[list[int]] = []
+        before = None  # the layer before, for Stream.repeat: (signature, mark, its input, its output, its cache)
         for i, bi in enumerate(layers):
             kvb = tuple(B * n for n in _kv_layer_bytes(spec, job, bi, P, prefill=True))
+            if _REPEAT_LAYERS:
+                # a layer of the same block, cache sizes and input rule as the one before emits its stretch again
+                # (the one tensor from before it that it frees is its input)
+                sig = (bi, kvb, i > 0)
+                at = s.mark()
+                if before is not None and before[0] == sig:
+                    _, mark, x_t, out_t, cached_t = before
+                    made = out_t >= mark[1] and all(h < 0 or h >= mark[1] for h in cached_t)  # in the stretch
+                    d = s.repeat(mark, {x_t: x}) if made else None
+                    if d is not None:
+                        before = (sig, at, x, out_t + d, [h + d if h >= 0 else -1 for h in cached_t])
+                        x = before[3]
+                        kv.append(before[4])
+                        continue
+            x_in = x
             x, cached = fw.decoder_layer(s, spec, spec.blocks[bi], sh, x, kvb, free_input=i > 0,
                                          moe_width=moe_width[bi])
             kv.append(cached)
+            if _REPEAT_LAYERS:
+                before = (sig, at, x_in, x, cached)
         hn = fw.norm(s, T * H, sh, final_norm)
         if x != emb:
             s.free(x)
@@ -970,12 +992,13 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         s.free(hn)
         out.append(s.alloc(B * V * 4, "logits_and_loss"))
         s.phase("decode")
+        step_transient = layer_transient(B)  # the same every step
         for step in range(1, N):
             length = P + step
             # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
             # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
             # scales k^T: three context-long tensors)
-            tmp = [s.alloc(x, "activations") for x in layer_transient(B) + math_kv(length)]
+            tmp = s.alloc_all(step_transient + math_kv(length), "activations")
             sizes_of: dict[int, list] = {}  # the layers of one block grow by the same sizes: computed once a step
             if not gathers:
                 for bi in blocks_used:

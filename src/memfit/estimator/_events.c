@@ -25,6 +25,17 @@
 #include <limits.h>
 #include <math.h>
 
+/* An operation tuple holds ints and a str only: it can be in no reference cycle, so the cyclic garbage
+   collector need not track it (CPython untracks such tuples itself, but only once a collection has visited
+   them: with streams of tens of thousands of tuples those visits were a third of the build's time). */
+static void untrack_if_atomic(PyObject *t) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
+        PyObject *x = PyTuple_GET_ITEM(t, i);
+        if (!PyLong_CheckExact(x) && !PyUnicode_CheckExact(x)) return;
+    }
+    PyObject_GC_UnTrack(t);
+}
+
 static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ops, *outside;
@@ -64,6 +75,7 @@ static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
             Py_INCREF(b);
             PyTuple_SET_ITEM(t, 2, a);
             PyTuple_SET_ITEM(t, 3, b);
+            untrack_if_atomic(t);
         } else if (kind == 1 && PyTuple_GET_SIZE(op) == 2) {
             PyObject *nh;
             if (h >= first) {
@@ -85,6 +97,7 @@ static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
             Py_INCREF(kind_free);
             PyTuple_SET_ITEM(t, 0, kind_free);
             PyTuple_SET_ITEM(t, 1, nh);
+            untrack_if_atomic(t);
         } else {
             goto refuse;
         }
@@ -123,6 +136,7 @@ static PyObject *append_alloc(PyObject *ops, PyObject *size, PyObject *comp, PyO
     PyTuple_SET_ITEM(t, 2, n);
     Py_INCREF(component);
     PyTuple_SET_ITEM(t, 3, component);
+    untrack_if_atomic(t);
     int bad = PyList_Append(ops, t) || PyList_Append(size, n) || PyList_Append(comp, component) ||
               PyList_Append(delta, n);
     Py_DECREF(t);
@@ -230,6 +244,7 @@ static PyObject *regrow(PyObject *self, PyObject *args) {
             PyTuple_SET_ITEM(t, 0, kind_free);
             Py_INCREF(o);
             PyTuple_SET_ITEM(t, 1, o);
+            untrack_if_atomic(t);
             PyObject *sz = PyList_GET_ITEM(size, (Py_ssize_t)oh), *neg;
             int overflow = 0;
             long long v = PyLong_AsLongLongAndOverflow(sz, &overflow);
