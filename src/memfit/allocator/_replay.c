@@ -93,6 +93,19 @@ struct State {
     Py_ssize_t nsegs, capsegs;
 };
 
+/* room for `need` elements of `elem` bytes in the array *a of capacity *cap (doubling, from `first`);
+   0, or -1 when the memory is not there */
+static int grow(void **a, Py_ssize_t *cap, Py_ssize_t need, size_t elem, Py_ssize_t first) {
+    if (need <= *cap) return 0;
+    Py_ssize_t n = *cap ? *cap : first;
+    while (n < need) n *= 2;
+    void *b = PyMem_Realloc(*a, (size_t)n * elem);
+    if (!b) return -1;
+    *a = b;
+    *cap = n;
+    return 0;
+}
+
 static inline int key_less(const Blk *b, int32_t x, int64_t size, int64_t addr) {
     return b[x].size < size || (b[x].size == size && b[x].addr < addr);
 }
@@ -159,13 +172,7 @@ static int pool_insert(Pool *p, int32_t id) {
         if (p->n >= TREAP_FROM) {
             to_treap(p);
         } else {
-            if (p->n == p->cap) {
-                Py_ssize_t cap = p->cap ? p->cap * 2 : 64;
-                Ent *a = PyMem_Realloc(p->a, (size_t)cap * sizeof(Ent));
-                if (!a) return -1;
-                p->a = a;
-                p->cap = cap;
-            }
+            if (grow((void **)&p->a, &p->cap, p->n + 1, sizeof(Ent), 64) < 0) return -1;
             Py_ssize_t i = arr_lower(p, b[id].size, b[id].addr);
             memmove(p->a + i + 1, p->a + i, (size_t)(p->n - i) * sizeof(Ent));
             p->a[i].size = b[id].size;
@@ -259,13 +266,7 @@ static Py_ssize_t pool_ids(const Pool *p, int32_t *out, int32_t *stack) {
 
 static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_t prev, int32_t next, int32_t seg,
                          int mapped) {
-    if (s->n == s->cap) {
-        Py_ssize_t cap = s->cap ? s->cap * 2 : 1024;
-        Blk *b = PyMem_Realloc(s->b, (size_t)cap * sizeof(Blk));
-        if (!b) return -1;
-        s->b = b;
-        s->cap = cap;
-    }
+    if (grow((void **)&s->b, &s->cap, s->n + 1, sizeof(Blk), 1024) < 0) return -1;
     Blk *k = &s->b[s->n];
     k->size = size;
     k->addr = addr;
@@ -301,13 +302,7 @@ static Py_ssize_t unm_lower(const State *s, const Pool *p, int64_t addr) {
 }
 
 static int unm_insert(State *s, Pool *p, int32_t id) {
-    if (p->nunm == p->capunm) {
-        Py_ssize_t cap = p->capunm ? p->capunm * 2 : 16;
-        int32_t *a = PyMem_Realloc(p->unm, (size_t)cap * sizeof(int32_t));
-        if (!a) return -1;
-        p->unm = a;
-        p->capunm = cap;
-    }
+    if (grow((void **)&p->unm, &p->capunm, p->nunm + 1, sizeof(int32_t), 16) < 0) return -1;
     Py_ssize_t i = unm_lower(s, p, s->b[id].addr);
     memmove(p->unm + i + 1, p->unm + i, (size_t)(p->nunm - i) * sizeof(int32_t));
     p->unm[i] = id;
@@ -436,13 +431,7 @@ static int32_t find_expandable_block(State *s, Pool *p, int64_t size, int small,
         if (room >= size) return c;
     }
     int64_t page = small ? SMALL_SEGMENT : large_segment;
-    if (s->nsegs == s->capsegs) {
-        Py_ssize_t cap = s->capsegs ? s->capsegs * 2 : 8;
-        Seg *a = PyMem_Realloc(s->segs, (size_t)cap * sizeof(Seg));
-        if (!a) return -2;
-        s->segs = a;
-        s->capsegs = cap;
-    }
+    if (grow((void **)&s->segs, &s->capsegs, s->nsegs + 1, sizeof(Seg), 8) < 0) return -2;
     Seg *g = &s->segs[s->nsegs];
     g->base = s->next_addr;
     g->page = page;
@@ -526,16 +515,12 @@ static int set_handle(State *s, int64_t h, int32_t id) {
         return -1;
     }
     if (h >= s->nhandles) {
-        Py_ssize_t n = s->nhandles ? s->nhandles : 1024;
-        while (n <= h) n *= 2;
-        int32_t *a = PyMem_Realloc(s->handle, (size_t)n * sizeof(int32_t));
-        if (!a) {
+        Py_ssize_t was = s->nhandles;
+        if (grow((void **)&s->handle, &s->nhandles, (Py_ssize_t)h + 1, sizeof(int32_t), 1024) < 0) {
             PyErr_NoMemory();
             return -1;
         }
-        for (Py_ssize_t i = s->nhandles; i < n; i++) a[i] = -1;
-        s->handle = a;
-        s->nhandles = n;
+        for (Py_ssize_t i = was; i < s->nhandles; i++) s->handle[i] = -1;
     }
     s->handle[h] = id;
     return 0;

@@ -52,10 +52,10 @@ large-pool cases drift from the real allocator after a few hundred steps).
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
+from ..compiled import load as load_compiled
 from ..errors import MemfitError
 from .config import (MIN_BLOCK_BYTES, MIN_LARGE_ALLOC_BYTES, ROUND_LARGE_BYTES, SMALL_REQUEST_BYTES,
                      SMALL_SEGMENT_BYTES, AllocatorConfig, format_size, round_size)
@@ -915,20 +915,8 @@ class ReplayStats:
     compiled: bool = False
 
 
-def _load_compiled():
-    """``memfit.allocator._replay`` (src/memfit/allocator/_replay.c, built by ``pip install``), or None where it
-    was not built or ``MEMFIT_PURE_PYTHON=1`` asks for the Python model only."""
-    if os.environ.get("MEMFIT_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from . import _replay
-    except ImportError:
-        return None
-    return _replay
-
-
 #: the compiled replay (None: the Python model replays everything); tests set it to compare the two
-COMPILED = _load_compiled()
+COMPILED = load_compiled("memfit.allocator._replay")
 
 #: limits at or above this are no limit for the compiled replay (its figures are 64-bit)
 _NO_LIMIT = 1 << 62

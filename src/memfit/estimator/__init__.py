@@ -215,8 +215,8 @@ def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) ->
 #: measure engine), the next is the steady state the reference peak is taken over.
 TRAIN_STEPS = 2
 
-#: copy identical layers' stretches of the training stream instead of building each (off: every layer built;
-#: the tests compare the two)
+#: copy identical layers' stretches of the stream (training's forward and backward, inference's prefill) instead
+#: of building each (off: every layer built; tests/test_stream_repeat.py compares the two)
 _REPEAT_LAYERS = True
 
 
@@ -914,7 +914,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                  for bi, b in enumerate(spec.blocks)}
     decode_gathers = {bi: _decode_expert_gathers(spec, b, B, e) for bi, b in enumerate(spec.blocks)}
     gathers = any(decode_gathers[bi] for bi in layers)  # else each step's cache growth is one Stream.regrow
-    blocks_used = sorted(set(layers), key=list(layers).index)
+    blocks_used = list(dict.fromkeys(layers))  # the blocks the layers use, in first-use order
     final_norm = spec.blocks[layers[-1]].norm if layers else "rms"
     vocab_out = V if spec.head in ("causal_lm", "masked_lm") else 0
     s.phase("load")
@@ -999,16 +999,12 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
             # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
             # scales k^T: three context-long tensors)
             tmp = s.alloc_all(step_transient + math_kv(length), "activations")
-            sizes_of: dict[int, list] = {}  # the layers of one block grow by the same sizes: computed once a step
-            if not gathers:
-                for bi in blocks_used:
-                    sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]
+            # the layers of one block grow by the same sizes: computed once a step
+            sizes_of = {bi: [B * x for x in _kv_layer_bytes(spec, job, bi, length)] for bi in blocks_used}
+            if not gathers:  # every layer's growth in one call
                 s.regrow(kv, [sizes_of[bi] for bi in layers], "kv_cache")
-            for i, bi in enumerate(layers if gathers else ()):
-                sizes = sizes_of.get(bi)
-                if sizes is None:
-                    sizes = sizes_of[bi] = [B * x for x in _kv_layer_bytes(spec, job, bi, length)]
-                new = [s.alloc(x, "kv_cache") for x in sizes]
+            for i, bi in enumerate(layers if gathers else ()):  # MoE expert gathers between the layers' growth
+                new = s.alloc_all(sizes_of[bi], "kv_cache")
                 s.free_all(kv[i])
                 kv[i] = new
                 if decode_gathers[bi]:

@@ -36,6 +36,20 @@ static void untrack_if_atomic(PyObject *t) {
     PyObject_GC_UnTrack(t);
 }
 
+/* a new operation tuple: (kind, h, n, component), or (kind, h) when n is NULL (the arguments borrowed) */
+static PyObject *op_tuple(PyObject *kind, PyObject *h, PyObject *n, PyObject *component) {
+    PyObject *items[4] = {kind, h, n, component};
+    Py_ssize_t k = n ? 4 : 2;
+    PyObject *t = PyTuple_New(k);
+    if (!t) return NULL;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(t, i, items[i]);
+    }
+    untrack_if_atomic(t);
+    return t;
+}
+
 static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ops, *outside;
@@ -62,20 +76,8 @@ static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
         if (kind == 0 && PyTuple_GET_SIZE(op) == 4) {
             PyObject *nh = PyLong_FromLongLong(h + offset);
             if (!nh) goto error;
-            t = PyTuple_New(4);
-            if (!t) {
-                Py_DECREF(nh);
-                goto error;
-            }
-            Py_INCREF(kind_alloc);
-            PyTuple_SET_ITEM(t, 0, kind_alloc);
-            PyTuple_SET_ITEM(t, 1, nh);
-            PyObject *a = PyTuple_GET_ITEM(op, 2), *b = PyTuple_GET_ITEM(op, 3);
-            Py_INCREF(a);
-            Py_INCREF(b);
-            PyTuple_SET_ITEM(t, 2, a);
-            PyTuple_SET_ITEM(t, 3, b);
-            untrack_if_atomic(t);
+            t = op_tuple(kind_alloc, nh, PyTuple_GET_ITEM(op, 2), PyTuple_GET_ITEM(op, 3));
+            Py_DECREF(nh);
         } else if (kind == 1 && PyTuple_GET_SIZE(op) == 2) {
             PyObject *nh;
             if (h >= first) {
@@ -89,18 +91,12 @@ static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
                 }
                 Py_INCREF(nh);
             }
-            t = PyTuple_New(2);
-            if (!t) {
-                Py_DECREF(nh);
-                goto error;
-            }
-            Py_INCREF(kind_free);
-            PyTuple_SET_ITEM(t, 0, kind_free);
-            PyTuple_SET_ITEM(t, 1, nh);
-            untrack_if_atomic(t);
+            t = op_tuple(kind_free, nh, NULL, NULL);
+            Py_DECREF(nh);
         } else {
             goto refuse;
         }
+        if (!t) goto error;
         PyList_SET_ITEM(out, i - start, t);
     }
     Py_DECREF(kind_alloc);
@@ -123,20 +119,11 @@ static PyObject *append_alloc(PyObject *ops, PyObject *size, PyObject *comp, PyO
                               PyObject *n, PyObject *component, PyObject *kind_alloc) {
     PyObject *hobj = PyLong_FromLongLong(h);
     if (!hobj) return NULL;
-    PyObject *t = PyTuple_New(4);
+    PyObject *t = op_tuple(kind_alloc, hobj, n, component);
     if (!t) {
         Py_DECREF(hobj);
         return NULL;
     }
-    Py_INCREF(kind_alloc);
-    PyTuple_SET_ITEM(t, 0, kind_alloc);
-    Py_INCREF(hobj);
-    PyTuple_SET_ITEM(t, 1, hobj);
-    Py_INCREF(n);
-    PyTuple_SET_ITEM(t, 2, n);
-    Py_INCREF(component);
-    PyTuple_SET_ITEM(t, 3, component);
-    untrack_if_atomic(t);
     int bad = PyList_Append(ops, t) || PyList_Append(size, n) || PyList_Append(comp, component) ||
               PyList_Append(delta, n);
     Py_DECREF(t);
@@ -235,16 +222,11 @@ static PyObject *regrow(PyObject *self, PyObject *args) {
                 PyErr_SetString(PyExc_IndexError, "a held handle the stream never made");
                 goto error;
             }
-            PyObject *t = PyTuple_New(2);
+            PyObject *t = op_tuple(kind_free, o, NULL, NULL);
             if (!t) {
                 Py_DECREF(fresh);
                 goto error;
             }
-            Py_INCREF(kind_free);
-            PyTuple_SET_ITEM(t, 0, kind_free);
-            Py_INCREF(o);
-            PyTuple_SET_ITEM(t, 1, o);
-            untrack_if_atomic(t);
             PyObject *sz = PyList_GET_ITEM(size, (Py_ssize_t)oh), *neg;
             int overflow = 0;
             long long v = PyLong_AsLongLongAndOverflow(sz, &overflow);

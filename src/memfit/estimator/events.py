@@ -21,6 +21,8 @@ from dataclasses import replace as replace_
 from itertools import accumulate, compress
 from operator import itemgetter
 
+from ..compiled import load as load_compiled
+
 __all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
 
@@ -43,20 +45,8 @@ _ALLOC, _FREE, _PHASE, _RESET = 0, 1, 2, 3
 _FULL_REPLAY = os.environ.get("MEMFIT_FULL_REPLAY", "") not in ("", "0")
 
 
-def _load_compiled():
-    """``memfit.estimator._events`` (``_events.c``, built by ``pip install``), or None where it was not built or
-    ``MEMFIT_PURE_PYTHON=1`` asks for Python only."""
-    if os.environ.get("MEMFIT_PURE_PYTHON", "") not in ("", "0"):
-        return None
-    try:
-        from . import _events
-    except ImportError:
-        return None
-    return _events
-
-
 #: the compiled stream helpers (None: their Python versions); tests set it to compare the two
-_COMPILED = _load_compiled()
+_COMPILED = load_compiled("memfit.estimator._events")
 
 
 #: bitsandbytes' LLM.int8 matmul runs through its own cuBLASLt context (``functional.CUBLAS_Context.get_context``:
