@@ -24,14 +24,14 @@ SETTINGS = {"default": AllocatorConfig(), "expandable": AllocatorConfig(expandab
             "expandable, 64 MiB pages": AllocatorConfig(expandable_segments=True, large_segment_bytes=64 << 20)}
 
 
-def _python(ops, capacity, cfg=None, total=None):
-    m = CachingAllocatorModel(capacity, config=cfg, on_oom="raise", device_total_bytes=total)
+def _python(ops, capacity, cfg=None, total=None, order="down"):
+    m = CachingAllocatorModel(capacity, config=cfg, on_oom="raise", device_total_bytes=total, large_addresses=order)
     index = m.run(ops)
     return (index, *(getattr(m, k) for k in allocator_model._STATS))
 
 
-def _compiled(ops, capacity, cfg=None, total=None):
-    r = replay_ops(ops, capacity, config=cfg, device_total_bytes=total)
+def _compiled(ops, capacity, cfg=None, total=None, order="down"):
+    r = replay_ops(ops, capacity, config=cfg, device_total_bytes=total, large_addresses=order)
     assert r.compiled
     return (r.index, *(getattr(r, k) for k in allocator_model._STATS))
 
@@ -88,6 +88,29 @@ def test_random_streams_match_the_model(seed, setting):
 
 
 @needs_compiled
+@pytest.mark.parametrize("seed", range(20))
+def test_increasing_large_addresses_match_the_model(seed):
+    """``large_addresses="up"`` (the fit verdict's second order for training runs): compiled and Python agree,
+    and the order changes which equal-size block a request takes, not what is asked for."""
+    rng = random.Random(1000 + seed)
+    ops = _random_ops(rng, rng.choice((400, 3000)))
+    free_run = _python(ops, None, order="up")
+    assert _compiled(ops, None, order="up") == free_run
+    k = 1 + allocator_model._STATS.index("peak_requested")
+    assert free_run[k] == _python(ops, None)[k]  # the same requests either way (blocks may round differently)
+    peak = free_run[5]
+    for cap in (1 << 20, peak // 2, peak - (2 << 20), peak - 1, peak):
+        assert _compiled(ops, cap, order="up") == _python(ops, cap, order="up"), cap
+
+
+def test_large_addresses_is_checked():
+    with pytest.raises(ValueError, match="large_addresses"):
+        CachingAllocatorModel(None, large_addresses="sideways")
+    with pytest.raises(ValueError, match="large_addresses"):
+        replay_ops([], None, large_addresses="sideways")
+
+
+@needs_compiled
 @pytest.mark.parametrize("setting", ["default", "expandable"])
 @pytest.mark.parametrize("model,kw", [("llama-3.2-1b", {}),
                                       ("qwen2.5-0.5b", {"method": "lora", "gradient_checkpointing": True}),
@@ -102,6 +125,8 @@ def test_estimator_streams_match_the_model(model, kw, setting):
     for frac in (0.5, 0.8, 0.9, 0.95, 0.99, 1.0):
         cap = int(peak * frac)
         assert _compiled(ops, cap, cfg) == _python(ops, cap, cfg), frac
+        if setting == "default":
+            assert _compiled(ops, cap, cfg, order="up") == _python(ops, cap, cfg, order="up"), frac
 
 
 def test_other_settings_use_the_python_model():

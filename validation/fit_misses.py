@@ -13,7 +13,7 @@
    addresses cudaMalloc handed the segments, which the allocator model cannot know: it gives new large segments
    decreasing addresses (:mod:`memfit.allocator.model`). Each record's trials are replayed (one call, at the
    record's measured allocator limit) twice: with the model as it is, and with new large segments at increasing
-   addresses instead (a subclass defined here, for this diagnosis only). Where the two disagree the verdict rests
+   addresses instead (``large_addresses="up"``, which the fit verdict of a training run also replays). Where the two disagree the verdict rests
    on the tie-break; the measured trial (its position in the search: trial 0 is the first in its process) says
    which order the driver gave that run.
 2. **The parity of the decode-512 non-monotone stretch** (qwen2.5-1.5b, 16 GiB): the new segments the replay
@@ -49,33 +49,6 @@ RECORDS = [REPO / "validation" / "records" / "h200-boundaries.json",
            REPO / "validation" / "records" / "h200-boundaries-2.json"]
 TIES = {"llama-3.1-8b-prefill-2k": [14, 15, 16, 17], "qwen2.5-1.5b-decode-512": [229, 230, 231, 232, 233],
         "h2-qwen3-1.7b-generate-512": [126, 127, 128, 129]}
-
-
-class IncreasingAddresses(CachingAllocatorModel):
-    """The allocator model with new large-pool segments at increasing addresses (the other order a driver may
-    give them); every other rule as the model's. Replays one malloc/free at a time (the model's fast loop hardcodes
-    the decreasing order). For this diagnosis only."""
-
-    def _alloc_block(self, pool, size, alloc_size, retry, force=False):
-        if pool.small or self._expandable:
-            return super()._alloc_block(pool, size, alloc_size, retry, force)
-        if retry:
-            self.num_alloc_retries += 1
-        if not force and self.capacity_bytes is not None and self.reserved + alloc_size > self.capacity_bytes:
-            return None
-        addr = getattr(self, "_up_addr", 1 << 50)
-        self._up_addr = addr + alloc_size
-        block = Block(alloc_size, addr, False)
-        self._segments[addr] = block
-        self.reserved += alloc_size
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        self.num_segments += 1
-        self.peak_segments = max(self.peak_segments, self.num_segments)
-        self.num_device_alloc += 1
-        return block
-
-    def run(self, ops, blocks=None):
-        return self._run_generic(ops, {} if blocks is None else blocks)
 
 
 def records() -> dict[str, dict]:
@@ -120,7 +93,7 @@ def tie_breaks(recs: dict[str, dict]) -> None:
         for b in batches:
             s = _stream(spec, job.replace(batch_size=b), fit=True)[0]
             down = replay(s, capacity_bytes=limit)
-            up = IncreasingAddresses(limit, on_oom="raise")
+            up = CachingAllocatorModel(limit, on_oom="raise", large_addresses="up")
             up_ok = up.run(s.ops) < 0
             k, t = trials.get(b, (None, None))
             meas = (f"measured (trial {k}) {'fits' if t['ok'] else 'fails'} {t['peak_reserved_bytes'] / GiB:7.3f} GiB"

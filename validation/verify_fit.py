@@ -9,7 +9,8 @@ both engines run (``veto`` = min(estimate, search)), on all pairs, on the held-o
 
     PYTHONPATH=src python validation/verify_fit.py [--out validation/verify-fit.json] [--only NAME ...]
 
-Each pair's traces are written to the output as they finish, so a rerun skips pairs already there.
+Each pair's traces are written to the output as they finish, so a rerun skips pairs already there;
+``--refresh-estimates`` then brings their estimate column up to the estimator as it is (the trace's answers stay).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "validation" / "verify-fit.json"))
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--refresh-estimates", action="store_true",
+                    help="recompute the estimate's answer of the pairs kept in --out (the traces, which do not depend "
+                         "on the estimator, are kept) and write them back")
     args = ap.parse_args()
     from memfit.tracer.verify import verified_max_batch_size
 
@@ -60,6 +64,9 @@ def main() -> int:
             continue
         if row["name"] in done:
             r = done[row["name"]]
+            if args.refresh_estimates and r["estimate"] != row["memfit"]:
+                r["estimate"] = row["memfit"]  # score_pair's answer: memfit.max_batch_size on the record's card
+                out_path.write_text(json.dumps(list(done.values()), indent=1))
             rows.append(r)
             print(f"{r['name']:44s} card {r['card_gib']:5.1f}  real {r['measured']:4d}  estimate {r['estimate']:4d}  "
                   f"verified {r['verified']:4d}  traces {len(r['trials'])}  (kept from {out_path.name})", flush=True)

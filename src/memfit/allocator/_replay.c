@@ -23,7 +23,8 @@
      find_expandable_block, alloc_expandable (try_allocate_expandable_block), map_block, unmap_block:
                       expandable segments as model.py has them (1 1/8 of the device's memory of address
                       space each, pages of 2 MiB small / the large segment size large).
-   New ordinary small segments take increasing addresses, large ones decreasing (model.py says why).
+   New ordinary small segments take increasing addresses, large ones decreasing (model.py says why), or
+   increasing with large_up (model.py's large_addresses="up").
 
    tests/test_allocator_fast.py replays random streams and the estimator's own through both under many
    limits and compares every figure; MEMFIT_PURE_PYTHON=1 makes memfit use the Python model only. */
@@ -86,8 +87,8 @@ struct State {
     int64_t peak_allocated, peak_reserved, peak_requested;
     int64_t num_segments, peak_segments, num_allocations;
     int64_t num_alloc_retries, num_ooms, num_device_alloc, num_device_free;
-    int64_t next_addr, down_addr;
-    int expandable;
+    int64_t next_addr, large_addr; /* small: the next segment's address; large: the last one's (down) or the next's (up) */
+    int expandable, large_up;
     int64_t address_space; /* an expandable segment's address space (1 1/8 of the device's memory) */
     Seg *segs;
     Py_ssize_t nsegs, capsegs;
@@ -598,9 +599,12 @@ static int do_malloc(State *s, int64_t h, int64_t nbytes, int64_t limit, int64_t
             if (small) {
                 addr = s->next_addr;
                 s->next_addr += alloc_size;
+            } else if (s->large_up) {
+                addr = s->large_addr;
+                s->large_addr += alloc_size;
             } else {
-                s->down_addr -= alloc_size;
-                addr = s->down_addr;
+                s->large_addr -= alloc_size;
+                addr = s->large_addr;
             }
             id = new_block(s, alloc_size, addr, small, -1, -1, -1, 1);
             if (id < 0) return nomem(-2);
@@ -680,20 +684,21 @@ static int64_t item_int(PyObject *t, Py_ssize_t i) {
 }
 
 PyDoc_STRVAR(replay_doc,
-"replay(ops, limit, large_segment_bytes, expandable, address_space_bytes) -> (index, allocated, reserved,\n"
+"replay(ops, limit, large_segment_bytes, expandable, address_space_bytes, large_up=False) -> (index,\nallocated, reserved, "
 "requested, peak_allocated, peak_reserved, peak_requested, num_segments, peak_segments, num_allocations,\n"
 "num_alloc_retries, num_ooms, num_device_alloc, num_device_free)\n\n"
 "CachingAllocatorModel(limit, on_oom='raise').run(ops) for the default allocator setting, or with\n"
 "expandable_segments (an expandable segment spanning address_space_bytes): index is that of the request\n"
-"that ran out of memory under limit (None: no limit), -1 when every operation ran.");
+"that ran out of memory under limit (None: no limit), -1 when every operation ran. large_up: new large\n"
+"segments at increasing addresses (CachingAllocatorModel(large_addresses='up')).");
 
 static PyObject *replay(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ops, *limit_obj;
     long long large_segment, address_space;
-    int expandable;
-    if (!PyArg_ParseTuple(args, "O!OLpL", &PyList_Type, &ops, &limit_obj, &large_segment, &expandable,
-                          &address_space))
+    int expandable, large_up = 0;
+    if (!PyArg_ParseTuple(args, "O!OLpL|p", &PyList_Type, &ops, &limit_obj, &large_segment, &expandable,
+                          &address_space, &large_up))
         return NULL;
     if (large_segment <= MIN_LARGE_ALLOC || address_space <= 0) {
         PyErr_SetString(PyExc_ValueError, "large_segment_bytes must be over 10 MiB and address_space_bytes > 0");
@@ -707,7 +712,8 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     State s;
     memset(&s, 0, sizeof s);
     s.next_addr = 1LL << 20;
-    s.down_addr = 1LL << 62;
+    s.large_up = large_up;
+    s.large_addr = large_up ? 1LL << 50 : 1LL << 62;
     s.expandable = expandable;
     s.small.owner = s.large.owner = &s;
     s.small.root = s.large.root = -1;

@@ -47,7 +47,10 @@ stand-in), and the driver's address placement. Addresses matter only to break ti
 blocks of different segments (``lower_bound`` takes the lowest address); here new large-pool segments take
 decreasing addresses and 2 MiB small-pool segments increasing ones, which is what reproduces the H200 record
 (validation/records/allocator-cases-h200.json, torch 2.11: with one address direction for both pools, the
-large-pool cases drift from the real allocator after a few hundred steps).
+large-pool cases drift from the real allocator after a few hundred steps). ``large_addresses="up"`` gives new
+large-pool segments increasing addresses instead: the other order a driver may hand out (after segments were
+freed, cudaMalloc may place a new one in a range an earlier one left), which the fit verdict of a training
+run also replays (:func:`memfit.estimator.fits_on`).
 """
 
 from __future__ import annotations
@@ -171,9 +174,11 @@ class CachingAllocatorModel:
 
     def __init__(self, capacity_bytes: int | None = None, *, config: AllocatorConfig | None = None,
                  on_oom: str = "record", physical_bytes: int | None = None,
-                 device_total_bytes: int | None = None) -> None:
+                 device_total_bytes: int | None = None, large_addresses: str = "down") -> None:
         if on_oom not in ("record", "raise"):
             raise ValueError(f"on_oom must be 'record' or 'raise', got {on_oom!r}")
+        if large_addresses not in ("down", "up"):
+            raise ValueError(f"large_addresses must be 'down' or 'up', got {large_addresses!r}")
         if capacity_bytes is not None and (isinstance(capacity_bytes, bool) or int(capacity_bytes) < 0):
             raise ValueError(f"capacity_bytes must be a number of bytes >= 0 or None, got {capacity_bytes!r}")
         self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
@@ -209,7 +214,9 @@ class CachingAllocatorModel:
         self.num_device_free = 0  # cudaFree calls + page unmappings
         self.oom_requests = 0
         self._next_addr = 1 << 20
-        self._down_addr = 1 << 62
+        self._large_up = large_addresses == "up"
+        self._large_addr = (1 << 50) if self._large_up else (1 << 62)  # the next large segment's address (up),
+        # or the last one's (down)
         self._small = _Pool(True)
         self._large = _Pool(False)
         self._segments: dict[int, Block] = {}  # non-expandable segments: base address -> first block (snapshots)
@@ -341,8 +348,9 @@ class CachingAllocatorModel:
         peak_allocated, peak_reserved, peak_requested = self.peak_allocated, self.peak_reserved, self.peak_requested
         num_allocations, num_segments, peak_segments = self.num_allocations, self.num_segments, self.peak_segments
         num_device_alloc = self.num_device_alloc
-        next_addr, down_addr = self._next_addr, self._down_addr
+        next_addr, large_addr = self._next_addr, self._large_addr
         small_gc, large_gc = self._small.gc_calls, self._large.gc_calls
+        large_up = self._large_up
         bisect_left_, insort_, Block_ = bisect_left, insort, Block  # locals: the loop's hot names
         min_block, small_request, small_segment = MIN_BLOCK_BYTES, SMALL_REQUEST_BYTES, SMALL_SEGMENT_BYTES
 
@@ -351,7 +359,7 @@ class CachingAllocatorModel:
             self.peak_allocated, self.peak_reserved, self.peak_requested = peak_allocated, peak_reserved, peak_requested
             self.num_allocations, self.num_segments, self.peak_segments = num_allocations, num_segments, peak_segments
             self.num_device_alloc = num_device_alloc
-            self._next_addr, self._down_addr = next_addr, down_addr
+            self._next_addr, self._large_addr = next_addr, large_addr
             # inactive_split (the cached blocks of split segments) steers no decision: not counted event by event
             # here, but recounted from the pools
             self._recount_inactive_split()
@@ -391,15 +399,18 @@ class CachingAllocatorModel:
                         num_allocations, num_segments = self.num_allocations, self.num_segments
                         peak_segments = self.peak_segments
                         num_device_alloc = self.num_device_alloc
-                        next_addr, down_addr = self._next_addr, self._down_addr
+                        next_addr, large_addr = self._next_addr, self._large_addr
                         continue
                     # _alloc_block: a new segment
                     if small:
                         block = Block_(alloc_size, next_addr, True)
                         next_addr += alloc_size
+                    elif large_up:
+                        block = Block_(alloc_size, large_addr, False)
+                        large_addr += alloc_size
                     else:
-                        down_addr -= alloc_size
-                        block = Block_(alloc_size, down_addr, False)
+                        large_addr -= alloc_size
+                        block = Block_(alloc_size, large_addr, False)
                     segments[block.addr] = block
                     reserved += alloc_size
                     if reserved > peak_reserved:
@@ -629,9 +640,12 @@ class CachingAllocatorModel:
         if pool.small:
             block = Block(alloc_size, self._next_addr, True)
             self._next_addr += alloc_size
+        elif self._large_up:
+            block = Block(alloc_size, self._large_addr, False)
+            self._large_addr += alloc_size
         else:
-            self._down_addr -= alloc_size
-            block = Block(alloc_size, self._down_addr, False)
+            self._large_addr -= alloc_size
+            block = Block(alloc_size, self._large_addr, False)
         self._segments[block.addr] = block
         self.reserved += alloc_size
         if self.reserved > self.peak_reserved:
@@ -923,7 +937,7 @@ _NO_LIMIT = 1 << 62
 
 
 def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: AllocatorConfig | None = None,
-               device_total_bytes: int | None = None) -> ReplayStats:
+               device_total_bytes: int | None = None, large_addresses: str = "down") -> ReplayStats:
     """A fresh :class:`CachingAllocatorModel` (``on_oom="raise"``) after :meth:`~CachingAllocatorModel.run` of
     ``ops``: where the request that ran out of memory is, and the figures.
 
@@ -931,18 +945,23 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
     threshold or power-of-two rounding) the compiled replay of ``_replay.c`` does it when it is built: the same
     rules, checked against this model figure for figure by tests/test_allocator_fast.py, some 10-40 times
     faster; otherwise the model itself. ``ops``: a list of operation tuples (:meth:`~CachingAllocatorModel.run`)
-    whose malloc handles are ints >= 0. ``device_total_bytes``: as :class:`CachingAllocatorModel`."""
+    whose malloc handles are ints >= 0. ``device_total_bytes``, ``large_addresses``: as
+    :class:`CachingAllocatorModel`."""
+    if large_addresses not in ("down", "up"):
+        raise ValueError(f"large_addresses must be 'down' or 'up', got {large_addresses!r}")
     cfg = config if config is not None else AllocatorConfig()
     compiled = not (cfg.max_split_size_bytes is not None or cfg.garbage_collection_threshold or cfg.rounds_power2)
     if COMPILED is not None and compiled and isinstance(ops, list):
         limit = None if capacity_bytes is None or capacity_bytes >= _NO_LIMIT else max(0, int(capacity_bytes))
         total = device_total_bytes or _DEFAULT_DEVICE_BYTES
         try:
-            r = COMPILED.replay(ops, limit, cfg.large_segment_bytes, bool(cfg.expandable_segments), total + total // 8)
+            r = COMPILED.replay(ops, limit, cfg.large_segment_bytes, bool(cfg.expandable_segments), total + total // 8,
+                                large_addresses == "up")
         except OverflowError:
             pass  # sizes past 64 bits (a request of more than 2**56 bytes): the model's exact integers
         else:
             return ReplayStats(*r, compiled=True)
-    model = CachingAllocatorModel(capacity_bytes, config=cfg, on_oom="raise", device_total_bytes=device_total_bytes)
+    model = CachingAllocatorModel(capacity_bytes, config=cfg, on_oom="raise", device_total_bytes=device_total_bytes,
+                                  large_addresses=large_addresses)
     index = model.run(ops)
     return ReplayStats(index, *(getattr(model, k) for k in _STATS))

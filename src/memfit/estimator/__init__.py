@@ -1114,8 +1114,9 @@ class Memo:
         self._keep = self.KEEP_STREAMS
         self._streams: dict = {}
         self._ranks: dict = {}
-        self._replays: dict = {}  # (stream key, expandable, limit or None) -> ReplayResult
-        self._free: dict = {}  # (stream key, expandable) -> a replay under a limit it never reached (or unlimited)
+        self._replays: dict = {}  # (stream key, expandable, limit or None, address order) -> ReplayResult
+        self._free: dict = {}  # (stream key, expandable, address order) -> a replay under a limit it never
+        # reached (or unlimited)
         self._peaks: dict = {}  # stream key -> its peak allocated bytes
         self._spec: ModelSpec | None = None  # the one model it is for (jobs are keyed by their fields only)
 
@@ -1168,43 +1169,56 @@ class Memo:
             peak = self._peaks[k]
         return k, peak
 
-    def known(self, key, capacity_bytes: int | None, expandable: bool):
+    def known(self, key, capacity_bytes: int | None, expandable: bool, large_addresses: str = "down"):
         """The replay of the stream under ``key`` with this limit if it was made, or is known without making it
         (the class note); else None."""
         from . import events
 
         if capacity_bytes is not None:
             capacity_bytes = max(0, int(capacity_bytes))
-        r = self._replays.get((key, expandable, capacity_bytes))
+        r = self._replays.get((key, expandable, capacity_bytes, large_addresses))
         if r is None and capacity_bytes is not None and not events._FULL_REPLAY:
-            free = self._free.get((key, expandable))
+            free = self._free.get((key, expandable, large_addresses))
             if free is not None and free[0] <= capacity_bytes:
                 r = free[1]
         return r
 
-    def replay(self, key, stream, capacity_bytes: int | None, expandable: bool):
-        """:func:`memfit.estimator.events.replay` of the stream under ``key``, once per limit, and not at all
-        under a limit that a run already replayed shows is never reached (the class note). A copy."""
+    def replay(self, key, stream, capacity_bytes: int | None, expandable: bool, large_addresses: str = "down"):
+        """:func:`memfit.estimator.events.replay` of the stream under ``key``, once per limit (and address order),
+        and not at all under a limit that a run already replayed shows is never reached (the class note). A copy."""
         from dataclasses import replace as replace_
 
         from .events import replay
 
         if capacity_bytes is not None:
             capacity_bytes = max(0, int(capacity_bytes))
-        r = self.known(key, capacity_bytes, expandable)
+        r = self.known(key, capacity_bytes, expandable, large_addresses)
         if r is None:
-            uncapped = None if expandable else self._replays.get((key, False, None))
-            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable, uncapped=uncapped)
-            self._replays[(key, expandable, capacity_bytes)] = r
+            uncapped = None if expandable else self._replays.get((key, False, None, large_addresses))
+            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable, uncapped=uncapped,
+                       large_addresses=large_addresses)
+            self._replays[(key, expandable, capacity_bytes, large_addresses)] = r
             if r.completed and not r.limit_reached:
                 # the smallest limit known never to be reached: the peak reserve (default setting, the class
                 # note), else the limit this run had (expandable segments map less than they check; the
                 # unlimited expandable replay is a stand-in, not the capped mode's run: none)
                 at = r.peak_reserved_bytes if not expandable else capacity_bytes
-                old = self._free.get((key, expandable))
+                old = self._free.get((key, expandable, large_addresses))
                 if at is not None and (old is None or at < old[0]):
-                    self._free[(key, expandable)] = (at, r)
+                    self._free[(key, expandable, large_addresses)] = (at, r)
         return replace_(r, components=dict(r.components), phases=dict(r.phases), extras=dict(r.extras))
+
+    def verdict(self, key, stream, capacity_bytes: int, expandable: bool, training: bool):
+        """The capped replay that decides whether the run fits: the replay under ``capacity_bytes``, and for a
+        training run with the default setting that completes, also the one with new large segments at
+        increasing addresses, which decides when it fails (:func:`fits_on` says why)."""
+        r = self.replay(key, stream, capacity_bytes, expandable)
+        if r.completed and training and not expandable:
+            up = self.replay(key, stream, capacity_bytes, expandable, "up")
+            if not up.completed:
+                up.extras["order"] = "up"
+                return up
+        return r
 
 
 def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int | None = None,
@@ -1255,12 +1269,16 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
             fkey, (fit_stream, *_) = memo.stream(spec, job, fit=True)
         # the capped replay first: where it completes its reserve is the answer and the unlimited one is not
         # needed (where that one stays within the cap the two are the same run, events.replay)
-        capped = memo.replay(fkey, fit_stream, gpu_memory_bytes - ctx - paged, expandable)
+        capped = memo.verdict(fkey, fit_stream, gpu_memory_bytes - ctx - paged, expandable, job.task == "train")
         fits = capped.completed
         if fits:
             reserved = capped.peak_reserved_bytes  # what the card would show: cached segments freed under pressure
             extras["decided_by"] = extras["largest_component"]
         else:
+            if capped.extras.get("order") == "up":
+                notes.append("the run completes with new allocator segments at decreasing addresses but not at "
+                             "increasing ones (equal-size cached blocks are taken lowest address first, and which "
+                             "order the driver gives is not known): counted as does not fit")
             reserved = memo.replay(key, stream, None, expandable).peak_reserved_bytes
             extras.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                           failed_phase=capped.failed_phase)
@@ -1287,7 +1305,16 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
 
 def fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec | None = None, *, memo: Memo | None = None) -> bool:
     """Whether the reference run of ``job`` completes with the allocator capped at the card less the CUDA
-    context (the replay of the estimate's event stream, not a comparison of totals). ``memo``: as :func:`estimate`."""
+    context (the replay of the estimate's event stream, not a comparison of totals). ``memo``: as :func:`estimate`.
+
+    A training run with the default allocator setting must complete twice: with new large segments at
+    decreasing addresses (the model's order, which the H200 allocator record follows) and at increasing ones.
+    Addresses decide which of several equal-size cached blocks a request takes (the lowest), and a training
+    step reuses many: each layer's blocks, the loss's vocabulary-sized ones in the second step. The order the
+    driver gives is not known once segments have been freed (the run before, the model's load, an out-of-memory
+    retry), and on the rehearsed boundaries a run that completes in one order only is one that the real card
+    may fail (validation/fit-vs-boundaries-13-heldout.txt); inference verdicts follow the one order, which the
+    decode and prefill boundaries match."""
     from ..checks import check_job_for_model
 
     spec = _spec(job, spec)
@@ -1311,10 +1338,15 @@ def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec, memo: Memo | None
     key, peak = memo.peak_allocated(spec, job, fit=True)
     if peak > cap:
         return False  # the tensors alone do not fit: no replay needed
+    train = job.task == "train"
     r = memo.known(key, cap, expandable)
-    if r is None:
-        r = memo.replay(key, memo.stream(spec, job, fit=True)[1][0], cap, expandable)
-    return r.completed
+    if r is not None and (not r.completed or not train or expandable):
+        return r.completed
+    if r is not None:
+        up = memo.known(key, cap, expandable, "up")
+        if up is not None:
+            return up.completed
+    return memo.verdict(key, memo.stream(spec, job, fit=True)[1][0], cap, expandable, train).completed
 
 
 def max_batch_size(job: Job, gpu_memory_bytes: int, *, limit: int = 1 << 16, spec: ModelSpec | None = None) -> int:

@@ -386,7 +386,8 @@ def _components_at(ops: list[tuple], end: int) -> dict[str, int]:
 
 
 def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segments: bool = False,
-           accounted: ReplayResult | None = None, uncapped: ReplayResult | None = None) -> ReplayResult:
+           accounted: ReplayResult | None = None, uncapped: ReplayResult | None = None,
+           large_addresses: str = "down") -> ReplayResult:
     """Account the stream, then replay it through the caching-allocator model.
 
     With ``capacity_bytes`` (the card less the CUDA context) the allocator frees its cached segments and
@@ -398,7 +399,11 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     (``alloc_block``'s check is the only place the limit enters), and without a limit the reserve only grows,
     up to its peak: so when that peak is within ``capacity_bytes`` the capped run is the uncapped one, and it
     is returned (a copy) without a second replay. Not with expandable segments: the uncapped replay is then the
-    stand-in of :func:`_replay_expandable`, the capped one the allocator model's own mode."""
+    stand-in of :func:`_replay_expandable`, the capped one the allocator model's own mode.
+
+    ``large_addresses``: the order of new large segments' addresses (:class:`memfit.allocator.CachingAllocatorModel`;
+    "up" is the other order a driver may give, which breaks ties between equal-size cached blocks the other way).
+    Not used with expandable segments (one segment per pool)."""
     if capacity_bytes is not None:
         capacity_bytes = max(0, int(capacity_bytes))  # a card smaller than the CUDA context: nothing fits
     if (uncapped is not None and not _FULL_REPLAY and uncapped.completed and not expandable_segments
@@ -412,17 +417,18 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
         # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
         _replay_expandable(stream, res, capacity_bytes)
     else:
-        _replay_default(stream, res, capacity_bytes, expandable_segments)
+        _replay_default(stream, res, capacity_bytes, expandable_segments, large_addresses)
     return res
 
 
 def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
-                    expandable_segments: bool = False) -> None:
+                    expandable_segments: bool = False, large_addresses: str = "down") -> None:
     from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel, replay_ops
 
     config = AllocatorConfig(expandable_segments=expandable_segments)
     if not _FULL_REPLAY:
-        alloc = replay_ops(stream.ops, capacity_bytes, config=config)  # compiled where it is built
+        alloc = replay_ops(stream.ops, capacity_bytes, config=config,  # compiled where it is built
+                           large_addresses=large_addresses)
         i = alloc.index
         if i >= 0:
             op = stream.ops[i]
@@ -434,7 +440,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
         res.peak_reserved_bytes = alloc.peak_reserved
         res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
         return
-    alloc = CachingAllocatorModel(capacity_bytes, config=config, on_oom="raise")
+    alloc = CachingAllocatorModel(capacity_bytes, config=config, on_oom="raise", large_addresses=large_addresses)
     blocks: dict[int, object] = {}
     phase = ""
     malloc, free = alloc.malloc, alloc.free
