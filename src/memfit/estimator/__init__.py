@@ -1221,6 +1221,12 @@ class Memo:
         return r
 
 
+#: the verdict's note when a training run completes in one order of segment addresses only (:func:`fits_on`)
+ONE_ORDER_NOTE = ("the run completes with new allocator segments at decreasing addresses but not at increasing ones "
+                  "(equal-size cached blocks are taken lowest address first, and which order the driver gives is not "
+                  "known): counted as does not fit")
+
+
 def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int | None = None,
              memo: Memo | None = None) -> Breakdown:
     """Estimate the per-GPU memory of ``job`` (single GPU) without torch.
@@ -1276,9 +1282,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
             extras["decided_by"] = extras["largest_component"]
         else:
             if capped.extras.get("order") == "up":
-                notes.append("the run completes with new allocator segments at decreasing addresses but not at "
-                             "increasing ones (equal-size cached blocks are taken lowest address first, and which "
-                             "order the driver gives is not known): counted as does not fit")
+                notes.append(ONE_ORDER_NOTE)
             reserved = memo.replay(key, stream, None, expandable).peak_reserved_bytes
             extras.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                           failed_phase=capped.failed_phase)

@@ -1028,18 +1028,19 @@ def _rank_overhead_bytes(job: Job) -> int:
 
 def _capped_replays(ranks, capacity_bytes: int, expandable: bool, memo=None, key=None):
     """Replay every stage's stream under the cap, most loaded first: (None, None, replays by stage index) when
-    all complete, else the first that fails and its replay. A stage whose tensors alone pass the cap fails
-    without a replay. ``memo`` / ``key``: a :class:`memfit.estimator.Memo` and the job's key in it."""
-    from .events import replay
+    all complete, else the first that fails and its replay. Each must complete with new large segments at
+    decreasing and at increasing addresses, as a single-GPU training run must (:func:`memfit.estimator.fits_on`).
+    A stage whose tensors alone pass the cap fails without a replay. ``memo`` / ``key``: a
+    :class:`memfit.estimator.Memo` and the job's key in it (a fresh memo when none)."""
+    if memo is None:
+        from . import Memo
 
+        memo = Memo()
     done = {}
     for stage, stream, acc in sorted(ranks, key=lambda r: -r[2].peak_allocated_bytes):
         if acc.peak_allocated_bytes > capacity_bytes:
             return stage, None, done
-        if memo is not None:
-            r = memo.replay((key, stage.index), stream, capacity_bytes, expandable)
-        else:
-            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable)
+        r = memo.verdict((key, stage.index), stream, capacity_bytes, expandable, True)
         done[stage.index] = r
         if not r.completed:
             return stage, r, done
@@ -1107,6 +1108,10 @@ def estimate_parallel(job: Job, spec: ModelSpec, *, gpu_memory_bytes: int | None
             _, fstream, facc = next(r for r in ranks if r[0] is failed)
             if capped is None:  # the tensors alone pass the cap: replay to find the request that fails
                 capped = memo.replay((key, failed.index), fstream, gpu_memory_bytes - ctx, expandable)
+            if capped.extras.get("order") == "up":
+                from . import ONE_ORDER_NOTE
+
+                fit_notes.append(ONE_ORDER_NOTE)
             where = f" (pipeline stage {failed.index + 1} of {lay.pp})" if lay.pp > 1 else ""
             extras_fit.update(decided_by=capped.failed_component, failed_request_bytes=capped.failed_request_bytes,
                               failed_phase=capped.failed_phase)
