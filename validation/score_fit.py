@@ -31,6 +31,7 @@ run, and its run gives the reserved and device-total figures. A probe marked ``s
 search's trials altogether (the search ran another job: see its note). Pairs where nothing fits (B = 0) count for the fit answer only. Held-out pairs (``holdout: true``, chosen
 before any result existed) are printed separately; the bars are asserted on all pairs together.
 Records with an error or timeout are listed and not scored. Exit status 1 when a bar is missed.
+``--one-order`` scores the training verdict without its second address order (``memfit.estimator.TRAINING_BOTH_ORDERS``).
 """
 
 from __future__ import annotations
@@ -226,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("records", nargs="+", type=Path)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one-order", action="store_true",
+                    help="score the training verdict without the replay at increasing segment addresses "
+                         "(memfit.estimator.TRAINING_BOTH_ORDERS off)")
     args = ap.parse_args(argv)
+    if args.one_order:
+        import memfit.estimator
+
+        memfit.estimator.TRAINING_BOTH_ORDERS = False
     rows, skipped = [], []
     for rec in load_records(args.records):
         row = score_pair(rec)

@@ -10,7 +10,8 @@ both engines run (``veto`` = min(estimate, search)), on all pairs, on the held-o
     PYTHONPATH=src python validation/verify_fit.py [--out validation/verify-fit.json] [--only NAME ...]
 
 Each pair's traces are written to the output as they finish, so a rerun skips pairs already there;
-``--refresh-estimates`` then brings their estimate column up to the estimator as it is (the trace's answers stay).
+``--refresh-estimates`` then brings their estimate column up to the estimator as it is, and the real boundary up to the
+records and probes committed (the trace's answers stay).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def main() -> int:
             continue
         if row["name"] in done:
             r = done[row["name"]]
-            if args.refresh_estimates and r["estimate"] != row["memfit"]:
+            if args.refresh_estimates and (r["estimate"], r["measured"]) != (row["memfit"], row["measured"]):
                 r["estimate"] = row["memfit"]  # score_pair's answer: memfit.max_batch_size on the record's card
+                r["measured"] = row["measured"]  # a probe committed since may have moved the real boundary
                 out_path.write_text(json.dumps(list(done.values()), indent=1))
             rows.append(r)
             print(f"{r['name']:44s} card {r['card_gib']:5.1f}  real {r['measured']:4d}  estimate {r['estimate']:4d}  "
@@ -88,7 +90,9 @@ def main() -> int:
                       ("boundaries-9 and -10 (measured after the veto was chosen)",
                        [r for r in rows if r["name"].startswith(("h9-", "h10-"))]),
                       ("boundaries-11 and -12 (held out, measured in session 8)",
-                       [r for r in rows if r["name"].startswith(("h11-", "h12-"))])):
+                       [r for r in rows if r["name"].startswith(("h11-", "h12-"))]),
+                      ("boundaries-13 (held out, measured on an H100 in session 10)",
+                       [r for r in rows if r["name"].startswith("h13-")])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")
         print(f"  trace's search:   {summary(rs, 'verified')}")
