@@ -1,5 +1,6 @@
-"""The fast account (running sums over the side lists a Stream keeps as it is built) gives the event-by-event
-account's results, field by field and in the same key order, on random streams built through the Stream API:
+"""The fast account (running sums over the side lists a PyStream keeps as it is built, and the compiled
+Stream's own walk) gives the event-by-event account's results, field by field and in the same key order, on
+random streams built through the Stream API:
 phase marks (repeated names, an empty name, none at all), one reset, several or none, anywhere (also before the
 first allocation and just before a run of frees), streams without allocations."""
 
@@ -11,12 +12,14 @@ from dataclasses import asdict
 import pytest
 
 from memfit.estimator import events
-from memfit.estimator.events import Stream
+from memfit.estimator.events import PyStream, Stream
+
+KINDS = [PyStream] + ([Stream] if Stream is not PyStream else [])
 
 
-def _random_stream(seed: int) -> Stream:
+def _random_stream(seed: int, kind=PyStream):
     rng = random.Random(seed)
-    s = Stream()
+    s = kind()
     live: list[int] = []
     names = ["load", "forward", "backward", "", "forward", "optimizer_step", "decode"]
     comps = ["weights", "activations", "temporaries", "gradients", "kv_cache"]
@@ -42,13 +45,17 @@ def _random_stream(seed: int) -> Stream:
     return s
 
 
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__module__)
 @pytest.mark.parametrize("seed", range(300))
-def test_account_fast_is_account_full_on_random_streams(seed):
-    s = _random_stream(seed)
+def test_account_fast_is_account_full_on_random_streams(seed, kind):
+    s = _random_stream(seed, kind)
     full, fast = events._account_full(s), events._account_fast(s)
     assert asdict(fast) == asdict(full)
     assert list(fast.components) == list(full.components)
     assert list(fast.phases) == list(full.phases)
+    if kind is not PyStream:  # the compiled stream holds the stream the Python one builds
+        p = _random_stream(seed)
+        assert (s.ops, s.handles, s.phase_name) == (p.ops, p.handles, p.phase_name)
 
 
 def test_the_random_streams_reach_the_cases():
@@ -67,7 +74,7 @@ def test_the_random_streams_reach_the_cases():
 
 def test_ops_added_directly_fall_back_to_the_full_walk():
     """A stream whose ``ops`` were extended by hand (the side lists do not follow) is accounted event by event."""
-    s = Stream()
+    s = PyStream()
     s.phase("forward")
     a = s.alloc(100, "w")
     s.ops.append((0, 1, 50, "x"))  # not through alloc()

@@ -1,8 +1,9 @@
 """The shortcuts of stream building give the stream the plain code builds, op for op:
 
 - identical layers copied from the layer before (``estimator._REPEAT_LAYERS``, :meth:`Stream.repeat`);
-- the compiled helpers of ``_events.c`` (``events._COMPILED``: the copy, a decode step's cache growth
-  :meth:`Stream.regrow`, and the walk of :func:`events.account`) against their Python versions."""
+- the compiled stream of ``_events.c`` (``events.Stream``: operations kept as flat integers, the copy, a decode
+  step's cache growth :meth:`Stream.regrow`, its walk for :func:`events.account`, its replay through the
+  allocator's buffer path) against :class:`events.PyStream`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from memfit import Job
 from memfit.checks import check_job_for_model
 from memfit.errors import MemfitError
 from memfit.estimator import _stream, events
-from memfit.estimator.events import Stream, _account_full, account
+from memfit.estimator.events import PyStream, Stream, _account_full, account, replay
 from memfit.models import list_models, load_model
 
 MODELS = [m["name"] if isinstance(m, dict) else m for m in list_models()]
@@ -26,8 +27,10 @@ JOBS = [dict(), dict(method="lora", gradient_checkpointing=True), dict(method="q
 
 def _built(spec, job):
     stream, comps, phase, phases, notes = _stream(spec, job)
-    return (stream.ops, stream._size, stream._comp, stream._delta, stream._marks, stream._resets, stream._n,
-            comps, phase, phases, notes)
+    return (stream.ops, stream.handles, stream.phase_name, len(stream), comps, phase, phases, notes)
+
+
+compiled_only = pytest.mark.skipif(Stream is PyStream, reason="the compiled stream is not built")
 
 
 def _jobs(name):
@@ -50,19 +53,34 @@ def test_repeated_layers_build_the_same_stream(name, monkeypatch):
         assert _built(spec, job) == plain, job
 
 
-@pytest.mark.skipif(events._COMPILED is None, reason="the compiled stream helpers are not built")
+@compiled_only
 @pytest.mark.parametrize("name", MODELS[::3])
-def test_compiled_helpers_build_the_same_stream(name, monkeypatch):
-    compiled = events._COMPILED
+def test_compiled_stream_builds_the_same_stream(name, monkeypatch):
+    """Every third registry model: the same operations, handles and account from both streams, and the same
+    replays (uncapped, and capped where the run fails and where it does not) through the allocator's two
+    input paths (the compiled stream's buffer, PyStream's tuples)."""
     for spec, job in _jobs(name):
-        monkeypatch.setattr(events, "_COMPILED", None)
+        monkeypatch.setattr(events, "Stream", PyStream)
         python = _built(spec, job)
-        monkeypatch.setattr(events, "_COMPILED", compiled)
+        ref = _stream(spec, job)[0]
+        monkeypatch.setattr(events, "Stream", Stream)
         assert _built(spec, job) == python, job
+        got = _stream(spec, job)[0]
+        assert type(got) is Stream and type(ref) is PyStream
+        free = replay(ref)
+        assert replay(got) == free, job
+        for cap in (free.peak_reserved_bytes // 2, free.peak_reserved_bytes * 9 // 10):
+            for order in ("down", "up"):
+                assert (replay(got, capacity_bytes=cap, large_addresses=order)
+                        == replay(ref, capacity_bytes=cap, large_addresses=order)), (job, cap, order)
 
 
-def _random_stream(rng: random.Random) -> Stream:
-    s = Stream()
+KINDS = [PyStream] + ([Stream] if Stream is not PyStream else [])
+kinds = pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__module__)
+
+
+def _random_stream(rng: random.Random, kind=PyStream):
+    s = kind()
     live: list[int] = []
     for _ in range(rng.randrange(0, 400)):
         r = rng.random()
@@ -72,23 +90,55 @@ def _random_stream(rng: random.Random) -> Stream:
             s.reset_peaks()
         elif live and r < 0.45:
             s.free(live.pop(rng.randrange(len(live))))
+        elif live and r < 0.5:
+            # a stretch copied with one tensor from before it mapped to itself (a size check that passes)
+            at = s.mark()
+            x = live[rng.randrange(len(live))]
+            y = s.alloc(rng.randrange(1, 5000), "activations")
+            s.free(y)
+            s.repeat(at, {x: x})
         else:
-            live.append(s.alloc(rng.choice((0, 1, 512, 3000.4, rng.randrange(1, 1 << 34))),
+            live.append(s.alloc(rng.choice((0, 1, 0.5, 1.5, 2.5, -3, True, 512, 3000.4, rng.randrange(1, 1 << 34),
+                                            float(rng.randrange(1 << 53, 1 << 60)))),
                                 rng.choice(["weights", "activations", "temporaries"])))
     return s
 
 
-@pytest.mark.skipif(events._COMPILED is None, reason="the compiled stream helpers are not built")
+@compiled_only
 @pytest.mark.parametrize("seed", range(60))
-def test_compiled_account_is_the_walk(seed, monkeypatch):
-    s = _random_stream(random.Random(seed))
-    assert account(s) == _account_full(s)
-    monkeypatch.setattr(events, "_COMPILED", None)
-    assert account(s) == _account_full(s)
+def test_compiled_stream_is_the_python_one(seed):
+    """Random streams (sizes rounded half to even, zero and negative ones skipped, past 2**53, copied stretches):
+    the same operations, account and replays from both."""
+    p, c = _random_stream(random.Random(seed)), _random_stream(random.Random(seed), Stream)
+    assert (c.ops, c.handles, c.phase_name, len(c)) == (p.ops, p.handles, p.phase_name, len(p))
+    assert account(c) == account(p) == _account_full(p)
+    assert [c.op(i) for i in range(len(c))] == p.ops
+    assert [c.phase_at(i) for i in range(len(c))] == [p.phase_at(i) for i in range(len(p))]
+    free = replay(p)
+    assert replay(c) == free
+    assert replay(c, capacity_bytes=free.peak_reserved_bytes // 3) == replay(p, capacity_bytes=free.peak_reserved_bytes // 3)
 
 
-def _stretch():
+@compiled_only
+def test_compiled_stream_refuses_what_it_cannot_hold():
+    """Sizes of 2**62 bytes or more raise OverflowError (the estimator then builds a PyStream), NaN a ValueError
+    as ``round`` does; a free of a handle never made is an IndexError."""
     s = Stream()
+    for bad, err in ((1 << 62, OverflowError), (float(1 << 62), OverflowError), (float("inf"), OverflowError),
+                     (float("nan"), ValueError)):
+        with pytest.raises(err):
+            s.alloc(bad, "x")
+    with pytest.raises(IndexError):
+        s.free(0)
+    with pytest.raises(TypeError):
+        s.alloc(1, 2)
+    assert len(s) == 0 and s.handles == 0
+    built = events.build(lambda st: st.alloc(1 << 70, "x"))
+    assert type(built) is PyStream and built.ops == [(0, 0, 1 << 70, "x")]
+
+
+def _stretch(kind):
+    s = kind()
     before, twin, other = s.alloc(100, "x"), s.alloc(100, "x"), s.alloc(50, "x")
     at = s.mark()
     a = s.alloc(10, "y")
@@ -97,33 +147,36 @@ def _stretch():
     return s, at, before, twin, other
 
 
-def test_repeat_copies_a_stretch():
-    s, at, before, twin, _ = _stretch()
+@kinds
+def test_repeat_copies_a_stretch(kind):
+    s, at, before, twin, _ = _stretch(kind)
     assert s.repeat(at, {before: twin}) == 1
     assert s.ops[-3:] == [(0, 4, 10, "y"), (1, twin), (1, 4)]
-    assert s._size[-1] == 10 and s._comp[-1] == "y" and s._delta[-3:] == [10, -100, -10] and s._n == 5
+    assert s.handles == 5
+    assert account(s).peak_allocated_bytes == 260
 
 
-def test_repeat_refuses_what_it_cannot_copy():
-    s, at, before, twin, other = _stretch()
+@kinds
+def test_repeat_refuses_what_it_cannot_copy(kind):
+    s, at, before, twin, other = _stretch(kind)
     n = len(s.ops)
     assert s.repeat(at, {}) is None  # frees a tensor from before the stretch that nothing maps
     assert s.repeat(at, {before: other}) is None  # mapped to a tensor of other bytes
     s.phase("step")
     assert s.repeat(at, {before: twin}) is None  # a phase mark in the stretch
-    assert len(s.ops) == n + 1 and s._n == 4
+    assert len(s.ops) == n + 1 and s.handles == 4
 
 
-def test_regrow_is_alloc_then_free(monkeypatch):
-    for compiled in (events._COMPILED, None):
-        monkeypatch.setattr(events, "_COMPILED", compiled)
-        a, b = Stream(), Stream()
-        held_a = [[a.alloc(10, "kv"), a.alloc(20.6, "kv")], [a.alloc(0, "kv")]]
-        held_b = [[b.alloc(10, "kv"), b.alloc(20.6, "kv")], [b.alloc(0, "kv")]]
-        sizes = [[11, 21.2], [0.2, 7]]
-        a.regrow(held_a, sizes, "kv")
-        for i, want in enumerate(sizes):
-            new = [b.alloc(x, "kv") for x in want]
-            b.free_all(held_b[i])
-            held_b[i] = new
-        assert (a.ops, a._size, a._comp, a._delta, a._n, held_a) == (b.ops, b._size, b._comp, b._delta, b._n, held_b)
+@kinds
+def test_regrow_is_alloc_then_free(kind):
+    a, b = kind(), kind()
+    held_a = [[a.alloc(10, "kv"), a.alloc(20.6, "kv")], [a.alloc(0, "kv")]]
+    held_b = [[b.alloc(10, "kv"), b.alloc(20.6, "kv")], [b.alloc(0, "kv")]]
+    sizes = [[11, 21.2], [0.2, 7]]
+    a.regrow(held_a, sizes, "kv")
+    for i, want in enumerate(sizes):
+        new = [b.alloc(x, "kv") for x in want]
+        b.free_all(held_b[i])
+        held_b[i] = new
+    assert (a.ops, a.handles, held_a) == (b.ops, b.handles, held_b)
+    assert account(a) == account(b)

@@ -690,24 +690,42 @@ PyDoc_STRVAR(replay_doc,
 "CachingAllocatorModel(limit, on_oom='raise').run(ops) for the default allocator setting, or with\n"
 "expandable_segments (an expandable segment spanning address_space_bytes): index is that of the request\n"
 "that ran out of memory under limit (None: no limit), -1 when every operation ran. large_up: new large\n"
-"segments at increasing addresses (CachingAllocatorModel(large_addresses='up')).");
+"segments at increasing addresses (CachingAllocatorModel(large_addresses='up')). ops: a list of operation\n"
+"tuples, or an object whose buffer holds four int64 per operation (kind, handle, bytes, -): the estimator's\n"
+"compiled Stream (estimator/_events.c).");
 
 static PyObject *replay(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ops, *limit_obj;
     long long large_segment, address_space;
     int expandable, large_up = 0;
-    if (!PyArg_ParseTuple(args, "O!OLpL|p", &PyList_Type, &ops, &limit_obj, &large_segment, &expandable,
-                          &address_space, &large_up))
+    if (!PyArg_ParseTuple(args, "OOLpL|p", &ops, &limit_obj, &large_segment, &expandable, &address_space,
+                          &large_up))
         return NULL;
+    Py_buffer view;
+    int flat = !PyList_Check(ops);
+    if (flat) {
+        /* the estimator's compiled stream (estimator/_events.c): four int64 per operation */
+        if (PyObject_GetBuffer(ops, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (view.itemsize != 8 || !view.format || (strcmp(view.format, "q") && strcmp(view.format, "l")) ||
+            view.len % 32) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "ops must be a list of operation tuples or a buffer of int64 quads");
+            return NULL;
+        }
+    }
     if (large_segment <= MIN_LARGE_ALLOC || address_space <= 0) {
+        if (flat) PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "large_segment_bytes must be over 10 MiB and address_space_bytes > 0");
         return NULL;
     }
     int64_t limit = INT64_MAX;
     if (limit_obj != Py_None) {
         limit = PyLong_AsLongLong(limit_obj);
-        if (limit == -1 && PyErr_Occurred()) return NULL;
+        if (limit == -1 && PyErr_Occurred()) {
+            if (flat) PyBuffer_Release(&view);
+            return NULL;
+        }
     }
     State s;
     memset(&s, 0, sizeof s);
@@ -718,7 +736,23 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     s.small.owner = s.large.owner = &s;
     s.small.root = s.large.root = -1;
     s.address_space = address_space;
-    Py_ssize_t n = PyList_GET_SIZE(ops), idx, failed = -1;
+    Py_ssize_t n = flat ? view.len / 32 : PyList_GET_SIZE(ops), idx, failed = -1;
+    if (flat) {
+        const int64_t *q = view.buf;
+        for (idx = 0; idx < n; idx++, q += 4) {
+            if (q[0] == 0) {
+                int r = do_malloc(&s, q[1], q[2], limit, large_segment);
+                if (r < 0) goto error;
+                if (r == 1) {
+                    failed = idx;
+                    break;
+                }
+            } else if (q[0] == 1) {
+                if (do_free(&s, q[1]) < 0) goto error;
+            }
+        }
+        goto done;
+    }
     for (idx = 0; idx < n; idx++) {
         PyObject *op = PyList_GET_ITEM(ops, idx);
         if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) < 1) {
@@ -751,6 +785,8 @@ static PyObject *replay(PyObject *self, PyObject *args) {
             goto error;
         }
     }
+done:
+    if (flat) PyBuffer_Release(&view);
     free_state(&s);
     return Py_BuildValue("(nLLLLLLLLLLLLL)", failed, (long long)s.allocated, (long long)s.reserved,
                          (long long)s.requested, (long long)s.peak_allocated, (long long)s.peak_reserved,
@@ -758,6 +794,7 @@ static PyObject *replay(PyObject *self, PyObject *args) {
                          (long long)s.num_allocations, (long long)s.num_alloc_retries, (long long)s.num_ooms,
                          (long long)s.num_device_alloc, (long long)s.num_device_free);
 error:
+    if (flat) PyBuffer_Release(&view);
     free_state(&s);
     return NULL;
 }

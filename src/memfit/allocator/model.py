@@ -945,13 +945,21 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
     threshold or power-of-two rounding) the compiled replay of ``_replay.c`` does it when it is built: the same
     rules, checked against this model figure for figure by tests/test_allocator_fast.py, some 10-40 times
     faster; otherwise the model itself. ``ops``: a list of operation tuples (:meth:`~CachingAllocatorModel.run`)
-    whose malloc handles are ints >= 0. ``device_total_bytes``, ``large_addresses``: as
-    :class:`CachingAllocatorModel`."""
+    whose malloc handles are ints >= 0, or the estimator's stream (:class:`memfit.estimator.events.Stream`: the
+    compiled replay reads the compiled one's operations as it keeps them). ``device_total_bytes``,
+    ``large_addresses``: as :class:`CachingAllocatorModel`."""
     if large_addresses not in ("down", "up"):
         raise ValueError(f"large_addresses must be 'down' or 'up', got {large_addresses!r}")
     cfg = config if config is not None else AllocatorConfig()
     compiled = not (cfg.max_split_size_bytes is not None or cfg.garbage_collection_threshold or cfg.rounds_power2)
-    if COMPILED is not None and compiled and isinstance(ops, list):
+    flat = False
+    if not isinstance(ops, list):  # a stream: the compiled one's buffer, else its tuples
+        try:
+            memoryview(ops).release()
+            flat = True
+        except TypeError:
+            ops = getattr(ops, "ops", ops)
+    if COMPILED is not None and compiled and (flat or isinstance(ops, list)):
         limit = None if capacity_bytes is None or capacity_bytes >= _NO_LIMIT else max(0, int(capacity_bytes))
         total = device_total_bytes or _DEFAULT_DEVICE_BYTES
         try:
@@ -961,6 +969,8 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
             pass  # sizes past 64 bits (a request of more than 2**56 bytes): the model's exact integers
         else:
             return ReplayStats(*r, compiled=True)
+    if flat:
+        ops = ops.ops
     model = CachingAllocatorModel(capacity_bytes, config=cfg, on_oom="raise", device_total_bytes=device_total_bytes,
                                   large_addresses=large_addresses)
     index = model.run(ops)

@@ -231,9 +231,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     layers (a pipeline stage), activations scaled for tensor / sequence parallelism, the micro-batches in
     flight, the loss on the last stage only, and the model states laid out by the engine's hooks
     (``rank.states``; None keeps the single-GPU states, plus ``rank.load_extra`` such as DDP's buckets)."""
-    from .events import Stream, account
+    from .events import PyStream, account
 
-    s = stream if stream is not None else Stream()
+    s = stream if stream is not None else PyStream()
     T = job.batch_size * job.seq_len
     V, H = spec.vocab_size, spec.hidden_size
     amode = _act_mode(job) if rank is None else rank.amode
@@ -858,9 +858,9 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     Prefill runs the layers one after another (each layer's transients freed before the next); ``generate()``
     keeps each layer's keys and values in ``DynamicCache``, which grows them by ``torch.cat`` every decode step:
     a new tensor one token longer, the old one freed (``transformers`` 5 ``DynamicLayer.update``)."""
-    from .events import Stream, account
+    from .events import PyStream, account
 
-    s = stream if stream is not None else Stream()
+    s = stream if stream is not None else PyStream()
     B, P, N = job.batch_size, job.prompt_len, job.new_tokens
     V, H = spec.vocab_size, spec.hidden_size
     e = st.compute_bytes(job.precision)
@@ -1039,13 +1039,14 @@ def _stream(spec: ModelSpec, job: Job, *, fit: bool = False):
     warm-up call plus the measured one: under a cap the warm-up's cached segments change where the second
     call's tensors land (a 12 GiB logits segment kept from the warm-up takes the next prefill's small
     tensors and cannot be reused for the next logits)."""
-    from .events import Stream
+    from .events import build
 
-    stream = Stream()
+    got = []
     if job.task == "train":
-        comps, phase, phases, notes = _train(spec, job, stream)
+        stream = build(lambda s: got.append(_train(spec, job, s)))
     else:
-        comps, phase, phases, notes = _infer(spec, job, stream, calls=1 if fit else 2)
+        stream = build(lambda s: got.append(_infer(spec, job, s, calls=1 if fit else 2)))
+    comps, phase, phases, notes = got[-1]
     return stream, comps, phase, phases, notes
 
 

@@ -1,303 +1,582 @@
-/* Stream building for memfit.estimator.events, compiled: the copy of one layer's stretch of the event stream
-   for the next identical layer (Stream.repeat), and a decode step's cache growth (Stream.regrow), which the
-   Python fallbacks do one Python step per event.
+/* The estimate's event stream, compiled: memfit.estimator.events.Stream as a C type that keeps its operations
+   in flat arrays of 64-bit integers instead of one Python tuple per operation.
 
-   regrow(ops, size, comp, delta, held, sizes, component, next_handle) -> next_handle
-       Stream.regrow's loop on the stream's own lists (ops, and the per-handle sizes and components and the
-       per-op deltas kept beside them): for each i, allocate the int(round(x)) of sizes[i] (none for <= 0:
-       -1), free the handles of held[i], put the new handles in held[i].
+   A stream of a large model holds tens of thousands of operations. As tuples each one cost an allocation (and
+   the cyclic collector's visits), the copy of a layer's stretch one new tuple per operation, and every replay
+   one Python integer conversion per field. Here an operation is four int64s:
 
-   repeat_stretch(ops, start, first_handle, offset, outside) -> list | None
-       the operations ops[start:] again: a malloc (0, h, bytes, component) becomes (0, h + offset, bytes,
-       component); a free (1, h) of a handle made in the stretch (h >= first_handle) becomes (1, h + offset),
-       of one from before it (1, outside[h]); None when such a handle is not in outside or an operation is
-       neither a malloc nor a free (the caller then builds the layer instead).
+       (0, handle, bytes, component id)   an allocation
+       (1, handle, bytes, component id)   a free (the bytes and component of the tensor it frees)
+       (2, name id, 0, 0)                 a phase mark
+       (3, 0, 0, 0)                       torch.cuda.reset_peak_memory_stats
 
-   account(ops, delta, size, comp, marks, resets) -> (peak, peak_at, peak_phase, phases, components) | None
-       events._account_fast's walk by tensor bytes (see there), one pass in C; None when a figure passes 64
-       bits (the caller then walks in Python).
+   with each handle's bytes and component id beside them, and one table of the component and phase names.
+   Methods and results are those of events.PyStream (the Python version, used where this is not built or
+   MEMFIT_PURE_PYTHON is set): alloc, free, alloc_all, free_all, regrow, mark, repeat, phase, reset_peaks,
+   account, op, phase_at, and `ops` (the operations as PyStream's tuples, made when asked for). The allocator
+   replay (allocator/_replay.c) reads the operations through the buffer protocol (format "q", four per
+   operation) without converting anything.
 
-   tests/test_stream_repeat.py builds every registry model's streams with and without the copy and compares
-   them; MEMFIT_PURE_PYTHON=1 makes memfit use the Python fallback. */
+   Sizes are whole bytes below 2**62 (a float rounds half to even, as int(round(x))); a larger one raises
+   OverflowError, and the estimator then builds the stream with PyStream (exact integers).
+
+   tests/test_stream_repeat.py builds every registry model's streams with both and compares them op for op;
+   tests/test_fast_replay_account.py compares the account with the event-by-event walk. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
-/* An operation tuple holds ints and a str only: it can be in no reference cycle, so the cyclic garbage
-   collector need not track it (CPython untracks such tuples itself, but only once a collection has visited
-   them: with streams of tens of thousands of tuples those visits were a third of the build's time). */
-static void untrack_if_atomic(PyObject *t) {
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++) {
-        PyObject *x = PyTuple_GET_ITEM(t, i);
-        if (!PyLong_CheckExact(x) && !PyUnicode_CheckExact(x)) return;
-    }
-    PyObject_GC_UnTrack(t);
-}
+#define OP_ALLOC 0
+#define OP_FREE 1
+#define OP_PHASE 2
+#define OP_RESET 3
+#define MAX_BYTES (1LL << 62)
 
-/* a new operation tuple: (kind, h, n, component), or (kind, h) when n is NULL (the arguments borrowed) */
-static PyObject *op_tuple(PyObject *kind, PyObject *h, PyObject *n, PyObject *component) {
-    PyObject *items[4] = {kind, h, n, component};
-    Py_ssize_t k = n ? 4 : 2;
-    PyObject *t = PyTuple_New(k);
-    if (!t) return NULL;
-    for (Py_ssize_t i = 0; i < k; i++) {
-        Py_INCREF(items[i]);
-        PyTuple_SET_ITEM(t, i, items[i]);
-    }
-    untrack_if_atomic(t);
-    return t;
-}
+typedef struct {
+    PyObject_HEAD
+    int64_t *ops; /* 4 per operation */
+    Py_ssize_t nops, capops;
+    int64_t *hsize; /* by handle */
+    int32_t *hcomp;
+    Py_ssize_t nh, caph;
+    Py_ssize_t *marks, nmarks, capmarks; /* operation index of each phase mark */
+    Py_ssize_t *resets, nresets, capresets;
+    PyObject *names;    /* list: id -> str (components and phase names) */
+    PyObject *ids;      /* dict: str -> id */
+    PyObject *last_str; /* the last name looked up (borrowed through names), and its id */
+    int32_t last_id;
+    PyObject *accounted;
+    PyObject *phase_name;
+    PyObject *ops_cache; /* the tuples, once made (dropped when an operation is added) */
+    Py_ssize_t exports;
+} StreamObject;
 
-static PyObject *repeat_stretch(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *ops, *outside;
-    Py_ssize_t start;
-    long long first, offset;
-    if (!PyArg_ParseTuple(args, "O!nLLO!", &PyList_Type, &ops, &start, &first, &offset, &PyDict_Type, &outside))
-        return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(ops);
-    if (start < 0 || start > n) {
-        PyErr_SetString(PyExc_IndexError, "start out of range");
-        return NULL;
+static int grow_array(StreamObject *s, void **a, Py_ssize_t *cap, Py_ssize_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    if (s->exports > 0) {
+        PyErr_SetString(PyExc_BufferError, "the stream's operations are being read (a replay holds its buffer)");
+        return -1;
     }
-    PyObject *out = PyList_New(n - start);
-    if (!out) return NULL;
-    PyObject *kind_alloc = PyLong_FromLong(0), *kind_free = PyLong_FromLong(1);
-    if (!kind_alloc || !kind_free) goto error;
-    for (Py_ssize_t i = start; i < n; i++) {
-        PyObject *op = PyList_GET_ITEM(ops, i), *t = NULL;
-        if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) < 2) goto refuse;
-        long kind = PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
-        PyObject *hobj = PyTuple_GET_ITEM(op, 1);
-        long long h = PyLong_AsLongLong(hobj);
-        if (PyErr_Occurred()) goto error;
-        if (kind == 0 && PyTuple_GET_SIZE(op) == 4) {
-            PyObject *nh = PyLong_FromLongLong(h + offset);
-            if (!nh) goto error;
-            t = op_tuple(kind_alloc, nh, PyTuple_GET_ITEM(op, 2), PyTuple_GET_ITEM(op, 3));
-            Py_DECREF(nh);
-        } else if (kind == 1 && PyTuple_GET_SIZE(op) == 2) {
-            PyObject *nh;
-            if (h >= first) {
-                nh = PyLong_FromLongLong(h + offset);
-                if (!nh) goto error;
-            } else {
-                nh = PyDict_GetItemWithError(outside, hobj); /* borrowed */
-                if (!nh) {
-                    if (PyErr_Occurred()) goto error;
-                    goto refuse;
-                }
-                Py_INCREF(nh);
-            }
-            t = op_tuple(kind_free, nh, NULL, NULL);
-            Py_DECREF(nh);
-        } else {
-            goto refuse;
-        }
-        if (!t) goto error;
-        PyList_SET_ITEM(out, i - start, t);
+    Py_ssize_t n = *cap ? *cap : 256;
+    while (n < need) n *= 2;
+    void *b = PyMem_Realloc(*a, (size_t)n * elem);
+    if (!b) {
+        PyErr_NoMemory();
+        return -1;
     }
-    Py_DECREF(kind_alloc);
-    Py_DECREF(kind_free);
-    return out;
-refuse:
-    Py_XDECREF(kind_alloc);
-    Py_XDECREF(kind_free);
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-error:
-    Py_XDECREF(kind_alloc);
-    Py_XDECREF(kind_free);
-    Py_DECREF(out);
-    return NULL;
-}
-
-/* append (0, h, n, component) to ops and n, component, n to size, comp, delta; a new reference to h's int */
-static PyObject *append_alloc(PyObject *ops, PyObject *size, PyObject *comp, PyObject *delta, long long h,
-                              PyObject *n, PyObject *component, PyObject *kind_alloc) {
-    PyObject *hobj = PyLong_FromLongLong(h);
-    if (!hobj) return NULL;
-    PyObject *t = op_tuple(kind_alloc, hobj, n, component);
-    if (!t) {
-        Py_DECREF(hobj);
-        return NULL;
-    }
-    int bad = PyList_Append(ops, t) || PyList_Append(size, n) || PyList_Append(comp, component) ||
-              PyList_Append(delta, n);
-    Py_DECREF(t);
-    if (bad) {
-        Py_DECREF(hobj);
-        return NULL;
-    }
-    return hobj;
-}
-
-static PyObject *regrow(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *ops, *size, *comp, *delta, *held, *sizes, *component;
-    long long h;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!UL", &PyList_Type, &ops, &PyList_Type, &size, &PyList_Type, &comp,
-                          &PyList_Type, &delta, &PyList_Type, &held, &PyList_Type, &sizes, &component, &h))
-        return NULL;
-    if (PyList_GET_SIZE(sizes) > PyList_GET_SIZE(held)) {
-        PyErr_SetString(PyExc_ValueError, "more sizes than held lists");
-        return NULL;
-    }
-    PyObject *kind_alloc = PyLong_FromLong(0), *kind_free = PyLong_FromLong(1), *minus = PyLong_FromLong(-1);
-    if (!kind_alloc || !kind_free || !minus) goto error;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sizes); i++) {
-        PyObject *want = PyList_GET_ITEM(sizes, i);
-        if (!PyList_Check(want)) {
-            PyErr_SetString(PyExc_TypeError, "sizes must be lists");
-            goto error;
-        }
-        Py_ssize_t k = PyList_GET_SIZE(want);
-        PyObject *fresh = PyList_New(k);
-        if (!fresh) goto error;
-        for (Py_ssize_t j = 0; j < k; j++) {
-            PyObject *x = PyList_GET_ITEM(want, j), *n;
-            /* int(round(x)), as Stream.alloc: a float rounds half to even (nearbyint in the default rounding
-               mode, as float.__round__), exactly below 2**53 */
-            if (PyLong_CheckExact(x)) {
-                n = x;
-                Py_INCREF(n);
-            } else if (PyFloat_CheckExact(x) && fabs(PyFloat_AS_DOUBLE(x)) < 9007199254740992.0) {
-                n = PyLong_FromDouble(nearbyint(PyFloat_AS_DOUBLE(x)));
-                if (!n) {
-                    Py_DECREF(fresh);
-                    goto error;
-                }
-            } else {
-                PyObject *r = PyObject_CallMethod(x, "__round__", NULL);
-                if (!r) {
-                    Py_DECREF(fresh);
-                    goto error;
-                }
-                n = PyNumber_Long(r);
-                Py_DECREF(r);
-                if (!n) {
-                    Py_DECREF(fresh);
-                    goto error;
-                }
-            }
-            int positive = PyObject_RichCompareBool(n, kind_alloc, Py_GT);
-            if (positive < 0) {
-                Py_DECREF(n);
-                Py_DECREF(fresh);
-                goto error;
-            }
-            if (!positive) {
-                Py_DECREF(n);
-                Py_INCREF(minus);
-                PyList_SET_ITEM(fresh, j, minus);
-                continue;
-            }
-            PyObject *hobj = append_alloc(ops, size, comp, delta, h, n, component, kind_alloc);
-            Py_DECREF(n);
-            if (!hobj) {
-                Py_DECREF(fresh);
-                goto error;
-            }
-            PyList_SET_ITEM(fresh, j, hobj);
-            h++;
-        }
-        PyObject *old = PyList_GET_ITEM(held, i);
-        if (!PyList_Check(old)) {
-            Py_DECREF(fresh);
-            PyErr_SetString(PyExc_TypeError, "held must hold lists");
-            goto error;
-        }
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(old); j++) {
-            PyObject *o = PyList_GET_ITEM(old, j);
-            long long oh = PyLong_AsLongLong(o);
-            if (oh == -1 && PyErr_Occurred()) {
-                Py_DECREF(fresh);
-                goto error;
-            }
-            if (oh < 0) continue;
-            if (oh >= PyList_GET_SIZE(size)) {
-                Py_DECREF(fresh);
-                PyErr_SetString(PyExc_IndexError, "a held handle the stream never made");
-                goto error;
-            }
-            PyObject *t = op_tuple(kind_free, o, NULL, NULL);
-            if (!t) {
-                Py_DECREF(fresh);
-                goto error;
-            }
-            PyObject *sz = PyList_GET_ITEM(size, (Py_ssize_t)oh), *neg;
-            int overflow = 0;
-            long long v = PyLong_AsLongLongAndOverflow(sz, &overflow);
-            if (!overflow && !(v == -1 && PyErr_Occurred()) && v > LLONG_MIN)
-                neg = PyLong_FromLongLong(-v);
-            else {
-                PyErr_Clear();
-                neg = PyNumber_Negative(sz);
-            }
-            int bad = !neg || PyList_Append(ops, t) || PyList_Append(delta, neg);
-            Py_DECREF(t);
-            Py_XDECREF(neg);
-            if (bad) {
-                Py_DECREF(fresh);
-                goto error;
-            }
-        }
-        if (PyList_SetItem(held, i, fresh) < 0) goto error; /* steals fresh */
-    }
-    Py_DECREF(kind_alloc);
-    Py_DECREF(kind_free);
-    Py_DECREF(minus);
-    return PyLong_FromLongLong(h);
-error:
-    Py_XDECREF(kind_alloc);
-    Py_XDECREF(kind_free);
-    Py_XDECREF(minus);
-    return NULL;
-}
-
-static int as_i64(PyObject *o, int64_t *v) {
-    int overflow = 0;
-    long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
-    if (overflow) return 1;
-    if (x == -1 && PyErr_Occurred()) return -1;
-    *v = x;
+    *a = b;
+    *cap = n;
     return 0;
 }
 
-/* account(ops, delta, size, comp, marks, resets) -> (peak, peak_at, peak_phase, phases, components) | None */
-static PyObject *account(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *ops, *delta, *size, *comp, *marks, *resets;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &ops, &PyList_Type, &delta, &PyList_Type, &size,
-                          &PyList_Type, &comp, &PyList_Type, &marks, &PyList_Type, &resets))
+static inline int room_ops(StreamObject *s, Py_ssize_t more) {
+    if (s->nops + more <= s->capops) return 0;
+    Py_ssize_t cap4 = s->capops * 4;
+    if (grow_array(s, (void **)&s->ops, &cap4, (s->nops + more) * 4, sizeof(int64_t)) < 0) return -1;
+    s->capops = cap4 / 4;
+    return 0;
+}
+
+static inline int room_handles(StreamObject *s, Py_ssize_t more) {
+    if (s->nh + more <= s->caph) return 0;
+    Py_ssize_t c1 = s->caph, c2 = s->caph;
+    if (grow_array(s, (void **)&s->hsize, &c1, s->nh + more, sizeof(int64_t)) < 0) return -1;
+    if (grow_array(s, (void **)&s->hcomp, &c2, s->nh + more, sizeof(int32_t)) < 0) return -1;
+    s->caph = c1 < c2 ? c1 : c2;
+    return 0;
+}
+
+static inline void put_op(StreamObject *s, int64_t k, int64_t a, int64_t b, int64_t c) {
+    int64_t *o = s->ops + 4 * s->nops++;
+    o[0] = k;
+    o[1] = a;
+    o[2] = b;
+    o[3] = c;
+}
+
+static inline void touched(StreamObject *s) {
+    if (s->ops_cache) Py_CLEAR(s->ops_cache);
+}
+
+/* the id of name (a str) in the names table, added when new; -1 on error */
+static int32_t name_id(StreamObject *s, PyObject *name) {
+    if (name == s->last_str) return s->last_id;
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "a component or phase name must be a str");
+        return -1;
+    }
+    PyObject *v = PyDict_GetItemWithError(s->ids, name);
+    int32_t id;
+    if (v) {
+        id = (int32_t)PyLong_AsLong(v);
+    } else {
+        if (PyErr_Occurred()) return -1;
+        Py_ssize_t n = PyList_GET_SIZE(s->names);
+        if (n >= INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "too many names");
+            return -1;
+        }
+        PyObject *k = PyLong_FromSsize_t(n);
+        if (!k) return -1;
+        int bad = PyDict_SetItem(s->ids, name, k) < 0 || PyList_Append(s->names, name) < 0;
+        Py_DECREF(k);
+        if (bad) return -1;
+        id = (int32_t)n;
+    }
+    s->last_str = PyList_GET_ITEM(s->names, id);
+    s->last_id = id;
+    return id;
+}
+
+/* int(round(x)) as whole bytes: 0 and *out set (<= 0: no tensor), -1 on error (OverflowError at 2**62 or
+   more: the caller builds the stream in Python) */
+static int to_bytes(PyObject *x, int64_t *out) {
+    if (PyFloat_CheckExact(x)) {
+        double d = PyFloat_AS_DOUBLE(x);
+        if (isnan(d)) {
+            PyErr_SetString(PyExc_ValueError, "cannot convert float NaN to integer");
+            return -1;
+        }
+        if (isinf(d)) {
+            PyErr_SetString(PyExc_OverflowError, "cannot convert float infinity to integer");
+            return -1;
+        }
+        if (d <= 0.5) { /* round half to even: 0.5 -> 0 */
+            *out = 0;
+            return 0;
+        }
+        if (d < 9007199254740992.0) {
+            *out = (int64_t)nearbyint(d); /* the default rounding mode: half to even, as float.__round__ */
+            return 0;
+        }
+        if (d < (double)MAX_BYTES) {
+            *out = (int64_t)d; /* integral already */
+            return 0;
+        }
+        PyErr_SetString(PyExc_OverflowError, "a tensor of 2**62 bytes or more");
+        return -1;
+    }
+    PyObject *n;
+    if (PyLong_Check(x)) {
+        n = x;
+        Py_INCREF(n);
+    } else {
+        PyObject *r = PyObject_CallMethod(x, "__round__", NULL);
+        if (!r) return -1;
+        n = PyNumber_Long(r);
+        Py_DECREF(r);
+        if (!n) return -1;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(n, &overflow);
+    Py_DECREF(n);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow < 0 || (!overflow && v <= 0)) {
+        *out = 0;
+        return 0;
+    }
+    if (overflow > 0 || v >= MAX_BYTES) {
+        PyErr_SetString(PyExc_OverflowError, "a tensor of 2**62 bytes or more");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* one allocation of n bytes (> 0) of component id c; its handle */
+static int64_t add_alloc(StreamObject *s, int64_t n, int32_t c) {
+    if (room_ops(s, 1) < 0 || room_handles(s, 1) < 0) return -1;
+    int64_t h = s->nh++;
+    s->hsize[h] = n;
+    s->hcomp[h] = c;
+    put_op(s, OP_ALLOC, h, n, c);
+    return h;
+}
+
+static int add_free(StreamObject *s, int64_t h) {
+    if (h < 0) return 0;
+    if (h >= s->nh) {
+        PyErr_SetString(PyExc_IndexError, "free of a handle the stream never made");
+        return -1;
+    }
+    if (room_ops(s, 1) < 0) return -1;
+    put_op(s, OP_FREE, h, s->hsize[h], s->hcomp[h]);
+    return 0;
+}
+
+/* alloc of x (a number) as component c; the handle, -1 for none, -2 on error */
+static int64_t alloc_obj(StreamObject *s, PyObject *x, int32_t c) {
+    int64_t n;
+    if (to_bytes(x, &n) < 0) return -2;
+    if (n <= 0) return -1;
+    int64_t h = add_alloc(s, n, c);
+    return h < 0 ? -2 : h;
+}
+
+static PyObject *S_alloc(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc(nbytes, component)");
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(delta), nmarks = PyList_GET_SIZE(marks);
-    if (PyList_GET_SIZE(ops) != n || PyList_GET_SIZE(size) != PyList_GET_SIZE(comp)) Py_RETURN_NONE;
+    }
+    int32_t c = name_id(s, args[1]);
+    if (c < 0) return NULL;
+    int64_t h = alloc_obj(s, args[0], c);
+    if (h == -2) return NULL;
+    touched(s);
+    return PyLong_FromLongLong(h);
+}
+
+static int64_t handle_of(PyObject *o) {
+    long long h = PyLong_AsLongLong(o);
+    if (h == -1 && PyErr_Occurred()) return INT64_MIN;
+    return h;
+}
+
+static PyObject *S_free(StreamObject *s, PyObject *arg) {
+    int64_t h = handle_of(arg);
+    if (h == INT64_MIN) return NULL;
+    if (add_free(s, h) < 0) return NULL;
+    touched(s);
+    Py_RETURN_NONE;
+}
+
+/* the handles of sizes (an iterable) allocated in order, as a new list */
+static PyObject *alloc_seq(StreamObject *s, PyObject *sizes, int32_t c) {
+    PyObject *seq = PySequence_Fast(sizes, "sizes must be iterable");
+    if (!seq) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *out = PyList_New(k);
+    if (!out) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t h = alloc_obj(s, items[j], c);
+        PyObject *v = h == -2 ? NULL : PyLong_FromLongLong(h);
+        if (!v) {
+            Py_DECREF(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, j, v);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+static int free_seq(StreamObject *s, PyObject *handles) {
+    PyObject *seq = PySequence_Fast(handles, "handles must be iterable");
+    if (!seq) return -1;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t h = handle_of(items[j]);
+        if (h == INT64_MIN || add_free(s, h) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *S_alloc_all(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "alloc_all(sizes, component)");
+        return NULL;
+    }
+    int32_t c = name_id(s, args[1]);
+    if (c < 0) return NULL;
+    touched(s);
+    return alloc_seq(s, args[0], c);
+}
+
+static PyObject *S_free_all(StreamObject *s, PyObject *arg) {
+    touched(s);
+    if (free_seq(s, arg) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *S_regrow(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "regrow(held: list of lists, sizes, component)");
+        return NULL;
+    }
+    PyObject *held = args[0];
+    int32_t c = name_id(s, args[2]);
+    if (c < 0) return NULL;
+    touched(s);
+    PyObject *seq = PySequence_Fast(args[1], "sizes must be iterable");
+    if (!seq) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (i >= PyList_GET_SIZE(held)) {
+            PyErr_SetString(PyExc_IndexError, "more sizes than held lists");
+            goto error;
+        }
+        PyObject *fresh = alloc_seq(s, PySequence_Fast_GET_ITEM(seq, i), c);
+        if (!fresh) goto error;
+        if (free_seq(s, PyList_GET_ITEM(held, i)) < 0) {
+            Py_DECREF(fresh);
+            goto error;
+        }
+        if (PyList_SetItem(held, i, fresh) < 0) goto error; /* steals fresh */
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+static PyObject *S_mark(StreamObject *s, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("(nn)", s->nops, s->nh);
+}
+
+/* the (key, value) pairs of the outside map, sorted by key */
+typedef struct {
+    int64_t k, v;
+} Pair;
+
+static int pair_cmp(const void *a, const void *b) {
+    int64_t x = ((const Pair *)a)->k, y = ((const Pair *)b)->k;
+    return (x > y) - (x < y);
+}
+
+static PyObject *S_repeat(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 2 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "repeat((ops, handles), outside: dict)");
+        return NULL;
+    }
+    Py_ssize_t o0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[0], 0));
+    Py_ssize_t h0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[0], 1));
+    if (PyErr_Occurred()) return NULL;
+    if (o0 < 0 || o0 > s->nops || h0 < 0 || h0 > s->nh) {
+        PyErr_SetString(PyExc_ValueError, "repeat: a start the stream does not hold");
+        return NULL;
+    }
+    if ((s->nmarks && s->marks[s->nmarks - 1] >= o0) || (s->nresets && s->resets[s->nresets - 1] >= o0))
+        Py_RETURN_NONE;
+    PyObject *outside = args[1];
+    Py_ssize_t np = PyDict_GET_SIZE(outside), pos = 0, j = 0;
+    Pair *pairs = PyMem_Malloc((size_t)(np ? np : 1) * sizeof(Pair));
+    if (!pairs) return PyErr_NoMemory();
+    PyObject *key, *value;
+    while (PyDict_Next(outside, &pos, &key, &value)) {
+        long long a = PyLong_AsLongLong(key), b = PyLong_AsLongLong(value);
+        if ((a == -1 || b == -1) && PyErr_Occurred()) {
+            PyMem_Free(pairs);
+            return NULL;
+        }
+        /* every mapped tensor exists and has the bytes of the one it stands for */
+        if (a < 0 || b < 0 || a >= s->nh || b >= s->nh || s->hsize[a] != s->hsize[b]) {
+            PyMem_Free(pairs);
+            Py_RETURN_NONE;
+        }
+        pairs[j].k = a;
+        pairs[j++].v = b;
+    }
+    qsort(pairs, (size_t)np, sizeof(Pair), pair_cmp);
+    Py_ssize_t n_stretch = s->nops - o0, h1 = s->nh, n_new = h1 - h0;
+    int64_t d = (int64_t)(h1 - h0);
+    if (room_ops(s, n_stretch) < 0 || room_handles(s, n_new) < 0) {
+        PyMem_Free(pairs);
+        return NULL;
+    }
+    Py_ssize_t nops0 = s->nops;
+    for (Py_ssize_t i = o0; i < nops0; i++) {
+        const int64_t *o = s->ops + 4 * i;
+        int64_t k = o[0], h = o[1];
+        if (k == OP_ALLOC) {
+            put_op(s, OP_ALLOC, h + d, o[2], o[3]);
+        } else if (k == OP_FREE) {
+            if (h >= h0) {
+                put_op(s, OP_FREE, h + d, o[2], o[3]);
+            } else {
+                Py_ssize_t lo = 0, hi = np;
+                while (lo < hi) {
+                    Py_ssize_t mid = (lo + hi) >> 1;
+                    if (pairs[mid].k < h)
+                        lo = mid + 1;
+                    else
+                        hi = mid;
+                }
+                if (lo >= np || pairs[lo].k != h) { /* a tensor from before the stretch that nothing maps */
+                    s->nops = nops0;
+                    PyMem_Free(pairs);
+                    Py_RETURN_NONE;
+                }
+                int64_t m = pairs[lo].v;
+                put_op(s, OP_FREE, m, s->hsize[m], s->hcomp[m]);
+            }
+        } else { /* a mark or reset in the stretch (checked above: none) */
+            s->nops = nops0;
+            PyMem_Free(pairs);
+            Py_RETURN_NONE;
+        }
+    }
+    PyMem_Free(pairs);
+    memcpy(s->hsize + h1, s->hsize + h0, (size_t)n_new * sizeof(int64_t));
+    memcpy(s->hcomp + h1, s->hcomp + h0, (size_t)n_new * sizeof(int32_t));
+    s->nh = h1 + n_new;
+    touched(s);
+    return PyLong_FromLongLong(d);
+}
+
+static int push_index(StreamObject *s, Py_ssize_t **a, Py_ssize_t *n, Py_ssize_t *cap, Py_ssize_t v) {
+    if (*n >= *cap) {
+        Py_ssize_t c = *cap ? *cap * 2 : 16;
+        Py_ssize_t *b = PyMem_Realloc(*a, (size_t)c * sizeof(Py_ssize_t));
+        if (!b) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        *a = b;
+        *cap = c;
+    }
+    (*a)[(*n)++] = v;
+    (void)s;
+    return 0;
+}
+
+static PyObject *S_phase(StreamObject *s, PyObject *name) {
+    int32_t id = name_id(s, name);
+    if (id < 0) return NULL;
+    if (room_ops(s, 1) < 0 || push_index(s, &s->marks, &s->nmarks, &s->capmarks, s->nops) < 0) return NULL;
+    put_op(s, OP_PHASE, id, 0, 0);
+    Py_INCREF(name);
+    Py_SETREF(s->phase_name, name);
+    touched(s);
+    Py_RETURN_NONE;
+}
+
+static PyObject *S_reset_peaks(StreamObject *s, PyObject *unused) {
+    (void)unused;
+    if (room_ops(s, 1) < 0 || push_index(s, &s->resets, &s->nresets, &s->capresets, s->nops) < 0) return NULL;
+    put_op(s, OP_RESET, 0, 0, 0);
+    touched(s);
+    Py_RETURN_NONE;
+}
+
+/* operation i as PyStream's tuple */
+static PyObject *op_tuple(StreamObject *s, Py_ssize_t i) {
+    const int64_t *o = s->ops + 4 * i;
+    switch (o[0]) {
+    case OP_ALLOC:
+        return Py_BuildValue("(iLLO)", 0, (long long)o[1], (long long)o[2], PyList_GET_ITEM(s->names, o[3]));
+    case OP_FREE:
+        return Py_BuildValue("(iL)", 1, (long long)o[1]);
+    case OP_PHASE:
+        return Py_BuildValue("(iO)", 2, PyList_GET_ITEM(s->names, o[1]));
+    default:
+        return Py_BuildValue("(i)", 3);
+    }
+}
+
+static PyObject *S_op(StreamObject *s, PyObject *arg) {
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    if (i < 0) i += s->nops;
+    if (i < 0 || i >= s->nops) {
+        PyErr_SetString(PyExc_IndexError, "operation index out of range");
+        return NULL;
+    }
+    return op_tuple(s, i);
+}
+
+/* the name of the last phase mark before operation i ("" when none) */
+static PyObject *S_phase_at(StreamObject *s, PyObject *arg) {
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t lo = 0, hi = s->nmarks; /* the first mark at or after i */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (s->marks[mid] < i)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0) return PyUnicode_FromString("");
+    PyObject *name = PyList_GET_ITEM(s->names, s->ops[4 * s->marks[lo - 1] + 1]);
+    Py_INCREF(name);
+    return name;
+}
+
+static PyObject *S_get_ops(StreamObject *s, void *closure) {
+    (void)closure;
+    if (!s->ops_cache) {
+        PyObject *out = PyList_New(s->nops);
+        if (!out) return NULL;
+        for (Py_ssize_t i = 0; i < s->nops; i++) {
+            PyObject *t = op_tuple(s, i);
+            if (!t) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyList_SET_ITEM(out, i, t);
+        }
+        s->ops_cache = out;
+    }
+    Py_INCREF(s->ops_cache);
+    return s->ops_cache;
+}
+
+static PyObject *S_get_handles(StreamObject *s, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(s->nh);
+}
+
+static PyObject *S_get_phase_name(StreamObject *s, void *closure) {
+    (void)closure;
+    Py_INCREF(s->phase_name);
+    return s->phase_name;
+}
+
+static PyObject *S_get_accounted(StreamObject *s, void *closure) {
+    (void)closure;
+    PyObject *r = s->accounted ? s->accounted : Py_None;
+    Py_INCREF(r);
+    return r;
+}
+
+static int S_set_accounted(StreamObject *s, PyObject *v, void *closure) {
+    (void)closure;
+    Py_XINCREF(v);
+    Py_XSETREF(s->accounted, v);
+    return 0;
+}
+
+/* events._account_fast's walk: (peak, peak_at, peak_phase, phases, components), None when a figure passes 64
+   bits (the caller then walks the tuples in Python) */
+static PyObject *S_account(StreamObject *s, PyObject *unused) {
+    (void)unused;
+    Py_ssize_t n = s->nops;
     int64_t *live = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
     uint8_t *dead = NULL;
     int64_t *sums = NULL;
-    PyObject *phases = NULL, *comps = NULL, *index = NULL, *result = NULL, *peak_phase = NULL;
+    int32_t *first = NULL;
+    PyObject *phases = NULL, *comps = NULL, *result = NULL, *peak_phase = NULL, *empty = NULL;
     if (!live) return PyErr_NoMemory();
     int64_t run = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        int64_t d;
-        int r = as_i64(PyList_GET_ITEM(delta, i), &d);
-        if (r < 0) goto error;
-        if (r > 0 || __builtin_add_overflow(run, d, &run)) goto fallback;
+        const int64_t *o = s->ops + 4 * i;
+        if (o[0] == OP_ALLOC) {
+            if (__builtin_add_overflow(run, o[2], &run)) goto fallback;
+        } else if (o[0] == OP_FREE) {
+            run -= o[2];
+        }
         live[i] = run;
     }
-    /* the peak: the first maximum after the last reset (or over all events; none before any allocation) */
     Py_ssize_t r0 = 0, reset_at = -1, peak_at = -1;
     int64_t peak = -1;
-    Py_ssize_t nres = PyList_GET_SIZE(resets);
-    if (nres) {
-        r0 = reset_at = PyLong_AsSsize_t(PyList_GET_ITEM(resets, nres - 1));
-        if (r0 < 0 || r0 >= n) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "reset out of range");
-            goto error;
-        }
+    if (s->nresets) {
+        r0 = reset_at = s->resets[s->nresets - 1];
         peak = live[r0];
         peak_at = r0;
         for (Py_ssize_t i = r0 + 1; i < n; i++)
@@ -305,7 +584,7 @@ static PyObject *account(PyObject *self, PyObject *args) {
                 peak = live[i];
                 peak_at = i;
             }
-    } else if (PyList_GET_SIZE(size) && n) {
+    } else if (s->nh && n) {
         peak = live[0];
         peak_at = 0;
         for (Py_ssize_t i = 1; i < n; i++)
@@ -314,44 +593,25 @@ static PyObject *account(PyObject *self, PyObject *args) {
                 peak_at = i;
             }
     }
-    /* phase peaks: each stretch from a mark to the next (the one the reset is in: its allocations after it) */
     phases = PyDict_New();
-    if (!phases) goto error;
     peak_phase = PyUnicode_FromString("");
-    if (!peak_phase) goto error;
-    for (Py_ssize_t j = 0; j <= nmarks; j++) {
-        Py_ssize_t start = j ? PyLong_AsSsize_t(PyList_GET_ITEM(marks, j - 1)) : 0;
-        Py_ssize_t end = j < nmarks ? PyLong_AsSsize_t(PyList_GET_ITEM(marks, j)) : n;
-        if (PyErr_Occurred()) goto error;
-        if (start < 0 || end > n || start > end) {
-            PyErr_SetString(PyExc_IndexError, "mark out of range");
-            goto error;
-        }
+    if (!phases || !peak_phase) goto error;
+    empty = peak_phase; /* "" (its own reference: peak_phase may be replaced below) */
+    Py_INCREF(empty);
+    for (Py_ssize_t j = 0; j <= s->nmarks; j++) {
+        Py_ssize_t start = j ? s->marks[j - 1] : 0;
+        Py_ssize_t end = j < s->nmarks ? s->marks[j] : n;
         if (end <= r0 && reset_at >= 0) continue;
-        PyObject *name;
-        if (j == 0) {
-            name = peak_phase; /* "" (borrowed) */
-        } else {
-            PyObject *mop = PyList_GET_ITEM(ops, start);
-            if (!PyTuple_Check(mop) || PyTuple_GET_SIZE(mop) < 2) {
-                PyErr_SetString(PyExc_TypeError, "a phase mark is (2, name)");
-                goto error;
-            }
-            name = PyTuple_GET_ITEM(mop, 1);
-        }
+        PyObject *name = j == 0 ? empty : PyList_GET_ITEM(s->names, s->ops[4 * start + 1]);
         if (start <= peak_at && peak_at < end) {
             Py_INCREF(name);
             Py_SETREF(peak_phase, name);
         }
-        int empty = PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) == 0;
-        if (empty) continue;
+        if (PyUnicode_GET_LENGTH(name) == 0) continue;
         int64_t best = -1;
         if (reset_at >= 0 && start <= r0) {
-            for (Py_ssize_t i = r0 + 1; i < end; i++) {
-                int64_t d;
-                if (as_i64(PyList_GET_ITEM(delta, i), &d)) goto error;
-                if (d > 0 && live[i] > best) best = live[i];
-            }
+            for (Py_ssize_t i = r0 + 1; i < end; i++)
+                if (s->ops[4 * i] == OP_ALLOC && live[i] > best) best = live[i];
         } else {
             for (Py_ssize_t i = start; i < end; i++)
                 if (live[i] > best) best = live[i];
@@ -359,8 +619,8 @@ static PyObject *account(PyObject *self, PyObject *args) {
         if (best >= 0) {
             PyObject *old = PyDict_GetItemWithError(phases, name);
             if (!old && PyErr_Occurred()) goto error;
-            int64_t ov = -1;
-            if (old && as_i64(old, &ov)) goto error;
+            long long ov = old ? PyLong_AsLongLong(old) : -1;
+            if (ov == -1 && PyErr_Occurred()) goto error;
             if (best > ov) {
                 PyObject *v = PyLong_FromLongLong(best);
                 if (!v || PyDict_SetItem(phases, name, v) < 0) {
@@ -371,74 +631,55 @@ static PyObject *account(PyObject *self, PyObject *args) {
             }
         }
     }
-    /* components of the tensors alive at the peak, in the order they first appear */
+    /* components of the tensors alive at the peak, in the order they first appear among the handles */
     comps = PyDict_New();
     if (!comps) goto error;
     if (peak_at >= 0) {
         Py_ssize_t nh = 0;
-        for (Py_ssize_t i = peak_at; i >= 0; i--) {
-            PyObject *op = PyList_GET_ITEM(ops, i);
-            if (PyTuple_Check(op) && PyTuple_GET_SIZE(op) >= 2 && PyLong_AsLong(PyTuple_GET_ITEM(op, 0)) == 0) {
-                nh = PyLong_AsSsize_t(PyTuple_GET_ITEM(op, 1)) + 1;
+        for (Py_ssize_t i = peak_at; i >= 0; i--)
+            if (s->ops[4 * i] == OP_ALLOC) {
+                nh = (Py_ssize_t)s->ops[4 * i + 1] + 1;
                 break;
             }
-        }
-        if (PyErr_Occurred()) goto error;
-        if (nh > PyList_GET_SIZE(size)) {
-            PyErr_SetString(PyExc_IndexError, "a handle the stream never made");
-            goto error;
-        }
+        Py_ssize_t nn = PyList_GET_SIZE(s->names);
         dead = PyMem_Calloc((size_t)(nh ? nh : 1), 1);
-        sums = PyMem_Calloc((size_t)(nh ? nh : 1), sizeof(int64_t));
-        index = PyDict_New();
-        if (!dead || !sums || !index) {
+        sums = PyMem_Calloc((size_t)(nn ? nn : 1), sizeof(int64_t));
+        first = PyMem_Malloc((size_t)(nn ? nn : 1) * sizeof(int32_t));
+        if (!dead || !sums || !first) {
             PyErr_NoMemory();
             goto error;
         }
         for (Py_ssize_t i = 0; i <= peak_at; i++) {
-            int64_t d;
-            if (as_i64(PyList_GET_ITEM(delta, i), &d)) goto error;
-            if (d < 0) {
-                Py_ssize_t h = PyLong_AsSsize_t(PyTuple_GET_ITEM(PyList_GET_ITEM(ops, i), 1));
-                if (h < 0 && PyErr_Occurred()) goto error;
-                if (h >= 0 && h < nh) dead[h] = 1;
-            }
+            const int64_t *o = s->ops + 4 * i;
+            if (o[0] == OP_FREE && o[1] < nh) dead[o[1]] = 1;
         }
-        Py_ssize_t ncomp = 0;
+        Py_ssize_t nfirst = 0;
+        uint8_t *seen = PyMem_Calloc((size_t)(nn ? nn : 1), 1);
+        if (!seen) {
+            PyErr_NoMemory();
+            goto error;
+        }
         for (Py_ssize_t h = 0; h < nh; h++) {
-            PyObject *c = PyList_GET_ITEM(comp, h), *k = PyDict_GetItemWithError(index, c);
-            Py_ssize_t ci;
-            if (!k) {
-                if (PyErr_Occurred()) goto error;
-                PyObject *v = PyLong_FromSsize_t(ncomp);
-                if (!v || PyDict_SetItem(index, c, v) < 0) {
-                    Py_XDECREF(v);
-                    goto error;
-                }
-                Py_DECREF(v);
-                ci = ncomp++;
-            } else {
-                ci = PyLong_AsSsize_t(k);
+            int32_t c = s->hcomp[h];
+            if (!seen[c]) {
+                seen[c] = 1;
+                first[nfirst++] = c;
             }
-            if (!dead[h]) {
-                int64_t v;
-                int r = as_i64(PyList_GET_ITEM(size, h), &v);
-                if (r < 0) goto error;
-                if (r > 0 || __builtin_add_overflow(sums[ci], v, &sums[ci])) goto fallback;
+            if (!dead[h] && __builtin_add_overflow(sums[c], s->hsize[h], &sums[c])) {
+                PyMem_Free(seen);
+                goto fallback;
             }
         }
-        PyObject *key, *value;
-        Py_ssize_t pos = 0;
-        while (PyDict_Next(index, &pos, &key, &value)) { /* insertion order: first appearance */
-            Py_ssize_t ci = PyLong_AsSsize_t(value);
-            if (sums[ci]) {
-                PyObject *v = PyLong_FromLongLong(sums[ci]);
-                if (!v || PyDict_SetItem(comps, key, v) < 0) {
-                    Py_XDECREF(v);
-                    goto error;
-                }
-                Py_DECREF(v);
+        PyMem_Free(seen);
+        for (Py_ssize_t k = 0; k < nfirst; k++) {
+            int32_t c = first[k];
+            if (!sums[c]) continue;
+            PyObject *v = PyLong_FromLongLong(sums[c]);
+            if (!v || PyDict_SetItem(comps, PyList_GET_ITEM(s->names, c), v) < 0) {
+                Py_XDECREF(v);
+                goto error;
             }
+            Py_DECREF(v);
         }
     }
     result = Py_BuildValue("(LnOOO)", (long long)peak, peak_at, peak_phase, phases, comps);
@@ -453,79 +694,162 @@ done:
     PyMem_Free(live);
     PyMem_Free(dead);
     PyMem_Free(sums);
+    PyMem_Free(first);
     Py_XDECREF(phases);
     Py_XDECREF(comps);
-    Py_XDECREF(index);
     Py_XDECREF(peak_phase);
+    Py_XDECREF(empty);
     return result;
 }
 
-/* repeat_into(ops, size, comp, delta, start, first_handle, outside) -> offset | None: Stream.repeat whole */
-static PyObject *repeat_into(PyObject *self, PyObject *args) {
-    PyObject *ops, *size, *comp, *delta, *outside;
-    Py_ssize_t start;
-    long long first;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!nLO!", &PyList_Type, &ops, &PyList_Type, &size, &PyList_Type, &comp,
-                          &PyList_Type, &delta, &start, &first, &PyDict_Type, &outside))
-        return NULL;
-    Py_ssize_t nh = PyList_GET_SIZE(size), nops = PyList_GET_SIZE(ops);
-    if (first < 0 || first > nh || start < 0 || start > nops || PyList_GET_SIZE(delta) != nops ||
-        PyList_GET_SIZE(comp) != nh) {
-        PyErr_SetString(PyExc_ValueError, "repeat_into: a stretch the stream's lists do not hold");
-        return NULL;
-    }
-    /* every mapped tensor exists and has the bytes of the one it stands for */
-    PyObject *key, *value;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(outside, &pos, &key, &value)) {
-        Py_ssize_t a = PyLong_AsSsize_t(key), b = PyLong_AsSsize_t(value);
-        if ((a == -1 || b == -1) && PyErr_Occurred()) return NULL;
-        if (a < 0 || b < 0 || a >= nh || b >= nh) Py_RETURN_NONE;
-        int eq = PyObject_RichCompareBool(PyList_GET_ITEM(size, a), PyList_GET_ITEM(size, b), Py_EQ);
-        if (eq < 0) return NULL;
-        if (!eq) Py_RETURN_NONE;
-    }
-    long long offset = (long long)nh - first;
-    PyObject *cargs = Py_BuildValue("(OnLLO)", ops, start, first, offset, outside);
-    if (!cargs) return NULL;
-    PyObject *fresh = repeat_stretch(self, cargs);
-    Py_DECREF(cargs);
-    if (!fresh || fresh == Py_None) return fresh;
-    /* append the copy and the side lists' copies (sizes and components of the new handles, the ops' deltas) */
-    PyObject *sz = PyList_GetSlice(size, (Py_ssize_t)first, nh), *cp = PyList_GetSlice(comp, (Py_ssize_t)first, nh);
-    PyObject *dl = PyList_GetSlice(delta, start, nops);
-    int bad = !sz || !cp || !dl;
-    if (!bad) {
-        Py_ssize_t n = PyList_GET_SIZE(ops);
-        bad = PyList_SetSlice(ops, n, n, fresh) < 0 || PyList_SetSlice(size, nh, nh, sz) < 0 ||
-              PyList_SetSlice(comp, nh, nh, cp) < 0 || PyList_SetSlice(delta, nops, nops, dl) < 0;
-    }
-    Py_DECREF(fresh);
-    Py_XDECREF(sz);
-    Py_XDECREF(cp);
-    Py_XDECREF(dl);
-    if (bad) return NULL;
-    return PyLong_FromLongLong(offset);
+static Py_ssize_t S_len(StreamObject *s) {
+    return s->nops;
 }
 
-static PyMethodDef methods[] = {
-    {"repeat_into", repeat_into, METH_VARARGS,
-     "repeat_into(ops, size, comp, delta, start, first_handle, outside) -> offset | None: Stream.repeat"},
-    {"account", account, METH_VARARGS,
-     "account(ops, delta, size, comp, marks, resets) -> (peak, peak_at, peak_phase, phases, components) | None: "
-     "events._account_fast's walk"},
-    {"regrow", regrow, METH_VARARGS,
-     "regrow(ops, size, comp, delta, held, sizes, component, next_handle) -> next_handle: Stream.regrow's loop"},
-    {"repeat_stretch", repeat_stretch, METH_VARARGS,
-     "repeat_stretch(ops, start, first_handle, offset, outside) -> list | None: see _events.c"},
+static int S_getbuffer(StreamObject *s, Py_buffer *view, int flags) {
+    static char fmt[] = "q";
+    if (!s->ops && room_ops(s, 1) < 0) return -1; /* a non-NULL buffer even when empty */
+    view->buf = s->ops;
+    view->obj = (PyObject *)s;
+    Py_INCREF(s);
+    view->len = s->nops * 4 * (Py_ssize_t)sizeof(int64_t);
+    view->readonly = 1;
+    view->itemsize = sizeof(int64_t);
+    view->format = (flags & PyBUF_FORMAT) ? fmt : NULL;
+    view->ndim = 1;
+    view->shape = NULL;
+    view->strides = NULL;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    if (flags & PyBUF_ND) {
+        view->shape = PyMem_Malloc(sizeof(Py_ssize_t));
+        if (!view->shape) {
+            Py_DECREF(s);
+            view->obj = NULL;
+            PyErr_NoMemory();
+            return -1;
+        }
+        view->shape[0] = s->nops * 4;
+        view->internal = view->shape;
+    }
+    if ((flags & PyBUF_STRIDES) == PyBUF_STRIDES) view->strides = &view->itemsize;
+    s->exports++;
+    return 0;
+}
+
+static void S_releasebuffer(StreamObject *s, Py_buffer *view) {
+    PyMem_Free(view->internal);
+    s->exports--;
+}
+
+static PyBufferProcs S_as_buffer = {(getbufferproc)S_getbuffer, (releasebufferproc)S_releasebuffer};
+
+static int S_init(StreamObject *s, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Stream() takes no arguments");
+        return -1;
+    }
+    if (s->names) return 0;
+    s->names = PyList_New(0);
+    s->ids = PyDict_New();
+    s->phase_name = PyUnicode_FromString("");
+    if (!s->names || !s->ids || !s->phase_name) return -1;
+    s->last_str = NULL;
+    return 0;
+}
+
+static int S_traverse(StreamObject *s, visitproc visit, void *arg) {
+    Py_VISIT(s->names);
+    Py_VISIT(s->ids);
+    Py_VISIT(s->accounted);
+    Py_VISIT(s->phase_name);
+    Py_VISIT(s->ops_cache);
+    return 0;
+}
+
+static int S_clear(StreamObject *s) {
+    Py_CLEAR(s->names);
+    Py_CLEAR(s->ids);
+    Py_CLEAR(s->accounted);
+    Py_CLEAR(s->phase_name);
+    Py_CLEAR(s->ops_cache);
+    s->last_str = NULL;
+    return 0;
+}
+
+static void S_dealloc(StreamObject *s) {
+    PyObject_GC_UnTrack(s);
+    S_clear(s);
+    PyMem_Free(s->ops);
+    PyMem_Free(s->hsize);
+    PyMem_Free(s->hcomp);
+    PyMem_Free(s->marks);
+    PyMem_Free(s->resets);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static PyMethodDef S_methods[] = {
+    {"alloc", (PyCFunction)(void (*)(void))S_alloc, METH_FASTCALL,
+     "alloc(nbytes, component) -> handle: one tensor of int(round(nbytes)) bytes (-1 for zero bytes or less)"},
+    {"free", (PyCFunction)S_free, METH_O, "free(handle): a free of that tensor (none for -1)"},
+    {"alloc_all", (PyCFunction)(void (*)(void))S_alloc_all, METH_FASTCALL,
+     "alloc_all(sizes, component) -> handles: alloc of each, in order"},
+    {"free_all", (PyCFunction)S_free_all, METH_O, "free_all(handles): free of each, in order"},
+    {"regrow", (PyCFunction)(void (*)(void))S_regrow, METH_FASTCALL,
+     "regrow(held, sizes, component): for each i, alloc the tensors of sizes[i], free those of held[i], which "
+     "become the new ones"},
+    {"mark", (PyCFunction)S_mark, METH_NOARGS, "mark() -> (operations, handles) so far: a start for repeat"},
+    {"repeat", (PyCFunction)(void (*)(void))S_repeat, METH_FASTCALL,
+     "repeat(start, outside) -> handle offset | None: the stretch from start again (see events.PyStream.repeat)"},
+    {"phase", (PyCFunction)S_phase, METH_O, "phase(name): a phase mark"},
+    {"reset_peaks", (PyCFunction)S_reset_peaks, METH_NOARGS, "reset_peaks(): torch.cuda.reset_peak_memory_stats()"},
+    {"account", (PyCFunction)S_account, METH_NOARGS,
+     "account() -> (peak, peak_at, peak_phase, phases, components) | None: events.account's walk"},
+    {"op", (PyCFunction)S_op, METH_O, "op(i) -> operation i as a tuple"},
+    {"phase_at", (PyCFunction)S_phase_at, METH_O, "phase_at(i) -> the phase operation i is in"},
     {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef S_getset[] = {
+    {"ops", (getter)S_get_ops, NULL, "the operations as tuples (made when asked for; read only)", NULL},
+    {"handles", (getter)S_get_handles, NULL, "allocations made so far", NULL},
+    {"phase_name", (getter)S_get_phase_name, NULL, "the last phase mark's name", NULL},
+    {"accounted", (getter)S_get_accounted, (setter)S_set_accounted, "the stream's account, once made", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods S_as_sequence = {(lenfunc)S_len};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "memfit.estimator._events.Stream",
+    .tp_basicsize = sizeof(StreamObject),
+    .tp_dealloc = (destructor)S_dealloc,
+    .tp_as_sequence = &S_as_sequence,
+    .tp_as_buffer = &S_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Allocations and frees of one run, in order (events.PyStream, compiled: see _events.c).",
+    .tp_traverse = (traverseproc)S_traverse,
+    .tp_clear = (inquiry)S_clear,
+    .tp_methods = S_methods,
+    .tp_getset = S_getset,
+    .tp_init = (initproc)S_init,
+    .tp_new = PyType_GenericNew,
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "memfit.estimator._events",
-    "Stream building for memfit.estimator.events, compiled (see _events.c).", -1, methods, NULL, NULL, NULL, NULL,
+    "The estimate's event stream, compiled (see _events.c).", -1, NULL, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__events(void) {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&StreamType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&StreamType);
+    if (PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) {
+        Py_DECREF(&StreamType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

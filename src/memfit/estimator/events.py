@@ -23,7 +23,7 @@ from operator import itemgetter
 
 from ..compiled import load as load_compiled
 
-__all__ = ["Stream", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
+__all__ = ["Stream", "PyStream", "build", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
 
 #: nvidia-smi's process total minus PyTorch's peak reserve: the CUDA context plus the kernels loaded (cuBLAS,
@@ -45,7 +45,7 @@ _ALLOC, _FREE, _PHASE, _RESET = 0, 1, 2, 3
 _FULL_REPLAY = os.environ.get("MEMFIT_FULL_REPLAY", "") not in ("", "0")
 
 
-#: the compiled stream helpers (None: their Python versions); tests set it to compare the two
+#: the compiled stream (None: :class:`PyStream` only)
 _COMPILED = load_compiled("memfit.estimator._events")
 
 
@@ -65,8 +65,11 @@ def cuda_context_bytes(task: str = "train", quantization: str = "none") -> int:
     return base
 
 
-class Stream:
+class PyStream:
     """Allocations and frees of one run, in order. ``alloc`` returns a handle to pass to ``free``.
+
+    The Python version: :data:`Stream` is the compiled one of ``_events.c`` where it is built (the same methods
+    and results, operations kept as flat integers instead of tuples), this class elsewhere.
 
     ``ops`` is the stream as the allocator model replays it: ``(0, handle, bytes, component)``, ``(1, handle)``,
     ``(2, phase name)``, ``(3,)`` (the reset). Handles count the allocations from 0. Alongside, for
@@ -107,18 +110,10 @@ class Stream:
 
     def alloc_all(self, sizes, component: str) -> list[int]:
         """:meth:`alloc` of each of ``sizes``, in order; their handles (-1 for a zero-byte one)."""
-        if _COMPILED is not None:
-            held: list[list[int]] = [[]]
-            self._n = _COMPILED.regrow(self.ops, self._size, self._comp, self._delta, held, [list(sizes)],
-                                       component, self._n)
-            return held[0]
         return [self.alloc(x, component) for x in sizes]
 
     def free_all(self, handles) -> None:
         ops, delta, size = self.ops, self._delta, self._size
-        if _COMPILED is not None and type(handles) is list and len(handles) > 8:  # long lists: one C call
-            self._n = _COMPILED.regrow(ops, size, self._comp, delta, [handles], [[]], "", self._n)
-            return
         for h in handles:
             if h >= 0:
                 ops.append((_FREE, h))
@@ -129,9 +124,6 @@ class Stream:
         become the new ones (``torch.cat`` growing a cache: the longer tensor made while the old one is
         alive). The same stream as :meth:`alloc` and :meth:`free_all` called so, in one loop."""
         ops, size, comp, delta = self.ops, self._size, self._comp, self._delta
-        if _COMPILED is not None and type(held) is list and type(sizes) is list:
-            self._n = _COMPILED.regrow(ops, size, comp, delta, held, sizes, component, self._n)
-            return
         h = self._n
         for i, want in enumerate(sizes):
             new = []
@@ -167,11 +159,6 @@ class Stream:
         o0, h0 = start
         if (self._marks and self._marks[-1] >= o0) or (self._resets and self._resets[-1] >= o0):
             return None
-        if _COMPILED is not None:  # the same, in one C call (_events.c)
-            d = _COMPILED.repeat_into(self.ops, self._size, self._comp, self._delta, o0, h0, outside)
-            if d is not None:
-                self._n += d
-            return d
         ops, size = self.ops, self._size
         h1 = self._n
         d = h1 - h0
@@ -205,6 +192,39 @@ class Stream:
 
     def __len__(self) -> int:
         return len(self.ops)
+
+    @property
+    def handles(self) -> int:
+        """Allocations made so far."""
+        return self._n
+
+    def op(self, i: int) -> tuple:
+        """Operation ``i``."""
+        return self.ops[i]
+
+    def phase_at(self, i: int) -> str:
+        """The phase operation ``i`` is in: the name of the last phase mark before it ("" when none)."""
+        return _phase_at(self.ops, i)
+
+
+#: the stream the estimator builds: the compiled one where it is built, else :class:`PyStream`. The compiled
+#: one holds whole bytes below 2**62 (a larger tensor raises OverflowError: :func:`build` then uses PyStream).
+Stream = _COMPILED.Stream if _COMPILED is not None else PyStream
+
+
+def build(make):
+    """``make(stream)`` on a new :data:`Stream`, or on a :class:`PyStream` where a size passes what the
+    compiled one holds (2**62 bytes: the jobs past any card that bad input can ask for); the stream."""
+    s = Stream()
+    if Stream is PyStream:
+        make(s)
+        return s
+    try:
+        make(s)
+    except OverflowError:
+        s = PyStream()
+        make(s)
+    return s
 
 
 @dataclass
@@ -250,17 +270,18 @@ def _account_fast(stream: Stream) -> ReplayResult:
     Without a reset the peak is the first maximum over all events, not only the allocations: a free or a mark
     never raises the live bytes, so the first event that reaches the maximum is an allocation (the live bytes
     before the first allocation are 0, and every allocation is at least one byte)."""
+    if not isinstance(stream, PyStream):  # the compiled stream's own walk (_events.c); None: past 64 bits
+        got = stream.account()
+        if got is None:
+            return _account_full(stream)
+        peak, _, peak_phase, phases, comps = got
+        return ReplayResult(peak_allocated_bytes=max(peak, 0), components=comps, peak_phase=peak_phase,
+                            phases=phases, events=len(stream))
     ops = stream.ops
     n_ops = len(ops)
     delta = stream._delta
     if len(delta) != n_ops:  # ops added to the list directly, not through the stream's methods
         return _account_full(stream)
-    if _COMPILED is not None:  # the same walk in C (_events.c); None: a figure past 64 bits
-        got = _COMPILED.account(ops, delta, stream._size, stream._comp, stream._marks, stream._resets)
-        if got is not None:
-            peak, _, peak_phase, phases, comps = got
-            return ReplayResult(peak_allocated_bytes=max(peak, 0), components=comps, peak_phase=peak_phase,
-                                phases=phases, events=n_ops)
     live = list(accumulate(delta))
     resets = stream._resets
     if resets:
@@ -427,14 +448,15 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
 
     config = AllocatorConfig(expandable_segments=expandable_segments)
     if not _FULL_REPLAY:
-        alloc = replay_ops(stream.ops, capacity_bytes, config=config,  # compiled where it is built
-                           large_addresses=large_addresses)
+        # compiled where it is built: the compiled stream's operations read as they are kept (its buffer)
+        alloc = replay_ops(stream if not isinstance(stream, PyStream) else stream.ops, capacity_bytes,
+                           config=config, large_addresses=large_addresses)
         i = alloc.index
         if i >= 0:
-            op = stream.ops[i]
+            op = stream.op(i)
             res.completed = False
             res.failed_request_bytes, res.failed_component = op[2], op[3]
-            res.failed_phase = _phase_at(stream.ops, i)
+            res.failed_phase = stream.phase_at(i)
             res.allocated_at_failure_bytes = alloc.allocated
             res.reserved_at_failure_bytes = alloc.reserved
         res.peak_reserved_bytes = alloc.peak_reserved

@@ -907,12 +907,10 @@ def _single(job: Job) -> Job:
 def rank_stream(spec: ModelSpec, job: Job, lay: Layout, stage: _Stage, amode: str):
     """One rank's event stream (a warm-up step, then the measured one) and its accounting."""
     from . import _train
-    from .events import Stream
+    from .events import build
 
-    s = Stream()
     # the single-GPU job of the same micro-batch: what _train's own terms (inputs, activations) are read from
-    _train(spec, _single(job), s, rank=_rank_view(spec, job, lay, stage, amode))
-    return s
+    return build(lambda s: _train(spec, _single(job), s, rank=_rank_view(spec, job, lay, stage, amode)))
 
 
 # --------------------------------------------------------------------------------------------- host memory
