@@ -83,7 +83,9 @@ def _same_job(probe: dict[str, Any], rec: dict[str, Any]) -> bool:
     bd = (probe.get("record") or {}).get("breakdown") or {}
     if bd:
         pj = Job.from_dict(bd["job"]).to_dict()
-        card = bd.get("gpu_memory_bytes")
+        # a run capped from outside measure (memory_history.py's set_per_process_memory_fraction at the pair's
+        # allocator limit) states no card in its breakdown: the probe's own entry says which it rehearsed
+        card = bd.get("gpu_memory_bytes") or probe.get("gpu_memory_bytes")
     else:  # a probe whose record did not come back: its job and card as it states them
         pj = Job.from_dict(probe["job"]).to_dict()
         card = probe.get("gpu_memory_bytes")
