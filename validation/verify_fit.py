@@ -92,7 +92,9 @@ def main() -> int:
                       ("boundaries-11 and -12 (held out, measured in session 8)",
                        [r for r in rows if r["name"].startswith(("h11-", "h12-"))]),
                       ("boundaries-13 (held out, measured on an H100 in session 10)",
-                       [r for r in rows if r["name"].startswith("h13-")])):
+                       [r for r in rows if r["name"].startswith("h13-")]),
+                      ("boundaries-14 (held out, measured on an H100 in session 12)",
+                       [r for r in rows if r["name"].startswith("h14-")])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")
         print(f"  trace's search:   {summary(rs, 'verified')}")
