@@ -323,3 +323,21 @@ def test_checkpointed_qlora_math_attention_matches_the_h200_runs():
         assert abs(est.peak_allocated_bytes / bd["peak_allocated_bytes"] - 1) < 0.02, r["name"]
         for phase in ("forward", "backward"):
             assert abs(est.phases[phase] / bd["phases"][phase] - 1) < 0.02, (r["name"], phase)
+
+
+def test_rms_norm_frees_its_fp32_input_after_the_product_and_casts_before_the_weight():
+    """transformers 5.17 LlamaRMSNorm as the checkpointed forward runs it (no grad; traced on OLMoE LoRA, the same
+    order as its H100 allocator history): ``x.to(float32)``, ``pow``, ``x * rsqrt`` (the fp32 input goes once this
+    product exists), ``.to(input_dtype)`` (a 16-bit cast of its own when the weight is frozen), ``self.weight *``
+    (the output; the cast goes then)."""
+    from memfit.estimator.layers import Mode, _Replay
+
+    r = _Replay(Mode(precision="true", trainable_base=False, lora_targets=frozenset({"q_proj"}), lora_rank=16,
+                     attention="sdpa", seq_len=2048, dropout=0.0))
+    r.new("x", 4096, 2)
+    r.norm("x", "y", "rms")
+    made = [k for k in r.order if r.base.get(k) == k and k != "x"]
+    x32, sq, var, rs, h, back, y = made
+    assert (r.size[x32], r.dtype[x32]) == (4096, 4) and r.until[x32] == h
+    assert (r.size[back], r.dtype[back]) == (4096, 2) and r.until[back] == y and r.until[h] == y
+    assert x32 in r.saved and back not in r.saved

@@ -457,19 +457,19 @@ def committed_rows():
 @pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
 def test_fit_answers_no_worse_than_today(committed_rows):
     """A guard on the committed boundaries (191 pairs: 159 on an H200, boundaries-13's 15 and boundaries-14's 17 on
-    an H100, with fresh-process probes; session 12): exact on 156, above on 10 (LoRA with checkpointing, where the
-    estimate's stream is not the real one: six OLMoE pairs, Llama-3.1-8B 24 GiB, Mistral-7B 32 and 48 GiB; and
+    an H100, with fresh-process probes; session 12, after the RMSNorm order fix): exact on 156, above on 8 (LoRA with
+    checkpointing, where the estimate's stream is not the real one: six OLMoE pairs and Llama-3.1-8B 24 GiB; and
     Gemma-3-1B generate-512 on 16 GiB, 295 vs 291), more than one below on 4 (Llama-3.2-3B generate-256,
     Qwen3-1.7B generate-512, Qwen3-8B LoRA 1k 48 GiB, Granite-3.1-8B LoRA 1k 48 GiB). Without the two-order
-    training verdict (``TRAINING_BOTH_ORDERS``): exact 151, above 20. ``--verify`` (the capped trace's veto):
+    training verdict (``TRAINING_BOTH_ORDERS``): exact 152, above 16. ``--verify`` (the capped trace's veto):
     validation/verify_fit.py."""
     sf, rows = committed_rows
     s = sf.summarize(rows)
-    assert s["exact"] >= 156 and s["above"] <= 10 and s["further_below"] <= 4, s
+    assert s["exact"] >= 156 and s["above"] <= 8 and s["further_below"] <= 4, s
 
 
 @pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")
-@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 156 of 191 boundaries exactly, 10 above "
+@pytest.mark.xfail(strict=True, reason="issue 9 is open: the replay answers 156 of 191 boundaries exactly, 8 above "
                    "(six of them OLMoE LoRA with checkpointing), 4 more than one below, and reserved worst 11.0% "
                    "(validation/fit-vs-boundaries-*.txt); this flags the day the bars are met")
 def test_fit_answers_meet_the_bars_on_the_committed_boundaries(committed_rows):

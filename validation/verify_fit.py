@@ -93,7 +93,7 @@ def main() -> int:
                        [r for r in rows if r["name"].startswith(("h11-", "h12-"))]),
                       ("boundaries-13 (held out, measured on an H100 in session 10)",
                        [r for r in rows if r["name"].startswith("h13-")]),
-                      ("boundaries-14 (held out, measured on an H100 in session 12)",
+                      ("boundaries-14 (measured on an H100 in session 12; held out until the norm-order fix)",
                        [r for r in rows if r["name"].startswith("h14-")])):
         print(f"{label}: {len(rs)}")
         print(f"  estimate:         {summary(rs, 'estimate')}")

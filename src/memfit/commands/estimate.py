@@ -113,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
             if (job.task == "train" and job.is_lora and job.gradient_checkpointing and job.gpus == 1
                     and job.strategy == "single"):
                 # validation/verify-fit.json: the LoRA / QLoRA pairs with checkpointing (88 of the rehearsed ones)
-                print("note: LoRA with checkpointing: on 9 of 88 rehearsed pairs of this kind (6 of them OLMoE) this "
-                      "answer was above the real boundary (by one or two; once by three); --verify checks it with the "
-                      "trace (none above)")
+                print("note: LoRA with checkpointing: on 7 of 88 rehearsed pairs of this kind (6 of them OLMoE) this "
+                      "answer was above the real boundary (by one; twice by two or three); --verify checks it with "
+                      "the trace (none above)")
         return 0 if n else 1
     bd, v = estimate_with_verdict(job, card)
     if getattr(args, "plot", None):

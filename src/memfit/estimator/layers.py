@@ -168,6 +168,8 @@ class _Replay:
         rs = self.tmp(1, 4)
         self.save(rs)
         h = self.tmp(n, 4)  # x * rsqrt, fp32
+        if x32 != x:
+            self.until[x32] = h  # the name rebound to the product: its fp32 input goes once that exists
         if kind == "gemma_rms":
             if trainable:
                 self.save(h)  # normed fp32, kept for the (1 + w) gradient
@@ -184,7 +186,11 @@ class _Replay:
                     self.save(h)  # normed, kept for the weight gradient
             elif trainable:
                 self.save(self.tmp(n, dt))  # normed, cast back, kept for the weight gradient
+            else:
+                back = self.tmp(n, dt)  # normed, cast back: ``self.weight *`` it makes the output, then it goes
             last = self.new(y, n, dt)
+            if dt != 4 and not trainable:
+                self.until[back] = last
             if h not in self.saved:
                 self.until[h] = last
         self.until[var] = last
