@@ -4,9 +4,7 @@
 # showed such a B need not run fresh: the search's 17, a fresh process's 15). Run on whatever card the device
 # gives (these pairs were searched on an H200); the cap is the pair's card less the CUDA context measured here.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD/src
-M="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); $(python3 -c 'import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__)')"
+. validation/probes/device-env.sh
 for spec in boundaries-5:h5-olmoe-1b-7b-lora-attn-ckpt:17 boundaries-8:h8-olmoe-lora-attn-ckpt-24g:13 \
             boundaries-10:h10-olmoe-lora-attn-ckpt-2k-32g:11 boundaries-11:h11-olmoe-lora-attn-ckpt-1k-48g:46 \
             boundaries-9:h9-olmoe-lora-attn-ckpt-4k:8 boundaries-13:h13-mistral-7b-lora-ckpt-32g:11 \

@@ -23,13 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 def estimate_events(job, spec, phase: str, min_bytes: int) -> list[tuple]:
     import memfit.estimator as est
-    from memfit.estimator.events import PyStream
 
-    s = PyStream()
-    if job.task == "train":
-        est._train(spec, job, s)
-    else:
-        est._infer(spec, job, s, calls=1)
+    s = est._stream(spec, job, fit=True)[0]  # the stream a card's verdict replays
     sizes: dict = {}
     ids: dict = {}
     out = []
@@ -98,15 +93,25 @@ def main(argv=None) -> int:
     from memfit.job import Job
     from memfit.models import load_model
 
-    recs = [r for r in json.loads(args.record.read_text()) if r.get("name") == args.name]
+    from memfit.errors import MemfitError
+
+    try:
+        recs = [r for r in json.loads(args.record.read_text()) if isinstance(r, dict) and r.get("name") == args.name]
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {args.record} as a boundary record list: {exc}", file=sys.stderr)
+        return 2
     if not recs:
         print(f"error: no pair {args.name!r} in {args.record}", file=sys.stderr)
         return 2
     rec = recs[0]
-    job = Job.from_dict(dict(rec["job"], batch_size=args.batch))
     min_bytes = int(args.min_mib * 2**20)
-    est = estimate_events(job, load_model(job.model), args.phase, min_bytes)[args.skip:]
-    tr = trace_events(job, int(rec["gpu_memory_bytes"]), args.phase, min_bytes)[args.skip:]
+    try:
+        job = Job.from_dict(dict(rec["job"], batch_size=args.batch))
+        est = estimate_events(job, load_model(job.model), args.phase, min_bytes)[args.skip:]
+        tr = trace_events(job, int(rec["gpu_memory_bytes"]), args.phase, min_bytes)[args.skip:]
+    except MemfitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     mib = 2**20
     for i in range(min(args.rows, max(len(est), len(tr)))):
         a = est[i] if i < len(est) else None

@@ -3,10 +3,8 @@
 # plus OLMoE at 17 (the search's answer, which a fresh two-step history run failed) and Qwen3-8B at 12, and the
 # two-step allocator history of OLMoE LoRA at 18 under the record's limit. Everything lands in one tarball.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD/src
+. validation/probes/device-env.sh
 R=/tmp/r; mkdir -p $R
-M="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader); $(python3 -c 'import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__)')"
 echo "$M" > $R/measured.txt
 python3 validation/probes/first_trials.py validation/jobs/boundaries-14.yaml \
   h14-olmoe-lora-attn-ckpt-40g:17 h14-olmoe-lora-attn-ckpt-40g:18 h14-qwen3-8b-lora-ckpt-1k-48g:12 \

@@ -181,6 +181,7 @@ class _Replay:
                 self.until[scaled] = last
             self.until.setdefault(h, self.order[-1] if dt == 4 else scaled)
         else:
+            back = None
             if dt == 4:
                 if trainable:
                     self.save(h)  # normed, kept for the weight gradient
@@ -189,7 +190,7 @@ class _Replay:
             else:
                 back = self.tmp(n, dt)  # normed, cast back: ``self.weight *`` it makes the output, then it goes
             last = self.new(y, n, dt)
-            if dt != 4 and not trainable:
+            if back is not None:
                 self.until[back] = last
             if h not in self.saved:
                 self.until[h] = last
