@@ -24,7 +24,10 @@ For every record with a measured boundary B (the largest micro-batch that ran on
   compare the verdicts themselves.
 
 Probes (``kind: probe`` entries, e.g. validation/records/h200-fit-probes.json): a single batch of a pair's job
-run on the same card as the first and only trial of a fresh process, as a user runs it. They add to the pair's
+run on the same card as the first and only trial of a fresh process, as a user runs it. A probe of more steps
+than the search's trials (a second inference step runs on the first one's leftovers) decides only as far as
+its steps reach: a failure within the search's steps is a failure, a failure after them a run (see
+:func:`probe_verdict`). They add to the pair's
 trials and decide the verdict at their batch (the search's later trials run on an address space the earlier ones
 left, which changes where equal-sized free blocks lie); the real boundary is then the largest batch measured to
 run, and its run gives the reserved and device-total figures. A probe marked ``supersedes_search`` replaces the
@@ -95,6 +98,24 @@ def _same_job(probe: dict[str, Any], rec: dict[str, Any]) -> bool:
     return pj == rj and int(card or -1) == int(rec["gpu_memory_bytes"])
 
 
+def probe_verdict(probe: dict[str, Any], steps: int | None) -> tuple[bool | None, dict[str, Any] | None]:
+    """``(ran, breakdown)`` of a probe for a search of ``steps`` steps per trial. A probe of another number of
+    steps ran another job (a second inference step runs on what the first left): it still says whether the
+    search's steps run where it ran them all, or failed within them. Otherwise ``ran`` is None (no verdict); the
+    breakdown is kept only where the probe's steps are the search's."""
+    bd = (probe.get("record") or {}).get("breakdown")
+    extras = (bd or {}).get("extras") or {}
+    p_steps = extras.get("steps")
+    if steps is None or p_steps is None or int(p_steps) == int(steps):
+        return bool(probe["ok"]), bd
+    if probe["ok"]:
+        return (True, None) if int(p_steps) > int(steps) else (None, None)
+    done = extras.get("steps_completed")
+    if done is None:
+        return None, None
+    return int(done) >= int(steps), None
+
+
 def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
     """memfit's answers for one boundary record, or None when the record has no measured boundary."""
     if rec.get("status", "ok") not in ("ok", "none-fits") or rec.get("max_batch_size") is None:
@@ -108,9 +129,14 @@ def score_pair(rec: dict[str, Any]) -> dict[str, Any] | None:
     if any(pr.get("supersedes_search") for pr in probes):
         search = []  # the search ran another job (see the probe's note): only the probes count
     verdict = {int(t["batch_size"]): (bool(t["ok"]), t) for t in search}
+    steps = (rec.get("find_max_batch") or {}).get("steps")
     for pr in probes:  # a first trial in a fresh process is how a user runs the job: it decides its batch
-        rb = (pr.get("record") or {}).get("breakdown")
-        verdict[int(pr["batch_size"])] = (bool(pr["ok"]), rb)
+        ran, rb = probe_verdict(pr, steps)
+        if ran is None:
+            continue
+        if rb is None and int(pr["batch_size"]) in verdict and verdict[int(pr["batch_size"])][0] == ran:
+            rb = verdict[int(pr["batch_size"])][1]  # same verdict as the search's trial: that run's figures
+        verdict[int(pr["batch_size"])] = (ran, rb)
     trials = [{"batch_size": b, "ok": ok} for b, (ok, _) in sorted(verdict.items())]
     ran = [b for b, (ok, _) in verdict.items() if ok]
     if probes:

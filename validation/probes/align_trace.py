@@ -71,10 +71,11 @@ def trace_events(job, card: int, phase: str, min_bytes: int) -> list[tuple]:
     out = []
     on = False
     for _, kind, key, n, op, ph in ev:
-        if ph == phase:
-            on = True
-        elif on:
-            break
+        if kind == "+":  # a free carries its tensor's birth phase: the phase is the latest birth's
+            if ph == phase:
+                on = True
+            elif on:
+                break
         if on and n >= min_bytes:
             out.append((kind, ids.setdefault(key, len(ids)), n, op.replace("aten.", "")))
     return out

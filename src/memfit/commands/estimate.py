@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
                     and job.strategy == "single"):
                 # validation/verify-fit.json: the LoRA / QLoRA pairs with checkpointing (88 of the rehearsed ones)
                 print("note: LoRA with checkpointing: on 7 of 88 rehearsed pairs of this kind (6 of them OLMoE) this "
-                      "answer was above the real boundary (by one; twice by two or three); --verify checks it with "
-                      "the trace (none above)")
+                      "answer was above the real boundary (by one to three batches; one OLMoE pair 48 against 40); "
+                      "--verify checks it with the trace (none above)")
         return 0 if n else 1
     bd, v = estimate_with_verdict(job, card)
     if getattr(args, "plot", None):

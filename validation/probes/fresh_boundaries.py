@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Check in fresh processes every measured boundary that only an earlier failure's process reached.
+
+    python validation/probes/fresh_boundaries.py RECORDS... --out DIR [--parallel-gib 74] [--parallel 3]
+        [--timeout 150] [--budget 480] [--max-runs 3] [--only NAME,...] [--dry-run]
+        [--measured "GPU, driver, torch, transformers"]
+
+A boundary search runs its trials one after another in one process. A trial that follows an out-of-memory
+failure in that process runs on the address space the failure left (the segments it freed, where equal-sized
+free blocks lie), and boundaries-14's OLMoE pair showed how far that can carry: its search ran 17 after 18
+failed, while fresh processes fail 18, 17 and 16 and run 15. So a trial counts as *clean* here when no failed
+trial came before it in its process (a probe, the first and only trial of a fresh process, always is).
+
+The rule, the same for every pair whatever memfit answers: take the real boundary B as validation/score_fit.py
+takes it (probes decide their batch; else the search's trial). Where B's run is not clean, run B as a fresh
+process's first and only trial; if it runs, go up (B + 1, ...) while the verdict there is not clean; if it fails,
+go down (B - 1, ...) until a batch runs or the verdict there is a clean run. Where B's run is clean but the
+failure at B + 1 is not, start at B + 1 and go up while it runs. Each fresh run has as many steps as the search's
+trials had (2 to train, 1 for inference: a second inference step runs on the first one's leftovers, another job).
+At most ``--max-runs`` fresh runs a pair. Pairs whose card is larger than ``--parallel-gib`` (an 80 GiB card on
+an 80 GB GPU) are listed, not run.
+
+Chains run side by side while the sum of their cards stays within ``--parallel-gib`` (each worker caps its own
+allocator at its card less its CUDA context; the cap is per process). Output: ``DIR/fresh-probes.json``, a list
+of ``kind: "probe"`` entries in validation/probes/first_trials.py's form (score_fit.py reads them beside the
+records), rewritten after every run; ``DIR/fresh-log.txt``. ``--dry-run`` prints the plan and runs nothing
+(no GPU needed). This process imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from launch import GiB, child_env, run_to_end, tail, worker_cmd  # noqa: E402
+from run_boundaries import probe_context  # noqa: E402
+from score_fit import load_records  # noqa: E402
+
+from memfit.measurer.card import CONTEXT_ENV  # noqa: E402
+
+
+def verdicts(rec: dict[str, Any]) -> dict[int, tuple[bool, bool]]:
+    """``{batch: (ran, clean)}`` for one boundary record: the search's trials, then its probes over them."""
+    out: dict[int, tuple[bool, bool]] = {}
+    search = list((rec.get("find_max_batch") or {}).get("trials") or [])
+    probes = rec.get("probes", ())
+    if any(pr.get("supersedes_search") for pr in probes):
+        search = []
+    failed = False
+    for t in search:
+        out[int(t["batch_size"])] = (bool(t["ok"]), not failed)
+        failed = failed or not t["ok"]
+    for pr in probes:
+        out[int(pr["batch_size"])] = (bool(pr["ok"]), True)
+    return out
+
+
+def boundary(v: dict[int, tuple[bool, bool]]) -> int | None:
+    """The largest batch measured to run (score_fit.py's real boundary once probes exist)."""
+    ran = [b for b, (ok, _) in v.items() if ok]
+    return max(ran) if ran else None
+
+
+def plan(recs: list[dict[str, Any]], parallel_bytes: int, only: set[str] | None) -> tuple[list, list]:
+    """(chains to run, pairs left out with why): a chain is ``(rec, first batch, direction)``."""
+    chains, left = [], []
+    for rec in recs:
+        if rec.get("status", "ok") != "ok" or rec.get("max_batch_size") is None:
+            continue
+        if only and rec["name"] not in only:
+            continue
+        v = verdicts(rec)
+        b = boundary(v)
+        if b is None:
+            if not v or min(v) <= 1:
+                continue
+            start = (min(v) - 1, -1)  # fresh runs failed at every batch the search ran: go on down
+        elif not v[b][1]:
+            start = (b, 0)
+        elif b + 1 in v and not v[b + 1][1]:
+            start = (b + 1, 1)  # B is clean, the failure above it is not: check it, and upwards if it runs
+        else:
+            continue
+        if int(rec["gpu_memory_bytes"]) > parallel_bytes:
+            left.append((rec["name"], start[0], f"card {rec['gpu_memory_bytes'] / GiB:g} GiB > --parallel-gib"))
+            continue
+        chains.append((rec, *start))
+    return chains, left
+
+
+def steps_for(rec: dict[str, Any]) -> int:
+    """The search's steps per trial (2 to train, 1 for inference), which a fresh run repeats."""
+    fm = rec.get("find_max_batch") or {}
+    return int(fm.get("steps") or (2 if rec["job"].get("task") == "train" else 1))
+
+
+class Budget:
+    """Card bytes and run slots shared by the chains' threads."""
+
+    def __init__(self, parallel_bytes: int, parallel: int, deadline: float) -> None:
+        self.free, self.slots, self.deadline = parallel_bytes, parallel, deadline
+        self.cv = threading.Condition()
+
+    def take(self, n: int) -> bool:
+        with self.cv:
+            while self.free < n or self.slots == 0:
+                if time.monotonic() > self.deadline:
+                    return False
+                self.cv.wait(1.0)
+            if time.monotonic() > self.deadline:
+                return False
+            self.free -= n
+            self.slots -= 1
+            return True
+
+    def give(self, n: int) -> None:
+        with self.cv:
+            self.free += n
+            self.slots += 1
+            self.cv.notify_all()
+
+
+def fresh_run(rec: dict[str, Any], b: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One worker at batch ``b`` on the pair's card, the first and only trial of its process, as many steps as
+    the search's trials ran."""
+    job = dict(rec["job"], batch_size=b)
+    steps = steps_for(rec)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        jp, rp = Path(tmp) / "job.json", Path(tmp) / "rec.json"
+        jp.write_text(json.dumps({"job": job, "gpu_memory_bytes": rec["gpu_memory_bytes"]}))
+        _, err, rc, timed_out = run_to_end(worker_cmd(str(jp), str(rp), "--steps", str(steps)),
+                                           env=child_env(), timeout=args.timeout)
+        out = json.loads(rp.read_text()) if rp.exists() else None
+    ok = bool(out is not None and rc == 0 and out.get("breakdown", {}).get("fits"))
+    return {"kind": "probe", "pair": rec["name"], "batch_size": b, "ok": ok, "first_trial": True,
+            "job": job, "gpu_memory_bytes": rec["gpu_memory_bytes"],
+            "how": f"validation/probes/fresh_boundaries.py: the worker at batch {b} in a fresh process, {steps} "
+                   f"step(s) as the search's trials, the batch is the process's first and only trial (the search's boundary had run only "
+                   f"after a failure in its process); other pairs' workers shared the GPU, each capped at its card",
+            "measured": args.measured, "wall_s": round(time.time() - t0, 1),
+            "returncode": None if timed_out else rc, "record": out,
+            **({"stderr": "timeout" if timed_out else tail(err)} if rc != 0 or timed_out else {})}
+
+
+def chain(rec: dict[str, Any], b0: int, direction: int, args, budget: Budget, sink) -> None:
+    """Fresh runs from ``b0``: direction 0 goes up if it runs and down if it fails; 1 goes up while it runs;
+    -1 goes down until it runs."""
+    v = verdicts(rec)
+    b, step, n = b0, direction, 0
+    while n < args.max_runs:
+        if not budget.take(int(rec["gpu_memory_bytes"])):
+            sink(None, f"{rec['name']:<44} batch {b:>4}: not run, the budget was spent")
+            return
+        try:
+            entry = fresh_run(rec, b, args)
+        finally:
+            budget.give(int(rec["gpu_memory_bytes"]))
+        n += 1
+        what = "runs" if entry["ok"] else "out of memory" if entry["record"] else "error"
+        sink(entry, f"{rec['name']:<44} batch {b:>4}: {what}  ({entry['wall_s']:.0f} s)")
+        if entry["record"] is None:
+            return  # an error is no verdict: stop this pair
+        step = step or (1 if entry["ok"] else -1)
+        if (step > 0) != entry["ok"]:
+            return  # went up and failed, or went down and ran: the boundary is found
+        b += step
+        if b < 1:
+            return
+        known = v.get(b)
+        if known and known[1] and known[0] == (step < 0):
+            return  # a clean verdict there already: a clean failure above, or a clean run below
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("records", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--parallel-gib", type=float, default=74.0)
+    ap.add_argument("--parallel", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=150.0)
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds after which no new run starts")
+    ap.add_argument("--max-runs", type=int, default=3)
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--measured", default="")
+    ap.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        recs = load_records(args.records)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot read the records: {exc}", file=sys.stderr)
+        return 2
+    parallel_bytes = int(args.parallel_gib * GiB)
+    chains, left = plan(recs, parallel_bytes, set(args.only.split(",")) if args.only else None)
+    for name, b, why in left:
+        print(f"{name:<44} boundary {b:>4}: not run ({why})")
+    for rec, b, up in chains:
+        print(f"{rec['name']:<44} batch {b:>4}{' (up)' if up > 0 else ' (down)' if up < 0 else '     '}: fresh run planned "
+              f"(card {rec['gpu_memory_bytes'] / GiB:g} GiB, {steps_for(rec)} step(s))")
+    if args.dry_run or not chains:
+        return 0
+    if args.out is None:
+        print("error: --out DIR is needed unless --dry-run", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    ctx = probe_context()
+    if ctx is not None:
+        os.environ[CONTEXT_ENV] = str(ctx["cuda_context_bytes"])
+    dest, log = args.out / "fresh-probes.json", (args.out / "fresh-log.txt").open("a")
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def sink(entry, line):
+        with lock:
+            if entry is not None:
+                results.append(entry)
+                dest.write_text(json.dumps(results, indent=1))
+            print(line, flush=True)
+            log.write(line + "\n")
+            log.flush()
+
+    budget = Budget(parallel_bytes, args.parallel, time.monotonic() + args.budget)
+    # the largest cards first, so that the small ones fill the gaps beside them
+    threads = [threading.Thread(target=chain, args=(rec, b, up, args, budget, sink))
+               for rec, b, up in sorted(chains, key=lambda c: -c[0]["gpu_memory_bytes"])]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
