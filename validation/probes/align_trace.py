@@ -71,7 +71,9 @@ def trace_events(job, card: int, phase: str, min_bytes: int) -> list[tuple]:
     out = []
     on = False
     for _, kind, key, n, op, ph in ev:
-        if kind == "+":  # a free carries its tensor's birth phase: the phase is the latest birth's
+        # a free carries its tensor's birth phase, and a few births none of the run's phases (a workspace): the
+        # phase is the latest birth's of the run's own phases
+        if kind == "+" and ph in ("load", "forward", "backward", "optimizer_step"):
             if ph == phase:
                 on = True
             elif on:

@@ -46,49 +46,32 @@ from run_boundaries import probe_context  # noqa: E402
 from score_fit import load_records  # noqa: E402
 
 from memfit.measurer.card import CONTEXT_ENV  # noqa: E402
+from memfit.measurer.fresh import clean_verdicts, first_fresh, next_fresh  # noqa: E402
 
 
 def verdicts(rec: dict[str, Any]) -> dict[int, tuple[bool, bool]]:
     """``{batch: (ran, clean)}`` for one boundary record: the search's trials, then its probes over them."""
-    out: dict[int, tuple[bool, bool]] = {}
     search = list((rec.get("find_max_batch") or {}).get("trials") or [])
     probes = rec.get("probes", ())
     if any(pr.get("supersedes_search") for pr in probes):
         search = []
-    failed = False
-    for t in search:
-        out[int(t["batch_size"])] = (bool(t["ok"]), not failed)
-        failed = failed or not t["ok"]
+    out = clean_verdicts((t["batch_size"], t["ok"]) for t in search)
     for pr in probes:
         out[int(pr["batch_size"])] = (bool(pr["ok"]), True)
     return out
 
 
-def boundary(v: dict[int, tuple[bool, bool]]) -> int | None:
-    """The largest batch measured to run (score_fit.py's real boundary once probes exist)."""
-    ran = [b for b, (ok, _) in v.items() if ok]
-    return max(ran) if ran else None
-
-
 def plan(recs: list[dict[str, Any]], parallel_bytes: int, only: set[str] | None) -> tuple[list, list]:
-    """(chains to run, pairs left out with why): a chain is ``(rec, first batch, direction)``."""
+    """(chains to run, pairs left out with why): a chain is ``(rec, first batch, direction)``
+    (:func:`memfit.measurer.fresh.first_fresh`)."""
     chains, left = [], []
     for rec in recs:
         if rec.get("status", "ok") != "ok" or rec.get("max_batch_size") is None:
             continue
         if only and rec["name"] not in only:
             continue
-        v = verdicts(rec)
-        b = boundary(v)
-        if b is None:
-            if not v or min(v) <= 1:
-                continue
-            start = (min(v) - 1, -1)  # fresh runs failed at every batch the search ran: go on down
-        elif not v[b][1]:
-            start = (b, 0)
-        elif b + 1 in v and not v[b + 1][1]:
-            start = (b + 1, 1)  # B is clean, the failure above it is not: check it, and upwards if it runs
-        else:
+        start = first_fresh(verdicts(rec))
+        if start is None:
             continue
         if int(rec["gpu_memory_bytes"]) > parallel_bytes:
             left.append((rec["name"], start[0], f"card {rec['gpu_memory_bytes'] / GiB:g} GiB > --parallel-gib"))
@@ -153,11 +136,11 @@ def fresh_run(rec: dict[str, Any], b: int, args: argparse.Namespace) -> dict[str
 
 
 def chain(rec: dict[str, Any], b0: int, direction: int, args, budget: Budget, sink) -> None:
-    """Fresh runs from ``b0``: direction 0 goes up if it runs and down if it fails; 1 goes up while it runs;
-    -1 goes down until it runs."""
+    """Fresh runs from ``b0`` in ``direction`` (:func:`memfit.measurer.fresh.next_fresh` says where next)."""
     v = verdicts(rec)
-    b, step, n = b0, direction, 0
-    while n < args.max_runs:
+    at, n = (b0, direction), 0
+    while at is not None and n < args.max_runs:
+        b, step = at
         if not budget.take(int(rec["gpu_memory_bytes"])):
             sink(None, f"{rec['name']:<44} batch {b:>4}: not run, the budget was spent")
             return
@@ -170,15 +153,8 @@ def chain(rec: dict[str, Any], b0: int, direction: int, args, budget: Budget, si
         sink(entry, f"{rec['name']:<44} batch {b:>4}: {what}  ({entry['wall_s']:.0f} s)")
         if entry["record"] is None:
             return  # an error is no verdict: stop this pair
-        step = step or (1 if entry["ok"] else -1)
-        if (step > 0) != entry["ok"]:
-            return  # went up and failed, or went down and ran: the boundary is found
-        b += step
-        if b < 1:
-            return
-        known = v.get(b)
-        if known and known[1] and known[0] == (step < 0):
-            return  # a clean verdict there already: a clean failure above, or a clean run below
+        v[b] = (entry["ok"], True)
+        at = next_fresh(v, b, step, entry["ok"])
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--start", type=whole(1), default=None,
                    help="--find-max-batch: batch size to begin the search at (a hint; the answer is still proven)")
     p.add_argument("--limit", type=whole(1), default=4096, help="--find-max-batch: largest batch to try (default 4096)")
+    p.add_argument("--no-fresh-check", action="store_false", dest="fresh_check",
+                   help="--find-max-batch: keep the search's answer; by default the search runs in a worker process "
+                        "and its boundary is then checked by fresh processes, one batch each (a trial after an "
+                        "out-of-memory failure in the search's process can run where a fresh run of the job fails)")
     return p
 
 
@@ -105,6 +109,8 @@ def run_find(job: Any, card: int, args: argparse.Namespace) -> int:
                   f"(peak reserved {t['peak_reserved_bytes'] / GiB:.2f} GiB, {t['seconds']:.1f} s)", flush=True)
 
     steps = args.steps if args.steps != 3 else None  # 3 is measure's default; the search's own is 2 / 1
+    if getattr(args, "fresh_check", True):
+        return _run_find_fresh(job, card, args, steps)
     res = find_max_batch(job, card, start=args.start, steps=steps, limit=args.limit, on_trial=progress)
     if args.out:
         from ..measurer.env import environment
@@ -114,12 +120,61 @@ def run_find(job: Any, card: int, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
     else:
-        ctx = res["card"]
-        print(f"card {card / GiB:.2f} GiB: CUDA context {ctx['cuda_context_bytes'] / GiB:.2f} GiB, allocator capped "
-              f"at {ctx['allocator_limit_bytes'] / GiB:.2f} GiB (expandable_segments "
-              f"{res['allocator_setting']['expandable_segments']})")
+        _print_card(card, res)
         print(res.get("note", ""))
     return 0 if res.get("max_batch_size") else 1
+
+
+def _print_card(card: int, res: dict[str, Any]) -> None:
+    ctx = res["card"]
+    print(f"card {card / GiB:.2f} GiB: CUDA context {ctx['cuda_context_bytes'] / GiB:.2f} GiB, allocator capped "
+          f"at {ctx['allocator_limit_bytes'] / GiB:.2f} GiB (expandable_segments "
+          f"{res['allocator_setting']['expandable_segments']})")
+
+
+def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | None) -> int:
+    """``--find-max-batch`` with the fresh check (:func:`memfit.measurer.fresh.confirmed_max_batch`)."""
+    from ..measurer.fresh import confirmed_max_batch
+    from ..measurer.record import write_json
+
+    def progress(t: dict[str, Any]) -> None:
+        if not args.json:
+            extra = (f"peak reserved {t['peak_reserved_bytes'] / GiB:.2f} GiB, "
+                     if t.get("peak_reserved_bytes") is not None else "")
+            print(f"  batch {t['batch_size']:>5}: {'runs' if t['ok'] else 'out of memory'} ({extra}"
+                  f"{t['seconds']:.1f} s)", flush=True)
+
+    def fresh(t: dict[str, Any]) -> None:
+        if not args.json:
+            print(f"  batch {t['batch_size']:>5}: {'runs' if t['ok'] else 'out of memory'} in a fresh process",
+                  flush=True)
+
+    if not args.json:
+        print("searching in a worker process, then checking the boundary in fresh ones (--no-fresh-check skips it)")
+    rec = confirmed_max_batch(job, card, start=args.start, steps=steps, limit=args.limit, on_trial=progress,
+                              on_fresh=fresh)
+    if args.out:
+        write_json(args.out, rec)
+    fm = rec.get("find_max_batch") or {}
+    best, searched = rec.get("max_batch_size"), rec.get("search_max_batch_size")
+    if args.json:
+        print(json.dumps(rec, indent=1))
+        return 0 if best else 1
+    if fm.get("card"):
+        _print_card(card, fm)
+    if not fm.get("model_fits", True):
+        print(fm.get("note", "the model itself does not fit on this card"))
+    elif best == searched:
+        runs = len(rec.get("fresh_trials", ()))
+        print(f"largest micro-batch that runs: {best}" + (f" (confirmed by {runs} fresh run{'s' * (runs != 1)})"
+                                                           if runs else " (every trial's verdict is a clean one)"))
+    else:
+        print(f"largest micro-batch that runs: {best} (the search's process ran {searched}, after an out-of-memory "
+              "failure there; fresh processes decide)")
+    if not rec.get("fresh_settled", True):
+        print("note: the fresh runs stopped before both sides of the boundary were checked; the answer is the "
+              "largest batch seen to run")
+    return 0 if best else 1
 
 
 def _gib(n: float | None, digits: int = 3) -> str:

@@ -7,6 +7,9 @@ measurement starts (``pip install 'memfit[measure]'``).
   peaks per phase over the steady-state steps; on the CPU: exact live tensor bytes).
 - :func:`find_max_batch` - the largest micro-batch that really runs on a card rehearsed on this GPU
   (``measure(..., gpu_memory_bytes=N)`` rehearses one run; :mod:`memfit.measurer.fit` has the search).
+- :mod:`memfit.measurer.fresh` - that search in a worker process, its boundary then checked by fresh processes
+  (what ``memfit measure --find-max-batch`` answers: a trial after an out-of-memory failure in the search's
+  process can run where a user's own run fails).
 - :func:`measure_sweep` - the same job over several precisions.
 - :func:`write_record` / :func:`read_record` - the JSON record of a run (job, breakdown, env).
 - ``python -m memfit.measurer.worker JOB RECORD`` - one job in a fresh process (used by

@@ -121,8 +121,8 @@ def _find(job: Any, card: int, args: argparse.Namespace, outer: dict[str, Any]) 
     start = args.start if args.start is not None else outer.get("start")
 
     def progress(t: dict[str, Any]) -> None:
-        print(json.dumps({"trial": t["batch_size"], "ok": t["ok"], "seconds": t["seconds"]}), file=sys.stderr,
-              flush=True)
+        print(json.dumps({"trial": t["batch_size"], "ok": t["ok"], "seconds": t["seconds"],
+                          "peak_reserved_bytes": t.get("peak_reserved_bytes")}), file=sys.stderr, flush=True)
 
     res = find_max_batch(job, card, start=start, steps=args.steps, limit=args.limit,
                          device="cpu" if args.cpu else None, on_trial=progress)
