@@ -681,11 +681,13 @@ def test_phi3_prefill_4k_boundary_on_a_24gib_card():
 
 
 def test_the_lora_checkpointing_note_states_the_committed_figures(capsys):
-    """The --max-batch-size note for LoRA with checkpointing cites counts: they must be what the committed
-    validation/verify-fit.json and boundary records say (this test fails when new pairs change them)."""
+    """The --max-batch-size notes for LoRA with checkpointing cite counts, MoE models and dense ones apart: they
+    must be what the committed validation/verify-fit.json and boundary records say (this test fails when new pairs
+    change them)."""
     import re
 
     from memfit.cli import main
+    from memfit.models import load_model
 
     jobs = {}
     for f in BOUNDARY_RECORDS:
@@ -694,15 +696,30 @@ def test_the_lora_checkpointing_note_states_the_committed_figures(capsys):
                 jobs[r["name"]] = r["job"]
     rows = json.loads((REPO / "validation" / "verify-fit.json").read_text())
     kind = [r for r in rows if jobs[r["name"]]["method"] in ("lora", "qlora") and jobs[r["name"]]["gradient_checkpointing"]]
-    above = [r for r in kind if r["estimate"] > r["measured"]]
-    veto_above = [r for r in kind if min(r["estimate"], r["verified"]) > r["measured"]]
-    main(["estimate", "qwen3-8b", "--method", "lora", "--gradient-checkpointing", "--precision", "bf16-true",
-          "--gpu-memory", "40GiB", "--max-batch-size"])
-    note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note: LoRA with checkpointing")]
-    assert note, "the note is printed"
-    m = re.search(r"on (\d+) of (\d+) rehearsed pairs", note[0])
-    assert (int(m.group(1)), int(m.group(2))) == (len(above), len(kind))
-    assert "none above" in note[0] and not veto_above
+
+    def is_moe(r):
+        return any(b.moe for b in load_model(jobs[r["name"]]["model"]).blocks)
+
+    for model, moe in (("qwen3-8b", False), ("olmoe-1b-7b", True)):
+        mine = [r for r in kind if is_moe(r) == moe]
+        above = [r for r in mine if r["estimate"] > r["measured"]]
+        main(["estimate", model, "--method", "lora", "--gradient-checkpointing", "--precision", "bf16-true",
+              "--gpu-memory", "40GiB", "--max-batch-size"])
+        note = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:") and "checkpointing" in ln]
+        assert note, "the note is printed"
+        m = re.search(r"on (\d+) of (\d+) rehearsed", note[0])
+        assert (int(m.group(1)), int(m.group(2))) == (len(above), len(mine)), model
+        assert not [r for r in mine if min(r["estimate"], r["verified"]) > r["measured"]]
+        by = sorted(r["estimate"] - r["measured"] for r in above)
+        if moe:
+            assert f"by {by[0]} to {by[-1]} batches" in note[0]
+            exact = sum(r["verified"] == r["measured"] for r in above)
+            below = sum(r["verified"] == r["measured"] - 1 for r in above)
+            assert f"answered {exact} of those {len(above)} exactly and one a batch below" in note[0] and below == 1
+            olmoe = [r for r in mine if jobs[r["name"]]["model"].startswith("olmoe")]
+            assert sorted(r["name"] for r in above) == sorted(r["name"] for r in olmoe)  # "every OLMoE one"
+        else:
+            assert by == [1] and "by one batch" in note[0]
 
 
 def test_a_training_verdict_holds_under_both_segment_address_orders(monkeypatch):
