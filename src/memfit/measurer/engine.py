@@ -155,7 +155,10 @@ def find_max_batch(job: Job | dict[str, Any], gpu_memory_bytes: int, *, start: i
     inference). A trial passes when its steps complete; an out-of-memory error fails it, and everything
     it made is freed (``gc.collect()``, ``empty_cache()``, peak stats reset) before the next. The search is
     :func:`memfit.measurer.fit.search_max_batch` (``start`` is a hint where to begin; it never changes the
-    answer). ``on_trial(entry)`` is called after each trial.
+    answer). ``on_trial(entry)`` is called after each trial. A trial after an out-of-memory failure here runs on
+    the address space that failure left, and can pass where a fresh process fails (up to 6 batches above on the
+    rehearsed OLMoE pairs): :func:`memfit.measurer.fresh.confirmed_max_batch` (what ``memfit measure
+    --find-max-batch`` answers) runs this search in a worker and checks its boundary in fresh processes.
 
     Returns ``{"max_batch_size", "model_fits", "trials": [{batch_size, ok, peak_allocated_bytes,
     peak_reserved_bytes, device_total_bytes, seconds, ...}], "boundary": Breakdown dict at the answer (or
