@@ -121,3 +121,20 @@ def test_a_worker_that_rejects_the_job_gives_its_one_line_error(monkeypatch, cap
     assert main(["measure", "llama-3.2-1b", "--gpu-memory", "24GiB", "--find-max-batch"]) != 0
     err = capsys.readouterr().err
     assert "measuring needs a CUDA GPU" in err and "Traceback" not in err
+
+
+def test_plan_prints_the_lora_checkpointing_note_only_where_a_candidate_is_of_that_kind(capsys):
+    from memfit.verdict import lora_ckpt_note
+
+    args = ["plan", "olmoe-1b-7b", "--method", "lora", "--lora-targets", "q_proj,k_proj,v_proj,o_proj",
+            "--gradient-checkpointing", "--precision", "bf16-true", "--gpu-memory", "40GiB", "--vary", "batch"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: MoE LoRA with checkpointing: on 6 of 9" in out and "by 2 to 8 batches" in out
+    assert main(["plan", "llama-3.2-1b", "--batch-size", "8", "--seq-len", "2048", "--gpu", "rtx-4090"]) == 0
+    assert "note:" not in capsys.readouterr().out  # full fine-tuning: no note
+    from memfit.job import Job
+
+    assert lora_ckpt_note(Job(model="qwen3-8b", method="lora", gradient_checkpointing=True)).startswith(
+        "note: LoRA with checkpointing: on 1 of 79")
+    assert lora_ckpt_note(Job(model="qwen3-8b", method="lora")) is None

@@ -40,24 +40,6 @@ def _estimate(job, card, spec=None):
     return estimate(job, spec)
 
 
-def _lora_ckpt_note(job) -> str:
-    """The --max-batch-size note for LoRA / QLoRA with checkpointing (single GPU), from validation/verify-fit.json:
-    the rehearsed pairs of this kind, MoE models and dense ones apart (the estimate's MoE block is not the real
-    code's order of tensors, and every OLMoE pair answered above)."""
-    from ..models import load_model
-
-    try:
-        moe = any(b.moe for b in load_model(job.model).blocks)
-    except Exception:  # noqa: BLE001 - a note only: the answer above has been given
-        moe = False
-    if moe:
-        return ("note: MoE LoRA with checkpointing: on 6 of 9 rehearsed pairs of this kind (every OLMoE one; none "
-                "of Qwen1.5-MoE's) this answer was above the real boundary, by 2 to 8 batches; --verify checks it "
-                "with the capped trace, which answered 5 of those 6 exactly and one a batch below (none above)")
-    return ("note: LoRA with checkpointing: on 1 of 79 rehearsed dense pairs of this kind this answer was above the "
-            "real boundary (by one batch); --verify checks it with the trace (none above)")
-
-
 def estimate_with_verdict(job, card: int | None, spec=None):
     """``(Breakdown, verdict or None)``: the Breakdown ``memfit estimate --json`` prints (with ``fits``,
     ``gpu_memory_bytes`` and ``headroom_bytes`` filled from the verdict when a card is given). The web API
@@ -108,6 +90,7 @@ def _verified(job, cap: int, as_json: bool) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..estimator import max_batch_size
+    from ..verdict import lora_ckpt_note
 
     job = job_from_args(args)
     card = card_from_args(args)
@@ -128,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
             bd = _estimate(job.replace(batch_size=n), cap)
             print(f"largest micro-batch that fits in {cap / GiB:.2f} GiB: {n} "
                   f"(device total {bd.device_total_bytes / GiB:.2f} GiB)")
-            if (job.task == "train" and job.is_lora and job.gradient_checkpointing and job.gpus == 1
-                    and job.strategy == "single"):
-                print(_lora_ckpt_note(job))
+            note = lora_ckpt_note(job)
+            if note:
+                print(note)
         return 0 if n else 1
     bd, v = estimate_with_verdict(job, card)
     if getattr(args, "plot", None):

@@ -110,4 +110,10 @@ def run(args: argparse.Namespace) -> int:
         mark = "*" if c.numerics else " "
         print(f"{i:2d} {c.tokens_per_second:9.0f} {c.step_time_seconds:7.3f} {c.device_total_bytes / GiB:10.2f} "
               f"{c.headroom_bytes / GiB:8.2f} {mark}{'; '.join(c.changes) or 'as given'}  ({c.reason})")
+    if res.any_fits:
+        from ..verdict import lora_ckpt_note
+
+        notes = {lora_ckpt_note(c.job) for c in res.candidates} - {None}
+        for note in sorted(notes):
+            print(note.replace("memfit's fit answer", "the fit answer a candidate's micro-batch rests on"))
     return 0 if res.any_fits else 1
