@@ -138,3 +138,19 @@ def test_plan_prints_the_lora_checkpointing_note_only_where_a_candidate_is_of_th
     assert lora_ckpt_note(Job(model="qwen3-8b", method="lora", gradient_checkpointing=True)).startswith(
         "note: LoRA with checkpointing: on 1 of 79")
     assert lora_ckpt_note(Job(model="qwen3-8b", method="lora")) is None
+
+
+def test_plan_verify_marks_the_first_candidates_with_the_capped_trace_s_verdict(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    args = ["plan", "llama-3.2-1b", "--method", "lora", "--gradient-checkpointing", "--precision", "bf16-true",
+            "--seq-len", "1024", "--batch-size", "8", "--gpu-memory", "16GiB", "--top", "2", "--verify", "1"]
+    assert main(args + ["--json"]) == 0
+    cands = json.loads(capsys.readouterr().out)["candidates"]
+    assert isinstance(cands[0]["verified_by_trace"], bool) and "verified_by_trace" not in cands[1]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = [ln for ln in out if ln.startswith(" 1 ")][0]
+    assert "[trace: runs]" in row or "[trace: out of memory]" in row
+    assert "[trace:" not in [ln for ln in out if ln.startswith(" 2 ")][0]

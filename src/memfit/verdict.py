@@ -52,8 +52,8 @@ def lora_ckpt_note(job: Any) -> str | None:
     if moe:
         return ("note: MoE LoRA with checkpointing: on 6 of 9 rehearsed pairs of this kind (every OLMoE one; none "
                 "of Qwen1.5-MoE's) memfit's fit answer was above the real boundary, by 2 to 8 batches; "
-                "`memfit estimate --max-batch-size --verify` checks it with the capped trace, which answered 5 of "
-                "those 6 exactly and one a batch below (none above)")
+                "`memfit estimate --max-batch-size --verify` (or `memfit plan --verify`) checks it with the capped "
+                "trace, which answered 5 of those 6 exactly and one a batch below (none above)")
     return ("note: LoRA with checkpointing: on 1 of 79 rehearsed dense pairs of this kind memfit's fit answer was "
             "above the real boundary (by one batch); `memfit estimate --max-batch-size --verify` checks it with the "
             "trace (none above)")

@@ -30,6 +30,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-seq-len", action="store_true", help="longest sequence that fits at this micro-batch")
     p.add_argument("--max-batch", action="store_true", help="largest micro-batch that fits, for this layout")
     p.add_argument("--min-gpus", action="store_true", help="fewest GPUs of this card that fit, and the layout")
+    p.add_argument("--verify", type=whole(0), nargs="?", const=3, default=0, metavar="N",
+                   help="check the first N listed candidates (default 3) with the capped trace of the real model "
+                        "code, as `memfit estimate --max-batch-size --verify` does (single-GPU training; needs "
+                        "memfit[trace]; 10-60 s each): each says whether the trace runs it too")
     p.add_argument("--json", action="store_true")
 
 
@@ -58,6 +62,21 @@ def _tokens(text: str) -> int:
     if not 1 <= n < float("inf"):  # NaN, inf, 0 and negatives too
         raise JobError(f"--global-batch-tokens must be a number of tokens >= 1 like 1M or 524288; got {text!r}")
     return int(n)
+
+
+def _verify(res: Any, mem: int, n: int) -> dict[int, bool | None]:
+    """``--verify N``: the capped trace's verdict on each of the first ``n`` candidates at its micro-batch (None
+    where the trace does not judge one: inference or a multi-GPU layout). The card is the plan's."""
+    from ..tracer import trace
+
+    out: dict[int, bool | None] = {}
+    for i, c in enumerate(res.candidates[:n]):
+        j = c.job
+        if j.task != "train" or j.strategy != "single" or j.gpus > 1:
+            out[i] = None
+            continue
+        out[i] = bool(trace(j, fallback=False, gpu_memory_bytes=mem).fits)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +116,12 @@ def run(args: argparse.Namespace) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     res = plan(job, args.gpu, gpu_memory_bytes=None if args.gpu else mem, global_batch=gb,
                vary=split(args.vary), keep=split(args.keep), top=args.top, min_headroom=args.min_headroom / 100)
+    checked = _verify(res, mem, args.verify) if args.verify and res.any_fits else {}
     if args.json:
-        print(json.dumps(res.to_dict(), indent=1))
+        out = res.to_dict()
+        for i, ok in checked.items():
+            out["candidates"][i]["verified_by_trace"] = ok
+        print(json.dumps(out, indent=1))
         return 0
     head = f"{job.model} on {res.gpu or f'{mem / GiB:.2f} GiB'}: global batch {res.global_batch}"
     if not res.any_fits:
@@ -108,8 +131,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'#':>2} {'tokens/s':>9} {'step s':>7} {'device GiB':>10} {'headroom':>8}  changes  (cost)")
     for i, c in enumerate(res.candidates, 1):
         mark = "*" if c.numerics else " "
+        check = {True: "  [trace: runs]", False: "  [trace: out of memory]", None: "  [trace: not checked]"}.get(
+            checked.get(i - 1, "")) if (i - 1) in checked else ""
         print(f"{i:2d} {c.tokens_per_second:9.0f} {c.step_time_seconds:7.3f} {c.device_total_bytes / GiB:10.2f} "
-              f"{c.headroom_bytes / GiB:8.2f} {mark}{'; '.join(c.changes) or 'as given'}  ({c.reason})")
+              f"{c.headroom_bytes / GiB:8.2f} {mark}{'; '.join(c.changes) or 'as given'}  ({c.reason}){check}")
+    if checked and not any(checked.values()):
+        print("none of the checked candidates runs in the capped trace: try `memfit estimate --max-batch-size "
+              "--verify` on a candidate's job, or --verify N with a larger N")
     if res.any_fits:
         from ..verdict import lora_ckpt_note
 
