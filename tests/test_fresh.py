@@ -96,7 +96,8 @@ def test_measure_find_max_batch_takes_the_fresh_processes_answer(monkeypatch, ca
     rec = json.loads(capsys.readouterr().out)
     assert (rec["max_batch_size"], rec["search_max_batch_size"], rec["fresh_settled"]) == (15, 17, True)
     assert [t["batch_size"] for t in rec["fresh_trials"]] == [17, 16, 15]
-    assert rec["breakdown"]["batch"] == 15  # the run at the answer is the fresh one
+    assert rec["boundary"]["batch"] == 15  # the run at the answer is the fresh one
+    assert rec["steps"] == 2 and [t["batch_size"] for t in rec["trials"]] == [18, 17]  # find_max_batch's keys
 
 
 def test_measure_find_max_batch_without_the_fresh_check_keeps_the_in_process_search(monkeypatch, capsys):

@@ -157,8 +157,11 @@ def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | 
         write_json(args.out, rec)
     fm = rec.get("find_max_batch") or {}
     best, searched = rec.get("max_batch_size"), rec.get("search_max_batch_size")
-    if args.json:
-        print(json.dumps(rec, indent=1))
+    if args.json:  # the in-process search's result (find_max_batch's keys), with the fresh check's
+        out = dict(fm, max_batch_size=best, boundary=rec.get("breakdown"))
+        for k in ("search_max_batch_size", "fresh_trials", "fresh_settled"):
+            out[k] = rec.get(k)
+        print(json.dumps(out, indent=1))
         return 0 if best else 1
     if fm.get("card"):
         _print_card(card, fm)
