@@ -17,8 +17,11 @@ process's first and only trial; if it runs, go up (B + 1, ...) while the verdict
 go down (B - 1, ...) until a batch runs or the verdict there is a clean run. Where B's run is clean but the
 failure at B + 1 is not, start at B + 1 and go up while it runs. Each fresh run has as many steps as the search's
 trials had (2 to train, 1 for inference: a second inference step runs on the first one's leftovers, another job).
-At most ``--max-runs`` fresh runs a pair. Pairs whose card is larger than ``--parallel-gib`` (an 80 GiB card on
-an 80 GB GPU) are listed, not run.
+The rule is :mod:`memfit.measurer.fresh`'s (``first_fresh`` / ``next_fresh``), which ``memfit measure
+--find-max-batch`` applies to its own search. Session 13's first call ran its inference probes with two steps
+(before the script took the search's steps); validation/score_fit.py reads those as far as the search's one step
+reaches. At most ``--max-runs`` fresh runs a pair. Pairs whose card is larger than ``--parallel-gib`` (an 80 GiB
+card on an 80 GB GPU) are listed, not run.
 
 Chains run side by side while the sum of their cards stays within ``--parallel-gib`` (each worker caps its own
 allocator at its card less its CUDA context; the cap is per process). Output: ``DIR/fresh-probes.json``, a list
