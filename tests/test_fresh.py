@@ -155,3 +155,21 @@ def test_plan_verify_marks_the_first_candidates_with_the_capped_trace_s_verdict(
     row = [ln for ln in out if ln.startswith(" 1 ")][0]
     assert "[trace: runs]" in row or "[trace: out of memory]" in row
     assert "[trace:" not in [ln for ln in out if ln.startswith(" 2 ")][0]
+
+
+def test_a_fresh_run_that_gives_no_verdict_leaves_the_search_s_answer_unsettled(monkeypatch, capsys):
+    from memfit.errors import MemfitError
+
+    monkeypatch.setattr(fr, "search_in_worker", lambda job, card, **kw: _search_record([(18, False), (17, True)]))
+
+    def trial(job, card, b, *, steps):
+        raise MemfitError(f"the fresh run of batch {b} failed (timed out): ")
+
+    monkeypatch.setattr(fr, "worker_trial", trial)
+    assert main(["measure", "llama-3.2-1b", "--gpu-memory", "24GiB", "--find-max-batch"]) == 0
+    out = capsys.readouterr().out
+    assert "largest micro-batch that runs: 17\n" in out and "a fresh run gave no verdict" in out
+    assert "clean" not in out and "confirmed" not in out
+    run, asked = _fresh(lambda b: None)
+    assert fr.confirm_boundary([(18, False), (17, True)], run) == {"max_batch_size": 17, "fresh_trials": [],
+                                                                   "settled": False}

@@ -159,7 +159,7 @@ def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | 
     best, searched = rec.get("max_batch_size"), rec.get("search_max_batch_size")
     if args.json:  # the in-process search's result (find_max_batch's keys), with the fresh check's
         out = dict(fm, max_batch_size=best, boundary=rec.get("breakdown"))
-        for k in ("search_max_batch_size", "fresh_trials", "fresh_settled"):
+        for k in ("search_max_batch_size", "fresh_trials", "fresh_settled", "fresh_error"):
             out[k] = rec.get(k)
         print(json.dumps(out, indent=1))
         return 0 if best else 1
@@ -169,12 +169,15 @@ def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | 
         print(fm.get("note", "the model itself does not fit on this card"))
     elif best == searched:
         runs = len(rec.get("fresh_trials", ()))
-        print(f"largest micro-batch that runs: {best}" + (f" (confirmed by {runs} fresh run{'s' * (runs != 1)})"
-                                                           if runs else " (every trial's verdict is a clean one)"))
+        how = (f" (confirmed by {runs} fresh run{'s' * (runs != 1)})" if runs and not rec.get("fresh_error")
+               else "" if rec.get("fresh_error") else " (every trial's verdict is a clean one)")
+        print(f"largest micro-batch that runs: {best}{how}")
     else:
         print(f"largest micro-batch that runs: {best} (the search's process ran {searched}, after an out-of-memory "
               "failure there; fresh processes decide)")
-    if not rec.get("fresh_settled", True):
+    if rec.get("fresh_error"):
+        print(f"note: a fresh run gave no verdict ({rec['fresh_error']}); the answer is the largest batch seen to run")
+    elif not rec.get("fresh_settled", True):
         print("note: the fresh runs stopped before both sides of the boundary were checked; the answer is the "
               "largest batch seen to run")
     return 0 if best else 1

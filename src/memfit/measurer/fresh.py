@@ -81,7 +81,7 @@ def next_fresh(v: Verdicts, b: int, step: int, ran: bool) -> tuple[int, int] | N
 def confirm_boundary(trials: Iterable[tuple[int, bool]], fresh: Callable[[int], bool], *,
                      max_runs: int = 6) -> dict[str, Any]:
     """Check the boundary of ``trials`` (``(batch, ran)`` in the order one process ran them) with ``fresh(b)``, a
-    run of batch ``b`` as a fresh process's first and only trial. Returns ``max_batch_size`` (the largest batch
+    run of batch ``b`` as a fresh process's first and only trial (None: no verdict, and no more runs). Returns ``max_batch_size`` (the largest batch
     that ran, a fresh verdict deciding its batch), ``fresh_trials`` (``(batch, ran)`` in order) and ``settled``
     (False when ``max_runs`` fresh runs did not reach a batch with a clean verdict either side)."""
     v = clean_verdicts(trials)
@@ -89,7 +89,10 @@ def confirm_boundary(trials: Iterable[tuple[int, bool]], fresh: Callable[[int], 
     at = first_fresh(v)
     while at is not None and len(done) < max_runs:
         b, step = at
-        ok = bool(fresh(b))
+        ok = fresh(b)
+        if ok is None:  # the run gave no verdict (it crashed or timed out): stop here, unsettled
+            break
+        ok = bool(ok)
         done.append((b, ok))
         v[b] = (ok, True)
         at = next_fresh(v, b, step, ok)
@@ -205,9 +208,14 @@ def confirmed_max_batch(job: Any, gpu_memory_bytes: int, *, start: int | None = 
         return rec
     n_steps = int(fm.get("steps") or (2 if job.task == "train" else 1))
     runs: dict[int, dict[str, Any]] = {}
+    errors: list[str] = []
 
-    def fresh(b: int) -> bool:
-        r = worker_trial(job, gpu_memory_bytes, b, steps=n_steps)
+    def fresh(b: int) -> bool | None:
+        try:
+            r = worker_trial(job, gpu_memory_bytes, b, steps=n_steps)
+        except MemfitError as exc:  # the search's answer stands, unsettled, with why
+            errors.append(str(exc))
+            return None
         runs[b] = r
         if on_fresh is not None:
             on_fresh(r)
@@ -218,7 +226,9 @@ def confirmed_max_batch(job: Any, gpu_memory_bytes: int, *, start: int | None = 
     rec["search_max_batch_size"] = rec.get("max_batch_size")
     rec["max_batch_size"] = best
     rec["fresh_trials"] = [{k: v for k, v in runs[b].items() if k != "record"} for b, _ in out["fresh_trials"]]
-    rec["fresh_settled"] = out["settled"]
+    rec["fresh_settled"] = out["settled"] and not errors
+    if errors:
+        rec["fresh_error"] = errors[0]
     if best in runs and runs[best]["ok"]:
         rec["breakdown"] = runs[best]["record"].get("breakdown")
     elif best != rec["search_max_batch_size"]:
