@@ -35,11 +35,11 @@ def verdict(b: Breakdown, gpu_memory_bytes: int) -> dict[str, Any]:
             "deciding_component": top, "deciding_bytes": int(named[top]) if top else 0, "basis": basis}
 
 
-def lora_ckpt_note(job: Any) -> str | None:
+def lora_ckpt_note(job: Any, answer: str = "memfit's fit answer") -> str | None:
     """What the rehearsed boundaries say of a fit answer for ``job`` when it is single-GPU LoRA / QLoRA training
     with gradient checkpointing (None otherwise), MoE models and dense ones apart (validation/verify-fit.json:
     the estimate's MoE block is not the real code's order of tensors, and every OLMoE pair answered above).
-    ``memfit estimate --max-batch-size`` and ``memfit plan`` print it."""
+    ``memfit estimate --max-batch-size`` and ``memfit plan`` print it; ``answer`` names what the figures are of."""
     if not (job.task == "train" and job.is_lora and job.gradient_checkpointing and job.gpus == 1
             and job.strategy == "single"):
         return None
@@ -51,9 +51,9 @@ def lora_ckpt_note(job: Any) -> str | None:
         moe = False
     if moe:
         return ("note: MoE LoRA with checkpointing: on 6 of 9 rehearsed pairs of this kind (every OLMoE one; none "
-                "of Qwen1.5-MoE's) memfit's fit answer was above the real boundary, by 2 to 8 batches; "
+                f"of Qwen1.5-MoE's) {answer} was above the real boundary, by 2 to 8 batches; "
                 "`memfit estimate --max-batch-size --verify` (or `memfit plan --verify`) checks it with the capped "
                 "trace, which answered 5 of those 6 exactly and one a batch below (none above)")
-    return ("note: LoRA with checkpointing: on 1 of 79 rehearsed dense pairs of this kind memfit's fit answer was "
+    return (f"note: LoRA with checkpointing: on 1 of 79 rehearsed dense pairs of this kind {answer} was "
             "above the real boundary (by one batch); `memfit estimate --max-batch-size --verify` checks it with the "
             "trace (none above)")

@@ -52,26 +52,37 @@ def main(argv=None) -> int:
     dest = args.out / f"probes-{args.yaml.stem}.json"
     results = []
     for e, b in runs:
-        job = dict(e["job"], batch_size=b)
-        t0 = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            jp, rp = Path(tmp) / "job.json", Path(tmp) / "rec.json"
-            jp.write_text(json.dumps({"job": job, "gpu_memory_bytes": e["gpu_memory_bytes"]}))
-            _, err, rc, timed_out = run_to_end(worker_cmd(str(jp), str(rp), "--steps", str(args.steps)),
-                                               env=child_env(), timeout=args.timeout)
-            rec = json.loads(rp.read_text()) if rp.exists() else None
-        ok = bool(rec is not None and rc == 0 and rec.get("breakdown", {}).get("fits"))
-        results.append({"kind": "probe", "pair": e["name"], "batch_size": b, "ok": ok, "first_trial": True,
-                        "job": job, "gpu_memory_bytes": e["gpu_memory_bytes"],
-                        "how": f"validation/probes/first_trials.py: the worker at batch {b} in a fresh process, "
-                               f"{args.steps} steps, the batch is the process's first and only trial",
-                        "measured": args.measured, "wall_s": round(time.time() - t0, 1),
-                        "returncode": None if timed_out else rc, "record": rec,
-                        **({"stderr": "timeout" if timed_out else tail(err)} if rc != 0 or timed_out else {})})
+        how = (f"validation/probes/first_trials.py: the worker at batch {b} in a fresh process, {args.steps} steps, "
+               "the batch is the process's first and only trial")
+        entry = probe_entry(e["name"], e["job"], e["gpu_memory_bytes"], b, steps=args.steps, timeout=args.timeout,
+                            how=how, measured=args.measured)
+        results.append(entry)
         dest.write_text(json.dumps(results, indent=1))
-        print(f"{e['name']} batch {b}: {'runs' if ok else 'out of memory' if rec else 'error'}"
-              f"  ({time.time() - t0:.0f} s)", flush=True)
+        print(f"{e['name']} batch {b}: {verdict_word(entry)}  ({entry['wall_s']:.0f} s)", flush=True)
     return 0
+
+
+def probe_entry(pair: str, job: dict, gpu_memory_bytes: int, batch: int, *, steps: int, timeout: float, how: str,
+                measured: str) -> dict:
+    """Batch ``batch`` of ``job`` on the card as a fresh worker's first and only trial: the ``kind: "probe"``
+    entry validation/score_fit.py reads (``ok`` is the worker's verdict; ``record`` None when it gave none)."""
+    job = dict(job, batch_size=batch)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        jp, rp = Path(tmp) / "job.json", Path(tmp) / "rec.json"
+        jp.write_text(json.dumps({"job": job, "gpu_memory_bytes": gpu_memory_bytes}))
+        _, err, rc, timed_out = run_to_end(worker_cmd(str(jp), str(rp), "--steps", str(steps)),
+                                           env=child_env(), timeout=timeout)
+        rec = json.loads(rp.read_text()) if rp.exists() else None
+    ok = bool(rec is not None and rc == 0 and rec.get("breakdown", {}).get("fits"))
+    return {"kind": "probe", "pair": pair, "batch_size": batch, "ok": ok, "first_trial": True,
+            "job": job, "gpu_memory_bytes": gpu_memory_bytes, "how": how, "measured": measured,
+            "wall_s": round(time.time() - t0, 1), "returncode": None if timed_out else rc, "record": rec,
+            **({"stderr": "timeout" if timed_out else tail(err)} if rc != 0 or timed_out else {})}
+
+
+def verdict_word(entry: dict) -> str:
+    return "runs" if entry["ok"] else "out of memory" if entry["record"] else "error"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from launch import GiB, child_env, run_to_end, tail, worker_cmd  # noqa: E402
+from first_trials import probe_entry, verdict_word  # noqa: E402
+from launch import GiB  # noqa: E402
 from run_boundaries import probe_context  # noqa: E402
 from score_fit import load_records  # noqa: E402
 
@@ -117,25 +117,13 @@ class Budget:
 
 def fresh_run(rec: dict[str, Any], b: int, args: argparse.Namespace) -> dict[str, Any]:
     """One worker at batch ``b`` on the pair's card, the first and only trial of its process, as many steps as
-    the search's trials ran."""
-    job = dict(rec["job"], batch_size=b)
+    the search's trials ran (validation/probes/first_trials.py's entry)."""
     steps = steps_for(rec)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        jp, rp = Path(tmp) / "job.json", Path(tmp) / "rec.json"
-        jp.write_text(json.dumps({"job": job, "gpu_memory_bytes": rec["gpu_memory_bytes"]}))
-        _, err, rc, timed_out = run_to_end(worker_cmd(str(jp), str(rp), "--steps", str(steps)),
-                                           env=child_env(), timeout=args.timeout)
-        out = json.loads(rp.read_text()) if rp.exists() else None
-    ok = bool(out is not None and rc == 0 and out.get("breakdown", {}).get("fits"))
-    return {"kind": "probe", "pair": rec["name"], "batch_size": b, "ok": ok, "first_trial": True,
-            "job": job, "gpu_memory_bytes": rec["gpu_memory_bytes"],
-            "how": f"validation/probes/fresh_boundaries.py: the worker at batch {b} in a fresh process, {steps} "
-                   f"step(s) as the search's trials, the batch is the process's first and only trial (the search's boundary had run only "
-                   f"after a failure in its process); other pairs' workers shared the GPU, each capped at its card",
-            "measured": args.measured, "wall_s": round(time.time() - t0, 1),
-            "returncode": None if timed_out else rc, "record": out,
-            **({"stderr": "timeout" if timed_out else tail(err)} if rc != 0 or timed_out else {})}
+    how = (f"validation/probes/fresh_boundaries.py: the worker at batch {b} in a fresh process, {steps} step(s) as "
+           "the search's trials, the batch is the process's first and only trial (the search's boundary had run only "
+           "after a failure in its process); other pairs' workers shared the GPU, each capped at its card")
+    return probe_entry(rec["name"], rec["job"], rec["gpu_memory_bytes"], b, steps=steps, timeout=args.timeout,
+                       how=how, measured=args.measured)
 
 
 def chain(rec: dict[str, Any], b0: int, direction: int, args, budget: Budget, sink) -> None:
@@ -152,8 +140,7 @@ def chain(rec: dict[str, Any], b0: int, direction: int, args, budget: Budget, si
         finally:
             budget.give(int(rec["gpu_memory_bytes"]))
         n += 1
-        what = "runs" if entry["ok"] else "out of memory" if entry["record"] else "error"
-        sink(entry, f"{rec['name']:<44} batch {b:>4}: {what}  ({entry['wall_s']:.0f} s)")
+        sink(entry, f"{rec['name']:<44} batch {b:>4}: {verdict_word(entry)}  ({entry['wall_s']:.0f} s)")
         if entry["record"] is None:
             return  # an error is no verdict: stop this pair
         v[b] = (entry["ok"], True)

@@ -64,6 +64,9 @@ def _tokens(text: str) -> int:
     return int(n)
 
 
+_TRACE_MARK = {True: "  [trace: runs]", False: "  [trace: out of memory]", None: "  [trace: not checked]"}
+
+
 def _verify(res: Any, mem: int, n: int) -> dict[int, bool | None]:
     """``--verify N``: the capped trace's verdict on each of the first ``n`` candidates at its micro-batch (None
     where the trace does not judge one: inference or a multi-GPU layout). The card is the plan's."""
@@ -131,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'#':>2} {'tokens/s':>9} {'step s':>7} {'device GiB':>10} {'headroom':>8}  changes  (cost)")
     for i, c in enumerate(res.candidates, 1):
         mark = "*" if c.numerics else " "
-        check = {True: "  [trace: runs]", False: "  [trace: out of memory]", None: "  [trace: not checked]"}.get(
-            checked.get(i - 1, "")) if (i - 1) in checked else ""
+        check = _TRACE_MARK[checked[i - 1]] if (i - 1) in checked else ""
         print(f"{i:2d} {c.tokens_per_second:9.0f} {c.step_time_seconds:7.3f} {c.device_total_bytes / GiB:10.2f} "
               f"{c.headroom_bytes / GiB:8.2f} {mark}{'; '.join(c.changes) or 'as given'}  ({c.reason}){check}")
     if checked and not any(checked.values()):
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     if res.any_fits:
         from ..verdict import lora_ckpt_note
 
-        notes = {lora_ckpt_note(c.job) for c in res.candidates} - {None}
+        notes = {lora_ckpt_note(c.job, "the fit answer a candidate's micro-batch rests on")
+                 for c in res.candidates} - {None}
         for note in sorted(notes):
-            print(note.replace("memfit's fit answer", "the fit answer a candidate's micro-batch rests on"))
+            print(note)
     return 0 if res.any_fits else 1

@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -78,12 +80,13 @@ def next_fresh(v: Verdicts, b: int, step: int, ran: bool) -> tuple[int, int] | N
     return nb, step
 
 
-def confirm_boundary(trials: Iterable[tuple[int, bool]], fresh: Callable[[int], bool], *,
+def confirm_boundary(trials: Iterable[tuple[int, bool]], fresh: Callable[[int], bool | None], *,
                      max_runs: int = 6) -> dict[str, Any]:
     """Check the boundary of ``trials`` (``(batch, ran)`` in the order one process ran them) with ``fresh(b)``, a
-    run of batch ``b`` as a fresh process's first and only trial (None: no verdict, and no more runs). Returns ``max_batch_size`` (the largest batch
-    that ran, a fresh verdict deciding its batch), ``fresh_trials`` (``(batch, ran)`` in order) and ``settled``
-    (False when ``max_runs`` fresh runs did not reach a batch with a clean verdict either side)."""
+    run of batch ``b`` as a fresh process's first and only trial (None: no verdict, and no more runs). Returns
+    ``max_batch_size`` (the largest batch that ran, a fresh verdict deciding its batch), ``fresh_trials``
+    (``(batch, ran)`` in order) and ``settled`` (False when the runs stopped before a batch with a clean verdict
+    was reached on either side)."""
     v = clean_verdicts(trials)
     done: list[tuple[int, bool]] = []
     at = first_fresh(v)
@@ -117,23 +120,20 @@ def _run_worker(args: list[str], timeout: float, on_line: Callable[[str], None] 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=_child_env(), start_new_session=True)
     tail: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stderr:
+            tail.append(line)
+            del tail[:-40]
+            if on_line is not None:
+                on_line(line)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
     try:
-        import threading
-
-        def pump() -> None:
-            for line in proc.stderr:
-                tail.append(line)
-                del tail[:-40]
-                if on_line is not None:
-                    on_line(line)
-
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
         rc = proc.wait(timeout=timeout)
         t.join(5)
     except subprocess.TimeoutExpired:
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
