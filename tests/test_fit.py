@@ -549,6 +549,13 @@ def test_fresh_boundaries_plans_a_fresh_run_where_a_verdict_followed_a_failure()
     assert [(r["name"], b, d) for r, b, d in chains] == [("a", 17, 0), ("b", 6, 1), ("d", 45, -1)]
     assert [n for n, _, _ in left] == ["e"]
     assert fb.steps_for(recs[0]) == 2 and fb.steps_for({"job": {"task": "infer"}}) == 1
+    # a probe is read as the scorer reads it: a two-step inference probe that failed in its second step ran the
+    # one-step search's job, so the boundary is clean and the unclean failure above it is what gets rerun
+    two = {"batch_size": 84, "ok": False, "record": {"breakdown": {"extras": {"steps": 2, "steps_completed": 1}}}}
+    inf = rec("g", [(95, 0), (83, 1), (89, 0), (86, 0), (84, 1), (85, 0)], card=16 * GiB)
+    inf["find_max_batch"]["steps"], inf["job"]["task"], inf["probes"] = 1, "infer", [two]
+    chains, _ = fb.plan([inf], 74 * GiB, None)
+    assert [(r["name"], b, d) for r, b, d in chains] == [("g", 85, 1)]
 
 
 @pytest.mark.skipif(not BOUNDARY_RECORDS, reason="no rehearsed-boundary record committed yet")

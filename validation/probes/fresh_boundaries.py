@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 from first_trials import probe_entry, verdict_word  # noqa: E402
 from launch import GiB  # noqa: E402
 from run_boundaries import probe_context  # noqa: E402
-from score_fit import load_records  # noqa: E402
+from score_fit import load_records, probe_verdict  # noqa: E402
 
 from memfit.measurer.card import CONTEXT_ENV  # noqa: E402
 from memfit.measurer.fresh import clean_verdicts, first_fresh, next_fresh  # noqa: E402
@@ -59,8 +59,11 @@ def verdicts(rec: dict[str, Any]) -> dict[int, tuple[bool, bool]]:
     if any(pr.get("supersedes_search") for pr in probes):
         search = []
     out = clean_verdicts((t["batch_size"], t["ok"]) for t in search)
-    for pr in probes:
-        out[int(pr["batch_size"])] = (bool(pr["ok"]), True)
+    steps = (rec.get("find_max_batch") or {}).get("steps")
+    for pr in probes:  # read as the scorer reads them: a probe of more steps only as far as the search's
+        ran, _ = probe_verdict(pr, steps)
+        if ran is not None:
+            out[int(pr["batch_size"])] = (ran, True)
     return out
 
 
