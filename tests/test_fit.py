@@ -106,6 +106,7 @@ def test_bare_number_is_an_error_that_names_the_units():
     (["measure", "gpt2", "--find-max-batch"], "needs a card"),
     (["measure", "gpt2", "--gpu-memory", "24GiB", "--cpu"], "drop --cpu"),
     (["measure", "gpt2", "--start", "4"], "add --find-max-batch"),
+    (["measure", "gpt2", "--no-fresh-check"], "--no-fresh-check is an option of --find-max-batch"),
     (["measure", "gpt2", "--gpu", "no-such-card"], "unknown GPU"),
     (["measure", "gpt2", "--gpu-memory", "24GiB", "--sweep", "precision"], "--sweep"),
     (["measure", "gpt2", "--gpu-memory", "24GiB", "--find-max-batch", "--start", "0"], "--start"),

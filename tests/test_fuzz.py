@@ -165,6 +165,8 @@ def test_numbers_at_the_edges_end_soon_and_cleanly(command):
     (["plan", "gpt2", "--gpu", "h100-80gb", "--global-batch-tokens", "1e300"], "the most a plan takes"),
     (["plan", "gpt2", "--gpu", "h100-80gb", "--min-headroom", "nan"], "argument --min-headroom: must be a finite"),
     (["plan", "gpt2", "--gpu", "h100-80gb", "--min-headroom", "-1"], "must be a percent of the card"),
+    (["plan", "gpt2", "--gpu", "h100-80gb", "--verify", "-1"], "argument --verify: must be a whole number >= 0"),
+    (["plan", "gpt2", "--gpu", "h100-80gb", "--verify", "x"], "argument --verify"),
     (["estimate", "gpt2", "--batch-size", "-4"], "batch_size must be a whole number >= 1; got -4"),
     (["estimate", "gpt2", "--seq-len", "-1"], "seq_len must be a whole number >= 1"),
     (["measure", "gpt2", "--steps", "99999999"], "argument --steps: must be at most 10,000"),

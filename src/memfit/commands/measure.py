@@ -92,6 +92,8 @@ def check_card_arguments(args: argparse.Namespace) -> int | None:
         raise MemfitError("--find-max-batch needs a card: add --gpu NAME or --gpu-memory 24GiB")
     if args.start is not None and not args.find_max_batch:
         raise MemfitError("--start is the batch size --find-max-batch begins at; add --find-max-batch")
+    if not getattr(args, "fresh_check", True) and not args.find_max_batch:
+        raise MemfitError("--no-fresh-check is an option of --find-max-batch; add --find-max-batch")
     if args.start is not None and args.start < 1:
         raise MemfitError(f"--start must be a batch size >= 1; got {args.start}")
     if args.limit < 1:
