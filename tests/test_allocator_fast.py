@@ -170,7 +170,8 @@ def test_sizes_past_64_bits_take_the_python_model():
 @needs_compiled
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_thousands_of_free_blocks_match_the_model(setting):
-    """Past 1024 free blocks a pool is a tree in the compiled replay, not a sorted array: the same answers."""
+    """Thousands of free blocks (a pool of many chunks in the compiled replay, split as they fill and dropped as
+    they empty): the same answers."""
     rng = random.Random(7)
     cfg = SETTINGS[setting]
     ops: list[tuple] = []

@@ -4,7 +4,7 @@
    the estimator replays (the default, and expandable_segments; no max_split_size, no garbage-collection
    threshold, no power-of-two rounding, no physical limit), written in C because a replay of tens of
    thousands of events spends most of its time in the interpreter. It keeps no Python object per block:
-   blocks live in arrays, each pool's free blocks in an array sorted by (size, address) (what the Python model
+   blocks live in arrays, each pool's free blocks in sorted chunks by (size, address) (what the Python model
    keeps as size << 64 | address in a sorted list), the unmapped blocks of expandable segments in one sorted
    by address. Function by function it follows model.py (whose docstrings cite the PyTorch source lines):
 
@@ -46,8 +46,6 @@ typedef struct {
     int64_t size, addr, requested;
     int32_t prev, next; /* block ids, -1: none */
     int32_t seg;        /* expandable segment index, -1: an ordinary segment's block */
-    int32_t tl, tr;     /* a free block's children in its pool's tree */
-    uint32_t pri;       /* its priority there (a hash of its id) */
     uint8_t small, allocated, mapped;
 } Blk;
 
@@ -62,17 +60,21 @@ typedef struct {
     int32_t id;
 } Ent;
 
-/* a pool's free blocks ordered by (size, address): a sorted array while they are few (the common case: tens;
-   moving its tail is cheaper than any tree), a treap once they pass TREAP_FROM (O(log n) per operation:
-   thousands of free blocks, a model of hundreds of layers, would make the array quadratic) */
-#define TREAP_FROM 1024
+/* a pool's free blocks ordered by (size, address), in sorted chunks of at most CHUNK entries: a lookup is a
+   binary search over the chunks' last keys, then within one chunk; an insert or a removal moves at most one
+   chunk's tail (a training step's large pool holds hundreds of free blocks, where one sorted array spent most
+   of the replay moving its tail) and, when a chunk fills or empties, the chunks' directory */
+#define CHUNK 48
+typedef struct {
+    Py_ssize_t n;
+    Ent e[CHUNK];
+} Chunk;
+
 typedef struct {
     State *owner;
-    int32_t root; /* the treap's root (-1: empty), once treap is set */
-    int treap;
-    Ent *a; /* the sorted array before that */
-    Py_ssize_t cap;
-    Py_ssize_t n;
+    Chunk **ch; /* the chunks in order, none empty */
+    Py_ssize_t nch, capch;
+    Py_ssize_t n; /* free blocks in all */
     int32_t *unm; /* expandable segments: the unmapped blocks, by address */
     Py_ssize_t nunm, capunm;
 } Pool;
@@ -107,42 +109,17 @@ static int grow(void **a, Py_ssize_t *cap, Py_ssize_t need, size_t elem, Py_ssiz
     return 0;
 }
 
-static inline int key_less(const Blk *b, int32_t x, int64_t size, int64_t addr) {
-    return b[x].size < size || (b[x].size == size && b[x].addr < addr);
+static inline int ent_less(const Ent *e, int64_t size, int64_t addr) {
+    return e->size < size || (e->size == size && e->addr < addr);
 }
 
-/* split tree t into keys < (size, addr) and keys >= it */
-static void t_split(Blk *b, int32_t t, int64_t size, int64_t addr, int32_t *l, int32_t *r) {
-    if (t < 0) {
-        *l = *r = -1;
-    } else if (key_less(b, t, size, addr)) {
-        *l = t;
-        t_split(b, b[t].tr, size, addr, &b[t].tr, r);
-    } else {
-        *r = t;
-        t_split(b, b[t].tl, size, addr, l, &b[t].tl);
-    }
-}
-
-/* join trees x and y, every key of x below every key of y */
-static int32_t t_merge(Blk *b, int32_t x, int32_t y) {
-    if (x < 0) return y;
-    if (y < 0) return x;
-    if (b[x].pri > b[y].pri) {
-        b[x].tr = t_merge(b, b[x].tr, y);
-        return x;
-    }
-    b[y].tl = t_merge(b, x, b[y].tl);
-    return y;
-}
-
-/* first array index whose (size, addr) is >= (size, addr) */
-static Py_ssize_t arr_lower(const Pool *p, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = p->n;
+/* the first chunk whose last key is >= (size, addr) (nch: none) */
+static Py_ssize_t chunk_lower(const Pool *p, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = p->nch;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
-        const Ent *e = &p->a[mid];
-        if (e->size < size || (e->size == size && e->addr < addr))
+        const Chunk *c = p->ch[mid];
+        if (ent_less(&c->e[c->n - 1], size, addr))
             lo = mid + 1;
         else
             hi = mid;
@@ -150,119 +127,110 @@ static Py_ssize_t arr_lower(const Pool *p, int64_t size, int64_t addr) {
     return lo;
 }
 
-/* the array's blocks into a treap (built by inserting them in order) */
-static void to_treap(Pool *p) {
-    Blk *b = p->owner->b;
-    int32_t root = -1;
-    for (Py_ssize_t i = 0; i < p->n; i++) {
-        int32_t id = p->a[i].id;
-        b[id].tl = b[id].tr = -1;
-        root = t_merge(b, root, id); /* every key above the tree's: merge places it */
+/* the first entry of chunk c whose key is >= (size, addr) (c->n: none) */
+static Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = c->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (ent_less(&c->e[mid], size, addr))
+            lo = mid + 1;
+        else
+            hi = mid;
     }
-    p->root = root;
-    p->treap = 1;
-    PyMem_Free(p->a);
-    p->a = NULL;
-    p->cap = 0;
+    return lo;
+}
+
+/* a new chunk in the directory at index i; NULL when the memory is not there */
+static Chunk *chunk_new(Pool *p, Py_ssize_t i) {
+    if (grow((void **)&p->ch, &p->capch, p->nch + 1, sizeof(Chunk *), 8) < 0) return NULL;
+    Chunk *c = PyMem_Malloc(sizeof(Chunk));
+    if (!c) return NULL;
+    c->n = 0;
+    memmove(p->ch + i + 1, p->ch + i, (size_t)(p->nch - i) * sizeof(Chunk *));
+    p->ch[i] = c;
+    p->nch++;
+    return c;
 }
 
 /* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
 static int pool_insert(Pool *p, int32_t id) {
-    Blk *b = p->owner->b;
-    if (!p->treap) {
-        if (p->n >= TREAP_FROM) {
-            to_treap(p);
+    const Blk *b = &p->owner->b[id];
+    int64_t size = b->size, addr = b->addr;
+    Py_ssize_t ci = chunk_lower(p, size, addr);
+    if (ci == p->nch) {
+        if (ci == 0 || p->ch[ci - 1]->n == CHUNK) { /* after every key: a new last chunk, or the last one's end */
+            if (!chunk_new(p, ci)) return -1;
         } else {
-            if (grow((void **)&p->a, &p->cap, p->n + 1, sizeof(Ent), 64) < 0) return -1;
-            Py_ssize_t i = arr_lower(p, b[id].size, b[id].addr);
-            memmove(p->a + i + 1, p->a + i, (size_t)(p->n - i) * sizeof(Ent));
-            p->a[i].size = b[id].size;
-            p->a[i].addr = b[id].addr;
-            p->a[i].id = id;
-            p->n++;
-            return 0;
+            ci--;
         }
     }
-    int32_t l, r;
-    b[id].tl = b[id].tr = -1;
-    t_split(b, p->root, b[id].size, b[id].addr, &l, &r);
-    p->root = t_merge(b, t_merge(b, l, id), r);
+    Chunk *c = p->ch[ci];
+    if (c->n == CHUNK) { /* split it: its upper half into a new chunk after it */
+        Chunk *d = chunk_new(p, ci + 1);
+        if (!d) return -1;
+        c = p->ch[ci];
+        d->n = CHUNK / 2;
+        memcpy(d->e, c->e + CHUNK / 2, (CHUNK / 2) * sizeof(Ent));
+        c->n = CHUNK / 2;
+        if (ent_less(&c->e[c->n - 1], size, addr)) c = d;
+    }
+    Py_ssize_t i = entry_lower(c, size, addr);
+    memmove(c->e + i + 1, c->e + i, (size_t)(c->n - i) * sizeof(Ent));
+    c->e[i].size = size;
+    c->e[i].addr = addr;
+    c->e[i].id = id;
+    c->n++;
     p->n++;
     return 0;
 }
 
 static void pool_remove(Pool *p, int32_t id) {
-    Blk *b = p->owner->b;
-    if (!p->treap) {
-        Py_ssize_t i = arr_lower(p, b[id].size, b[id].addr);
-        memmove(p->a + i, p->a + i + 1, (size_t)(p->n - i - 1) * sizeof(Ent));
-        p->n--;
-        return;
-    }
-    int32_t l, m, r;
-    t_split(b, p->root, b[id].size, b[id].addr, &l, &m);
-    t_split(b, m, b[id].size, b[id].addr + 1, &m, &r); /* m: the block alone (keys are unique) */
-    p->root = t_merge(b, l, r);
+    const Blk *b = &p->owner->b[id];
+    Py_ssize_t ci = chunk_lower(p, b->size, b->addr);
+    Chunk *c = p->ch[ci];
+    Py_ssize_t i = entry_lower(c, b->size, b->addr);
+    memmove(c->e + i, c->e + i + 1, (size_t)(c->n - i - 1) * sizeof(Ent));
+    c->n--;
     p->n--;
+    if (c->n == 0) {
+        PyMem_Free(c);
+        memmove(p->ch + ci, p->ch + ci + 1, (size_t)(p->nch - ci - 1) * sizeof(Chunk *));
+        p->nch--;
+    }
 }
 
 /* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
 static int32_t pool_lower(const Pool *p, int64_t size) {
-    if (!p->treap) {
-        Py_ssize_t i = arr_lower(p, size, INT64_MIN);
-        return i < p->n ? p->a[i].id : -1;
-    }
-    const Blk *b = p->owner->b;
-    int32_t t = p->root, best = -1;
-    while (t >= 0) {
-        if (!key_less(b, t, size, INT64_MIN)) {
-            best = t;
-            t = b[t].tl;
-        } else {
-            t = b[t].tr;
-        }
-    }
-    return best;
+    Py_ssize_t ci = chunk_lower(p, size, INT64_MIN);
+    if (ci == p->nch) return -1;
+    const Chunk *c = p->ch[ci];
+    return c->e[entry_lower(c, size, INT64_MIN)].id;
 }
 
 /* the block after x (in the pool) in the pool's order, -1: none */
 static int32_t pool_next(const Pool *p, int32_t x) {
-    const Blk *b = p->owner->b;
-    if (!p->treap) {
-        Py_ssize_t i = arr_lower(p, b[x].size, b[x].addr) + 1;
-        return i < p->n ? p->a[i].id : -1;
-    }
-    int32_t t = p->root, best = -1;
-    while (t >= 0) {
-        if (key_less(b, x, b[t].size, b[t].addr)) {
-            best = t;
-            t = b[t].tl;
-        } else {
-            t = b[t].tr;
-        }
-    }
-    return best;
+    const Blk *b = &p->owner->b[x];
+    Py_ssize_t ci = chunk_lower(p, b->size, b->addr);
+    const Chunk *c = p->ch[ci];
+    Py_ssize_t i = entry_lower(c, b->size, b->addr) + 1;
+    if (i < c->n) return c->e[i].id;
+    return ci + 1 < p->nch ? p->ch[ci + 1]->e[0].id : -1;
 }
 
-/* the pool's blocks in order into out (room for p->n), with stack (as much room); returns their count */
-static Py_ssize_t pool_ids(const Pool *p, int32_t *out, int32_t *stack) {
-    if (!p->treap) {
-        for (Py_ssize_t i = 0; i < p->n; i++) out[i] = p->a[i].id;
-        return p->n;
-    }
-    const Blk *b = p->owner->b;
-    Py_ssize_t n = 0, depth = 0;
-    int32_t t = p->root;
-    while (t >= 0 || depth) {
-        while (t >= 0) {
-            stack[depth++] = t;
-            t = b[t].tl;
-        }
-        t = stack[--depth];
-        out[n++] = t;
-        t = b[t].tr;
+/* the pool's blocks in order into out (room for p->n); returns their count */
+static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t ci = 0; ci < p->nch; ci++) {
+        const Chunk *c = p->ch[ci];
+        for (Py_ssize_t i = 0; i < c->n; i++) out[n++] = c->e[i].id;
     }
     return n;
+}
+
+static void pool_free(Pool *p) {
+    for (Py_ssize_t ci = 0; ci < p->nch; ci++) PyMem_Free(p->ch[ci]);
+    PyMem_Free(p->ch);
+    PyMem_Free(p->unm);
 }
 
 static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_t prev, int32_t next, int32_t seg,
@@ -275,14 +243,6 @@ static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_
     k->prev = prev;
     k->next = next;
     k->seg = seg;
-    k->tl = k->tr = -1;
-    uint32_t x = (uint32_t)s->n + 0x9E3779B9u; /* a mixed hash of the id: the treap's priority */
-    x ^= x >> 16;
-    x *= 0x85EBCA6Bu;
-    x ^= x >> 13;
-    x *= 0xC2B2AE35u;
-    x ^= x >> 16;
-    k->pri = x;
     k->small = (uint8_t)small;
     k->allocated = 0;
     k->mapped = (uint8_t)mapped;
@@ -479,9 +439,9 @@ static int release_cached(State *s) {
         Pool *p = pools[j];
         Py_ssize_t n = p->n;
         if (n == 0) continue;
-        int32_t *ids = PyMem_Malloc((size_t)n * 2 * sizeof(int32_t)); /* the blocks in order, and a stack */
+        int32_t *ids = PyMem_Malloc((size_t)n * sizeof(int32_t)); /* the blocks in order */
         if (!ids) return -2;
-        pool_ids(p, ids, ids + n);
+        pool_ids(p, ids);
         for (Py_ssize_t i = 0; i < n; i++) {
             int32_t id = ids[i];
             if (!s->expandable) {
@@ -529,10 +489,8 @@ static int set_handle(State *s, int64_t h, int32_t id) {
 
 static void free_state(State *s) {
     PyMem_Free(s->b);
-    PyMem_Free(s->small.a);
-    PyMem_Free(s->large.a);
-    PyMem_Free(s->small.unm);
-    PyMem_Free(s->large.unm);
+    pool_free(&s->small);
+    pool_free(&s->large);
     PyMem_Free(s->handle);
     PyMem_Free(s->segs);
 }
@@ -734,7 +692,6 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     s.large_addr = large_up ? 1LL << 50 : 1LL << 62;
     s.expandable = expandable;
     s.small.owner = s.large.owner = &s;
-    s.small.root = s.large.root = -1;
     s.address_space = address_space;
     Py_ssize_t n = flat ? view.len / 32 : PyList_GET_SIZE(ops), idx, failed = -1;
     if (flat) {
