@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
+from memfit.errors import JobError
 from memfit.job import Job
 from memfit.plan import fits, max_seq_len, plan
 
@@ -135,6 +137,33 @@ def test_floor_is_below_the_peak():
             job = Job(model=model, batch_size=16, seq_len=1024, gradient_checkpointing=True, **kw)
             assert _floor_bytes(job, spec) <= estimate(job, spec).peak_allocated_bytes, (model, kw)
     assert _floor_bytes(Job(model="gpt2", gpus=2, strategy="ddp"), load_model("gpt2")) == 0  # single GPU only
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama-3.2-1b", "gemma-3-1b", "olmoe-1b-7b", "falcon-7b", "phi-3-mini",
+                                   "qwen3-4b", "gpt-oss-20b", "distilbert-sst2", "mistral-7b-v0.3"])
+def test_floor_with_the_layers_activations_stays_below_the_peak(model):
+    # the floor counts what every layer's forward keeps for backward (saved tensors, or the checkpointed layer
+    # inputs): it must stay a floor wherever activations are most of the peak (a long sequence, a large batch)
+    from memfit.estimator import estimate
+    from memfit.estimator import floor_bytes as _floor_bytes
+    from memfit.models import load_model
+
+    spec = load_model(model)
+    for kw in ({}, {"precision": "bf16-true"}, {"precision": "32-true", "optimizer": "sgd"},
+               {"gradient_checkpointing": True}, {"method": "lora", "precision": "bf16-true"},
+               {"method": "lora", "lora_targets": ["q_proj", "v_proj"], "precision": "bf16-true"},
+               {"method": "lora", "precision": "bf16-mixed", "attention": "eager"},
+               {"method": "qlora", "quantization": "nf4", "precision": "bf16-true"},
+               {"method": "qlora", "quantization": "nf4", "precision": "bf16-true", "gradient_checkpointing": True},
+               {"method": "lora", "quantization": "int8", "precision": "bf16-true", "gradient_checkpointing": True},
+               {"attention": "eager", "precision": "bf16-true"}):
+        for batch, seq in ((1, 128), (8, 2048)):
+            try:
+                job = Job(model=model, batch_size=batch, seq_len=seq, **kw)
+                peak = estimate(job, spec).peak_allocated_bytes
+            except JobError:
+                continue  # a job the model has no run for
+            assert 0 < _floor_bytes(job, spec) <= peak, (kw, batch, seq)
 
 
 def _every_candidate(job, mem, vary, top):

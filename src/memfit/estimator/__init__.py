@@ -121,6 +121,18 @@ def _mlp_backward_widths(spec: ModelSpec) -> int:
     return 1
 
 
+def _train_mode(spec: ModelSpec, job: Job, amode: str, T: int):
+    """The :class:`~memfit.estimator.layers.Mode` a training stream's layers are built in (``amode``:
+    :func:`_act_mode`'s, ``T``: the micro-batch's tokens)."""
+    from .layers import Mode
+
+    quant4 = job.quantization in ("nf4", "fp4")
+    return Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=st.lora_targets(spec, job),
+                lora_rank=job.lora_rank, attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
+                quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0,
+                double_quant=bool(job.double_quant) and quant4, quant_block=job.quant_group_size)
+
+
 def _logit_bytes(spec: ModelSpec, job: Job) -> int:
     return st.compute_bytes(job.precision)
 
@@ -273,16 +285,12 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     ws = st.CUBLAS_WORKSPACE_BYTES
     ckpt = job.gradient_checkpointing
 
-    key = (amode, job.is_lora, st.lora_targets(spec, job), job.lora_rank, job.attention, job.seq_len)
     quant4 = job.quantization in ("nf4", "fp4")
     # bitsandbytes dequantizes a 4-bit weight whole for a matmul of training shapes: a temporary of each call,
     # forward (layers._Replay.dequant4_scratch, quant.bnb_dequantizes) and backward (dq_back below)
-    from .layers import Mode, layer_forward_tensors, math_softmax_backward
+    from .layers import layer_forward_tensors, math_softmax_backward
 
-    mode = Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=key[2], lora_rank=job.lora_rank,
-                attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
-                quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0, double_quant=bool(job.double_quant) and quant4,
-                quant_block=job.quant_group_size)
+    mode = _train_mode(spec, job, amode, T)
     layer_tensors = {bi: [(bpt * T * act_share + fixed * tp_share, saved, held, until)
                           for bpt, saved, held, until, fixed in layer_forward_tensors(spec, bi, mode)]
                      for bi in set(layers)}
@@ -1068,12 +1076,12 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
     The stream (:func:`_train`) loads the weights and never frees them (:func:`~memfit.estimator.states.weight_bytes`;
     the adapters apart, to stay a floor); the optimizer states (:func:`~memfit.estimator.states.optimizer_state_bytes`),
     made at the first step, stay. In full fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`)
-    is alive with them at the optimizer step. With a language-model head, at the start of the second step's
-    backward the loss holds at least 8 bytes per token and vocabulary entry: the fp32 log-softmax (or autocast's
-    fp32 copy of the scores) and the first fp32 gradient of the scores (12 in the usual path: a second fp32
-    gradient). Inference loads the same weights. The capped replay cannot complete when this plus the CUDA
-    context passes the card: the allocator's reserve is never below what is allocated. Less 1 MiB for the
-    whole-byte rounding of each tensor in the stream."""
+    is alive with them at the optimizer step. At the start of the second step's backward every layer still holds
+    what its forward kept (:func:`_kept_floor`), and with a language-model head the loss holds at least 8 bytes per
+    token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the scores) and the first fp32
+    gradient of the scores (12 in the usual path: a second fp32 gradient). Inference loads the same weights. The
+    capped replay cannot complete when this plus the CUDA context passes the card: the allocator's reserve is
+    never below what is allocated. Less 1 MiB for the whole-byte rounding of each tensor in the stream."""
     if job.strategy != "single" or job.gpus > 1:
         return 0
     weights = st.weight_bytes(spec, job)
@@ -1085,10 +1093,37 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
             weights -= spec.head_params * st.param_bytes(job.precision)
     states = st.optimizer_state_bytes(spec, job)
     at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
-    at_loss = weights + states
+    at_backward = weights + states + _kept_floor(spec, job)
     if spec.head in ("causal_lm", "masked_lm"):
-        at_loss += 8 * job.batch_size * job.seq_len * spec.vocab_size
-    return max(0, max(at_step, at_loss) - 2**20)
+        at_backward += 8 * job.batch_size * job.seq_len * spec.vocab_size
+    return max(0, max(at_step, at_backward) - 2**20)
+
+
+def _kept_floor(spec: ModelSpec, job: Job) -> float:
+    """Bytes the layers' forwards keep for backward, all alive when the training stream's backward starts
+    (:func:`_train`, single GPU): with checkpointing each layer's input (the tensor the layer before it made,
+    the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA weights, the
+    first layer's first tensor left out (the embedding output where the model hands it over)."""
+    T = job.batch_size * job.seq_len
+    amode = _act_mode(job)
+    layers = _layer_order(spec)
+    if job.gradient_checkpointing:
+        res = 4 if amode in ("32", "mixed") else 2
+        return max(0.0, len(layers) * (T * spec.hidden_size * res - 1))
+    from .layers import layer_forward_tensors
+
+    if spec.model_type == "gpt_oss" and job.attention == "sdpa":
+        job = job.replace(attention="eager")  # as estimate() and fits_on() run it
+    mode = _train_mode(spec, job, amode, T)
+    per_block: dict[int, float] = {}
+    first = 0.0
+    for bi in set(layers):
+        tensors = layer_forward_tensors(spec, bi, mode)
+        per_block[bi] = (sum(bpt * T + fixed for bpt, saved, _h, _u, fixed in tensors if saved)
+                         + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]))
+        if bi == layers[0] and tensors and tensors[0][1]:
+            first = tensors[0][0] * T + tensors[0][4]
+    return max(0.0, sum(per_block[bi] for bi in layers) - first)
 
 
 class Memo:
