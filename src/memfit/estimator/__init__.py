@@ -223,6 +223,20 @@ def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) ->
     return out
 
 
+#: Job fields a stream's per-parameter tensors do not read (the micro-batch, and the allocator setting, which
+#: no stream reads)
+_NOT_STATIC = ("batch_size", "expandable_segments")
+_STATIC_FIELDS: tuple[str, ...] = ()
+def _static_key(job: Job) -> tuple:
+    """``job``'s fields but :data:`_NOT_STATIC`, as a key (lists as tuples)."""
+    global _STATIC_FIELDS
+    if not _STATIC_FIELDS:
+        from dataclasses import fields
+
+        _STATIC_FIELDS = tuple(f.name for f in fields(job) if f.name not in _NOT_STATIC)
+    return tuple(tuple(v) if isinstance(v, list) else v for v in (getattr(job, n) for n in _STATIC_FIELDS))
+
+
 #: Steps the training stream replays: the first creates the optimizer state (its peak does not count, as in the
 #: measure engine), the next is the steady state the reference peak is taken over.
 TRAIN_STEPS = 2
@@ -233,11 +247,15 @@ _REPEAT_LAYERS = True
 
 
 def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
-           rank=None) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
+           rank=None, per_job: dict | None = None) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
     """Build the training run's event stream (into ``stream`` when given) and account it: (components at the
     peak, peak phase, phase peaks, notes). The stream is the one description: the moments the estimate has
     always counted (the loss, its backward, each layer's backward, the end of backward, the optimizer step) are
     points of it.
+
+    ``per_job``: a dict (a :class:`Memo`'s) keeping what the stream builds from the model and the job's fields
+    but the micro-batch (its weight tensors, gradients and optimizer states), for the next micro-batch of the
+    job (single GPU).
 
     ``rank`` (a :class:`memfit.estimator.parallel.RankView`) builds one rank of a multi-GPU job instead: its
     layers (a pipeline stage), activations scaled for tensor / sequence parallelism, the micro-batches in
@@ -341,34 +359,47 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     if lm and spec.final_logit_softcapping:
         notes.append("final logit soft-capping keeps one more vocab-sized tensor (tanh output)")
 
-    # gradients, tensor by tensor, and the moment each arrives in backward
-    if job.is_lora:
-        per_layer = st.trainable_bytes(spec, job) / max(1, L)
-        by_block = {bi: _scaled([x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])], per_layer) for bi in set(layers)}
-        layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
-        head_grads: list[float] = []
-        embed_grads: list[float] = []
+    def per_parameter() -> tuple:
+        """The gradient, optimizer-state and step-scratch tensors (what the micro-batch does not change)."""
+        # gradients, tensor by tensor, and the moment each arrives in backward
+        if job.is_lora:
+            per_layer = st.trainable_bytes(spec, job) / max(1, L)
+            by_block = {bi: _scaled([x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])], per_layer) for bi in set(layers)}
+            layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
+            head_grads: list[float] = []
+            embed_grads: list[float] = []
+        else:
+            by_block = {bi: [x * pb for x in _block_param_elems(spec, spec.blocks[bi])] for bi in set(layers)}
+            layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
+            head_grads = [x * pb for x in ([spec.head_params] if spec.head_params else []) +
+                          ([spec.final_params] if spec.final_params else [])]
+            if spec.tie_word_embeddings and lm:
+                head_grads.append(V * H * pb)
+            late = grads_total - sum(head_grads) - sum(sum(g) for g in layer_grads)
+            embed_grads = [late] if late > 0 else []
+        # optimizer states and the foreach scratch follow ``model.parameters()``: embeddings, layers, final norm, head
+        all_grads = embed_grads + [x for g in layer_grads for x in g] + head_grads[::-1]
+        n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "paged-adamw-8bit": 2, "paged-adamw": 2,
+                    "adafactor": 2}.get(job.optimizer, 1)
+        state_tensors = _scaled([x for x in all_grads for _ in range(n_states)], opt_states)
+        step_temp = st.optimizer_step_temp_bytes(spec, job)
+        if job.optimizer in ("adamw", "adam"):
+            scratch = _scaled(all_grads, step_temp)  # foreach sqrt: one denominator per parameter
+        elif job.optimizer == "lion":
+            scratch = [step_temp / 2, step_temp / 2]
+        else:
+            scratch = [step_temp]
+        return layer_grads, head_grads, embed_grads, state_tensors, scratch
+
+    # the same for every micro-batch of a job: kept where the caller asks (a planner asks about many)
+    static = _static_key(job) if per_job is not None and rank is None else None
+    if static is not None:
+        got = per_job.get(("grads", static))
+        if got is None:
+            got = per_job[("grads", static)] = per_parameter()
+        layer_grads, head_grads, embed_grads, state_tensors, scratch = got
     else:
-        by_block = {bi: [x * pb for x in _block_param_elems(spec, spec.blocks[bi])] for bi in set(layers)}
-        layer_grads = [by_block[bi] for bi in layers]  # read only: a block's list is shared by its layers
-        head_grads = [x * pb for x in ([spec.head_params] if spec.head_params else []) +
-                      ([spec.final_params] if spec.final_params else [])]
-        if spec.tie_word_embeddings and lm:
-            head_grads.append(V * H * pb)
-        late = grads_total - sum(head_grads) - sum(sum(g) for g in layer_grads)
-        embed_grads = [late] if late > 0 else []
-    # optimizer states and the foreach scratch follow ``model.parameters()``: embeddings, layers, final norm, head
-    all_grads = embed_grads + [x for g in layer_grads for x in g] + head_grads[::-1]
-    n_states = {"adamw": 2, "adam": 2, "adamw-8bit": 2, "paged-adamw-8bit": 2, "paged-adamw": 2,
-                "adafactor": 2}.get(job.optimizer, 1)
-    state_tensors = _scaled([x for x in all_grads for _ in range(n_states)], opt_states)
-    step_temp = st.optimizer_step_temp_bytes(spec, job)
-    if job.optimizer in ("adamw", "adam"):
-        scratch = _scaled(all_grads, step_temp)  # foreach sqrt: one denominator per parameter
-    elif job.optimizer == "lion":
-        scratch = [step_temp / 2, step_temp / 2]
-    else:
-        scratch = [step_temp]
+        layer_grads, head_grads, embed_grads, state_tensors, scratch = per_parameter()
     cache_layers = ([[2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears]
                      for bi in layers] if cache and not any(frozen_casts) else [[] for _ in layers])
     cache_head = cache - sum(sum(c) for c in cache_layers)
@@ -415,7 +446,12 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     if hooks is not None:
         hooks.load(s)
     else:
-        s.alloc_all(_weight_tensors(spec, job, layers, weights - lora), "weights")
+        tensors = per_job.get(("weights", static)) if static is not None else None
+        if tensors is None:
+            tensors = _weight_tensors(spec, job, layers, weights - lora)
+            if static is not None:
+                per_job[("weights", static)] = tensors
+        s.alloc_all(tensors, "weights")
         if spec.tie_word_embeddings and spec.head == "causal_lm" and job.quantization == "none":
             # building the model makes the head's own weight before tie_weights() points it at the embedding: one
             # embedding-sized tensor, freed, its segment left cached (as inference's load; measured: the load peak
@@ -1039,7 +1075,7 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
     return r.components, r.peak_phase, phases, notes
 
 
-def _stream(spec: ModelSpec, job: Job, *, fit: bool = False):
+def _stream(spec: ModelSpec, job: Job, *, fit: bool = False, per_job: dict | None = None):
     """The job's event stream and its accounting: (stream, components, peak phase, phases, notes).
 
     ``fit``: the stream a card's verdict replays. For inference that is one call after the model is loaded
@@ -1051,7 +1087,7 @@ def _stream(spec: ModelSpec, job: Job, *, fit: bool = False):
 
     got = []
     if job.task == "train":
-        stream = build(lambda s: got.append(_train(spec, job, s)))
+        stream = build(lambda s: got.append(_train(spec, job, s, per_job=per_job)))
     else:
         stream = build(lambda s: got.append(_infer(spec, job, s, calls=1 if fit else 2)))
     comps, phase, phases, notes = got[-1]
@@ -1093,44 +1129,59 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
             weights -= spec.head_params * st.param_bytes(job.precision)
     states = st.optimizer_state_bytes(spec, job)
     at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
-    at_backward = weights + states + _kept_floor(spec, job)
+    kept, recompute = _kept_floor(spec, job)
+    at_backward = weights + states + kept
     if spec.head in ("causal_lm", "masked_lm"):
-        at_backward += 8 * job.batch_size * job.seq_len * spec.vocab_size
-    return max(0, max(at_step, at_backward) - 2**20)
+        at_backward += (10 if _plain_ce_mlm(spec, job) else 12) * job.batch_size * job.seq_len * spec.vocab_size
+    at_recompute = weights + states + recompute
+    if recompute and not job.is_lora:  # the head's weight gradients, made before the layers' backward
+        pb = st.param_bytes(job.precision)
+        at_recompute += (spec.head_params + spec.final_params) * pb
+        if spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm"):
+            at_recompute += spec.vocab_size * spec.hidden_size * pb
+    return max(0, int(max(at_step, at_backward, at_recompute)) - 2**20)
 
 
-def _kept_floor(spec: ModelSpec, job: Job) -> float:
-    """Bytes the layers' forwards keep for backward, all alive when the training stream's backward starts
-    (:func:`_train`, single GPU): with checkpointing each layer's input (the tensor the layer before it made,
-    the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA weights, the
-    first layer's first tensor left out (the embedding output where the model hands it over)."""
+def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
+    """Bytes the layers hold at two moments of the second step's backward (:func:`_train`, single GPU).
+
+    At its start, what every layer's forward kept: with checkpointing each layer's input (the tensor the layer
+    before it made, the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA
+    weights, the first layer's first tensor left out (the embedding output where the model hands it over).
+
+    With checkpointing, also once the last layer's forward is recomputed: the other layers' inputs and that
+    layer's saved tensors and merged weights (0 without checkpointing)."""
+    from .layers import layer_forward_tensors
+
     T = job.batch_size * job.seq_len
     amode = _act_mode(job)
     layers = _layer_order(spec)
-    if job.gradient_checkpointing:
-        res = 4 if amode in ("32", "mixed") else 2
-        return max(0.0, len(layers) * (T * spec.hidden_size * res - 1))
-    from .layers import layer_forward_tensors
-
+    if not layers:
+        return 0.0, 0.0
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # as estimate() and fits_on() run it
     mode = _train_mode(spec, job, amode, T)
-    per_block: dict[int, float] = {}
-    first = 0.0
-    for bi in set(layers):
+
+    def saved(bi: int, skip_first: bool = False) -> float:
         tensors = layer_forward_tensors(spec, bi, mode)
-        per_block[bi] = (sum(bpt * T + fixed for bpt, saved, _h, _u, fixed in tensors if saved)
-                         + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]))
-        if bi == layers[0] and tensors and tensors[0][1]:
-            first = tensors[0][0] * T + tensors[0][4]
-    return max(0.0, sum(per_block[bi] for bi in layers) - first)
+        return (sum(bpt * T + fixed for j, (bpt, kept, _h, _u, fixed) in enumerate(tensors)
+                    if kept and not (skip_first and j == 0))
+                + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]))
+
+    if job.gradient_checkpointing:
+        res = 4 if amode in ("32", "mixed") else 2
+        one = max(0.0, T * spec.hidden_size * res - 1)
+        return len(layers) * one, (len(layers) - 1) * one + saved(layers[-1])
+    per_block = {bi: saved(bi) for bi in set(layers)}
+    return sum(per_block[bi] for bi in layers[1:]) + saved(layers[0], skip_first=True), 0.0
 
 
 class Memo:
     """What the estimates of several jobs of one model share, for a caller that asks about many (the planner
     keeps one per ``plan()`` call; nothing is kept between calls): each job's event stream and accounting, made
     once (the allocator setting is not part of the stream: jobs differing only in ``expandable_segments`` share
-    it), and each replay of it, by allocator setting and limit. Pass it to :func:`estimate` and
+    it), and each replay of it, by allocator setting and limit; and what a training stream builds the same for
+    every micro-batch of a job (its weight tensors, gradients and optimizer states). Pass it to :func:`estimate` and
     :func:`fits_on`; their answers are the ones they give without it, field by field.
 
     A replay under a limit that never reached it (:attr:`~memfit.estimator.events.ReplayResult.limit_reached`
@@ -1140,7 +1191,7 @@ class Memo:
     the default setting the unlimited reserve never falls, and each check asks for the reserve it then reaches,
     so the unlimited peak reserve ``P`` says it outright: every limit of at least ``P`` is never reached."""
 
-    __slots__ = ("_streams", "_ranks", "_replays", "_free", "_keep", "_peaks", "_spec")
+    __slots__ = ("_streams", "_ranks", "_replays", "_free", "_keep", "_peaks", "_spec", "_per_job")
 
     #: streams (and multi-GPU jobs' rank streams) kept at once, the most recently made: a stream of a large
     #: model holds tens of thousands of events, and a caller's questions about one job come together
@@ -1155,6 +1206,7 @@ class Memo:
         # reached (or unlimited)
         self._peaks: dict = {}  # stream key -> its peak allocated bytes
         self._spec: ModelSpec | None = None  # the one model it is for (jobs are keyed by their fields only)
+        self._per_job: dict = {}  # what a training stream builds the same for every micro-batch (_train's per_job)
 
     @staticmethod
     def key(job: Job, **extra) -> tuple:
@@ -1167,7 +1219,7 @@ class Memo:
         """:func:`_stream`, once per job (the caller copies what it changes: the notes)."""
         self._for(spec)
         k = self.key(job, fit=fit and job.task != "train")
-        r = self._kept(self._streams, k, lambda: _stream(spec, job, fit=fit))
+        r = self._kept(self._streams, k, lambda: _stream(spec, job, fit=fit, per_job=self._per_job))
         self._peaks[k] = sum(r[1][1].values())
         return r
 

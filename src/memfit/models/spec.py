@@ -186,10 +186,17 @@ class ModelSpec:
     and the class named by ``architecture``. For a multimodal config (Gemma 3) this is its ``text_config``
     (with the top-level dtype): the spec describes the text model only."""
 
+    _parameters: int = field(init=False, default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # the count every estimate reads many times (the spec is frozen: once)
+        object.__setattr__(self, "_parameters", self.embedding_params + sum(b.params for b in self.blocks)
+                           + self.final_params + self.head_params)
+
     @property
     def parameters(self) -> int:
         """Exact number of parameters (tied embeddings counted once)."""
-        return self.embedding_params + sum(b.params for b in self.blocks) + self.final_params + self.head_params
+        return self._parameters
 
     @property
     def is_encoder(self) -> bool:
