@@ -1211,9 +1211,7 @@ class Memo:
     @staticmethod
     def key(job: Job, **extra) -> tuple:
         """The job's fields but the allocator setting (what its stream depends on), with ``extra``."""
-        d = job.to_dict()
-        d.pop("expandable_segments", None)
-        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()) + tuple(sorted(extra.items()))
+        return (job.batch_size, _static_key(job)) + tuple(sorted(extra.items()))
 
     def stream(self, spec: ModelSpec, job: Job, fit: bool = False):
         """:func:`_stream`, once per job (the caller copies what it changes: the notes)."""
