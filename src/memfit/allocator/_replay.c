@@ -184,11 +184,25 @@ static int pool_insert(Pool *p, int32_t id) {
     return 0;
 }
 
+static void pool_remove_at(Pool *p, Py_ssize_t ci, Py_ssize_t i);
+
 static void pool_remove(Pool *p, int32_t id) {
     const Blk *b = &p->owner->b[id];
     Py_ssize_t ci = chunk_lower(p, b->size, b->addr);
+    pool_remove_at(p, ci, entry_lower(p->ch[ci], b->size, b->addr));
+}
+
+/* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
+static int32_t pool_lower(const Pool *p, int64_t size) {
+    Py_ssize_t ci = chunk_lower(p, size, INT64_MIN);
+    if (ci == p->nch) return -1;
+    const Chunk *c = p->ch[ci];
+    return c->e[entry_lower(c, size, INT64_MIN)].id;
+}
+
+/* the entry at (ci, i) out of the pool */
+static void pool_remove_at(Pool *p, Py_ssize_t ci, Py_ssize_t i) {
     Chunk *c = p->ch[ci];
-    Py_ssize_t i = entry_lower(c, b->size, b->addr);
     memmove(c->e + i, c->e + i + 1, (size_t)(c->n - i - 1) * sizeof(Ent));
     c->n--;
     p->n--;
@@ -199,12 +213,14 @@ static void pool_remove(Pool *p, int32_t id) {
     }
 }
 
-/* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
-static int32_t pool_lower(const Pool *p, int64_t size) {
+/* pool_lower(size) taken out of the pool in the same search, -1: none */
+static int32_t pool_take_lower(Pool *p, int64_t size) {
     Py_ssize_t ci = chunk_lower(p, size, INT64_MIN);
     if (ci == p->nch) return -1;
-    const Chunk *c = p->ch[ci];
-    return c->e[entry_lower(c, size, INT64_MIN)].id;
+    Py_ssize_t i = entry_lower(p->ch[ci], size, INT64_MIN);
+    int32_t id = p->ch[ci]->e[i].id;
+    pool_remove_at(p, ci, i);
+    return id;
 }
 
 /* the block after x (in the pool) in the pool's order, -1: none */
@@ -529,10 +545,13 @@ static int do_malloc(State *s, int64_t h, int64_t nbytes, int64_t limit, int64_t
     int small = size <= SMALL_REQUEST;
     Pool *p = small ? &s->small : &s->large;
     int32_t id;
-    id = get_free_block(s, p, size);
-    if (id >= 0) {
-        pool_remove(p, id);
+    if (s->expandable) {
+        id = get_free_block(s, p, size);
+        if (id >= 0) pool_remove(p, id);
     } else {
+        id = pool_take_lower(p, size); /* get_free_block and its removal, one search */
+    }
+    if (id < 0) {
         int64_t alloc_size;
         if (small)
             alloc_size = SMALL_SEGMENT;
