@@ -235,3 +235,29 @@ def test_the_compiled_replay_is_the_real_allocator_on_the_h200_record():
                 oom, rows[oom][0], rows[oom][1], rows[oom][3]), where
         seen += 1
     assert seen == 24
+
+
+@needs_compiled
+def test_stream_replays_run_side_by_side_and_stop_when_cancelled():
+    # the compiled replay of an estimator stream runs without the GIL (the planner replays the other order of
+    # segment addresses on a worker thread): replays in two threads at once give the figures of one at a time,
+    # and a set cancel byte stops a replay (None)
+    import threading
+
+    spec = load_model("qwen2.5-0.5b")
+    stream = _stream(spec, Job(model="qwen2.5-0.5b", batch_size=4, seq_len=512))[0]
+    cap = 6 << 30
+    alone = {o: replay_ops(stream, cap, large_addresses=o) for o in ("down", "up")}
+    got: dict = {}
+    threads = [threading.Thread(target=lambda o=o: got.__setitem__(o, replay_ops(stream, cap, large_addresses=o)))
+               for o in ("down", "up") for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    stop = bytearray(b"\x01")
+    assert replay_ops(stream, cap, cancel=stop) is None
+    assert replay_ops(stream, cap, cancel=bytearray(1)) == alone["down"]
+    with pytest.raises(ValueError):
+        replay_ops(stream, cap, cancel=bytearray())

@@ -34,6 +34,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* an error set from the replay's loop, which runs without the GIL on the estimator's streams (another thread
+   may replay the same stream in the other order meanwhile): taken for the call, as PyGILState_Ensure allows */
+#define SETERR(call)                                   \
+    do {                                               \
+        PyGILState_STATE gil_ = PyGILState_Ensure();   \
+        (void)(call);                                  \
+        PyGILState_Release(gil_);                      \
+    } while (0)
+
 #define MIN_BLOCK 512LL
 #define SMALL_REQUEST (1LL << 20)
 #define SMALL_SEGMENT (2LL << 20)
@@ -102,7 +111,7 @@ static int grow(void **a, Py_ssize_t *cap, Py_ssize_t need, size_t elem, Py_ssiz
     if (need <= *cap) return 0;
     Py_ssize_t n = *cap ? *cap : first;
     while (n < need) n *= 2;
-    void *b = PyMem_Realloc(*a, (size_t)n * elem);
+    void *b = PyMem_RawRealloc(*a, (size_t)n * elem);
     if (!b) return -1;
     *a = b;
     *cap = n;
@@ -143,7 +152,7 @@ static Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
 /* a new chunk in the directory at index i; NULL when the memory is not there */
 static Chunk *chunk_new(Pool *p, Py_ssize_t i) {
     if (grow((void **)&p->ch, &p->capch, p->nch + 1, sizeof(Chunk *), 8) < 0) return NULL;
-    Chunk *c = PyMem_Malloc(sizeof(Chunk));
+    Chunk *c = PyMem_RawMalloc(sizeof(Chunk));
     if (!c) return NULL;
     c->n = 0;
     memmove(p->ch + i + 1, p->ch + i, (size_t)(p->nch - i) * sizeof(Chunk *));
@@ -207,7 +216,7 @@ static void pool_remove_at(Pool *p, Py_ssize_t ci, Py_ssize_t i) {
     c->n--;
     p->n--;
     if (c->n == 0) {
-        PyMem_Free(c);
+        PyMem_RawFree(c);
         memmove(p->ch + ci, p->ch + ci + 1, (size_t)(p->nch - ci - 1) * sizeof(Chunk *));
         p->nch--;
     }
@@ -244,9 +253,9 @@ static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
 }
 
 static void pool_free(Pool *p) {
-    for (Py_ssize_t ci = 0; ci < p->nch; ci++) PyMem_Free(p->ch[ci]);
-    PyMem_Free(p->ch);
-    PyMem_Free(p->unm);
+    for (Py_ssize_t ci = 0; ci < p->nch; ci++) PyMem_RawFree(p->ch[ci]);
+    PyMem_RawFree(p->ch);
+    PyMem_RawFree(p->unm);
 }
 
 static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_t prev, int32_t next, int32_t seg,
@@ -291,7 +300,7 @@ static int unm_insert(State *s, Pool *p, int32_t id) {
 static int unm_remove(State *s, Pool *p, int64_t addr) {
     Py_ssize_t i = unm_lower(s, p, addr);
     if (i >= p->nunm || s->b[p->unm[i]].addr != addr) {
-        PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped block at that address");
+        SETERR(PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped block at that address"));
         return -1;
     }
     memmove(p->unm + i, p->unm + i + 1, (size_t)(p->nunm - i - 1) * sizeof(int32_t));
@@ -427,19 +436,19 @@ static int32_t alloc_expandable(State *s, Pool *p, int64_t size, int small, int6
     if (!s->b[c].mapped) {
         int64_t want = s->b[c].size < size ? s->b[c].size : size;
         int r = map_block(s, c, want, p);
-        if (r == 0) PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map");
+        if (r == 0) SETERR(PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map"));
         if (r <= 0) return r == -2 ? -2 : -1;
     }
     while (s->b[c].size < size) {
         int32_t nxt = s->b[c].next;
         if (nxt < 0 || s->b[nxt].mapped) {
-            PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped pages after the block");
+            SETERR(PyErr_SetString(PyExc_RuntimeError, "allocator replay: no unmapped pages after the block"));
             return -1;
         }
         int64_t want = size - s->b[c].size;
         if (s->b[nxt].size < want) want = s->b[nxt].size;
         int r = map_block(s, nxt, want, p);
-        if (r == 0) PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map");
+        if (r == 0) SETERR(PyErr_SetString(PyExc_RuntimeError, "allocator replay: nothing to map"));
         if (r <= 0) return r == -2 ? -2 : -1;
         c = nxt;
     }
@@ -455,7 +464,7 @@ static int release_cached(State *s) {
         Pool *p = pools[j];
         Py_ssize_t n = p->n;
         if (n == 0) continue;
-        int32_t *ids = PyMem_Malloc((size_t)n * sizeof(int32_t)); /* the blocks in order */
+        int32_t *ids = PyMem_RawMalloc((size_t)n * sizeof(int32_t)); /* the blocks in order */
         if (!ids) return -2;
         pool_ids(p, ids);
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -472,29 +481,29 @@ static int release_cached(State *s) {
             }
             int r = unmap_block(s, id, p);
             if (r < 0) {
-                PyMem_Free(ids);
+                PyMem_RawFree(ids);
                 return r;
             }
             Blk *k = &s->b[id];
             if (k->prev < 0 && k->next < 0 && !k->mapped && unm_remove(s, p, k->addr) < 0) {
-                PyMem_Free(ids);
+                PyMem_RawFree(ids);
                 return -1;
             }
         }
-        PyMem_Free(ids);
+        PyMem_RawFree(ids);
     }
     return 0;
 }
 
 static int set_handle(State *s, int64_t h, int32_t id) {
     if (h < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative handle");
+        SETERR(PyErr_SetString(PyExc_ValueError, "negative handle"));
         return -1;
     }
     if (h >= s->nhandles) {
         Py_ssize_t was = s->nhandles;
         if (grow((void **)&s->handle, &s->nhandles, (Py_ssize_t)h + 1, sizeof(int32_t), 1024) < 0) {
-            PyErr_NoMemory();
+            SETERR(PyErr_NoMemory());
             return -1;
         }
         for (Py_ssize_t i = was; i < s->nhandles; i++) s->handle[i] = -1;
@@ -504,11 +513,11 @@ static int set_handle(State *s, int64_t h, int32_t id) {
 }
 
 static void free_state(State *s) {
-    PyMem_Free(s->b);
+    PyMem_RawFree(s->b);
     pool_free(&s->small);
     pool_free(&s->large);
-    PyMem_Free(s->handle);
-    PyMem_Free(s->segs);
+    PyMem_RawFree(s->handle);
+    PyMem_RawFree(s->segs);
 }
 
 /* get_free_block: the smallest free block large enough; expandable blocks compare by the size they could grow
@@ -530,7 +539,7 @@ static int32_t get_free_block(State *s, Pool *p, int64_t size) {
 }
 
 static int nomem(int r) {
-    if (r == -2) PyErr_NoMemory();
+    if (r == -2) SETERR(PyErr_NoMemory());
     return -1;
 }
 
@@ -538,7 +547,7 @@ static int nomem(int r) {
 static int do_malloc(State *s, int64_t h, int64_t nbytes, int64_t limit, int64_t large_segment) {
     if (nbytes < 0 || nbytes > MAX_REQUEST || s->reserved > MAX_RESERVE) {
         /* past what 64-bit figures hold safely: the caller falls back to the Python model (exact integers) */
-        PyErr_SetString(PyExc_OverflowError, "allocator replay: request or reserve too large for the compiled replay");
+        SETERR(PyErr_SetString(PyExc_OverflowError, "allocator replay: request or reserve too large for the compiled replay"));
         return -1;
     }
     int64_t size = nbytes < MIN_BLOCK ? MIN_BLOCK : (nbytes + 511) & ~511LL;
@@ -616,14 +625,14 @@ static int do_malloc(State *s, int64_t h, int64_t nbytes, int64_t limit, int64_t
 
 static int do_free(State *s, int64_t h) {
     if (h < 0 || h >= s->nhandles || s->handle[h] < 0) {
-        PyErr_Format(PyExc_KeyError, "%lld", (long long)h);
+        SETERR(PyErr_Format(PyExc_KeyError, "%lld", (long long)h));
         return -1;
     }
     int32_t id = s->handle[h];
     s->handle[h] = -1;
     Blk *k = &s->b[id];
     if (!k->allocated) {
-        PyErr_SetString(PyExc_ValueError, "block freed twice");
+        SETERR(PyErr_SetString(PyExc_ValueError, "block freed twice"));
         return -1;
     }
     Pool *p = k->small ? &s->small : &s->large;
@@ -650,7 +659,7 @@ static int do_free(State *s, int64_t h) {
         if (q->next >= 0) s->b[q->next].prev = id;
     }
     if (pool_insert(p, id) < 0) {
-        PyErr_NoMemory();
+        SETERR(PyErr_NoMemory());
         return -1;
     }
     return 0;
@@ -661,7 +670,7 @@ static int64_t item_int(PyObject *t, Py_ssize_t i) {
 }
 
 PyDoc_STRVAR(replay_doc,
-"replay(ops, limit, large_segment_bytes, expandable, address_space_bytes, large_up=False) -> (index,\nallocated, reserved, "
+"replay(ops, limit, large_segment_bytes, expandable, address_space_bytes, large_up=False, cancel=None)\n-> (index, allocated, reserved, "
 "requested, peak_allocated, peak_reserved, peak_requested, num_segments, peak_segments, num_allocations,\n"
 "num_alloc_retries, num_ooms, num_device_alloc, num_device_free)\n\n"
 "CachingAllocatorModel(limit, on_oom='raise').run(ops) for the default allocator setting, or with\n"
@@ -669,30 +678,50 @@ PyDoc_STRVAR(replay_doc,
 "that ran out of memory under limit (None: no limit), -1 when every operation ran. large_up: new large\n"
 "segments at increasing addresses (CachingAllocatorModel(large_addresses='up')). ops: a list of operation\n"
 "tuples, or an object whose buffer holds four int64 per operation (kind, handle, bytes, -): the estimator's\n"
-"compiled Stream (estimator/_events.c).");
+"compiled Stream (estimator/_events.c), replayed without the GIL. cancel: a bytearray whose first byte,\n"
+"once set (by another thread), stops that replay: None is returned.");
 
 static PyObject *replay(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *ops, *limit_obj;
+    PyObject *ops, *limit_obj, *cancel_obj = Py_None;
     long long large_segment, address_space;
     int expandable, large_up = 0;
-    if (!PyArg_ParseTuple(args, "OOLpL|p", &ops, &limit_obj, &large_segment, &expandable, &address_space,
-                          &large_up))
+    if (!PyArg_ParseTuple(args, "OOLpL|pO", &ops, &limit_obj, &large_segment, &expandable, &address_space,
+                          &large_up, &cancel_obj))
         return NULL;
-    Py_buffer view;
-    int flat = !PyList_Check(ops);
+    Py_buffer view, cancel_view;
+    int flat = !PyList_Check(ops), cancelled = 0;
+    volatile const char *cancel = NULL;
+    if (cancel_obj != Py_None) {
+        if (!flat) {
+            PyErr_SetString(PyExc_TypeError, "cancel is for a buffer of operations only");
+            return NULL;
+        }
+        if (PyObject_GetBuffer(cancel_obj, &cancel_view, PyBUF_SIMPLE) < 0) return NULL;
+        if (cancel_view.len < 1) {
+            PyBuffer_Release(&cancel_view);
+            PyErr_SetString(PyExc_ValueError, "cancel must be a buffer of at least one byte (a bytearray)");
+            return NULL;
+        }
+        cancel = cancel_view.buf;
+    }
     if (flat) {
         /* the estimator's compiled stream (estimator/_events.c): four int64 per operation */
-        if (PyObject_GetBuffer(ops, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+        if (PyObject_GetBuffer(ops, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+            if (cancel) PyBuffer_Release(&cancel_view);
+            return NULL;
+        }
         if (view.itemsize != 8 || !view.format || (strcmp(view.format, "q") && strcmp(view.format, "l")) ||
             view.len % 32) {
             PyBuffer_Release(&view);
+            if (cancel) PyBuffer_Release(&cancel_view);
             PyErr_SetString(PyExc_TypeError, "ops must be a list of operation tuples or a buffer of int64 quads");
             return NULL;
         }
     }
     if (large_segment <= MIN_LARGE_ALLOC || address_space <= 0) {
         if (flat) PyBuffer_Release(&view);
+        if (cancel) PyBuffer_Release(&cancel_view);
         PyErr_SetString(PyExc_ValueError, "large_segment_bytes must be over 10 MiB and address_space_bytes > 0");
         return NULL;
     }
@@ -701,6 +730,7 @@ static PyObject *replay(PyObject *self, PyObject *args) {
         limit = PyLong_AsLongLong(limit_obj);
         if (limit == -1 && PyErr_Occurred()) {
             if (flat) PyBuffer_Release(&view);
+            if (cancel) PyBuffer_Release(&cancel_view);
             return NULL;
         }
     }
@@ -714,19 +744,35 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     s.address_space = address_space;
     Py_ssize_t n = flat ? view.len / 32 : PyList_GET_SIZE(ops), idx, failed = -1;
     if (flat) {
+        /* no Python object is touched until the loop ends (errors: SETERR), so other threads run meanwhile:
+           the planner replays the other order of segment addresses beside this one */
         const int64_t *q = view.buf;
+        int bad = 0;
+        Py_BEGIN_ALLOW_THREADS
         for (idx = 0; idx < n; idx++, q += 4) {
+            if (cancel && (idx & 4095) == 0 && cancel[0]) {
+                cancelled = 1;
+                break;
+            }
             if (q[0] == 0) {
                 int r = do_malloc(&s, q[1], q[2], limit, large_segment);
-                if (r < 0) goto error;
+                if (r < 0) {
+                    bad = 1;
+                    break;
+                }
                 if (r == 1) {
                     failed = idx;
                     break;
                 }
             } else if (q[0] == 1) {
-                if (do_free(&s, q[1]) < 0) goto error;
+                if (do_free(&s, q[1]) < 0) {
+                    bad = 1;
+                    break;
+                }
             }
         }
+        Py_END_ALLOW_THREADS
+        if (bad) goto error;
         goto done;
     }
     for (idx = 0; idx < n; idx++) {
@@ -763,7 +809,9 @@ static PyObject *replay(PyObject *self, PyObject *args) {
     }
 done:
     if (flat) PyBuffer_Release(&view);
+    if (cancel) PyBuffer_Release(&cancel_view);
     free_state(&s);
+    if (cancelled) Py_RETURN_NONE;
     return Py_BuildValue("(nLLLLLLLLLLLLL)", failed, (long long)s.allocated, (long long)s.reserved,
                          (long long)s.requested, (long long)s.peak_allocated, (long long)s.peak_reserved,
                          (long long)s.peak_requested, (long long)s.num_segments, (long long)s.peak_segments,
@@ -771,6 +819,7 @@ done:
                          (long long)s.num_device_alloc, (long long)s.num_device_free);
 error:
     if (flat) PyBuffer_Release(&view);
+    if (cancel) PyBuffer_Release(&cancel_view);
     free_state(&s);
     return NULL;
 }

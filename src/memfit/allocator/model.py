@@ -937,7 +937,8 @@ _NO_LIMIT = 1 << 62
 
 
 def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: AllocatorConfig | None = None,
-               device_total_bytes: int | None = None, large_addresses: str = "down") -> ReplayStats:
+               device_total_bytes: int | None = None, large_addresses: str = "down",
+               cancel: bytearray | None = None) -> ReplayStats | None:
     """A fresh :class:`CachingAllocatorModel` (``on_oom="raise"``) after :meth:`~CachingAllocatorModel.run` of
     ``ops``: where the request that ran out of memory is, and the figures.
 
@@ -947,7 +948,9 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
     faster; otherwise the model itself. ``ops``: a list of operation tuples (:meth:`~CachingAllocatorModel.run`)
     whose malloc handles are ints >= 0, or the estimator's stream (:class:`memfit.estimator.events.Stream`: the
     compiled replay reads the compiled one's operations as it keeps them). ``device_total_bytes``,
-    ``large_addresses``: as :class:`CachingAllocatorModel`."""
+    ``large_addresses``: as :class:`CachingAllocatorModel`. ``cancel``: a bytearray another thread may set
+    (its first byte) to stop a compiled replay of a stream, which then returns None (the compiled replay of a
+    stream runs without the GIL); the Python model does not read it."""
     if large_addresses not in ("down", "up"):
         raise ValueError(f"large_addresses must be 'down' or 'up', got {large_addresses!r}")
     cfg = config if config is not None else AllocatorConfig()
@@ -964,11 +967,11 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
         total = device_total_bytes or _DEFAULT_DEVICE_BYTES
         try:
             r = COMPILED.replay(ops, limit, cfg.large_segment_bytes, bool(cfg.expandable_segments), total + total // 8,
-                                large_addresses == "up")
+                                large_addresses == "up", *((cancel,) if cancel is not None and flat else ()))
         except OverflowError:
             pass  # sizes past 64 bits (a request of more than 2**56 bytes): the model's exact integers
         else:
-            return ReplayStats(*r, compiled=True)
+            return None if r is None else ReplayStats(*r, compiled=True)
     if flat:
         ops = ops.ops
     model = CachingAllocatorModel(capacity_bytes, config=cfg, on_oom="raise", device_total_bytes=device_total_bytes,

@@ -1280,24 +1280,52 @@ class Memo:
             capacity_bytes = max(0, int(capacity_bytes))
         r = self.known(key, capacity_bytes, expandable, large_addresses)
         if r is None:
-            uncapped = None if expandable else self._replays.get((key, False, None, large_addresses))
-            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable, uncapped=uncapped,
-                       large_addresses=large_addresses)
-            self._replays[(key, expandable, capacity_bytes, large_addresses)] = r
-            if r.completed and not r.limit_reached:
-                # the smallest limit known never to be reached: the peak reserve (default setting, the class
-                # note), else the limit this run had (expandable segments map less than they check; the
-                # unlimited expandable replay is a stand-in, not the capped mode's run: none)
-                at = r.peak_reserved_bytes if not expandable else capacity_bytes
-                old = self._free.get((key, expandable, large_addresses))
-                if at is not None and (old is None or at < old[0]):
-                    self._free[(key, expandable, large_addresses)] = (at, r)
+            r = replay(stream, capacity_bytes=capacity_bytes, expandable_segments=expandable,
+                       uncapped=self._uncapped(key, expandable, large_addresses), large_addresses=large_addresses)
+            self._keep_replay(key, capacity_bytes, expandable, large_addresses, r)
         return replace_(r, components=dict(r.components), phases=dict(r.phases), extras=dict(r.extras))
+
+    def _uncapped(self, key, expandable: bool, large_addresses: str):
+        return None if expandable else self._replays.get((key, False, None, large_addresses))
+
+    def _keep_replay(self, key, capacity_bytes: int | None, expandable: bool, large_addresses: str, r) -> None:
+        self._replays[(key, expandable, capacity_bytes, large_addresses)] = r
+        if r.completed and not r.limit_reached:
+            # the smallest limit known never to be reached: the peak reserve (default setting, the class
+            # note), else the limit this run had (expandable segments map less than they check; the
+            # unlimited expandable replay is a stand-in, not the capped mode's run: none)
+            at = r.peak_reserved_bytes if not expandable else capacity_bytes
+            old = self._free.get((key, expandable, large_addresses))
+            if at is not None and (old is None or at < old[0]):
+                self._free[(key, expandable, large_addresses)] = (at, r)
 
     def verdict(self, key, stream, capacity_bytes: int, expandable: bool, training: bool):
         """The capped replay that decides whether the run fits: the replay under ``capacity_bytes``, and (with
         :data:`TRAINING_BOTH_ORDERS`, on) for a training run with the default setting that completes, also the one
-        with new large segments at increasing addresses, which decides when it fails (:func:`fits_on`)."""
+        with new large segments at increasing addresses, which decides when it fails (:func:`fits_on`).
+
+        Where neither is known and another core is free, the second order's replay runs on a worker thread beside
+        the first (the compiled replay of a stream runs without the GIL; :func:`_beside`), and is stopped when the
+        first fails. The same replays, the same answers."""
+        capacity_bytes = max(0, int(capacity_bytes))
+        if (training and not expandable and TRAINING_BOTH_ORDERS and _beside.available()
+                and self.known(key, capacity_bytes, False) is None
+                and self.known(key, capacity_bytes, False, "up") is None):
+            from .events import replay
+
+            cancel = bytearray(1)
+            uncapped_up = self._uncapped(key, False, "up")
+            wait = _beside.run(lambda: replay(stream, capacity_bytes=capacity_bytes, uncapped=uncapped_up,
+                                              large_addresses="up", cancel=cancel))
+            r = None
+            try:
+                r = self.replay(key, stream, capacity_bytes, False)
+            finally:
+                if r is None or not r.completed:
+                    cancel[0] = 1  # the first order fails (or raised): the second is not needed
+                up = wait()
+            if up is not None:  # a second-order run that finished (or was not stopped in time) is kept
+                self._keep_replay(key, capacity_bytes, False, "up", up)
         r = self.replay(key, stream, capacity_bytes, expandable)
         if _second_order(r, training, expandable):
             up = self.replay(key, stream, capacity_bytes, expandable, "up")
@@ -1313,6 +1341,63 @@ class Memo:
             return r
         up = self.known(key, capacity_bytes, expandable, "up")
         return up if up is None or not up.completed else r
+
+
+class _Beside:
+    """One worker thread that runs a replay beside the calling thread's (:meth:`Memo.verdict`), made on first
+    use, in this process (a forked child makes its own). Used only where this process may run on two cores."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._queue = None
+        self._cores: bool | None = None
+
+    def available(self) -> bool:
+        if self._cores is None:
+            import os
+
+            try:
+                n = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                n = os.cpu_count() or 1
+            self._cores = n > 1 and os.environ.get("MEMFIT_NO_THREADS", "") in ("", "0")
+        return self._cores
+
+    def _work(self, queue) -> None:
+        while True:
+            make, box, done = queue.get()
+            try:
+                box.append(make())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                box.append(exc)
+            done.release()
+
+    def run(self, make):
+        """Start ``make()`` on the worker; returns a function that waits for its result (raising what it raised)."""
+        import os
+        import threading
+
+        if self._pid != os.getpid():
+            import queue
+
+            self._queue = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(self._queue,), daemon=True, name="memfit-replay").start()
+            self._pid = os.getpid()
+        box: list = []
+        done = threading.Lock()
+        done.acquire()
+        self._queue.put((make, box, done))
+
+        def wait():
+            done.acquire()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            return box[0]
+
+        return wait
+
+
+_beside = _Beside()
 
 
 def _second_order(r, training: bool, expandable: bool) -> bool:

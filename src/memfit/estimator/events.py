@@ -408,7 +408,7 @@ def _components_at(ops: list[tuple], end: int) -> dict[str, int]:
 
 def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segments: bool = False,
            accounted: ReplayResult | None = None, uncapped: ReplayResult | None = None,
-           large_addresses: str = "down") -> ReplayResult:
+           large_addresses: str = "down", cancel: bytearray | None = None) -> ReplayResult | None:
     """Account the stream, then replay it through the caching-allocator model.
 
     With ``capacity_bytes`` (the card less the CUDA context) the allocator frees its cached segments and
@@ -424,7 +424,10 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
 
     ``large_addresses``: the order of new large segments' addresses (:class:`memfit.allocator.CachingAllocatorModel`;
     "up" is the other order a driver may give, which breaks ties between equal-size cached blocks the other way).
-    Not used with expandable segments (one segment per pool)."""
+    Not used with expandable segments (one segment per pool).
+
+    ``cancel``: a bytearray whose first byte another thread may set to stop the replay (the compiled one, which
+    runs without the GIL): None is then returned."""
     if capacity_bytes is not None:
         capacity_bytes = max(0, int(capacity_bytes))  # a card smaller than the CUDA context: nothing fits
     if (uncapped is not None and not _FULL_REPLAY and uncapped.completed and not expandable_segments
@@ -438,19 +441,24 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
         # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
         _replay_expandable(stream, res, capacity_bytes)
     else:
-        _replay_default(stream, res, capacity_bytes, expandable_segments, large_addresses)
+        if not _replay_default(stream, res, capacity_bytes, expandable_segments, large_addresses, cancel):
+            return None
     return res
 
 
 def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | None,
-                    expandable_segments: bool = False, large_addresses: str = "down") -> None:
+                    expandable_segments: bool = False, large_addresses: str = "down",
+                    cancel: bytearray | None = None) -> bool:
+    """Fill ``res`` from the allocator model's run; False when ``cancel`` stopped it."""
     from ..allocator import AllocatorConfig, AllocatorOutOfMemory, CachingAllocatorModel, replay_ops
 
     config = AllocatorConfig(expandable_segments=expandable_segments)
     if not _FULL_REPLAY:
         # compiled where it is built: the compiled stream's operations read as they are kept (its buffer)
         alloc = replay_ops(stream if not isinstance(stream, PyStream) else stream.ops, capacity_bytes,
-                           config=config, large_addresses=large_addresses)
+                           config=config, large_addresses=large_addresses, cancel=cancel)
+        if alloc is None:
+            return False
         i = alloc.index
         if i >= 0:
             op = stream.op(i)
@@ -461,7 +469,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
             res.reserved_at_failure_bytes = alloc.reserved
         res.peak_reserved_bytes = alloc.peak_reserved
         res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
-        return
+        return True
     alloc = CachingAllocatorModel(capacity_bytes, config=config, on_oom="raise", large_addresses=large_addresses)
     blocks: dict[int, object] = {}
     phase = ""
@@ -486,6 +494,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
             phase = op[1]
     res.peak_reserved_bytes = alloc.peak_reserved
     res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
+    return True
 
 
 def _phase_at(ops: list[tuple], end: int) -> str:
