@@ -226,15 +226,21 @@ def _weight_tensors(spec: ModelSpec, job: Job, layers: list[int], total: int) ->
 #: Job fields a stream's per-parameter tensors do not read (the micro-batch, and the allocator setting, which
 #: no stream reads)
 _NOT_STATIC = ("batch_size", "expandable_segments")
-_STATIC_FIELDS: tuple[str, ...] = ()
+_STATIC_GET = None  # operator.attrgetter of the fields, made on first use
+
+
 def _static_key(job: Job) -> tuple:
     """``job``'s fields but :data:`_NOT_STATIC`, as a key (lists as tuples)."""
-    global _STATIC_FIELDS
-    if not _STATIC_FIELDS:
+    global _STATIC_GET
+    if _STATIC_GET is None:
         from dataclasses import fields
+        from operator import attrgetter
 
-        _STATIC_FIELDS = tuple(f.name for f in fields(job) if f.name not in _NOT_STATIC)
-    return tuple(tuple(v) if isinstance(v, list) else v for v in (getattr(job, n) for n in _STATIC_FIELDS))
+        _STATIC_GET = attrgetter(*(f.name for f in fields(job) if f.name not in _NOT_STATIC))
+    vals = _STATIC_GET(job)
+    if list in map(type, vals):
+        vals = tuple(tuple(v) if isinstance(v, list) else v for v in vals)
+    return vals
 
 
 #: Steps the training stream replays: the first creates the optimizer state (its peak does not count, as in the
