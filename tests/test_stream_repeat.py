@@ -168,6 +168,21 @@ def test_repeat_refuses_what_it_cannot_copy(kind):
 
 
 @kinds
+def test_repeat_map_is_repeat_with_its_lists_shifted(kind):
+    s, at, before, twin, other = _stretch(kind)
+    # keys -1 map nothing; the last of equal keys wins (as a dict built from the pairs)
+    got = s.repeat_map(at, ([-1, before], [before]), ([other, other], [twin]), ([3, -1, before], [before]), before, 7)
+    assert got == (1, [4, -1, 7], [7])
+    assert s.ops[-3:] == [(0, 4, 10, "y"), (1, twin), (1, 4)]
+    n = len(s.ops)
+    assert s.repeat_map(at, ([before],), ([other],), ([3],), -2, -2) is None  # other bytes
+    assert s.repeat_map(at, (), (), ([3],), -2, -2) is None  # nothing maps the freed tensor
+    assert len(s.ops) == n and s.handles == 5
+    with pytest.raises((ValueError, TypeError)):
+        s.repeat_map(at, ([before, twin],), ([twin],), (), -2, -2)  # keys and values of different lengths
+
+
+@kinds
 def test_regrow_is_alloc_then_free(kind):
     a, b = kind(), kind()
     held_a = [[a.alloc(10, "kv"), a.alloc(20.6, "kv")], [a.alloc(0, "kv")]]

@@ -515,14 +515,15 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 sig = fwd_sigs[i] = (fwd_static[i], carry >= 0, i == 0)
                 at = s.mark()
                 if fwd is not None and fwd[0] == sig:
-                    d = s.repeat(fwd[1], {})
-                    if d is not None:
-                        # the template layer's handles -> this layer's: made in the layer, offset by d; its
-                        # carried input (made before it), this layer's; -1 (no tensor) stays
-                        _, _, c_t, mine_t, at_t, cin_t, cout_t = fwd
+                    # the template layer's handles -> this layer's: made in the layer, offset by d; its
+                    # carried input (made before it), this layer's; -1 (no tensor) stays
+                    _, _, c_t, mine_t, at_t, cin_t, cout_t = fwd
+                    got = s.repeat_map(fwd[1], (), (), (c_t, mine_t), cin_t, carry)
+                    if got is not None:
+                        d, c_new, k_new = got
                         cin = carry
-                        caches.append([h + d if h >= 0 else -1 for h in c_t])
-                        kept.append([cin if h == cin_t else (h + d if h >= 0 else -1) for h in mine_t])
+                        caches.append(c_new)
+                        kept.append(k_new)
                         # kept_at is read by the math kernel's softmax backward only (the template's, unread, else)
                         kept_at.append({j: h + d if h >= 0 else -1 for j, h in at_t.items()} if bi in math_back
                                        else at_t)
@@ -693,11 +694,9 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                 if bwd is not None and bwd[0] == sig:
                     # the tensors of the forward it frees: the template layer's, position by position
                     # (kept_at's handles are among kept's)
-                    outside = dict(zip(bwd[2] + bwd[4], live + caches[i]))
-                    outside.pop(-1, None)
-                    d = s.repeat(bwd[1], outside)
-                    if d is not None:
-                        grads += [h + d if h >= 0 else -1 for h in bwd[5]]
+                    got = s.repeat_map(bwd[1], (bwd[2], bwd[4]), (live, caches[i]), (bwd[5],), -2, -2)
+                    if got is not None:
+                        grads += got[1]
                         bwd = (sig, at, live, live_at, caches[i], grads[n_grads:])
                         continue
             if hooks is not None:

@@ -12,7 +12,7 @@
 
    with each handle's bytes and component id beside them, and one table of the component and phase names.
    Methods and results are those of events.PyStream (the Python version, used where this is not built or
-   MEMFIT_PURE_PYTHON is set): alloc, free, alloc_all, free_all, regrow, mark, repeat, phase, reset_peaks,
+   MEMFIT_PURE_PYTHON is set): alloc, free, alloc_all, free_all, regrow, mark, repeat, repeat_map, phase, reset_peaks,
    account, op, phase_at, and `ops` (the operations as PyStream's tuples, made when asked for). The allocator
    replay (allocator/_replay.c) reads the operations through the buffer protocol (format "q", four per
    operation) without converting anything.
@@ -342,11 +342,87 @@ static PyObject *S_mark(StreamObject *s, PyObject *unused) {
 /* the (key, value) pairs of the outside map, sorted by key */
 typedef struct {
     int64_t k, v;
+    Py_ssize_t i; /* its order among the pairs */
 } Pair;
 
-static int pair_cmp(const void *a, const void *b) {
-    int64_t x = ((const Pair *)a)->k, y = ((const Pair *)b)->k;
-    return (x > y) - (x < y);
+
+/* the lowest index in the sorted pairs whose key is k, np when none; of several pairs with key k the last made
+   wins (as the last of equal keys in a dict built from them): pairs of equal keys are sorted by their order */
+static Py_ssize_t pair_find(const Pair *pairs, Py_ssize_t np, int64_t k) {
+    Py_ssize_t lo = 0, hi = np;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (pairs[mid].k <= k)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return (lo > 0 && pairs[lo - 1].k == k) ? lo - 1 : np;
+}
+
+/* the stretch from (o0, h0) appended again, outside handles mapped by the sorted pairs: 1 done (*d_out its
+   handle offset), 0 not possible (nothing appended), -1 error */
+static int repeat_core(StreamObject *s, Py_ssize_t o0, Py_ssize_t h0, const Pair *pairs, Py_ssize_t np,
+                       int64_t *d_out) {
+    if (o0 < 0 || o0 > s->nops || h0 < 0 || h0 > s->nh) {
+        PyErr_SetString(PyExc_ValueError, "repeat: a start the stream does not hold");
+        return -1;
+    }
+    if ((s->nmarks && s->marks[s->nmarks - 1] >= o0) || (s->nresets && s->resets[s->nresets - 1] >= o0)) return 0;
+    for (Py_ssize_t j = 0; j < np; j++) {
+        if (j + 1 < np && pairs[j + 1].k == pairs[j].k) continue; /* a later pair of the same key maps it */
+        int64_t a = pairs[j].k, m = pairs[j].v;
+        /* every mapped tensor exists and has the bytes of the one it stands for */
+        if (a < 0 || m < 0 || a >= s->nh || m >= s->nh || s->hsize[a] != s->hsize[m]) return 0;
+    }
+    Py_ssize_t n_stretch = s->nops - o0, h1 = s->nh, n_new = h1 - h0;
+    int64_t d = (int64_t)(h1 - h0);
+    if (room_ops(s, n_stretch) < 0 || room_handles(s, n_new) < 0) return -1;
+    Py_ssize_t nops0 = s->nops;
+    for (Py_ssize_t i = o0; i < nops0; i++) {
+        const int64_t *o = s->ops + 4 * i;
+        int64_t k = o[0], h = o[1];
+        if (k == OP_ALLOC) {
+            put_op(s, OP_ALLOC, h + d, o[2], o[3]);
+        } else if (k == OP_FREE) {
+            if (h >= h0) {
+                put_op(s, OP_FREE, h + d, o[2], o[3]);
+            } else {
+                Py_ssize_t at = pair_find(pairs, np, h);
+                if (at >= np) { /* a tensor from before the stretch that nothing maps */
+                    s->nops = nops0;
+                    return 0;
+                }
+                int64_t m = pairs[at].v;
+                put_op(s, OP_FREE, m, s->hsize[m], s->hcomp[m]);
+            }
+        } else { /* a mark or reset in the stretch (checked above: none) */
+            s->nops = nops0;
+            return 0;
+        }
+    }
+    memcpy(s->hsize + h1, s->hsize + h0, (size_t)n_new * sizeof(int64_t));
+    memcpy(s->hcomp + h1, s->hcomp + h0, (size_t)n_new * sizeof(int32_t));
+    s->nh = h1 + n_new;
+    touched(s);
+    *d_out = d;
+    return 1;
+}
+
+static int pair_cmp_stable(const void *a, const void *b) {
+    const Pair *x = a, *y = b;
+    if (x->k != y->k) return (x->k > y->k) - (x->k < y->k);
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+static int start_of(PyObject *t, Py_ssize_t *o0, Py_ssize_t *h0) {
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) {
+        PyErr_SetString(PyExc_TypeError, "repeat: start must be a mark() (ops, handles)");
+        return -1;
+    }
+    *o0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 0));
+    *h0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(t, 1));
+    return PyErr_Occurred() ? -1 : 0;
 }
 
 static PyObject *S_repeat(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
@@ -354,15 +430,8 @@ static PyObject *S_repeat(StreamObject *s, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "repeat((ops, handles), outside: dict)");
         return NULL;
     }
-    Py_ssize_t o0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[0], 0));
-    Py_ssize_t h0 = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[0], 1));
-    if (PyErr_Occurred()) return NULL;
-    if (o0 < 0 || o0 > s->nops || h0 < 0 || h0 > s->nh) {
-        PyErr_SetString(PyExc_ValueError, "repeat: a start the stream does not hold");
-        return NULL;
-    }
-    if ((s->nmarks && s->marks[s->nmarks - 1] >= o0) || (s->nresets && s->resets[s->nresets - 1] >= o0))
-        Py_RETURN_NONE;
+    Py_ssize_t o0, h0;
+    if (start_of(args[0], &o0, &h0) < 0) return NULL;
     PyObject *outside = args[1];
     Py_ssize_t np = PyDict_GET_SIZE(outside), pos = 0, j = 0;
     Pair *pairs = PyMem_Malloc((size_t)(np ? np : 1) * sizeof(Pair));
@@ -374,59 +443,120 @@ static PyObject *S_repeat(StreamObject *s, PyObject *const *args, Py_ssize_t nar
             PyMem_Free(pairs);
             return NULL;
         }
-        /* every mapped tensor exists and has the bytes of the one it stands for */
-        if (a < 0 || b < 0 || a >= s->nh || b >= s->nh || s->hsize[a] != s->hsize[b]) {
-            PyMem_Free(pairs);
-            Py_RETURN_NONE;
-        }
         pairs[j].k = a;
-        pairs[j++].v = b;
+        pairs[j].v = b;
+        pairs[j].i = j;
+        j++;
     }
-    qsort(pairs, (size_t)np, sizeof(Pair), pair_cmp);
-    Py_ssize_t n_stretch = s->nops - o0, h1 = s->nh, n_new = h1 - h0;
-    int64_t d = (int64_t)(h1 - h0);
-    if (room_ops(s, n_stretch) < 0 || room_handles(s, n_new) < 0) {
-        PyMem_Free(pairs);
+    qsort(pairs, (size_t)np, sizeof(Pair), pair_cmp_stable);
+    int64_t d = 0;
+    int r = repeat_core(s, o0, h0, pairs, np, &d);
+    PyMem_Free(pairs);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    return PyLong_FromLongLong(d);
+}
+
+/* the handles of list t, each >= 0 shifted by d, sub_from replaced by sub_to (checked first), -1 kept */
+static PyObject *shifted(PyObject *t, int64_t d, int64_t sub_from, int64_t sub_to) {
+    Py_ssize_t n = PyList_GET_SIZE(t);
+    PyObject *out = PyList_New(n);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long h = PyLong_AsLongLong(PyList_GET_ITEM(t, i));
+        if (h == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        long long v = h == sub_from ? sub_to : (h >= 0 ? h + d : -1);
+        PyObject *x = PyLong_FromLongLong(v);
+        if (!x) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, x);
+    }
+    return out;
+}
+
+/* the pairs of keys[i] -> values[i] over the lists of two equally long tuples of lists, pairs with key -1 left
+   out (as a dict built from them with its -1 popped); NULL on error (set), *np their count */
+static Pair *pairs_of(PyObject *keys, PyObject *values, Py_ssize_t *np) {
+    Py_ssize_t nk = 0, nv = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) nk += PyList_GET_SIZE(PyTuple_GET_ITEM(keys, i));
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(values); i++) nv += PyList_GET_SIZE(PyTuple_GET_ITEM(values, i));
+    if (nk != nv) {
+        PyErr_SetString(PyExc_ValueError, "repeat_map: as many keys as values");
         return NULL;
     }
-    Py_ssize_t nops0 = s->nops;
-    for (Py_ssize_t i = o0; i < nops0; i++) {
-        const int64_t *o = s->ops + 4 * i;
-        int64_t k = o[0], h = o[1];
-        if (k == OP_ALLOC) {
-            put_op(s, OP_ALLOC, h + d, o[2], o[3]);
-        } else if (k == OP_FREE) {
-            if (h >= h0) {
-                put_op(s, OP_FREE, h + d, o[2], o[3]);
-            } else {
-                Py_ssize_t lo = 0, hi = np;
-                while (lo < hi) {
-                    Py_ssize_t mid = (lo + hi) >> 1;
-                    if (pairs[mid].k < h)
-                        lo = mid + 1;
-                    else
-                        hi = mid;
-                }
-                if (lo >= np || pairs[lo].k != h) { /* a tensor from before the stretch that nothing maps */
-                    s->nops = nops0;
-                    PyMem_Free(pairs);
-                    Py_RETURN_NONE;
-                }
-                int64_t m = pairs[lo].v;
-                put_op(s, OP_FREE, m, s->hsize[m], s->hcomp[m]);
-            }
-        } else { /* a mark or reset in the stretch (checked above: none) */
-            s->nops = nops0;
-            PyMem_Free(pairs);
-            Py_RETURN_NONE;
-        }
+    Pair *pairs = PyMem_Malloc((size_t)(nk ? nk : 1) * sizeof(Pair));
+    if (!pairs) {
+        PyErr_NoMemory();
+        return NULL;
     }
+    Py_ssize_t j = 0, a = 0, ai = 0, b = 0, bi = 0;
+    for (Py_ssize_t n = 0; n < nk; n++) {
+        while (ai >= PyList_GET_SIZE(PyTuple_GET_ITEM(keys, a))) a++, ai = 0;
+        while (bi >= PyList_GET_SIZE(PyTuple_GET_ITEM(values, b))) b++, bi = 0;
+        long long k = PyLong_AsLongLong(PyList_GET_ITEM(PyTuple_GET_ITEM(keys, a), ai++));
+        long long v = PyLong_AsLongLong(PyList_GET_ITEM(PyTuple_GET_ITEM(values, b), bi++));
+        if ((k == -1 || v == -1) && PyErr_Occurred()) {
+            PyMem_Free(pairs);
+            return NULL;
+        }
+        if (k == -1) continue;
+        pairs[j].k = k;
+        pairs[j].v = v;
+        pairs[j].i = j;
+        j++;
+    }
+    qsort(pairs, (size_t)j, sizeof(Pair), pair_cmp_stable);
+    *np = j;
+    return pairs;
+}
+
+static int lists_tuple(PyObject *t) {
+    if (!PyTuple_Check(t)) return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(t); i++)
+        if (!PyList_Check(PyTuple_GET_ITEM(t, i))) return 0;
+    return 1;
+}
+
+static PyObject *S_repeat_map(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !lists_tuple(args[1]) || !lists_tuple(args[2]) || !lists_tuple(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "repeat_map(start, keys: tuple of lists, values: tuple of lists, "
+                                         "lists: tuple of lists, sub_from: int, sub_to: int)");
+        return NULL;
+    }
+    Py_ssize_t o0, h0, np = 0;
+    if (start_of(args[0], &o0, &h0) < 0) return NULL;
+    long long sub_from = PyLong_AsLongLong(args[4]), sub_to = PyLong_AsLongLong(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    Pair *pairs = pairs_of(args[1], args[2], &np);
+    if (!pairs) return NULL;
+    int64_t d = 0;
+    int r = repeat_core(s, o0, h0, pairs, np, &d);
     PyMem_Free(pairs);
-    memcpy(s->hsize + h1, s->hsize + h0, (size_t)n_new * sizeof(int64_t));
-    memcpy(s->hcomp + h1, s->hcomp + h0, (size_t)n_new * sizeof(int32_t));
-    s->nh = h1 + n_new;
-    touched(s);
-    return PyLong_FromLongLong(d);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    Py_ssize_t nl = PyTuple_GET_SIZE(args[3]);
+    PyObject *out = PyTuple_New(nl + 1);
+    if (!out) return NULL;
+    PyObject *dd = PyLong_FromLongLong(d);
+    if (!dd) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, dd);
+    for (Py_ssize_t i = 0; i < nl; i++) {
+        PyObject *x = shifted(PyTuple_GET_ITEM(args[3], i), d, sub_from, sub_to);
+        if (!x) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i + 1, x);
+    }
+    return out;
 }
 
 static int push_index(StreamObject *s, Py_ssize_t **a, Py_ssize_t *n, Py_ssize_t *cap, Py_ssize_t v) {
@@ -801,6 +931,9 @@ static PyMethodDef S_methods[] = {
     {"mark", (PyCFunction)S_mark, METH_NOARGS, "mark() -> (operations, handles) so far: a start for repeat"},
     {"repeat", (PyCFunction)(void (*)(void))S_repeat, METH_FASTCALL,
      "repeat(start, outside) -> handle offset | None: the stretch from start again (see events.PyStream.repeat)"},
+    {"repeat_map", (PyCFunction)(void (*)(void))S_repeat_map, METH_FASTCALL,
+     "repeat_map(start, keys, values, lists, sub_from, sub_to) -> (offset, *shifted lists) | None "
+     "(see events.PyStream.repeat_map)"},
     {"phase", (PyCFunction)S_phase, METH_O, "phase(name): a phase mark"},
     {"reset_peaks", (PyCFunction)S_reset_peaks, METH_NOARGS, "reset_peaks(): torch.cuda.reset_peak_memory_stats()"},
     {"account", (PyCFunction)S_account, METH_NOARGS,

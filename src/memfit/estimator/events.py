@@ -178,6 +178,22 @@ class PyStream:
         self._n = h1 + d
         return d
 
+    def repeat_map(self, start: tuple[int, int], keys: tuple[list[int], ...], values: tuple[list[int], ...],
+                   lists: tuple[list[int], ...], sub_from: int, sub_to: int) -> tuple | None:
+        """:meth:`repeat` with ``outside`` given as the handles of ``keys``' lists mapped to those of ``values``'
+        (position by position; a key of -1 maps nothing), and ``lists`` (handle lists of the stretch's template)
+        returned for the copy: ``(offset, *lists)``, each handle ``sub_from`` replaced by ``sub_to``, every other
+        handle >= 0 shifted by the offset, -1 kept. None as :meth:`repeat`."""
+        flat_keys, flat_values = [h for k in keys for h in k], [h for v in values for h in v]
+        if len(flat_keys) != len(flat_values):
+            raise ValueError("repeat_map: as many keys as values")
+        outside = dict(zip(flat_keys, flat_values))
+        outside.pop(-1, None)
+        d = self.repeat(start, outside)
+        if d is None:
+            return None
+        return (d, *([sub_to if h == sub_from else (h + d if h >= 0 else -1) for h in t] for t in lists))
+
     def phase(self, name: str) -> None:
         self.phase_name = name
         self._marks.append(len(self.ops))
