@@ -10,7 +10,7 @@ registry entry with ``transformers`` on the meta device and compares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 TYPE_CHECKING = False  # (no typing import at run time: a cold start pays for it)
 if TYPE_CHECKING:
@@ -187,11 +187,17 @@ class ModelSpec:
     (with the top-level dtype): the spec describes the text model only."""
 
     _parameters: int = field(init=False, default=0, compare=False, repr=False)
+    _hash: int = field(init=False, default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # the count every estimate reads many times (the spec is frozen: once)
+        # what every estimate reads many times, once (the spec is frozen): its parameter count, and its hash (the
+        # estimator's per-layer caches are keyed by the spec; hashing its blocks anew each time was slow)
         object.__setattr__(self, "_parameters", self.embedding_params + sum(b.params for b in self.blocks)
                            + self.final_params + self.head_params)
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def parameters(self) -> int:

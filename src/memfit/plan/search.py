@@ -24,7 +24,6 @@ does not read it).
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -300,8 +299,7 @@ class _Setting:
     def at(self, i: int) -> Job:
         j = self.jobs.get(i)
         if j is None:
-            j = copy.copy(self.base)  # only the micro-batch changes: a divisor of a validated batch, >= 1
-            j.batch_size = self.sizes[i]
+            j = self.base.with_batch(self.sizes[i])  # a divisor of a validated batch, >= 1
             self.jobs[i] = j
         return j
 

@@ -399,11 +399,7 @@ def _replicas(job) -> int:
 def _at_batch(job, batch: int):
     """``job`` at another micro-batch, without validating it again (only the batch, a whole number >= 1,
     changes; :func:`features` reads the fields)."""
-    import copy
-
-    j = copy.copy(job)
-    j.batch_size = batch
-    return j
+    return job.with_batch(batch)
 
 
 class BatchTimer:
