@@ -6,8 +6,9 @@ Every candidate gets a step time (arithmetic) and is ranked by it; what is count
 of PlanResult, and one difference of them):
 
 - ``evaluated``: candidates with an exact fit verdict: their own estimate (capped allocator replay,
-  :func:`memfit.plan.fits` or :func:`memfit.estimator.fits_on`), or the states floor
-  (:func:`memfit.estimator.floor_bytes`: weights, gradients and optimizer states plus the CUDA context above
+  :func:`memfit.plan.fits` or :func:`memfit.estimator.fits_on`), or the floor
+  (:func:`memfit.estimator.floor_bytes`: weights, gradients, optimizer states, the layers' kept activations and
+  the loss's scores alive at one moment of the stream, plus the CUDA context above
   the card, so no replay of them can complete).
 - ``decided``: those plus the candidates the ranking settles without a verdict: slower than every candidate
   returned once the list is full (no verdict of theirs can change the answer), or a slower copy of one
