@@ -8,8 +8,9 @@ attention kernel and the allocator setting.
 
 Every candidate (a setting of the levers at one micro-batch) is timed first, in arithmetic; then the
 candidates are walked fastest first, and the estimator is asked only about settings the walk reaches before
-the list is full. A candidate whose floor (weights, optimizer states, gradients or the loss's fp32 scores:
-bytes the event stream holds at one moment) plus the CUDA context passes the card is out without a replay.
+the list is full. A candidate whose floor (weights, optimizer states, gradients, the layers' kept activations
+or the loss's fp32 scores: bytes the event stream holds at one moment) plus the CUDA context passes the card is
+out without a stream or a replay.
 On its first visit a setting's fit boundary is looked for at the last reached setting's answer,
 else by bisection; a micro-batch above a failing one is taken not to fit (memory does not fall as the
 micro-batch grows; where it does, a candidate is missed, never recommended). Each candidate returned as
