@@ -1118,9 +1118,11 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
     the adapters apart, to stay a floor); the optimizer states (:func:`~memfit.estimator.states.optimizer_state_bytes`),
     made at the first step, stay. In full fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`)
     is alive with them at the optimizer step. At the start of the second step's backward every layer still holds
-    what its forward kept (:func:`_kept_floor`), and with a language-model head the loss holds at least 8 bytes per
-    token and vocabulary entry: the fp32 log-softmax (or autocast's fp32 copy of the scores) and the first fp32
-    gradient of the scores (12 in the usual path: a second fp32 gradient). Inference loads the same weights. The
+    what its forward kept (:func:`_kept_floor`), and with a language-model head the loss holds 12 bytes per token
+    and vocabulary entry: the fp32 log-softmax and two fp32 gradients of the scores (10 on the plain masked-LM
+    path, :func:`_plain_ce_mlm`: autocast's fp32 copy, the 16-bit log-softmax, one fp32 gradient). With
+    checkpointing, once the last layer's forward is recomputed, the other layers' inputs and its saved tensors are
+    alive with a full fine-tune's head gradients. Inference loads the same weights. The
     capped replay cannot complete when this plus the CUDA context passes the card: the allocator's reserve is
     never below what is allocated. Less 1 MiB for the whole-byte rounding of each tensor in the stream."""
     if job.strategy != "single" or job.gpus > 1:
@@ -1313,7 +1315,7 @@ class Memo:
         the first (the compiled replay of a stream runs without the GIL; :func:`_beside`), and is stopped when the
         first fails. The same replays, the same answers."""
         capacity_bytes = max(0, int(capacity_bytes))
-        if (training and not expandable and TRAINING_BOTH_ORDERS and _beside.available()
+        if (training and not expandable and TRAINING_BOTH_ORDERS and _beside.available(stream)
                 and self.known(key, capacity_bytes, False) is None
                 and self.known(key, capacity_bytes, False, "up") is None):
             from .events import replay
@@ -1357,7 +1359,15 @@ class _Beside:
         self._queue = None
         self._cores: bool | None = None
 
-    def available(self) -> bool:
+    def available(self, stream=None) -> bool:
+        """Whether a replay of ``stream`` may run beside: two cores, and a stream the compiled replay reads
+        without the GIL (not a :class:`~memfit.estimator.events.PyStream`, nor without the compiled parts)."""
+        if stream is not None:
+            from ..allocator import model as allocator_model
+            from .events import PyStream
+
+            if allocator_model.COMPILED is None or isinstance(stream, PyStream):
+                return False
         if self._cores is None:
             import os
 
