@@ -1149,6 +1149,18 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
     return max(0, int(max(at_step, at_backward, at_recompute)) - 2**20)
 
 
+@lru_cache(maxsize=4096)
+def _saved_sums(spec: ModelSpec, block_index: int, mode) -> tuple[float, float, tuple[float, float]]:
+    """Of one layer's forward tensors (:func:`~memfit.estimator.layers.layer_forward_tensors`), the saved ones:
+    bytes per token, bytes that do not scale, and the first tensor's two if it is saved ((0, 0) if not)."""
+    from .layers import layer_forward_tensors
+
+    tensors = layer_forward_tensors(spec, block_index, mode)
+    kept = [(bpt, fixed) for bpt, saved, _h, _u, fixed in tensors if saved]
+    first = (tensors[0][0], tensors[0][4]) if tensors and tensors[0][1] else (0.0, 0.0)
+    return sum(k[0] for k in kept), sum(k[1] for k in kept), first
+
+
 def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
     """Bytes the layers hold at two moments of the second step's backward (:func:`_train`, single GPU).
 
@@ -1158,8 +1170,6 @@ def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
 
     With checkpointing, also once the last layer's forward is recomputed: the other layers' inputs and that
     layer's saved tensors and merged weights (0 without checkpointing)."""
-    from .layers import layer_forward_tensors
-
     T = job.batch_size * job.seq_len
     amode = _act_mode(job)
     layers = _layer_order(spec)
@@ -1170,9 +1180,8 @@ def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
     mode = _train_mode(spec, job, amode, T)
 
     def saved(bi: int, skip_first: bool = False) -> float:
-        tensors = layer_forward_tensors(spec, bi, mode)
-        return (sum(bpt * T + fixed for j, (bpt, kept, _h, _u, fixed) in enumerate(tensors)
-                    if kept and not (skip_first and j == 0))
+        per_token, fixed, first = _saved_sums(spec, bi, mode)
+        return (per_token * T + fixed - (first[0] * T + first[1] if skip_first else 0.0)
                 + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]))
 
     if job.gradient_checkpointing:
