@@ -510,6 +510,15 @@ def test_scorer_takes_a_first_trial_probe_above_the_search(tmp_path):
     assert row["diff"] == 0 and row["measured"] == b and row["probes"] == 1 and row["trials"] == 1
 
 
+def test_scorer_takes_a_probe_that_gave_no_verdict_as_none():
+    # a worker that never ran (a crash, a timeout, an 80 GiB card asked of a 79 GiB GPU) leaves ``record`` None and
+    # ``ok`` false: no verdict, not an out-of-memory failure (validation/records/h100-fit-probes-16.log)
+    sf = _scorer()
+    assert sf.probe_verdict({"ok": False, "record": None}, 2) == (None, None)
+    bd = {"peak_reserved_bytes": 1, "extras": {"steps": 2}}
+    assert sf.probe_verdict({"ok": False, "record": {"breakdown": bd}}, 2) == (False, bd)
+
+
 def test_scorer_reads_a_probe_of_more_steps_only_as_far_as_the_search_s_steps():
     # an inference search runs one step a trial; a fresh two-step probe that fails in its second step ran the
     # search's job (a failure there is another job's: the second step runs on the first one's leftovers), one that

@@ -102,7 +102,11 @@ def probe_verdict(probe: dict[str, Any], steps: int | None) -> tuple[bool | None
     """``(ran, breakdown)`` of a probe for a search of ``steps`` steps per trial. A probe of another number of
     steps ran another job (a second inference step runs on what the first left): it still says whether the
     search's steps run where it ran them all, or failed within them. Otherwise ``ran`` is None (no verdict); the
-    breakdown is kept only where the probe's steps are the search's."""
+    breakdown is kept only where the probe's steps are the search's. A probe whose worker gave no verdict (no
+    record: a crash, a timeout, a card larger than the GPU it was to be rehearsed on) is no verdict either, whatever
+    its ``ok`` (false there)."""
+    if "record" in probe and probe["record"] is None and not probe.get("ok"):
+        return None, None
     bd = (probe.get("record") or {}).get("breakdown")
     extras = (bd or {}).get("extras") or {}
     p_steps = extras.get("steps")
