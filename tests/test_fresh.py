@@ -98,6 +98,8 @@ def test_measure_find_max_batch_takes_the_fresh_processes_answer(monkeypatch, ca
     assert [t["batch_size"] for t in rec["fresh_trials"]] == [17, 16, 15]
     assert rec["boundary"]["batch"] == 15  # the run at the answer is the fresh one
     assert rec["steps"] == 2 and [t["batch_size"] for t in rec["trials"]] == [18, 17]  # find_max_batch's keys
+    # the note names the answer, not the search's (the first GPU run of this path, session 16, printed 17 there)
+    assert rec["note"].startswith("largest micro-batch that runs: 15 (")
 
 
 def test_measure_find_max_batch_without_the_fresh_check_keeps_the_in_process_search(monkeypatch, capsys):

@@ -159,8 +159,18 @@ def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | 
         write_json(args.out, rec)
     fm = rec.get("find_max_batch") or {}
     best, searched = rec.get("max_batch_size"), rec.get("search_max_batch_size")
+    if best == searched:
+        runs = len(rec.get("fresh_trials", ()))
+        how = (f" (confirmed by {runs} fresh run{'s' * (runs != 1)})" if runs and not rec.get("fresh_error")
+               else "" if rec.get("fresh_error") else " (every trial's verdict is a clean one)")
+        line = f"largest micro-batch that runs: {best}{how}"
+    else:
+        line = (f"largest micro-batch that runs: {best} (the search's process ran {searched}, after an out-of-memory "
+                "failure there; fresh processes decide)")
     if args.json:  # the in-process search's result (find_max_batch's keys), with the fresh check's
         out = dict(fm, max_batch_size=best, boundary=rec.get("breakdown"))
+        if fm.get("model_fits", True) and best:
+            out["note"] = line  # the search's own note names its answer, which the fresh runs may have moved
         for k in ("search_max_batch_size", "fresh_trials", "fresh_settled", "fresh_error"):
             out[k] = rec.get(k)
         print(json.dumps(out, indent=1))
@@ -169,14 +179,8 @@ def _run_find_fresh(job: Any, card: int, args: argparse.Namespace, steps: int | 
         _print_card(card, fm)
     if not fm.get("model_fits", True):
         print(fm.get("note", "the model itself does not fit on this card"))
-    elif best == searched:
-        runs = len(rec.get("fresh_trials", ()))
-        how = (f" (confirmed by {runs} fresh run{'s' * (runs != 1)})" if runs and not rec.get("fresh_error")
-               else "" if rec.get("fresh_error") else " (every trial's verdict is a clean one)")
-        print(f"largest micro-batch that runs: {best}{how}")
     else:
-        print(f"largest micro-batch that runs: {best} (the search's process ran {searched}, after an out-of-memory "
-              "failure there; fresh processes decide)")
+        print(line)
     if rec.get("fresh_error"):
         print(f"note: a fresh run gave no verdict ({rec['fresh_error']}); the answer is the largest batch seen to run")
     elif not rec.get("fresh_settled", True):
