@@ -1166,7 +1166,8 @@ def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
 
     At its start, what every layer's forward kept: with checkpointing each layer's input (the tensor the layer
     before it made, the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA
-    weights, the first layer's first tensor left out (the embedding output where the model hands it over).
+    weights, the first layer's first tensor left out (the embedding output where the model hands it over), and
+    autocast's casts of the weights (mixed precision), which backward frees layer by layer.
 
     With checkpointing, also once the last layer's forward is recomputed: the other layers' inputs and that
     layer's saved tensors and merged weights (0 without checkpointing)."""
@@ -1189,7 +1190,9 @@ def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
         one = max(0.0, T * spec.hidden_size * res - 1)
         return len(layers) * one, (len(layers) - 1) * one + saved(layers[-1])
     per_block = {bi: saved(bi) for bi in set(layers)}
-    return sum(per_block[bi] for bi in layers[1:]) + saved(layers[0], skip_first=True), 0.0
+    # autocast's 16-bit weight casts (mixed precision): every layer's and the head's, freed only in backward
+    casts = st.autocast_cache_bytes(spec, job)
+    return sum(per_block[bi] for bi in layers[1:]) + saved(layers[0], skip_first=True) + casts, 0.0
 
 
 class Memo:
