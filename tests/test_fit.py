@@ -515,6 +515,8 @@ def test_scorer_takes_a_probe_that_gave_no_verdict_as_none():
     # ``ok`` false: no verdict, not an out-of-memory failure (validation/records/h100-fit-probes-16.log)
     sf = _scorer()
     assert sf.probe_verdict({"ok": False, "record": None}, 2) == (None, None)
+    # a hand-made probe whose record did not come back but whose exit status decided (h200-fit-probes.json)
+    assert sf.probe_verdict({"ok": False, "record": None, "evidence": "exit status 1: 'does not fit'"}, 1)[0] is False
     bd = {"peak_reserved_bytes": 1, "extras": {"steps": 2}}
     assert sf.probe_verdict({"ok": False, "record": {"breakdown": bd}}, 2) == (False, bd)
 

@@ -102,10 +102,11 @@ def probe_verdict(probe: dict[str, Any], steps: int | None) -> tuple[bool | None
     """``(ran, breakdown)`` of a probe for a search of ``steps`` steps per trial. A probe of another number of
     steps ran another job (a second inference step runs on what the first left): it still says whether the
     search's steps run where it ran them all, or failed within them. Otherwise ``ran`` is None (no verdict); the
-    breakdown is kept only where the probe's steps are the search's. A probe whose worker gave no verdict (no
-    record: a crash, a timeout, a card larger than the GPU it was to be rehearsed on) is no verdict either, whatever
-    its ``ok`` (false there)."""
-    if "record" in probe and probe["record"] is None and not probe.get("ok"):
+    breakdown is kept only where the probe's steps are the search's. A worker probe
+    (validation/probes/first_trials.probe_entry) that left no record gave no verdict (a crash, a timeout, a card
+    larger than the GPU it was to be rehearsed on), whatever its ``ok`` (false there); a hand-made probe without a
+    record says what its verdict rests on (``evidence``: the command's exit status)."""
+    if probe.get("record", {}) is None and not probe.get("ok") and not probe.get("evidence"):
         return None, None
     bd = (probe.get("record") or {}).get("breakdown")
     extras = (bd or {}).get("extras") or {}
