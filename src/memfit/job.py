@@ -351,9 +351,9 @@ class Job:
     def with_batch(self, batch_size: int) -> "Job":
         """A copy at another micro-batch, not validated again: for callers that sweep the micro-batch of a job
         already validated and pass a whole number >= 1 (the planner). ``copy.copy`` and then the batch, faster."""
-        j = _new_job(Job)
-        for name in _JOB_SLOTS:
-            _set(j, name, _get(self, name))
+        j = object.__new__(Job)
+        for name in Job.__slots__:
+            setattr(j, name, getattr(self, name))
         j.batch_size = batch_size
         return j
 
@@ -439,8 +439,3 @@ def load_job(path: str | Path) -> Job:
     if isinstance(data, dict) and "job" in data and isinstance(data["job"], dict):
         data = data["job"]  # a measurement record holds its job under "job"
     return Job.from_dict(data)
-
-
-_new_job = object.__new__
-_set, _get = object.__setattr__, getattr
-_JOB_SLOTS: tuple[str, ...] = Job.__slots__

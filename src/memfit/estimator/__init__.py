@@ -1324,10 +1324,10 @@ class Memo:
         with new large segments at increasing addresses, which decides when it fails (:func:`fits_on`).
 
         Where neither is known and another core is free, the second order's replay runs on a worker thread beside
-        the first (the compiled replay of a stream runs without the GIL; :func:`_beside`), and is stopped when the
+        the first (the compiled replay of a stream runs without the GIL; :class:`_Beside`), and is stopped when the
         first fails. The same replays, the same answers."""
         capacity_bytes = max(0, int(capacity_bytes))
-        if (training and not expandable and TRAINING_BOTH_ORDERS and _beside.available(stream)
+        if (_both_orders(training, expandable) and _beside.available(stream)
                 and self.known(key, capacity_bytes, False) is None
                 and self.known(key, capacity_bytes, False, "up") is None):
             from .events import replay
@@ -1427,10 +1427,16 @@ class _Beside:
 _beside = _Beside()
 
 
+def _both_orders(training: bool, expandable: bool) -> bool:
+    """Whether a verdict is decided by both orders of new large segments' addresses: a training run with the
+    default setting (:data:`TRAINING_BOTH_ORDERS`)."""
+    return training and not expandable and TRAINING_BOTH_ORDERS
+
+
 def _second_order(r, training: bool, expandable: bool) -> bool:
     """Whether the verdict also needs the replay with new large segments at increasing addresses: ``r`` (the
-    first order's) completed, for a training run with the default setting (:data:`TRAINING_BOTH_ORDERS`)."""
-    return r.completed and training and not expandable and TRAINING_BOTH_ORDERS
+    first order's) completed, where both orders decide (:func:`_both_orders`)."""
+    return r.completed and _both_orders(training, expandable)
 
 
 #: Whether a training run's verdict (default allocator setting) also needs the replay with new large segments at
