@@ -195,3 +195,18 @@ def test_regrow_is_alloc_then_free(kind):
         held_b[i] = new
     assert (a.ops, a.handles, held_a) == (b.ops, b.handles, held_b)
     assert account(a) == account(b)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_later_training_steps_copied_build_the_same_stream(name, monkeypatch):
+    # a training stream's second step as the first one's stretch again (estimator._REPEAT_STEPS, Stream.again),
+    # in both stream kinds
+    for kind in KINDS:
+        monkeypatch.setattr(events, "Stream", kind)
+        for spec, job in _jobs(name):
+            if job.task != "train":
+                continue
+            monkeypatch.setattr(estimator, "_REPEAT_STEPS", False)
+            plain = _built(spec, job)
+            monkeypatch.setattr(estimator, "_REPEAT_STEPS", True)
+            assert _built(spec, job) == plain, (kind, job)

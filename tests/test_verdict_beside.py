@@ -1,15 +1,19 @@
-"""Memo.verdict replays the second order of segment addresses on a worker thread beside the first where another
-core is free (memfit.estimator._beside): the answers are those of the replays one after another."""
+"""Memo.verdict replays both orders of segment addresses at once where another core is free (the compiled
+replay's replay_pair, memfit.estimator.events.replay_both): the answers are those of the replays one after
+another."""
 
 from __future__ import annotations
 
 import pytest
 
+import memfit.estimator as estimator
 from memfit import Job
-from memfit.estimator import Memo, _beside, estimate, fits_on
+from memfit.allocator import model as allocator_model, replay_both_orders, replay_ops
+from memfit.estimator import Memo, _stream, estimate, fits_on
 from memfit.models import load_model
 
 GiB = 2**30
+needs_compiled = pytest.mark.skipif(allocator_model.COMPILED is None, reason="the compiled replay is not built")
 
 
 def _answers(jobs, spec, cards):
@@ -25,23 +29,34 @@ def _answers(jobs, spec, cards):
 
 @pytest.mark.parametrize("model,kw", [("qwen2.5-0.5b", {}), ("llama-3.2-1b", {"method": "lora",
                                                                               "gradient_checkpointing": True})])
-def test_threaded_verdicts_are_the_sequential_ones(model, kw, monkeypatch):
+def test_verdicts_of_both_orders_at_once_are_the_sequential_ones(model, kw, monkeypatch):
     spec = load_model(model)
     jobs = [Job(model=model, batch_size=b, seq_len=1024, **kw) for b in (1, 2, 4, 8, 16)]
     cards = [8 * GiB, 12 * GiB, 16 * GiB, 24 * GiB]  # fits, fails through fragmentation, fails outright
-    monkeypatch.setattr(_beside, "_cores", False)
+    monkeypatch.setattr(estimator, "_CORES", [False])
     sequential = _answers(jobs, spec, cards)
-    monkeypatch.setattr(_beside, "_cores", True)
+    monkeypatch.setattr(estimator, "_CORES", [True])
+    from memfit.estimator import events
+
+    calls = []
+    real = events.replay_both
+    monkeypatch.setattr(events, "replay_both", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _answers(jobs, spec, cards) == sequential
     assert any(not a[2] for a in sequential) and any(a[2] for a in sequential)
+    if allocator_model.COMPILED is not None:
+        assert calls, "no verdict replayed both orders at once"
 
 
-def test_a_worker_error_reaches_the_caller(monkeypatch):
-    monkeypatch.setattr(_beside, "_cores", True)
-
-    def boom():
-        raise ZeroDivisionError
-
-    with pytest.raises(ZeroDivisionError):
-        _beside.run(boom)()
-    assert _beside.run(lambda: 7)() == 7
+@needs_compiled
+def test_the_pair_is_each_order_alone():
+    spec = load_model("llama-3.2-1b")
+    stream = _stream(spec, Job(model="llama-3.2-1b", batch_size=4, seq_len=1024))[0]
+    for cap in (1, 6 * GiB, 9 * GiB, 12 * GiB, 40 * GiB, None):
+        down, up = replay_both_orders(stream, cap)
+        assert down == replay_ops(stream, cap)
+        if up is None:  # stopped: only where the first order ran out of memory
+            assert down.index >= 0
+        else:
+            assert up == replay_ops(stream, cap, large_addresses="up")
+    assert replay_both_orders(stream, 1)[0].index >= 0
+    assert replay_both_orders(list(stream.ops), 1) is None  # operation tuples: the orders one after the other

@@ -14,10 +14,10 @@ See :mod:`memfit.allocator.model` for the rules and the PyTorch source they foll
 from .config import (LARGE_SEGMENT_BYTES, MIN_BLOCK_BYTES, MIN_LARGE_ALLOC_BYTES, ROUND_LARGE_BYTES,
                      SMALL_REQUEST_BYTES, SMALL_SEGMENT_BYTES, AllocatorConfig, AllocatorConfigError, format_size,
                      round_size, segment_size)
-from .model import AllocatorOutOfMemory, Block, CachingAllocatorModel, ReplayStats, replay_ops
+from .model import AllocatorOutOfMemory, Block, CachingAllocatorModel, ReplayStats, replay_both_orders, replay_ops
 
 __all__ = [
-    "CachingAllocatorModel", "AllocatorConfig", "replay_ops", "ReplayStats", "AllocatorOutOfMemory", "AllocatorConfigError", "Block",
+    "CachingAllocatorModel", "AllocatorConfig", "replay_ops", "replay_both_orders", "ReplayStats", "AllocatorOutOfMemory", "AllocatorConfigError", "Block",
     "round_size", "segment_size", "format_size", "MIN_BLOCK_BYTES", "SMALL_REQUEST_BYTES", "SMALL_SEGMENT_BYTES",
     "LARGE_SEGMENT_BYTES", "MIN_LARGE_ALLOC_BYTES", "ROUND_LARGE_BYTES",
 ]

@@ -4,7 +4,7 @@
    the estimator replays (the default, and expandable_segments; no max_split_size, no garbage-collection
    threshold, no power-of-two rounding, no physical limit), written in C because a replay of tens of
    thousands of events spends most of its time in the interpreter. It keeps no Python object per block:
-   blocks live in arrays, each pool's free blocks in sorted chunks by (size, address) (what the Python model
+   blocks live in arrays, each pool's free blocks in size classes sorted by (size, address) (what the Python model
    keeps as size << 64 | address in a sorted list), the unmapped blocks of expandable segments in one sorted
    by address. Function by function it follows model.py (whose docstrings cite the PyTorch source lines):
 
@@ -33,6 +33,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 /* an error set from the replay's loop, which runs without the GIL on the estimator's streams (another thread
    may replay the same stream in the other order meanwhile): taken for the call, as PyGILState_Ensure allows */
@@ -69,21 +72,26 @@ typedef struct {
     int32_t id;
 } Ent;
 
-/* a pool's free blocks ordered by (size, address), in sorted chunks of at most CHUNK entries: a lookup is a
-   binary search over the chunks' last keys, then within one chunk; an insert or a removal moves at most one
-   chunk's tail (a training step's large pool holds hundreds of free blocks, where one sorted array spent most
-   of the replay moving its tail) and, when a chunk fills or empties, the chunks' directory */
-#define CHUNK 48
+/* a pool's free blocks ordered by (size, address), bucketed by size class: a class holds the blocks of one
+   range of sizes (each size below 32 KiB its own; above, 32 classes per power of two), in one array sorted by
+   (size, address), and a bitmap says which classes hold any. The best fit is a search in the request's class
+   and, where that class holds nothing large enough, the first entry of the next class the bitmap names; an
+   insert or a removal moves the tail of one class's array. (A training step's large pool holds hundreds of
+   free blocks; one sorted array of them spent most of the replay moving its tail, sorted chunks of 48 a third
+   of it in their searches.) */
+#define NCLASS 1600
+#define NWORDS ((NCLASS + 63) / 64)
 typedef struct {
-    Py_ssize_t n;
-    Ent e[CHUNK];
-} Chunk;
+    Ent *e;
+    int32_t n, cap;
+} Cls;
 
 typedef struct {
     State *owner;
-    Chunk **ch; /* the chunks in order, none empty */
-    Py_ssize_t nch, capch;
-    Py_ssize_t n; /* free blocks in all */
+    Cls *cls;              /* NCLASS classes (NULL until the first insert) */
+    uint64_t bits[NWORDS]; /* bit c: class c holds a block */
+    uint64_t top;          /* bit w: bits[w] is not 0 */
+    Py_ssize_t n;          /* free blocks in all */
     int32_t *unm; /* expandable segments: the unmapped blocks, by address */
     Py_ssize_t nunm, capunm;
 } Pool;
@@ -103,6 +111,8 @@ struct State {
     int64_t address_space; /* an expandable segment's address space (1 1/8 of the device's memory) */
     Seg *segs;
     Py_ssize_t nsegs, capsegs;
+    int32_t *dead; /* ids of blocks merged into a neighbour or given back: new_block takes them first */
+    Py_ssize_t ndead, capdead;
 };
 
 /* room for `need` elements of `elem` bytes in the array *a of capacity *cap (doubling, from `first`);
@@ -122,146 +132,163 @@ static inline int ent_less(const Ent *e, int64_t size, int64_t addr) {
     return e->size < size || (e->size == size && e->addr < addr);
 }
 
-/* the first chunk whose last key is >= (size, addr) (nch: none) */
-static Py_ssize_t chunk_lower(const Pool *p, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = p->nch;
+/* the class of a block of `size` bytes: non-decreasing in the size */
+static inline int size_class(int64_t size) {
+    uint64_t u = (uint64_t)size >> 9;
+    if (u < 64) return (int)u;
+    int m = 63 - __builtin_clzll(u);
+    if (m > 52) return NCLASS - 1;
+    return 64 + (m - 6) * 32 + (int)((u >> (m - 5)) & 31);
+}
+
+/* the first class >= c that holds a block, -1: none */
+static inline int next_class(const Pool *p, int c) {
+    if (c >= NCLASS) return -1;
+    int w = c >> 6;
+    uint64_t x = p->bits[w] & (~0ULL << (c & 63));
+    if (x) return (w << 6) + __builtin_ctzll(x);
+    uint64_t t = p->top & (~0ULL << (w + 1)); /* w + 1 <= NWORDS < 64 */
+    if (!t) return -1;
+    w = __builtin_ctzll(t);
+    return (w << 6) + __builtin_ctzll(p->bits[w]);
+}
+
+/* the first entry of class k whose key is >= (size, addr) (k->n: none) */
+static inline Py_ssize_t entry_lower(const Cls *k, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = k->n;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
-        const Chunk *c = p->ch[mid];
-        if (ent_less(&c->e[c->n - 1], size, addr))
+        if (ent_less(&k->e[mid], size, addr))
             lo = mid + 1;
         else
             hi = mid;
     }
     return lo;
-}
-
-/* the first entry of chunk c whose key is >= (size, addr) (c->n: none) */
-static Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = c->n;
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) >> 1;
-        if (ent_less(&c->e[mid], size, addr))
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
-
-/* a new chunk in the directory at index i; NULL when the memory is not there */
-static Chunk *chunk_new(Pool *p, Py_ssize_t i) {
-    if (grow((void **)&p->ch, &p->capch, p->nch + 1, sizeof(Chunk *), 8) < 0) return NULL;
-    Chunk *c = PyMem_RawMalloc(sizeof(Chunk));
-    if (!c) return NULL;
-    c->n = 0;
-    memmove(p->ch + i + 1, p->ch + i, (size_t)(p->nch - i) * sizeof(Chunk *));
-    p->ch[i] = c;
-    p->nch++;
-    return c;
 }
 
 /* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
 static int pool_insert(Pool *p, int32_t id) {
+    if (!p->cls && !(p->cls = PyMem_RawCalloc(NCLASS, sizeof(Cls)))) return -1;
     const Blk *b = &p->owner->b[id];
     int64_t size = b->size, addr = b->addr;
-    Py_ssize_t ci = chunk_lower(p, size, addr);
-    if (ci == p->nch) {
-        if (ci == 0 || p->ch[ci - 1]->n == CHUNK) { /* after every key: a new last chunk, or the last one's end */
-            if (!chunk_new(p, ci)) return -1;
-        } else {
-            ci--;
-        }
+    int c = size_class(size);
+    Cls *k = &p->cls[c];
+    if (k->n == k->cap) {
+        int32_t cap = k->cap ? 2 * k->cap : 4;
+        Ent *e = PyMem_RawRealloc(k->e, (size_t)cap * sizeof(Ent));
+        if (!e) return -1;
+        k->e = e;
+        k->cap = cap;
     }
-    Chunk *c = p->ch[ci];
-    if (c->n == CHUNK) { /* split it: its upper half into a new chunk after it */
-        Chunk *d = chunk_new(p, ci + 1);
-        if (!d) return -1;
-        c = p->ch[ci];
-        d->n = CHUNK / 2;
-        memcpy(d->e, c->e + CHUNK / 2, (CHUNK / 2) * sizeof(Ent));
-        c->n = CHUNK / 2;
-        if (ent_less(&c->e[c->n - 1], size, addr)) c = d;
+    Py_ssize_t i = entry_lower(k, size, addr);
+    memmove(k->e + i + 1, k->e + i, (size_t)(k->n - i) * sizeof(Ent));
+    k->e[i].size = size;
+    k->e[i].addr = addr;
+    k->e[i].id = id;
+    if (k->n++ == 0) {
+        p->bits[c >> 6] |= 1ULL << (c & 63);
+        p->top |= 1ULL << (c >> 6);
     }
-    Py_ssize_t i = entry_lower(c, size, addr);
-    memmove(c->e + i + 1, c->e + i, (size_t)(c->n - i) * sizeof(Ent));
-    c->e[i].size = size;
-    c->e[i].addr = addr;
-    c->e[i].id = id;
-    c->n++;
     p->n++;
     return 0;
 }
 
-static void pool_remove_at(Pool *p, Py_ssize_t ci, Py_ssize_t i);
+/* the entry i of class c out of the pool */
+static void pool_remove_at(Pool *p, int c, Py_ssize_t i) {
+    Cls *k = &p->cls[c];
+    memmove(k->e + i, k->e + i + 1, (size_t)(k->n - i - 1) * sizeof(Ent));
+    p->n--;
+    if (--k->n == 0) {
+        p->bits[c >> 6] &= ~(1ULL << (c & 63));
+        if (!p->bits[c >> 6]) p->top &= ~(1ULL << (c >> 6));
+    }
+}
 
 static void pool_remove(Pool *p, int32_t id) {
     const Blk *b = &p->owner->b[id];
-    Py_ssize_t ci = chunk_lower(p, b->size, b->addr);
-    pool_remove_at(p, ci, entry_lower(p->ch[ci], b->size, b->addr));
+    int c = size_class(b->size);
+    pool_remove_at(p, c, entry_lower(&p->cls[c], b->size, b->addr));
+}
+
+/* where lower_bound(size) is: the class and entry of the smallest block of at least `size` bytes (lowest
+   address among equals); 0, or -1: none */
+static inline int pool_find(const Pool *p, int64_t size, int *cp, Py_ssize_t *ip) {
+    if (!p->n) return -1;
+    int c = size_class(size);
+    const Cls *k = &p->cls[c];
+    if (k->n) {
+        Py_ssize_t i = entry_lower(k, size, INT64_MIN);
+        if (i < k->n) {
+            *cp = c;
+            *ip = i;
+            return 0;
+        }
+    }
+    c = next_class(p, c + 1);
+    if (c < 0) return -1;
+    *cp = c;
+    *ip = 0;
+    return 0;
 }
 
 /* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
 static int32_t pool_lower(const Pool *p, int64_t size) {
-    Py_ssize_t ci = chunk_lower(p, size, INT64_MIN);
-    if (ci == p->nch) return -1;
-    const Chunk *c = p->ch[ci];
-    return c->e[entry_lower(c, size, INT64_MIN)].id;
-}
-
-/* the entry at (ci, i) out of the pool */
-static void pool_remove_at(Pool *p, Py_ssize_t ci, Py_ssize_t i) {
-    Chunk *c = p->ch[ci];
-    memmove(c->e + i, c->e + i + 1, (size_t)(c->n - i - 1) * sizeof(Ent));
-    c->n--;
-    p->n--;
-    if (c->n == 0) {
-        PyMem_RawFree(c);
-        memmove(p->ch + ci, p->ch + ci + 1, (size_t)(p->nch - ci - 1) * sizeof(Chunk *));
-        p->nch--;
-    }
+    int c;
+    Py_ssize_t i;
+    return pool_find(p, size, &c, &i) < 0 ? -1 : p->cls[c].e[i].id;
 }
 
 /* pool_lower(size) taken out of the pool in the same search, -1: none */
 static int32_t pool_take_lower(Pool *p, int64_t size) {
-    Py_ssize_t ci = chunk_lower(p, size, INT64_MIN);
-    if (ci == p->nch) return -1;
-    Py_ssize_t i = entry_lower(p->ch[ci], size, INT64_MIN);
-    int32_t id = p->ch[ci]->e[i].id;
-    pool_remove_at(p, ci, i);
+    int c;
+    Py_ssize_t i;
+    if (pool_find(p, size, &c, &i) < 0) return -1;
+    int32_t id = p->cls[c].e[i].id;
+    pool_remove_at(p, c, i);
     return id;
 }
 
 /* the block after x (in the pool) in the pool's order, -1: none */
 static int32_t pool_next(const Pool *p, int32_t x) {
     const Blk *b = &p->owner->b[x];
-    Py_ssize_t ci = chunk_lower(p, b->size, b->addr);
-    const Chunk *c = p->ch[ci];
-    Py_ssize_t i = entry_lower(c, b->size, b->addr) + 1;
-    if (i < c->n) return c->e[i].id;
-    return ci + 1 < p->nch ? p->ch[ci + 1]->e[0].id : -1;
+    int c = size_class(b->size);
+    const Cls *k = &p->cls[c];
+    Py_ssize_t i = entry_lower(k, b->size, b->addr) + 1;
+    if (i < k->n) return k->e[i].id;
+    c = next_class(p, c + 1);
+    return c < 0 ? -1 : p->cls[c].e[0].id;
 }
 
 /* the pool's blocks in order into out (room for p->n); returns their count */
 static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
     Py_ssize_t n = 0;
-    for (Py_ssize_t ci = 0; ci < p->nch; ci++) {
-        const Chunk *c = p->ch[ci];
-        for (Py_ssize_t i = 0; i < c->n; i++) out[n++] = c->e[i].id;
+    for (int c = next_class(p, 0); c >= 0; c = next_class(p, c + 1)) {
+        const Cls *k = &p->cls[c];
+        for (Py_ssize_t i = 0; i < k->n; i++) out[n++] = k->e[i].id;
     }
     return n;
 }
 
 static void pool_free(Pool *p) {
-    for (Py_ssize_t ci = 0; ci < p->nch; ci++) PyMem_RawFree(p->ch[ci]);
-    PyMem_RawFree(p->ch);
+    if (p->cls)
+        for (int c = 0; c < NCLASS; c++) PyMem_RawFree(p->cls[c].e);
+    PyMem_RawFree(p->cls);
     PyMem_RawFree(p->unm);
 }
 
+/* a block in the array: a dead one's id again where there is one (the array stays about as large as the
+   blocks alive, so its lines stay in cache; no figure depends on an id), else a new one; -1 when the memory is
+   not there */
 static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_t prev, int32_t next, int32_t seg,
                          int mapped) {
-    if (grow((void **)&s->b, &s->cap, s->n + 1, sizeof(Blk), 1024) < 0) return -1;
-    Blk *k = &s->b[s->n];
+    int32_t id;
+    if (s->ndead) {
+        id = s->dead[--s->ndead];
+    } else {
+        if (grow((void **)&s->b, &s->cap, s->n + 1, sizeof(Blk), 1024) < 0) return -1;
+        id = (int32_t)s->n++;
+    }
+    Blk *k = &s->b[id];
     k->size = size;
     k->addr = addr;
     k->requested = 0;
@@ -271,7 +298,14 @@ static int32_t new_block(State *s, int64_t size, int64_t addr, int small, int32_
     k->small = (uint8_t)small;
     k->allocated = 0;
     k->mapped = (uint8_t)mapped;
-    return (int32_t)s->n++;
+    return id;
+}
+
+/* block `id` is referenced no more (merged into a neighbour, or its segment given back): its id for reuse */
+static int dead_block(State *s, int32_t id) {
+    if (grow((void **)&s->dead, &s->capdead, s->ndead + 1, sizeof(int32_t), 256) < 0) return -1;
+    s->dead[s->ndead++] = id;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ expandable segments' unmapped blocks */
@@ -324,6 +358,10 @@ static int merge(State *s, int32_t dst, int32_t src, Pool *p) {
         if (q->next >= 0) s->b[q->next].prev = dst;
     }
     d->size += q->size;
+    if (dead_block(s, src) < 0) {
+        SETERR(PyErr_NoMemory());
+        return -1;
+    }
     return 0;
 }
 
@@ -476,6 +514,10 @@ static int release_cached(State *s) {
                     s->reserved -= k->size;
                     s->num_segments--;
                     s->num_device_free++;
+                    if (dead_block(s, id) < 0) {
+                        PyMem_RawFree(ids);
+                        return -2;
+                    }
                 }
                 continue;
             }
@@ -518,6 +560,7 @@ static void free_state(State *s) {
     pool_free(&s->large);
     PyMem_RawFree(s->handle);
     PyMem_RawFree(s->segs);
+    PyMem_RawFree(s->dead);
 }
 
 /* get_free_block: the smallest free block large enough; expandable blocks compare by the size they could grow
@@ -649,6 +692,10 @@ static int do_free(State *s, int64_t h) {
         k->size += q->size;
         k->prev = q->prev;
         if (q->prev >= 0) s->b[q->prev].next = id;
+        if (dead_block(s, prev) < 0) {
+            SETERR(PyErr_NoMemory());
+            return -1;
+        }
     }
     int32_t nxt = k->next;
     if (nxt >= 0 && !s->b[nxt].allocated && s->b[nxt].mapped) {
@@ -657,6 +704,10 @@ static int do_free(State *s, int64_t h) {
         k->size += q->size;
         k->next = q->next;
         if (q->next >= 0) s->b[q->next].prev = id;
+        if (dead_block(s, nxt) < 0) {
+            SETERR(PyErr_NoMemory());
+            return -1;
+        }
     }
     if (pool_insert(p, id) < 0) {
         SETERR(PyErr_NoMemory());
@@ -667,6 +718,46 @@ static int do_free(State *s, int64_t h) {
 
 static int64_t item_int(PyObject *t, Py_ssize_t i) {
     return PyLong_AsLongLong(PyTuple_GET_ITEM(t, i));
+}
+
+/* a fresh allocator state */
+static void state_init(State *s, int large_up, int expandable, int64_t address_space) {
+    memset(s, 0, sizeof *s);
+    s->next_addr = 1LL << 20;
+    s->large_up = large_up;
+    s->large_addr = large_up ? 1LL << 50 : 1LL << 62;
+    s->expandable = expandable;
+    s->small.owner = s->large.owner = s;
+    s->address_space = address_space;
+}
+
+/* the replay of n flat operations (four int64 each) without touching a Python object (errors: SETERR):
+   0 done (*failed: the request that ran out of memory, -1 none), 1 stopped by *cancel, -1 error */
+static int run_flat(State *s, const int64_t *q, Py_ssize_t n, int64_t limit, int64_t large_segment,
+                    volatile const char *cancel, Py_ssize_t *failed) {
+    *failed = -1;
+    for (Py_ssize_t idx = 0; idx < n; idx++, q += 4) {
+        if (cancel && (idx & 255) == 0 && cancel[0]) return 1;
+        if (q[0] == 0) {
+            int r = do_malloc(s, q[1], q[2], limit, large_segment);
+            if (r < 0) return -1;
+            if (r == 1) {
+                *failed = idx;
+                return 0;
+            }
+        } else if (q[0] == 1) {
+            if (do_free(s, q[1]) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *result_of(const State *s, Py_ssize_t failed) {
+    return Py_BuildValue("(nLLLLLLLLLLLLL)", failed, (long long)s->allocated, (long long)s->reserved,
+                         (long long)s->requested, (long long)s->peak_allocated, (long long)s->peak_reserved,
+                         (long long)s->peak_requested, (long long)s->num_segments, (long long)s->peak_segments,
+                         (long long)s->num_allocations, (long long)s->num_alloc_retries, (long long)s->num_ooms,
+                         (long long)s->num_device_alloc, (long long)s->num_device_free);
 }
 
 PyDoc_STRVAR(replay_doc,
@@ -735,43 +826,17 @@ static PyObject *replay(PyObject *self, PyObject *args) {
         }
     }
     State s;
-    memset(&s, 0, sizeof s);
-    s.next_addr = 1LL << 20;
-    s.large_up = large_up;
-    s.large_addr = large_up ? 1LL << 50 : 1LL << 62;
-    s.expandable = expandable;
-    s.small.owner = s.large.owner = &s;
-    s.address_space = address_space;
+    state_init(&s, large_up, expandable, address_space);
     Py_ssize_t n = flat ? view.len / 32 : PyList_GET_SIZE(ops), idx, failed = -1;
     if (flat) {
         /* no Python object is touched until the loop ends (errors: SETERR), so other threads run meanwhile:
            the planner replays the other order of segment addresses beside this one */
-        const int64_t *q = view.buf;
-        int bad = 0;
+        int r;
         Py_BEGIN_ALLOW_THREADS
-        for (idx = 0; idx < n; idx++, q += 4) {
-            if (cancel && (idx & 4095) == 0 && cancel[0]) {
-                cancelled = 1;
-                break;
-            }
-            if (q[0] == 0) {
-                int r = do_malloc(&s, q[1], q[2], limit, large_segment);
-                if (r < 0) {
-                    bad = 1;
-                    break;
-                }
-                if (r == 1) {
-                    failed = idx;
-                    break;
-                }
-            } else if (q[0] == 1) {
-                if (do_free(&s, q[1]) < 0) {
-                    bad = 1;
-                    break;
-                }
-            }
-        }
+        r = run_flat(&s, view.buf, n, limit, large_segment, cancel, &failed);
         Py_END_ALLOW_THREADS
+        int bad = r < 0;
+        cancelled = r == 1;
         if (bad) goto error;
         goto done;
     }
@@ -810,13 +875,13 @@ static PyObject *replay(PyObject *self, PyObject *args) {
 done:
     if (flat) PyBuffer_Release(&view);
     if (cancel) PyBuffer_Release(&cancel_view);
+    if (cancelled) {
+        free_state(&s);
+        Py_RETURN_NONE;
+    }
+    PyObject *res = result_of(&s, failed);
     free_state(&s);
-    if (cancelled) Py_RETURN_NONE;
-    return Py_BuildValue("(nLLLLLLLLLLLLL)", failed, (long long)s.allocated, (long long)s.reserved,
-                         (long long)s.requested, (long long)s.peak_allocated, (long long)s.peak_reserved,
-                         (long long)s.peak_requested, (long long)s.num_segments, (long long)s.peak_segments,
-                         (long long)s.num_allocations, (long long)s.num_alloc_retries, (long long)s.num_ooms,
-                         (long long)s.num_device_alloc, (long long)s.num_device_free);
+    return res;
 error:
     if (flat) PyBuffer_Release(&view);
     if (cancel) PyBuffer_Release(&cancel_view);
@@ -824,8 +889,117 @@ error:
     return NULL;
 }
 
+/* ------------------------------------------------------------------ both orders of large segments' addresses */
+typedef struct {
+    State s;
+    const int64_t *q;
+    Py_ssize_t n, failed;
+    int64_t limit, large_segment;
+    volatile const char *cancel;
+    int r;
+} Order;
+
+static void *order_run(void *arg) {
+    Order *o = arg;
+    o->r = run_flat(&o->s, o->q, o->n, o->limit, o->large_segment, o->cancel, &o->failed);
+    return NULL;
+}
+
+PyDoc_STRVAR(replay_pair_doc,
+"replay_pair(ops, limit, large_segment_bytes, address_space_bytes) -> (down, up)\n\n"
+"replay(ops, limit, large_segment_bytes, False, address_space_bytes) with new large segments at decreasing\n"
+"addresses (down) and at increasing ones (up), the second on a thread of its own beside the first: each a\n"
+"result tuple as replay returns it. up is None when down ran out of memory before up was done (it is then\n"
+"stopped: a verdict that needs both orders is decided by the first). ops: the estimator's compiled Stream (a\n"
+"buffer of int64 quads); the default allocator setting only.");
+
+static PyObject *replay_pair(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ops, *limit_obj;
+    long long large_segment, address_space;
+    if (!PyArg_ParseTuple(args, "OOLL", &ops, &limit_obj, &large_segment, &address_space)) return NULL;
+    if (large_segment <= MIN_LARGE_ALLOC || address_space <= 0) {
+        PyErr_SetString(PyExc_ValueError, "large_segment_bytes must be over 10 MiB and address_space_bytes > 0");
+        return NULL;
+    }
+    int64_t limit = INT64_MAX;
+    if (limit_obj != Py_None) {
+        limit = PyLong_AsLongLong(limit_obj);
+        if (limit == -1 && PyErr_Occurred()) return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(ops, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (view.itemsize != 8 || !view.format || (strcmp(view.format, "q") && strcmp(view.format, "l")) ||
+        view.len % 32) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "replay_pair: ops must be a buffer of int64 quads");
+        return NULL;
+    }
+    Py_ssize_t n = view.len / 32, failed = -1;
+    /* the two states apart, each on cache lines of its own: both are written at every operation */
+    Order *pair = PyMem_RawCalloc(3, sizeof(Order));
+    volatile char *stop = PyMem_RawCalloc(1, 128);
+    if (!pair || !stop) {
+        PyMem_RawFree(pair);
+        PyMem_RawFree((void *)stop);
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    State *down = &pair[0].s;
+    Order *up = &pair[2];
+    state_init(down, 0, 0, address_space);
+    state_init(&up->s, 1, 0, address_space);
+    up->q = view.buf;
+    up->n = n;
+    up->limit = limit;
+    up->large_segment = large_segment;
+    up->cancel = stop;
+    up->failed = -1;
+    up->r = 1;
+    int rd;
+    Py_BEGIN_ALLOW_THREADS
+#ifndef _WIN32
+    pthread_t th;
+    int threaded = pthread_create(&th, NULL, order_run, up) == 0;
+#else
+    int threaded = 0; /* no second thread: the orders one after the other */
+#endif
+    rd = run_flat(down, view.buf, n, limit, large_segment, NULL, &failed);
+    if (rd != 0 || failed >= 0) *stop = 1; /* down ran out of memory (or failed): up is not needed */
+    if (threaded) {
+#ifndef _WIN32
+        pthread_join(th, NULL);
+#endif
+        if (up->r < 0) { /* its error was set on that thread's own state: made again here, where it is raised */
+            free_state(&up->s);
+            state_init(&up->s, 1, 0, address_space);
+            up->cancel = NULL;
+            order_run(up);
+        }
+    } else if (!*stop) {
+        up->cancel = NULL;
+        order_run(up);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    PyObject *res = NULL;
+    if (rd >= 0 && up->r >= 0) {
+        PyObject *a = result_of(down, failed);
+        PyObject *b = up->r == 1 ? (Py_INCREF(Py_None), Py_None) : result_of(&up->s, up->failed);
+        if (a && b) res = PyTuple_Pack(2, a, b);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+    }
+    free_state(down);
+    free_state(&up->s);
+    PyMem_RawFree(pair);
+    PyMem_RawFree((void *)stop);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"replay", replay, METH_VARARGS, replay_doc},
+    {"replay_pair", replay_pair, METH_VARARGS, replay_pair_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -978,3 +978,25 @@ def replay_ops(ops: list, capacity_bytes: int | None = None, *, config: Allocato
                                   large_addresses=large_addresses)
     index = model.run(ops)
     return ReplayStats(index, *(getattr(model, k) for k in _STATS))
+
+
+def replay_both_orders(stream, capacity_bytes: int | None = None, *,
+                       device_total_bytes: int | None = None) -> tuple[ReplayStats, ReplayStats | None] | None:
+    """:func:`replay_ops` of an estimator stream under the default setting in both orders of new large segments'
+    addresses at once, ``(down, up)``: the compiled replay runs the second order on a thread of its own beside
+    the first (``_replay.c``'s ``replay_pair``: two cores make the pair cost about one replay), and stops it when
+    the first runs out of memory (``up`` is then None, unless it was done by then). None where that cannot be
+    (no compiled replay, or ``stream`` is not the compiled stream): replay the orders one after the other."""
+    if COMPILED is None or not hasattr(COMPILED, "replay_pair"):
+        return None
+    try:
+        memoryview(stream).release()
+    except TypeError:
+        return None
+    limit = None if capacity_bytes is None or capacity_bytes >= _NO_LIMIT else max(0, int(capacity_bytes))
+    total = device_total_bytes or _DEFAULT_DEVICE_BYTES
+    try:
+        down, up = COMPILED.replay_pair(stream, limit, AllocatorConfig().large_segment_bytes, total + total // 8)
+    except OverflowError:
+        return None  # sizes past 64 bits: replay_ops falls back to the model's exact integers
+    return ReplayStats(*down, compiled=True), (None if up is None else ReplayStats(*up, compiled=True))

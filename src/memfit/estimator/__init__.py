@@ -251,6 +251,10 @@ TRAIN_STEPS = 2
 #: of building each (off: every layer built; tests/test_stream_repeat.py compares the two)
 _REPEAT_LAYERS = True
 
+#: build a training stream's later steps as its first one's stretch again (:meth:`events.PyStream.again`) instead
+#: of step by step (off: every step built; tests/test_stream_repeat.py compares the two)
+_REPEAT_STEPS = True
+
 
 def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
            rank=None, per_job: dict | None = None) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
@@ -468,9 +472,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             # 14.34 without. The estimate describes the first.
             s.free(s.alloc(V * H * st.param_bytes(job.precision), "weights"))
         if lora:
-            for bi in layers:
-                for x in _lora_elems(spec, job, spec.blocks[bi]):
-                    s.alloc(x * 4, "lora_adapters")
+            adapters = per_job.get(("lora", static)) if static is not None else None
+            if adapters is None:
+                by_block = {bi: [x * 4 for x in _lora_elems(spec, job, spec.blocks[bi])] for bi in set(layers)}
+                adapters = [x for bi in layers for x in by_block[bi]]
+                if static is not None:
+                    per_job[("lora", static)] = adapters
+            s.alloc_all(adapters, "lora_adapters")
     if qstate:
         for bi in layers:
             s.alloc(qstate / max(1, L), "quantization_state")
@@ -479,9 +487,13 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     for _ in range(3):
         s.alloc(T * 8, "temporaries")  # input_ids, the padded labels and the shifted labels (int64)
 
+    first_step = None  # (start, end) of the first step's stretch, for again()
     for step in range(steps):
         if step == 1:
             s.reset_peaks()
+        if first_step is not None and s.again(*first_step):
+            continue  # a later step: the first one's stretch again, without what it made to keep
+        at_step = s.mark()
         s.phase("forward")
         if step == 0:
             # the cuBLAS workspace of the forward's thread, at its first matmul; the backward runs on autograd's
@@ -787,6 +799,10 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
             s.free_all(sc)
         s.free_all(grads)  # zero_grad(set_to_none=True)
         s.phase("end")
+        if step == 0 and hooks is None and rank is None and _REPEAT_STEPS:
+            # every later step is this one without the tensors it keeps (the optimizer states, the cuBLAS
+            # workspaces): Stream.again copies it so (tests/test_stream_repeat.py builds it both ways)
+            first_step = (at_step, s.mark())
 
     if job.optimizer in ("paged-adamw-8bit", "paged-adamw"):
         notes.append("paged optimizer states live in CUDA unified memory: not in PyTorch's allocator, "
@@ -1195,6 +1211,26 @@ def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
     return sum(per_block[bi] for bi in layers[1:]) + saved(layers[0], skip_first=True) + casts, 0.0
 
 
+_SHARED: dict = {}  # ModelSpec -> its per-job dict (_shared_per_job), the most recently asked last
+_SHARED_MODELS = 4  # models kept
+_SHARED_JOBS = 96  # entries kept per model (up to three per job setting)
+
+
+def _shared_per_job(spec: ModelSpec) -> dict:
+    """The per-parameter tensors (_train's ``per_job``: weights, gradients, optimizer states, the same for every
+    micro-batch of a job) that estimates without a Memo share: a sweep of micro-batches (``estimate`` per batch
+    size, as a caller searching a batch does) builds them once. Pure functions of the model and the job's
+    fields but the micro-batch; bounded (the least recently asked model goes first, a model's entries are
+    dropped together when they pass :data:`_SHARED_JOBS`)."""
+    d = _SHARED.pop(spec, None)
+    if d is None or len(d) > _SHARED_JOBS:
+        d = {}
+    _SHARED[spec] = d
+    while len(_SHARED) > _SHARED_MODELS:
+        del _SHARED[next(iter(_SHARED))]
+    return d
+
+
 class Memo:
     """What the estimates of several jobs of one model share, for a caller that asks about many (the planner
     keeps one per ``plan()`` call; nothing is kept between calls): each job's event stream and accounting, made
@@ -1216,7 +1252,7 @@ class Memo:
     #: model holds tens of thousands of events, and a caller's questions about one job come together
     KEEP_STREAMS = 16
 
-    def __init__(self) -> None:
+    def __init__(self, per_job: dict | None = None) -> None:
         self._keep = self.KEEP_STREAMS
         self._streams: dict = {}
         self._ranks: dict = {}
@@ -1225,7 +1261,9 @@ class Memo:
         # reached (or unlimited)
         self._peaks: dict = {}  # stream key -> its peak allocated bytes
         self._spec: ModelSpec | None = None  # the one model it is for (jobs are keyed by their fields only)
-        self._per_job: dict = {}  # what a training stream builds the same for every micro-batch (_train's per_job)
+        # what a training stream builds the same for every micro-batch (_train's per_job): this Memo's own, or the
+        # one an estimate without a Memo shares with the next about the same model (_shared_per_job)
+        self._per_job: dict = per_job if per_job is not None else {}
 
     @staticmethod
     def key(job: Job, **extra) -> tuple:
@@ -1307,6 +1345,12 @@ class Memo:
     def _uncapped(self, key, expandable: bool, large_addresses: str):
         return None if expandable else self._replays.get((key, False, None, large_addresses))
 
+    def _spared(self, key, capacity_bytes: int, large_addresses: str) -> bool:
+        """Whether the default setting's replay in this order under ``capacity_bytes`` needs no run: the uncapped
+        one is known and stays within the limit (:func:`memfit.estimator.events.replay` then copies it)."""
+        u = self._uncapped(key, False, large_addresses)
+        return u is not None and u.completed and u.peak_reserved_bytes <= capacity_bytes
+
     def _keep_replay(self, key, capacity_bytes: int | None, expandable: bool, large_addresses: str, r) -> None:
         self._replays[(key, expandable, capacity_bytes, large_addresses)] = r
         if r.completed and not r.limit_reached:
@@ -1323,28 +1367,21 @@ class Memo:
         :data:`TRAINING_BOTH_ORDERS`, on) for a training run with the default setting that completes, also the one
         with new large segments at increasing addresses, which decides when it fails (:func:`fits_on`).
 
-        Where neither is known and another core is free, the second order's replay runs on a worker thread beside
-        the first (the compiled replay of a stream runs without the GIL; :class:`_Beside`), and is stopped when the
-        first fails. The same replays, the same answers."""
+        Where neither is known and another core is free (:func:`_two_cores`), both orders replay at once, the second
+        on a thread of the compiled replay's own beside the first, stopped when the first fails
+        (:func:`memfit.estimator.events.replay_both`). The same replays, the same answers."""
         capacity_bytes = max(0, int(capacity_bytes))
-        if (_both_orders(training, expandable) and _beside.available(stream)
+        if (_both_orders(training, expandable) and _two_cores()
                 and self.known(key, capacity_bytes, False) is None
-                and self.known(key, capacity_bytes, False, "up") is None):
-            from .events import replay
+                and self.known(key, capacity_bytes, False, "up") is None
+                and not self._spared(key, capacity_bytes, "down") and not self._spared(key, capacity_bytes, "up")):
+            from .events import replay_both
 
-            cancel = bytearray(1)
-            uncapped_up = self._uncapped(key, False, "up")
-            wait = _beside.run(lambda: replay(stream, capacity_bytes=capacity_bytes, uncapped=uncapped_up,
-                                              large_addresses="up", cancel=cancel))
-            r = None
-            try:
-                r = self.replay(key, stream, capacity_bytes, False)
-            finally:
-                if r is None or not r.completed:
-                    cancel[0] = 1  # the first order fails (or raised): the second is not needed
-                up = wait()
-            if up is not None:  # a second-order run that finished (or was not stopped in time) is kept
-                self._keep_replay(key, capacity_bytes, False, "up", up)
+            got = replay_both(stream, capacity_bytes)
+            if got is not None:
+                for order, r in zip(("down", "up"), got):
+                    if r is not None:
+                        self._keep_replay(key, capacity_bytes, False, order, r)
         r = self.replay(key, stream, capacity_bytes, expandable)
         if _second_order(r, training, expandable):
             up = self.replay(key, stream, capacity_bytes, expandable, "up")
@@ -1362,69 +1399,21 @@ class Memo:
         return up if up is None or not up.completed else r
 
 
-class _Beside:
-    """One worker thread that runs a replay beside the calling thread's (:meth:`Memo.verdict`), made on first
-    use, in this process (a forked child makes its own). Used only where this process may run on two cores."""
+_CORES: list = []  # [whether this process may run on two cores], once asked
 
-    def __init__(self) -> None:
-        self._pid = -1
-        self._queue = None
-        self._cores: bool | None = None
 
-    def available(self, stream=None) -> bool:
-        """Whether a replay of ``stream`` may run beside: two cores, and a stream the compiled replay reads
-        without the GIL (not a :class:`~memfit.estimator.events.PyStream`, nor without the compiled parts)."""
-        if stream is not None:
-            from ..allocator import model as allocator_model
-            from .events import PyStream
-
-            if allocator_model.COMPILED is None or isinstance(stream, PyStream):
-                return False
-        if self._cores is None:
-            import os
-
-            try:
-                n = len(os.sched_getaffinity(0))
-            except (AttributeError, OSError):
-                n = os.cpu_count() or 1
-            self._cores = n > 1 and os.environ.get("MEMFIT_NO_THREADS", "") in ("", "0")
-        return self._cores
-
-    def _work(self, queue) -> None:
-        while True:
-            make, box, done = queue.get()
-            try:
-                box.append(make())
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                box.append(exc)
-            done.release()
-
-    def run(self, make):
-        """Start ``make()`` on the worker; returns a function that waits for its result (raising what it raised)."""
+def _two_cores() -> bool:
+    """Whether a verdict's two orders may replay at once (:func:`memfit.estimator.events.replay_both`): this
+    process may run on two cores or more, and ``MEMFIT_NO_THREADS`` is not set."""
+    if not _CORES:
         import os
-        import threading
 
-        if self._pid != os.getpid():
-            import queue
-
-            self._queue = queue.SimpleQueue()
-            threading.Thread(target=self._work, args=(self._queue,), daemon=True, name="memfit-replay").start()
-            self._pid = os.getpid()
-        box: list = []
-        done = threading.Lock()
-        done.acquire()
-        self._queue.put((make, box, done))
-
-        def wait():
-            done.acquire()
-            if isinstance(box[0], BaseException):
-                raise box[0]
-            return box[0]
-
-        return wait
-
-
-_beside = _Beside()
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        _CORES.append(n > 1 and os.environ.get("MEMFIT_NO_THREADS", "") in ("", "0"))
+    return _CORES[0]
 
 
 def _both_orders(training: bool, expandable: bool) -> bool:
@@ -1481,7 +1470,7 @@ def estimate(job: Job, spec: ModelSpec | None = None, *, gpu_memory_bytes: int |
     # (Gemma2PreTrainedModel._supports_sdpa = True; integrations/sdpa_attention.py drops the soft-capping), as traced
     if spec.model_type == "gpt_oss" and job.attention == "sdpa":
         job = job.replace(attention="eager")  # GptOssPreTrainedModel._supports_sdpa = False (attention sinks)
-    memo = memo if memo is not None else Memo()
+    memo = memo if memo is not None else Memo(per_job=_shared_per_job(spec))
     key, (stream, comps, phase, phases, notes) = memo.stream(spec, job)
     comps, phases, notes = dict(comps), dict(phases), list(notes)
     peak = sum(comps.values())
@@ -1564,7 +1553,7 @@ def _fits_on(job: Job, gpu_memory_bytes: int, spec: ModelSpec, memo: Memo | None
         job = job.replace(attention="eager")
     cap = gpu_memory_bytes - cuda_context_bytes(job.task, job.quantization) - st.paged_optimizer_host_bytes(spec, job)
     expandable = bool(getattr(job, "expandable_segments", False))
-    memo = memo if memo is not None else Memo()
+    memo = memo if memo is not None else Memo(per_job=_shared_per_job(spec))
     key, peak = memo.peak_allocated(spec, job, fit=True)
     if peak > cap:
         return False  # the tensors alone do not fit: no replay needed

@@ -12,7 +12,8 @@
 
    with each handle's bytes and component id beside them, and one table of the component and phase names.
    Methods and results are those of events.PyStream (the Python version, used where this is not built or
-   MEMFIT_PURE_PYTHON is set): alloc, free, alloc_all, free_all, regrow, mark, repeat, repeat_map, phase, reset_peaks,
+   MEMFIT_PURE_PYTHON is set): alloc, free, alloc_all, free_all, regrow, mark, repeat, repeat_map, again, phase,
+   reset_peaks,
    account, op, phase_at, and `ops` (the operations as PyStream's tuples, made when asked for). The allocator
    replay (allocator/_replay.c) reads the operations through the buffer protocol (format "q", four per
    operation) without converting anything.
@@ -575,6 +576,83 @@ static int push_index(StreamObject *s, Py_ssize_t **a, Py_ssize_t *n, Py_ssize_t
     return 0;
 }
 
+/* the stretch [start, end) appended again as a later pass of the code that made it emits it: each tensor the
+   stretch frees made anew (new handles, in order), each it never frees left out (made once: it persists, as a
+   training step's optimizer states and cuBLAS workspaces do), its phase marks repeated; Py_True, or None with
+   nothing appended where the stretch frees a tensor from outside it or holds a reset */
+static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "again(start, end): two mark()s");
+        return NULL;
+    }
+    Py_ssize_t o0, h0, o1, h1;
+    if (start_of(args[0], &o0, &h0) < 0 || start_of(args[1], &o1, &h1) < 0) return NULL;
+    if (o0 < 0 || o1 < o0 || o1 > s->nops || h0 < 0 || h1 < h0 || h1 > s->nh) {
+        PyErr_SetString(PyExc_ValueError, "again: a stretch the stream does not hold");
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < s->nresets; j++)
+        if (s->resets[j] >= o0 && s->resets[j] < o1) Py_RETURN_NONE;
+    Py_ssize_t nh = h1 - h0;
+    int64_t *map = PyMem_Malloc((size_t)(nh ? nh : 1) * sizeof(int64_t));
+    if (!map) return PyErr_NoMemory();
+    for (Py_ssize_t j = 0; j < nh; j++) map[j] = -1;
+    Py_ssize_t n_ops = 0, n_new = 0;
+    for (Py_ssize_t i = o0; i < o1; i++) {
+        const int64_t *o = s->ops + 4 * i;
+        if (o[0] == OP_FREE) {
+            if (o[1] < h0 || o[1] >= h1) {
+                PyMem_Free(map);
+                Py_RETURN_NONE;
+            }
+            map[o[1] - h0] = 0;
+        } else if (o[0] != OP_ALLOC && o[0] != OP_PHASE) {
+            PyMem_Free(map);
+            Py_RETURN_NONE;
+        }
+    }
+    for (Py_ssize_t j = 0; j < nh; j++)
+        if (map[j] == 0) map[j] = s->nh + n_new++;
+    for (Py_ssize_t i = o0; i < o1; i++) {
+        const int64_t *o = s->ops + 4 * i;
+        if (o[0] != OP_ALLOC || map[o[1] - h0] >= 0) n_ops++;
+    }
+    if (room_ops(s, n_ops) < 0 || room_handles(s, n_new) < 0) {
+        PyMem_Free(map);
+        return NULL;
+    }
+    int32_t last_phase = -1;
+    for (Py_ssize_t i = o0; i < o1; i++) {
+        const int64_t *o = s->ops + 4 * i;
+        int64_t k = o[0], a = o[1], b = o[2], c = o[3];
+        if (k == OP_ALLOC) {
+            int64_t h = map[a - h0];
+            if (h < 0) continue;
+            s->hsize[h] = b;
+            s->hcomp[h] = (int32_t)c;
+            put_op(s, OP_ALLOC, h, b, c);
+        } else if (k == OP_FREE) {
+            put_op(s, OP_FREE, map[a - h0], b, c);
+        } else {
+            if (push_index(s, &s->marks, &s->nmarks, &s->capmarks, s->nops) < 0) {
+                PyMem_Free(map);
+                return NULL; /* the operations so far stay: an error leaves the stream unusable, as others do */
+            }
+            put_op(s, OP_PHASE, a, 0, 0);
+            last_phase = (int32_t)a;
+        }
+    }
+    s->nh += n_new;
+    PyMem_Free(map);
+    if (last_phase >= 0) {
+        PyObject *name = PyList_GET_ITEM(s->names, last_phase);
+        Py_INCREF(name);
+        Py_SETREF(s->phase_name, name);
+    }
+    touched(s);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *S_phase(StreamObject *s, PyObject *name) {
     int32_t id = name_id(s, name);
     if (id < 0) return NULL;
@@ -935,6 +1013,9 @@ static PyMethodDef S_methods[] = {
      "repeat_map(start, keys, values, lists, sub_from, sub_to) -> (offset, *shifted lists) | None "
      "(see events.PyStream.repeat_map)"},
     {"phase", (PyCFunction)S_phase, METH_O, "phase(name): a phase mark"},
+    {"again", (PyCFunction)(void (*)(void))S_again, METH_FASTCALL,
+     "again(start, end): the stretch between two mark()s made again (the tensors it frees made anew, those it "
+     "keeps left out); True, or None with nothing appended"},
     {"reset_peaks", (PyCFunction)S_reset_peaks, METH_NOARGS, "reset_peaks(): torch.cuda.reset_peak_memory_stats()"},
     {"account", (PyCFunction)S_account, METH_NOARGS,
      "account() -> (peak, peak_at, peak_phase, phases, components) | None: events.account's walk"},

@@ -23,7 +23,7 @@ from operator import itemgetter
 
 from ..compiled import load as load_compiled
 
-__all__ = ["Stream", "PyStream", "build", "ReplayResult", "replay", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
+__all__ = ["Stream", "PyStream", "build", "ReplayResult", "replay", "replay_both", "CUDA_CONTEXT_BYTES", "CUDA_CONTEXT_INFER_BYTES",
            "cuda_context_bytes", "EXPANDABLE_PAGE_BYTES"]
 
 #: nvidia-smi's process total minus PyTorch's peak reserve: the CUDA context plus the kernels loaded (cuBLAS,
@@ -193,6 +193,34 @@ class PyStream:
         if d is None:
             return None
         return (d, *([sub_to if h == sub_from else (h + d if h >= 0 else -1) for h in t] for t in lists))
+
+    def again(self, start: tuple[int, int], end: tuple[int, int]) -> bool | None:
+        """Append the stretch between two :meth:`mark` s again, as a later pass of the code that made it emits it
+        (a training step after the first): each tensor the stretch frees is made anew (new handles, in order),
+        each it never frees is left out (it persists: made once, as the optimizer states and the cuBLAS
+        workspaces are), its phase marks come again. True; or None with nothing appended when the stretch frees
+        a tensor from outside it or holds a reset. The result is the stream the code would have built."""
+        (o0, h0), (o1, h1) = start, end
+        if any(o0 <= r < o1 for r in self._resets):
+            return None
+        stretch = self.ops[o0:o1]
+        freed = set()
+        for op in stretch:
+            if op[0] == _FREE:
+                if not h0 <= op[1] < h1:
+                    return None
+                freed.add(op[1])
+        new: dict[int, int] = {}
+        for op in stretch:
+            kind = op[0]
+            if kind == _ALLOC:
+                if op[1] in freed:
+                    new[op[1]] = self.alloc(op[2], op[3])
+            elif kind == _FREE:
+                self.free(new[op[1]])
+            else:
+                self.phase(op[1])
+        return True
 
     def phase(self, name: str) -> None:
         self.phase_name = name
@@ -475,16 +503,7 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
                            config=config, large_addresses=large_addresses, cancel=cancel)
         if alloc is None:
             return False
-        i = alloc.index
-        if i >= 0:
-            op = stream.op(i)
-            res.completed = False
-            res.failed_request_bytes, res.failed_component = op[2], op[3]
-            res.failed_phase = stream.phase_at(i)
-            res.allocated_at_failure_bytes = alloc.allocated
-            res.reserved_at_failure_bytes = alloc.reserved
-        res.peak_reserved_bytes = alloc.peak_reserved
-        res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
+        _fill(res, alloc, stream, capacity_bytes)
         return True
     alloc = CachingAllocatorModel(capacity_bytes, config=config, on_oom="raise", large_addresses=large_addresses)
     blocks: dict[int, object] = {}
@@ -511,6 +530,47 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
     res.peak_reserved_bytes = alloc.peak_reserved
     res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
     return True
+
+
+def _fill(res: ReplayResult, alloc, stream: Stream, capacity_bytes: int | None) -> None:
+    """``res`` (the stream's accounting) completed with the compiled replay's figures (a ReplayStats)."""
+    i = alloc.index
+    if i >= 0:
+        op = stream.op(i)
+        res.completed = False
+        res.failed_request_bytes, res.failed_component = op[2], op[3]
+        res.failed_phase = stream.phase_at(i)
+        res.allocated_at_failure_bytes = alloc.allocated
+        res.reserved_at_failure_bytes = alloc.reserved
+    res.peak_reserved_bytes = alloc.peak_reserved
+    res.limit_reached = capacity_bytes is not None and (alloc.num_alloc_retries > 0 or not res.completed)
+
+
+def replay_both(stream: Stream, capacity_bytes: int) -> tuple[ReplayResult, ReplayResult | None] | None:
+    """:func:`replay` of the stream under ``capacity_bytes`` with the default setting in both orders of new
+    large segments' addresses, ``(down, up)``, the second on a thread beside the first
+    (:func:`memfit.allocator.replay_both_orders`); ``up`` is None when the first ran out of memory before the
+    second was done. None where the pair cannot run at once (no compiled replay or stream, or the full replay
+    that ``MEMFIT_FULL_REPLAY`` asks for): call :func:`replay` for each order."""
+    from ..allocator import replay_both_orders
+
+    if _FULL_REPLAY or isinstance(stream, PyStream):
+        return None
+    capacity_bytes = max(0, int(capacity_bytes))
+    got = replay_both_orders(stream, capacity_bytes)
+    if got is None:
+        return None
+    out = []
+    for alloc in got:
+        if alloc is None:
+            out.append(None)
+            continue
+        acc = stream.accounted
+        res = account(stream) if acc is None else replace_(acc, components=dict(acc.components),
+                                                             phases=dict(acc.phases), extras={})
+        _fill(res, alloc, stream, capacity_bytes)
+        out.append(res)
+    return out[0], out[1]
 
 
 def _phase_at(ops: list[tuple], end: int) -> str:
