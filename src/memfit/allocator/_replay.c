@@ -132,6 +132,24 @@ static inline int ent_less(const Ent *e, int64_t size, int64_t addr) {
     return e->size < size || (e->size == size && e->addr < addr);
 }
 
+/* the n entries from e one place up (to e + 1) / the n entries after e one place down (onto e): a loop for
+   the few a class usually holds, memmove past that */
+static inline void ent_shift_up(Ent *e, Py_ssize_t n) {
+    if (n > 8) {
+        memmove(e + 1, e, (size_t)n * sizeof(Ent));
+        return;
+    }
+    for (Py_ssize_t j = n; j > 0; j--) e[j] = e[j - 1];
+}
+
+static inline void ent_shift_down(Ent *e, Py_ssize_t n) {
+    if (n > 8) {
+        memmove(e, e + 1, (size_t)n * sizeof(Ent));
+        return;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) e[j] = e[j + 1];
+}
+
 /* the class of a block of `size` bytes: non-decreasing in the size */
 static inline int size_class(int64_t size) {
     uint64_t u = (uint64_t)size >> 9;
@@ -180,8 +198,8 @@ static int pool_insert(Pool *p, int32_t id) {
         k->e = e;
         k->cap = cap;
     }
-    Py_ssize_t i = entry_lower(k, size, addr);
-    memmove(k->e + i + 1, k->e + i, (size_t)(k->n - i) * sizeof(Ent));
+    Py_ssize_t i = k->n ? entry_lower(k, size, addr) : 0;
+    ent_shift_up(k->e + i, k->n - i);
     k->e[i].size = size;
     k->e[i].addr = addr;
     k->e[i].id = id;
@@ -196,7 +214,7 @@ static int pool_insert(Pool *p, int32_t id) {
 /* the entry i of class c out of the pool */
 static void pool_remove_at(Pool *p, int c, Py_ssize_t i) {
     Cls *k = &p->cls[c];
-    memmove(k->e + i, k->e + i + 1, (size_t)(k->n - i - 1) * sizeof(Ent));
+    ent_shift_down(k->e + i, k->n - i - 1);
     p->n--;
     if (--k->n == 0) {
         p->bits[c >> 6] &= ~(1ULL << (c & 63));

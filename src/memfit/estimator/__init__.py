@@ -441,9 +441,10 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
     # copied from that layer's stretch (events.Stream.repeat) instead of being built again, the same stream
     # (tests/test_stream_repeat.py builds every registry model both ways). ``layer_class``: one int per
     # distinct block data.
-    classes: dict[str, int] = {}
-    layer_class = {bi: classes.setdefault(repr((layer_tensors[bi], merged[bi], stash.get(bi), math_back.get(bi),
-                                                dq_back.get(bi))), len(classes)) for bi in set(layers)}
+    classes: dict[tuple, int] = {}
+    layer_class = {bi: classes.setdefault((tuple(layer_tensors[bi]), merged[bi], tuple(stash.get(bi, ())),
+                                           math_back.get(bi), tuple(dq_back.get(bi, ()))), len(classes))
+                   for bi in set(layers)}
     repeat = hooks is None and _REPEAT_LAYERS
     if repeat:  # what else a layer's forward and backward read, by position
         fwd_static = [(layer_class[bi], tuple(cache_layers[i])) for i, bi in enumerate(layers)]
