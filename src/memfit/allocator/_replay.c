@@ -73,17 +73,25 @@ typedef struct {
 } Ent;
 
 /* a pool's free blocks ordered by (size, address), bucketed by size class: a class holds the blocks of one
-   range of sizes (each size below 32 KiB its own; above, 32 classes per power of two), in one array sorted by
-   (size, address), and a bitmap says which classes hold any. The best fit is a search in the request's class
-   and, where that class holds nothing large enough, the first entry of the next class the bitmap names; an
-   insert or a removal moves the tail of one class's array. (A training step's large pool holds hundreds of
-   free blocks; one sorted array of them spent most of the replay moving its tail, sorted chunks of 48 a third
-   of it in their searches.) */
+   range of sizes (each size below 32 KiB its own; above, 32 classes per power of two) sorted by (size,
+   address), in chunks of at most CHUNK entries, and a bitmap says which classes hold any. The best fit is a
+   search in the request's class and, where that class holds nothing large enough, the first entry of the next
+   class the bitmap names; an insert or a removal moves the tail of one chunk. (A training step's large pool
+   holds hundreds of free blocks, a deep model's thousands of one size; one sorted array of them spent most of
+   the replay moving its tail, sorted chunks of all of them a third of it in their searches.) */
 #define NCLASS 1600
 #define NWORDS ((NCLASS + 63) / 64)
+#define CHUNK 24
 typedef struct {
-    Ent *e;
-    int32_t n, cap;
+    Py_ssize_t n;
+    Ent e[CHUNK];
+} Chunk;
+
+typedef struct {
+    Chunk **ch;   /* the class's chunks in order, none empty: &first while there is at most one (NULL: never used) */
+    Chunk *first; /* the directory of a class of one chunk */
+    Chunk *spare; /* the class's last chunk, kept when it emptied (classes empty and fill again all the time) */
+    int32_t nch, capch;
 } Cls;
 
 typedef struct {
@@ -171,17 +179,54 @@ static inline int next_class(const Pool *p, int c) {
     return (w << 6) + __builtin_ctzll(p->bits[w]);
 }
 
-/* the first entry of class k whose key is >= (size, addr) (k->n: none) */
-static inline Py_ssize_t entry_lower(const Cls *k, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = k->n;
+/* the first entry of chunk c whose key is >= (size, addr) (c->n: none) */
+static inline Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = c->n;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
-        if (ent_less(&k->e[mid], size, addr))
+        if (ent_less(&c->e[mid], size, addr))
             lo = mid + 1;
         else
             hi = mid;
     }
     return lo;
+}
+
+/* the first chunk of class k whose last key is >= (size, addr) (k->nch: none) */
+static inline int32_t chunk_lower(const Cls *k, int64_t size, int64_t addr) {
+    int32_t lo = 0, hi = k->nch;
+    while (lo < hi) {
+        int32_t mid = (lo + hi) >> 1;
+        const Chunk *c = k->ch[mid];
+        if (ent_less(&c->e[c->n - 1], size, addr))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* a new empty chunk at index i of class k; NULL when the memory is not there */
+static Chunk *chunk_new(Cls *k, int32_t i) {
+    if (k->nch + 1 > k->capch) {
+        int32_t cap = k->capch > 1 ? 2 * k->capch : 4;
+        Chunk **d = PyMem_RawMalloc((size_t)cap * sizeof(Chunk *));
+        if (!d) return NULL;
+        memcpy(d, k->ch, (size_t)k->nch * sizeof(Chunk *));
+        if (k->ch != &k->first) PyMem_RawFree(k->ch);
+        k->ch = d;
+        k->capch = cap;
+    }
+    Chunk *c = k->spare;
+    if (c)
+        k->spare = NULL;
+    else if (!(c = PyMem_RawMalloc(sizeof(Chunk))))
+        return NULL;
+    c->n = 0;
+    memmove(k->ch + i + 1, k->ch + i, (size_t)(k->nch - i) * sizeof(Chunk *));
+    k->ch[i] = c;
+    k->nch++;
+    return c;
 }
 
 /* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
@@ -191,19 +236,35 @@ static int pool_insert(Pool *p, int32_t id) {
     int64_t size = b->size, addr = b->addr;
     int c = size_class(size);
     Cls *k = &p->cls[c];
-    if (k->n == k->cap) {
-        int32_t cap = k->cap ? 2 * k->cap : 4;
-        Ent *e = PyMem_RawRealloc(k->e, (size_t)cap * sizeof(Ent));
-        if (!e) return -1;
-        k->e = e;
-        k->cap = cap;
+    if (!k->ch) { /* the class's first block: its directory is `first` (only classes that held one are read) */
+        k->ch = &k->first;
+        k->capch = 1;
     }
-    Py_ssize_t i = k->n ? entry_lower(k, size, addr) : 0;
-    ent_shift_up(k->e + i, k->n - i);
-    k->e[i].size = size;
-    k->e[i].addr = addr;
-    k->e[i].id = id;
-    if (k->n++ == 0) {
+    int32_t ci = chunk_lower(k, size, addr);
+    if (ci == k->nch) {
+        if (ci == 0 || k->ch[ci - 1]->n == CHUNK) { /* after every key: a new last chunk, or the last one's end */
+            if (!chunk_new(k, ci)) return -1;
+        } else {
+            ci--;
+        }
+    }
+    Chunk *ck = k->ch[ci];
+    if (ck->n == CHUNK) { /* split it: its upper half into a new chunk after it */
+        Chunk *d = chunk_new(k, ci + 1);
+        if (!d) return -1;
+        ck = k->ch[ci];
+        d->n = CHUNK / 2;
+        memcpy(d->e, ck->e + CHUNK / 2, (CHUNK / 2) * sizeof(Ent));
+        ck->n = CHUNK / 2;
+        if (ent_less(&ck->e[ck->n - 1], size, addr)) ck = d;
+    }
+    Py_ssize_t i = ck->n ? entry_lower(ck, size, addr) : 0;
+    ent_shift_up(ck->e + i, ck->n - i);
+    ck->e[i].size = size;
+    ck->e[i].addr = addr;
+    ck->e[i].id = id;
+    ck->n++;
+    if (k->nch == 1 && ck->n == 1) {
         p->bits[c >> 6] |= 1ULL << (c & 63);
         p->top |= 1ULL << (c >> 6);
     }
@@ -211,40 +272,52 @@ static int pool_insert(Pool *p, int32_t id) {
     return 0;
 }
 
-/* the entry i of class c out of the pool */
-static void pool_remove_at(Pool *p, int c, Py_ssize_t i) {
+/* entry i of chunk ci of class c out of the pool */
+static void pool_remove_at(Pool *p, int c, int32_t ci, Py_ssize_t i) {
     Cls *k = &p->cls[c];
-    ent_shift_down(k->e + i, k->n - i - 1);
+    Chunk *ck = k->ch[ci];
+    ent_shift_down(ck->e + i, ck->n - i - 1);
     p->n--;
-    if (--k->n == 0) {
-        p->bits[c >> 6] &= ~(1ULL << (c & 63));
-        if (!p->bits[c >> 6]) p->top &= ~(1ULL << (c >> 6));
+    if (--ck->n == 0) {
+        if (k->spare)
+            PyMem_RawFree(ck);
+        else
+            k->spare = ck;
+        memmove(k->ch + ci, k->ch + ci + 1, (size_t)(k->nch - ci - 1) * sizeof(Chunk *));
+        if (--k->nch == 0) {
+            p->bits[c >> 6] &= ~(1ULL << (c & 63));
+            if (!p->bits[c >> 6]) p->top &= ~(1ULL << (c >> 6));
+        }
     }
 }
 
 static void pool_remove(Pool *p, int32_t id) {
     const Blk *b = &p->owner->b[id];
     int c = size_class(b->size);
-    pool_remove_at(p, c, entry_lower(&p->cls[c], b->size, b->addr));
+    const Cls *k = &p->cls[c];
+    int32_t ci = chunk_lower(k, b->size, b->addr);
+    pool_remove_at(p, c, ci, entry_lower(k->ch[ci], b->size, b->addr));
 }
 
-/* where lower_bound(size) is: the class and entry of the smallest block of at least `size` bytes (lowest
-   address among equals); 0, or -1: none */
-static inline int pool_find(const Pool *p, int64_t size, int *cp, Py_ssize_t *ip) {
+/* where lower_bound(size) is: the class, chunk and entry of the smallest block of at least `size` bytes
+   (lowest address among equals); 0, or -1: none */
+static inline int pool_find(const Pool *p, int64_t size, int *cp, int32_t *chp, Py_ssize_t *ip) {
     if (!p->n) return -1;
     int c = size_class(size);
     const Cls *k = &p->cls[c];
-    if (k->n) {
-        Py_ssize_t i = entry_lower(k, size, INT64_MIN);
-        if (i < k->n) {
+    if (k->nch) {
+        int32_t ci = chunk_lower(k, size, INT64_MIN);
+        if (ci < k->nch) {
             *cp = c;
-            *ip = i;
+            *chp = ci;
+            *ip = entry_lower(k->ch[ci], size, INT64_MIN);
             return 0;
         }
     }
     c = next_class(p, c + 1);
     if (c < 0) return -1;
     *cp = c;
+    *chp = 0;
     *ip = 0;
     return 0;
 }
@@ -252,17 +325,19 @@ static inline int pool_find(const Pool *p, int64_t size, int *cp, Py_ssize_t *ip
 /* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
 static int32_t pool_lower(const Pool *p, int64_t size) {
     int c;
+    int32_t ci;
     Py_ssize_t i;
-    return pool_find(p, size, &c, &i) < 0 ? -1 : p->cls[c].e[i].id;
+    return pool_find(p, size, &c, &ci, &i) < 0 ? -1 : p->cls[c].ch[ci]->e[i].id;
 }
 
 /* pool_lower(size) taken out of the pool in the same search, -1: none */
 static int32_t pool_take_lower(Pool *p, int64_t size) {
     int c;
+    int32_t ci;
     Py_ssize_t i;
-    if (pool_find(p, size, &c, &i) < 0) return -1;
-    int32_t id = p->cls[c].e[i].id;
-    pool_remove_at(p, c, i);
+    if (pool_find(p, size, &c, &ci, &i) < 0) return -1;
+    int32_t id = p->cls[c].ch[ci]->e[i].id;
+    pool_remove_at(p, c, ci, i);
     return id;
 }
 
@@ -271,10 +346,13 @@ static int32_t pool_next(const Pool *p, int32_t x) {
     const Blk *b = &p->owner->b[x];
     int c = size_class(b->size);
     const Cls *k = &p->cls[c];
-    Py_ssize_t i = entry_lower(k, b->size, b->addr) + 1;
-    if (i < k->n) return k->e[i].id;
+    int32_t ci = chunk_lower(k, b->size, b->addr);
+    const Chunk *ck = k->ch[ci];
+    Py_ssize_t i = entry_lower(ck, b->size, b->addr) + 1;
+    if (i < ck->n) return ck->e[i].id;
+    if (ci + 1 < k->nch) return k->ch[ci + 1]->e[0].id;
     c = next_class(p, c + 1);
-    return c < 0 ? -1 : p->cls[c].e[0].id;
+    return c < 0 ? -1 : p->cls[c].ch[0]->e[0].id;
 }
 
 /* the pool's blocks in order into out (room for p->n); returns their count */
@@ -282,14 +360,20 @@ static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
     Py_ssize_t n = 0;
     for (int c = next_class(p, 0); c >= 0; c = next_class(p, c + 1)) {
         const Cls *k = &p->cls[c];
-        for (Py_ssize_t i = 0; i < k->n; i++) out[n++] = k->e[i].id;
+        for (int32_t ci = 0; ci < k->nch; ci++)
+            for (Py_ssize_t i = 0; i < k->ch[ci]->n; i++) out[n++] = k->ch[ci]->e[i].id;
     }
     return n;
 }
 
 static void pool_free(Pool *p) {
     if (p->cls)
-        for (int c = 0; c < NCLASS; c++) PyMem_RawFree(p->cls[c].e);
+        for (int c = 0; c < NCLASS; c++) {
+            Cls *k = &p->cls[c];
+            for (int32_t ci = 0; ci < k->nch; ci++) PyMem_RawFree(k->ch[ci]);
+            PyMem_RawFree(k->spare);
+            if (k->ch && k->ch != &k->first) PyMem_RawFree(k->ch);
+        }
     PyMem_RawFree(p->cls);
     PyMem_RawFree(p->unm);
 }
