@@ -477,9 +477,7 @@ def replay(stream: Stream, *, capacity_bytes: int | None = None, expandable_segm
     if (uncapped is not None and not _FULL_REPLAY and uncapped.completed and not expandable_segments
             and (capacity_bytes is None or uncapped.peak_reserved_bytes <= capacity_bytes)):
         return replace_(uncapped, components=dict(uncapped.components), phases=dict(uncapped.phases), extras={})
-    accounted = accounted or stream.accounted
-    res = account(stream) if accounted is None else replace_(accounted, components=dict(accounted.components),
-                                                              phases=dict(accounted.phases), extras={})
+    res = _accounted_copy(stream, accounted)
     if expandable_segments and capacity_bytes is None:
         # uncapped, the stand-in's perfect page reuse; under a card's limit the allocator model's expandable
         # mode, which unmaps free pages only when a request would pass the limit (as the real one does)
@@ -532,6 +530,15 @@ def _replay_default(stream: Stream, res: ReplayResult, capacity_bytes: int | Non
     return True
 
 
+def _accounted_copy(stream: Stream, accounted: ReplayResult | None = None) -> ReplayResult:
+    """A fresh copy of the stream's accounting (``accounted``, else the one it keeps, else made now), for a
+    replay to complete."""
+    accounted = accounted or stream.accounted
+    if accounted is None:
+        return account(stream)
+    return replace_(accounted, components=dict(accounted.components), phases=dict(accounted.phases), extras={})
+
+
 def _fill(res: ReplayResult, alloc, stream: Stream, capacity_bytes: int | None) -> None:
     """``res`` (the stream's accounting) completed with the compiled replay's figures (a ReplayStats)."""
     i = alloc.index
@@ -565,9 +572,7 @@ def replay_both(stream: Stream, capacity_bytes: int) -> tuple[ReplayResult, Repl
         if alloc is None:
             out.append(None)
             continue
-        acc = stream.accounted
-        res = account(stream) if acc is None else replace_(acc, components=dict(acc.components),
-                                                             phases=dict(acc.phases), extras={})
+        res = _accounted_copy(stream)
         _fill(res, alloc, stream, capacity_bytes)
         out.append(res)
     return out[0], out[1]
