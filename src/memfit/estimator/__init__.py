@@ -1135,7 +1135,7 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
     the adapters apart, to stay a floor); the optimizer states (:func:`~memfit.estimator.states.optimizer_state_bytes`),
     made at the first step, stay. In full fine-tuning every gradient (:func:`~memfit.estimator.states.gradient_bytes`)
     is alive with them at the optimizer step. At the start of the second step's backward every layer still holds
-    what its forward kept (:func:`_kept_floor`), and with a language-model head the loss holds 12 bytes per token
+    what its forward kept (:func:`_floor_terms`), and with a language-model head the loss holds 12 bytes per token
     and vocabulary entry: the fp32 log-softmax and two fp32 gradients of the scores (10 on the plain masked-LM
     path, :func:`_plain_ce_mlm`: autocast's fp32 copy, the 16-bit log-softmax, one fp32 gradient). With
     checkpointing, once the last layer's forward is recomputed, the other layers' inputs and its saved tensors are
@@ -1144,26 +1144,89 @@ def floor_bytes(job: Job, spec: ModelSpec) -> int:
     never below what is allocated. Less 1 MiB for the whole-byte rounding of each tensor in the stream."""
     if job.strategy != "single" or job.gpus > 1:
         return 0
+    T = job.batch_size * job.seq_len
+    quant4 = job.quantization in ("nf4", "fp4")
+    k = (spec, _static_key(job), quant.bnb_row_tier(T) if quant4 else 0)
+    terms = _FLOORS.get(k)
+    if terms is None:
+        if len(_FLOORS) >= 4096:
+            _FLOORS.clear()
+        terms = _FLOORS[k] = _floor_terms(spec, job)
+    if len(terms) == 1:
+        return terms[0]
+    if len(terms) == 4:
+        at_step, base, per_token, fixed = terms
+        return max(0, int(max(at_step, base + per_token * T + fixed)) - 2**20)
+    # checkpointing: every layer keeps its input, one tensor of T x ``one`` bytes (less 1)
+    at_step, base, loss, one, n, rec_per_token, rec_fixed = terms
+    kept = max(0.0, T * one - 1)
+    return max(0, int(max(at_step, base + n * kept + loss * T, base + (n - 1) * kept + rec_per_token * T + rec_fixed))
+               - 2**20)
+
+
+#: floor_bytes' terms by (model, the job's fields but the micro-batch, the 4-bit row tier): the planner asks
+#: for several micro-batches of each setting
+_FLOORS: dict = {}
+
+
+def _floor_terms(spec: ModelSpec, job: Job) -> tuple:
+    """:func:`floor_bytes`'s parts that do not depend on the micro-batch's tokens ``T`` (the 4-bit row tier
+    apart, which is part of the key): ``(bytes,)`` for inference; for training (the optimizer step's bytes,
+    the weights and states under the backward, the backward's bytes per token, its fixed bytes); with
+    checkpointing (the optimizer step's bytes, the weights and states, the loss's bytes per token, a layer
+    input's bytes per token, the layers, and the last layer's recompute: per token, fixed).
+
+    The layers' bytes at two moments of the second step's backward (:func:`_train`, single GPU). At its start,
+    what every layer's forward kept: with checkpointing each layer's input (the tensor the layer before it
+    made, the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA weights,
+    the first layer's first tensor left out (the embedding output where the model hands it over), and
+    autocast's casts of the weights (mixed precision), which backward frees layer by layer. With
+    checkpointing, also once the last layer's forward is recomputed: the other layers' inputs and that layer's
+    saved tensors and merged weights."""
     weights = st.weight_bytes(spec, job)
     if job.task != "train":
-        return max(0, weights - 2**20)
+        return (max(0, weights - 2**20),)
     if job.is_lora:
         weights -= st.lora_adapter_params(spec, job) * 4
         if spec.head == "seq_cls":
             weights -= spec.head_params * st.param_bytes(job.precision)
     states = st.optimizer_state_bytes(spec, job)
     at_step = weights + states + (0 if job.is_lora else st.gradient_bytes(spec, job))
-    kept, recompute = _kept_floor(spec, job)
-    at_backward = weights + states + kept
+    loss = 0
     if spec.head in ("causal_lm", "masked_lm"):
-        at_backward += (10 if _plain_ce_mlm(spec, job) else 12) * job.batch_size * job.seq_len * spec.vocab_size
-    at_recompute = weights + states + recompute
-    if recompute and not job.is_lora:  # the head's weight gradients, made before the layers' backward
-        pb = st.param_bytes(job.precision)
-        at_recompute += (spec.head_params + spec.final_params) * pb
-        if spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm"):
-            at_recompute += spec.vocab_size * spec.hidden_size * pb
-    return max(0, int(max(at_step, at_backward, at_recompute)) - 2**20)
+        loss = (10 if _plain_ce_mlm(spec, job) else 12) * spec.vocab_size
+    layers = _layer_order(spec)
+    if not layers:
+        return at_step, weights + states, float(loss), 0.0
+    if spec.model_type == "gpt_oss" and job.attention == "sdpa":
+        job = job.replace(attention="eager")  # as estimate() and fits_on() run it
+    amode = _act_mode(job)
+    mode = _train_mode(spec, job, amode, job.batch_size * job.seq_len)
+
+    def saved(bi: int) -> tuple[float, float]:
+        per_token, fixed, _first = _saved_sums(spec, bi, mode)
+        return per_token, fixed + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi])
+
+    if job.gradient_checkpointing:
+        # at the recompute of the last layer: the other layers' inputs and its saved tensors, and a full
+        # fine-tune's head weight gradients (made before the layers' backward)
+        pt, fx = saved(layers[-1])
+        if not job.is_lora:
+            pb = st.param_bytes(job.precision)
+            fx += (spec.head_params + spec.final_params) * pb
+            if spec.tie_word_embeddings and spec.head in ("causal_lm", "masked_lm"):
+                fx += spec.vocab_size * spec.hidden_size * pb
+        one = (4 if amode in ("32", "mixed") else 2) * spec.hidden_size
+        return at_step, weights + states, float(loss), one, len(layers), pt, fx
+    per_block = {bi: saved(bi) for bi in set(layers)}
+    per_token = sum(per_block[bi][0] for bi in layers)
+    fixed = sum(per_block[bi][1] for bi in layers)
+    _pt, _fx, first = _saved_sums(spec, layers[0], mode)
+    per_token -= first[0]
+    fixed -= first[1]
+    # autocast's 16-bit weight casts (mixed precision): every layer's and the head's, freed only in backward
+    fixed += st.autocast_cache_bytes(spec, job)
+    return at_step, weights + states, per_token + loss, fixed
 
 
 @lru_cache(maxsize=4096)
@@ -1176,40 +1239,6 @@ def _saved_sums(spec: ModelSpec, block_index: int, mode) -> tuple[float, float, 
     kept = [(bpt, fixed) for bpt, saved, _h, _u, fixed in tensors if saved]
     first = (tensors[0][0], tensors[0][4]) if tensors and tensors[0][1] else (0.0, 0.0)
     return sum(k[0] for k in kept), sum(k[1] for k in kept), first
-
-
-def _kept_floor(spec: ModelSpec, job: Job) -> tuple[float, float]:
-    """Bytes the layers hold at two moments of the second step's backward (:func:`_train`, single GPU).
-
-    At its start, what every layer's forward kept: with checkpointing each layer's input (the tensor the layer
-    before it made, the first layer's its own); without, each layer's saved tensors and its merged fused-LoRA
-    weights, the first layer's first tensor left out (the embedding output where the model hands it over), and
-    autocast's casts of the weights (mixed precision), which backward frees layer by layer.
-
-    With checkpointing, also once the last layer's forward is recomputed: the other layers' inputs and that
-    layer's saved tensors and merged weights (0 without checkpointing)."""
-    T = job.batch_size * job.seq_len
-    amode = _act_mode(job)
-    layers = _layer_order(spec)
-    if not layers:
-        return 0.0, 0.0
-    if spec.model_type == "gpt_oss" and job.attention == "sdpa":
-        job = job.replace(attention="eager")  # as estimate() and fits_on() run it
-    mode = _train_mode(spec, job, amode, T)
-
-    def saved(bi: int, skip_first: bool = False) -> float:
-        per_token, fixed, first = _saved_sums(spec, bi, mode)
-        return (per_token * T + fixed - (first[0] * T + first[1] if skip_first else 0.0)
-                + st.fused_lora_merged_bytes(spec, job, spec.blocks[bi]))
-
-    if job.gradient_checkpointing:
-        res = 4 if amode in ("32", "mixed") else 2
-        one = max(0.0, T * spec.hidden_size * res - 1)
-        return len(layers) * one, (len(layers) - 1) * one + saved(layers[-1])
-    per_block = {bi: saved(bi) for bi in set(layers)}
-    # autocast's 16-bit weight casts (mixed precision): every layer's and the head's, freed only in backward
-    casts = st.autocast_cache_bytes(spec, job)
-    return sum(per_block[bi] for bi in layers[1:]) + saved(layers[0], skip_first=True) + casts, 0.0
 
 
 _SHARED: dict = {}  # ModelSpec -> its per-job dict (_shared_per_job), the most recently asked last
