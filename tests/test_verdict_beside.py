@@ -60,3 +60,47 @@ def test_the_pair_is_each_order_alone():
             assert up == replay_ops(stream, cap, large_addresses="up")
     assert replay_both_orders(stream, 1)[0].index >= 0
     assert replay_both_orders(list(stream.ops), 1) is None  # operation tuples: the orders one after the other
+
+
+@needs_compiled
+def test_the_kept_worker_serves_threads_at_once_and_a_forked_child():
+    """The second order runs on one worker thread kept between calls: callers on several Python threads at once
+    (one has the worker, the others replay both orders themselves) and a forked child (which has no worker
+    until it makes one) get the same figures."""
+    import os
+    import sys
+    import threading
+
+    spec = load_model("llama-3.2-1b")
+    stream = _stream(spec, Job(model="llama-3.2-1b", batch_size=2, seq_len=1024))[0]
+    cap = 40 * GiB
+    want = (replay_ops(stream, cap), replay_ops(stream, cap, large_addresses="up"))
+    assert replay_both_orders(stream, cap) == want
+    got, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                got.append(replay_both_orders(stream, cap))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 80 and all(g == want for g in got)
+    if sys.platform == "win32" or not hasattr(os, "fork"):
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker is not there
+        ok = all(replay_both_orders(stream, cap) == want for _ in range(3))
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == b"1"

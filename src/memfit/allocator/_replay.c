@@ -1007,6 +1007,82 @@ static void *order_run(void *arg) {
     return NULL;
 }
 
+#ifndef _WIN32
+/* The second order's thread, made once and kept: a thread made per pair starts with cold memory (its malloc
+   arena and stack fault their pages in again, a hundred page faults a pair), which cost as much as the pair
+   saved. One caller at a time hands it an Order (`wk_busy`); another caller meanwhile replays both orders
+   itself. After a fork the child has no worker: its state is reset (pthread_atfork) and one is made again
+   when asked. */
+static pthread_mutex_t wk_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wk_post = PTHREAD_COND_INITIALIZER, wk_done = PTHREAD_COND_INITIALIZER;
+static Order *wk_job;   /* the Order handed over, not yet finished (NULL: none) */
+static int wk_started;  /* the worker is running */
+static int wk_busy;     /* a caller owns the worker until it has collected its Order */
+static int wk_finished; /* the Order handed over is done */
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&wk_mu);
+    for (;;) {
+        while (!wk_job) pthread_cond_wait(&wk_post, &wk_mu);
+        Order *o = wk_job;
+        pthread_mutex_unlock(&wk_mu);
+        order_run(o);
+        pthread_mutex_lock(&wk_mu);
+        wk_job = NULL;
+        wk_finished = 1;
+        pthread_cond_signal(&wk_done);
+    }
+    return NULL;
+}
+
+static void worker_after_fork(void) {
+    pthread_mutex_init(&wk_mu, NULL);
+    pthread_cond_init(&wk_post, NULL);
+    pthread_cond_init(&wk_done, NULL);
+    wk_job = NULL;
+    wk_started = wk_busy = wk_finished = 0;
+}
+
+/* hand `o` to the worker: 1, or 0 where it cannot be had now (busy with another caller's, or not made) */
+static int worker_post(Order *o) {
+    pthread_mutex_lock(&wk_mu);
+    if (wk_busy) {
+        pthread_mutex_unlock(&wk_mu);
+        return 0;
+    }
+    if (!wk_started) {
+        pthread_t th;
+        pthread_attr_t at;
+        int ok = pthread_attr_init(&at) == 0;
+        if (ok) {
+            pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+            ok = pthread_create(&th, &at, worker_main, NULL) == 0;
+            pthread_attr_destroy(&at);
+        }
+        if (!ok) {
+            pthread_mutex_unlock(&wk_mu);
+            return 0;
+        }
+        wk_started = 1;
+    }
+    wk_busy = 1;
+    wk_finished = 0;
+    wk_job = o;
+    pthread_cond_signal(&wk_post);
+    pthread_mutex_unlock(&wk_mu);
+    return 1;
+}
+
+/* wait for the Order handed over to finish, and give the worker back */
+static void worker_wait(void) {
+    pthread_mutex_lock(&wk_mu);
+    while (!wk_finished) pthread_cond_wait(&wk_done, &wk_mu);
+    wk_busy = 0;
+    pthread_mutex_unlock(&wk_mu);
+}
+#endif
+
 PyDoc_STRVAR(replay_pair_doc,
 "replay_pair(ops, limit, large_segment_bytes, address_space_bytes) -> (down, up)\n\n"
 "replay(ops, limit, large_segment_bytes, False, address_space_bytes) with new large segments at decreasing\n"
@@ -1061,8 +1137,7 @@ static PyObject *replay_pair(PyObject *self, PyObject *args) {
     int rd;
     Py_BEGIN_ALLOW_THREADS
 #ifndef _WIN32
-    pthread_t th;
-    int threaded = pthread_create(&th, NULL, order_run, up) == 0;
+    int threaded = worker_post(up);
 #else
     int threaded = 0; /* no second thread: the orders one after the other */
 #endif
@@ -1070,7 +1145,7 @@ static PyObject *replay_pair(PyObject *self, PyObject *args) {
     if (rd != 0 || failed >= 0) *stop = 1; /* down ran out of memory (or failed): up is not needed */
     if (threaded) {
 #ifndef _WIN32
-        pthread_join(th, NULL);
+        worker_wait();
 #endif
         if (up->r < 0) { /* its error was set on that thread's own state: made again here, where it is raised */
             free_state(&up->s);
@@ -1112,5 +1187,9 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__replay(void) {
+#ifndef _WIN32
+    static int at_fork;
+    if (!at_fork && pthread_atfork(NULL, NULL, worker_after_fork) == 0) at_fork = 1;
+#endif
     return PyModule_Create(&module);
 }
