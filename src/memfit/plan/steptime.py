@@ -419,16 +419,14 @@ class BatchTimer:
         self.per = {n: f2[n] - f1[n] for n in KINDS}
         self.fixed = {n: f1[n] - self.per[n] for n in KINDS}
         self.multi = job.gpus > 1 or job.offload != "none"
+        # (kind, fixed and per-sequence seconds, the kind's factor, once per optimizer step)
+        self._terms = tuple((n, self.fixed[n], self.per[n], self.k[n], n in _ONCE) for n in KINDS)
+        self._tokens = (job.seq_len if job.task == "train" else (job.prompt_len + job.new_tokens)) * _replicas(job)
 
     def __call__(self, batch: int, accumulation: int = 1) -> StepTime:
         a = max(1, int(accumulation))
-        parts = {}
-        for n in KINDS:
-            v = (self.fixed[n] + self.per[n] * batch) * self.k[n]
-            if n in _ONCE:
-                parts[n] = v
-            else:
-                parts[n] = v * a
+        # the kinds' seconds as (fixed + per x batch) x factor, each multiplied by the accumulation unless once
+        parts = {n: (f + p * batch) * k if once else (f + p * batch) * k * a for n, f, p, k, once in self._terms}
         if self.multi:
             # what step_time adds for several GPUs or offload: it depends on the job's layout and on the
             # micro-batch's compute time (how much of the collectives it hides), not on the batch itself
@@ -439,8 +437,7 @@ class BatchTimer:
             if off:
                 parts["offload"] = off
         total = combine(parts, self.k.get("overlap", 1.0))
-        j = self.job
-        tokens = batch * (j.seq_len if j.task == "train" else (j.prompt_len + j.new_tokens)) * a * _replicas(j)
+        tokens = batch * self._tokens * a
         return StepTime(seconds=total, tokens_per_second=tokens / total if total > 0 else 0.0, parts=parts)
 
 
