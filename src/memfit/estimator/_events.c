@@ -56,6 +56,65 @@ typedef struct {
     Py_ssize_t exports;
 } StreamObject;
 
+/* Large arrays of streams that are gone (and the walks' scratch arrays), kept for the next ones: an estimate
+   builds a stream of tens of thousands of operations, replays it and drops it, and each fresh array of some
+   hundred KiB came from the system and faulted its pages in again (a sixth of a large model's stream build).
+   At most KEEP_BLOCKS blocks and KEEP_BYTES in all, the largest kept; called with the GIL held, like every
+   function here. */
+#define KEEP_BLOCKS 8
+#define KEEP_MIN ((size_t)32 << 10)
+#define KEEP_BYTES ((size_t)64 << 20)
+static struct {
+    void *p;
+    size_t cap;
+} kept[KEEP_BLOCKS];
+static int nkept;
+static size_t kept_bytes;
+
+/* a block of at least `need` bytes (*cap: its size): a kept one where one is large enough (`largest`: the
+   largest kept, for an array that grows; else the smallest that holds `need`), else a new one; NULL: no memory */
+static void *keep_take(size_t need, size_t *cap, int largest) {
+    int best = -1;
+    for (int i = 0; i < nkept; i++)
+        if (kept[i].cap >= need &&
+            (best < 0 || (largest ? kept[i].cap > kept[best].cap : kept[i].cap < kept[best].cap)))
+            best = i;
+    if (best < 0) {
+        *cap = need ? need : 1;
+        return PyMem_Malloc(*cap);
+    }
+    void *p = kept[best].p;
+    *cap = kept[best].cap;
+    kept_bytes -= *cap;
+    kept[best] = kept[--nkept];
+    return p;
+}
+
+/* block p of cap bytes back: kept (in place of a smaller one where all places are taken), else freed */
+static void keep_give(void *p, size_t cap) {
+    if (!p) return;
+    if (cap < KEEP_MIN || cap > KEEP_BYTES) {
+        PyMem_Free(p);
+        return;
+    }
+    while (nkept == KEEP_BLOCKS || kept_bytes + cap > KEEP_BYTES) {
+        int small = 0;
+        for (int i = 1; i < nkept; i++)
+            if (kept[i].cap < kept[small].cap) small = i;
+        if (!nkept || kept[small].cap >= cap) {
+            PyMem_Free(p);
+            return;
+        }
+        PyMem_Free(kept[small].p);
+        kept_bytes -= kept[small].cap;
+        kept[small] = kept[--nkept];
+    }
+    kept[nkept].p = p;
+    kept[nkept].cap = cap;
+    nkept++;
+    kept_bytes += cap;
+}
+
 static int grow_array(StreamObject *s, void **a, Py_ssize_t *cap, Py_ssize_t need, size_t elem) {
     if (need <= *cap) return 0;
     if (s->exports > 0) {
@@ -64,6 +123,17 @@ static int grow_array(StreamObject *s, void **a, Py_ssize_t *cap, Py_ssize_t nee
     }
     Py_ssize_t n = *cap ? *cap : 256;
     while (n < need) n *= 2;
+    if (!*a) { /* a new stream's array: the largest kept one, if it holds this much */
+        size_t got;
+        void *k = keep_take((size_t)n * elem, &got, 1);
+        if (!k) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        *a = k;
+        *cap = (Py_ssize_t)(got / elem);
+        return 0;
+    }
     void *b = PyMem_Realloc(*a, (size_t)n * elem);
     if (!b) {
         PyErr_NoMemory();
@@ -416,6 +486,24 @@ static int pair_cmp_stable(const void *a, const void *b) {
     return (x->i > y->i) - (x->i < y->i);
 }
 
+/* the pairs sorted by (key, order): an insertion sort for the few a layer maps (qsort's merge sort allocates
+   and calls the comparison through a pointer), qsort past that */
+static void sort_pairs(Pair *pairs, Py_ssize_t np) {
+    if (np > 64) {
+        qsort(pairs, (size_t)np, sizeof(Pair), pair_cmp_stable);
+        return;
+    }
+    for (Py_ssize_t i = 1; i < np; i++) {
+        Pair x = pairs[i];
+        Py_ssize_t j = i;
+        while (j > 0 && (pairs[j - 1].k > x.k || (pairs[j - 1].k == x.k && pairs[j - 1].i > x.i))) {
+            pairs[j] = pairs[j - 1];
+            j--;
+        }
+        pairs[j] = x;
+    }
+}
+
 static int start_of(PyObject *t, Py_ssize_t *o0, Py_ssize_t *h0) {
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 2) {
         PyErr_SetString(PyExc_TypeError, "repeat: start must be a mark() (ops, handles)");
@@ -449,7 +537,7 @@ static PyObject *S_repeat(StreamObject *s, PyObject *const *args, Py_ssize_t nar
         pairs[j].i = j;
         j++;
     }
-    qsort(pairs, (size_t)np, sizeof(Pair), pair_cmp_stable);
+    sort_pairs(pairs, np);
     int64_t d = 0;
     int r = repeat_core(s, o0, h0, pairs, np, &d);
     PyMem_Free(pairs);
@@ -511,7 +599,7 @@ static Pair *pairs_of(PyObject *keys, PyObject *values, Py_ssize_t *np) {
         pairs[j].i = j;
         j++;
     }
-    qsort(pairs, (size_t)j, sizeof(Pair), pair_cmp_stable);
+    sort_pairs(pairs, j);
     *np = j;
     return pairs;
 }
@@ -594,7 +682,8 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
     for (Py_ssize_t j = 0; j < s->nresets; j++)
         if (s->resets[j] >= o0 && s->resets[j] < o1) Py_RETURN_NONE;
     Py_ssize_t nh = h1 - h0;
-    int64_t *map = PyMem_Malloc((size_t)(nh ? nh : 1) * sizeof(int64_t));
+    size_t map_cap;
+    int64_t *map = keep_take((size_t)(nh ? nh : 1) * sizeof(int64_t), &map_cap, 0);
     if (!map) return PyErr_NoMemory();
     for (Py_ssize_t j = 0; j < nh; j++) map[j] = -1;
     Py_ssize_t n_ops = 0, n_new = 0;
@@ -602,12 +691,12 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
         const int64_t *o = s->ops + 4 * i;
         if (o[0] == OP_FREE) {
             if (o[1] < h0 || o[1] >= h1) {
-                PyMem_Free(map);
+                keep_give(map, map_cap);
                 Py_RETURN_NONE;
             }
             map[o[1] - h0] = 0;
         } else if (o[0] != OP_ALLOC && o[0] != OP_PHASE) {
-            PyMem_Free(map);
+            keep_give(map, map_cap);
             Py_RETURN_NONE;
         }
     }
@@ -618,7 +707,7 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
         if (o[0] != OP_ALLOC || map[o[1] - h0] >= 0) n_ops++;
     }
     if (room_ops(s, n_ops) < 0 || room_handles(s, n_new) < 0) {
-        PyMem_Free(map);
+        keep_give(map, map_cap);
         return NULL;
     }
     int32_t last_phase = -1;
@@ -635,7 +724,7 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
             put_op(s, OP_FREE, map[a - h0], b, c);
         } else {
             if (push_index(s, &s->marks, &s->nmarks, &s->capmarks, s->nops) < 0) {
-                PyMem_Free(map);
+                keep_give(map, map_cap);
                 return NULL; /* the operations so far stay: an error leaves the stream unusable, as others do */
             }
             put_op(s, OP_PHASE, a, 0, 0);
@@ -643,7 +732,7 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
         }
     }
     s->nh += n_new;
-    PyMem_Free(map);
+    keep_give(map, map_cap);
     if (last_phase >= 0) {
         PyObject *name = PyList_GET_ITEM(s->names, last_phase);
         Py_INCREF(name);
@@ -765,7 +854,8 @@ static int S_set_accounted(StreamObject *s, PyObject *v, void *closure) {
 static PyObject *S_account(StreamObject *s, PyObject *unused) {
     (void)unused;
     Py_ssize_t n = s->nops;
-    int64_t *live = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    size_t live_cap;
+    int64_t *live = keep_take((size_t)(n ? n : 1) * sizeof(int64_t), &live_cap, 0);
     uint8_t *dead = NULL;
     int64_t *sums = NULL;
     int32_t *first = NULL;
@@ -899,7 +989,7 @@ fallback:
 error:
     result = NULL;
 done:
-    PyMem_Free(live);
+    keep_give(live, live_cap);
     PyMem_Free(dead);
     PyMem_Free(sums);
     PyMem_Free(first);
@@ -988,9 +1078,9 @@ static int S_clear(StreamObject *s) {
 static void S_dealloc(StreamObject *s) {
     PyObject_GC_UnTrack(s);
     S_clear(s);
-    PyMem_Free(s->ops);
-    PyMem_Free(s->hsize);
-    PyMem_Free(s->hcomp);
+    keep_give(s->ops, (size_t)s->capops * 4 * sizeof(int64_t));
+    keep_give(s->hsize, (size_t)s->caph * sizeof(int64_t));
+    keep_give(s->hcomp, (size_t)s->caph * sizeof(int32_t));
     PyMem_Free(s->marks);
     PyMem_Free(s->resets);
     Py_TYPE(s)->tp_free((PyObject *)s);
