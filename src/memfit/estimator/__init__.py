@@ -410,14 +410,18 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
         layer_grads, head_grads, embed_grads, state_tensors, scratch = got
     else:
         layer_grads, head_grads, embed_grads, state_tensors, scratch = per_parameter()
-    cache_layers = ([[2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears]
-                     for bi in layers] if cache and not any(frozen_casts) else [[] for _ in layers])
+    if cache and not any(frozen_casts):  # each layer's 16-bit weight casts (read only: one tuple per block)
+        per_block = {bi: tuple(2 * lin.in_features * lin.out_features * lin.count for lin in spec.blocks[bi].linears)
+                     for bi in set(layers)}
+        cache_layers = [per_block[bi] for bi in layers]
+    else:
+        cache_layers = [()] * len(layers)
     cache_head = cache - sum(sum(c) for c in cache_layers)
     if rank is not None:  # the head's cast is the single-GPU one (whatever layers this stage holds), split by TP
         if cache and not any(frozen_casts):
             cache_head = cache - sum(2 * lin.in_features * lin.out_features * lin.count
                                      for bi in _layer_order(spec) for lin in spec.blocks[bi].linears)
-        cache_layers = [[x * tp_share for x in c] for c in cache_layers]
+        cache_layers = [tuple(x * tp_share for x in c) for c in cache_layers]
         cache_head = cache_head * tp_share if has_head else 0
     dq_back: dict[int, list[float]] = {}
     if quant4:
@@ -447,7 +451,7 @@ def _train(spec: ModelSpec, job: Job, stream=None, steps: int = TRAIN_STEPS,
                    for bi in set(layers)}
     repeat = hooks is None and _REPEAT_LAYERS
     if repeat:  # what else a layer's forward and backward read, by position
-        fwd_static = [(layer_class[bi], tuple(cache_layers[i])) for i, bi in enumerate(layers)]
+        fwd_static = [(layer_class[bi], cache_layers[i]) for i, bi in enumerate(layers)]
         bwd_static = [(tuple(frozen_casts[i]), tuple(layer_grads[i])) for i in range(L)]
         fwd_sigs: list = [None] * L
 
