@@ -2,17 +2,14 @@
 """Writes validation/jobs/boundaries-14.yaml (the pairs, each with `start` = memfit's max_batch_size then). Run once, before any
 of the pairs ran; kept to show how the list and its starts were made.
 
-    python validation/jobs/make_boundaries_14.py
+    python validation/jobs/make_boundaries_14.py [OUT.yaml]
 """
 import sys
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
-from memfit.job import Job
-from memfit.estimator import max_batch_size
-from memfit.models import load_model
-from memfit.units import parse_card_memory
-from memfit.checks import check_job_for_model
+sys.path.insert(0, str(REPO / "validation" / "jobs"))
+from boundary_list import write_boundary_list  # noqa: E402
 BF="bf16-true"; ATT=["q_proj","k_proj","v_proj","o_proj"]
 P=[("h14-llama-3.1-8b-lora-ckpt-32g", dict(model="llama-3.1-8b", method="lora", lora_rank=16, precision=BF, seq_len=2048, gradient_checkpointing=True), "32GiB", None),
  ("h14-qwen2.5-7b-lora-ckpt-1k-24g", dict(model="qwen2.5-7b", method="lora", lora_rank=16, precision=BF, seq_len=1024, gradient_checkpointing=True), "24GiB", None),
@@ -32,7 +29,6 @@ P=[("h14-llama-3.1-8b-lora-ckpt-32g", dict(model="llama-3.1-8b", method="lora", 
  ("h14-llama-3.2-3b-prefill-4k-16g", dict(model="llama-3.2-3b", task="infer", precision=BF, prompt_len=4096, new_tokens=0), "16GiB", None),
  ("h14-gemma-3-1b-generate-512-16g", dict(model="gemma-3-1b", task="infer", precision=BF, prompt_len=512, new_tokens=128), "16GiB", None),
 ]
-import memfit.estimator as est
 out=["# A fourteenth set of card/job pairs for validation/run_boundaries.py, written 2026-12-07 (08:50 UTC) on main 6559f41",
 "# (the compiled stream: the same streams and answers as 0ab5fc4, the shipped two-order training verdict) before any of",
 "# them ran: every pair is held out, the next independent test of the fit answer as it ships. Training: LoRA with",
@@ -43,20 +39,4 @@ out=["# A fourteenth set of card/job pairs for validation/run_boundaries.py, wri
 "# eleven models on 24-48 GiB cards with the rule on and off (no result looked at); the others it leaves alone. `start` is",
 "# memfit's max_batch_size when the list was written (both address orders; `one order` in the comment where the rule off",
 "# answers otherwise). Cards are GiB, at most 48: an H100 rehearses them."]
-for name, job, card, needs in P:
-    j=Job(model=job["model"], **{k:v for k,v in job.items() if k!="model"})
-    spec=load_model(j.model); check_job_for_model(j, spec)
-    mem=parse_card_memory(card)
-    b=max_batch_size(j, mem, spec=spec)
-    est.TRAINING_BOTH_ORDERS=False; b1=max_batch_size(j, mem, spec=spec); est.TRAINING_BOTH_ORDERS=True
-    out.append(f"- name: {name}" + (f"  # one order: {b1}" if b1!=b else ""))
-    out.append(f"  gpu_memory: {card}"); out.append(f"  start: {b}"); out.append("  holdout: true")
-    if needs: out.append(f"  needs: {needs}")
-    if j.task=="infer": out.append("  timeout: 220")
-    out.append("  job:")
-    for k,v in job.items():
-        if isinstance(v,bool): v="true" if v else "false"
-        elif isinstance(v,list): v="["+", ".join(v)+"]"
-        out.append(f"    {k}: {v}")
-    print(name, b, b1, file=sys.stderr)
-open(REPO / "validation/jobs/boundaries-14.yaml", "w").write("\n".join(out)+"\n")
+write_boundary_list(P, out, sys.argv[1] if len(sys.argv) > 1 else REPO / "validation/jobs/boundaries-14.yaml")

@@ -2,18 +2,15 @@
 """Writes validation/jobs/boundaries-15.yaml (the pairs, each with `start` = memfit's max_batch_size then). Run once, before any
 of the pairs ran; kept to show how the list and its starts were made (modelled on make_boundaries_14.py).
 
-    python validation/jobs/make_boundaries_15.py
+    python validation/jobs/make_boundaries_15.py [OUT.yaml]
 """
 import subprocess
 import sys
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
-from memfit.job import Job
-from memfit.estimator import max_batch_size
-from memfit.models import load_model
-from memfit.units import parse_card_memory
-from memfit.checks import check_job_for_model
+sys.path.insert(0, str(REPO / "validation" / "jobs"))
+from boundary_list import write_boundary_list  # noqa: E402
 BF="bf16-true"; ATT=["q_proj","k_proj","v_proj","o_proj"]
 P=[("h15-gemma-3-4b-lora-ckpt-1k-32g", dict(model="gemma-3-4b", method="lora", lora_rank=16, precision=BF, seq_len=1024, gradient_checkpointing=True), "32GiB", None),
  ("h15-gemma-3-4b-lora-1k-24g", dict(model="gemma-3-4b", method="lora", lora_rank=16, precision=BF, seq_len=1024), "24GiB", None),
@@ -30,7 +27,6 @@ P=[("h15-gemma-3-4b-lora-ckpt-1k-32g", dict(model="gemma-3-4b", method="lora", l
  ("h15-granite-3.1-2b-generate-1k-16g", dict(model="granite-3.1-2b", task="infer", precision=BF, prompt_len=1024, new_tokens=128), "16GiB", None),
  ("h15-olmo-2-7b-prefill-2k-24g", dict(model="olmo-2-7b", task="infer", precision=BF, prompt_len=2048, new_tokens=0), "24GiB", None),
 ]
-import memfit.estimator as est
 head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
 out=[f"# A fifteenth set of card/job pairs for validation/run_boundaries.py, written 2026-12-07 on main {head} before any of",
 "# them ran: every pair is held out (nothing in the estimator is tuned on it), the next independent test of the fit answer",
@@ -40,20 +36,4 @@ out=[f"# A fifteenth set of card/job pairs for validation/run_boundaries.py, wri
 "# inference: a decode (granite-3.1-2b) and a prefill (olmo-2-7b). `start` is memfit's max_batch_size when the list was",
 "# written (both address orders; `one order` in the comment where the rule off answers otherwise). Cards are GiB, 16-48:",
 "# an H100 rehearses them, several side by side."]
-for name, job, card, needs in P:
-    j=Job(model=job["model"], **{k:v for k,v in job.items() if k!="model"})
-    spec=load_model(j.model); check_job_for_model(j, spec)
-    mem=parse_card_memory(card)
-    b=max_batch_size(j, mem, spec=spec)
-    est.TRAINING_BOTH_ORDERS=False; b1=max_batch_size(j, mem, spec=spec); est.TRAINING_BOTH_ORDERS=True
-    out.append(f"- name: {name}" + (f"  # one order: {b1}" if b1!=b else ""))
-    out.append(f"  gpu_memory: {card}"); out.append(f"  start: {b}"); out.append("  holdout: true")
-    if needs: out.append(f"  needs: {needs}")
-    if j.task=="infer": out.append("  timeout: 220")
-    out.append("  job:")
-    for k,v in job.items():
-        if isinstance(v,bool): v="true" if v else "false"
-        elif isinstance(v,list): v="["+", ".join(v)+"]"
-        out.append(f"    {k}: {v}")
-    print(name, b, b1, file=sys.stderr)
-open(REPO / "validation/jobs/boundaries-15.yaml", "w").write("\n".join(out)+"\n")
+write_boundary_list(P, out, sys.argv[1] if len(sys.argv) > 1 else REPO / "validation/jobs/boundaries-15.yaml")
