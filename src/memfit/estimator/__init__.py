@@ -130,7 +130,8 @@ def _train_mode(spec: ModelSpec, job: Job, amode: str, T: int):
     return Mode(precision=amode, trainable_base=not job.is_lora, lora_targets=st.lora_targets(spec, job),
                 lora_rank=job.lora_rank, attention=job.attention, seq_len=job.seq_len, dropout=_dropout(spec),
                 quant4=quant4, rows=quant.bnb_row_tier(T) if quant4 else 0,
-                double_quant=bool(job.double_quant) and quant4, quant_block=job.quant_group_size)
+                double_quant=bool(job.double_quant) and quant4, quant_block=job.quant_group_size,
+                experts_trained=not job.is_lora or st.lora_wraps_fused(job, spec))
 
 
 def _logit_bytes(spec: ModelSpec, job: Job) -> int:

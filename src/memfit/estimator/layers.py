@@ -36,6 +36,7 @@ class Mode:
     rows: int = 0  # rows of a 4-bit matmul's input (batch x sequence): whether bitsandbytes dequantizes the weight
     double_quant: bool = False  # 4-bit absmax are themselves 8-bit (nested), dequantized to fp32 per call
     quant_block: int = 64  # weights per 4-bit absmax
+    experts_trained: bool = False  # fused MoE experts take gradients (full fine-tuning, or PEFT's ParamWrapper)
 
     @property
     def act_bytes(self) -> int:
@@ -445,7 +446,10 @@ class _Replay:
         moe = block.moe
         H = self.size[x]
         e = 2 if self.mixed else self.dtype[x]
-        train = self.m.trainable_base
+        # the experts' weights take gradients (full fine-tuning; PEFT's ParamWrapper around the fused expert tensors
+        # under ``all-linear``, whose merged weight needs the gathered input too): their inputs are kept. Traced:
+        # olmoe-1b-7b LoRA all-linear bf16 B1 S1024, 31.32 GiB peak measured, 30.41 estimated without the rows
+        train = self.m.trainable_base or self.m.experts_trained
         # router: linear -> softmax (fp32) -> top-k
         self.linear(x, y + ".router", "gate", moe.num_experts)
         self.save(self.tmp(moe.num_experts, 4))
