@@ -1,4 +1,4 @@
-"""Score the planning scenarios (validation/records/plan-scenarios.json, or a path): in each scenario
+"""Score the planning scenarios (the newest validation/records/*plan-scenarios*.json, or a path): in each scenario
 the top-ranked candidate runs at its micro-batch (measured fits), and its measured tokens/s is within 10%
 of the best measured among the top five. Usage: python validation/score_plan.py [RECORD]"""
 
@@ -8,7 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT = Path(__file__).resolve().parent / "records" / "plan-scenarios.json"
+RECORDS = Path(__file__).resolve().parent / "records"
+
+
+def _newest() -> Path | None:
+    """The planning-scenario record of the latest round (h200-plan-scenarios-N.json, the largest N)."""
+    def rank(p: Path) -> int:
+        tail = p.stem.rsplit("-", 1)[-1]
+        return int(tail) if tail.isdigit() else 1
+    found = sorted(RECORDS.glob("*plan-scenarios*.json"), key=rank)
+    return found[-1] if found else None
 
 
 def score(data: dict) -> list[dict]:
@@ -37,7 +46,11 @@ def score(data: dict) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else DEFAULT
+    path = Path(argv[0]) if argv else _newest()
+    if path is None or not path.is_file():
+        print(f"score_plan: no planning-scenario record at {path or RECORDS / '*plan-scenarios*.json'}", file=sys.stderr)
+        return 2
+    print(f"record: {path.relative_to(RECORDS.parent.parent) if path.is_relative_to(RECORDS.parent.parent) else path}")
     rows = score(json.loads(path.read_text()))
     print(f"{'scenario':34s} {'top runs':>8s} {'top/best':>8s}  OOM among top five (ranks)")
     for r in rows:
