@@ -210,3 +210,53 @@ def test_later_training_steps_copied_build_the_same_stream(name, monkeypatch):
             plain = _built(spec, job)
             monkeypatch.setattr(estimator, "_REPEAT_STEPS", True)
             assert _built(spec, job) == plain, (kind, job)
+
+
+INTERPOLATED = [("llama-3.2-1b", dict(precision="bf16-true", gradient_checkpointing=True)),
+                ("qwen3-30b-a3b", dict(method="lora", precision="bf16-true")),
+                ("gemma-3-1b", dict(method="qlora", gradient_checkpointing=True)),
+                ("gpt2", dict(precision="bf16-mixed"))]
+
+
+@compiled_only
+@pytest.mark.parametrize("name, kw", INTERPOLATED, ids=lambda x: str(x)[:30])
+def test_a_stream_made_from_two_micro_batches_is_the_built_one(name, kw):
+    """Stream.interpolate: a training stream at micro-batch b from two others of its setting is the stream built
+    at b, operation for operation (validation/check_interpolated_streams.py checks every registry model)."""
+    spec = load_model(name)
+
+    def built(b):
+        return _stream(spec, Job(model=name, batch_size=b, seq_len=256, **kw))[0]
+
+    a, c = built(3), built(1)
+    for b in (2, 4, 7):
+        made = a.interpolate(c, 3, 1, b)
+        assert made is not None
+        assert list(made.ops) == list(built(b).ops)
+        assert made.handles == built(b).handles
+    other = _stream(spec, Job(model=name, batch_size=2, seq_len=512, **{**kw, "gradient_checkpointing":
+                                                                        not kw.get("gradient_checkpointing", False)}))[0]
+    assert a.interpolate(other, 3, 2, 5) is None  # not the same operations: no stream
+    with pytest.raises(ValueError):
+        a.interpolate(c, 1, 1, 2)
+
+
+def test_estimates_of_a_sweep_are_the_same_with_streams_made_from_two(monkeypatch):
+    """The Memo makes a setting's third and later micro-batches from its first two builds (estimator._INTERPOLATE);
+    every figure of the estimates, on a card and without, is the one the builds give."""
+    spec = load_model("qwen2.5-0.5b")
+    jobs = [Job(model="qwen2.5-0.5b", batch_size=b, seq_len=512, gradient_checkpointing=True) for b in (8, 3, 1, 5, 12, 2)]
+
+    memos = []
+
+    def sweep():
+        memo = estimator.Memo()
+        memos.append(memo)
+        return [(estimator.estimate(j, spec, gpu_memory_bytes=16 << 30, memo=memo).to_dict(),
+                 estimator.estimate(j, spec, memo=memo).to_dict()) for j in jobs]
+
+    made = sweep()
+    (templates,) = memos[0]._per_job["templates"].values()
+    assert [b for b, _ in templates] == [8, 3]  # the first two builds; the four others were made from them
+    monkeypatch.setattr(estimator, "_INTERPOLATE", False)
+    assert made == sweep()

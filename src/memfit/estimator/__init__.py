@@ -244,6 +244,22 @@ def _static_key(job: Job) -> tuple:
     return vals
 
 
+def _template_key(job: Job) -> tuple:
+    """What a training stream's operations depend on (:meth:`Memo.stream` makes one micro-batch's stream from two
+    others with the same key): the job's fields but the micro-batch and the allocator setting, and for a 4-bit base
+    the row tier of bitsandbytes' matmul path (:func:`memfit.estimator.quant.bnb_row_tier`), the one rule of the
+    training stream that reads the micro-batch's tokens for more than a size."""
+    quant4 = job.quantization in ("nf4", "fp4")
+    return _static_key(job), quant.bnb_row_tier(job.batch_size * job.seq_len) if quant4 else 0
+
+
+#: make a training stream at a new micro-batch from two built streams of the same job (:meth:`Memo.stream`) instead
+#: of building it (off: every stream built; validation/check_interpolated_streams.py compares the two)
+_INTERPOLATE = True
+
+#: job settings whose two template streams a Memo's per-job store keeps at once (the most recently made)
+_TEMPLATES = 8
+
 #: Steps the training stream replays: the first creates the optimizer state (its peak does not count, as in the
 #: measure engine), the next is the steady state the reference peak is taken over.
 TRAIN_STEPS = 2
@@ -1309,9 +1325,40 @@ class Memo:
         """:func:`_stream`, once per job (the caller copies what it changes: the notes)."""
         self._for(spec)
         k = self.key(job, fit=fit and job.task != "train")
-        r = self._kept(self._streams, k, lambda: _stream(spec, job, fit=fit, per_job=self._per_job))
+        r = self._kept(self._streams, k, lambda: self._make(spec, job, fit))
         self._peaks[k] = sum(r[1][1].values())
         return r
+
+    def _make(self, spec: ModelSpec, job: Job, fit: bool):
+        """:func:`_stream` of ``job``; for a single-GPU training job whose setting has been built at two other
+        micro-batches, made from those two instead (``Stream.interpolate``: a training stream's operations are the
+        same at every micro-batch of a setting, :func:`_template_key`, and each size is affine in it), then
+        accounted: the stream the build would make, byte for byte (validation/check_interpolated_streams.py
+        checks it over the registry). The first two builds of a setting are kept as its templates."""
+        if not (_INTERPOLATE and job.task == "train" and job.strategy == "single" and job.gpus == 1):
+            return _stream(spec, job, fit=fit, per_job=self._per_job)
+        store = self._per_job.get("templates")
+        if store is None:
+            store = self._per_job["templates"] = {}
+        tkey = _template_key(job)
+        got = store.pop(tkey, None) or []
+        store[tkey] = got  # the most recently asked last
+        while len(store) > _TEMPLATES:
+            del store[next(iter(store))]
+        if len(got) == 2:
+            (ba, ra), (bb, rb) = got
+            s = ra[0].interpolate(rb[0], ba, bb, job.batch_size)
+            if s is not None:
+                from .events import account
+
+                acc = s.accounted = account(s)
+                phases = {n: v for n, v in acc.phases.items() if n in ("forward", "backward", "optimizer_step")}
+                return s, acc.components, acc.peak_phase, phases, list(ra[4])
+        out = _stream(spec, job, fit=fit, per_job=self._per_job)
+        if (len(got) < 2 and hasattr(out[0], "interpolate") and all(b != job.batch_size for b, _ in got)
+                and (not got or got[0][1][4] == out[4])):
+            got.append((job.batch_size, out))
+        return out
 
     def _for(self, spec: ModelSpec) -> None:
         if self._spec is None:

@@ -1086,6 +1086,87 @@ static void S_dealloc(StreamObject *s) {
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+/* The stream of the same run at another micro-batch, from this one (made at micro-batch ba) and other (the same
+   job at bb): a training stream's operations do not depend on the micro-batch, and each size is affine in it (the
+   micro-batch's tokens times bytes per token, plus bytes that do not scale). Each size is computed as
+   a + (b - a) (batch - ba) / (bb - ba) in whole bytes; None where the two are not the same operations (kinds,
+   handles, components, phase marks and resets, names) or a size would not come out whole or positive. */
+static PyObject *S_interpolate(StreamObject *a, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || Py_TYPE(args[0]) != Py_TYPE((PyObject *)a)) {
+        PyErr_SetString(PyExc_TypeError, "interpolate(other: Stream, ba, bb, batch)");
+        return NULL;
+    }
+    StreamObject *b = (StreamObject *)args[0];
+    long long ba = PyLong_AsLongLong(args[1]), bb = PyLong_AsLongLong(args[2]), bt = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (ba == bb || ba < 1 || bb < 1 || bt < 1) {
+        PyErr_SetString(PyExc_ValueError, "interpolate: two different micro-batches >= 1 and a batch >= 1");
+        return NULL;
+    }
+    if (a->nops != b->nops || a->nh != b->nh || a->nmarks != b->nmarks || a->nresets != b->nresets)
+        Py_RETURN_NONE;
+    if (a->nmarks && memcmp(a->marks, b->marks, (size_t)a->nmarks * sizeof(Py_ssize_t))) Py_RETURN_NONE;
+    if (a->nresets && memcmp(a->resets, b->resets, (size_t)a->nresets * sizeof(Py_ssize_t))) Py_RETURN_NONE;
+    int same = PyObject_RichCompareBool(a->names, b->names, Py_EQ);
+    if (same < 0) return NULL;
+    if (!same) Py_RETURN_NONE;
+    const __int128 num = (__int128)bt - ba, den = (__int128)bb - ba;
+    StreamObject *s = (StreamObject *)PyObject_CallNoArgs((PyObject *)Py_TYPE((PyObject *)a));
+    if (!s) return NULL;
+    if (room_ops(s, a->nops) < 0 || room_handles(s, a->nh) < 0) goto fail;
+    for (Py_ssize_t i = 0; i < a->nh; i++) {
+        int64_t x = a->hsize[i], y = b->hsize[i];
+        if (a->hcomp[i] != b->hcomp[i]) goto none;
+        __int128 t = (__int128)(y - x) * num;
+        if (t % den) goto none;
+        __int128 v = (__int128)x + t / den;
+        if (v <= 0 || v >= ((__int128)1 << 62)) goto none;
+        s->hsize[i] = (int64_t)v;
+        s->hcomp[i] = a->hcomp[i];
+    }
+    const int64_t *oa = a->ops, *ob = b->ops;
+    int64_t *os = s->ops;
+    for (Py_ssize_t i = 0; i < a->nops; i++, oa += 4, ob += 4, os += 4) {
+        if (oa[0] != ob[0] || oa[1] != ob[1] || oa[3] != ob[3]) goto none;
+        os[0] = oa[0];
+        os[1] = oa[1];
+        os[3] = oa[3];
+        if (oa[0] == OP_ALLOC || oa[0] == OP_FREE) {
+            if (oa[1] < 0 || oa[1] >= a->nh) goto none;
+            os[2] = s->hsize[oa[1]];
+        } else {
+            if (oa[2] != ob[2]) goto none;
+            os[2] = oa[2];
+        }
+    }
+    s->nops = a->nops;
+    s->nh = a->nh;
+    for (Py_ssize_t i = 0; i < a->nmarks; i++)
+        if (push_index(s, &s->marks, &s->nmarks, &s->capmarks, a->marks[i]) < 0) goto fail;
+    for (Py_ssize_t i = 0; i < a->nresets; i++)
+        if (push_index(s, &s->resets, &s->nresets, &s->capresets, a->resets[i]) < 0) goto fail;
+    {
+        PyObject *names = PyList_GetSlice(a->names, 0, PyList_GET_SIZE(a->names));
+        PyObject *ids = names ? PyDict_Copy(a->ids) : NULL;
+        if (!ids) {
+            Py_XDECREF(names);
+            goto fail;
+        }
+        Py_SETREF(s->names, names);
+        Py_SETREF(s->ids, ids);
+        s->last_str = NULL;
+        Py_INCREF(a->phase_name);
+        Py_SETREF(s->phase_name, a->phase_name);
+    }
+    return (PyObject *)s;
+none:
+    Py_DECREF(s);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(s);
+    return NULL;
+}
+
 static PyMethodDef S_methods[] = {
     {"alloc", (PyCFunction)(void (*)(void))S_alloc, METH_FASTCALL,
      "alloc(nbytes, component) -> handle: one tensor of int(round(nbytes)) bytes (-1 for zero bytes or less)"},
@@ -1110,6 +1191,9 @@ static PyMethodDef S_methods[] = {
     {"account", (PyCFunction)S_account, METH_NOARGS,
      "account() -> (peak, peak_at, peak_phase, phases, components) | None: events.account's walk"},
     {"op", (PyCFunction)S_op, METH_O, "op(i) -> operation i as a tuple"},
+    {"interpolate", (PyCFunction)(void (*)(void))S_interpolate, METH_FASTCALL,
+     "interpolate(other, ba, bb, batch) -> the stream at micro-batch batch from this one (at ba) and other (at bb),\n"
+     "each size affine in the micro-batch; None where the two are not the same operations or a size is not whole"},
     {"phase_at", (PyCFunction)S_phase_at, METH_O, "phase_at(i) -> the phase operation i is in"},
     {NULL, NULL, 0, NULL},
 };
