@@ -51,3 +51,19 @@ def test_held_out_scenarios_meet_the_bar():
     done = [r for r in rows if r["complete"]]
     assert len(done) >= 8 and all(r["pass"] for r in done)
     assert all(r["top_runs"] for r in rows)
+
+
+def test_score_plan_reads_the_newest_record_and_refuses_a_missing_one(tmp_path):
+    """With no argument score_plan.py scores the latest round's record (the largest N of *plan-scenarios-N.json:
+    today -6, 8/8 pass, exit 0); a path that is not there is one line on stderr and exit status 2, no traceback."""
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "validation/score_plan.py"), *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    out = run()
+    assert out.returncode == 0, out.stderr[-2000:]
+    rounds = [p for p in (ROOT / "validation/records").glob("*plan-scenarios-*.json") if p.stem.rsplit("-", 1)[-1].isdigit()]
+    newest = max(rounds, key=lambda p: int(p.stem.rsplit("-", 1)[-1]))
+    assert out.stdout.splitlines()[0] == f"record: validation/records/{newest.name}"
+    assert "complete scenarios pass" in out.stdout and out.stdout.rstrip().endswith("PASS")
+    bad = run(str(tmp_path / "none.json"))
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1 and "no planning-scenario record" in bad.stderr
