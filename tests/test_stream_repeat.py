@@ -260,3 +260,101 @@ def test_estimates_of_a_sweep_are_the_same_with_streams_made_from_two(monkeypatc
     assert [b for b, _ in templates] == [8, 3]  # the first two builds; the four others were made from them
     monkeypatch.setattr(estimator, "_INTERPOLATE", False)
     assert made == sweep()
+
+
+def _loop(kind, steps, extend_after=None):
+    """A decode-like loop: each step makes a tensor a step longer and a fixed one, then frees the last step's.
+    With ``extend_after``: steps past that many made by :meth:`Stream.extend` from the last two."""
+    s = kind()
+    held = [s.alloc(40, "kv"), s.alloc(8, "kv")]
+    marks = []
+    for k in range(steps):
+        if extend_after is not None and k == extend_after:
+            d = s.extend(marks[-2], marks[-1], s.mark(), steps - k)
+            assert d is not None
+            return s, [h + d for h in held]
+        marks.append(s.mark())
+        t = s.alloc(3, "tmp")
+        new = [s.alloc(40 + 16 * (k + 1), "kv"), s.alloc(8, "kv")]
+        s.free(t)
+        s.free_all(held)
+        held = new
+    marks.append(s.mark())
+    return s, held
+
+
+@kinds
+def test_extend_is_the_loop_built_step_by_step(kind):
+    plain, held = _loop(kind, 9)
+    for after in (2, 3, 5, 9):
+        s, got = _loop(kind, 9, extend_after=after)
+        assert (s.ops, s.handles, got) == (plain.ops, plain.handles, held), after
+        assert account(s) == account(plain)
+
+
+@kinds
+def test_extend_refuses_stretches_that_are_not_one_loop(kind):
+    s = kind()
+    old = s.alloc(10, "kv")
+    a = s.mark()
+    new = s.alloc(11, "kv")
+    s.free(old)
+    b = s.mark()
+    s.alloc(12, "kv")
+    s.free(old)  # not the tensor the step before made (that would be `new`)
+    n = len(s.ops)
+    assert s.extend(a, b, s.mark(), 3) is None
+    s2 = kind()
+    x = s2.alloc(10, "kv")
+    a = s2.mark()
+    y = s2.alloc(8, "kv")
+    s2.free(x)
+    b = s2.mark()
+    s2.alloc(6, "kv")
+    s2.free(y)
+    assert s2.extend(a, b, s2.mark(), 2) == 2  # 6 -> 4 -> 2 bytes
+    assert s2.extend(a, b, s2.mark(), 1) is None  # not at the stream's end: the marks are old
+    s3 = kind()
+    x = s3.alloc(10, "kv")
+    a = s3.mark()
+    y = s3.alloc(8, "kv")
+    s3.free(x)
+    b = s3.mark()
+    s3.alloc(6, "kv")
+    s3.free(y)
+    assert s3.extend(a, b, s3.mark(), 3) is None  # the size would reach 0 bytes
+    s3.phase("decode")
+    assert s3.extend(a, b, s3.mark(), 1) is None
+    assert len(s.ops) == n
+
+
+DECODES = [("gemma-3-1b", 512, 256), ("gemma-3-1b", 300, 400), ("gemma-2-2b", 4000, 200), ("olmoe-1b-7b", 64, 40),
+           ("llama-3.2-1b", 7, 5), ("phi-3-mini", 1000, 129), ("qwen3-4b", 128, 4)]
+
+
+@pytest.mark.parametrize("name,prompt,new", DECODES)
+@pytest.mark.parametrize("kind", [PyStream, Stream] if Stream is not PyStream else [PyStream])
+def test_decode_steps_extended_build_the_same_stream(name, prompt, new, kind, monkeypatch):
+    """``generate()``'s decode steps made by :meth:`Stream.extend` (estimator._EXTEND_DECODE) give the stream the
+    step-by-step loop builds, also where a sliding window is reached during the decode (gemma at 300 + 400)."""
+    spec = load_model(name)
+    monkeypatch.setattr(events, "Stream", kind)
+    for fit in (False, True):
+        job = Job(model=name, task="infer", batch_size=3, prompt_len=prompt, new_tokens=new, precision="bf16-true")
+        monkeypatch.setattr(estimator, "_EXTEND_DECODE", False)
+        plain = _stream(spec, job, fit=fit)
+        monkeypatch.setattr(estimator, "_EXTEND_DECODE", True)
+        got = _stream(spec, job, fit=fit)
+        assert (got[0].ops, got[0].handles) == (plain[0].ops, plain[0].handles)
+        assert got[1:] == plain[1:]
+
+
+def test_decode_stretches_end_where_a_window_is_reached():
+    from memfit.estimator import _decode_stretches
+
+    spec = load_model("gemma-3-1b")  # sliding window 512 on five of six layers
+    layers = spec.layer_blocks
+    assert _decode_stretches(spec, layers, 300, 400) == [(1, 212), (213, 399)]
+    assert _decode_stretches(spec, layers, 512, 256) == [(1, 255)]
+    assert _decode_stretches(spec, layers, 2, 1) == []
+    assert _decode_stretches(spec, layers, 510, 3) == [(1, 2)]

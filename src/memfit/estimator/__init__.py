@@ -268,6 +268,10 @@ TRAIN_STEPS = 2
 #: of building each (off: every layer built; tests/test_stream_repeat.py compares the two)
 _REPEAT_LAYERS = True
 
+#: make a decode's steps past its first three by :meth:`events.PyStream.extend` (each size affine in the step over
+#: a stretch of steps) instead of step by step (off: every step built; tests/test_stream_repeat.py compares the two)
+_EXTEND_DECODE = True
+
 #: build a training stream's later steps as its first one's stretch again (:meth:`events.PyStream.again`) instead
 #: of step by step (off: every step built; tests/test_stream_repeat.py compares the two)
 _REPEAT_STEPS = True
@@ -939,6 +943,22 @@ def _decode_expert_gathers(spec: ModelSpec, b: Block, batch: int, e: int) -> tup
     return rows * (2 * inter if fw.experts_gated(b) else inter) * H * e, rows * H * inter * e
 
 
+def _decode_stretches(spec: ModelSpec, layers, prompt_len: int, new_tokens: int) -> list[tuple[int, int]]:
+    """The decode steps ``1 .. new_tokens - 1`` cut into stretches ``(first, last)`` over which every size a
+    step makes is affine in the step: the caches (:func:`_kv_stored_len`), ``generate()``'s ids and mask and the
+    math kernel's tensors grow by the same bytes each step, except that a sliding layer's cache stops at its
+    window: a stretch ends at the step whose length reaches a window, the next starts after it."""
+    last = new_tokens - 1
+    cuts = sorted({w - prompt_len for bi in set(layers) if (w := spec.blocks[bi].attention.sliding_window)
+                   and 1 <= w - prompt_len < last})
+    out, lo = [], 1
+    for c in cuts + [last]:
+        if c >= lo:
+            out.append((lo, c))
+            lo = c + 1
+    return out
+
+
 def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict[str, int], str, dict[str, int], list[str]]:
     """Build the inference run's event stream (a warm-up call, then the measured one) and account it.
 
@@ -1080,7 +1100,9 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
         out.append(s.alloc(B * V * 4, "logits_and_loss"))
         s.phase("decode")
         step_transient = layer_transient(B)  # the same every step
-        for step in range(1, N):
+        held = [out, [ids, amask]]  # the step's logits and generate()'s id and mask tensors, made anew each step
+
+        def decode_step(step: int) -> None:
             length = P + step
             # one token per sequence: the layers' transients are tiny and alike, one set stands for them all
             # (with fp32 grouped-query attention the math kernel repeats the cache's k and v to every head and
@@ -1101,12 +1123,31 @@ def _infer(spec: ModelSpec, job: Job, stream=None, calls: int = 2) -> tuple[dict
                     s.free(a)
                     s.free(d)
             s.free_all(tmp)
-            s.free_all(out)
-            out = [s.alloc(x, "logits_and_loss") for x in (B * V * e, B * V * 4)]
-            grown = (s.alloc(B * length * 8, "temporaries"), s.alloc(B * length * 8, "temporaries"))
-            s.free(ids)
-            s.free(amask)
-            ids, amask = grown
+            s.free_all(held[0])
+            held[0] = [s.alloc(x, "logits_and_loss") for x in (B * V * e, B * V * 4)]
+            grown = [s.alloc(B * length * 8, "temporaries"), s.alloc(B * length * 8, "temporaries")]
+            s.free_all(held[1])  # the ids, then the mask
+            held[1] = grown
+
+        extend = getattr(s, "extend", None) if _EXTEND_DECODE else None
+        for lo, hi in _decode_stretches(spec, layers, P, N):
+            # the steps lo..hi: each size affine in the step (a sliding window's cap reached only at an end)
+            step = lo
+            if extend is not None and hi - lo >= 3:
+                decode_step(lo)  # it frees the prefill's (or the stretch before's) tensors: not a template
+                a = s.mark()
+                decode_step(lo + 1)
+                b = s.mark()
+                decode_step(lo + 2)
+                d = extend(a, b, s.mark(), hi - lo - 2)
+                step = lo + 3
+                if d is not None:  # the state is that of the last step made: the second template's, shifted
+                    for t in kv + held:
+                        t[:] = [h + d if h >= b[1] else h for h in t]
+                    step = hi + 1
+            for k in range(step, hi + 1):
+                decode_step(k)
+        out, (ids, amask) = held
         s.free_all(out)
         s.free(ids)
         s.free(amask)

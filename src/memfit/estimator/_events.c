@@ -742,6 +742,58 @@ static PyObject *S_again(StreamObject *s, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_TRUE;
 }
 
+/* count more passes of a loop whose last two passes are the stretches a-b and b-end (see events.PyStream.extend):
+   the handle offset of the last pass from the second stretch, or None with nothing appended */
+static PyObject *S_extend(StreamObject *s, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "extend(a, b, end, count): three mark()s and a count");
+        return NULL;
+    }
+    Py_ssize_t oa, ha, ob, hb, oe, he;
+    if (start_of(args[0], &oa, &ha) < 0 || start_of(args[1], &ob, &hb) < 0 || start_of(args[2], &oe, &he) < 0)
+        return NULL;
+    Py_ssize_t count = PyLong_AsSsize_t(args[3]);
+    if (count == -1 && PyErr_Occurred()) return NULL;
+    int64_t d = (int64_t)hb - ha;
+    if (oe != s->nops || he != s->nh || he - hb != d || oe - ob != ob - oa || oa < 0 || ha < 0 || ob < oa ||
+        count < 0)
+        Py_RETURN_NONE;
+    if ((s->nmarks && s->marks[s->nmarks - 1] >= oa) || (s->nresets && s->resets[s->nresets - 1] >= oa))
+        Py_RETURN_NONE;
+    Py_ssize_t n = oe - ob;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const int64_t *x = s->ops + 4 * (oa + i), *y = s->ops + 4 * (ob + i);
+        if (x[0] != y[0] || y[1] != x[1] + d) Py_RETURN_NONE;
+        if (y[0] == OP_ALLOC) {
+            if (x[3] != y[3]) Py_RETURN_NONE;
+            __int128 last = (__int128)y[2] + (__int128)count * (y[2] - x[2]);
+            if (last <= 0 || last >= MAX_BYTES) Py_RETURN_NONE;
+        } else if (y[0] != OP_FREE) {
+            Py_RETURN_NONE;
+        }
+    }
+    if (count == 0) return PyLong_FromLongLong(0);
+    if (room_ops(s, n * count) < 0 || room_handles(s, (Py_ssize_t)d * count) < 0) return NULL;
+    for (Py_ssize_t k = 1; k <= count; k++) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            /* re-read each pass: room_ops above was the last reallocation */
+            const int64_t *x = s->ops + 4 * (oa + i), *y = s->ops + 4 * (ob + i);
+            if (y[0] == OP_ALLOC) {
+                int64_t bytes = y[2] + (int64_t)k * (y[2] - x[2]);
+                int64_t h = s->nh++;
+                s->hsize[h] = bytes;
+                s->hcomp[h] = (int32_t)y[3];
+                put_op(s, OP_ALLOC, h, bytes, y[3]);
+            } else {
+                int64_t h = y[1] + (int64_t)k * d;
+                put_op(s, OP_FREE, h, s->hsize[h], s->hcomp[h]);
+            }
+        }
+    }
+    touched(s);
+    return PyLong_FromLongLong((long long)(d * count));
+}
+
 static PyObject *S_phase(StreamObject *s, PyObject *name) {
     int32_t id = name_id(s, name);
     if (id < 0) return NULL;
@@ -1184,6 +1236,9 @@ static PyMethodDef S_methods[] = {
      "repeat_map(start, keys, values, lists, sub_from, sub_to) -> (offset, *shifted lists) | None "
      "(see events.PyStream.repeat_map)"},
     {"phase", (PyCFunction)S_phase, METH_O, "phase(name): a phase mark"},
+    {"extend", (PyCFunction)(void (*)(void))S_extend, METH_FASTCALL,
+     "extend(a, b, end, count) -> handle offset | None: count more passes of the loop whose last two passes are "
+     "the stretches a-b and b-end, sizes affine in the pass (see events.PyStream.extend)"},
     {"again", (PyCFunction)(void (*)(void))S_again, METH_FASTCALL,
      "again(start, end): the stretch between two mark()s made again (the tensors it frees made anew, those it "
      "keeps left out); True, or None with nothing appended"},

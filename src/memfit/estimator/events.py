@@ -222,6 +222,41 @@ class PyStream:
                 self.phase(op[1])
         return True
 
+    def extend(self, a: tuple[int, int], b: tuple[int, int], end: tuple[int, int], count: int) -> int | None:
+        """Append ``count`` more passes of a loop whose last two passes are the stretches ``a``-``b`` and
+        ``b``-``end`` (three :meth:`mark` s, ``end`` the stream's end): each pass's operations are the last one's,
+        its handles ``d`` further on (``d`` the handles one pass makes) and each allocation's bytes changed by
+        as much as from the first stretch to the second (a size affine in the pass: decode's caches one token
+        longer each step). The two stretches must be the same operations: the same kinds and components, each
+        handle of the second the first's plus ``d`` (a pass frees what the one before made), no phase mark or
+        reset. Returns the handle offset of the last pass from the second stretch (``count * d``), or None with
+        nothing appended where the stretches differ so or a size would reach zero bytes. The caller vouches that
+        each size is affine over the passes; the result is then the stream the loop would have built."""
+        (oa, ha), (ob, hb), (oe, he) = a, b, end
+        ops, size, comp = self.ops, self._size, self._comp
+        d = hb - ha
+        if (oe, he) != (len(ops), self._n) or he - hb != d or oe - ob != ob - oa or count < 0:
+            return None
+        if any(r >= oa for r in self._marks[-1:] + self._resets[-1:]):
+            return None
+        plan = []  # per op of the second stretch: (kind, handle, bytes, step of the bytes, component)
+        for x, y in zip(ops[oa:ob], ops[ob:oe]):
+            if x[0] != y[0] or y[1] != x[1] + d:
+                return None
+            if y[0] == _ALLOC:
+                if x[3] != y[3] or y[2] + count * (y[2] - x[2]) <= 0:
+                    return None
+                plan.append((_ALLOC, y[1], y[2], y[2] - x[2], y[3]))
+            else:
+                plan.append((_FREE, y[1], 0, 0, None))
+        for k in range(1, count + 1):
+            for kind, h, n, step, c in plan:
+                if kind == _ALLOC:
+                    self.alloc(n + k * step, c)
+                else:
+                    self.free(h + k * d)
+        return count * d
+
     def phase(self, name: str) -> None:
         self.phase_name = name
         self._marks.append(len(self.ops))
