@@ -358,3 +358,18 @@ def test_decode_stretches_end_where_a_window_is_reached():
     assert _decode_stretches(spec, layers, 512, 256) == [(1, 255)]
     assert _decode_stretches(spec, layers, 2, 1) == []
     assert _decode_stretches(spec, layers, 510, 3) == [(1, 2)]
+
+
+@kinds
+def test_extend_refuses_marks_that_are_not_two_passes(kind):
+    s = kind()
+    for _ in range(3):
+        s.alloc(8, "kv")
+    n = len(s.ops)
+    end = s.mark()
+    assert s.extend((3, 3), (3, 3), end, 2) is None  # no handle made per pass
+    assert s.extend((3, 3), (2, 2), (1, 1), 2) is None  # marks running backwards, not the stream's end
+    assert s.extend((0, 0), (1, 1), end, -1) is None
+    assert len(s.ops) == n and s.handles == 3
+    with pytest.raises((TypeError, ValueError)):
+        s.extend((0,), (1, 1), end, 1)

@@ -755,9 +755,13 @@ static PyObject *S_extend(StreamObject *s, PyObject *const *args, Py_ssize_t nar
     Py_ssize_t count = PyLong_AsSsize_t(args[3]);
     if (count == -1 && PyErr_Occurred()) return NULL;
     int64_t d = (int64_t)hb - ha;
-    if (oe != s->nops || he != s->nh || he - hb != d || oe - ob != ob - oa || oa < 0 || ha < 0 || ob < oa ||
-        count < 0)
+    if (oe != s->nops || he != s->nh || he - hb != d || d <= 0 || oe - ob != ob - oa || oa < 0 || ha < 0 ||
+        ob < oa || count < 0)
         Py_RETURN_NONE;
+    if (count > (PY_SSIZE_T_MAX / 8) / (oe - ob + d)) {
+        PyErr_SetString(PyExc_OverflowError, "extend: too many passes");
+        return NULL;
+    }
     if ((s->nmarks && s->marks[s->nmarks - 1] >= oa) || (s->nresets && s->resets[s->nresets - 1] >= oa))
         Py_RETURN_NONE;
     Py_ssize_t n = oe - ob;

@@ -235,7 +235,7 @@ class PyStream:
         (oa, ha), (ob, hb), (oe, he) = a, b, end
         ops, size, comp = self.ops, self._size, self._comp
         d = hb - ha
-        if (oe, he) != (len(ops), self._n) or he - hb != d or oe - ob != ob - oa or count < 0:
+        if (oe, he) != (len(ops), self._n) or he - hb != d or d <= 0 or oe - ob != ob - oa or count < 0 or oa < 0:
             return None
         if any(r >= oa for r in self._marks[-1:] + self._resets[-1:]):
             return None
