@@ -82,6 +82,10 @@ typedef struct {
 #define NCLASS 1600
 #define NWORDS ((NCLASS + 63) / 64)
 #define CHUNK 24
+/* A pool of few free blocks (a decode's, most of a training step's small pool) keeps them in one sorted array
+   instead: its blocks change size class at nearly every free and malloc, so the classes' chunks were made and
+   emptied all the time. Past FLAT_MAX blocks the pool moves to the classes for good. */
+#define FLAT_MAX 48
 typedef struct {
     Py_ssize_t n;
     Ent e[CHUNK];
@@ -100,6 +104,8 @@ typedef struct {
     uint64_t bits[NWORDS]; /* bit c: class c holds a block */
     uint64_t top;          /* bit w: bits[w] is not 0 */
     Py_ssize_t n;          /* free blocks in all */
+    int classed;           /* 0: the blocks are in `flat`, one sorted array; 1: in the classes */
+    Ent *flat;             /* while not classed: the free blocks sorted by (size, address), room for FLAT_MAX */
     int32_t *unm; /* expandable segments: the unmapped blocks, by address */
     Py_ssize_t nunm, capunm;
 } Pool;
@@ -230,7 +236,7 @@ static Chunk *chunk_new(Cls *k, int32_t i) {
 }
 
 /* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
-static int pool_insert(Pool *p, int32_t id) {
+static int cls_insert(Pool *p, int32_t id) {
     if (!p->cls && !(p->cls = PyMem_RawCalloc(NCLASS, sizeof(Cls)))) return -1;
     const Blk *b = &p->owner->b[id];
     int64_t size = b->size, addr = b->addr;
@@ -273,7 +279,7 @@ static int pool_insert(Pool *p, int32_t id) {
 }
 
 /* entry i of chunk ci of class c out of the pool */
-static void pool_remove_at(Pool *p, int c, int32_t ci, Py_ssize_t i) {
+static void cls_remove_at(Pool *p, int c, int32_t ci, Py_ssize_t i) {
     Cls *k = &p->cls[c];
     Chunk *ck = k->ch[ci];
     ent_shift_down(ck->e + i, ck->n - i - 1);
@@ -291,17 +297,17 @@ static void pool_remove_at(Pool *p, int c, int32_t ci, Py_ssize_t i) {
     }
 }
 
-static void pool_remove(Pool *p, int32_t id) {
+static void cls_remove(Pool *p, int32_t id) {
     const Blk *b = &p->owner->b[id];
     int c = size_class(b->size);
     const Cls *k = &p->cls[c];
     int32_t ci = chunk_lower(k, b->size, b->addr);
-    pool_remove_at(p, c, ci, entry_lower(k->ch[ci], b->size, b->addr));
+    cls_remove_at(p, c, ci, entry_lower(k->ch[ci], b->size, b->addr));
 }
 
 /* where lower_bound(size) is: the class, chunk and entry of the smallest block of at least `size` bytes
    (lowest address among equals); 0, or -1: none */
-static inline int pool_find(const Pool *p, int64_t size, int *cp, int32_t *chp, Py_ssize_t *ip) {
+static inline int cls_find(const Pool *p, int64_t size, int *cp, int32_t *chp, Py_ssize_t *ip) {
     if (!p->n) return -1;
     int c = size_class(size);
     const Cls *k = &p->cls[c];
@@ -322,12 +328,106 @@ static inline int pool_find(const Pool *p, int64_t size, int *cp, int32_t *chp, 
     return 0;
 }
 
+static int32_t cls_next(const Pool *p, int32_t x);
+static Py_ssize_t cls_ids(const Pool *p, int32_t *out);
+
+/* the first entry of the flat array whose key is >= (size, addr) (p->n: none) */
+static inline Py_ssize_t flat_lower(const Pool *p, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = p->n;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) >> 1;
+        if (ent_less(&p->flat[mid], size, addr))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* the flat array's blocks into the classes, for good (the pool passed FLAT_MAX); -1 when the memory is not there */
+static int to_classes(Pool *p) {
+    if (!p->cls && !(p->cls = PyMem_RawCalloc(NCLASS, sizeof(Cls)))) return -1;
+    Py_ssize_t n = p->n;
+    p->classed = 1;
+    p->n = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (cls_insert(p, p->flat[i].id) < 0) return -1;
+    PyMem_RawFree(p->flat);
+    p->flat = NULL;
+    return 0;
+}
+
+/* the block's (size, addr) is its key: set before it goes in, unchanged until it comes out */
+static int pool_insert(Pool *p, int32_t id) {
+    if (p->classed) return cls_insert(p, id);
+    if (p->n == FLAT_MAX) {
+        if (to_classes(p) < 0) return -1;
+        return cls_insert(p, id);
+    }
+    if (!p->flat && !(p->flat = PyMem_RawMalloc(FLAT_MAX * sizeof(Ent)))) return -1;
+    const Blk *b = &p->owner->b[id];
+    Py_ssize_t i = flat_lower(p, b->size, b->addr);
+    ent_shift_up(p->flat + i, p->n - i);
+    p->flat[i].size = b->size;
+    p->flat[i].addr = b->addr;
+    p->flat[i].id = id;
+    p->n++;
+    return 0;
+}
+
+/* the entry pool_find named out of the pool (c -1: entry i of the flat array) */
+static inline void pool_remove_at(Pool *p, int c, int32_t ci, Py_ssize_t i) {
+    if (c >= 0) {
+        cls_remove_at(p, c, ci, i);
+        return;
+    }
+    ent_shift_down(p->flat + i, p->n - i - 1);
+    p->n--;
+}
+
+static void pool_remove(Pool *p, int32_t id) {
+    if (p->classed) {
+        cls_remove(p, id);
+        return;
+    }
+    const Blk *b = &p->owner->b[id];
+    pool_remove_at(p, -1, 0, flat_lower(p, b->size, b->addr));
+}
+
+/* where lower_bound(size) is: the class, chunk and entry of the smallest block of at least `size` bytes
+   (lowest address among equals; class -1: entry *ip of the flat array); 0, or -1: none */
+static inline int pool_find(const Pool *p, int64_t size, int *cp, int32_t *chp, Py_ssize_t *ip) {
+    if (p->classed) return cls_find(p, size, cp, chp, ip);
+    Py_ssize_t i = flat_lower(p, size, INT64_MIN);
+    if (i >= p->n) return -1;
+    *cp = -1;
+    *chp = 0;
+    *ip = i;
+    return 0;
+}
+
+/* the block after x (in the pool) in the pool's order, -1: none */
+static int32_t pool_next(const Pool *p, int32_t x) {
+    if (p->classed) return cls_next(p, x);
+    const Blk *b = &p->owner->b[x];
+    Py_ssize_t i = flat_lower(p, b->size, b->addr) + 1;
+    return i < p->n ? p->flat[i].id : -1;
+}
+
+/* the pool's blocks in order into out (room for p->n); returns their count */
+static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
+    if (p->classed) return cls_ids(p, out);
+    for (Py_ssize_t i = 0; i < p->n; i++) out[i] = p->flat[i].id;
+    return p->n;
+}
+
 /* lower_bound(size): the smallest block of at least `size` bytes (lowest address among equals), -1: none */
 static int32_t pool_lower(const Pool *p, int64_t size) {
     int c;
     int32_t ci;
     Py_ssize_t i;
-    return pool_find(p, size, &c, &ci, &i) < 0 ? -1 : p->cls[c].ch[ci]->e[i].id;
+    if (pool_find(p, size, &c, &ci, &i) < 0) return -1;
+    return c >= 0 ? p->cls[c].ch[ci]->e[i].id : p->flat[i].id;
 }
 
 /* pool_lower(size) taken out of the pool in the same search, -1: none */
@@ -336,13 +436,13 @@ static int32_t pool_take_lower(Pool *p, int64_t size) {
     int32_t ci;
     Py_ssize_t i;
     if (pool_find(p, size, &c, &ci, &i) < 0) return -1;
-    int32_t id = p->cls[c].ch[ci]->e[i].id;
+    int32_t id = c >= 0 ? p->cls[c].ch[ci]->e[i].id : p->flat[i].id;
     pool_remove_at(p, c, ci, i);
     return id;
 }
 
 /* the block after x (in the pool) in the pool's order, -1: none */
-static int32_t pool_next(const Pool *p, int32_t x) {
+static int32_t cls_next(const Pool *p, int32_t x) {
     const Blk *b = &p->owner->b[x];
     int c = size_class(b->size);
     const Cls *k = &p->cls[c];
@@ -356,7 +456,7 @@ static int32_t pool_next(const Pool *p, int32_t x) {
 }
 
 /* the pool's blocks in order into out (room for p->n); returns their count */
-static Py_ssize_t pool_ids(const Pool *p, int32_t *out) {
+static Py_ssize_t cls_ids(const Pool *p, int32_t *out) {
     Py_ssize_t n = 0;
     for (int c = next_class(p, 0); c >= 0; c = next_class(p, c + 1)) {
         const Cls *k = &p->cls[c];
@@ -375,6 +475,7 @@ static void pool_free(Pool *p) {
             if (k->ch && k->ch != &k->first) PyMem_RawFree(k->ch);
         }
     PyMem_RawFree(p->cls);
+    PyMem_RawFree(p->flat);
     PyMem_RawFree(p->unm);
 }
 
