@@ -11,10 +11,11 @@ set -u
 . validation/probes/device-env.sh
 echo "$M" > $OUT/measured.txt
 export PYTHONUNBUFFERED=1
-timeout 520 python3 validation/run_boundaries.py validation/jobs/boundaries-15.yaml --out $OUT \
-  --parallel-gib 74 --parallel 4 --budget 420 --timeout 200 2>&1 | tail -40
+# B15_WALL / B15_BUDGET: a shorter call where less device time is left (records are written after each entry)
+timeout ${B15_WALL:-520} python3 validation/run_boundaries.py validation/jobs/boundaries-15.yaml --out $OUT \
+  --parallel-gib 74 --parallel 4 --budget ${B15_BUDGET:-420} --timeout 200 2>&1 | tail -40
 echo "run_boundaries rc=${PIPESTATUS[0]} at ${SECONDS} s"
-left=$((515 - SECONDS))
+left=$((${B15_WALL:-520} - 5 - SECONDS))
 if [ $left -gt 120 ] && [ -s $OUT/boundaries-boundaries-15.json ]; then
   names=$(python3 -c "import yaml;print(','.join(e['name'] for e in yaml.safe_load(open('validation/jobs/boundaries-15.yaml'))))")
   timeout $left python3 validation/probes/fresh_boundaries.py $(cat validation/probes/fit-records.txt) \
