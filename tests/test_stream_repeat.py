@@ -292,40 +292,33 @@ def test_extend_is_the_loop_built_step_by_step(kind):
         assert account(s) == account(plain)
 
 
+def _two_steps(kind, first: int, second: int, third: int, refree_first: bool = False):
+    """A stream of one tensor, then two steps that each make the next and free the one before (with
+    ``refree_first`` the second step frees the first tensor again instead); the stream and the two steps' marks."""
+    s = kind()
+    x = s.alloc(first, "kv")
+    a = s.mark()
+    y = s.alloc(second, "kv")
+    s.free(x)
+    b = s.mark()
+    s.alloc(third, "kv")
+    s.free(x if refree_first else y)
+    return s, a, b
+
+
 @kinds
 def test_extend_refuses_stretches_that_are_not_one_loop(kind):
-    s = kind()
-    old = s.alloc(10, "kv")
-    a = s.mark()
-    new = s.alloc(11, "kv")
-    s.free(old)
-    b = s.mark()
-    s.alloc(12, "kv")
-    s.free(old)  # not the tensor the step before made (that would be `new`)
+    s, a, b = _two_steps(kind, 10, 11, 12, refree_first=True)  # step 2 frees what was not step 1's tensor
     n = len(s.ops)
     assert s.extend(a, b, s.mark(), 3) is None
-    s2 = kind()
-    x = s2.alloc(10, "kv")
-    a = s2.mark()
-    y = s2.alloc(8, "kv")
-    s2.free(x)
-    b = s2.mark()
-    s2.alloc(6, "kv")
-    s2.free(y)
-    assert s2.extend(a, b, s2.mark(), 2) == 2  # 6 -> 4 -> 2 bytes
-    assert s2.extend(a, b, s2.mark(), 1) is None  # not at the stream's end: the marks are old
-    s3 = kind()
-    x = s3.alloc(10, "kv")
-    a = s3.mark()
-    y = s3.alloc(8, "kv")
-    s3.free(x)
-    b = s3.mark()
-    s3.alloc(6, "kv")
-    s3.free(y)
-    assert s3.extend(a, b, s3.mark(), 3) is None  # the size would reach 0 bytes
-    s3.phase("decode")
-    assert s3.extend(a, b, s3.mark(), 1) is None
     assert len(s.ops) == n
+    s, a, b = _two_steps(kind, 10, 8, 6)
+    assert s.extend(a, b, s.mark(), 2) == 2  # 6 -> 4 -> 2 bytes
+    assert s.extend(a, b, s.mark(), 1) is None  # not at the stream's end: the marks are old
+    s, a, b = _two_steps(kind, 10, 8, 6)
+    assert s.extend(a, b, s.mark(), 3) is None  # the size would reach 0 bytes
+    s.phase("decode")
+    assert s.extend(a, b, s.mark(), 1) is None
 
 
 DECODES = [("gemma-3-1b", 512, 256), ("gemma-3-1b", 300, 400), ("gemma-2-2b", 4000, 200), ("olmoe-1b-7b", 64, 40),

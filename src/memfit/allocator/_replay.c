@@ -185,17 +185,22 @@ static inline int next_class(const Pool *p, int c) {
     return (w << 6) + __builtin_ctzll(p->bits[w]);
 }
 
-/* the first entry of chunk c whose key is >= (size, addr) (c->n: none) */
-static inline Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = c->n;
+/* the first of the n sorted entries e whose key is >= (size, addr) (n: none) */
+static inline Py_ssize_t ents_lower(const Ent *e, Py_ssize_t n, int64_t size, int64_t addr) {
+    Py_ssize_t lo = 0, hi = n;
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
-        if (ent_less(&c->e[mid], size, addr))
+        if (ent_less(&e[mid], size, addr))
             lo = mid + 1;
         else
             hi = mid;
     }
     return lo;
+}
+
+/* the first entry of chunk c whose key is >= (size, addr) (c->n: none) */
+static inline Py_ssize_t entry_lower(const Chunk *c, int64_t size, int64_t addr) {
+    return ents_lower(c->e, c->n, size, addr);
 }
 
 /* the first chunk of class k whose last key is >= (size, addr) (k->nch: none) */
@@ -333,15 +338,7 @@ static Py_ssize_t cls_ids(const Pool *p, int32_t *out);
 
 /* the first entry of the flat array whose key is >= (size, addr) (p->n: none) */
 static inline Py_ssize_t flat_lower(const Pool *p, int64_t size, int64_t addr) {
-    Py_ssize_t lo = 0, hi = p->n;
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) >> 1;
-        if (ent_less(&p->flat[mid], size, addr))
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
+    return ents_lower(p->flat, p->n, size, addr);
 }
 
 /* the flat array's blocks into the classes, for good (the pool passed FLAT_MAX); -1 when the memory is not there */
