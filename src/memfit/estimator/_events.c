@@ -780,7 +780,7 @@ static PyObject *S_extend(StreamObject *s, PyObject *const *args, Py_ssize_t nar
     if (room_ops(s, n * count) < 0 || room_handles(s, (Py_ssize_t)d * count) < 0) return NULL;
     for (Py_ssize_t k = 1; k <= count; k++) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            /* re-read each pass: room_ops above was the last reallocation */
+            /* the second stretch (and the first, for the growth) at their fixed places: the room is made above */
             const int64_t *x = s->ops + 4 * (oa + i), *y = s->ops + 4 * (ob + i);
             if (y[0] == OP_ALLOC) {
                 int64_t bytes = y[2] + (int64_t)k * (y[2] - x[2]);

@@ -233,28 +233,28 @@ class PyStream:
         nothing appended where the stretches differ so or a size would reach zero bytes. The caller vouches that
         each size is affine over the passes; the result is then the stream the loop would have built."""
         (oa, ha), (ob, hb), (oe, he) = a, b, end
-        ops, size, comp = self.ops, self._size, self._comp
+        ops = self.ops
         d = hb - ha
         if (oe, he) != (len(ops), self._n) or he - hb != d or d <= 0 or oe - ob != ob - oa or count < 0 or oa < 0:
             return None
         if any(r >= oa for r in self._marks[-1:] + self._resets[-1:]):
             return None
-        plan = []  # per op of the second stretch: (kind, handle, bytes, step of the bytes, component)
+        plan = []  # per op of the second stretch: (alloc?, its bytes or freed handle, growth a pass, component)
         for x, y in zip(ops[oa:ob], ops[ob:oe]):
             if x[0] != y[0] or y[1] != x[1] + d:
                 return None
             if y[0] == _ALLOC:
                 if x[3] != y[3] or y[2] + count * (y[2] - x[2]) <= 0:
                     return None
-                plan.append((_ALLOC, y[1], y[2], y[2] - x[2], y[3]))
+                plan.append((True, y[2], y[2] - x[2], y[3]))
             else:
-                plan.append((_FREE, y[1], 0, 0, None))
+                plan.append((False, y[1], d, None))
         for k in range(1, count + 1):
-            for kind, h, n, step, c in plan:
-                if kind == _ALLOC:
-                    self.alloc(n + k * step, c)
+            for is_alloc, base, step, c in plan:
+                if is_alloc:
+                    self.alloc(base + k * step, c)  # its handle is the next one: the second's plus k * d
                 else:
-                    self.free(h + k * d)
+                    self.free(base + k * step)
         return count * d
 
     def phase(self, name: str) -> None:
